@@ -1,0 +1,1 @@
+"""Runbook Operator: the operations runbook as Kubernetes custom resources."""
