@@ -231,7 +231,7 @@ def find_go() -> str:
         )
         raise LocalClusterError(
             f"Go is needed to build the local control plane ({where}): {GO_INSTALL_HINT}."
-            " Or run the integration tests against your own cluster: RUNBOOK_TEST_KUBECONFIG=/path/to/kubeconfig."
+            " Or test against your own cluster: RUNBOOK_TEST_KUBECONFIG=/path/to/kubeconfig."
         )
     output = subprocess.run([go, "version"], capture_output=True, text=True, check=False).stdout
     match = re.search(r"go(\d+)\.(\d+)", output)

@@ -1,0 +1,153 @@
+"""Fixtures of the integration tier: a real Kubernetes API server.
+
+By default a local control plane (tools/localcluster) is started once per session; it needs the cached
+binaries, which `python tools/localcluster/localcluster.py build` makes (the first build takes long).
+To test against your own cluster instead, give its kubeconfig with RUNBOOK_TEST_KUBECONFIG=PATH or
+--kubeconfig=PATH (the option works when pytest is pointed at tests/integration).
+If the local cluster cannot start, the tests error out: they are never skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import kopf.testing
+import kubernetes
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CRD_DIR = REPO_ROOT / "crds"
+sys.path.insert(0, str(REPO_ROOT / "tools" / "localcluster"))
+
+import localcluster  # noqa: E402 - found through the sys.path entry above
+
+OPERATOR_ARGS = ["run", "--standalone", "-m", "runbook_operator.main"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--kubeconfig",
+        default=None,
+        help="run the integration tests against this cluster instead of a local control plane",
+    )
+
+
+def poll_until(condition: Any, *, timeout: float = 60.0, interval: float = 0.25, what: str = "condition") -> Any:
+    """Poll condition() until it returns something truthy; return that, or fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def wait_for() -> Callable[..., Any]:
+    """poll_until, for test modules (they cannot import from conftest reliably)."""
+    return poll_until
+
+
+@pytest.fixture(scope="session")
+def local_cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[localcluster.LocalCluster | None]:
+    """The started local control plane, or None when the tests run against a user-given cluster."""
+    if request.config.getoption("--kubeconfig", default=None) or os.environ.get("RUNBOOK_TEST_KUBECONFIG"):
+        yield None
+        return
+    cluster = localcluster.LocalCluster(tmp_path_factory.mktemp("localcluster"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(request: pytest.FixtureRequest, local_cluster: localcluster.LocalCluster | None) -> Path:
+    """Path of the kubeconfig of the cluster under test."""
+    if local_cluster is not None:
+        return local_cluster.kubeconfig
+    given = request.config.getoption("--kubeconfig", default=None) or os.environ["RUNBOOK_TEST_KUBECONFIG"]
+    path = Path(given).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"kubeconfig {path} (from --kubeconfig or RUNBOOK_TEST_KUBECONFIG) does not exist")
+    return path
+
+
+@pytest.fixture(scope="session")
+def api(kubeconfig: Path) -> Iterator[kubernetes.client.ApiClient]:
+    client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def crds_installed(api: kubernetes.client.ApiClient) -> list[str]:
+    """Create or update every CustomResourceDefinition in crds/ and wait until each is Established."""
+    documents = [
+        doc
+        for path in sorted(CRD_DIR.glob("*.y*ml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc and doc.get("kind") == "CustomResourceDefinition"
+    ]
+    assert documents, f"no CustomResourceDefinition manifests in {CRD_DIR}"
+    extensions = kubernetes.client.ApiextensionsV1Api(api)
+    for doc in documents:
+        name = doc["metadata"]["name"]
+        try:
+            extensions.create_custom_resource_definition(doc)
+        except kubernetes.client.ApiException as error:
+            if error.status != 409:
+                raise
+            doc["metadata"]["resourceVersion"] = extensions.read_custom_resource_definition(
+                name
+            ).metadata.resource_version
+            extensions.replace_custom_resource_definition(name, doc)
+
+    def established(name: str) -> bool:
+        conditions = extensions.read_custom_resource_definition(name).status.conditions or []
+        return any(c.type == "Established" and c.status == "True" for c in conditions)
+
+    names = [doc["metadata"]["name"] for doc in documents]
+    for name in names:
+        poll_until(lambda name=name: established(name), timeout=30, what=f"CRD {name} to be Established")
+    return names
+
+
+@pytest.fixture
+def namespace(api: kubernetes.client.ApiClient) -> Iterator[str]:
+    """A fresh namespace for one test, deleted afterwards."""
+    core = kubernetes.client.CoreV1Api(api)
+    name = f"rb-test-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": name, "labels": {"runbook.dev/test": "true"}}})
+    try:
+        yield name
+    finally:
+        try:
+            core.delete_namespace(name)
+        except kubernetes.client.ApiException as error:
+            if error.status != 404:
+                raise
+
+
+@pytest.fixture
+def operator_runner(
+    kubeconfig: Path, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[kopf.testing.KopfRunner]:
+    """The operator running in-process (kopf's own runner), watching only the test's namespace."""
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    with kopf.testing.KopfRunner([*OPERATOR_ARGS, "--namespace", namespace], timeout=60) as runner:
+        yield runner
