@@ -1,0 +1,69 @@
+"""``runbook-operator``: run the operator, generate CRDs, and (inside Job pods) the agent commands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+_CRDS_DEFAULT = Path("crds")
+
+
+def _run(args: argparse.Namespace) -> int:
+    import kopf
+
+    from . import main as _handlers  # noqa: F401  (registers the handlers)
+
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
+    liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
+    kopf.run(
+        standalone=True,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace or (),
+        liveness_endpoint=liveness,
+    )
+    return 0
+
+
+def _crds(args: argparse.Namespace) -> int:
+    from .crdgen import write_crds
+
+    for path in write_crds(args.output):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="runbook-operator", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="Run the operator against the current kubeconfig or in-cluster.")
+    run.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        help="Watch only this namespace (repeatable); all namespaces when absent.",
+    )
+    run.add_argument("--verbose", action="store_true", help="Debug logging.")
+    run.add_argument("--log-format", choices=["json", "full", "plain"], default="json", help="Log line format.")
+    run.add_argument("--health-port", type=int, default=8080, help="Liveness endpoint port (0: none).")
+    run.set_defaults(func=_run)
+
+    crds = commands.add_parser("crds", help="Write the CRDs generated from the models.")
+    crds.add_argument("--output", type=Path, default=_CRDS_DEFAULT, help="Directory (default: crds/).")
+    crds.set_defaults(func=_crds)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""EmergencyIsolation: "Suspected Data Breach", "Scale to Zero" and "Restore Service"."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .common import CamelModel, LabelSelector, LabelSelectorRequirement, StatusBase, StatusModel
+from .sources import Encryption, S3Location
+
+CIDR = r"^([0-9]{1,3}\.){3}[0-9]{1,3}/[0-9]{1,2}$|^[0-9a-fA-F:]+/[0-9]{1,3}$"
+
+
+class NetworkIsolation(CamelModel):
+    """The deny-all NetworkPolicy."""
+
+    isolate: bool = Field(True, description="Create the deny-all NetworkPolicy emergency-isolate.")
+    allow_dns: bool = Field(False, alias="allowDNS", description="Still allow DNS lookups (UDP/TCP 53) to kube-system.")
+    allow_egress_to: list[str] = Field(
+        default_factory=list,
+        description="CIDRs egress is still allowed to (e.g. the SIEM).",
+        json_schema_extra={"items": {"type": "string", "pattern": CIDR}},
+    )
+    override_existing_policies: bool = Field(
+        False,
+        description="Remove the namespace's other NetworkPolicies (saved, recreated on release); "
+        "otherwise they are listed with a warning, since policies are additive.",
+    )
+
+
+def _database_and_cache() -> LabelSelector:
+    return LabelSelector(
+        match_expressions=[LabelSelectorRequirement(key="app", operator="In", values=["postgresql", "redis"])]
+    )
+
+
+class ScaleToZero(CamelModel):
+    """Stopping the application."""
+
+    enabled: bool = Field(True, description="Scale Deployments and StatefulSets to zero and suspend CronJobs.")
+    keep_running: LabelSelector = Field(
+        default_factory=_database_and_cache,
+        description="Workloads left running (default: app in (postgresql, redis), the database and cache).",
+    )
+
+
+class EvidenceCapture(CamelModel):
+    """Forensic evidence collected before anything is scaled."""
+
+    capture: bool = Field(True, description="Collect pod specs, Events, ReplicaSets and container logs.")
+    required: bool = Field(True, description="Fail closed: do not scale when capture fails.")
+    destination: S3Location | None = Field(None, description="Where the encrypted evidence archive goes.")
+    encryption: Encryption | None = Field(None, description="How the archive is encrypted.")
+
+
+class EmergencyIsolationSpec(CamelModel):
+    """Contain a namespace during a suspected breach; release it exactly."""
+
+    reason: str = Field(description="Why the namespace is isolated.", min_length=1, max_length=1024)
+    incident_id: str = Field(
+        description="The incident's identifier, e.g. INC-2026-0042.",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+    )
+    severity: Literal["P1", "P2", "P3", "P4"] = Field("P1", description="Incident severity (the runbook's levels).")
+    network: NetworkIsolation = Field(default_factory=NetworkIsolation, description="Network containment.")
+    scale_to_zero: ScaleToZero = Field(default_factory=ScaleToZero, description="Stopping workloads.")
+    evidence: EvidenceCapture = Field(default_factory=EvidenceCapture, description="Evidence preservation.")
+    released: bool = Field(False, description="Set true to release (or delete the resource).")
+
+
+class WorkloadSnapshot(StatusModel):
+    """A workload's state before isolation."""
+
+    kind: str = Field(description="Deployment, StatefulSet or CronJob.")
+    name: str = Field(description="Name.")
+    replicas: int | None = Field(None, description="Replicas before isolation.")
+    suspend: bool | None = Field(None, description="CronJob suspend before isolation.")
+    hpa: str | None = Field(None, description="Name of an HPA targeting it.")
+    hpa_min_replicas: int | None = Field(None, description="The HPA's minReplicas before isolation.")
+    hpa_max_replicas: int | None = Field(None, description="The HPA's maxReplicas before isolation.")
+
+
+class EvidenceRecord(StatusModel):
+    """The stored evidence archive."""
+
+    key: str | None = Field(None, description="Object key of the encrypted archive.")
+    sha256: str | None = Field(None, description="SHA-256 of the encrypted archive.")
+    manifest_key: str | None = Field(None, description="Object key of the custody manifest.")
+    files: int | None = Field(None, description="Number of files in the archive.")
+
+
+class EmergencyIsolationStatus(StatusBase):
+    """Observed state of an EmergencyIsolation."""
+
+    requested_by: str | None = Field(None, description="Who created the isolation.")
+    isolated_at: str | None = Field(None, description="When the network was contained.")
+    released_at: str | None = Field(None, description="When the isolation was released.")
+    scaled: str | None = Field(None, description="Workloads scaled to zero, as n/m.")
+    snapshot: list[WorkloadSnapshot] = Field(default_factory=list, description="State before isolation.")
+    existing_policies: list[str] = Field(default_factory=list, description="Other NetworkPolicies present.")
+    evidence: EvidenceRecord | None = Field(None, description="The preserved evidence.")

@@ -1,0 +1,152 @@
+"""SecretRotation: the runbook's "Secret Rotation" procedure."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from .common import (
+    SECRET_KEY,
+    CamelModel,
+    CredentialsSecretRef,
+    Cron,
+    Duration,
+    ObjectName,
+    Port,
+    StatusBase,
+    StatusModel,
+    TimeZone,
+    WorkloadRef,
+)
+from .sources import RedisTLS
+
+
+class RotatedSecretRef(CamelModel):
+    """The Secret key whose value is rotated; other keys of the Secret are never touched."""
+
+    name: ObjectName = Field(description="Name of the Secret.")
+    key: str = Field(description="Key holding the password.", min_length=1, max_length=253, pattern=SECRET_KEY)
+    username_key: str | None = Field(
+        None, description="Key holding the user name (written in dual strategy).", min_length=1, pattern=SECRET_KEY
+    )
+
+
+class Generator(CamelModel):
+    """How new values are generated (by a CSPRNG)."""
+
+    length: int = Field(32, description="Number of characters.", ge=16, le=256)
+    alphabet: Literal["alphanumeric", "base64url", "hex"] = Field(
+        "alphanumeric", description="Character set: alphanumeric (safe in URLs and shells), base64url or hex."
+    )
+
+
+class PostgresRotationTarget(CamelModel):
+    """A PostgreSQL role whose password is changed with ALTER ROLE."""
+
+    host: str = Field(description="Server host.", min_length=1)
+    port: Port = Field(5432, description="Server port.")
+    database: str = Field("postgres", description="Database to connect to.", min_length=1)
+    user: str = Field(
+        description="Role to rotate (single) or the NOLOGIN group role (dual).", min_length=1, max_length=63
+    )
+    admin_secret_ref: CredentialsSecretRef = Field(description="Secret with a login allowed to ALTER ROLE.")
+
+
+class RedisRotationTarget(CamelModel):
+    """A Redis ACL user whose password is changed with ACL SETUSER."""
+
+    host: str = Field(description="Server host.", min_length=1)
+    port: Port = Field(6379, description="Server port.")
+    tls: RedisTLS | None = Field(None, description="TLS settings.")
+    user: str = Field("default", description="ACL user to rotate.", min_length=1)
+    admin_secret_ref: CredentialsSecretRef = Field(description="Secret with an ACL admin login.")
+
+
+class RotationTarget(CamelModel):
+    """Where the password is used: at most one of postgresql and redis."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(has(self.postgresql) && has(self.redis))",
+                    "message": "set at most one of postgresql and redis",
+                }
+            ]
+        }
+    )
+
+    postgresql: PostgresRotationTarget | None = Field(None, description="A PostgreSQL role.")
+    redis: RedisRotationTarget | None = Field(None, description="A Redis ACL user.")
+
+    @model_validator(mode="after")
+    def _at_most_one(self) -> RotationTarget:
+        if self.postgresql is not None and self.redis is not None:
+            raise ValueError("set at most one of postgresql and redis")
+        return self
+
+
+class SecretRotationSpec(CamelModel):
+    """A password that is rotated on a schedule, applied where it is used, and rolled out."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(has(self.schedule) && has(self.interval))",
+                    "message": "set at most one of schedule and interval",
+                },
+                {
+                    "rule": "self.strategy != 'dual' || (has(self.target) && has(self.target.postgresql))",
+                    "message": "strategy dual needs target.postgresql",
+                },
+            ]
+        }
+    )
+
+    secret_ref: RotatedSecretRef = Field(description="The Secret key to rotate.")
+    schedule: Cron | None = Field(None, description="When to rotate (cron).")
+    time_zone: TimeZone = Field("UTC", description="Time zone of the schedule.")
+    interval: Duration | None = Field(None, description="Rotate this long after the last rotation, e.g. 30d.")
+    generator: Generator = Field(default_factory=Generator, description="How new passwords are generated.")
+    target: RotationTarget | None = Field(None, description="Where the password is used; Secret-only when absent.")
+    restart_targets: list[WorkloadRef] = Field(
+        default_factory=list, description="Workloads restarted after the Secret changes."
+    )
+    strategy: Literal["single", "dual"] = Field(
+        "single", description="single: change one role's password. dual: alternate two login roles (PostgreSQL)."
+    )
+    rotate_now: str | None = Field(None, description="Change this token to force one rotation now.")
+    rollout_timeout: Duration = Field("10m", description="How long to wait for each restarted workload.")
+
+    @model_validator(mode="after")
+    def _checks(self) -> SecretRotationSpec:
+        if self.schedule is not None and self.interval is not None:
+            raise ValueError("set at most one of schedule and interval")
+        if self.strategy == "dual" and (self.target is None or self.target.postgresql is None):
+            raise ValueError("strategy dual needs target.postgresql")
+        return self
+
+
+class RolloutRecord(StatusModel):
+    """How a restarted workload's rollout went."""
+
+    kind: str = Field(description="Deployment or StatefulSet.")
+    name: str = Field(description="Workload name.")
+    ready: bool = Field(description="The rollout completed.")
+    message: str | None = Field(None, description="Why not, when it did not.")
+
+
+class SecretRotationStatus(StatusBase):
+    """Observed state of a SecretRotation. Holds fingerprints only, never values."""
+
+    target_kind: str | None = Field(None, description="postgresql, redis or secret-only.")
+    rotation_id: str | None = Field(None, description="The rotation in flight (or last finished).")
+    step: str | None = Field(None, description="The step the rotation in flight has reached.")
+    last_rotation_time: str | None = Field(None, description="When the last rotation finished.")
+    next_rotation_time: str | None = Field(None, description="When the next rotation is due.")
+    fingerprint: str | None = Field(None, description="Short hash of the current value.")
+    active_role: str | None = Field(None, description="The login role the Secret names (dual).")
+    rotate_now: str | None = Field(None, description="The last rotateNow token acted on.")
+    targets: list[RolloutRecord] = Field(default_factory=list, description="Rollouts of the last rotation.")

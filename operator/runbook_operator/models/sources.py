@@ -1,0 +1,104 @@
+"""Connection descriptions shared by backups, restores and rotations: databases, caches, S3, GPG."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from .common import CamelModel, ConfigMapKeyRef, CredentialsSecretRef, ObjectName, Port, SecretKeyRef
+
+
+class RedisTLS(CamelModel):
+    """TLS towards Redis (the runbook's Redis listens with TLS on 6380)."""
+
+    enabled: bool = Field(True, description="Connect with TLS.")
+    ca_secret_ref: SecretKeyRef | None = Field(None, description="CA certificate (PEM) to verify the server.")
+    insecure_skip_verify: bool = Field(False, description="Do not verify the server certificate (tests only).")
+
+
+class PostgresConnection(CamelModel):
+    """A PostgreSQL server, database and login."""
+
+    host: str = Field(
+        description="Host name or address of the server, e.g. postgresql.<namespace>.svc.", min_length=1, max_length=253
+    )
+    port: Port = Field(5432, description="Server port.")
+    database: str = Field(description="Database name.", min_length=1, max_length=63)
+    credentials_secret_ref: CredentialsSecretRef = Field(description="Secret with the login's user name and password.")
+
+
+class RedisConnection(CamelModel):
+    """A Redis server."""
+
+    host: str = Field(description="Host name or address of the server.", min_length=1, max_length=253)
+    port: Port = Field(6379, description="Server port.")
+    tls: RedisTLS | None = Field(None, description="TLS settings; plain TCP when absent.")
+    username: str | None = Field(None, description="ACL user name; the default user when absent.", min_length=1)
+    password_secret_ref: SecretKeyRef | None = Field(None, description="Secret key holding the password.")
+
+
+class S3Credentials(CamelModel):
+    """A Secret holding S3 access keys."""
+
+    name: ObjectName = Field(description="Name of the Secret.")
+    access_key_id_key: str = Field("AWS_ACCESS_KEY_ID", description="Key holding the access key id.", min_length=1)
+    secret_access_key_key: str = Field(
+        "AWS_SECRET_ACCESS_KEY", description="Key holding the secret access key.", min_length=1
+    )
+
+
+class S3Location(CamelModel):
+    """An S3 (or S3-compatible) bucket and key prefix."""
+
+    bucket: str = Field(
+        description="Bucket name.", min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$"
+    )
+    prefix: str = Field(
+        "", description="Key prefix, without a trailing slash.", max_length=512, pattern=r"^([^/].*[^/]|[^/])?$"
+    )
+    region: str = Field("us-east-1", description="Region of the bucket.", min_length=1)
+    endpoint: str | None = Field(
+        None, description="Endpoint URL of an S3-compatible service; AWS when absent.", pattern=r"^https?://"
+    )
+    credentials_secret_ref: S3Credentials | None = Field(
+        None, description="Secret with access keys; the pod's ambient credentials (IRSA) when absent."
+    )
+    server_side_encryption: Literal["AES256", "aws:kms", "None"] = Field(
+        "AES256", description="Server-side encryption on top of GPG; None for services that lack it."
+    )
+    kms_key_id: str | None = Field(None, description="KMS key for aws:kms.")
+
+
+class GPGEncryption(CamelModel):
+    """GPG encryption: to public keys (preferred: the cluster never holds a decryption key) or symmetric."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.recipientsConfigMapRef) != has(self.passphraseSecretRef)",
+                    "message": "set exactly one of recipientsConfigMapRef and passphraseSecretRef",
+                }
+            ]
+        }
+    )
+
+    recipients_config_map_ref: ConfigMapKeyRef | None = Field(
+        None, description="ConfigMap key holding one or more ASCII-armored public keys to encrypt to."
+    )
+    passphrase_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding a passphrase for symmetric AES256 encryption (the runbook's way)."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> GPGEncryption:
+        if (self.recipients_config_map_ref is None) == (self.passphrase_secret_ref is None):
+            raise ValueError("set exactly one of recipientsConfigMapRef and passphraseSecretRef")
+        return self
+
+
+class Encryption(CamelModel):
+    """How stored bytes are encrypted."""
+
+    gpg: GPGEncryption = Field(description="GPG encryption settings.")

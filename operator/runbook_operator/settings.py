@@ -1,0 +1,55 @@
+"""Operator settings from the environment, and how they configure kopf."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import kopf
+from pydantic import BaseModel, Field
+
+PREFIX = "runbook.dev"
+FINALIZER = f"{PREFIX}/finalizer"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "runbook-operator"}
+FIELD_MANAGER = "runbook-operator"
+
+
+class Settings(BaseModel):
+    """Everything configurable, read from ``RUNBOOK_*`` environment variables."""
+
+    namespaces: list[str] = Field(default_factory=list, description="Namespaces to watch; all when empty.")
+    agent_image: str = Field(
+        "ghcr.io/runbook-dev/runbook-operator:0.1.0",
+        description="Image of the backup/restore agent (normally the operator's own).",
+    )
+    metrics_port: int = Field(9090, description="Port of the Prometheus endpoint (0 disables it).")
+    health_port: int = Field(8080, description="Port of the liveness endpoint (0 disables it).")
+    max_workers: int = Field(20, description="Handlers run concurrently at most.")
+    watch_timeout: int = Field(300, description="Server-side timeout of a watch request, seconds.")
+    event_level: str = Field("INFO", description="Lowest log level posted as a Kubernetes Event.")
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        env = os.environ
+        values: dict[str, object] = {}
+        if env.get("RUNBOOK_NAMESPACES"):
+            values["namespaces"] = [n.strip() for n in env["RUNBOOK_NAMESPACES"].split(",") if n.strip()]
+        for field in ("agent_image", "metrics_port", "health_port", "max_workers", "watch_timeout", "event_level"):
+            name = f"RUNBOOK_{field.upper()}"
+            if name in env:
+                values[field] = env[name]
+        return cls.model_validate(values)
+
+
+def configure_kopf(settings: kopf.OperatorSettings, ours: Settings) -> None:
+    """Our prefixes for finalizers and bookkeeping annotations, bounded workers, watch timeouts, Events."""
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration"
+    )
+    settings.execution.max_workers = ours.max_workers
+    settings.watching.server_timeout = ours.watch_timeout
+    settings.watching.client_timeout = ours.watch_timeout + 30
+    settings.posting.level = logging.getLevelName(ours.event_level.upper())
+    settings.posting.enabled = True
