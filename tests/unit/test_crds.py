@@ -37,7 +37,7 @@ def test_committed_crd_matches_generated(kind: Any) -> None:
 def test_crds_command_writes_one_file_per_kind(tmp_path: Path) -> None:
     paths = write_crds(tmp_path)
     assert sorted(p.name for p in paths) == sorted(f"{GROUP}_{k.plural}.yaml" for k in KINDS)
-    assert sorted(p.name for p in CRDS.glob("*.yaml")) == sorted(p.name for p in paths)
+    assert sorted(p.name for p in CRDS.glob(f"{GROUP}_*.yaml")) == sorted(p.name for p in paths)
 
 
 def _walk(node: Any, path: str, problems: list[str]) -> None:

@@ -1,0 +1,21 @@
+# One image for the operator and for the backup/restore agent that its CronJobs and Jobs run.
+# Build: docker build -t ghcr.io/runbook-dev/runbook-operator:0.1.0 .
+
+FROM python:3.11-slim-bookworm AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY operator ./operator
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim-bookworm
+# pg_dump/pg_restore, redis-cli and gpg are what the agent streams through; nothing else is added.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends postgresql-client redis-tools gnupg ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir --no-index --find-links /wheels runbook-operator && rm -rf /wheels
+RUN groupadd --gid 10001 runbook && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp runbook
+USER 10001:10001
+ENV HOME=/tmp GNUPGHOME=/tmp/gnupg PYTHONUNBUFFERED=1
+ENTRYPOINT ["runbook-operator"]
+CMD ["run"]

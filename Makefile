@@ -1,0 +1,45 @@
+# The two commands of the README: `make run` and `make test`. Everything else is for development.
+.PHONY: setup run test lint crds unit integration cluster-build cluster-start cluster-stop bench clean
+
+PY := .venv/bin/python
+CLUSTER := $(PY) tools/localcluster/localcluster.py
+
+setup:
+	@tools/dev/setup.sh
+
+## Run the operator in the foreground: against $$KUBECONFIG if set, else the local control plane.
+run: setup
+	@tools/dev/run.sh
+
+## Everything CI checks: lint, types, unit and integration tests against real components.
+test: setup lint cluster-build
+	$(PY) -m pytest
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+
+crds: setup
+	.venv/bin/runbook-operator crds --output crds
+
+unit: setup
+	$(PY) -m pytest tests/unit
+
+integration: setup cluster-build
+	$(PY) -m pytest tests/integration
+
+cluster-build: setup
+	$(CLUSTER) build
+
+cluster-start: cluster-build
+	$(CLUSTER) start
+
+cluster-stop:
+	$(CLUSTER) stop
+
+bench: setup cluster-build
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean: cluster-stop
+	rm -rf .cache .venv .mypy_cache .ruff_cache .pytest_cache
