@@ -1,0 +1,104 @@
+"""GnuPG through python-gnupg, streaming: output chunks go to a sink as gpg writes them."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import gnupg
+
+from ..errors import RunbookError
+
+Sink = Callable[[bytes], None]
+CIPHER = "AES256"
+
+
+class GPG:
+    """A gpg instance with its own temporary home (removed by ``close``): no keyring is ever shared."""
+
+    def __init__(self, homedir: Path | None = None) -> None:
+        self._owned = homedir is None
+        self.homedir = Path(tempfile.mkdtemp(prefix="runbook-gpg-")) if homedir is None else homedir
+        self.homedir.chmod(0o700)
+        self._gpg = gnupg.GPG(gnupghome=str(self.homedir))
+        self._gpg.encoding = "utf-8"
+
+    def __enter__(self) -> GPG:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._owned:
+            shutil.rmtree(self.homedir, ignore_errors=True)
+
+    @property
+    def version(self) -> str:
+        return ".".join(str(part) for part in self._gpg.version or ())
+
+    def import_public_keys(self, armored: str, *, field: str) -> list[str]:
+        """Import ASCII-armored public keys; return their fingerprints."""
+        result = self._gpg.import_keys(armored)
+        fingerprints = [f for f in result.fingerprints if f]
+        if not fingerprints:
+            raise RunbookError("InvalidRecipients", f"{field}: no usable public key in the given data")
+        return fingerprints
+
+    def import_secret_key(self, armored: str, passphrase: str | None = None) -> list[str]:
+        """Import a private key (restores and tests); return its fingerprints."""
+        result = self._gpg.import_keys(armored, passphrase=passphrase)
+        return [f for f in result.fingerprints if f]
+
+    def encrypt_stream(
+        self, source: IO[bytes], sink: Sink, *, recipients: list[str] | None = None, passphrase: str | None = None
+    ) -> None:
+        """Encrypt ``source`` to the recipients (or symmetrically with AES256) into ``sink``, chunk by chunk."""
+        self._run(
+            sink,
+            lambda: self._gpg.encrypt_file(
+                source,
+                recipients or None,
+                symmetric=CIPHER if passphrase is not None else False,
+                passphrase=passphrase,
+                armor=False,
+                always_trust=True,
+                extra_args=["--cipher-algo", CIPHER, "--compress-algo", "none"],
+            ),
+            "encrypt",
+        )
+
+    def decrypt_stream(self, source: IO[bytes], sink: Sink, *, passphrase: str | None = None) -> None:
+        """Decrypt ``source`` into ``sink`` chunk by chunk."""
+        self._run(sink, lambda: self._gpg.decrypt_file(source, passphrase=passphrase), "decrypt")
+
+    def _run(self, sink: Sink, operation: Callable[[], Any], what: str) -> None:
+        failure: list[BaseException] = []
+
+        def on_data(chunk: bytes) -> bool:
+            # Called from gpg's reader thread; an exception there would stall gpg, so remember it and keep
+            # draining. Returning False stops python-gnupg from buffering the chunk.
+            if chunk and not failure:
+                try:
+                    sink(chunk)
+                except BaseException as error:
+                    failure.append(error)
+            return False
+
+        self._gpg.on_data = on_data
+        try:
+            result = operation()
+        finally:
+            self._gpg.on_data = None
+        if failure:
+            raise failure[0]
+        if not result.ok:
+            status = getattr(result, "status", None) or "failed"
+            raise GPGError(f"gpg {what} failed: {status}")
+
+
+class GPGError(RuntimeError):
+    """gpg exited with an error (its status line, never the data or passphrase)."""

@@ -1,0 +1,134 @@
+"""S3 (or any S3-compatible service) through boto3: streaming multipart uploads, listing, deletion."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from botocore.config import Config
+
+from ..models.sources import S3Location
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+PART_SIZE = 8 * 1024 * 1024  # S3's minimum part is 5 MiB; 8 MiB keeps memory bounded and requests few
+
+
+def make_client(
+    location: S3Location, access_key_id: str | None = None, secret_access_key: str | None = None
+) -> S3Client:
+    """A client for the location; ambient credentials (IRSA, env) when no keys are given."""
+    return boto3.client(
+        "s3",
+        region_name=location.region,
+        endpoint_url=location.endpoint,
+        aws_access_key_id=access_key_id,
+        aws_secret_access_key=secret_access_key,
+        config=Config(retries={"max_attempts": 3, "mode": "standard"}, s3={"addressing_style": "path"}),
+    )
+
+
+def object_key(location: S3Location, *parts: str) -> str:
+    """Join the location's prefix and the parts with slashes."""
+    return "/".join(p for p in (location.prefix, *parts) if p)
+
+
+def _sse(location: S3Location) -> dict[str, Any]:
+    if location.server_side_encryption == "None":
+        return {}
+    args: dict[str, Any] = {"ServerSideEncryption": location.server_side_encryption}
+    if location.kms_key_id:
+        args["SSEKMSKeyId"] = location.kms_key_id
+    return args
+
+
+@dataclass
+class MultipartUpload:
+    """A streaming upload: ``write`` buffers at most one part, ``complete`` commits, ``abort`` discards.
+
+    The SHA-256 and size of everything written are computed on the way.
+    """
+
+    client: S3Client
+    location: S3Location
+    key: str
+    part_size: int = PART_SIZE
+    size: int = 0
+    _sha256: Any = field(default_factory=hashlib.sha256)
+    _buffer: bytearray = field(default_factory=bytearray)
+    _parts: list[dict[str, Any]] = field(default_factory=list)
+    _upload_id: str | None = None
+
+    def __post_init__(self) -> None:
+        response = self.client.create_multipart_upload(Bucket=self.location.bucket, Key=self.key, **_sse(self.location))
+        self._upload_id = response["UploadId"]
+
+    @property
+    def sha256(self) -> str:
+        return str(self._sha256.hexdigest())
+
+    def write(self, chunk: bytes) -> None:
+        self._sha256.update(chunk)
+        self.size += len(chunk)
+        self._buffer += chunk
+        while len(self._buffer) >= self.part_size:
+            self._upload_part(bytes(self._buffer[: self.part_size]))
+            del self._buffer[: self.part_size]
+
+    def _upload_part(self, data: bytes) -> None:
+        number = len(self._parts) + 1
+        response = self.client.upload_part(
+            Bucket=self.location.bucket, Key=self.key, UploadId=str(self._upload_id), PartNumber=number, Body=data
+        )
+        self._parts.append({"ETag": response["ETag"], "PartNumber": number})
+
+    def complete(self) -> None:
+        if self._buffer or not self._parts:
+            self._upload_part(bytes(self._buffer))
+            self._buffer.clear()
+        self.client.complete_multipart_upload(
+            Bucket=self.location.bucket,
+            Key=self.key,
+            UploadId=str(self._upload_id),
+            MultipartUpload={"Parts": self._parts},  # type: ignore[typeddict-item]
+        )
+
+    def abort(self) -> None:
+        self._buffer.clear()
+        self.client.abort_multipart_upload(Bucket=self.location.bucket, Key=self.key, UploadId=str(self._upload_id))
+
+
+def put_json(client: S3Client, location: S3Location, key: str, document: dict[str, Any]) -> None:
+    body = json.dumps(document, indent=2, sort_keys=True).encode()
+    client.put_object(
+        Bucket=location.bucket,
+        Key=key,
+        Body=body,
+        ContentType="application/json",
+        **_sse(location),
+    )
+
+
+def get_json(client: S3Client, location: S3Location, key: str) -> dict[str, Any]:
+    body = client.get_object(Bucket=location.bucket, Key=key)["Body"].read()
+    document: dict[str, Any] = json.loads(body)
+    return document
+
+
+def list_keys(client: S3Client, location: S3Location, prefix: str) -> Iterator[str]:
+    """Every key under the prefix."""
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=location.bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            yield item["Key"]
+
+
+def delete_keys(client: S3Client, location: S3Location, keys: list[str]) -> None:
+    for start in range(0, len(keys), 1000):
+        batch = [{"Key": k} for k in keys[start : start + 1000]]
+        client.delete_objects(Bucket=location.bucket, Delete={"Objects": batch, "Quiet": True})  # type: ignore[typeddict-item]

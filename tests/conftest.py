@@ -1,0 +1,32 @@
+"""Fixtures for the real services every tier may use: PostgreSQL, Redis, the S3 API server, GnuPG."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.services import GpgKeyring, Postgres, Redis, S3Server
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    with Postgres() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis]:
+    with Redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def gpg_keyring(tmp_path_factory: pytest.TempPathFactory) -> GpgKeyring:
+    return GpgKeyring(tmp_path_factory.mktemp("gpg")).start()

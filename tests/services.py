@@ -1,0 +1,269 @@
+"""Real PostgreSQL, Redis, S3 API (moto's server) and GnuPG on loopback, for tests and benchmarks.
+
+Each class starts its server in a temporary directory on a free port and stops it on ``stop`` (or leaving
+the ``with`` block). A missing binary raises with the Debian package to install: tests never skip.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before listening on {port}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def require(binary: str, package: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        raise RuntimeError(f"{binary} not found: install the Debian package {package} (tools/dev/setup.sh does)")
+    return path
+
+
+class Postgres:
+    """A PostgreSQL cluster (initdb) with password auth; as root it runs as the ``postgres`` system user."""
+
+    superuser = "postgres"
+    password = "test-superuser-pw"
+
+    def __init__(self, directory: Path | None = None) -> None:
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]))
+        if not bins:
+            raise RuntimeError("PostgreSQL server not found: install the Debian package postgresql")
+        self.bin = Path(bins[-1])
+        # Its own directory under /tmp: the postgres user cannot enter pytest's root-only temp folders.
+        self.directory = directory or Path(tempfile.mkdtemp(prefix="runbook-pg-"))
+        self.data = self.directory / "data"
+        self.log = self.directory / "postgres.log"
+        self.port = free_port()
+        self.host = "127.0.0.1"
+
+    def _as_owner(self, *args: str) -> list[str]:
+        if os.geteuid() == 0:
+            return ["runuser", "-u", "postgres", "--", *args]
+        return list(args)
+
+    def start(self) -> Postgres:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        pwfile = self.directory / "pw"
+        pwfile.write_text(self.password)
+        if os.geteuid() == 0:
+            owner = pwd.getpwnam("postgres")
+            os.chown(self.directory, owner.pw_uid, owner.pw_gid)
+            os.chown(pwfile, owner.pw_uid, owner.pw_gid)
+        subprocess.run(
+            self._as_owner(
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                self.superuser,
+                "--auth=scram-sha-256",
+                f"--pwfile={pwfile}",
+                "--no-sync",
+            ),
+            check=True,
+            capture_output=True,
+        )
+        pwfile.unlink()
+        options = (
+            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c full_page_writes=off -c log_statement=all -c synchronous_commit=off"
+        )
+        subprocess.run(
+            self._as_owner(
+                str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start"
+            ),
+            check=True,
+            capture_output=True,
+        )
+        return self
+
+    def stop(self) -> None:
+        subprocess.run(
+            self._as_owner(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"),
+            check=False,
+            capture_output=True,
+        )
+
+    def __enter__(self) -> Postgres:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def dsn(self, database: str = "postgres", user: str | None = None, password: str | None = None) -> str:
+        return (
+            f"host={self.host} port={self.port} dbname={database} user={user or self.superuser} "
+            f"password={password or self.password}"
+        )
+
+    def connect(self, database: str = "postgres", **kwargs: Any) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.dsn(database, **kwargs), autocommit=True)
+
+    def server_log(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class Redis:
+    """A redis-server with a password for the default user and no persistence of its own."""
+
+    password = "test-redis-pw"
+
+    def __init__(self, directory: Path) -> None:
+        self.binary = require("redis-server", "redis-server")
+        self.directory = directory
+        self.port = free_port()
+        self.host = "127.0.0.1"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Redis:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--requirepass",
+                self.password,
+                "--logfile",
+                str(self.directory / "redis.log"),
+            ],
+        )
+        wait_port(self.port, process=self.process)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def __enter__(self) -> Redis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def client(self, **kwargs: Any) -> redis.Redis:
+        return redis.Redis(host=self.host, port=self.port, password=kwargs.pop("password", self.password), **kwargs)
+
+
+class S3Server:
+    """moto's S3 API server in its own process (so a test can kill it mid-upload)."""
+
+    access_key = "testing-access-key"
+    secret_key = "testing-secret-key"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> S3Server:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port, process=self.process)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def __enter__(self) -> S3Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+        )
+
+
+class GpgKeyring:
+    """A gpg home holding one generated key pair (no passphrase): public key for operators, secret for tests."""
+
+    def __init__(self, directory: Path, email: str = "security@example.com") -> None:
+        self.gpg = require("gpg", "gnupg")
+        self.home = directory
+        self.email = email
+
+    def start(self) -> GpgKeyring:
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.run("--quick-generate-key", f"Security Team <{self.email}>", "rsa2048", "encrypt", "never")
+        self.public_key = self.run("--armor", "--export", self.email).stdout.decode()
+        self.fingerprint = (
+            self.run("--with-colons", "--list-keys", self.email).stdout.decode().split("fpr:::::::::")[1].split(":")[0]
+        )
+        return self
+
+    def run(self, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [
+                self.gpg,
+                "--homedir",
+                str(self.home),
+                "--batch",
+                "--yes",
+                "--passphrase",
+                "",
+                "--pinentry-mode",
+                "loopback",
+                *args,
+            ],
+            input=stdin,
+            check=True,
+            capture_output=True,
+        )
+
+    def decrypt(self, data: bytes, passphrase: str | None = None) -> bytes:
+        """Decrypt with stock gpg, as a person restoring by hand would."""
+        args = ["--decrypt"] if passphrase is None else ["--passphrase", passphrase, "--decrypt"]
+        return self.run(*args, stdin=data).stdout
