@@ -1,0 +1,1 @@
+"""Pure functions: models -> child manifests (plain dicts) and schedules. No I/O."""
