@@ -280,7 +280,7 @@ def test_taken_port_is_retried_and_stop_leaves_no_process(tmp_path: Path, capsys
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        picks = iter([taken.getsockname()[1]])
+        picks = iter([int(taken.getsockname()[1])])
 
         def picker() -> int:
             return next(picks, None) or localcluster.free_port()

@@ -47,7 +47,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent.parent
@@ -226,9 +226,7 @@ def find_go() -> str:
     candidates = [override] if override else [shutil.which("go"), "/usr/local/go/bin/go"]
     go = next((c for c in candidates if c and Path(c).is_file() and os.access(c, os.X_OK)), None)
     if go is None:
-        where = (
-            f"GO={override} is not an executable" if override else "no `go` on PATH or in /usr/local/go/bin"
-        )
+        where = f"GO={override} is not an executable" if override else "no `go` on PATH or in /usr/local/go/bin"
         raise LocalClusterError(
             f"Go is needed to build the local control plane ({where}): {GO_INSTALL_HINT}."
             " Or test against your own cluster: RUNBOOK_TEST_KUBECONFIG=/path/to/kubeconfig."
@@ -310,9 +308,7 @@ def _name(common_name: str, organization: str | None = None) -> x509.Name:
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
     path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     path.chmod(0o600)
 
@@ -387,7 +383,7 @@ class Pki:
             self.path(f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
             _write_key(self.path(f"{stem}.key"), key)
 
-        service_ip = next(ipaddress.ip_network(SERVICE_CIDR).hosts())
+        service_ip = next(ipaddress.IPv4Network(SERVICE_CIDR).hosts())
         dns_names = [
             "localhost",
             "kubernetes",
@@ -398,15 +394,15 @@ class Pki:
         issue(
             "apiserver",
             _name("kube-apiserver"),
-            x509.ExtendedKeyUsageOID.SERVER_AUTH,
+            ExtendedKeyUsageOID.SERVER_AUTH,
             [
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
                 x509.IPAddress(service_ip),
                 *(x509.DNSName(name) for name in dns_names),
             ],
         )
         for stem, (user, group) in client_identities.items():
-            issue(stem, _name(user, group), x509.ExtendedKeyUsageOID.CLIENT_AUTH)
+            issue(stem, _name(user, group), ExtendedKeyUsageOID.CLIENT_AUTH)
         sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         _write_key(self.path("sa.key"), sa_key)
         self.path("sa.pub").write_bytes(
@@ -423,6 +419,11 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _loopback_opener(*handlers: urllib.request.BaseHandler) -> urllib.request.OpenerDirector:
+    """An opener that ignores HTTP(S)_PROXY from the environment: everything here is on loopback."""
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}), *handlers)
 
 
 def _die_with_parent() -> None:
@@ -750,10 +751,7 @@ class LocalCluster:
         ready = [
             node
             for node in nodes
-            if any(
-                c["type"] == "Ready" and c["status"] == "True"
-                for c in node.get("status", {}).get("conditions", [])
-            )
+            if any(c["type"] == "Ready" and c["status"] == "True" for c in node.get("status", {}).get("conditions", []))
         ]
         return len(ready) >= FAKE_NODE_COUNT
 
@@ -787,10 +785,10 @@ class LocalCluster:
         target.write_text(json.dumps(config, indent=2))
         target.chmod(0o600)
 
-    def _ssl_context(self) -> ssl.SSLContext:
+    def _admin_opener(self) -> urllib.request.OpenerDirector:
         context = ssl.create_default_context(cafile=str(self.pki.path("ca.crt")))
         context.load_cert_chain(str(self.pki.path("admin.crt")), str(self.pki.path("admin.key")))
-        return context
+        return _loopback_opener(urllib.request.HTTPSHandler(context=context))
 
     def _api(self, method: str, path: str, body: dict[str, Any] | None = None) -> str:
         """One request to the API server as the admin; returns the body, raises on an HTTP error."""
@@ -802,7 +800,7 @@ class LocalCluster:
             headers={"Content-Type": "application/json"},
         )
         try:
-            with urllib.request.urlopen(request, context=self._ssl_context(), timeout=10) as response:  # noqa: S310
+            with self._admin_opener().open(request, timeout=10) as response:
                 return str(response.read().decode())
         except urllib.error.HTTPError as error:
             detail = error.read().decode(errors="replace")
@@ -814,7 +812,7 @@ class LocalCluster:
 
     @staticmethod
     def _http_ok(url: str, expected: str) -> bool:
-        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - plain http on loopback
+        with _loopback_opener().open(url, timeout=2) as response:
             return expected in response.read().decode()
 
     def _read_pids(self) -> dict[str, int]:
