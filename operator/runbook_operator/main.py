@@ -9,6 +9,8 @@ import kopf
 
 from . import metrics
 from .logs import install_redactor
+from .models import GROUP, VERSION
+from .reconcilers import scaling
 from .settings import Settings, configure_kopf
 
 SETTINGS = Settings.from_env()
@@ -24,3 +26,27 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.probe(id="handlers")
 def probe_handlers(**_: Any) -> str:
     return "ok"
+
+
+# --- ScalingProfile ---
+SCALING_PROFILES = (GROUP, VERSION, "scalingprofiles")
+
+
+@kopf.daemon(*SCALING_PROFILES, cancellation_timeout=60)
+async def scaling_profile_clock(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
+    await scaling.run_clock(body, stopped=stopped)
+
+
+@kopf.on.update(*SCALING_PROFILES, field="spec")
+async def scaling_profile_changed(body: kopf.Body, **_: Any) -> None:
+    scaling.wake(body)
+
+
+@kopf.on.delete(*SCALING_PROFILES)
+async def scaling_profile_deleted(body: kopf.Body, **_: Any) -> None:
+    await scaling.finalize(body)
+
+
+@kopf.on.event(GROUP, VERSION, "emergencyisolations")
+async def scaling_profiles_follow_isolation(body: kopf.Body, **_: Any) -> None:
+    scaling.wake_namespace(body.metadata.namespace)

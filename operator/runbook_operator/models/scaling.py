@@ -112,15 +112,31 @@ class ScalingWindow(CamelModel):
 
 
 class Override(CamelModel):
-    """Pin the replica count until a time (e.g. a launch or an incident)."""
+    """Pin the replica count until a time (e.g. a launch or an incident).
 
-    replicas: int = Field(description="Replicas to pin (min = max).", ge=0, le=1000)
+    At least 1: it pins the HPA's bounds, and an HPA cannot go below one replica. Stopping a workload is
+    an EmergencyIsolation's scale-to-zero, which also pauses the profile.
+    """
+
+    replicas: int = Field(description="Replicas to pin (HPA min = max), at least 1.", ge=1, le=1000)
     until: datetime = Field(description="When the override ends (RFC 3339).")
     reason: str = Field(description="Why.", min_length=1, max_length=1024)
 
 
+_TIMING_NEEDS_AUTOSCALING: dict[str, Any] = {
+    "x-kubernetes-validations": [
+        {
+            "rule": "has(self.autoscaling) || ((!has(self.windows) || size(self.windows) == 0) && !has(self.override))",
+            "message": "windows and override adjust the HPA's bounds: they need autoscaling",
+        }
+    ]
+}
+
+
 class ScalingProfileSpec(CamelModel):
     """How one workload scales."""
+
+    model_config = ConfigDict(json_schema_extra=_TIMING_NEEDS_AUTOSCALING)
 
     target_ref: WorkloadRef = Field(description="The Deployment or StatefulSet.")
     autoscaling: Autoscaling | None = Field(None, description="Horizontal autoscaling.")
@@ -131,6 +147,19 @@ class ScalingProfileSpec(CamelModel):
     on_delete: Literal["Restore", "Keep"] = Field(
         "Restore", description="On deletion, put back the original resources and HPA (Restore) or leave all."
     )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ScalingProfileSpec:
+        if self.autoscaling is None and (self.windows or self.override is not None):
+            raise ValueError("windows and override adjust the HPA's bounds: they need autoscaling")
+        for what, names in (
+            ("resources", [r.container for r in self.resources]),
+            ("windows", [w.name for w in self.windows]),
+        ):
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            if duplicates:
+                raise ValueError(f"{what}: {', '.join(duplicates)} listed more than once")
+        return self
 
 
 class OriginalResources(StatusModel):
@@ -153,3 +182,7 @@ class ScalingProfileStatus(StatusBase):
         default_factory=list, description="Container resources before the profile changed them."
     )
     target: ObjectName | None = Field(None, description="The target workload's name.")
+    override_until: str | None = Field(None, description="While an override pins the bounds: when it ends.")
+    adopted_hpa_spec: str | None = Field(
+        None, description="The spec (JSON) of an adopted HPA as it was before the profile, for restore."
+    )
