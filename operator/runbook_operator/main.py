@@ -10,7 +10,7 @@ import kopf
 from . import metrics
 from .logs import install_redactor
 from .models import GROUP, VERSION
-from .reconcilers import scaling
+from .reconcilers import isolation, scaling
 from .settings import Settings, configure_kopf
 
 SETTINGS = Settings.from_env()
@@ -50,3 +50,22 @@ async def scaling_profile_deleted(body: kopf.Body, **_: Any) -> None:
 @kopf.on.event(GROUP, VERSION, "emergencyisolations")
 async def scaling_profiles_follow_isolation(body: kopf.Body, **_: Any) -> None:
     scaling.wake_namespace(body.metadata.namespace)
+
+
+# --- EmergencyIsolation ---
+# Every pass is level-based (reads the cluster, converges), so create, resume and spec changes share one
+# handler; deletion goes through kopf's finalizer, which holds the object until the release succeeded, also
+# when it was deleted while the operator was down.
+EMERGENCY_ISOLATIONS = (GROUP, VERSION, "emergencyisolations")
+
+
+@kopf.on.resume(*EMERGENCY_ISOLATIONS)
+@kopf.on.create(*EMERGENCY_ISOLATIONS)
+@kopf.on.update(*EMERGENCY_ISOLATIONS, field="spec")
+def emergency_isolation(body: kopf.Body, **_: Any) -> None:
+    isolation.reconcile(body)
+
+
+@kopf.on.delete(*EMERGENCY_ISOLATIONS)
+def emergency_isolation_deleted(body: kopf.Body, **_: Any) -> None:
+    isolation.release_deleted(body)

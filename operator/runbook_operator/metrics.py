@@ -14,3 +14,13 @@ def serve(port: int) -> None:
 
 
 __all__ = ["RECONCILE_ERRORS", "Counter", "Gauge", "Histogram", "serve"]
+
+# EmergencyIsolation
+ISOLATIONS_ACTIVE = Gauge(
+    "runbook_isolations_active", "Whether an EmergencyIsolation holds the namespace (1) or not (0).", ["namespace"]
+)
+ISOLATION_TIME_TO_CONTAIN = Histogram(
+    "runbook_isolation_time_to_contain_seconds",
+    "From an EmergencyIsolation's creation to its deny-all NetworkPolicy being created.",
+    buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60),
+)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_validator
 
 from .common import CamelModel, LabelSelector, LabelSelectorRequirement, StatusBase, StatusModel
 from .sources import Encryption, S3Location
 
 CIDR = r"^([0-9]{1,3}\.){3}[0-9]{1,3}/[0-9]{1,2}$|^[0-9a-fA-F:]+/[0-9]{1,3}$"
+# Label keys ([prefix/]name) and values, as Kubernetes validates them.
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_KEY = re.compile(rf"^([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_LABEL_NAME}$")
+LABEL_VALUE = re.compile(rf"^({_LABEL_NAME})?$")
 
 
 class NetworkIsolation(CamelModel):
@@ -44,6 +49,24 @@ class ScaleToZero(CamelModel):
         description="Workloads left running (default: app in (postgresql, redis), the database and cache).",
     )
 
+    @model_validator(mode="after")
+    def _check_label_syntax(self) -> ScaleToZero:
+        # The API server cannot check label syntax inside a custom resource; a selector it would reject on
+        # a real object must not silently match nothing (and so scale the database to zero).
+        selector = self.keep_running
+        for key, value in selector.match_labels.items():
+            if not LABEL_KEY.match(key) or not LABEL_VALUE.match(value):
+                raise ValueError(f"keepRunning.matchLabels: {key!r}: {value!r} is not a valid label")
+        for index, expr in enumerate(selector.match_expressions):
+            if not LABEL_KEY.match(expr.key):
+                raise ValueError(f"keepRunning.matchExpressions[{index}].key: {expr.key!r} is not a valid label key")
+            for value in expr.values:
+                if not LABEL_VALUE.match(value):
+                    raise ValueError(
+                        f"keepRunning.matchExpressions[{index}].values: {value!r} is not a valid label value"
+                    )
+        return self
+
 
 class EvidenceCapture(CamelModel):
     """Forensic evidence collected before anything is scaled."""
@@ -56,6 +79,27 @@ class EvidenceCapture(CamelModel):
 
 class EmergencyIsolationSpec(CamelModel):
     """Contain a namespace during a suspected breach; release it exactly."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(oldSelf.released) || !oldSelf.released || (has(self.released) && self.released)",
+                    "message": "released cannot be undone: create a new EmergencyIsolation to isolate again",
+                },
+                {
+                    "rule": "has(self.scaleToZero) == has(oldSelf.scaleToZero)"
+                    " && (!has(self.scaleToZero) || self.scaleToZero == oldSelf.scaleToZero)",
+                    "message": "scaleToZero is immutable: the snapshot was taken with it",
+                },
+                {
+                    "rule": "has(self.evidence) == has(oldSelf.evidence)"
+                    " && (!has(self.evidence) || self.evidence == oldSelf.evidence)",
+                    "message": "evidence is immutable: it may already be preserved",
+                },
+            ]
+        }
+    )
 
     reason: str = Field(description="Why the namespace is isolated.", min_length=1, max_length=1024)
     incident_id: str = Field(
@@ -76,6 +120,7 @@ class WorkloadSnapshot(StatusModel):
 
     kind: str = Field(description="Deployment, StatefulSet or CronJob.")
     name: str = Field(description="Name.")
+    kept: bool = Field(False, description="Left running (matched spec.scaleToZero.keepRunning).")
     replicas: int | None = Field(None, description="Replicas before isolation.")
     suspend: bool | None = Field(None, description="CronJob suspend before isolation.")
     hpa: str | None = Field(None, description="Name of an HPA targeting it.")
@@ -90,6 +135,7 @@ class EvidenceRecord(StatusModel):
     sha256: str | None = Field(None, description="SHA-256 of the encrypted archive.")
     manifest_key: str | None = Field(None, description="Object key of the custody manifest.")
     files: int | None = Field(None, description="Number of files in the archive.")
+    captured_at: str | None = Field(None, description="When the archive was committed (manifest written).")
 
 
 class EmergencyIsolationStatus(StatusBase):
@@ -100,5 +146,10 @@ class EmergencyIsolationStatus(StatusBase):
     released_at: str | None = Field(None, description="When the isolation was released.")
     scaled: str | None = Field(None, description="Workloads scaled to zero, as n/m.")
     snapshot: list[WorkloadSnapshot] = Field(default_factory=list, description="State before isolation.")
-    existing_policies: list[str] = Field(default_factory=list, description="Other NetworkPolicies present.")
+    existing_policies: list[str] = Field(
+        default_factory=list, description="Other NetworkPolicies present, which still allow what they allow."
+    )
+    removed_policies: list[str] = Field(
+        default_factory=list, description="NetworkPolicies removed (overrideExistingPolicies); recreated on release."
+    )
     evidence: EvidenceRecord | None = Field(None, description="The preserved evidence.")
