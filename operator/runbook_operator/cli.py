@@ -35,6 +35,12 @@ def _crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backup(args: argparse.Namespace) -> int:
+    from .agent.backup import main as backup
+
+    return backup(namespace=args.namespace, policy=args.policy, generation=args.generation)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runbook-operator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     crds = commands.add_parser("crds", help="Write the CRDs generated from the models.")
     crds.add_argument("--output", type=Path, default=_CRDS_DEFAULT, help="Directory (default: crds/).")
     crds.set_defaults(func=_crds)
+
+    backup = commands.add_parser(
+        "backup", help="(In a CronJob pod) one backup run; the spec and credentials come from the environment."
+    )
+    backup.add_argument("--namespace", required=True, help="Namespace of the BackupPolicy.")
+    backup.add_argument("--policy", required=True, help="Name of the BackupPolicy.")
+    backup.add_argument("--generation", type=int, default=None, help="The policy generation the pod was built from.")
+    backup.set_defaults(func=_backup)
     return parser
 
 

@@ -2,35 +2,80 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from .common import CamelModel, Cron, Duration, ObjectName, StatusBase, StatusModel, TimeZone, WorkloadRef
+from .common import DNS_LABEL, CamelModel, Cron, Duration, ObjectName, StatusBase, StatusModel, TimeZone, WorkloadRef
 from .sources import Encryption, PostgresConnection, RedisConnection, S3Location
+
+# The resources a Kubernetes export may name: plural -> (API group, version, kind). A closed list, so the
+# CRD rejects typos and the export's Role grants read access to exactly these and nothing else.
+KUBERNETES_RESOURCES: dict[str, tuple[str, str, str]] = {
+    "deployments": ("apps", "v1", "Deployment"),
+    "statefulsets": ("apps", "v1", "StatefulSet"),
+    "daemonsets": ("apps", "v1", "DaemonSet"),
+    "services": ("", "v1", "Service"),
+    "configmaps": ("", "v1", "ConfigMap"),
+    "serviceaccounts": ("", "v1", "ServiceAccount"),
+    "persistentvolumeclaims": ("", "v1", "PersistentVolumeClaim"),
+    "ingresses": ("networking.k8s.io", "v1", "Ingress"),
+    "networkpolicies": ("networking.k8s.io", "v1", "NetworkPolicy"),
+    "horizontalpodautoscalers": ("autoscaling", "v2", "HorizontalPodAutoscaler"),
+    "cronjobs": ("batch", "v1", "CronJob"),
+    "poddisruptionbudgets": ("policy", "v1", "PodDisruptionBudget"),
+    "roles": ("rbac.authorization.k8s.io", "v1", "Role"),
+    "rolebindings": ("rbac.authorization.k8s.io", "v1", "RoleBinding"),
+    "secrets": ("", "v1", "Secret"),
+}
+KubernetesResource = Literal[
+    "deployments",
+    "statefulsets",
+    "daemonsets",
+    "services",
+    "configmaps",
+    "serviceaccounts",
+    "persistentvolumeclaims",
+    "ingresses",
+    "networkpolicies",
+    "horizontalpodautoscalers",
+    "cronjobs",
+    "poddisruptionbudgets",
+    "roles",
+    "rolebindings",
+]
+
+DEFAULT_RESOURCES: tuple[KubernetesResource, ...] = (
+    "deployments",
+    "statefulsets",
+    "services",
+    "configmaps",
+    "ingresses",
+    "networkpolicies",
+    "horizontalpodautoscalers",
+    "cronjobs",
+    "serviceaccounts",
+    "persistentvolumeclaims",
+)
 
 
 class KubernetesSource(CamelModel):
     """Export Kubernetes objects as YAML (the runbook's daily config export)."""
 
-    namespaces: list[str] = Field(description="Namespaces to export.", min_length=1)
-    resources: list[str] = Field(
-        default_factory=lambda: [
-            "deployments",
-            "statefulsets",
-            "services",
-            "configmaps",
-            "ingresses",
-            "networkpolicies",
-            "horizontalpodautoscalers",
-            "cronjobs",
-            "serviceaccounts",
-            "persistentvolumeclaims",
-        ],
-        description="Resource plurals to export (e.g. deployments, configmaps).",
+    namespaces: list[Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]] = Field(
+        description="Namespaces to export.", min_length=1, max_length=32
+    )
+    resources: list[KubernetesResource] = Field(
+        default_factory=lambda: list(DEFAULT_RESOURCES),
+        description="Resource plurals to export (e.g. deployments, configmaps); Secrets only via includeSecrets.",
         min_length=1,
     )
     include_secrets: bool = Field(False, description="Also export Secrets (only ever stored encrypted).")
+
+    @property
+    def exported(self) -> list[str]:
+        """The resource plurals the export reads, Secrets last when asked for."""
+        return list(dict.fromkeys(self.resources)) + (["secrets"] if self.include_secrets else [])
 
 
 class BackupSource(CamelModel):
@@ -107,6 +152,7 @@ class BackupRecord(StatusModel):
     key: str | None = Field(None, description="Key prefix of the backup in the bucket.")
     size_bytes: int | None = Field(None, description="Size of the encrypted object.")
     sha256: str | None = Field(None, description="SHA-256 of the encrypted object.")
+    job: str | None = Field(None, description="The Job that made it.")
 
 
 class FailureRecord(StatusModel):
@@ -115,6 +161,7 @@ class FailureRecord(StatusModel):
     time: str | None = Field(None, description="When the failure was seen (RFC 3339).")
     reason: str | None = Field(None, description="A CamelCase reason.")
     message: str | None = Field(None, description="What went wrong.")
+    job: str | None = Field(None, description="The Job that failed, if a Job ran.")
 
 
 class BackupPolicyStatus(StatusBase):

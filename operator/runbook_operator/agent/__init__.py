@@ -1,0 +1,42 @@
+"""What runs inside the CronJob/Job pods, and the contract between those pods and the operator.
+
+The pod gets everything through its spec: the policy's spec as JSON in ``RUNBOOK_BACKUP_SPEC`` (it holds
+only references, never a secret), the credentials as environment variables filled from ``secretKeyRef``
+(libpq's, redis-cli's and the AWS SDK's own variable names, so the tools read them directly and no secret
+appears on a command line), the GPG public keys from a ``configMapKeyRef``, and its Job's name through the
+downward API. A test runs the same agent as a plain process with the same variables.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+SPEC_ENV = "RUNBOOK_BACKUP_SPEC"
+JOB_NAME_ENV = "RUNBOOK_JOB_NAME"
+PG_USER_ENV = "PGUSER"
+PG_PASSWORD_ENV = "PGPASSWORD"
+REDIS_PASSWORD_ENV = "REDISCLI_AUTH"
+REDIS_CA_FILE_ENV = "RUNBOOK_REDIS_CA_FILE"
+S3_ACCESS_KEY_ENV = "AWS_ACCESS_KEY_ID"
+S3_SECRET_KEY_ENV = "AWS_SECRET_ACCESS_KEY"
+GPG_RECIPIENTS_ENV = "RUNBOOK_GPG_RECIPIENTS"
+GPG_PASSPHRASE_ENV = "RUNBOOK_GPG_PASSPHRASE"
+
+# Bucket layout: <prefix>/<namespace>/<policy>/<UTC timestamp>/{<source>.<ext>.gpg, manifest.json}.
+MANIFEST = "manifest.json"
+DATA_OBJECTS = {"postgresql": "postgresql.dump.gpg", "redis": "redis.rdb.gpg", "kubernetes": "kubernetes.yaml.gpg"}
+TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+_TIMESTAMP = re.compile(r"^\d{8}T\d{6}Z$")
+
+
+def format_timestamp(moment: datetime) -> str:
+    """A backup's folder name: UTC, second precision, sorts by time."""
+    return moment.astimezone(UTC).strftime(TIMESTAMP_FORMAT)
+
+
+def parse_timestamp(name: str) -> datetime | None:
+    """The time of a backup folder name, or None when the name is not one."""
+    if not _TIMESTAMP.match(name):
+        return None
+    return datetime.strptime(name, TIMESTAMP_FORMAT).replace(tzinfo=UTC)

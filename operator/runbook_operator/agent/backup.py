@@ -1,0 +1,512 @@
+"""``runbook-operator backup``: one backup run, streamed ``source -> gpg -> S3 multipart``, manifest last.
+
+Nothing of the backup touches the local disk and memory stays bounded: the source's stdout is copied into
+gpg's stdin in small chunks, gpg's output reaches ``MultipartUpload.write`` through python-gnupg's
+``on_data`` callback, and the upload holds at most one part. The upload is completed only when the source
+and gpg both exited 0 (otherwise it is aborted), and ``manifest.json`` is written only after that: a
+backup exists exactly when its manifest does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections import Counter, deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import IO, Any
+
+import botocore.exceptions
+import psycopg
+import redis
+import yaml
+from psycopg import sql
+
+from ..clients import postgres
+from ..clients import redis as redis_client
+from ..clients.gpg import CIPHER, GPG, GPGError
+from ..clients.kube import api_client
+from ..clients.s3 import PART_SIZE, MultipartUpload, make_client, object_key, put_json
+from ..errors import RunbookError
+from ..logs import REDACTOR
+from ..models.backup import KUBERNETES_RESOURCES, BackupPolicySpec, BackupSource, KubernetesSource
+from ..models.sources import GPGEncryption, PostgresConnection, RedisConnection
+from ..reconcilers.base import parse_spec
+from . import (
+    DATA_OBJECTS,
+    GPG_PASSPHRASE_ENV,
+    GPG_RECIPIENTS_ENV,
+    JOB_NAME_ENV,
+    MANIFEST,
+    PG_PASSWORD_ENV,
+    PG_USER_ENV,
+    REDIS_CA_FILE_ENV,
+    REDIS_PASSWORD_ENV,
+    S3_ACCESS_KEY_ENV,
+    S3_SECRET_KEY_ENV,
+    SPEC_ENV,
+    format_timestamp,
+)
+
+LOG = logging.getLogger(__name__)
+MANIFEST_FORMAT = 1
+SECRET_ENVS = (PG_PASSWORD_ENV, REDIS_PASSWORD_ENV, S3_SECRET_KEY_ENV, GPG_PASSPHRASE_ENV)
+# Metadata that describes one live object, not its configuration; re-applying it elsewhere would fail or lie.
+_STRIPPED_METADATA = ("uid", "resourceVersion", "managedFields", "creationTimestamp", "generation", "selfLink")
+_STRIPPED_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration", "deployment.kubernetes.io/revision")
+_BGSAVE_TIMEOUT = 3600.0
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """The last non-empty line of a tool's message, redacted and shortened: safe for status and Events."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return REDACTOR.scrub(lines[-1] if lines else "no message")[:limit]
+
+
+def require_env(env: Mapping[str, str], name: str, *, field: str) -> str:
+    value = env.get(name)
+    if not value:
+        raise RunbookError("CredentialsMissing", f"{field}: environment variable {name} is not set")
+    return value
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """One run: which policy (for keys and the manifest) and its spec."""
+
+    namespace: str
+    policy: str
+    spec: BackupPolicySpec
+    generation: int | None = None
+    job: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], *, namespace: str, policy: str, generation: int | None) -> AgentConfig:
+        raw = require_env(env, SPEC_ENV, field="spec")
+        try:
+            document = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise RunbookError("InvalidSpec", f"spec: {SPEC_ENV} is not JSON ({error.msg})") from None
+        return cls(namespace, policy, parse_spec(BackupPolicySpec, document), generation, env.get(JOB_NAME_ENV))
+
+
+@dataclass
+class ProcessSource:
+    """A dump tool whose stdout is the backup; the last lines of its stderr explain a failure."""
+
+    tool: str
+    args: list[str]
+    env: Mapping[str, str]
+    info: dict[str, Any] = field(default_factory=dict)
+    _process: subprocess.Popen[bytes] | None = None
+    _stderr: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    _drain: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            [self.tool, *self.args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(self.env)
+        )
+        self._drain = threading.Thread(target=self._read_stderr, daemon=True)
+        self._drain.start()
+
+    def _read_stderr(self) -> None:
+        assert self._process is not None and self._process.stderr is not None
+        for raw in self._process.stderr:
+            self._stderr.append(raw.decode(errors="replace"))
+
+    @property
+    def stream(self) -> IO[bytes]:
+        assert self._process is not None and self._process.stdout is not None
+        return self._process.stdout
+
+    def cancel(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+
+    def finish(self) -> dict[str, Any]:
+        """Wait for the tool; raise ``SourceFailed`` unless it exited 0."""
+        assert self._process is not None
+        code = self._process.wait()
+        if self._drain is not None:
+            self._drain.join(5)
+        if code != 0:
+            detail = one_line("".join(self._stderr)) if self._stderr else "no output"
+            raise RunbookError("SourceFailed", f"{os.path.basename(self.tool)} exited with {code}: {detail}")
+        return self.info
+
+    def close(self) -> None:
+        self.cancel()
+        if self._process is not None:
+            self._process.wait()
+            for pipe in (self._process.stdout, self._process.stderr):
+                if pipe is not None:
+                    pipe.close()
+
+
+class IteratorSource:
+    """A generator of bytes read as a file (the Kubernetes export); an error in it fails the backup."""
+
+    def __init__(self, chunks: Iterator[bytes], info: dict[str, Any]) -> None:
+        self._chunks = chunks
+        self._pending = b""
+        self._error: RunbookError | None = None
+        self._cancelled = False
+        self.info = info
+
+    @property
+    def stream(self) -> IO[bytes]:
+        return self  # type: ignore[return-value]  # python-gnupg only calls read()
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._cancelled and self._error is None and (size < 0 or len(self._pending) < size):
+            try:
+                self._pending += next(self._chunks)
+            except StopIteration:
+                break
+            except RunbookError as error:
+                self._error = error
+            except Exception as error:
+                self._error = RunbookError("SourceFailed", f"kubernetes export: {one_line(error)}")
+        if self._error is not None or self._cancelled:
+            return b""
+        cut = len(self._pending) if size < 0 else size
+        chunk, self._pending = self._pending[:cut], self._pending[cut:]
+        return chunk
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    def finish(self) -> dict[str, Any]:
+        if self._error is not None:
+            raise self._error
+        return self.info
+
+    def close(self) -> None:
+        self._chunks.close()  # type: ignore[attr-defined]
+
+
+Source = ProcessSource | IteratorSource
+
+
+def _tool_version(tool: str) -> str:
+    return subprocess.run([tool, "--version"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+@contextlib.contextmanager
+def postgres_source(conn: PostgresConnection, env: Mapping[str, str]) -> Iterator[Source]:
+    """``pg_dump -Fc`` of an exported snapshot, with exact per-table row counts taken in that same snapshot."""
+    field_ref = "spec.source.postgresql.credentialsSecretRef"
+    user = require_env(env, PG_USER_ENV, field=field_ref)
+    password = require_env(env, PG_PASSWORD_ENV, field=field_ref)
+    target = {"PGHOST": conn.host, "PGPORT": str(conn.port), "PGDATABASE": conn.database, "PGCONNECT_TIMEOUT": "15"}
+    child_env = {**env, **target}
+    try:
+        database = postgres.connect(
+            host=conn.host, port=conn.port, database=conn.database, user=user, password=password
+        )
+    except psycopg.Error as error:
+        raise RunbookError("SourceUnavailable", f"postgresql: {one_line(error)}") from None
+    database.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    database.read_only = True
+    with database, database.transaction():
+        snapshot = database.execute("SELECT pg_export_snapshot()").fetchone()
+        assert snapshot is not None
+        tables = database.execute(
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+            "AND n.nspname NOT LIKE 'pg\\_toast%' ORDER BY 1, 2"
+        ).fetchall()
+        counts: dict[str, int] = {}
+        for schema, table in tables:
+            row = database.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))).fetchone()
+            counts[f"{schema}.{table}"] = int(row[0]) if row else 0
+        source = ProcessSource(
+            "pg_dump",
+            ["--format=custom", f"--snapshot={snapshot[0]}", "--no-password"],
+            child_env,
+            info={
+                "host": conn.host,
+                "port": conn.port,
+                "database": conn.database,
+                "format": "custom",
+                "serverVersion": database.info.parameter_status("server_version"),
+                "tool": _tool_version("pg_dump"),
+                "tableRowCounts": counts,
+            },
+        )
+        source.start()
+        try:
+            yield source  # the exporting transaction stays open until pg_dump is done
+        finally:
+            source.close()
+
+
+@contextlib.contextmanager
+def redis_source(conn: RedisConnection, env: Mapping[str, str]) -> Iterator[Source]:
+    """BGSAVE, wait for LASTSAVE to move, then the RDB over the network with ``redis-cli --rdb -``."""
+    password = None
+    if conn.password_secret_ref is not None:
+        password = require_env(env, REDIS_PASSWORD_ENV, field="spec.source.redis.passwordSecretRef")
+    tls_args: list[str] = []
+    ca_pem = None
+    if conn.tls is not None and conn.tls.enabled:
+        tls_args = ["--tls"]
+        if conn.tls.insecure_skip_verify:
+            tls_args.append("--insecure")
+        elif conn.tls.ca_secret_ref is not None:
+            ca_file = require_env(env, REDIS_CA_FILE_ENV, field="spec.source.redis.tls.caSecretRef")
+            tls_args += ["--cacert", ca_file]
+            ca_pem = Path(ca_file).read_text()
+    client = redis_client.connect(
+        host=conn.host,
+        port=conn.port,
+        tls=conn.tls,
+        ca_pem=ca_pem,
+        user=conn.username or "default",
+        password=password or "",
+    )
+    try:
+        server = client.info("server")
+        previous = client.lastsave()
+        if previous >= datetime.now(previous.tzinfo).replace(microsecond=0):
+            threading.Event().wait(1.0)  # LASTSAVE has second resolution: let a new save be distinguishable
+        with contextlib.suppress(redis.ResponseError):  # "Background save already in progress" is fine
+            client.bgsave()
+        deadline = datetime.now(UTC).timestamp() + _BGSAVE_TIMEOUT
+        while client.lastsave() == previous:
+            if client.info("persistence").get("rdb_last_bgsave_status") == "err":
+                raise RunbookError("SourceFailed", "redis: BGSAVE failed (see the server's log)")
+            if datetime.now(UTC).timestamp() > deadline:
+                raise RunbookError("SourceFailed", "redis: BGSAVE did not finish in time")
+            threading.Event().wait(0.1)
+        keyspace = {db: int(stats["keys"]) for db, stats in client.info("keyspace").items()}
+    except redis.RedisError as error:
+        raise RunbookError("SourceUnavailable", f"redis: {one_line(error)}") from None
+    finally:
+        client.close()
+    user_args = ["--user", conn.username] if conn.username else []
+    source = ProcessSource(
+        "redis-cli",
+        ["-h", conn.host, "-p", str(conn.port), *tls_args, *user_args, "--no-auth-warning", "--rdb", "-"],
+        env,
+        info={
+            "host": conn.host,
+            "port": conn.port,
+            "serverVersion": server.get("redis_version"),
+            "tool": _tool_version("redis-cli"),
+            "keyspace": keyspace,
+        },
+    )
+    source.start()
+    try:
+        yield source
+    finally:
+        source.close()
+
+
+def clean_object(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """An object as it can be re-applied elsewhere, or None for objects that other objects re-create."""
+    metadata = obj.get("metadata") or {}
+    if any(ref.get("controller") for ref in metadata.get("ownerReferences") or []):
+        return None  # a controller re-creates it from its owner
+    if obj.get("kind") == "ConfigMap" and metadata.get("name") == "kube-root-ca.crt":
+        return None  # published into every namespace by the control plane
+    if obj.get("kind") == "Secret" and obj.get("type") == "kubernetes.io/service-account-token":
+        return None
+    cleaned = {key: value for key, value in obj.items() if key != "status"}
+    meta = {k: v for k, v in metadata.items() if k not in (*_STRIPPED_METADATA, "namespace", "ownerReferences")}
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k not in _STRIPPED_ANNOTATIONS}
+    meta.pop("annotations", None)
+    if annotations:
+        meta["annotations"] = annotations
+    cleaned["metadata"] = meta
+    spec = cleaned.get("spec")
+    if obj.get("kind") == "Service" and isinstance(spec, dict) and spec.get("clusterIP") != "None":
+        cleaned["spec"] = {k: v for k, v in spec.items() if k not in ("clusterIP", "clusterIPs")}
+    if obj.get("kind") == "PersistentVolumeClaim" and isinstance(spec, dict):
+        cleaned["spec"] = {k: v for k, v in spec.items() if k != "volumeName"}
+    return cleaned
+
+
+def export_kubernetes(source: KubernetesSource, counts: Counter[str]) -> Iterator[bytes]:
+    """Multi-document YAML, one section per namespace (objects carry no namespace, so ``kubectl apply -n``
+    re-applies a section to any namespace); listed page by page so memory stays bounded."""
+    client = api_client()
+    for namespace in source.namespaces:
+        yield f"# namespace: {namespace}\n".encode()
+        for plural in source.exported:
+            group, version, kind = KUBERNETES_RESOURCES[plural]
+            base = f"/api/{version}" if not group else f"/apis/{group}/{version}"
+            token: str | None = None
+            while True:
+                query: list[tuple[str, Any]] = [("limit", 200)] + ([("continue", token)] if token else [])
+                try:
+                    page = client.call_api(
+                        f"{base}/namespaces/{namespace}/{plural}",
+                        "GET",
+                        query_params=query,
+                        response_type="object",
+                        auth_settings=["BearerToken"],
+                        _return_http_data_only=True,
+                    )
+                except Exception as error:
+                    status = getattr(error, "status", None)
+                    raise RunbookError(
+                        "SourceFailed", f"kubernetes: list {plural} in {namespace}: HTTP {status or one_line(error)}"
+                    ) from None
+                for item in page.get("items") or []:
+                    cleaned = clean_object({"apiVersion": f"{group}/{version}".lstrip("/"), "kind": kind, **item})
+                    if cleaned is not None:
+                        counts[plural] += 1
+                        yield b"---\n" + yaml.safe_dump(cleaned, sort_keys=False).encode()
+                token = (page.get("metadata") or {}).get("continue")
+                if not token:
+                    break
+
+
+@contextlib.contextmanager
+def kubernetes_source(source: KubernetesSource) -> Iterator[Source]:
+    counts: Counter[str] = Counter()
+    reader = IteratorSource(
+        export_kubernetes(source, counts),
+        info={"namespaces": source.namespaces, "resources": source.exported, "objectCounts": counts},
+    )
+    try:
+        yield reader
+    finally:
+        reader.close()
+
+
+def open_source(source: BackupSource, env: Mapping[str, str]) -> contextlib.AbstractContextManager[Source]:
+    if source.postgresql is not None:
+        return postgres_source(source.postgresql, env)
+    if source.redis is not None:
+        return redis_source(source.redis, env)
+    assert source.kubernetes is not None
+    return kubernetes_source(source.kubernetes)
+
+
+@dataclass(frozen=True)
+class EncryptionKeys:
+    recipients: list[str] | None
+    passphrase: str | None
+    manifest: dict[str, Any]
+
+
+def encryption_keys(gpg: GPG, settings: GPGEncryption, env: Mapping[str, str]) -> EncryptionKeys:
+    """Import the recipients' public keys, or take the symmetric passphrase."""
+    described: dict[str, Any] = {"tool": "gpg", "toolVersion": gpg.version, "cipher": CIPHER}
+    if settings.recipients_config_map_ref is not None:
+        field_ref = "spec.encryption.gpg.recipientsConfigMapRef"
+        armored = require_env(env, GPG_RECIPIENTS_ENV, field=field_ref)
+        fingerprints = gpg.import_public_keys(armored, field=field_ref)
+        return EncryptionKeys(fingerprints, None, {**described, "mode": "publicKey", "recipients": fingerprints})
+    passphrase = require_env(env, GPG_PASSPHRASE_ENV, field="spec.encryption.gpg.passphraseSecretRef")
+    return EncryptionKeys(None, passphrase, {**described, "mode": "symmetric"})
+
+
+def start_upload(config: AgentConfig, key: str, env: Mapping[str, str]) -> MultipartUpload:
+    location = config.spec.destination.s3
+    if location.credentials_secret_ref is not None:
+        for name in (S3_ACCESS_KEY_ENV, S3_SECRET_KEY_ENV):
+            require_env(env, name, field="spec.destination.s3.credentialsSecretRef")
+    client = make_client(location, env.get(S3_ACCESS_KEY_ENV), env.get(S3_SECRET_KEY_ENV))
+    try:
+        return MultipartUpload(client, location, key)
+    except botocore.exceptions.ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        if code == "NoSuchBucket":
+            message = f"spec.destination.s3.bucket: bucket {location.bucket} does not exist"
+            raise RunbookError("BucketNotFound", message) from None
+        raise RunbookError("UploadFailed", f"S3: {code or one_line(error)}") from None
+    except botocore.exceptions.BotoCoreError as error:
+        raise RunbookError("UploadFailed", f"S3: {one_line(error)}") from None
+
+
+def _as_runbook_error(error: BaseException) -> RunbookError:
+    if isinstance(error, RunbookError):
+        return error
+    if isinstance(error, GPGError):
+        return RunbookError("EncryptionFailed", one_line(error))
+    if isinstance(error, botocore.exceptions.ClientError):
+        return RunbookError("UploadFailed", f"S3: {error.response.get('Error', {}).get('Code', 'error')}")
+    if isinstance(error, botocore.exceptions.BotoCoreError):
+        return RunbookError("UploadFailed", f"S3: {one_line(error)}")
+    return RunbookError("InternalError", f"{type(error).__name__}: {one_line(error)}")
+
+
+def _abort(upload: MultipartUpload, error: RunbookError) -> RunbookError:
+    LOG.info("aborting the multipart upload of %s", upload.key)
+    try:
+        upload.abort()
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+        return RunbookError(
+            error.reason, f"{error.message} (the upload could not be aborted; the bucket's lifecycle rule removes it)"
+        )
+    return error
+
+
+def run_backup(config: AgentConfig, env: Mapping[str, str]) -> dict[str, Any]:
+    """One backup; returns its manifest. Raises ``RunbookError`` (and leaves no object behind) on failure."""
+    for name in SECRET_ENVS:
+        REDACTOR.register(env.get(name))
+    spec = config.spec
+    started = datetime.now(UTC)
+    folder = object_key(spec.destination.s3, config.namespace, config.policy, format_timestamp(started))
+    data_key = f"{folder}/{DATA_OBJECTS[spec.source.kind]}"
+    with GPG() as gpg:
+        keys = encryption_keys(gpg, spec.encryption.gpg, env)
+        upload = start_upload(config, data_key, env)
+        LOG.info("backing up %s to %s", spec.source.kind, data_key)
+        try:
+            with open_source(spec.source, env) as source:
+
+                def sink(chunk: bytes) -> None:
+                    try:
+                        upload.write(chunk)
+                    except BaseException:
+                        source.cancel()  # stop reading the source: nothing more can be stored
+                        raise
+
+                gpg.encrypt_stream(source.stream, sink, recipients=keys.recipients, passphrase=keys.passphrase)
+                source_info = source.finish()
+            upload.complete()
+        except BaseException as error:
+            raise _abort(upload, _as_runbook_error(error)) from None
+    ended = datetime.now(UTC)
+    manifest = {
+        "formatVersion": MANIFEST_FORMAT,
+        "policy": {"namespace": config.namespace, "name": config.policy, "generation": config.generation},
+        "job": config.job,
+        "startTime": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "endTime": ended.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "durationSeconds": round((ended - started).total_seconds(), 3),
+        "source": {"kind": spec.source.kind, **source_info},
+        "data": {"key": data_key, "sizeBytes": upload.size, "sha256": upload.sha256, "partSizeBytes": PART_SIZE},
+        "encryption": keys.manifest,
+        "agent": {"version": package_version("runbook-operator")},
+    }
+    put_json(upload.client, spec.destination.s3, f"{folder}/{MANIFEST}", manifest)
+    return manifest
+
+
+def main(*, namespace: str, policy: str, generation: int | None, env: Mapping[str, str] | None = None) -> int:
+    """The CLI entry: exit 0 with a one-line JSON summary, or non-zero with a one-line reason (no secrets)."""
+    environment = os.environ if env is None else env
+    try:
+        config = AgentConfig.from_env(environment, namespace=namespace, policy=policy, generation=generation)
+        manifest = run_backup(config, environment)
+    except RunbookError as error:
+        print(f"backup failed: {error.reason}: {REDACTOR.scrub(error.message)}", file=sys.stderr, flush=True)
+        return 1
+    summary = {"key": manifest["data"]["key"], "sizeBytes": manifest["data"]["sizeBytes"]}
+    print(json.dumps({"backup": "complete", **summary, "sha256": manifest["data"]["sha256"]}), flush=True)
+    return 0

@@ -1,0 +1,304 @@
+"""The backup agent run as a process (as its CronJob pod runs it) against real PostgreSQL, Redis, gpg and the
+S3 API server; each backup is then restored by hand with stock tools, and each failure leaves nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.backup_support import (
+    agent_env,
+    bucket_keys,
+    manifest_of,
+    new_bucket,
+    pending_uploads,
+    policy_spec,
+    run_agent,
+    start_agent,
+)
+from tests.services import GpgKeyring, Postgres, Redis, S3Server
+
+from runbook_operator.agent import GPG_PASSPHRASE_ENV, REDIS_PASSWORD_ENV
+
+BACKUP_USER = "backup_reader"
+BACKUP_PASSWORD = "backup-reader-pw-1"
+TABLES = ("customers", "orders", "events")
+# About 110 MB of rows, generated server-side.
+CREATE_TABLES = [
+    "CREATE TABLE customers (id int PRIMARY KEY, name text NOT NULL, email text NOT NULL)",
+    "INSERT INTO customers SELECT g, 'customer ' || g, 'c' || g || '@example.com' FROM generate_series(1, 50000) g",
+    "CREATE TABLE orders (id int PRIMARY KEY, customer_id int REFERENCES customers, amount numeric(10,2), note text)",
+    "INSERT INTO orders SELECT g, 1 + g % 50000, (g % 10000) / 100.0, md5(g::text) FROM generate_series(1, 200000) g",
+    "CREATE TABLE events (id bigint PRIMARY KEY, at timestamptz NOT NULL, payload text NOT NULL)",
+    "INSERT INTO events SELECT g, timestamptz '2026-01-01' + g * interval '1 second', "
+    "repeat(md5(g::text), 4) FROM generate_series(1, 560000) g",
+]
+
+
+def pg_source(postgres: Postgres, database: str) -> dict[str, Any]:
+    return {
+        "postgresql": {
+            "host": postgres.host,
+            "port": postgres.port,
+            "database": database,
+            "credentialsSecretRef": {"name": "db-credentials"},
+        }
+    }
+
+
+def pg_env(password: str = BACKUP_PASSWORD) -> dict[str, str]:
+    return {"PGUSER": BACKUP_USER, "PGPASSWORD": password}
+
+
+def table_fingerprints(postgres: Postgres, database: str) -> dict[str, tuple[int, str]]:
+    """Row count and an order-independent-of-storage checksum of every table."""
+    with postgres.connect(database) as conn:
+        return {
+            table: conn.execute(
+                f"SELECT count(*), md5(coalesce(string_agg(md5(t::text), '' ORDER BY id), '')) FROM {table} t"
+            ).fetchone()
+            for table in TABLES
+        }
+
+
+@pytest.fixture(scope="module")
+def big_database(postgres: Postgres) -> str:
+    """A database with three tables and at least 100 MB of rows; the agent logs in as a read-only role."""
+    name = f"shop_{uuid.uuid4().hex[:6]}"
+    with postgres.connect() as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (BACKUP_USER,)).fetchone() is None:
+            conn.execute(f"CREATE ROLE {BACKUP_USER} LOGIN PASSWORD '{BACKUP_PASSWORD}' IN ROLE pg_read_all_data")
+    with postgres.connect(name) as conn:
+        for statement in CREATE_TABLES:
+            conn.execute(statement)
+        size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+    assert size >= 100 * 1024 * 1024, size
+    return name
+
+
+@pytest.fixture
+def bucket(s3_server: S3Server) -> str:
+    return new_bucket(s3_server)
+
+
+def assert_nothing_stored(s3: S3Server, bucket: str) -> None:
+    """A failed run leaves no data object, no manifest and no open multipart upload."""
+    assert bucket_keys(s3, bucket) == []
+    assert pending_uploads(s3, bucket) == []
+
+
+def assert_failed(result: subprocess.CompletedProcess[str], reason: str, *secrets: str) -> str:
+    assert result.returncode != 0, result.stdout
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"backup failed: {reason}: "), result.stderr
+    for secret in secrets:
+        assert secret not in result.stderr + result.stdout
+    return line
+
+
+def test_postgres_round_trip_with_stock_tools(
+    postgres: Postgres, big_database: str, s3_server: S3Server, gpg_keyring: GpgKeyring, bucket: str, tmp_path: Path
+) -> None:
+    spec = policy_spec(pg_source(postgres, big_database), s3_server, bucket)
+    result = run_agent(agent_env(spec, s3_server, gpg_keyring, **pg_env()))
+    assert result.returncode == 0, result.stderr
+
+    keys = bucket_keys(s3_server, bucket)
+    manifest = manifest_of(s3_server, bucket)
+    data_key = manifest["data"]["key"]
+    assert keys == sorted([data_key, data_key.rsplit("/", 1)[0] + "/manifest.json"])
+    assert data_key.startswith("backups/hungryhippaahneties/db/") and data_key.endswith("/postgresql.dump.gpg")
+    assert manifest["job"] == "test-job" and manifest["policy"]["generation"] == 1
+    assert manifest["encryption"]["recipients"] == [gpg_keyring.fingerprint]
+    assert manifest["source"]["serverVersion"] and manifest["source"]["tool"].startswith("pg_dump")
+    before = table_fingerprints(postgres, big_database)
+    assert manifest["source"]["tableRowCounts"] == {f"public.{t}": before[t][0] for t in TABLES}
+
+    # By hand, as the runbook's restore procedure: download, check, gpg --decrypt, pg_restore into a fresh db.
+    encrypted = tmp_path / "backup.dump.gpg"
+    s3_server.client().download_file(bucket, data_key, str(encrypted))
+    assert encrypted.stat().st_size == manifest["data"]["sizeBytes"]
+    sha = subprocess.run(["sha256sum", str(encrypted)], capture_output=True, text=True, check=True).stdout.split()[0]
+    assert sha == manifest["data"]["sha256"]
+    dump = tmp_path / "backup.dump"
+    gpg_keyring.run("--output", str(dump), "--decrypt", str(encrypted))
+    dump.chmod(0o644)
+    tmp_path.chmod(0o755)
+    fresh = f"restored_{uuid.uuid4().hex[:6]}"
+    with postgres.connect() as conn:
+        conn.execute(f"CREATE DATABASE {fresh}")
+    subprocess.run(
+        [
+            "pg_restore",
+            "--no-owner",
+            "--exit-on-error",
+            "-h",
+            postgres.host,
+            "-p",
+            str(postgres.port),
+            "-U",
+            postgres.superuser,
+            "-d",
+            fresh,
+            str(dump),
+        ],
+        env={**os.environ, "PGPASSWORD": postgres.password},
+        check=True,
+        capture_output=True,
+    )
+    assert table_fingerprints(postgres, fresh) == before
+
+
+@pytest.fixture
+def small_database(postgres: Postgres) -> str:
+    name = f"small_{uuid.uuid4().hex[:6]}"
+    with postgres.connect() as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (BACKUP_USER,)).fetchone() is None:
+            conn.execute(f"CREATE ROLE {BACKUP_USER} LOGIN PASSWORD '{BACKUP_PASSWORD}' IN ROLE pg_read_all_data")
+    with postgres.connect(name) as conn:
+        conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+        conn.execute("INSERT INTO notes SELECT g, md5(g::text) FROM generate_series(1, 1000) g")
+    return name
+
+
+def test_symmetric_passphrase_round_trip(
+    postgres: Postgres, small_database: str, s3_server: S3Server, gpg_keyring: GpgKeyring, bucket: str
+) -> None:
+    passphrase = "runbook-symmetric-passphrase"
+    spec = policy_spec(
+        pg_source(postgres, small_database),
+        s3_server,
+        bucket,
+        encryption={"gpg": {"passphraseSecretRef": {"name": "backup-gpg-passphrase", "key": "passphrase"}}},
+    )
+    result = run_agent(agent_env(spec, s3_server, None, **pg_env(), **{GPG_PASSPHRASE_ENV: passphrase}))
+    assert result.returncode == 0, result.stderr
+    assert passphrase not in result.stdout + result.stderr
+    manifest = manifest_of(s3_server, bucket)
+    assert manifest["encryption"]["mode"] == "symmetric" and manifest["encryption"]["cipher"] == "AES256"
+    encrypted = s3_server.client().get_object(Bucket=bucket, Key=manifest["data"]["key"])["Body"].read()
+    packets = gpg_keyring.run("--list-packets", "--passphrase", passphrase, stdin=encrypted).stdout.decode()
+    assert "symkey enc packet: version 4, cipher 9" in packets  # cipher 9 is AES256
+    dump = gpg_keyring.decrypt(encrypted, passphrase=passphrase)
+    listing = subprocess.run(["pg_restore", "--list"], input=dump, capture_output=True, check=True).stdout
+    assert b"TABLE DATA public notes" in listing
+
+
+def test_redis_round_trip(
+    redis_server: Redis, s3_server: S3Server, gpg_keyring: GpgKeyring, bucket: str, tmp_path: Path
+) -> None:
+    client = redis_server.client()
+    client.flushall()
+    client.mset({f"session:{i}": f"user-{i}" for i in range(2000)})
+    client.hset("config", mapping={"mode": "strict", "ttl": "300"})
+    client.rpush("queue", *[f"job-{i}" for i in range(100)])
+    source = {
+        "redis": {
+            "host": redis_server.host,
+            "port": redis_server.port,
+            "passwordSecretRef": {"name": "redis-credentials", "key": "REDIS_PASSWORD"},
+        }
+    }
+    spec = policy_spec(source, s3_server, bucket)
+    result = run_agent(agent_env(spec, s3_server, gpg_keyring, **{REDIS_PASSWORD_ENV: redis_server.password}))
+    assert result.returncode == 0, result.stderr
+    assert redis_server.password not in result.stdout + result.stderr
+    manifest = manifest_of(s3_server, bucket)
+    assert manifest["source"]["keyspace"] == {"db0": 2002}
+
+    # By hand: download, gpg --decrypt to dump.rdb, start a fresh redis-server on it.
+    encrypted = s3_server.client().get_object(Bucket=bucket, Key=manifest["data"]["key"])["Body"].read()
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    (restored / "dump.rdb").write_bytes(gpg_keyring.decrypt(encrypted))
+    with Redis(restored) as fresh:
+        fresh_client = fresh.client()
+        deadline = time.monotonic() + 30
+        while fresh_client.info("persistence").get("loading") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert fresh_client.dbsize() == 2002
+        assert sorted(fresh_client.keys("*")) == sorted(client.keys("*"))
+        assert fresh_client.get("session:1999") == b"user-1999"
+        assert fresh_client.hgetall("config") == {b"mode": b"strict", b"ttl": b"300"}
+        assert fresh_client.lrange("queue", 0, -1) == client.lrange("queue", 0, -1)
+
+
+# --- failures: each leaves no data object, no manifest, no open upload, and exits with a one-line reason ---
+
+
+def test_wrong_database_password(
+    postgres: Postgres, small_database: str, s3_server: S3Server, gpg_keyring: GpgKeyring, bucket: str
+) -> None:
+    spec = policy_spec(pg_source(postgres, small_database), s3_server, bucket)
+    result = run_agent(agent_env(spec, s3_server, gpg_keyring, **pg_env("not-the-password")))
+    line = assert_failed(result, "SourceUnavailable", "not-the-password")
+    assert "password authentication failed" in line
+    assert_nothing_stored(s3_server, bucket)
+
+
+def test_missing_credentials(
+    postgres: Postgres, small_database: str, s3_server: S3Server, gpg_keyring: GpgKeyring, bucket: str
+) -> None:
+    """The pod's env lacks the password (its Secret key was missing): fail before touching anything."""
+    spec = policy_spec(pg_source(postgres, small_database), s3_server, bucket)
+    env = agent_env(spec, s3_server, gpg_keyring, PGUSER=BACKUP_USER)
+    line = assert_failed(run_agent(env), "CredentialsMissing")
+    assert "spec.source.postgresql.credentialsSecretRef" in line and "PGPASSWORD" in line
+    assert_nothing_stored(s3_server, bucket)
+
+
+def test_missing_bucket(postgres: Postgres, small_database: str, s3_server: S3Server, gpg_keyring: GpgKeyring) -> None:
+    spec = policy_spec(pg_source(postgres, small_database), s3_server, "no-such-bucket-here")
+    line = assert_failed(run_agent(agent_env(spec, s3_server, gpg_keyring, **pg_env())), "BucketNotFound")
+    assert "spec.destination.s3.bucket" in line
+
+
+def test_gpg_fails_on_a_bad_recipient(
+    postgres: Postgres, small_database: str, s3_server: S3Server, tmp_path: Path, bucket: str
+) -> None:
+    """A key that imports but cannot encrypt (sign-only): gpg exits non-zero and the upload is aborted."""
+    signer = GpgKeyring(tmp_path / "signer", email="signer@example.com")
+    signer.home.mkdir(mode=0o700)
+    signer.run("--quick-generate-key", "Signer <signer@example.com>", "ed25519", "sign", "never")
+    sign_only = signer.run("--armor", "--export", "signer@example.com").stdout.decode()
+    spec = policy_spec(pg_source(postgres, small_database), s3_server, bucket)
+    env = agent_env(spec, s3_server, None, **pg_env(), RUNBOOK_GPG_RECIPIENTS=sign_only)
+    assert_failed(run_agent(env), "EncryptionFailed")
+    assert_nothing_stored(s3_server, bucket)
+
+
+def _children(pid: int) -> Iterator[tuple[int, str]]:
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            name = Path(f"/proc/{child}/comm").read_text().strip()
+            yield int(child), name
+            yield from _children(int(child))
+
+
+def test_pg_dump_killed_mid_stream(
+    postgres: Postgres, big_database: str, s3_server: S3Server, gpg_keyring: GpgKeyring, bucket: str
+) -> None:
+    spec = policy_spec(pg_source(postgres, big_database), s3_server, bucket)
+    agent = start_agent(agent_env(spec, s3_server, gpg_keyring, **pg_env()))
+    deadline = time.monotonic() + 120
+    while not pending_uploads(s3_server, bucket) or not any(
+        s3_server.client().list_parts(Bucket=bucket, Key=key, UploadId=upload["UploadId"]).get("Parts")
+        for upload in s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+        for key in [upload["Key"]]
+    ):
+        assert agent.poll() is None and time.monotonic() < deadline, "the agent ended before uploading a part"
+        time.sleep(0.05)
+    pg_dump = next(pid for pid, name in _children(agent.pid) if name == "pg_dump")
+    os.kill(pg_dump, 9)
+    stdout, stderr = agent.communicate(timeout=120)
+    line = assert_failed(subprocess.CompletedProcess(agent.args, agent.returncode, stdout, stderr), "SourceFailed")
+    assert "pg_dump exited with -9" in line
+    assert_nothing_stored(s3_server, bucket)
