@@ -10,7 +10,7 @@ import kopf
 from . import metrics
 from .logs import install_redactor
 from .models import GROUP, VERSION
-from .reconcilers import isolation, scaling
+from .reconcilers import isolation, rotation, scaling
 from .settings import Settings, configure_kopf
 
 SETTINGS = Settings.from_env()
@@ -69,3 +69,24 @@ def emergency_isolation(body: kopf.Body, **_: Any) -> None:
 @kopf.on.delete(*EMERGENCY_ISOLATIONS)
 def emergency_isolation_deleted(body: kopf.Body, **_: Any) -> None:
     isolation.release_deleted(body)
+
+
+# --- SecretRotation ---
+# One clock per resource sleeps until the next rotation is due; spec changes (rotateNow) and changes of an
+# EmergencyIsolation in the namespace (the interlock) wake it.
+SECRET_ROTATIONS = (GROUP, VERSION, "secretrotations")
+
+
+@kopf.daemon(*SECRET_ROTATIONS, cancellation_timeout=60)
+async def secret_rotation_clock(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any) -> None:
+    await rotation.run_clock(body, stopped=stopped, logger=logger)
+
+
+@kopf.on.update(*SECRET_ROTATIONS, field="spec")
+async def secret_rotation_changed(body: kopf.Body, **_: Any) -> None:
+    rotation.CLOCKS.wake(body.metadata.namespace, body.metadata.name)
+
+
+@kopf.on.event(*EMERGENCY_ISOLATIONS)
+async def secret_rotations_follow_isolation(body: kopf.Body, **_: Any) -> None:
+    rotation.CLOCKS.wake(body.metadata.namespace)

@@ -24,3 +24,10 @@ ISOLATION_TIME_TO_CONTAIN = Histogram(
     "From an EmergencyIsolation's creation to its deny-all NetworkPolicy being created.",
     buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60),
 )
+
+# SecretRotation
+SECRET_LAST_ROTATION = Gauge(
+    "runbook_secret_last_rotation_timestamp_seconds",
+    "When the SecretRotation last finished a rotation (Unix time).",
+    ["namespace", "name"],
+)

@@ -21,6 +21,9 @@ from .common import (
 )
 from .sources import RedisTLS
 
+# PostgreSQL names are at most 63 bytes; the dual login roles append "_a" / "_b" to the group role.
+DUAL_GROUP_MAX_LENGTH = 61
+
 
 class RotatedSecretRef(CamelModel):
     """The Secret key whose value is rotated; other keys of the Secret are never touched."""
@@ -101,6 +104,15 @@ class SecretRotationSpec(CamelModel):
                     "rule": "self.strategy != 'dual' || (has(self.target) && has(self.target.postgresql))",
                     "message": "strategy dual needs target.postgresql",
                 },
+                {
+                    "rule": "self.strategy != 'dual' || has(self.secretRef.usernameKey)",
+                    "message": "strategy dual needs secretRef.usernameKey (the Secret names the active login role)",
+                },
+                {
+                    "rule": "self.strategy != 'dual' || !has(self.target) || !has(self.target.postgresql) "
+                    "|| size(self.target.postgresql.user) <= 61",
+                    "message": "strategy dual: target.postgresql.user must be at most 61 characters",
+                },
             ]
         }
     )
@@ -126,6 +138,14 @@ class SecretRotationSpec(CamelModel):
             raise ValueError("set at most one of schedule and interval")
         if self.strategy == "dual" and (self.target is None or self.target.postgresql is None):
             raise ValueError("strategy dual needs target.postgresql")
+        if self.strategy == "dual" and self.secret_ref.username_key is None:
+            raise ValueError("strategy dual needs secretRef.usernameKey (the Secret names the active login role)")
+        group = self.target.postgresql.user if self.target and self.target.postgresql else ""
+        if self.strategy == "dual" and len(group) > DUAL_GROUP_MAX_LENGTH:
+            raise ValueError(
+                f"strategy dual: target.postgresql.user must be at most {DUAL_GROUP_MAX_LENGTH} characters "
+                "(the login roles are <user>_a and <user>_b)"
+            )
         return self
 
 
@@ -143,7 +163,8 @@ class SecretRotationStatus(StatusBase):
 
     target_kind: str | None = Field(None, description="postgresql, redis or secret-only.")
     rotation_id: str | None = Field(None, description="The rotation in flight (or last finished).")
-    step: str | None = Field(None, description="The step the rotation in flight has reached.")
+    step: str | None = Field(None, description="The last step the rotation in flight completed.")
+    step_time: str | None = Field(None, description="When that step was completed.")
     last_rotation_time: str | None = Field(None, description="When the last rotation finished.")
     next_rotation_time: str | None = Field(None, description="When the next rotation is due.")
     fingerprint: str | None = Field(None, description="Short hash of the current value.")

@@ -3,6 +3,8 @@ reporting failures as conditions and Events."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import kopf
@@ -77,3 +79,42 @@ def retry_or_stop(error: RunbookError) -> kopf.TemporaryError | kopf.PermanentEr
     if error.retry_after is not None:
         return kopf.TemporaryError(error.message, delay=error.retry_after)
     return kopf.PermanentError(error.message)
+
+
+class Clocks:
+    """Per-object daemon loops of one kind: reconcile, then sleep until a delay passes, a wake-up or a stop.
+
+    In-memory coordination only (never state: that is in the API server). ``wake`` is called from the
+    event loop, e.g. by an update handler when the spec changes.
+    """
+
+    def __init__(self) -> None:
+        self._wakes: dict[tuple[str, str], asyncio.Event] = {}
+
+    def wake(self, namespace: str | None, name: str | None = None) -> None:
+        """Reconcile the object now (or every object of the namespace)."""
+        for (ns, object_name), event in self._wakes.items():
+            if ns == namespace and name in (None, object_name):
+                event.set()
+
+    async def run(
+        self,
+        *,
+        namespace: str,
+        name: str,
+        stopped: kopf.DaemonStopped,
+        reconcile: Callable[[], Awaitable[float | None]],
+    ) -> None:
+        """Loop until kopf stops the daemon; ``reconcile`` returns the seconds to sleep (None: until woken)."""
+        event = self._wakes.setdefault((namespace, name), asyncio.Event())
+        try:
+            while not stopped:
+                event.clear()
+                delay = await reconcile()
+                woken = asyncio.ensure_future(event.wait())
+                stopping = asyncio.ensure_future(stopped.wait())
+                _, pending = await asyncio.wait({woken, stopping}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+                for task in pending:
+                    task.cancel()
+        finally:
+            self._wakes.pop((namespace, name), None)
