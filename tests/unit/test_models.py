@@ -46,7 +46,7 @@ BAD_INPUTS: list[tuple[str, str, Any, str]] = [
     ("backuprestore", "spec.scaleDown.0.kind", "DaemonSet", "scaleDown.0.kind"),
     ("backuprestore", "spec.backup", "", "backup"),
     ("backuprestore", "spec.policyRef", DELETE, "policyRef"),
-    ("backuprestore", "spec.target", {"host": "db", "database": "x"}, "target.credentialsSecretRef"),
+    ("backuprestore", "spec.target", {"port": 0}, "target.port"),
     # SecretRotation
     ("secretrotation", "spec.secretRef.key", "", "secretRef.key"),
     ("secretrotation", "spec.schedule", "0 3 * * *", "at most one of schedule and interval"),

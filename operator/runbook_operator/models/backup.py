@@ -6,7 +6,20 @@ from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from .common import DNS_LABEL, CamelModel, Cron, Duration, ObjectName, StatusBase, StatusModel, TimeZone, WorkloadRef
+from .common import (
+    DNS_LABEL,
+    CamelModel,
+    Cron,
+    CredentialsSecretRef,
+    Duration,
+    ObjectName,
+    Port,
+    SecretKeyRef,
+    StatusBase,
+    StatusModel,
+    TimeZone,
+    WorkloadRef,
+)
 from .sources import Encryption, PostgresConnection, RedisConnection, S3Location
 
 # The resources a Kubernetes export may name: plural -> (API group, version, kind). A closed list, so the
@@ -122,8 +135,50 @@ class Retention(CamelModel):
     min_keep: int = Field(3, description="Never keep fewer than this many complete backups.", ge=1, le=10000)
 
 
+class RestoreTarget(CamelModel):
+    """Where a restore writes: each field left out is taken from the policy's PostgreSQL source."""
+
+    host: str | None = Field(None, description="Server host; the source's when absent.", min_length=1, max_length=253)
+    port: Port | None = Field(None, description="Server port; the source's when absent.")
+    database: str | None = Field(None, description="Database; the source's when absent.", min_length=1, max_length=63)
+    credentials_secret_ref: CredentialsSecretRef | None = Field(
+        None, description="Login allowed to drop and create the database's objects; the source's when absent."
+    )
+
+    def resolve(self, source: PostgresConnection) -> PostgresConnection:
+        """The full connection: these fields over the source's."""
+        return source.model_copy(update={k: v for k, v in self if v is not None})
+
+
+class Verification(CamelModel):
+    """Restore drills: the newest backup is restored into a scratch database on a schedule and checked."""
+
+    schedule: Cron = Field(description="When to run a drill (cron), e.g. '0 4 * * 0' for Sundays at 04:00.")
+    time_zone: TimeZone = Field("UTC", description="Time zone of the schedule.")
+    target: RestoreTarget = Field(description="The scratch database (never the source) drills restore into.")
+
+
 class BackupPolicySpec(CamelModel):
     """A scheduled, encrypted backup of one source to S3."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.verification) || has(self.source.postgresql)",
+                    "message": "verification: restore drills need a postgresql source",
+                },
+                {
+                    "rule": "!has(self.verification) || !has(self.source.postgresql) || "
+                    "(has(self.verification.target.database) && "
+                    "self.verification.target.database != self.source.postgresql.database) || "
+                    "(has(self.verification.target.host) && self.verification.target.host != self.source.postgresql.host) || "
+                    "(has(self.verification.target.port) && self.verification.target.port != self.source.postgresql.port)",
+                    "message": "verification.target: must name a scratch database, not the source database",
+                },
+            ]
+        }
+    )
 
     source: BackupSource = Field(description="What to back up.")
     schedule: Cron = Field(description="When to back up (cron), e.g. '0 */6 * * *' for every 6 hours.")
@@ -143,6 +198,21 @@ class BackupPolicySpec(CamelModel):
     deletion_policy: Literal["Retain", "Delete"] = Field(
         "Retain", description="Retain: deleting the policy keeps its backups. Delete: removes them too."
     )
+    verification: Verification | None = Field(
+        None, description="Scheduled restore drills into a scratch database (PostgreSQL sources only)."
+    )
+
+    @model_validator(mode="after")
+    def _drills_need_a_scratch_database(self) -> BackupPolicySpec:
+        if self.verification is None:
+            return self
+        source = self.source.postgresql
+        if source is None:
+            raise ValueError("verification: restore drills need a postgresql source")
+        target = self.verification.target.resolve(source)
+        if (target.host, target.port, target.database) == (source.host, source.port, source.database):
+            raise ValueError("verification.target: must name a scratch database, not the source database")
+        return self
 
 
 class BackupRecord(StatusModel):
@@ -164,6 +234,17 @@ class FailureRecord(StatusModel):
     job: str | None = Field(None, description="The Job that failed, if a Job ran.")
 
 
+class VerifiedBackup(StatusModel):
+    """A backup that was restored and whose contents matched its manifest."""
+
+    key: str | None = Field(None, description="Key of the backup's data object.")
+    backup_time: str | None = Field(None, description="When the backup finished (RFC 3339).")
+    verified_time: str | None = Field(None, description="When the drill's checks passed (RFC 3339).")
+    restore: str | None = Field(None, description="The BackupRestore that ran the drill.")
+    tables: int | None = Field(None, description="Tables found, as many as the manifest recorded.")
+    rows: int | None = Field(None, description="Rows found in those tables, as many as the manifest recorded.")
+
+
 class BackupPolicyStatus(StatusBase):
     """Observed state of a BackupPolicy."""
 
@@ -173,26 +254,53 @@ class BackupPolicyStatus(StatusBase):
     last_successful_backup: BackupRecord | None = Field(None, description="The newest complete backup.")
     last_failure: FailureRecord | None = Field(None, description="The newest failed run.")
     backup_now: str | None = Field(None, description="The last backup-now annotation value acted on.")
+    last_verified_backup: VerifiedBackup | None = Field(
+        None, description="The newest backup a restore drill restored and checked (retention keeps it)."
+    )
 
 
 class BackupRestoreSpec(CamelModel):
-    """A one-off restore of a PostgreSQL backup made by a BackupPolicy."""
+    """A one-off restore of a PostgreSQL backup made by a BackupPolicy (immutable: create a new one to retry)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self == oldSelf", "message": "spec is immutable: create a new BackupRestore instead"}
+            ]
+        }
+    )
 
     policy_ref: ObjectName = Field(description="Name of the BackupPolicy whose backups to restore.")
-    backup: str = Field("latest", description="'latest' or the key of a backup.", min_length=1)
-    target: PostgresConnection | None = Field(None, description="Where to restore; the policy's source when absent.")
+    backup: str = Field(
+        "latest",
+        description="'latest', a backup's folder (its UTC timestamp, e.g. 20260101T030000Z) or its data object key.",
+        min_length=1,
+        max_length=1024,
+    )
+    target: RestoreTarget | None = Field(
+        None, description="Where to restore; each field left out is the policy's source's (e.g. only a database)."
+    )
+    decryption_secret_ref: SecretKeyRef | None = Field(
+        None,
+        description="Secret key holding the ASCII-armored private key; needed when the policy encrypts to public keys "
+        "(a symmetric policy's passphrase Secret is used otherwise).",
+    )
     scale_down: list[WorkloadRef] = Field(
         default_factory=list,
         description="Workloads stopped during the restore; their replica counts are recorded and restored.",
+        max_length=32,
     )
-    dry_run: bool = Field(False, description="Only verify the backup (checksum, decrypt, pg_restore --list).")
+    dry_run: bool = Field(False, description="Only verify the backup (checksum, decrypt, pg_restore --list, target).")
+    scale_timeout_seconds: int = Field(
+        300, description="How long to wait for the workloads to stop, and to be available again.", ge=10, le=3600
+    )
 
 
 class RestoreStep(StatusModel):
     """One step of a restore."""
 
-    name: str = Field(description="Step name.")
-    phase: str = Field(description="Running, Succeeded, Failed or Skipped.")
+    name: str = Field(description="Preflight, ScaleDown, Restore, Check or ScaleUp.")
+    phase: str = Field(description="Running, Succeeded or Failed.")
     start_time: str | None = Field(None, description="When the step started.")
     end_time: str | None = Field(None, description="When the step ended.")
     message: str | None = Field(None, description="What happened.")
@@ -206,10 +314,30 @@ class ReplicaRecord(StatusModel):
     replicas: int = Field(description="Replicas before the change.")
 
 
+class RestoreChecks(StatusModel):
+    """What preflight and the post-restore checks found."""
+
+    sha256: str | None = Field(None, description="SHA-256 of the encrypted object, as computed while streaming.")
+    size_bytes: int | None = Field(None, description="Size of the encrypted object.")
+    archive_entries: int | None = Field(None, description="Entries pg_restore --list read from the archive.")
+    tables: int | None = Field(None, description="Tables in the restored database that the manifest recorded.")
+    rows: int | None = Field(None, description="Rows counted in those tables after the restore.")
+    table_row_counts: dict[str, int] = Field(
+        default_factory=dict, description="Rows per table after the restore (all equal to the manifest's)."
+    )
+
+
 class BackupRestoreStatus(StatusBase):
     """Observed state of a BackupRestore."""
 
-    backup_key: str | None = Field(None, description="The backup being restored.")
+    backup_key: str | None = Field(None, description="The data object being restored.")
+    backup_time: str | None = Field(None, description="When that backup finished (RFC 3339).")
+    target: str | None = Field(None, description="host:port/database restored into.")
+    start_time: str | None = Field(None, description="When the restore started.")
+    completion_time: str | None = Field(None, description="When it ended (Succeeded, Failed or DryRun).")
     steps: list[RestoreStep] = Field(default_factory=list, description="The restore's timeline.")
-    scaled_down: list[ReplicaRecord] = Field(default_factory=list, description="Recorded replica counts.")
+    scaled_down: list[ReplicaRecord] | None = Field(
+        None, description="Replica counts recorded before scaling down (written before any change)."
+    )
     job_name: str | None = Field(None, description="The restore Job.")
+    checks: RestoreChecks | None = Field(None, description="What was verified, with figures.")
