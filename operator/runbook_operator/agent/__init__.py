@@ -22,6 +22,9 @@ S3_ACCESS_KEY_ENV = "AWS_ACCESS_KEY_ID"
 S3_SECRET_KEY_ENV = "AWS_SECRET_ACCESS_KEY"
 GPG_RECIPIENTS_ENV = "RUNBOOK_GPG_RECIPIENTS"
 GPG_PASSPHRASE_ENV = "RUNBOOK_GPG_PASSPHRASE"
+# Restores: the plan (what to restore where, references only) and the private key for public-key backups.
+RESTORE_PLAN_ENV = "RUNBOOK_RESTORE_PLAN"
+GPG_PRIVATE_KEY_ENV = "RUNBOOK_GPG_PRIVATE_KEY"
 
 # Bucket layout: <prefix>/<namespace>/<policy>/<UTC timestamp>/{<source>.<ext>.gpg, manifest.json}.
 MANIFEST = "manifest.json"

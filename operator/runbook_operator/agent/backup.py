@@ -28,7 +28,6 @@ import botocore.exceptions
 import psycopg
 import redis
 import yaml
-from psycopg import sql
 
 from ..clients import postgres
 from ..clients import redis as redis_client
@@ -219,15 +218,7 @@ def postgres_source(conn: PostgresConnection, env: Mapping[str, str]) -> Iterato
     with database, database.transaction():
         snapshot = database.execute("SELECT pg_export_snapshot()").fetchone()
         assert snapshot is not None
-        tables = database.execute(
-            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
-            "AND n.nspname NOT LIKE 'pg\\_toast%' ORDER BY 1, 2"
-        ).fetchall()
-        counts: dict[str, int] = {}
-        for schema, table in tables:
-            row = database.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))).fetchone()
-            counts[f"{schema}.{table}"] = int(row[0]) if row else 0
+        counts = postgres.table_row_counts(database)
         source = ProcessSource(
             "pg_dump",
             ["--format=custom", f"--snapshot={snapshot[0]}", "--no-password"],

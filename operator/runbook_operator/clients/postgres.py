@@ -86,3 +86,17 @@ def login_works(*, host: str, port: int, database: str, user: str, password: str
             return False
         raise
     return True
+
+
+def table_row_counts(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    """Exact rows of every user table, as ``{"schema.table": rows}`` (backups record them; restores compare)."""
+    tables = conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+        "AND n.nspname NOT LIKE 'pg\\_toast%' ORDER BY 1, 2"
+    ).fetchall()
+    counts: dict[str, int] = {}
+    for schema, table in tables:
+        row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))).fetchone()
+        counts[f"{schema}.{table}"] = int(row[0]) if row else 0
+    return counts
