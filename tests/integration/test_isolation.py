@@ -1,0 +1,614 @@
+"""EmergencyIsolation against the real API server, S3 API server and gpg: the runbook's namespace isolated
+and released exactly, crash safety with the operator run as a process, and each bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import kopf.testing
+import kubernetes
+import pytest
+import yaml
+from tests.services import GpgKeyring, S3Server, free_port
+
+import runbook_operator.main
+from runbook_operator.builders.isolation import SNAPSHOT_ANNOTATION
+from runbook_operator.reconcilers.interlock import active_isolation
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+GROUP, VERSION, PLURAL = "runbook.dev", "v1alpha1", "emergencyisolations"
+# The runbook's namespace: five Deployments with different counts, the database and the cache.
+REPLICAS = {"nginx-proxy": 2, "modsecurity-waf": 2, "frontend": 3, "api": 4, "backend": 3}
+KEPT = {"postgresql": 1, "redis": 1}
+ALLOW_ALL = {"podSelector": {}, "ingress": [{}], "egress": [{}], "policyTypes": ["Ingress", "Egress"]}
+S3_SECRET = "evidence-s3"
+GPG_CONFIG_MAP = "security-team-keys"
+
+
+@pytest.fixture(autouse=True)
+def _in_process_operator(kubeconfig: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-process operator runs once per test: do not bind the metrics port again. The kubernetes library
+    reads $KUBECONFIG once, at import: point its default (used by kopf's login and our client) at the test's."""
+    monkeypatch.setattr(runbook_operator.main.SETTINGS, "metrics_port", 0)
+    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+
+
+class Cluster:
+    """Typed API handles for one test namespace."""
+
+    def __init__(self, api: kubernetes.client.ApiClient, namespace: str) -> None:
+        self.api, self.namespace = api, namespace
+        self.core = kubernetes.client.CoreV1Api(api)
+        self.apps = kubernetes.client.AppsV1Api(api)
+        self.batch = kubernetes.client.BatchV1Api(api)
+        self.net = kubernetes.client.NetworkingV1Api(api)
+        self.hpa = kubernetes.client.AutoscalingV2Api(api)
+        self.custom = kubernetes.client.CustomObjectsApi(api)
+
+    def create_runbook_workloads(self) -> None:
+        for doc in yaml.safe_load_all((ROOT / "deploy/dev/workloads.yaml").read_text()):
+            doc["spec"]["replicas"] = {**REPLICAS, **KEPT}[doc["metadata"]["name"]]
+            create = (
+                self.apps.create_namespaced_deployment
+                if doc["kind"] == "Deployment"
+                else self.apps.create_namespaced_stateful_set
+            )
+            create(self.namespace, doc)
+        self.batch.create_namespaced_cron_job(
+            self.namespace,
+            {
+                "metadata": {"name": "audit-report", "labels": {"app": "audit-report"}},
+                "spec": {
+                    "schedule": "0 3 * * *",
+                    "suspend": False,
+                    "jobTemplate": {
+                        "spec": {
+                            "template": {
+                                "spec": {
+                                    "restartPolicy": "Never",
+                                    "containers": [{"name": "report", "image": "busybox"}],
+                                }
+                            }
+                        }
+                    },
+                },
+            },
+        )
+        self.net.create_namespaced_network_policy(
+            self.namespace, {"metadata": {"name": "allow-all", "labels": {"team": "web"}}, "spec": ALLOW_ALL}
+        )
+        self.hpa.create_namespaced_horizontal_pod_autoscaler(
+            self.namespace,
+            {
+                "metadata": {"name": "api"},
+                "spec": {
+                    "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "api"},
+                    "minReplicas": 2,
+                    "maxReplicas": 10,
+                    "metrics": [
+                        {
+                            "type": "Resource",
+                            "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}},
+                        }
+                    ],
+                },
+            },
+        )
+
+    def replicas(self) -> dict[str, int]:
+        found = {d.metadata.name: d.spec.replicas for d in self.apps.list_namespaced_deployment(self.namespace).items}
+        found.update(
+            {s.metadata.name: s.spec.replicas for s in self.apps.list_namespaced_stateful_set(self.namespace).items}
+        )
+        return found
+
+    def cronjob_suspended(self) -> bool:
+        return bool(self.batch.read_namespaced_cron_job("audit-report", self.namespace).spec.suspend)
+
+    def annotations(self) -> dict[str, dict[str, str]]:
+        items = [
+            *self.apps.list_namespaced_deployment(self.namespace).items,
+            *self.apps.list_namespaced_stateful_set(self.namespace).items,
+            *self.batch.list_namespaced_cron_job(self.namespace).items,
+        ]
+        return {i.metadata.name: i.metadata.annotations or {} for i in items}
+
+    def policies(self) -> dict[str, Any]:
+        items = self.net.list_namespaced_network_policy(self.namespace).items
+        return {p.metadata.name: self.api.sanitize_for_serialization(p) for p in items}
+
+    def create_isolation(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "EmergencyIsolation", "metadata": {"name": name}}
+        return dict(
+            self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, {**body, "spec": spec})
+        )
+
+    def isolation(self, name: str) -> dict[str, Any] | None:
+        try:
+            return dict(self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name))
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def status(self, name: str) -> dict[str, Any]:
+        return (self.isolation(name) or {}).get("status", {})
+
+    def condition(self, name: str, type: str) -> dict[str, Any]:
+        return next((c for c in self.status(name).get("conditions", []) if c["type"] == type), {})
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec})
+
+    def delete_isolation(self, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+
+    def events(self, name: str) -> list[Any]:
+        selector = f"involvedObject.name={name}"
+        return list(self.core.list_namespaced_event(self.namespace, field_selector=selector).items)
+
+    def printed_columns(self) -> dict[str, Any]:
+        """What ``kubectl get emergencyisolation`` prints: the server-side Table."""
+        headers = {"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"}
+        token = self.api.configuration.get_api_key_with_prefix("BearerToken")
+        if token:
+            headers["Authorization"] = token
+        url = f"{self.api.configuration.host}/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{PLURAL}"
+        response = json.loads(self.api.rest_client.request("GET", url, headers=headers).data)
+        names = [c["name"] for c in response["columnDefinitions"]]
+        return dict(zip(names, response["rows"][0]["cells"], strict=True))
+
+
+@pytest.fixture
+def cluster(api: kubernetes.client.ApiClient, crds_installed: list[str], namespace: str) -> Cluster:
+    return Cluster(api, namespace)
+
+
+@pytest.fixture
+def evidence_store(cluster: Cluster, s3_server: S3Server, gpg_keyring: GpgKeyring) -> dict[str, Any]:
+    """A bucket in the S3 API server, its keys in a Secret, the security team's public key in a ConfigMap."""
+    bucket = f"evidence-{uuid.uuid4().hex[:10]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    cluster.core.create_namespaced_secret(
+        cluster.namespace,
+        {
+            "metadata": {"name": S3_SECRET},
+            "stringData": {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key},
+        },
+    )
+    cluster.core.create_namespaced_config_map(
+        cluster.namespace, {"metadata": {"name": GPG_CONFIG_MAP}, "data": {"team.asc": gpg_keyring.public_key}}
+    )
+    return evidence_spec(bucket, s3_server.endpoint)
+
+
+def evidence_spec(bucket: str, endpoint: str) -> dict[str, Any]:
+    return {
+        "capture": True,
+        "required": True,
+        "destination": {
+            "bucket": bucket,
+            "prefix": "incidents",
+            "endpoint": endpoint,
+            "credentialsSecretRef": {"name": S3_SECRET},
+        },
+        "encryption": {"gpg": {"recipientsConfigMapRef": {"name": GPG_CONFIG_MAP, "key": "team.asc"}}},
+    }
+
+
+def breach_spec(evidence: dict[str, Any] | None, **network: Any) -> dict[str, Any]:
+    return {
+        "reason": "Suspected exfiltration of PHI through the api service",
+        "incidentId": "INC-2026-0042",
+        "severity": "P1",
+        "network": {"isolate": True, **network},
+        "evidence": evidence if evidence is not None else {"capture": False},
+    }
+
+
+def wait_phase(cluster: Cluster, wait_for: Callable[..., Any], name: str, phase: str, timeout: float = 60) -> None:
+    wait_for(lambda: cluster.status(name).get("phase") == phase, timeout=timeout, what=f"{name} phase {phase}")
+
+
+def assert_released_exactly(cluster: Cluster) -> None:
+    assert cluster.replicas() == {**REPLICAS, **KEPT}
+    assert not cluster.cronjob_suspended()
+    assert all(SNAPSHOT_ANNOTATION not in a for a in cluster.annotations().values())
+    assert "emergency-isolate" not in cluster.policies()
+
+
+def test_isolates_the_runbook_namespace_and_releases_exactly(
+    cluster: Cluster,
+    evidence_store: dict[str, Any],
+    s3_server: S3Server,
+    gpg_keyring: GpgKeyring,
+    operator_runner: kopf.testing.KopfRunner,
+    wait_for: Callable[..., Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="runbook.audit")
+    cluster.create_runbook_workloads()
+    allow_all_before = cluster.policies()["allow-all"]
+    cluster.create_isolation("breach", breach_spec(evidence_store, overrideExistingPolicies=True))
+    wait_phase(cluster, wait_for, "breach", "Isolated")
+
+    policies = cluster.policies()
+    assert set(policies) == {"emergency-isolate"}  # allow-all saved and removed
+    assert policies["emergency-isolate"]["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    assert cluster.replicas() == {**dict.fromkeys(REPLICAS, 0), **KEPT}
+    assert cluster.cronjob_suspended()
+    annotations = cluster.annotations()
+    assert all(SNAPSHOT_ANNOTATION not in annotations[name] for name in KEPT)  # database and cache untouched
+
+    status = cluster.status("breach")
+    assert status["scaled"] == "5/7" and status["removedPolicies"] == ["allow-all"]
+    assert status["requestedBy"]  # the field manager that created it
+    recorded = {s["name"]: s for s in status["snapshot"]}
+    assert {n: recorded[n]["replicas"] for n in REPLICAS} == REPLICAS
+    assert (recorded["api"]["hpa"], recorded["api"]["hpaMinReplicas"], recorded["api"]["hpaMaxReplicas"]) == (
+        "api",
+        2,
+        10,
+    )
+    assert recorded["audit-report"]["suspend"] is False and recorded["postgresql"]["kept"]
+
+    columns = cluster.printed_columns()
+    assert (columns["Phase"], columns["Severity"], columns["Incident"], columns["Scaled"]) == (
+        "Isolated",
+        "P1",
+        "INC-2026-0042",
+        "5/7",
+    )
+    assert columns["Evidence"] == status["evidence"]["key"]
+
+    # The evidence decrypts with stock gpg and its hashes match the custody manifest.
+    bucket = evidence_store["destination"]["bucket"]
+    s3 = s3_server.client()
+    ciphertext = s3.get_object(Bucket=bucket, Key=status["evidence"]["key"])["Body"].read()
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=status["evidence"]["manifestKey"])["Body"].read())
+    assert hashlib.sha256(ciphertext).hexdigest() == manifest["archive"]["sha256"] == status["evidence"]["sha256"]
+    plaintext = gpg_keyring.decrypt(ciphertext)
+    assert hashlib.sha256(plaintext).hexdigest() == manifest["archive"]["plaintextSha256"]
+    with tarfile.open(fileobj=io.BytesIO(plaintext)) as archive:
+        contents = {m.name: archive.extractfile(m).read() for m in archive.getmembers()}  # type: ignore[union-attr]
+    assert {f["name"]: f["sha256"] for f in manifest["files"]} == {
+        name: hashlib.sha256(data).hexdigest() for name, data in contents.items()
+    }
+    assert (manifest["incidentId"], manifest["reason"], manifest["requestedBy"]) == (
+        "INC-2026-0042",
+        "Suspected exfiltration of PHI through the api service",
+        status["requestedBy"],
+    )
+    pods = json.loads(contents["pods.json"])
+    assert {p["metadata"]["labels"]["app"] for p in pods} >= {"api", "frontend"}  # captured before scaling
+    log_errors = json.loads(contents["log-errors.json"])
+    read_logs = [n for n in contents if n.startswith("logs/")]
+    # Every container's current and previous log is either in the archive or has a recorded reason.
+    assert len(read_logs) + len(log_errors) == 2 * len(pods) and manifest["logErrors"] == log_errors
+    assert {"replicasets.json", "events.json"} <= set(contents)
+
+    cluster.patch_spec("breach", {"released": True})
+    wait_phase(cluster, wait_for, "breach", "Released")
+    assert_released_exactly(cluster)
+    assert cluster.policies()["allow-all"]["spec"] == allow_all_before["spec"]
+    assert cluster.policies()["allow-all"]["metadata"]["labels"] == {"team": "web"}
+    assert cluster.condition("breach", "Restored")["status"] == "True"
+    assert (
+        cluster.core.list_namespaced_config_map(cluster.namespace, label_selector="runbook.dev/isolation").items == []
+    )
+
+    reasons = {e.reason for e in cluster.events("breach")}
+    assert {"Admitted", "NetworkContained", "PoliciesRemoved", "SnapshotRecorded", "EvidencePreserved"} <= reasons
+    assert {"ScaledToZero", "WorkloadsRestored", "Released"} <= reasons
+    audit = [json.loads(r.getMessage()) for r in caplog.records if r.name == "runbook.audit"]
+    steps = {(a["event"], a["step"]) for a in audit if a["name"] == "breach"}
+    assert {("isolation_applied", "network_contained"), ("isolation_applied", "scaled_to_zero")} <= steps
+    assert ("isolation_released", "released") in steps
+    assert all(a["compliance"] == "hipaa" and a["incidentId"] == "INC-2026-0042" for a in audit)
+
+    # Deleting the resource leaves the evidence; no secret is anywhere the operator writes.
+    cluster.delete_isolation("breach")
+    wait_for(lambda: cluster.isolation("breach") is None, timeout=30, what="the isolation to go away")
+    assert s3.head_object(Bucket=bucket, Key=status["evidence"]["key"])["ContentLength"] == len(ciphertext)
+    written = json.dumps(
+        [status, cluster.annotations(), [e.message for e in cluster.events("breach")], caplog.text, manifest]
+    )
+    assert s3_server.secret_key not in written and s3_server.access_key not in written
+
+
+def test_existing_policies_are_listed_with_a_warning(
+    cluster: Cluster, operator_runner: kopf.testing.KopfRunner, wait_for: Callable[..., Any]
+) -> None:
+    cluster.create_runbook_workloads()
+    cluster.create_isolation("breach", breach_spec(None))
+    wait_phase(cluster, wait_for, "breach", "Isolated")
+    assert set(cluster.policies()) == {"allow-all", "emergency-isolate"}
+    assert cluster.status("breach")["existingPolicies"] == ["allow-all"]
+    condition = cluster.condition("breach", "ExistingPoliciesAllow")
+    assert condition["status"] == "True" and "allow-all" in condition["message"]
+    assert any(e.type == "Warning" and e.reason == "ExistingPoliciesAllow" for e in cluster.events("breach"))
+    cluster.delete_isolation("breach")
+    wait_for(lambda: cluster.isolation("breach") is None, timeout=30, what="release on deletion")
+    assert_released_exactly(cluster)
+
+
+def test_second_isolation_is_rejected_and_the_interlock_follows(
+    cluster: Cluster, operator_runner: kopf.testing.KopfRunner, wait_for: Callable[..., Any]
+) -> None:
+    cluster.create_runbook_workloads()
+    cluster.create_isolation("first", breach_spec(None))
+    wait_phase(cluster, wait_for, "first", "Isolated")
+    cluster.create_isolation("second", {**breach_spec(None), "incidentId": "INC-2026-0043"})
+    wait_phase(cluster, wait_for, "second", "Rejected")
+    ready = cluster.condition("second", "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "AlreadyIsolated") and "first" in ready["message"]
+    assert active_isolation(cluster.namespace) == "first"
+    cluster.delete_isolation("second")  # deleting the rejected one changes nothing
+    wait_for(lambda: cluster.isolation("second") is None, timeout=30, what="the rejected isolation to go away")
+    assert cluster.replicas() == {**dict.fromkeys(REPLICAS, 0), **KEPT}
+    cluster.patch_spec("first", {"released": True})
+    wait_phase(cluster, wait_for, "first", "Released")
+    assert active_isolation(cluster.namespace) is None
+    assert_released_exactly(cluster)
+
+
+def test_api_server_refuses_undoing_a_release_and_changing_the_snapshot_scope(
+    cluster: Cluster, operator_runner: kopf.testing.KopfRunner, wait_for: Callable[..., Any]
+) -> None:
+    cluster.create_isolation("breach", {**breach_spec(None), "released": True})
+    wait_phase(cluster, wait_for, "breach", "Released")
+    with pytest.raises(kubernetes.client.ApiException) as caught:
+        cluster.patch_spec("breach", {"released": False})
+    assert caught.value.status == 422 and "released cannot be undone" in caught.value.body
+    with pytest.raises(kubernetes.client.ApiException) as caught:
+        cluster.patch_spec("breach", {"scaleToZero": {"enabled": False}})
+    assert "scaleToZero is immutable" in caught.value.body
+
+
+# --- bad inputs ------------------------------------------------------------------------------------------
+
+
+def test_invalid_keep_running_selector_changes_nothing(
+    cluster: Cluster, operator_runner: kopf.testing.KopfRunner, wait_for: Callable[..., Any]
+) -> None:
+    cluster.create_runbook_workloads()
+    spec = {**breach_spec(None), "scaleToZero": {"keepRunning": {"matchLabels": {"app name": "postgresql"}}}}
+    cluster.create_isolation("breach", spec)
+    wait_phase(cluster, wait_for, "breach", "Invalid")
+    ready = cluster.condition("breach", "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
+    assert ready["message"].startswith("spec.scaleToZero: keepRunning.matchLabels")
+    assert any(e.type == "Warning" and e.reason == "InvalidSpec" for e in cluster.events("breach"))
+    assert cluster.replicas() == {**REPLICAS, **KEPT} and "emergency-isolate" not in cluster.policies()
+    assert all(SNAPSHOT_ANNOTATION not in a for a in cluster.annotations().values())
+    assert active_isolation(cluster.namespace) is None  # an isolation that never acted holds nothing
+
+
+@pytest.mark.parametrize("missing", ["secret", "bucket"])
+def test_missing_evidence_store_contains_but_does_not_scale(
+    cluster: Cluster,
+    evidence_store: dict[str, Any],
+    operator_runner: kopf.testing.KopfRunner,
+    wait_for: Callable[..., Any],
+    missing: str,
+) -> None:
+    cluster.create_runbook_workloads()
+    if missing == "secret":
+        cluster.core.delete_namespaced_secret(S3_SECRET, cluster.namespace)
+        expected = ("SecretNotFound", "spec.evidence.destination.credentialsSecretRef: Secret evidence-s3 not found")
+    else:
+        evidence_store["destination"]["bucket"] = "no-such-bucket"
+        expected = ("BucketNotFound", "spec.evidence.destination.bucket: bucket no-such-bucket not found")
+    cluster.create_isolation("breach", breach_spec(evidence_store))
+    wait_for(lambda: cluster.condition("breach", "EvidencePreserved").get("reason") == expected[0], what=expected[0])
+    ready = cluster.condition("breach", "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", expected[0])
+    assert ready["message"].startswith(expected[1]) and "nothing is scaled" in ready["message"]
+    assert cluster.status("breach")["phase"] == "Contained"
+    assert "emergency-isolate" in cluster.policies()  # contained: undoable
+    assert cluster.replicas() == {**REPLICAS, **KEPT} and not cluster.cronjob_suspended()  # fail closed
+    cluster.patch_spec("breach", {"released": True})
+    wait_phase(cluster, wait_for, "breach", "Released")
+    assert_released_exactly(cluster)
+
+
+def test_empty_namespace_is_contained_and_says_so(
+    cluster: Cluster, operator_runner: kopf.testing.KopfRunner, wait_for: Callable[..., Any]
+) -> None:
+    cluster.create_isolation("breach", breach_spec(None))
+    wait_phase(cluster, wait_for, "breach", "Isolated")
+    condition = cluster.condition("breach", "WorkloadsStopped")
+    assert (condition["status"], condition["reason"]) == ("False", "NoWorkloads")
+    assert cluster.status("breach")["scaled"] == "0/0" and "emergency-isolate" in cluster.policies()
+    cluster.delete_isolation("breach")
+    wait_for(lambda: cluster.isolation("breach") is None, timeout=30, what="release on deletion")
+    assert cluster.policies() == {}
+
+
+def test_release_does_not_fight_changes_made_by_hand(
+    cluster: Cluster, operator_runner: kopf.testing.KopfRunner, wait_for: Callable[..., Any]
+) -> None:
+    cluster.create_runbook_workloads()
+    cluster.create_isolation("breach", breach_spec(None))
+    wait_phase(cluster, wait_for, "breach", "Isolated")
+    cluster.apps.delete_namespaced_deployment("frontend", cluster.namespace)
+    cluster.apps.patch_namespaced_deployment("api", cluster.namespace, {"spec": {"replicas": 1}})
+    cluster.patch_spec("breach", {"released": True})
+    wait_phase(cluster, wait_for, "breach", "Released")
+    expected = {**REPLICAS, **KEPT, "api": 1}
+    del expected["frontend"]
+    assert cluster.replicas() == expected and not cluster.cronjob_suspended()
+    restored = cluster.condition("breach", "Restored")
+    assert (restored["status"], restored["reason"]) == ("False", "ChangedDuringIsolation")
+    assert "Deployment frontend was deleted" in restored["message"]
+    assert "Deployment api was changed by hand during the isolation (now 1)" in restored["message"]
+    assert any(e.type == "Warning" and e.reason == "ChangedDuringIsolation" for e in cluster.events("breach"))
+    assert all(SNAPSHOT_ANNOTATION not in a for a in cluster.annotations().values())
+
+
+# --- crash safety: the operator as a process, killed ---------------------------------------------------
+
+
+class Tarpit:
+    """A TCP port that first holds every connection unanswered (the operator hangs inside the evidence
+    upload), then relays to the real S3 API server."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.forwarding = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", self.port))
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if not self.forwarding.is_set():
+                self.held.append(client)
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            sink.close()
+
+    def forward(self) -> None:
+        self.forwarding.set()
+        for held in self.held:
+            held.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+class OperatorProcess:
+    """``runbook-operator run`` as its own process, as the Deployment runs it."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, log: Path) -> None:
+        self.args = [
+            sys.executable,
+            "-m",
+            "runbook_operator.cli",
+            "run",
+            "--namespace",
+            namespace,
+            "--health-port",
+            "0",
+        ]
+        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "RUNBOOK_METRICS_PORT": "0"}
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(self.args, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.kill()
+
+
+@pytest.fixture
+def operator_process(kubeconfig: Path, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
+    operator = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log")
+    try:
+        yield operator
+    finally:
+        operator.stop()
+
+
+def test_killed_after_snapshot_before_scaling_converges_and_releases_exactly(
+    cluster: Cluster,
+    evidence_store: dict[str, Any],
+    s3_server: S3Server,
+    operator_process: OperatorProcess,
+    wait_for: Callable[..., Any],
+) -> None:
+    cluster.create_runbook_workloads()
+    tarpit = Tarpit(s3_server.port)
+    try:
+        evidence_store["destination"]["endpoint"] = tarpit.endpoint
+        cluster.create_isolation("breach", breach_spec(evidence_store))
+        operator_process.start()
+
+        def snapshot_written() -> bool:
+            annotations = cluster.annotations()
+            return bool(cluster.status("breach").get("snapshot")) and all(
+                SNAPSHOT_ANNOTATION in annotations[name] for name in REPLICAS
+            )
+
+        wait_for(snapshot_written, timeout=60, what="the snapshot")
+        wait_for(lambda: tarpit.held, timeout=30, what="the evidence upload to start")
+        operator_process.kill()
+        assert cluster.replicas() == {**REPLICAS, **KEPT} and not cluster.cronjob_suspended()
+        assert "emergency-isolate" in cluster.policies()
+
+        tarpit.forward()
+        operator_process.start()
+        wait_phase(cluster, wait_for, "breach", "Isolated", timeout=120)
+        assert cluster.replicas() == {**dict.fromkeys(REPLICAS, 0), **KEPT} and cluster.cronjob_suspended()
+        recorded = {s["name"]: s.get("replicas") for s in cluster.status("breach")["snapshot"]}
+        assert {n: recorded[n] for n in REPLICAS} == REPLICAS  # the second pass reused, not re-read zeros
+
+        cluster.patch_spec("breach", {"released": True})
+        wait_phase(cluster, wait_for, "breach", "Released")
+        assert_released_exactly(cluster)
+    finally:
+        tarpit.close()
+
+
+def test_deleted_while_the_operator_is_down_is_released_when_it_returns(
+    cluster: Cluster, operator_process: OperatorProcess, wait_for: Callable[..., Any]
+) -> None:
+    cluster.create_runbook_workloads()
+    cluster.create_isolation("breach", breach_spec(None, overrideExistingPolicies=True))
+    operator_process.start()
+    wait_phase(cluster, wait_for, "breach", "Isolated")
+    operator_process.kill()
+
+    cluster.delete_isolation("breach")
+    body = cluster.isolation("breach")
+    assert body is not None and body["metadata"]["deletionTimestamp"]  # held by the finalizer
+    assert cluster.replicas() == {**dict.fromkeys(REPLICAS, 0), **KEPT}
+
+    operator_process.start()
+    wait_for(lambda: cluster.isolation("breach") is None, timeout=60, what="release on deletion")
+    assert_released_exactly(cluster)
+    assert cluster.policies()["allow-all"]["spec"] == ALLOW_ALL
