@@ -41,6 +41,12 @@ def _backup(args: argparse.Namespace) -> int:
     return backup(namespace=args.namespace, policy=args.policy, generation=args.generation)
 
 
+def _restore(args: argparse.Namespace) -> int:
+    from .agent.restore import main as restore
+
+    return restore(args.command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runbook-operator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("--policy", required=True, help="Name of the BackupPolicy.")
     backup.add_argument("--generation", type=int, default=None, help="The policy generation the pod was built from.")
     backup.set_defaults(func=_backup)
+
+    for command, purpose in (
+        ("restore", "(In a BackupRestore's Job pod) stream a backup S3 -> gpg -> pg_restore into the target."),
+        ("verify", "Check a backup without writing anything: SHA-256, decryption, pg_restore --list."),
+    ):
+        agent = commands.add_parser(command, help=f"{purpose} The plan and credentials come from the environment.")
+        agent.add_argument("--namespace", help="Namespace of the BackupRestore (for the logs).")
+        agent.add_argument("--name", help="Name of the BackupRestore (for the logs).")
+        agent.set_defaults(func=_restore)
     return parser
 
 

@@ -1,0 +1,146 @@
+"""A PostgreSQL database owned by an application role, backed up by the BackupPolicy agent, and the restore
+agent run as a process with the environment its Job's pod gets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from runbook_operator.agent import GPG_PRIVATE_KEY_ENV, RESTORE_PLAN_ENV
+from tests.backup_support import agent_env, manifest_of, new_bucket, policy_spec, run_agent
+from tests.services import GpgKeyring, Postgres, S3Server
+
+OWNER = "shop_owner"
+OWNER_PASSWORD = "shop-owner-pw-7f3a"
+TABLES = ("public.customers", "public.orders")
+
+
+def create_shop(postgres: Postgres) -> str:
+    """A database owned by ``shop_owner`` with two related tables."""
+    name = f"shop_{uuid.uuid4().hex[:8]}"
+    with postgres.connect() as conn:
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (OWNER,)).fetchone() is None:
+            conn.execute(f"CREATE ROLE {OWNER} LOGIN PASSWORD '{OWNER_PASSWORD}'")
+        conn.execute(f"CREATE DATABASE {name} OWNER {OWNER}")
+    with postgres.connect(name, user=OWNER, password=OWNER_PASSWORD) as conn:
+        conn.execute("CREATE TABLE customers (id int PRIMARY KEY, email text NOT NULL)")
+        conn.execute("INSERT INTO customers SELECT g, 'c' || g || '@example.com' FROM generate_series(1, 3000) g")
+        conn.execute("CREATE TABLE orders (id int PRIMARY KEY, customer_id int REFERENCES customers, amount int)")
+        conn.execute("INSERT INTO orders SELECT g, 1 + g % 3000, g % 97 FROM generate_series(1, 12000) g")
+    return name
+
+
+def create_empty_database(postgres: Postgres, prefix: str = "scratch") -> str:
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with postgres.connect() as conn:
+        conn.execute(f"CREATE DATABASE {name} OWNER {OWNER}")
+    return name
+
+
+def fingerprint(postgres: Postgres, database: str) -> dict[str, Any]:
+    """Row counts and a content hash of both tables (None for a missing table)."""
+    result: dict[str, Any] = {}
+    with postgres.connect(database) as conn:
+        for table in TABLES:
+            if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0] is None:
+                result[table] = None
+                continue
+            result[table] = conn.execute(
+                f"SELECT count(*), md5(coalesce(string_agg(md5(t::text), '' ORDER BY id), '')) FROM {table} t"
+            ).fetchone()
+    return result
+
+
+def damage(postgres: Postgres, database: str) -> None:
+    """What an incident leaves behind: deleted and changed rows."""
+    with postgres.connect(database, user=OWNER, password=OWNER_PASSWORD) as conn:
+        conn.execute("DELETE FROM orders WHERE id > 100")
+        conn.execute("UPDATE customers SET email = 'pwned@example.com'")
+
+
+def pg_source(postgres: Postgres, database: str) -> dict[str, Any]:
+    return {
+        "postgresql": {
+            "host": postgres.host,
+            "port": postgres.port,
+            "database": database,
+            "credentialsSecretRef": {"name": "db-credentials"},
+        }
+    }
+
+
+@dataclass
+class Backup:
+    bucket: str
+    spec: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+def make_backup(
+    postgres: Postgres, database: str, s3: S3Server, keyring: GpgKeyring, *, bucket: str | None = None
+) -> Backup:
+    """One backup by the BackupPolicy agent (as its CronJob pod runs it), encrypted to the keyring's key."""
+    bucket = bucket or new_bucket(s3)
+    spec = policy_spec(pg_source(postgres, database), s3, bucket)
+    result = run_agent(agent_env(spec, s3, keyring, PGUSER=OWNER, PGPASSWORD=OWNER_PASSWORD))
+    assert result.returncode == 0, result.stderr
+    return Backup(bucket, spec, manifest_of(s3, bucket))
+
+
+def plan_for(backup: Backup, target: dict[str, Any]) -> dict[str, Any]:
+    manifest = backup.manifest
+    return {
+        "location": backup.spec["destination"]["s3"],
+        "key": manifest["data"]["key"],
+        "sha256": manifest["data"]["sha256"],
+        "sizeBytes": manifest["data"]["sizeBytes"],
+        "symmetric": manifest["encryption"]["mode"] == "symmetric",
+        "tables": sorted(manifest["source"]["tableRowCounts"]),
+        "target": target,
+    }
+
+
+def private_key(keyring: GpgKeyring) -> str:
+    return keyring.run("--armor", "--export-secret-keys", keyring.email).stdout.decode()
+
+
+def restore_env(plan: dict[str, Any], s3: S3Server, key: str, **extra: str) -> dict[str, str]:
+    """The environment the restore Job's pod gets: plan, target login, S3 keys, private key."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "AWS_", "RUNBOOK_"))}
+    env.update(
+        {
+            RESTORE_PLAN_ENV: json.dumps(plan),
+            "PGUSER": OWNER,
+            "PGPASSWORD": OWNER_PASSWORD,
+            "AWS_ACCESS_KEY_ID": s3.access_key,
+            "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+            GPG_PRIVATE_KEY_ENV: key,
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def run_restore_agent(command: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "runbook_operator.cli", command, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def tamper(s3: S3Server, bucket: str, key: str, offset: int | None = None) -> None:
+    """Change one byte of the stored object (in the middle by default), keeping its size."""
+    client = s3.client()
+    data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    index = len(data) // 2 if offset is None else offset
+    data[index] ^= 0x01
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
