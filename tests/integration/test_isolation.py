@@ -27,6 +27,7 @@ from tests.services import GpgKeyring, S3Server, free_port
 
 import runbook_operator.main
 from runbook_operator.builders.isolation import SNAPSHOT_ANNOTATION
+from runbook_operator.reconcilers import isolation
 from runbook_operator.reconcilers.interlock import active_isolation
 
 pytestmark = pytest.mark.integration
@@ -343,6 +344,39 @@ def test_existing_policies_are_listed_with_a_warning(
     condition = cluster.condition("breach", "ExistingPoliciesAllow")
     assert condition["status"] == "True" and "allow-all" in condition["message"]
     assert any(e.type == "Warning" and e.reason == "ExistingPoliciesAllow" for e in cluster.events("breach"))
+    cluster.delete_isolation("breach")
+    wait_for(lambda: cluster.isolation("breach") is None, timeout=30, what="release on deletion")
+    assert_released_exactly(cluster)
+
+
+def test_resync_writes_nothing_and_a_removed_policy_comes_back(
+    cluster: Cluster, operator_runner: kopf.testing.KopfRunner, wait_for: Callable[..., Any]
+) -> None:
+    cluster.create_runbook_workloads()
+    cluster.create_isolation("breach", breach_spec(None, allowDNS=True, allowEgressTo=["10.20.0.0/16"]))
+    wait_phase(cluster, wait_for, "breach", "Isolated")
+    egress = cluster.policies()["emergency-isolate"]["spec"]["egress"]
+    assert egress[1] == {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}]}
+    assert {p["protocol"] for p in egress[0]["ports"]} == {"UDP", "TCP"}
+
+    def versions() -> dict[str, str]:
+        items = [
+            *cluster.apps.list_namespaced_deployment(cluster.namespace).items,
+            *cluster.apps.list_namespaced_stateful_set(cluster.namespace).items,
+            *cluster.batch.list_namespaced_cron_job(cluster.namespace).items,
+            *cluster.net.list_namespaced_network_policy(cluster.namespace).items,
+        ]
+        found = {i.metadata.name: i.metadata.resource_version for i in items}
+        return {**found, "breach": (cluster.isolation("breach") or {})["metadata"]["resourceVersion"]}
+
+    before = versions()
+    isolation.reconcile(kopf.Body(cluster.isolation("breach") or {}))  # a resync, as after a restart
+    assert versions() == before
+
+    cluster.net.delete_namespaced_network_policy("emergency-isolate", cluster.namespace)
+    wait_for(lambda: "emergency-isolate" in cluster.policies(), timeout=40, what="the policy to be put back")
+    assert cluster.policies()["emergency-isolate"]["spec"]["egress"] == egress
+    assert any(e.reason == "NetworkContained" and e.type == "Warning" for e in cluster.events("breach"))
     cluster.delete_isolation("breach")
     wait_for(lambda: cluster.isolation("breach") is None, timeout=30, what="release on deletion")
     assert_released_exactly(cluster)

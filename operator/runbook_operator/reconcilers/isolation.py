@@ -32,6 +32,7 @@ from ..builders.isolation import (
     stop_patch,
 )
 from ..clients import kube
+from ..conditions import now_rfc3339
 from ..errors import RunbookError
 from ..logs import audit
 from ..models import GROUP, VERSION
@@ -112,7 +113,7 @@ class Isolation:
             step=step,
             incidentId=spec.get("incidentId"),
             severity=spec.get("severity", "P1"),
-            requestedBy=self.status.get("requestedBy"),
+            requestedBy=requested_by(self.body["metadata"]),
             **fields,
         )
 
@@ -192,9 +193,13 @@ class Isolation:
             api.replace_namespaced_network_policy(POLICY_NAME, self.namespace, desired, field_manager=FIELD_MANAGER)
             self.event("NetworkContained", f"NetworkPolicy {POLICY_NAME} set to deny all traffic")
             return
+        if self.status.get("isolatedAt"):  # deleted by hand during the isolation: put back
+            self.event("NetworkContained", f"NetworkPolicy {POLICY_NAME} was missing; recreated", warning=True)
+            self.audit("isolation_applied", "network_recontained", policy=POLICY_NAME)
+            return
         created = datetime.fromisoformat(self.body["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
         metrics.ISOLATION_TIME_TO_CONTAIN.observe((datetime.now(UTC) - created).total_seconds())
-        self.status.set(isolatedAt=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        self.status.set(isolatedAt=now_rfc3339())
         self.event("NetworkContained", f"NetworkPolicy {POLICY_NAME} denies all ingress and egress")
         self.audit("isolation_applied", "network_contained", policy=POLICY_NAME)
 
@@ -350,7 +355,7 @@ class Isolation:
         self.remove_policy()
         self.status.set(
             phase=RELEASED,
-            releasedAt=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            releasedAt=now_rfc3339(),
             scaled=scaled_summary(
                 [WorkloadSnapshot.model_validate(s) for s in self.status.get("snapshot", [])], scaled=False
             ),
@@ -430,6 +435,17 @@ def reconcile(body: kopf.Body) -> None:
         isolation.release()
     else:
         isolation.isolate()
+
+
+def guard(body: kopf.Body) -> None:
+    """Periodically, while isolated: put the deny-all policy back if someone removed or changed it."""
+    isolation = Isolation(body)
+    if isolation.status.get("phase") != ISOLATED or isolation.body["spec"].get("released"):
+        return
+    spec = parse_spec(EmergencyIsolationSpec, isolation.body["spec"])
+    if spec.network.isolate:
+        isolation.contain(spec.network)
+        isolation.flush()
 
 
 def release_deleted(body: kopf.Body) -> None:
