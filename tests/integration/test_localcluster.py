@@ -198,14 +198,25 @@ def test_rbac_is_enforced_for_the_operator_service_account(
         configuration.verify_ssl = api.configuration.verify_ssl
         configuration.api_key = {"authorization": f"Bearer {token}"}
         with kubernetes.client.ApiClient(configuration) as as_operator:
-            # RBAC changes reach the authorizer's cache within a moment; poll instead of racing it.
-            wait_for(
-                lambda: kubernetes.client.AppsV1Api(as_operator).list_namespaced_deployment(namespace) is not None,
-                what="the operator's service account to list deployments",
-            )
+            operator_core = kubernetes.client.CoreV1Api(as_operator)
+            operator_apps = kubernetes.client.AppsV1Api(as_operator)
+
+            def granted() -> bool:
+                """The role grants listing namespaces and getting deployments (absent: 404, not 403)."""
+                try:
+                    operator_core.list_namespace()
+                    operator_apps.read_namespaced_deployment("absent", namespace)
+                except kubernetes.client.ApiException as error:
+                    if error.status == 403:
+                        return False  # the new binding has not reached the authorizer's cache yet
+                    assert error.status == 404
+                return True
+
+            wait_for(granted, what="the ClusterRole's grants to apply to the operator's service account")
             with pytest.raises(kubernetes.client.ApiException) as denied:
-                kubernetes.client.CoreV1Api(as_operator).delete_namespace(victim)
+                operator_core.delete_namespace(victim)
             assert denied.value.status == 403
+            assert core.read_namespace(victim).status.phase == "Active"
     finally:
         core.delete_namespace(victim)
         rbac.delete_cluster_role_binding(role["metadata"]["name"])

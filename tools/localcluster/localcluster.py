@@ -88,6 +88,7 @@ CONTROLLERS = (
     "clusterrole-aggregation-controller",
     "ttl-after-finished-controller",
     "pod-garbage-collector-controller",
+    "node-lifecycle-controller",
     "resourcequota-controller",
 )
 SERVICE_CIDR = "10.96.0.0/16"
@@ -680,6 +681,7 @@ class LocalCluster:
                 f"--server-address=127.0.0.1:{kwok_port}",
                 "--node-ip=127.0.0.1",
                 "--cidr=10.244.0.1/16",
+                "--node-lease-duration-seconds=40",  # leases are the heartbeat the node lifecycle checks
             ],
         )
         for index in range(FAKE_NODE_COUNT):
