@@ -130,7 +130,9 @@ class SecretRotationSpec(CamelModel):
         "single", description="single: change one role's password. dual: alternate two login roles (PostgreSQL)."
     )
     rotate_now: str | None = Field(None, description="Change this token to force one rotation now.")
-    rollout_timeout: Duration = Field("10m", description="How long to wait for each restarted workload.")
+    rollout_timeout: Duration = Field(
+        "10m", description="How long to wait for the restarted workloads to roll out (they roll in parallel)."
+    )
 
     @model_validator(mode="after")
     def _checks(self) -> SecretRotationSpec:
