@@ -3,6 +3,7 @@ and released exactly, crash safety with the operator run as a process, and each 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -646,3 +647,60 @@ def test_deleted_while_the_operator_is_down_is_released_when_it_returns(
     wait_for(lambda: cluster.isolation("breach") is None, timeout=60, what="release on deletion")
     assert_released_exactly(cluster)
     assert cluster.policies()["allow-all"]["spec"] == ALLOW_ALL
+
+
+def test_operator_needs_nothing_beyond_its_cluster_role(
+    cluster: Cluster,
+    evidence_store: dict[str, Any],
+    kubeconfig: Path,
+    tmp_path: Path,
+    wait_for: Callable[..., Any],
+) -> None:
+    """The whole isolation, evidence and release, by an operator holding only deploy/base/rbac.yaml's role."""
+    rbac = kubernetes.client.RbacAuthorizationV1Api(cluster.api)
+    role = next(
+        d for d in yaml.safe_load_all((ROOT / "deploy/base/rbac.yaml").read_text()) if d["kind"] == "ClusterRole"
+    )
+    name = f"runbook-operator-{cluster.namespace}"
+    role["metadata"]["name"] = name
+    rbac.create_cluster_role(role)
+    try:
+        cluster.core.create_namespaced_service_account(cluster.namespace, {"metadata": {"name": "operator"}})
+        rbac.create_cluster_role_binding(
+            {
+                "metadata": {"name": name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+                "subjects": [{"kind": "ServiceAccount", "name": "operator", "namespace": cluster.namespace}],
+            }
+        )
+        token = cluster.core.create_namespaced_service_account_token(
+            "operator", cluster.namespace, {"spec": {"expirationSeconds": 3600}}
+        ).status.token
+        config = yaml.safe_load(kubeconfig.read_text())
+        context = next(c for c in config["contexts"] if c["name"] == config["current-context"])["context"]
+        config["users"] = [{"name": "operator", "user": {"token": token}}]
+        context["user"] = "operator"
+        restricted = tmp_path / "operator.kubeconfig"
+        restricted.write_text(yaml.safe_dump(config))
+
+        operator = OperatorProcess(restricted, cluster.namespace, tmp_path / "operator.log")
+        cluster.create_runbook_workloads()
+        cluster.create_isolation("breach", breach_spec(evidence_store, overrideExistingPolicies=True))
+        operator.start()
+        try:
+            wait_phase(cluster, wait_for, "breach", "Isolated")
+            assert cluster.status("breach")["evidence"]["key"]
+            assert cluster.replicas() == {**dict.fromkeys(REPLICAS, 0), **KEPT}
+            cluster.delete_isolation("breach")
+            wait_for(lambda: cluster.isolation("breach") is None, timeout=60, what="release on deletion")
+        finally:
+            operator.stop()
+        assert_released_exactly(cluster)
+        assert cluster.policies()["allow-all"]["spec"] == ALLOW_ALL
+        # (Other kinds' watches may still lack rules while they are being built: only ours are checked.)
+        ours = [line for line in (tmp_path / "operator.log").read_text().splitlines() if "breach" in line]
+        assert ours and not [line for line in ours if "forbidden" in line.lower()]
+    finally:
+        rbac.delete_cluster_role(name)
+        with contextlib.suppress(kubernetes.client.ApiException):
+            rbac.delete_cluster_role_binding(name)
