@@ -151,7 +151,7 @@ def test_scale_to_zero_and_back(api: kubernetes.client.ApiClient, namespace: str
         lambda: not core.list_namespaced_pod(namespace, label_selector=f"app={web}").items,
         what="all pods to be gone after scaling to 0",
     )
-    assert _rolled_out(apps, web, namespace, 0)
+    wait_for(lambda: _rolled_out(apps, web, namespace, 0), what="the Deployment to report 0 replicas")
     apps.patch_namespaced_deployment_scale(web, namespace, {"spec": {"replicas": 3}})
     wait_for(lambda: _rolled_out(apps, web, namespace, 3), what="3 replicas available again")
     assert len(_ready_pods(core, web, namespace)) == 3

@@ -836,8 +836,10 @@ class LocalCluster:
             self.stop()
             if callable(previous):
                 previous(signum, frame)
-            else:
-                raise SystemExit(128 + signum)
+            elif previous != signal.SIG_IGN:
+                # Die of the signal as if we had never handled it, so the parent sees the usual status.
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
 
         signal.signal(signal.SIGTERM, on_sigterm)
 
