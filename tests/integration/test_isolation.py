@@ -24,6 +24,7 @@ import kopf.testing
 import kubernetes
 import pytest
 import yaml
+from prometheus_client import REGISTRY
 from tests.services import GpgKeyring, S3Server, free_port
 
 import runbook_operator.main
@@ -305,9 +306,14 @@ def test_isolates_the_runbook_namespace_and_releases_exactly(
     assert len(read_logs) + len(log_errors) == 2 * len(pods) and manifest["logErrors"] == log_errors
     assert {"replicasets.json", "events.json"} <= set(contents)
 
+    labels = {"namespace": cluster.namespace}
+    assert REGISTRY.get_sample_value("runbook_isolations_active", labels) == 1
+    assert (REGISTRY.get_sample_value("runbook_isolation_time_to_contain_seconds_count") or 0) >= 1
+
     cluster.patch_spec("breach", {"released": True})
     wait_phase(cluster, wait_for, "breach", "Released")
     assert_released_exactly(cluster)
+    assert REGISTRY.get_sample_value("runbook_isolations_active", labels) == 0
     assert cluster.policies()["allow-all"]["spec"] == allow_all_before["spec"]
     assert cluster.policies()["allow-all"]["metadata"]["labels"] == {"team": "web"}
     assert cluster.condition("breach", "Restored")["status"] == "True"
@@ -461,6 +467,7 @@ def test_missing_evidence_store_contains_but_does_not_scale(
     cluster.patch_spec("breach", {"released": True})
     wait_phase(cluster, wait_for, "breach", "Released")
     assert_released_exactly(cluster)
+    assert cluster.condition("breach", "Restored")["status"] == "True"  # nothing was stopped: no false alarm
 
 
 def test_empty_namespace_is_contained_and_says_so(

@@ -156,11 +156,20 @@ def annotate_patch(entry: WorkloadSnapshot, *, isolation: str, uid: str) -> dict
     return {"metadata": {"annotations": {SNAPSHOT_ANNOTATION: json.dumps(document, sort_keys=True)}}}
 
 
-def is_stopped(entry: WorkloadSnapshot, workload: dict[str, Any]) -> bool:
-    """Whether the workload is in the state isolation puts it in."""
+def workload_state(entry: WorkloadSnapshot, workload: dict[str, Any]) -> int | bool:
+    """What the snapshot records, as the workload has it now: replicas, or a CronJob's suspend."""
     if entry.kind == "CronJob":
         return bool(workload["spec"].get("suspend", False))
-    return bool(workload["spec"].get("replicas", 1) == 0)
+    return int(workload["spec"].get("replicas", 1))
+
+
+def recorded_state(entry: WorkloadSnapshot) -> int | bool | None:
+    return entry.suspend if entry.kind == "CronJob" else entry.replicas
+
+
+def is_stopped(entry: WorkloadSnapshot, workload: dict[str, Any]) -> bool:
+    """Whether the workload is in the state isolation puts it in."""
+    return workload_state(entry, workload) == (True if entry.kind == "CronJob" else 0)
 
 
 def stop_patch(entry: WorkloadSnapshot) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from ..builders.isolation import (
     is_stopped,
     owner_reference,
     recorded_snapshot,
+    recorded_state,
     requested_by,
     restore_patch,
     saved_policies,
@@ -30,6 +31,7 @@ from ..builders.isolation import (
     scaled_summary,
     snapshot_workloads,
     stop_patch,
+    workload_state,
 )
 from ..clients import kube
 from ..conditions import now_rfc3339
@@ -405,8 +407,8 @@ class Isolation:
             if entry is None:
                 continue  # not ours, kept running, or restored by an earlier pass
             untouched = is_stopped(entry, workload)
-            if not untouched:
-                now = workload["spec"].get("suspend") if kind == "CronJob" else workload["spec"].get("replicas")
+            now = workload_state(entry, workload)
+            if not untouched and now != recorded_state(entry):  # (equal: never stopped, e.g. evidence failed)
                 warnings.append(f"{kind} {name} was changed by hand during the isolation (now {now}); left as is")
             _patch_workload(kind, name, self.namespace, restore_patch(entry, restore_spec=untouched))
             restored.append(f"{kind}/{name}")
