@@ -409,6 +409,62 @@ def test_second_isolation_is_rejected_and_the_interlock_follows(
     assert_released_exactly(cluster)
 
 
+def test_two_created_at_once_agree_on_one(
+    cluster: Cluster, operator_process: OperatorProcess, wait_for: Callable[..., Any]
+) -> None:
+    cluster.create_runbook_workloads()
+    cluster.create_isolation("alpha", breach_spec(None))
+    cluster.create_isolation("bravo", breach_spec(None))
+    operator_process.start()  # both are handled concurrently from the first listing
+    wait_phase(cluster, wait_for, "alpha", "Isolated")
+    wait_phase(cluster, wait_for, "bravo", "Rejected")
+    owners = cluster.policies()["emergency-isolate"]["metadata"]["ownerReferences"]
+    assert [o["name"] for o in owners] == ["alpha"]
+    cluster.delete_isolation("bravo")
+    cluster.delete_isolation("alpha")
+    wait_for(lambda: cluster.isolation("alpha") is None, timeout=30, what="release on deletion")
+    assert_released_exactly(cluster)
+
+
+def test_symmetric_evidence_decrypts_with_the_passphrase_which_never_leaks(
+    cluster: Cluster,
+    evidence_store: dict[str, Any],
+    s3_server: S3Server,
+    gpg_keyring: GpgKeyring,
+    operator_runner: kopf.testing.KopfRunner,
+    wait_for: Callable[..., Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    passphrase = "evidence-passphrase-" + uuid.uuid4().hex
+    cluster.core.create_namespaced_secret(
+        cluster.namespace, {"metadata": {"name": "evidence-gpg"}, "stringData": {"passphrase": passphrase}}
+    )
+    evidence_store["encryption"] = {"gpg": {"passphraseSecretRef": {"name": "evidence-gpg", "key": "passphrase"}}}
+    cluster.create_runbook_workloads()
+    cluster.create_isolation("breach", breach_spec(evidence_store))
+    wait_phase(cluster, wait_for, "breach", "Isolated")
+    status = cluster.status("breach")
+    bucket = evidence_store["destination"]["bucket"]
+    s3 = s3_server.client()
+    ciphertext = s3.get_object(Bucket=bucket, Key=status["evidence"]["key"])["Body"].read()
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=status["evidence"]["manifestKey"])["Body"].read())
+    assert manifest["archive"]["encryption"]["method"] == "symmetric"
+    plaintext = gpg_keyring.decrypt(ciphertext, passphrase=passphrase)  # stock gpg, as the runbook restores
+    assert hashlib.sha256(plaintext).hexdigest() == manifest["archive"]["plaintextSha256"]
+    cluster.patch_spec("breach", {"released": True})
+    wait_phase(cluster, wait_for, "breach", "Released")
+    written = json.dumps(
+        [
+            cluster.isolation("breach"),
+            cluster.annotations(),
+            [e.message for e in cluster.core.list_namespaced_event(cluster.namespace).items],
+            caplog.text,
+            manifest,
+        ]
+    )
+    assert passphrase not in written and s3_server.secret_key not in written
+
+
 def test_api_server_refuses_undoing_a_release_and_changing_the_snapshot_scope(
     cluster: Cluster, operator_runner: kopf.testing.KopfRunner, wait_for: Callable[..., Any]
 ) -> None:
