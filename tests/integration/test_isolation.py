@@ -526,6 +526,29 @@ def test_missing_evidence_store_contains_but_does_not_scale(
     assert cluster.condition("breach", "Restored")["status"] == "True"  # nothing was stopped: no false alarm
 
 
+def test_evidence_secret_created_late_is_picked_up(
+    cluster: Cluster,
+    evidence_store: dict[str, Any],
+    s3_server: S3Server,
+    operator_runner: kopf.testing.KopfRunner,
+    wait_for: Callable[..., Any],
+) -> None:
+    cluster.core.delete_namespaced_secret(S3_SECRET, cluster.namespace)
+    cluster.create_runbook_workloads()
+    cluster.create_isolation("breach", breach_spec(evidence_store))
+    wait_for(lambda: cluster.condition("breach", "EvidencePreserved").get("reason") == "SecretNotFound", what="failure")
+    cluster.core.create_namespaced_secret(
+        cluster.namespace,
+        {
+            "metadata": {"name": S3_SECRET},
+            "stringData": {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key},
+        },
+    )
+    wait_phase(cluster, wait_for, "breach", "Isolated", timeout=30)  # retried within 10 s
+    assert cluster.condition("breach", "EvidencePreserved")["status"] == "True"
+    assert cluster.replicas() == {**dict.fromkeys(REPLICAS, 0), **KEPT}
+
+
 def test_empty_namespace_is_contained_and_says_so(
     cluster: Cluster, operator_runner: kopf.testing.KopfRunner, wait_for: Callable[..., Any]
 ) -> None:

@@ -48,6 +48,7 @@ KIND = "EmergencyIsolation"
 PLURAL = "emergencyisolations"
 ISOLATING, CONTAINED, ISOLATED = "Isolating", "Contained", "Isolated"
 RELEASED, REJECTED, INVALID = "Released", "Rejected", "Invalid"
+EVIDENCE_RETRY = 10.0  # seconds between attempts to capture evidence that failed for a fixable reason
 
 
 def _workloads(namespace: str) -> list[dict[str, Any]]:
@@ -309,7 +310,8 @@ class Isolation:
                 raise RunbookError(
                     error.reason,
                     f"{error.message} (evidence is required: nothing is scaled)",
-                    retry_after=error.retry_after,
+                    # Soon: a release waits for this retry (kopf finishes the pending handler first).
+                    retry_after=None if error.retry_after is None else EVIDENCE_RETRY,
                 ) from None
             self.event(error.reason, f"{error.message}; continuing (evidence.required is false)", warning=True)
             return
