@@ -145,11 +145,16 @@ class Isolation:
                 self.contain(spec.network)
             self.admit(spec)
             metrics.ISOLATIONS_ACTIVE.labels(self.namespace).set(1)
-            self.existing_policies(spec.network)
+            if spec.network.isolate:
+                self.existing_policies(spec.network)
             if phase != ISOLATED:  # once isolated, changes made by hand are the responder's, not drift
                 snapshot = self.snapshot(spec)
                 if spec.evidence.capture:
                     self.preserve_evidence(spec)
+                else:
+                    self.status.condition(
+                        "EvidencePreserved", "False", "CaptureDisabled", "spec.evidence.capture is false"
+                    )
                 if spec.scale_to_zero.enabled:
                     self.scale_to_zero(snapshot)
             self.status.set(phase=ISOLATED)
@@ -161,7 +166,8 @@ class Isolation:
     def summary(self, spec: EmergencyIsolationSpec) -> str:
         parts = [f"network {'contained' if spec.network.isolate else 'open (network.isolate false)'}"]
         if spec.evidence.capture:
-            parts.append("evidence preserved")
+            preserved = (self.status.get("evidence") or {}).get("key")
+            parts.append("evidence preserved" if preserved else "evidence NOT preserved (see EvidencePreserved)")
         if spec.scale_to_zero.enabled:
             parts.append(f"{self.status.get('scaled')} workloads at zero")
         return ", ".join(parts)
@@ -187,7 +193,13 @@ class Isolation:
             current = api.read_namespaced_network_policy(POLICY_NAME, self.namespace)
             owners = [o for o in current.metadata.owner_references or [] if o.kind == KIND]
             if owners and owners[0].uid != self.uid:
-                raise self.reject(owners[0].name) from None
+                # Another isolation got here first (the listing cannot order two created at once) or is
+                # still releasing: try again shortly, when the listing decides or the policy is gone.
+                raise RunbookError(
+                    "AlreadyIsolated",
+                    f"NetworkPolicy {POLICY_NAME} belongs to EmergencyIsolation {owners[0].name}",
+                    retry_after=5,
+                ) from None
             current_spec = kube.api_client().sanitize_for_serialization(current.spec)
             if owners and current_spec == desired["spec"]:
                 return
