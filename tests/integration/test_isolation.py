@@ -247,6 +247,14 @@ def test_isolates_the_runbook_namespace_and_releases_exactly(
 ) -> None:
     caplog.set_level(logging.INFO, logger="runbook.audit")
     cluster.create_runbook_workloads()
+    # A pod bound to a node that does not exist: its logs cannot be read, and the evidence must say why.
+    cluster.core.create_namespaced_pod(
+        cluster.namespace,
+        {
+            "metadata": {"name": "ghost", "labels": {"app": "debug"}},
+            "spec": {"nodeName": "ghost-node", "containers": [{"name": "shell", "image": "busybox"}]},
+        },
+    )
     allow_all_before = cluster.policies()["allow-all"]
     cluster.create_isolation("breach", breach_spec(evidence_store, overrideExistingPolicies=True))
     wait_phase(cluster, wait_for, "breach", "Isolated")
@@ -304,6 +312,9 @@ def test_isolates_the_runbook_namespace_and_releases_exactly(
     read_logs = [n for n in contents if n.startswith("logs/")]
     # Every container's current and previous log is either in the archive or has a recorded reason.
     assert len(read_logs) + len(log_errors) == 2 * len(pods) and manifest["logErrors"] == log_errors
+    assert log_errors["logs/ghost/shell.log"].startswith("HTTP 404")
+    assert log_errors["logs/ghost/shell.previous.log"].startswith("HTTP 404")
+    assert "logs/api-" in " ".join(read_logs)  # the others were read (empty: no kubelet runs them)
     assert {"replicasets.json", "events.json"} <= set(contents)
 
     labels = {"namespace": cluster.namespace}
@@ -338,6 +349,7 @@ def test_isolates_the_runbook_namespace_and_releases_exactly(
         [status, cluster.annotations(), [e.message for e in cluster.events("breach")], caplog.text, manifest]
     )
     assert s3_server.secret_key not in written and s3_server.access_key not in written
+    cluster.core.delete_namespaced_pod("ghost", cluster.namespace, grace_period_seconds=0)  # no kubelet to end it
 
 
 def test_existing_policies_are_listed_with_a_warning(

@@ -35,7 +35,7 @@ def _as_json(objects: Any) -> bytes:
 
 
 def _read_log(namespace: str, pod: str, container: str, previous: bool) -> bytes:
-    text: str = kube.core().read_namespaced_pod_log(
+    text: str | None = kube.core().read_namespaced_pod_log(
         pod,
         namespace,
         container=container,
@@ -44,7 +44,7 @@ def _read_log(namespace: str, pod: str, container: str, previous: bool) -> bytes
         timestamps=True,
         _request_timeout=LOG_TIMEOUT,
     )
-    return text.encode()
+    return (text or "").encode()  # the client gives None for an empty log
 
 
 def _why(error: Exception) -> str:
