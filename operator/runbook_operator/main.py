@@ -39,7 +39,7 @@ async def scaling_profile_clock(body: kopf.Body, stopped: kopf.DaemonStopped, **
 
 @kopf.on.update(*SCALING_PROFILES, field="spec")
 async def scaling_profile_changed(body: kopf.Body, **_: Any) -> None:
-    scaling.wake(body)
+    scaling.CLOCKS.wake(body.metadata.namespace, body.metadata.name)
 
 
 @kopf.on.delete(*SCALING_PROFILES)
@@ -49,7 +49,7 @@ async def scaling_profile_deleted(body: kopf.Body, **_: Any) -> None:
 
 @kopf.on.event(GROUP, VERSION, "emergencyisolations")
 async def scaling_profiles_follow_isolation(body: kopf.Body, **_: Any) -> None:
-    scaling.wake_namespace(body.metadata.namespace)
+    scaling.CLOCKS.wake(body.metadata.namespace)
 
 
 # --- EmergencyIsolation ---

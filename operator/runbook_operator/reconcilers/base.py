@@ -90,6 +90,13 @@ class Clocks:
 
     def __init__(self) -> None:
         self._wakes: dict[tuple[str, str], asyncio.Event] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def lock(self, namespace: str, name: str) -> asyncio.Lock:
+        """Held by the object's loop while it reconciles (a fresh one when no loop runs): a deletion handler
+        takes it so as not to race a reconcile still in progress (kopf stops daemons and runs deletion
+        handlers concurrently)."""
+        return self._locks.get((namespace, name)) or asyncio.Lock()
 
     def wake(self, namespace: str | None, name: str | None = None) -> None:
         """Reconcile the object now (or every object of the namespace)."""
@@ -107,10 +114,12 @@ class Clocks:
     ) -> None:
         """Loop until kopf stops the daemon; ``reconcile`` returns the seconds to sleep (None: until woken)."""
         event = self._wakes.setdefault((namespace, name), asyncio.Event())
+        lock = self._locks.setdefault((namespace, name), asyncio.Lock())
         try:
             while not stopped:
                 event.clear()
-                delay = await reconcile()
+                async with lock:
+                    delay = await reconcile()
                 woken = asyncio.ensure_future(event.wait())
                 stopping = asyncio.ensure_future(stopped.wait())
                 _, pending = await asyncio.wait({woken, stopping}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
@@ -118,3 +127,4 @@ class Clocks:
                     task.cancel()
         finally:
             self._wakes.pop((namespace, name), None)
+            self._locks.pop((namespace, name), None)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -27,7 +26,7 @@ from ..errors import RunbookError
 from ..models import GROUP, VERSION
 from ..models.scaling import OriginalResources, ScalingProfileSpec
 from ..settings import FIELD_MANAGER
-from .base import StatusPatch, parse_spec, report_failure
+from .base import Clocks, StatusPatch, parse_spec, report_failure
 from .interlock import active_isolation
 
 KIND = "ScalingProfile"
@@ -46,59 +45,24 @@ def utc_now() -> datetime:
 
 # ------------------------------------------------------------------------------------------------ the clock
 
-
-@dataclass
-class _Clock:
-    """In-memory coordination of one profile's reconciles (never state: that is in the API server)."""
-
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-_CLOCKS: dict[tuple[str, str], _Clock] = {}
-
-
-def _key(body: kopf.Body) -> tuple[str, str]:
-    return str(body.metadata.namespace), str(body.metadata.name)
-
-
-def wake(body: kopf.Body) -> None:
-    """Reconcile the profile now (its spec changed). Call from the event loop."""
-    clock = _CLOCKS.get(_key(body))
-    if clock is not None:
-        clock.wake.set()
-
-
-def wake_namespace(namespace: str | None) -> None:
-    """Reconcile every profile of the namespace now (an EmergencyIsolation there changed)."""
-    for (ns, _), clock in _CLOCKS.items():
-        if ns == namespace:
-            clock.wake.set()
+CLOCKS = Clocks()
 
 
 async def run_clock(body: kopf.Body, *, stopped: kopf.DaemonStopped, now: Clock = utc_now) -> None:
-    """Reconcile, sleep until the next transition or a wake-up, repeat until kopf stops the daemon."""
-    namespace, name = key = _key(body)
-    clock = _CLOCKS.setdefault(key, _Clock())
-    try:
-        while not stopped:
-            clock.wake.clear()
-            async with clock.lock:
-                wake_at = await asyncio.to_thread(reconcile, namespace=namespace, name=name, now=now())
-            delay = None if wake_at is None else max(0.0, (wake_at - now()).total_seconds())
-            woken = asyncio.ensure_future(clock.wake.wait())
-            stopping = asyncio.ensure_future(stopped.wait())
-            _, pending = await asyncio.wait({woken, stopping}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
-                task.cancel()
-    finally:
-        _CLOCKS.pop(key, None)
+    """The daemon: reconcile, sleep until the next transition, a retry or a wake-up, until kopf stops it."""
+    namespace, name = str(body.metadata.namespace), str(body.metadata.name)
+
+    async def once() -> float | None:
+        wake_at = await asyncio.to_thread(reconcile, namespace=namespace, name=name, now=now())
+        return None if wake_at is None else max(0.0, (wake_at - now()).total_seconds())
+
+    await CLOCKS.run(namespace=namespace, name=name, stopped=stopped, reconcile=once)
 
 
 async def finalize(body: kopf.Body) -> None:
     """The deletion handler: Restore or Keep, after any running reconcile of the profile has finished."""
-    namespace, name = key = _key(body)
-    async with _CLOCKS.get(key, _Clock()).lock:
+    namespace, name = str(body.metadata.namespace), str(body.metadata.name)
+    async with CLOCKS.lock(namespace, name):
         await asyncio.to_thread(release, namespace=namespace, name=name)
 
 
