@@ -181,8 +181,9 @@ class Isolation:
         self.audit("isolation_rejected", "rejected", holder=holder)
         return self.fail(error, phase=REJECTED)
 
-    def contain(self, network: NetworkIsolation) -> None:
-        """Create (or converge) the deny-all policy: the first write, so containment does not wait on anything."""
+    def contain(self, network: NetworkIsolation) -> bool:
+        """Create (or converge) the deny-all policy: the first write, so containment does not wait on anything.
+        Returns whether it wrote."""
         desired = build_network_policy(network, namespace=self.namespace, owner=owner_reference(self.body))
         api = kube.networking()
         try:
@@ -202,21 +203,22 @@ class Isolation:
                 ) from None
             current_spec = kube.api_client().sanitize_for_serialization(current.spec)
             if owners and current_spec == desired["spec"]:
-                return
+                return False
             # A hand-made emergency-isolate (the runbook's script) is adopted; a drifted one is put back.
             desired["metadata"]["resourceVersion"] = current.metadata.resource_version
             api.replace_namespaced_network_policy(POLICY_NAME, self.namespace, desired, field_manager=FIELD_MANAGER)
             self.event("NetworkContained", f"NetworkPolicy {POLICY_NAME} set to deny all traffic")
-            return
+            return True
         if self.status.get("isolatedAt"):  # deleted by hand during the isolation: put back
             self.event("NetworkContained", f"NetworkPolicy {POLICY_NAME} was missing; recreated", warning=True)
             self.audit("isolation_applied", "network_recontained", policy=POLICY_NAME)
-            return
+            return True
         created = datetime.fromisoformat(self.body["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
         metrics.ISOLATION_TIME_TO_CONTAIN.observe((datetime.now(UTC) - created).total_seconds())
         self.status.set(isolatedAt=now_rfc3339())
         self.event("NetworkContained", f"NetworkPolicy {POLICY_NAME} denies all ingress and egress")
         self.audit("isolation_applied", "network_contained", policy=POLICY_NAME)
+        return True
 
     def admit(self, spec: EmergencyIsolationSpec) -> None:
         if self.status.get("requestedBy") is not None:
@@ -459,9 +461,17 @@ def guard(body: kopf.Body) -> None:
     if isolation.status.get("phase") != ISOLATED or isolation.body["spec"].get("released"):
         return
     spec = parse_spec(EmergencyIsolationSpec, isolation.body["spec"])
-    if spec.network.isolate:
-        isolation.contain(spec.network)
-        isolation.flush()
+    if spec.network.isolate and isolation.contain(spec.network):
+        # Timers run beside the change handlers: if a release began meanwhile, it may already have removed
+        # the policy this just wrote. Release marks itself before removing, so checking after writing closes
+        # the race.
+        fresh = kube.custom().get_namespaced_custom_object(GROUP, VERSION, isolation.namespace, PLURAL, isolation.name)
+        if (
+            fresh.get("status", {}).get("phase") != ISOLATED
+            or fresh.get("spec", {}).get("released")
+            or fresh["metadata"].get("deletionTimestamp")
+        ):
+            isolation.remove_policy()
 
 
 def release_deleted(body: kopf.Body) -> None:
