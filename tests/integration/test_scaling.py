@@ -538,3 +538,50 @@ def test_paused_during_emergency_isolation_and_resumed_on_release(running: Clust
     cluster.wait_condition("Ready", "True", "Reconciled")
     assert cluster.hpa("api").spec.min_replicas == 3
     cluster.wait_event("Resumed")
+
+
+def test_target_ref_is_immutable(cluster: Cluster) -> None:
+    cluster.create_profile(profile(autoscaling=RUNBOOK_AUTOSCALING))
+    with pytest.raises(kubernetes.client.ApiException) as error:
+        cluster.patch_spec("api", {"targetRef": {"kind": "Deployment", "name": "web"}})
+    assert error.value.status == 422
+    assert "targetRef is immutable" in error.value.body
+
+
+def test_statefulset_resources_are_applied_and_restored(running: Cluster) -> None:
+    cluster = running
+    labels = {"app": "redis"}
+    cluster.apps.create_namespaced_stateful_set(
+        cluster.namespace,
+        {
+            "metadata": {"name": "redis"},
+            "spec": {
+                "serviceName": "redis",
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {"containers": [{"name": "redis", "image": "registry.invalid/redis:7"}]},
+                },
+            },
+        },
+    )
+    body = profile("redis", resources=[{"container": "redis", "limits": {"memory": "1Gi"}}])
+    body["spec"]["targetRef"] = {"kind": "StatefulSet", "name": "redis"}
+    cluster.create_profile(body)
+    ready = cluster.wait_condition("Ready", "True", "Reconciled", name="redis")
+    assert ready["message"] == "no autoscaling; resources of redis"
+
+    def resources() -> dict[str, Any]:
+        workload = cluster.apps.read_namespaced_stateful_set("redis", cluster.namespace)
+        plain: dict[str, Any] = cluster.api.sanitize_for_serialization(
+            workload.spec.template.spec.containers[0].resources
+        )
+        return plain or {}
+
+    assert _same_quantities(resources(), {"limits": {"memory": "1Gi"}})
+    assert cluster.profile("redis")["status"]["originalResources"] == [
+        {"container": "redis", "requests": {}, "limits": {}}
+    ]
+    cluster.delete_profile("redis")
+    assert resources() == {}

@@ -138,7 +138,14 @@ class ScalingProfileSpec(CamelModel):
 
     model_config = ConfigDict(json_schema_extra=_TIMING_NEEDS_AUTOSCALING)
 
-    target_ref: WorkloadRef = Field(description="The Deployment or StatefulSet.")
+    target_ref: WorkloadRef = Field(
+        description="The Deployment or StatefulSet (immutable: the recorded originals belong to it).",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self == oldSelf", "message": "targetRef is immutable: create another ScalingProfile"}
+            ]
+        },
+    )
     autoscaling: Autoscaling | None = Field(None, description="Horizontal autoscaling.")
     resources: list[ContainerResources] = Field(default_factory=list, description="Per-container resources.")
     windows: list[ScalingWindow] = Field(default_factory=list, description="Scheduled bounds.")

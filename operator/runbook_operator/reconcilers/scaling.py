@@ -211,12 +211,17 @@ def _check_hpas(body: kopf.Body, spec: ScalingProfileSpec, status: StatusPatch) 
     ours = [h for h in hpas if _owned(h, uid)]
     foreign = [h for h in hpas if not _owned(h, uid) and build.targets(h, spec.target_ref)]
     ref = f"{spec.target_ref.kind} {spec.target_ref.name}"
-    if foreign and not spec.adopt_existing:
+    adoptable = len(foreign) == 1 and not ours
+    if foreign and not (adoptable and spec.adopt_existing):
         names = ", ".join(h["metadata"]["name"] for h in foreign)
+        remedy = (
+            "delete it or set spec.adoptExisting: true to take it over"
+            if adoptable
+            else "only one HPA may scale a workload: delete the others"
+        )
         raise RunbookError(
             "HPAConflict",
-            f"spec.targetRef: HorizontalPodAutoscaler {names} already scales {ref}; "
-            "delete it or set spec.adoptExisting: true to take it over",
+            f"spec.targetRef: HorizontalPodAutoscaler {names} already scales {ref}; {remedy}",
             retry_after=CONFLICT_RETRY,
         )
     if foreign:
