@@ -595,6 +595,21 @@ def test_release_does_not_fight_changes_made_by_hand(
     assert all(SNAPSHOT_ANNOTATION not in a for a in cluster.annotations().values())
 
 
+def test_release_is_exact_even_if_status_was_lost(
+    cluster: Cluster, operator_runner: kopf.testing.KopfRunner, wait_for: Callable[..., Any]
+) -> None:
+    cluster.create_runbook_workloads()
+    cluster.create_isolation("breach", breach_spec(None))
+    wait_phase(cluster, wait_for, "breach", "Isolated")
+    cluster.custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, cluster.namespace, PLURAL, "breach", {"status": {"snapshot": None}}
+    )
+    assert "snapshot" not in cluster.status("breach")
+    cluster.patch_spec("breach", {"released": True})
+    wait_phase(cluster, wait_for, "breach", "Released")
+    assert_released_exactly(cluster)  # from the annotations on the workloads
+
+
 # --- crash safety: the operator as a process, killed ---------------------------------------------------
 
 
