@@ -290,7 +290,8 @@ class Isolation:
         previous = [WorkloadSnapshot.model_validate(s) for s in self.status.get("snapshot", [])]
         entries = snapshot_workloads(workloads, hpas, spec.scale_to_zero.keep_running, uid=self.uid, previous=previous)
         by_key = {(w["kind"], w["metadata"]["name"]): w for w in workloads}
-        for entry in entries:
+        # Only workloads this isolation will stop carry the annotation: the others are not touched at all.
+        for entry in entries if spec.scale_to_zero.enabled else []:
             workload = by_key.get((entry.kind, entry.name))
             if workload is not None and not entry.kept and recorded_snapshot(workload, uid=self.uid) is None:
                 _patch_workload(
