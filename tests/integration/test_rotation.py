@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,24 @@ class Cluster:
                     "replicas": replicas,
                     "selector": {"matchLabels": labels},
                     "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+                },
+            },
+        )
+
+    def create_stateful_set(self, name: str) -> None:
+        labels = {"app": name}
+        self.apps.create_namespaced_stateful_set(
+            self.namespace,
+            {
+                "metadata": {"name": name, "labels": labels},
+                "spec": {
+                    "replicas": 1,
+                    "serviceName": name,
+                    "selector": {"matchLabels": labels},
+                    "template": {
+                        "metadata": {"labels": labels},
+                        "spec": {"containers": [{"name": "db", "image": "registry.invalid/db:1"}]},
+                    },
                 },
             },
         )
@@ -594,12 +613,17 @@ def test_a_workload_that_cannot_roll_out_ends_degraded_naming_it(
     cluster.create_secret(SECRET, {"token": "initial-token-value"})
     cluster.create_deployment("api")
     cluster.create_deployment("stuck", schedulable=False)  # no node matches its selector
+    cluster.create_stateful_set("db")
     cluster.wait_available("api")
     cluster.create_rotation(
         "token",
         {
             "secretRef": {"name": SECRET, "key": "token"},
-            "restartTargets": [{"kind": "Deployment", "name": "api"}, {"kind": "Deployment", "name": "stuck"}],
+            "restartTargets": [
+                {"kind": "Deployment", "name": "api"},
+                {"kind": "Deployment", "name": "stuck"},
+                {"kind": "StatefulSet", "name": "db"},
+            ],
             "rolloutTimeout": "8s",
             "generator": {"length": 24, "alphabet": "hex"},
             "rotateNow": "1",
@@ -609,10 +633,14 @@ def test_a_workload_that_cannot_roll_out_ends_degraded_naming_it(
     assert status["targetKind"] == "secret-only"
     assert status["targets"][0] == {"kind": "Deployment", "name": "api", "ready": True}
     assert status["targets"][1]["ready"] is False and "within 8s" in status["targets"][1]["message"]
+    assert status["targets"][2] == {"kind": "StatefulSet", "name": "db", "ready": True}
+    stateful_set = cluster.apps.read_namespaced_stateful_set("db", cluster.namespace)
+    assert stateful_set.spec.template.metadata.annotations[ROTATION_ID] == status["rotationId"]
+    assert stateful_set.status.current_revision == stateful_set.status.update_revision
     degraded = cluster.condition("token", "Degraded")
     assert degraded["status"] == "True" and degraded["reason"] == "RolloutIncomplete"
     assert degraded["message"].startswith("Deployment stuck not rolled out within 8s")
-    assert "api" not in degraded["message"]
+    assert "api" not in degraded["message"] and "db" not in degraded["message"]
     ready = cluster.condition("token", "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "RolloutIncomplete")
     secret = cluster.secret()
@@ -663,3 +691,35 @@ def test_no_rotation_starts_while_the_namespace_is_isolated(
         cluster.custom.delete_namespaced_custom_object(
             GROUP, VERSION, cluster.namespace, "emergencyisolations", "breach"
         )
+
+
+# --------------------------------------------------------------------------------------------- schedule
+
+
+def test_interval_rotates_when_due_and_shows_the_next_time(
+    cluster: Cluster, operator_runner: kopf.testing.KopfRunner
+) -> None:
+    cluster.create_secret(SECRET, {"token": "initial-token-value"})
+    cluster.create_rotation("token", {"secretRef": {"name": SECRET, "key": "token"}, "interval": "5s"})
+    created = cluster.rotation("token")["metadata"]["creationTimestamp"]
+    pending = cluster.wait_for(lambda: cluster.rotation("token").get("status", {}).get("nextRotationTime"), timeout=30)
+    assert pending == (datetime.fromisoformat(created) + timedelta(seconds=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert cluster.secret() == {"token": "initial-token-value"}  # creation alone changes nothing
+
+    def rotated(count: int) -> Callable[[], dict[str, Any] | None]:
+        def check() -> dict[str, Any] | None:
+            status: dict[str, Any] = cluster.rotation("token").get("status", {})
+            return status if status.get("step") == "Done" and status["rotationId"] not in seen[:count] else None
+
+        return check
+
+    seen: list[str] = []
+    for _ in range(2):
+        status = cluster.wait_for(rotated(len(seen)), timeout=30, what="a scheduled rotation")
+        seen.append(status["rotationId"])
+        last = datetime.fromisoformat(status["lastRotationTime"])
+        assert status["nextRotationTime"] == (last + timedelta(seconds=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    first, second = seen
+    assert first != second
+    assert cluster.secret() != {"token": "initial-token-value"}
+    cluster.delete_rotations()
