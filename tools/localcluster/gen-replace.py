@@ -50,7 +50,7 @@ def replace_block(version: str, modules: list[str]) -> str:
     staging_version = "v0" + version.removeprefix("v1")
     lines = [BEGIN, "replace ("]
     lines += [f"\t{module} => {module} {staging_version}" for module in modules]
-    lines += [")", END]
+    lines += [")", "", END]  # `go mod tidy` keeps this blank line: no diff
     return "\n".join(lines)
 
 
