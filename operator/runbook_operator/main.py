@@ -8,9 +8,10 @@ from typing import Any
 import kopf
 
 from . import metrics
+from .builders.backup import POLICY_LABEL as BACKUP_POLICY_LABEL
 from .logs import install_redactor
 from .models import GROUP, VERSION
-from .reconcilers import isolation, rotation, scaling
+from .reconcilers import backup, isolation, restore, rotation, scaling
 from .settings import Settings, configure_kopf
 
 SETTINGS = Settings.from_env()
@@ -92,6 +93,57 @@ async def secret_rotation_changed(body: kopf.Body, **_: Any) -> None:
     rotation.CLOCKS.wake(body.metadata.namespace, body.metadata.name)
 
 
+@kopf.on.delete(*SECRET_ROTATIONS)
+def secret_rotation_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+    rotation.settle_before_deletion(body, logger=logger)
+
+
 @kopf.on.event(*EMERGENCY_ISOLATIONS)
 async def secret_rotations_follow_isolation(body: kopf.Body, **_: Any) -> None:
     rotation.CLOCKS.wake(body.metadata.namespace)
+
+
+# --- BackupPolicy ---
+# Spec and annotation changes (backup-now) converge the CronJob; the Jobs it starts are watched and their
+# outcome checked against the bucket; a timer re-checks both, so status heals after any missed event.
+BACKUP_POLICIES = (GROUP, VERSION, "backuppolicies")
+
+
+@kopf.on.resume(*BACKUP_POLICIES)
+@kopf.on.create(*BACKUP_POLICIES)
+@kopf.on.update(*BACKUP_POLICIES)
+def backup_policy(body: kopf.Body, **_: Any) -> None:
+    backup.reconcile(body, image=SETTINGS.agent_image)
+    backup.observe(body["metadata"]["namespace"], body["metadata"]["name"])
+
+
+@kopf.timer(*BACKUP_POLICIES, interval=300, initial_delay=300, idle=60)
+def backup_policy_resync(body: kopf.Body, **_: Any) -> None:
+    backup.reconcile(body, image=SETTINGS.agent_image)
+    backup.observe(body["metadata"]["namespace"], body["metadata"]["name"])
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={BACKUP_POLICY_LABEL: kopf.PRESENT})
+def backup_job(body: kopf.Body, **_: Any) -> None:
+    backup.observe(body["metadata"]["namespace"], body["metadata"]["labels"][BACKUP_POLICY_LABEL])
+
+
+@kopf.on.delete(*BACKUP_POLICIES, when=lambda spec, namespace, **_: backup.needs_finalizer(spec, namespace))
+def backup_policy_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
+    backup.finalize(body, retry=retry)
+
+
+# --- BackupRestore ---
+# One daemon per BackupRestore walks its steps (status holds the state, so a restart resumes); it returns
+# once the restore has finished. One daemon per BackupPolicy with verification creates the drills.
+BACKUP_RESTORES = (GROUP, VERSION, "backuprestores")
+
+
+@kopf.daemon(*BACKUP_RESTORES, cancellation_timeout=60)
+async def backup_restore(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
+    await restore.run(body, stopped=stopped, image=SETTINGS.agent_image)
+
+
+@kopf.daemon(GROUP, VERSION, "backuppolicies", id="drills", when=restore.drills_enabled, cancellation_timeout=30)
+async def backup_policy_drills(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
+    await restore.run_drills(body, stopped=stopped)

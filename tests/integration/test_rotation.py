@@ -723,3 +723,36 @@ def test_interval_rotates_when_due_and_shows_the_next_time(
     assert first != second
     assert cluster.secret() != {"token": "initial-token-value"}
     cluster.delete_rotations()
+
+
+def test_deleted_mid_rotation_publishes_before_it_goes(
+    cluster: Cluster,
+    postgres: Postgres,
+    kubeconfig: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    role = PgRole(postgres)
+    admin_secret(cluster, postgres)
+    cluster.create_secret(SECRET, {"POSTGRES_PASSWORD": role.password})
+    spec = {
+        "secretRef": {"name": SECRET, "key": "POSTGRES_PASSWORD"},
+        "target": pg_target(postgres, role.name),
+        "rotateNow": "1",
+    }
+    cluster.create_rotation("app", spec)
+    monkeypatch.setenv(CRASH_AFTER_ENV, "Applied")
+    with operator(cluster.namespace, kubeconfig, monkeypatch):
+        wait_crash(caplog, cluster.wait_for, "Applied")
+    assert not role.login(role.password)  # the role already has the pending value, the Secret not yet
+    cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, "app")
+    monkeypatch.delenv(CRASH_AFTER_ENV)
+    with operator(cluster.namespace, kubeconfig, monkeypatch):
+
+        def gone() -> bool:
+            return not cluster.custom.list_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL)["items"]
+
+        cluster.wait_for(gone, timeout=30, what="the SecretRotation to be deleted")
+    secret = cluster.secret()
+    assert secret is not None and role.login(secret["POSTGRES_PASSWORD"])
+    cluster.wait_for(lambda: cluster.pending("app") is None, timeout=60, what="the pending Secret to be collected")

@@ -24,13 +24,14 @@ import base64
 import os
 import secrets
 import string
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import kopf
 import psycopg
@@ -47,7 +48,7 @@ from ..logs import REDACTOR, audit
 from ..models import GROUP, VERSION
 from ..models.common import CredentialsSecretRef, WorkloadRef, parse_duration
 from ..models.rotation import Generator, RolloutRecord, SecretRotationSpec
-from .base import Clocks, StatusPatch, parse_spec, report_failure
+from .base import Clocks, StatusPatch, parse_spec, report_failure, retry_or_stop
 from .interlock import active_isolation
 
 KIND = "SecretRotation"
@@ -68,6 +69,7 @@ ALPHABETS = {
 }
 
 CLOCKS = Clocks()
+_LOCKS: dict[tuple[str, str], threading.Lock] = {}  # the clock and the deletion handler take turns
 
 
 class Stopped(Exception):
@@ -170,30 +172,55 @@ async def run_clock(body: kopf.Body, *, stopped: kopf.DaemonStopped, logger: kop
 # --------------------------------------------------------------------------------------------- reconcile
 
 
-def reconcile(namespace: str, name: str, stopped: Callable[[], bool], logger: kopf.Logger) -> float | None:
-    """Resume or start a rotation when one is in flight or due; return the seconds until the next is due."""
+def _read(namespace: str, name: str) -> kopf.Body | None:
     try:
-        body = kube.custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        raw = kube.custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
     except ApiException as error:
         if error.status == 404:
             return None
         raise
-    if body["metadata"].get("deletionTimestamp"):
-        return None
-    rotation = _Rotation(body, stopped, logger)
-    try:
-        return rotation.converge()
-    except RunbookError as error:
-        report_failure(body, rotation.status, error, phase=None if rotation.in_flight else "Failed")
-        metrics.RECONCILE_ERRORS.labels(KIND).inc()
-        rotation.commit()
-        raise
+    return kopf.Body(raw)
+
+
+def reconcile(namespace: str, name: str, stopped: Callable[[], bool], logger: kopf.Logger) -> float | None:
+    """Resume or start a rotation when one is in flight or due; return the seconds until the next is due."""
+    with _LOCKS.setdefault((namespace, name), threading.Lock()):
+        body = _read(namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None
+        rotation = _Rotation(body, stopped, logger)
+        try:
+            return rotation.converge()
+        except RunbookError as error:
+            report_failure(body, rotation.status, error, phase=None if rotation.in_flight else "Failed")
+            metrics.RECONCILE_ERRORS.labels(KIND).inc()
+            rotation.commit()
+            raise
+
+
+def settle_before_deletion(body: kopf.Body, *, logger: kopf.Logger) -> None:
+    """The deletion handler: a rotation in flight is carried through publishing first, so the Secret's
+    password works once the pending Secret is garbage-collected with the resource."""
+    namespace, name = str(body.metadata.namespace), str(body.metadata.name)
+    with _LOCKS.setdefault((namespace, name), threading.Lock()):
+        fresh = _read(namespace, name)
+        if fresh is None:
+            return
+        rotation = _Rotation(fresh, lambda: False, logger)
+        if rotation.in_flight:
+            try:
+                rotation.finish(parse_spec(SecretRotationSpec, fresh.get("spec")), publish_only=True)
+            except RunbookError as error:
+                report_failure(fresh, rotation.status, error)
+                rotation.commit()
+                raise retry_or_stop(error) from None
+    _LOCKS.pop((namespace, name), None)
 
 
 class _Rotation:
     """One reconcile of one SecretRotation."""
 
-    def __init__(self, body: dict[str, Any], stopped: Callable[[], bool], logger: kopf.Logger) -> None:
+    def __init__(self, body: kopf.Body, stopped: Callable[[], bool], logger: kopf.Logger) -> None:
         self.body = body
         self.namespace: str = body["metadata"]["namespace"]
         self.name: str = body["metadata"]["name"]
@@ -229,7 +256,7 @@ class _Rotation:
             self.status.condition("Paused", "False", "NotIsolated")
             self._preflight(spec)
             self._start(spec)
-        self._finish(spec)
+        self.finish(spec)
         return self._idle(spec)
 
     # ------------------------------------------------------------------------------------ schedule
@@ -267,7 +294,7 @@ class _Rotation:
         """Paused until the isolation ends (its changes wake the clock); a rotation in flight is not paused."""
         message = f"EmergencyIsolation {isolation} is active in the namespace: no rotation starts until it is released"
         if self.status.get("phase") != "Paused":
-            kopf.warn(cast(kopf.Body, self.body), reason="NamespaceIsolated", message=message)
+            kopf.warn(self.body, reason="NamespaceIsolated", message=message)
         self.status.condition("Paused", "True", "NamespaceIsolated", message)
         self.status.set(phase="Paused")
         self.commit()
@@ -326,7 +353,8 @@ class _Rotation:
         self.commit()
         return step
 
-    def _finish(self, spec: SecretRotationSpec) -> None:
+    def finish(self, spec: SecretRotationSpec, *, publish_only: bool = False) -> None:
+        """Carry the rotation in flight on from its last recorded step (only through publishing: deletion)."""
         rotation_id: str = self.status.get("rotationId")
         step: str = self.status.get("step")
         pending = self._read_pending(rotation_id)
@@ -342,6 +370,8 @@ class _Rotation:
                 step = self._done("Verified")
             self._publish(spec, pending)
             step = self._done("Published", fingerprint=build.fingerprint(pending.password), activeRole=pending.username)
+        if publish_only:
+            return
         if _before(step, "Restarted"):
             self._restart(spec, rotation_id)
             step = self._done("Restarted")
@@ -483,7 +513,7 @@ class _Rotation:
         if stuck:
             message = "; ".join(f"{r.kind} {r.name} {r.message}" for r in stuck)
             self.status.condition("Degraded", "True", "RolloutIncomplete", message)
-            kopf.warn(cast(kopf.Body, self.body), reason="RolloutIncomplete", message=message)
+            kopf.warn(self.body, reason="RolloutIncomplete", message=message)
         else:
             rolled = ", ".join(f"{r.kind} {r.name}" for r in records) or "no restart targets"
             self.status.condition("Degraded", "False", "RolledOut", f"rolled out: {rolled}")
