@@ -595,3 +595,27 @@ def test_statefulset_resources_are_applied_and_restored(running: Cluster) -> Non
     ]
     cluster.delete_profile("redis")
     assert resources() == {}
+
+
+def test_a_restarted_operator_keeps_the_true_originals_and_writes_nothing(cluster: Cluster) -> None:
+    """The originals live in status: a new operator process neither re-records them from the patched
+    workload nor patches again; deletion by the second process restores the values from before the first."""
+    _with_api(cluster)
+    args = ["run", "--standalone", "-m", "runbook_operator.main", "--namespace", cluster.namespace]
+    with kopf.testing.KopfRunner(args, timeout=60):
+        cluster.create_profile(
+            profile(autoscaling=RUNBOOK_AUTOSCALING, resources=[{"container": "api", **RUNBOOK_RESOURCES}])
+        )
+        cluster.wait_condition("Ready", "True", "Reconciled")
+    generation = cluster.apps.read_namespaced_deployment("api", cluster.namespace).metadata.generation
+    writes = cluster.event_counts()
+    status = cluster.profile()["status"]
+
+    with kopf.testing.KopfRunner(args, timeout=60):
+        time.sleep(3)  # the resumed daemon has reconciled
+        assert cluster.profile()["status"] == status
+        assert cluster.apps.read_namespaced_deployment("api", cluster.namespace).metadata.generation == generation
+        assert cluster.event_counts() == writes
+        cluster.delete_profile()
+    assert _same_quantities(cluster.container_resources(), ORIGINAL)
+    assert cluster.hpa("api") is None
