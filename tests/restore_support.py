@@ -82,12 +82,19 @@ class Backup:
 
 
 def make_backup(
-    postgres: Postgres, database: str, s3: S3Server, keyring: GpgKeyring, *, bucket: str | None = None
+    postgres: Postgres,
+    database: str,
+    s3: S3Server,
+    keyring: GpgKeyring,
+    *,
+    namespace: str = "hungryhippaahneties",
+    policy: str = "db",
 ) -> Backup:
     """One backup by the BackupPolicy agent (as its CronJob pod runs it), encrypted to the keyring's key."""
-    bucket = bucket or new_bucket(s3)
+    bucket = new_bucket(s3)
     spec = policy_spec(pg_source(postgres, database), s3, bucket)
-    result = run_agent(agent_env(spec, s3, keyring, PGUSER=OWNER, PGPASSWORD=OWNER_PASSWORD))
+    env = agent_env(spec, s3, keyring, PGUSER=OWNER, PGPASSWORD=OWNER_PASSWORD)
+    result = run_agent(env, namespace=namespace, policy=policy)
     assert result.returncode == 0, result.stderr
     return Backup(bucket, spec, manifest_of(s3, bucket))
 

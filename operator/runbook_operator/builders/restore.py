@@ -1,0 +1,259 @@
+"""BackupRestore's manifests and records, as pure functions: the restore plan, the Job that runs the agent,
+the workload patches that stop and restart, the timeline, and the drills a policy's verification creates."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from ..agent import (
+    GPG_PASSPHRASE_ENV,
+    GPG_PRIVATE_KEY_ENV,
+    PG_PASSWORD_ENV,
+    PG_USER_ENV,
+    RESTORE_PLAN_ENV,
+    S3_ACCESS_KEY_ENV,
+    S3_SECRET_KEY_ENV,
+)
+from ..agent.restore import RestorePlan
+from ..models import API_VERSION
+from ..models.backup import BackupPolicySpec, BackupRestoreSpec, Verification
+from ..models.sources import PostgresConnection
+from ..settings import MANAGED_BY, PREFIX
+from .backup import AGENT_UID, TMP_DIR, TMP_SIZE_LIMIT, _secret_env
+
+RESTORE_LABEL = f"{PREFIX}/backup-restore"
+DRILL_LABEL = f"{PREFIX}/drill-of"
+REPLICAS_ANNOTATION = f"{PREFIX}/restore-replicas"
+CONTAINER = "restore"
+DRILL_HISTORY = 3  # finished drills kept per policy
+_MAX_NAME = 63  # a Job's name becomes a label value of its pods
+
+
+def _short(name: str, limit: int) -> str:
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: limit - 9].rstrip('-.')}-{digest}"
+
+
+def job_name(restore: str) -> str:
+    """``restore-<name>``, shortened with a hash when long."""
+    return _short(f"restore-{restore}", _MAX_NAME)
+
+
+def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
+    metadata = body["metadata"]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": body.get("kind", "BackupRestore"),
+        "name": metadata["name"],
+        "uid": metadata["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def resolve_target(spec: BackupRestoreSpec, source: PostgresConnection) -> PostgresConnection:
+    """The database restored into: the spec's target fields over the policy's source."""
+    return source if spec.target is None else spec.target.resolve(source)
+
+
+def build_plan(policy: BackupPolicySpec, manifest: Mapping[str, Any], target: PostgresConnection) -> RestorePlan:
+    """What the agent needs, from the policy's bucket and the backup's manifest."""
+    data = manifest["data"]
+    return RestorePlan(
+        location=policy.destination.s3,
+        key=data["key"],
+        sha256=data["sha256"],
+        size_bytes=data["sizeBytes"],
+        symmetric=(manifest.get("encryption") or {}).get("mode") == "symmetric",
+        tables=sorted((manifest.get("source") or {}).get("tableRowCounts") or {}),
+        target=target,
+    )
+
+
+def agent_env(
+    plan: RestorePlan, *, policy: BackupPolicySpec, spec: BackupRestoreSpec, target: PostgresConnection
+) -> list[dict[str, Any]]:
+    """The Job's environment: the plan (references only) and every credential as a Secret reference."""
+    login = target.credentials_secret_ref
+    env: list[dict[str, Any]] = [
+        {"name": RESTORE_PLAN_ENV, "value": json.dumps(plan.to_api(), sort_keys=True, separators=(",", ":"))},
+        {"name": "HOME", "value": TMP_DIR},
+        _secret_env(PG_USER_ENV, login.name, login.username_key),
+        _secret_env(PG_PASSWORD_ENV, login.name, login.password_key),
+    ]
+    s3 = policy.destination.s3.credentials_secret_ref
+    if s3 is not None:
+        env += [
+            _secret_env(S3_ACCESS_KEY_ENV, s3.name, s3.access_key_id_key),
+            _secret_env(S3_SECRET_KEY_ENV, s3.name, s3.secret_access_key_key),
+        ]
+    passphrase = policy.encryption.gpg.passphrase_secret_ref
+    if plan.symmetric and passphrase is not None:
+        env.append(_secret_env(GPG_PASSPHRASE_ENV, passphrase.name, passphrase.key))
+    elif spec.decryption_secret_ref is not None:
+        env.append(_secret_env(GPG_PRIVATE_KEY_ENV, spec.decryption_secret_ref.name, spec.decryption_secret_ref.key))
+    return env
+
+
+def build_job(
+    body: Mapping[str, Any],
+    plan: RestorePlan,
+    *,
+    policy: BackupPolicySpec,
+    spec: BackupRestoreSpec,
+    target: PostgresConnection,
+    image: str,
+) -> dict[str, Any]:
+    """The Job that runs ``runbook-operator restore`` once (no retries: a restore is not repeated blindly)."""
+    metadata = body["metadata"]
+    name, namespace = metadata["name"], metadata["namespace"]
+    labels = {**MANAGED_BY, RESTORE_LABEL: name, "app.kubernetes.io/component": "restore"}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(name),
+            "namespace": namespace,
+            "labels": labels,
+            "ownerReferences": [owner_reference(body)],
+        },
+        "spec": {
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": policy.active_deadline_seconds,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": AGENT_UID,
+                        "runAsGroup": AGENT_UID,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [
+                        {
+                            "name": CONTAINER,
+                            "image": image,
+                            "imagePullPolicy": "IfNotPresent",
+                            "args": ["restore", "--namespace", namespace, "--name", name],
+                            "env": agent_env(plan, policy=policy, spec=spec, target=target),
+                            "resources": {
+                                "requests": {"cpu": "100m", "memory": "128Mi"},
+                                "limits": {"memory": "256Mi"},
+                            },
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "readOnlyRootFilesystem": True,
+                                "runAsNonRoot": True,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
+                            "volumeMounts": [{"name": "tmp", "mountPath": TMP_DIR}],
+                            # The agent's last line is its one-line failure reason; the operator reads it here.
+                            "terminationMessagePolicy": "FallbackToLogsOnError",
+                        }
+                    ],
+                    "volumes": [{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": TMP_SIZE_LIMIT}}],
+                },
+            },
+        },
+    }
+
+
+# --- workloads ----------------------------------------------------------------------------------------
+
+
+def stop_patch(uid: str, replicas: int) -> dict[str, Any]:
+    """Scale to zero, recording on the workload itself what to come back to (and which restore did it)."""
+    record = json.dumps({"restore": uid, "replicas": replicas}, sort_keys=True)
+    return {"metadata": {"annotations": {REPLICAS_ANNOTATION: record}}, "spec": {"replicas": 0}}
+
+
+def start_patch(replicas: int) -> dict[str, Any]:
+    return {"metadata": {"annotations": {REPLICAS_ANNOTATION: None}}, "spec": {"replicas": replicas}}
+
+
+def is_stopped(workload: Mapping[str, Any]) -> bool:
+    """Asked for zero, and the controller has seen that and has no pods left."""
+    status = workload.get("status") or {}
+    return (
+        (workload.get("spec") or {}).get("replicas") == 0
+        and (status.get("observedGeneration") or 0) >= (workload["metadata"].get("generation") or 0)
+        and not status.get("replicas")
+    )
+
+
+def is_available(workload: Mapping[str, Any], replicas: int) -> bool:
+    """Running the recorded count, all updated and available."""
+    status = workload.get("status") or {}
+    if (workload.get("spec") or {}).get("replicas") != replicas:
+        return False
+    if (status.get("observedGeneration") or 0) < (workload["metadata"].get("generation") or 0):
+        return False
+    if replicas == 0:
+        return not status.get("replicas")
+    return (status.get("availableReplicas") or 0) >= replicas and (status.get("updatedReplicas") or 0) >= replicas
+
+
+# --- timeline -----------------------------------------------------------------------------------------
+
+
+def start_step(steps: list[dict[str, Any]], name: str, now: str) -> list[dict[str, Any]]:
+    return [*steps, {"name": name, "phase": "Running", "startTime": now}]
+
+
+def end_step(steps: list[dict[str, Any]], name: str, phase: str, message: str, now: str) -> list[dict[str, Any]]:
+    """The timeline with the running step ``name`` ended (the last one of that name)."""
+    ended = list(steps)
+    for index in range(len(ended) - 1, -1, -1):
+        if ended[index]["name"] == name and ended[index]["phase"] == "Running":
+            ended[index] = {**ended[index], "phase": phase, "endTime": now, "message": message[:1024]}
+            break
+    return ended
+
+
+def step_started(steps: list[dict[str, Any]], name: str) -> str | None:
+    """When the running step ``name`` started."""
+    running = [s for s in steps if s["name"] == name and s["phase"] == "Running"]
+    return running[-1].get("startTime") if running else None
+
+
+# --- drills -------------------------------------------------------------------------------------------
+
+
+def drill_name(policy: str, slot: datetime) -> str:
+    """One name per policy and scheduled time, so a drill is created once however often this runs."""
+    return _short(f"{policy}-drill-{slot:%Y%m%d%H%M}", 253 - 8)
+
+
+def build_drill(policy_body: Mapping[str, Any], verification: Verification, slot: datetime) -> dict[str, Any]:
+    """A BackupRestore of the newest backup into the scratch database, owned by the policy."""
+    metadata = policy_body["metadata"]
+    policy = metadata["name"]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "BackupRestore",
+        "metadata": {
+            "name": drill_name(policy, slot),
+            "namespace": metadata["namespace"],
+            "labels": {**MANAGED_BY, DRILL_LABEL: policy},
+            "annotations": {f"{PREFIX}/drill-slot": slot.isoformat()},
+            "ownerReferences": [
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": "BackupPolicy",
+                    "name": policy,
+                    "uid": metadata["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {"policyRef": policy, "backup": "latest", "target": verification.target.to_api()},
+    }

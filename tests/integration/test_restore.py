@@ -1,0 +1,491 @@
+"""BackupRestore against the real API server (with kwok playing the kubelet for the application's pods),
+real PostgreSQL, gpg and the S3 API server, on backups made by the BackupPolicy agent. The restore Job's pod
+does not run here: the test runs the agent as a process with the pod's arguments and resolved environment,
+then sets the pod's status as the kubelet would (exit code and termination message), and the Job
+controller finishes the Job from it."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import kopf.testing
+import kubernetes
+import pytest
+from tests.restore_support import (
+    OWNER,
+    OWNER_PASSWORD,
+    Backup,
+    create_empty_database,
+    create_shop,
+    damage,
+    fingerprint,
+    make_backup,
+    private_key,
+    tamper,
+)
+from tests.services import GpgKeyring, Postgres, S3Server, free_port
+
+import runbook_operator.main
+from runbook_operator import metrics
+from runbook_operator.builders.restore import DRILL_LABEL, REPLICAS_ANNOTATION, job_name
+
+pytestmark = pytest.mark.integration
+
+GROUP, VERSION = "runbook.dev", "v1alpha1"
+POLICY = "db"
+WORKLOADS = {"api": 3, "backend": 5}  # not the runbook's hard-coded 2
+PRIVATE_KEY_SECRET = "restore-gpg-private"
+
+
+@pytest.fixture(autouse=True)
+def _in_process_operator(kubeconfig: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-process operator must not bind the metrics port again, and the kubernetes library reads
+    $KUBECONFIG once, at import: point its default at the test's."""
+    monkeypatch.setattr(runbook_operator.main.SETTINGS, "metrics_port", 0)
+    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+
+
+class Cluster:
+    """Typed API handles for one test namespace, and the kubelet's part for the restore Job's pod."""
+
+    def __init__(self, api: kubernetes.client.ApiClient, namespace: str, wait_for: Callable[..., Any]) -> None:
+        self.api, self.namespace, self.wait_for = api, namespace, wait_for
+        self.core = kubernetes.client.CoreV1Api(api)
+        self.apps = kubernetes.client.AppsV1Api(api)
+        self.batch = kubernetes.client.BatchV1Api(api)
+        self.custom = kubernetes.client.CustomObjectsApi(api)
+
+    def secret(self, name: str, data: dict[str, str]) -> None:
+        self.core.create_namespaced_secret(self.namespace, {"metadata": {"name": name}, "stringData": data})
+
+    def create_workloads(self) -> None:
+        for name, replicas in WORKLOADS.items():
+            labels = {"app": name}
+            self.apps.create_namespaced_deployment(
+                self.namespace,
+                {
+                    "metadata": {"name": name, "labels": labels},
+                    "spec": {
+                        "replicas": replicas,
+                        "selector": {"matchLabels": labels},
+                        "template": {
+                            "metadata": {"labels": labels},
+                            "spec": {
+                                "containers": [{"name": name, "image": "registry.example/app:1"}],
+                                # Scheduled also while the fake nodes still carry the not-ready taint (a
+                                # control plane without the node lifecycle controller never removes it).
+                                "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists"}],
+                            },
+                        },
+                    },
+                },
+            )
+        self.wait_for(self.all_available, timeout=90, what="the workloads to be available")
+
+    def replicas(self) -> dict[str, int]:
+        return {name: self.apps.read_namespaced_deployment(name, self.namespace).spec.replicas for name in WORKLOADS}
+
+    def all_available(self) -> bool:
+        for name, replicas in WORKLOADS.items():
+            status = self.apps.read_namespaced_deployment(name, self.namespace).status
+            if (status.available_replicas or 0) < replicas:
+                return False
+        return True
+
+    def annotations(self) -> dict[str, dict[str, str]]:
+        return {
+            name: self.apps.read_namespaced_deployment(name, self.namespace).metadata.annotations or {}
+            for name in WORKLOADS
+        }
+
+    def create(self, plural: str, name: str, spec: dict[str, Any]) -> None:
+        kind = {"backuppolicies": "BackupPolicy", "backuprestores": "BackupRestore"}[plural]
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name}, "spec": spec}
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, body)
+
+    def get(self, plural: str, name: str) -> dict[str, Any]:
+        return dict(self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name))
+
+    def restore(self, name: str) -> dict[str, Any]:
+        return self.get("backuprestores", name)
+
+    def condition(self, obj: dict[str, Any], type_: str) -> dict[str, Any]:
+        return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_), {})
+
+    def wait_phase(self, name: str, *phases: str, timeout: float = 120) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            obj = self.restore(name)
+            return obj if (obj.get("status") or {}).get("phase") in phases else None
+
+        found: dict[str, Any] = self.wait_for(reached, timeout=timeout, what=f"{name} to reach {phases}")
+        return found
+
+    def events(self, name: str) -> list[Any]:
+        selector = f"involvedObject.name={name}"
+        return list(self.core.list_namespaced_event(self.namespace, field_selector=selector).items)
+
+    def job_pod(self, job: str) -> Any:
+        def found() -> Any:
+            pods = self.core.list_namespaced_pod(
+                self.namespace, label_selector=f"batch.kubernetes.io/job-name={job}"
+            ).items
+            return pods[0] if pods else None
+
+        return self.wait_for(found, timeout=60, what=f"the pod of Job {job}")
+
+    def pod_env(self, container: Any) -> dict[str, str]:
+        """What the kubelet puts in the container's environment."""
+        env: dict[str, str] = {}
+        for item in container.env:
+            if item.value_from is None:
+                env[item.name] = item.value
+                continue
+            ref = item.value_from.secret_key_ref
+            data = self.core.read_namespaced_secret(ref.name, self.namespace).data
+            env[item.name] = base64.b64decode(data[ref.key]).decode()
+        return env
+
+    def run_job_pod(self, job: str, **env_overrides: str) -> subprocess.CompletedProcess[str]:
+        """Run the Job's container as a process, then report its exit as the kubelet would."""
+        pod = self.job_pod(job)
+        container = pod.spec.containers[0]
+        base = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG")}
+        result = subprocess.run(
+            [sys.executable, "-m", "runbook_operator.cli", *container.args],
+            env={**base, **self.pod_env(container), **env_overrides},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        lines = (result.stderr if result.returncode else result.stdout).strip().splitlines()
+        terminated = {
+            "exitCode": result.returncode,
+            "reason": "Completed" if result.returncode == 0 else "Error",
+            "message": lines[-1] if lines else "",
+            "startedAt": now,
+            "finishedAt": now,
+        }
+        status = {
+            "phase": "Succeeded" if result.returncode == 0 else "Failed",
+            "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted", "lastTransitionTime": now}],
+            "containerStatuses": [
+                {
+                    "name": container.name,
+                    "image": container.image,
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "started": False,
+                    "state": {"running": None, "terminated": terminated},
+                }
+            ],
+        }
+        self.core.patch_namespaced_pod_status(pod.metadata.name, self.namespace, {"status": status})
+        return result
+
+
+@pytest.fixture
+def cluster(
+    api: kubernetes.client.ApiClient, namespace: str, crds_installed: list[str], wait_for: Callable[..., Any]
+) -> Cluster:
+    return Cluster(api, namespace, wait_for)
+
+
+@pytest.fixture
+def shop(postgres: Postgres) -> str:
+    return create_shop(postgres)
+
+
+@pytest.fixture
+def backup(cluster: Cluster, postgres: Postgres, shop: str, s3_server: S3Server, gpg_keyring: GpgKeyring) -> Backup:
+    """A backup by the BackupPolicy agent, the BackupPolicy it belongs to, its Secrets, and the workloads."""
+    made = make_backup(postgres, shop, s3_server, gpg_keyring, namespace=cluster.namespace, policy=POLICY)
+    cluster.secret("db-credentials", {"username": OWNER, "password": OWNER_PASSWORD})
+    cluster.secret(
+        "backup-s3-credentials",
+        {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key},
+    )
+    cluster.core.create_namespaced_config_map(
+        cluster.namespace,
+        {"metadata": {"name": "backup-gpg-recipients"}, "data": {"team.asc": gpg_keyring.public_key}},
+    )
+    cluster.secret(PRIVATE_KEY_SECRET, {"private.asc": private_key(gpg_keyring)})
+    cluster.create("backuppolicies", POLICY, made.spec)
+    cluster.create_workloads()
+    return made
+
+
+@pytest.fixture
+def operator(cluster: Cluster, operator_runner: kopf.testing.KopfRunner) -> Iterator[kopf.testing.KopfRunner]:
+    yield operator_runner
+
+
+def restore_spec(**extra: Any) -> dict[str, Any]:
+    return {
+        "policyRef": POLICY,
+        "backup": "latest",
+        "decryptionSecretRef": {"name": PRIVATE_KEY_SECRET, "key": "private.asc"},
+        "scaleDown": [{"kind": "Deployment", "name": name} for name in WORKLOADS],
+        **extra,
+    }
+
+
+def assert_no_secrets(cluster: Cluster, logs: str, names: list[str], *secrets: str) -> None:
+    """No secret value in the operator's logs, Events, status or annotations."""
+    assert logs
+    texts = [logs]
+    for name in names:
+        texts.append(json.dumps(cluster.restore(name)))
+        texts += [f"{e.reason} {e.message}" for e in cluster.events(name)]
+    texts.append(json.dumps(cluster.annotations()))
+    for secret in secrets:
+        assert all(secret not in text for text in texts)
+
+
+def step_names(obj: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(s["name"], s["phase"]) for s in obj["status"]["steps"]]
+
+
+def test_restore_brings_back_the_rows_and_the_exact_replica_counts(
+    cluster: Cluster,
+    backup: Backup,
+    postgres: Postgres,
+    shop: str,
+    gpg_keyring: GpgKeyring,
+    operator: kopf.testing.KopfRunner,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    before = fingerprint(postgres, shop)
+    damage(postgres, shop)
+    assert fingerprint(postgres, shop) != before
+
+    cluster.create("backuprestores", "rollback", restore_spec())
+    job = job_name("rollback")
+    cluster.wait_for(lambda: cluster.restore("rollback").get("status", {}).get("jobName"), what="the Job")
+    # The application is down, its counts recorded in status and on each workload, before the Job ran.
+    status = cluster.restore("rollback")["status"]
+    assert status["phase"] == "Restoring"
+    assert status["scaledDown"] == [{"kind": "Deployment", "name": n, "replicas": r} for n, r in WORKLOADS.items()]
+    assert cluster.replicas() == {"api": 0, "backend": 0}
+    for name, replicas in WORKLOADS.items():
+        assert json.loads(cluster.annotations()[name][REPLICAS_ANNOTATION])["replicas"] == replicas
+    assert fingerprint(postgres, shop) != before  # preflight changed nothing
+
+    result = cluster.run_job_pod(job)
+    assert result.returncode == 0, result.stderr
+    done = cluster.wait_phase("rollback", "Succeeded", "Failed")
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+
+    assert fingerprint(postgres, shop) == before
+    assert cluster.replicas() == WORKLOADS
+    assert cluster.all_available()
+    assert all(REPLICAS_ANNOTATION not in a for a in cluster.annotations().values())
+    status = done["status"]
+    assert step_names(done) == [
+        ("Preflight", "Succeeded"),
+        ("ScaleDown", "Succeeded"),
+        ("Restore", "Succeeded"),
+        ("Check", "Succeeded"),
+        ("ScaleUp", "Succeeded"),
+    ]
+    assert all(s["startTime"] <= s["endTime"] for s in status["steps"])
+    assert status["checks"]["sha256"] == backup.manifest["data"]["sha256"]
+    assert status["checks"]["tableRowCounts"] == backup.manifest["source"]["tableRowCounts"]
+    assert status["backupKey"] == backup.manifest["data"]["key"]
+    ready = cluster.condition(done, "Ready")
+    assert ready["status"] == "True" and ready["reason"] == "Restored"
+    reasons = [e.reason for e in cluster.events("rollback")]
+    for reason in ("RestoreStarted", "PreflightPassed", "ReplicasRecorded", "RestoreJobCreated", "RestoreSucceeded"):
+        assert reason in reasons
+    audits = [json.loads(r.getMessage()) for r in caplog.records if r.name == "runbook.audit"]
+    events = [a["event"] for a in audits if a["name"] == "rollback"]
+    assert events == ["restore_started", "restore_completed"]
+    assert audits[-1]["outcome"] == "Succeeded" and audits[-1]["compliance"] == "hipaa"
+    key_line = private_key(gpg_keyring).splitlines()[3]
+    assert_no_secrets(cluster, caplog.text, ["rollback"], OWNER_PASSWORD, key_line)
+
+
+def test_tampered_backup_is_refused_and_nothing_is_touched(
+    cluster: Cluster, backup: Backup, postgres: Postgres, shop: str, s3_server: S3Server, operator: Any
+) -> None:
+    damage(postgres, shop)
+    damaged = fingerprint(postgres, shop)
+    tamper(s3_server, backup.bucket, backup.manifest["data"]["key"])
+    cluster.create("backuprestores", "tampered", restore_spec())
+    done = cluster.wait_phase("tampered", "Failed")
+    ready = cluster.condition(done, "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "ChecksumMismatch"
+    assert "does not match the manifest" in ready["message"]
+    assert step_names(done) == [("Preflight", "Failed")]
+    assert cluster.batch.list_namespaced_job(cluster.namespace).items == [] or all(
+        j.metadata.name != job_name("tampered") for j in cluster.batch.list_namespaced_job(cluster.namespace).items
+    )
+    assert cluster.replicas() == WORKLOADS
+    assert all(REPLICAS_ANNOTATION not in a for a in cluster.annotations().values())
+    assert fingerprint(postgres, shop) == damaged
+    assert "ChecksumMismatch" in [e.reason for e in cluster.events("tampered")]
+
+
+def test_each_bad_input_stops_in_preflight_with_a_clear_condition(
+    cluster: Cluster,
+    backup: Backup,
+    postgres: Postgres,
+    shop: str,
+    tmp_path: Path,
+    operator: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    other = GpgKeyring(tmp_path / "other", email="not-the-team@example.com").start()
+    cluster.secret("wrong-key", {"private.asc": private_key(other)})
+    closed_port = free_port()
+    cases = {
+        "wrong-key": (
+            restore_spec(decryptionSecretRef={"name": "wrong-key", "key": "private.asc"}),
+            "DecryptionFailed",
+            "spec.decryptionSecretRef",
+        ),
+        "missing-backup": (restore_spec(backup="20200101T000000Z"), "BackupNotFound", "spec.backup"),
+        "unreachable-target": (
+            restore_spec(target={"host": "127.0.0.1", "port": closed_port}),
+            "TargetUnreachable",
+            "spec.target",
+        ),
+        "no-private-key": (
+            {k: v for k, v in restore_spec().items() if k != "decryptionSecretRef"},
+            "DecryptionKeyMissing",
+            "spec.decryptionSecretRef",
+        ),
+        "missing-workload": (
+            restore_spec(scaleDown=[{"kind": "Deployment", "name": "api"}, {"name": "no-such-app"}]),
+            "WorkloadNotFound",
+            "spec.scaleDown[1]",
+        ),
+        "missing-policy": (restore_spec(policyRef="nope"), "PolicyNotFound", "spec.policyRef"),
+    }
+    damaged = fingerprint(postgres, shop)
+    for name, (spec, _, _) in cases.items():
+        cluster.create("backuprestores", name, spec)
+    for name, (_, reason, field) in cases.items():
+        done = cluster.wait_phase(name, "Failed")
+        ready = cluster.condition(done, "Ready")
+        assert (ready["status"], ready["reason"]) == ("False", reason), (name, ready)
+        assert field in ready["message"], (name, ready)
+        assert step_names(done) == [("Preflight", "Failed")]
+        assert reason in [e.reason for e in cluster.events(name)]
+    assert cluster.replicas() == WORKLOADS
+    assert fingerprint(postgres, shop) == damaged
+    assert_no_secrets(cluster, caplog.text, list(cases), OWNER_PASSWORD, private_key(other).splitlines()[3])
+
+
+def test_dry_run_verifies_and_changes_nothing(
+    cluster: Cluster, backup: Backup, postgres: Postgres, shop: str, operator: Any
+) -> None:
+    damage(postgres, shop)
+    damaged = fingerprint(postgres, shop)
+    cluster.create("backuprestores", "check-only", restore_spec(dryRun=True))
+    done = cluster.wait_phase("check-only", "DryRunSucceeded")
+    assert step_names(done) == [("Preflight", "Succeeded")]
+    assert done["status"]["checks"]["archiveEntries"] > 0
+    assert cluster.condition(done, "Ready")["reason"] == "DryRunSucceeded"
+    assert cluster.replicas() == WORKLOADS and fingerprint(postgres, shop) == damaged
+
+
+def test_restore_failing_halfway_brings_the_workloads_back(
+    cluster: Cluster, backup: Backup, postgres: Postgres, shop: str, operator: Any
+) -> None:
+    damage(postgres, shop)
+    with postgres.connect(shop, user=OWNER, password=OWNER_PASSWORD) as conn:
+        conn.execute("CREATE VIEW big_orders AS SELECT * FROM orders WHERE amount > 50")
+    damaged = fingerprint(postgres, shop)
+    cluster.create("backuprestores", "halfway", restore_spec())
+    cluster.wait_for(lambda: cluster.restore("halfway").get("status", {}).get("jobName"), what="the Job")
+    assert cluster.replicas() == {"api": 0, "backend": 0}
+    result = cluster.run_job_pod(job_name("halfway"))
+    assert result.returncode == 1
+    done = cluster.wait_phase("halfway", "Failed")
+    ready = cluster.condition(done, "Ready")
+    assert ready["reason"] == "RestoreFailed" and "rolled back" in ready["message"], ready
+    assert step_names(done) == [
+        ("Preflight", "Succeeded"),
+        ("ScaleDown", "Succeeded"),
+        ("Restore", "Failed"),
+        ("ScaleUp", "Succeeded"),
+    ]
+    assert cluster.replicas() == WORKLOADS and cluster.all_available()
+    assert fingerprint(postgres, shop) == damaged
+
+
+def test_drill_restores_into_a_scratch_database_and_sets_verified(
+    cluster: Cluster, backup: Backup, postgres: Postgres, shop: str, operator: Any
+) -> None:
+    scratch = create_empty_database(postgres)
+    cluster.custom.patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        cluster.namespace,
+        "backuppolicies",
+        POLICY,
+        {"spec": {"verification": {"schedule": "* * * * *", "target": {"database": scratch}}}},
+    )
+
+    def drill() -> str | None:
+        items = cluster.custom.list_namespaced_custom_object(
+            GROUP, VERSION, cluster.namespace, "backuprestores", label_selector=f"{DRILL_LABEL}={POLICY}"
+        )["items"]
+        return items[0]["metadata"]["name"] if items else None
+
+    name = cluster.wait_for(drill, timeout=90, what="a drill to be created")
+    cluster.wait_for(lambda: cluster.restore(name).get("status", {}).get("jobName"), what="the drill's Job")
+    assert cluster.replicas() == WORKLOADS  # a drill stops nothing
+    result = cluster.run_job_pod(job_name(name))
+    assert result.returncode == 0, result.stderr
+    done = cluster.wait_phase(name, "Succeeded", "Failed")
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    assert fingerprint(postgres, scratch) == fingerprint(postgres, shop)
+
+    def verified() -> dict[str, Any] | None:
+        policy = cluster.get("backuppolicies", POLICY)
+        return policy if cluster.condition(policy, "Verified").get("status") == "True" else None
+
+    policy = cluster.wait_for(verified, timeout=30, what="Verified on the policy")
+    record = policy["status"]["lastVerifiedBackup"]
+    assert record["key"] == backup.manifest["data"]["key"].rsplit("/", 1)[0] + "/"
+    assert (record["tables"], record["rows"]) == (2, 15000)
+    assert record["restore"] == name
+    assert "2 tables, 15000 rows" in cluster.condition(policy, "Verified")["message"]
+    gauge = metrics.BACKUP_LAST_VERIFIED.labels(cluster.namespace, POLICY)._value.get()
+    assert abs(gauge - datetime.now(UTC).timestamp()) < 300
+
+
+def test_api_server_refuses_spec_changes_and_drills_onto_the_source(
+    cluster: Cluster, backup: Backup, shop: str
+) -> None:
+    cluster.create("backuprestores", "frozen", restore_spec(dryRun=True))
+    with pytest.raises(kubernetes.client.ApiException) as info:
+        cluster.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, cluster.namespace, "backuprestores", "frozen", {"spec": {"dryRun": False}}
+        )
+    assert "spec is immutable" in info.value.body
+    with pytest.raises(kubernetes.client.ApiException) as info:
+        cluster.custom.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            cluster.namespace,
+            "backuppolicies",
+            POLICY,
+            {"spec": {"verification": {"schedule": "0 4 * * 0", "target": {"database": shop}}}},
+        )
+    assert "must name a scratch database" in info.value.body
