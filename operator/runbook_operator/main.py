@@ -8,6 +8,7 @@ from typing import Any
 import kopf
 
 from . import metrics
+from .builders.backup import BACKUP_NOW
 from .builders.backup import POLICY_LABEL as BACKUP_POLICY_LABEL
 from .logs import install_redactor
 from .models import GROUP, VERSION
@@ -121,6 +122,12 @@ def backup_policy(body: kopf.Body, **_: Any) -> None:
 def backup_policy_resync(body: kopf.Body, **_: Any) -> None:
     backup.reconcile(body, image=SETTINGS.agent_image)
     backup.observe(body["metadata"]["namespace"], body["metadata"]["name"])
+    backup.backup_now(body)
+
+
+@kopf.on.event(*BACKUP_POLICIES, annotations={BACKUP_NOW: kopf.PRESENT})
+def backup_policy_now(body: kopf.Body, **_: Any) -> None:
+    backup.backup_now(body)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={BACKUP_POLICY_LABEL: kopf.PRESENT})

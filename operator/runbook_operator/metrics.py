@@ -31,3 +31,26 @@ SECRET_LAST_ROTATION = Gauge(
     "When the SecretRotation last finished a rotation (Unix time).",
     ["namespace", "name"],
 )
+
+# BackupPolicy
+_BACKUP_LABELS = ["namespace", "policy", "source"]
+BACKUP_LAST_SUCCESS = Gauge(
+    "runbook_backup_last_success_timestamp_seconds",
+    "When the newest complete backup (its manifest verified) finished (Unix time).",
+    _BACKUP_LABELS,
+)
+BACKUP_DURATION = Gauge(
+    "runbook_backup_duration_seconds", "How long the newest complete backup took, per its manifest.", _BACKUP_LABELS
+)
+BACKUP_SIZE = Gauge("runbook_backup_size_bytes", "Size of the newest complete (encrypted) backup.", _BACKUP_LABELS)
+BACKUP_FAILURES = Counter(
+    "runbook_backup_failures_total", "Backup runs that failed or left no valid manifest.", _BACKUP_LABELS
+)
+
+# BackupRestore
+RESTORES = Counter("runbook_restores_total", "BackupRestores that ended, by outcome.", ["namespace", "outcome"])
+BACKUP_LAST_VERIFIED = Gauge(
+    "runbook_backup_last_verified_timestamp_seconds",
+    "When a restore drill last restored the policy's newest backup and found it matching its manifest (Unix time).",
+    ["namespace", "policy"],
+)

@@ -344,7 +344,7 @@ def export_kubernetes(source: KubernetesSource, counts: Counter[str]) -> Iterato
                         f"{base}/namespaces/{namespace}/{plural}",
                         "GET",
                         query_params=query,
-                        response_type="object",
+                        response_types_map={200: "object"},
                         auth_settings=["BearerToken"],
                         _return_http_data_only=True,
                     )

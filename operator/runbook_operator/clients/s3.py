@@ -120,10 +120,10 @@ def get_json(client: S3Client, location: S3Location, key: str) -> dict[str, Any]
     return document
 
 
-def list_keys(client: S3Client, location: S3Location, prefix: str) -> Iterator[str]:
-    """Every key under the prefix."""
+def list_keys(client: S3Client, location: S3Location, prefix: str, start_after: str = "") -> Iterator[str]:
+    """Every key under the prefix (in key order, after ``start_after`` when given)."""
     paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=location.bucket, Prefix=prefix):
+    for page in paginator.paginate(Bucket=location.bucket, Prefix=prefix, StartAfter=start_after):
         for item in page.get("Contents", []):
             yield item["Key"]
 
@@ -132,3 +132,29 @@ def delete_keys(client: S3Client, location: S3Location, keys: list[str]) -> None
     for start in range(0, len(keys), 1000):
         batch = [{"Key": k} for k in keys[start : start + 1000]]
         client.delete_objects(Bucket=location.bucket, Delete={"Objects": batch, "Quiet": True})  # type: ignore[typeddict-item]
+
+
+def ensure_abort_incomplete_uploads(client: S3Client, location: S3Location, days: int = 1) -> bool:
+    """A lifecycle rule that aborts multipart uploads left open under the location's prefix (a run killed
+    before it could abort). Other rules of the bucket are kept; returns whether the configuration changed."""
+    prefix = f"{location.prefix}/" if location.prefix else ""
+    rule: dict[str, Any] = {
+        "ID": f"runbook-abort-incomplete-uploads:{prefix or '*'}"[:255],
+        "Filter": {"Prefix": prefix},
+        "Status": "Enabled",
+        "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": days},
+    }
+    try:
+        rules = client.get_bucket_lifecycle_configuration(Bucket=location.bucket)["Rules"]
+    except client.exceptions.ClientError as error:
+        if error.response.get("Error", {}).get("Code") != "NoSuchLifecycleConfiguration":
+            raise
+        rules = []
+    others = [r for r in rules if r.get("ID") != rule["ID"]]
+    if len(others) < len(rules) and next(r for r in rules if r.get("ID") == rule["ID"]) == rule:
+        return False
+    client.put_bucket_lifecycle_configuration(
+        Bucket=location.bucket,
+        LifecycleConfiguration={"Rules": [*others, rule]},  # type: ignore[list-item]
+    )
+    return True

@@ -1,0 +1,257 @@
+"""BackupPolicy manifests: the owned CronJob that runs the agent, and for a Kubernetes export its own
+ServiceAccount with read access to exactly the named resources. Pure: no I/O."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from ..agent import (
+    GPG_PASSPHRASE_ENV,
+    GPG_RECIPIENTS_ENV,
+    JOB_NAME_ENV,
+    PG_PASSWORD_ENV,
+    PG_USER_ENV,
+    REDIS_CA_FILE_ENV,
+    REDIS_PASSWORD_ENV,
+    S3_ACCESS_KEY_ENV,
+    S3_SECRET_KEY_ENV,
+    SPEC_ENV,
+)
+from ..models.backup import KUBERNETES_RESOURCES, BackupPolicySpec
+from ..settings import MANAGED_BY, PREFIX
+from .scaling import owner_reference
+
+POLICY_LABEL = f"{PREFIX}/backup-policy"
+BACKUP_NOW = f"{PREFIX}/backup-now"
+CONTAINER = "backup"
+AGENT_UID = 10001  # the image's non-root user
+REDIS_CA_DIR = "/etc/runbook/redis-ca"
+# gpg needs a home for its keyring and agent socket; a small memory-backed /tmp is the only writable path.
+# It is far too small to hold a dump: the data only ever streams through pipes.
+TMP_SIZE_LIMIT = "16Mi"
+TMP_DIR = "/tmp"  # noqa: S108 - the pod's own memory-backed volume
+_MAX_CRONJOB_NAME = 52  # the CronJob controller appends an 11-character suffix to name its Jobs
+
+
+def cronjob_name(policy: str) -> str:
+    """``backup-<policy>``, shortened with a hash when the policy's name is long."""
+    name = f"backup-{policy}"
+    if len(name) <= _MAX_CRONJOB_NAME:
+        return name
+    digest = hashlib.sha256(policy.encode()).hexdigest()[:8]
+    return f"{name[: _MAX_CRONJOB_NAME - 9].rstrip('-.')}-{digest}"
+
+
+def labels(policy: str) -> dict[str, str]:
+    return {**MANAGED_BY, POLICY_LABEL: policy, "app.kubernetes.io/component": "backup"}
+
+
+def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def agent_env(spec: BackupPolicySpec) -> list[dict[str, Any]]:
+    """The agent's environment: the spec (references only) and every credential as a Secret reference."""
+    env: list[dict[str, Any]] = [
+        {"name": SPEC_ENV, "value": json.dumps(spec.to_api(), sort_keys=True, separators=(",", ":"))},
+        {
+            "name": JOB_NAME_ENV,
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}},
+        },
+        {"name": "HOME", "value": TMP_DIR},
+    ]
+    source = spec.source
+    if source.postgresql is not None:
+        ref = source.postgresql.credentials_secret_ref
+        env += [
+            _secret_env(PG_USER_ENV, ref.name, ref.username_key),
+            _secret_env(PG_PASSWORD_ENV, ref.name, ref.password_key),
+        ]
+    if source.redis is not None:
+        if source.redis.password_secret_ref is not None:
+            ref_key = source.redis.password_secret_ref
+            env.append(_secret_env(REDIS_PASSWORD_ENV, ref_key.name, ref_key.key))
+        if source.redis.tls is not None and source.redis.tls.ca_secret_ref is not None:
+            env.append({"name": REDIS_CA_FILE_ENV, "value": f"{REDIS_CA_DIR}/ca.crt"})
+    s3 = spec.destination.s3.credentials_secret_ref
+    if s3 is not None:
+        env += [
+            _secret_env(S3_ACCESS_KEY_ENV, s3.name, s3.access_key_id_key),
+            _secret_env(S3_SECRET_KEY_ENV, s3.name, s3.secret_access_key_key),
+        ]
+    gpg = spec.encryption.gpg
+    if gpg.recipients_config_map_ref is not None:
+        ref_cm = gpg.recipients_config_map_ref
+        env.append(
+            {"name": GPG_RECIPIENTS_ENV, "valueFrom": {"configMapKeyRef": {"name": ref_cm.name, "key": ref_cm.key}}}
+        )
+    if gpg.passphrase_secret_ref is not None:
+        env.append(_secret_env(GPG_PASSPHRASE_ENV, gpg.passphrase_secret_ref.name, gpg.passphrase_secret_ref.key))
+    return env
+
+
+def _pod_spec(spec: BackupPolicySpec, *, namespace: str, policy: str, generation: int, image: str) -> dict[str, Any]:
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": TMP_SIZE_LIMIT}}]
+    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": TMP_DIR}]
+    redis = spec.source.redis
+    if redis is not None and redis.tls is not None and redis.tls.ca_secret_ref is not None:
+        ca = redis.tls.ca_secret_ref
+        volumes.append(
+            {"name": "redis-ca", "secret": {"secretName": ca.name, "items": [{"key": ca.key, "path": "ca.crt"}]}}
+        )
+        mounts.append({"name": "redis-ca", "mountPath": REDIS_CA_DIR, "readOnly": True})
+    exports_kubernetes = spec.source.kubernetes is not None
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": exports_kubernetes,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": AGENT_UID,
+            "runAsGroup": AGENT_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [
+            {
+                "name": CONTAINER,
+                "image": image,
+                "imagePullPolicy": "IfNotPresent",
+                "args": ["backup", "--namespace", namespace, "--policy", policy, "--generation", str(generation)],
+                "env": agent_env(spec),
+                "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                    "runAsNonRoot": True,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+                "volumeMounts": mounts,
+                # The agent's last line is its one-line failure reason; the operator reads it from here.
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+            }
+        ],
+        "volumes": volumes,
+    }
+    if exports_kubernetes:
+        pod["serviceAccountName"] = cronjob_name(policy)
+    return pod
+
+
+def build_job_spec(
+    spec: BackupPolicySpec, *, namespace: str, policy: str, generation: int, image: str
+) -> dict[str, Any]:
+    """The spec of one backup Job (the CronJob's template, and a backup-now Job)."""
+    return {
+        "backoffLimit": spec.backoff_limit,
+        "activeDeadlineSeconds": spec.active_deadline_seconds,
+        "template": {
+            "metadata": {"labels": labels(policy)},
+            "spec": _pod_spec(spec, namespace=namespace, policy=policy, generation=generation, image=image),
+        },
+    }
+
+
+def build_cronjob(body: Mapping[str, Any], spec: BackupPolicySpec, *, image: str) -> dict[str, Any]:
+    """The owned CronJob that runs the agent on the policy's schedule."""
+    metadata = body["metadata"]
+    policy, namespace = metadata["name"], metadata["namespace"]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        "metadata": {
+            "name": cronjob_name(policy),
+            "namespace": namespace,
+            "labels": labels(policy),
+            "ownerReferences": [owner_reference(body)],
+        },
+        "spec": {
+            "schedule": spec.schedule,
+            "timeZone": spec.time_zone,
+            "suspend": spec.suspend,
+            "concurrencyPolicy": spec.concurrency_policy,
+            # A run missed by more than this is skipped, so after an outage at most one catch-up run starts.
+            "startingDeadlineSeconds": spec.starting_deadline_seconds,
+            "successfulJobsHistoryLimit": 3,
+            "failedJobsHistoryLimit": 3,
+            "jobTemplate": {
+                "metadata": {"labels": labels(policy)},
+                "spec": build_job_spec(
+                    spec, namespace=namespace, policy=policy, generation=metadata.get("generation") or 1, image=image
+                ),
+            },
+        },
+    }
+
+
+def build_backup_now_job(cronjob: Mapping[str, Any], token: str) -> dict[str, Any]:
+    """A Job from the CronJob's template (as ``kubectl create job --from=cronjob/...``), owned by the CronJob
+    so the Job watcher counts it like a scheduled run; its name is derived from the annotation's value."""
+    metadata = cronjob["metadata"]
+    digest = hashlib.sha256(token.encode()).hexdigest()[:6]
+    template = cronjob["spec"]["jobTemplate"]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": f"{metadata['name']}-now-{digest}",
+            "namespace": metadata["namespace"],
+            "labels": dict(template["metadata"]["labels"]),
+            "annotations": {BACKUP_NOW: token[:253]},
+            "ownerReferences": [owner_reference(cronjob)],
+        },
+        "spec": template["spec"],
+    }
+
+
+def build_export_rbac(body: Mapping[str, Any], spec: BackupPolicySpec) -> list[dict[str, Any]]:
+    """For a Kubernetes export: a ServiceAccount, and in each exported namespace a Role that can get and list
+    exactly the named resources plus a RoleBinding to it. Objects in the policy's namespace are owned by it;
+    owner references cannot cross namespaces, so the others are found by label and removed on deletion."""
+    source = spec.source.kubernetes
+    if source is None:
+        return []
+    metadata = body["metadata"]
+    policy, namespace = metadata["name"], metadata["namespace"]
+    name = cronjob_name(policy)
+    owned: dict[str, Any] = {"ownerReferences": [owner_reference(body)]}
+    rules: dict[str, list[str]] = {}
+    for plural in source.exported:
+        rules.setdefault(KUBERNETES_RESOURCES[plural][0], []).append(plural)
+    objects: list[dict[str, Any]] = [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels(policy), **owned},
+            "automountServiceAccountToken": False,
+        }
+    ]
+    for target in source.namespaces:
+        target_meta = {
+            "name": name if target == namespace else f"{name}-{namespace}"[:253],
+            "namespace": target,
+            "labels": {**labels(policy), f"{PREFIX}/backup-policy-namespace": namespace},
+            **(owned if target == namespace else {}),
+        }
+        objects.append(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": target_meta,
+                "rules": [
+                    {"apiGroups": [group], "resources": sorted(plurals), "verbs": ["get", "list"]}
+                    for group, plurals in sorted(rules.items())
+                ],
+            }
+        )
+        objects.append(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": target_meta,
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": target_meta["name"]},
+                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+            }
+        )
+    return objects

@@ -1,0 +1,567 @@
+"""BackupPolicy: converge the CronJob (and an export's RBAC), and derive status from facts.
+
+``reconcile`` checks what the pods will need (the referenced Secret keys, the recipients' public keys, the
+bucket), installs the bucket's lifecycle rule for abandoned multipart uploads, applies the children and
+starts a backup-now Job. ``observe`` reads the policy's Jobs: a Job that succeeded counts only when its
+manifest is in the bucket and matches (then expired backups are pruned); a Job that failed is recorded with
+the agent's one-line reason. Both are level-based: running them again changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import botocore.exceptions
+import kopf
+from kubernetes.client import ApiException
+
+from .. import metrics
+from ..agent import MANIFEST, format_timestamp, parse_timestamp
+from ..builders.backup import (
+    BACKUP_NOW,
+    POLICY_LABEL,
+    build_backup_now_job,
+    build_cronjob,
+    build_export_rbac,
+    cronjob_name,
+)
+from ..builders.scaling import contains
+from ..clients import kube
+from ..clients.gpg import GPG
+from ..clients.s3 import (
+    delete_keys,
+    ensure_abort_incomplete_uploads,
+    get_json,
+    list_keys,
+    make_client,
+    object_key,
+)
+from ..errors import RunbookError
+from ..logs import REDACTOR
+from ..models import GROUP, VERSION
+from ..models.backup import BackupPolicySpec, Retention
+from ..models.common import parse_duration
+from ..models.sources import S3Location
+from ..settings import FIELD_MANAGER
+from .base import StatusPatch, parse_spec, report_failure, retry_or_stop
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+LOG = logging.getLogger(__name__)
+PLURAL = "backuppolicies"
+APPLY = "application/apply-patch+yaml"
+FAILURE_PREFIX = "backup failed: "
+SCHEDULED_AT = "batch.kubernetes.io/cronjob-scheduled-timestamp"
+_CLOCK_SKEW = timedelta(minutes=10)  # a run's folder is named by the pod's clock, not the API server's
+
+
+# --- S3: credentials, bucket checks, the backups of a policy, retention ---------------------------------
+
+
+def s3_client(namespace: str, location: S3Location) -> S3Client:
+    """A client with the policy's credentials (read from its Secret), or the operator's ambient ones."""
+    ref = location.credentials_secret_ref
+    if ref is None:
+        return make_client(location)
+    field = "spec.destination.s3.credentialsSecretRef"
+    key_id = kube.read_secret_value(namespace, ref.name, ref.access_key_id_key, field=field)
+    secret = kube.read_secret_value(namespace, ref.name, ref.secret_access_key_key, field=field)
+    return make_client(location, key_id, secret)
+
+
+def _s3_error(error: Exception, location: S3Location) -> RunbookError:
+    if isinstance(error, botocore.exceptions.ClientError):
+        code = str(error.response.get("Error", {}).get("Code", "Error"))
+        if code in ("404", "NoSuchBucket"):
+            return RunbookError(
+                "BucketNotFound", f"spec.destination.s3.bucket: bucket {location.bucket} does not exist", retry_after=60
+            )
+        if code in ("403", "AccessDenied"):
+            return RunbookError(
+                "BucketForbidden", f"spec.destination.s3: access to bucket {location.bucket} denied", retry_after=60
+            )
+        return RunbookError("S3Error", f"spec.destination.s3: {code}", retry_after=60)
+    return RunbookError("S3Unreachable", f"spec.destination.s3: {type(error).__name__}", retry_after=60)
+
+
+def policy_folder(location: S3Location, namespace: str, policy: str) -> str:
+    return object_key(location, namespace, policy) + "/"
+
+
+@dataclass(frozen=True)
+class StoredBackup:
+    """One timestamped folder of a policy; complete when its manifest exists."""
+
+    folder: str
+    time: datetime
+    complete: bool
+
+
+def stored_backups(client: S3Client, location: S3Location, namespace: str, policy: str) -> list[StoredBackup]:
+    """The policy's backups, oldest first."""
+    base = policy_folder(location, namespace, policy)
+    found: dict[str, bool] = {}
+    for key in list_keys(client, location, base):
+        folder, _, leaf = key[len(base) :].partition("/")
+        if parse_timestamp(folder) is not None:
+            found[folder] = found.get(folder, False) or leaf == MANIFEST
+    return [
+        StoredBackup(f"{base}{folder}/", parse_timestamp(folder) or datetime.min.replace(tzinfo=UTC), complete)
+        for folder, complete in sorted(found.items())
+    ]
+
+
+def expired_backups(
+    backups: Iterable[StoredBackup], *, now: datetime, max_age: timedelta | None, min_keep: int
+) -> list[StoredBackup]:
+    """Those older than ``max_age``, except the ``min_keep`` newest complete ones (whatever their age).
+    Folders without a manifest (a run killed between upload and manifest) expire like backups."""
+    if max_age is None:
+        return []
+    ordered = sorted(backups, key=lambda b: b.time, reverse=True)
+    kept = {b.folder for b in [b for b in ordered if b.complete][:min_keep]}
+    return [b for b in reversed(ordered) if b.folder not in kept and b.time < now - max_age]
+
+
+def delete_backups(client: S3Client, location: S3Location, folders: list[str]) -> None:
+    """Manifests first: a half-deleted backup never looks complete."""
+    keys = [key for folder in folders for key in list_keys(client, location, folder)]
+    delete_keys(client, location, [k for k in keys if k.endswith(f"/{MANIFEST}")])
+    delete_keys(client, location, [k for k in keys if not k.endswith(f"/{MANIFEST}")])
+
+
+def prune(
+    client: S3Client, location: S3Location, *, namespace: str, policy: str, retention: Retention, now: datetime
+) -> list[str]:
+    """Delete the expired backups; return their folders."""
+    max_age = parse_duration(retention.max_age) if retention.max_age else None
+    backups = stored_backups(client, location, namespace, policy)
+    expired = expired_backups(backups, now=now, max_age=max_age, min_keep=retention.min_keep)
+    delete_backups(client, location, [b.folder for b in expired])
+    return [b.folder for b in expired]
+
+
+def find_manifest(
+    client: S3Client, location: S3Location, *, namespace: str, policy: str, job: str, created: datetime
+) -> dict[str, Any] | None:
+    """The manifest written by this Job's run (runs start after their Job was created)."""
+    base = policy_folder(location, namespace, policy)
+    for key in list_keys(client, location, base, start_after=base + format_timestamp(created - _CLOCK_SKEW)):
+        if key.endswith(f"/{MANIFEST}"):
+            manifest = get_json(client, location, key)
+            if manifest.get("job") == job:
+                return manifest
+    return None
+
+
+def verify_manifest(client: S3Client, location: S3Location, manifest: dict[str, Any]) -> str | None:
+    """Why the manifest does not describe a complete backup of ours, or None when it does."""
+    data = manifest.get("data") or {}
+    key = str(data.get("key", ""))
+    try:
+        head = client.head_object(Bucket=location.bucket, Key=key)
+    except botocore.exceptions.ClientError:
+        return f"the data object {key} named by the manifest is missing"
+    if head["ContentLength"] != data.get("sizeBytes"):
+        return f"the data object {key} has {head['ContentLength']} bytes, the manifest says {data.get('sizeBytes')}"
+    if not data.get("sha256"):
+        return "the manifest has no SHA-256"
+    return None
+
+
+# --- the policy's children ------------------------------------------------------------------------------
+
+_Read = Callable[[str, str], Any]
+_Patch = Callable[..., Any]
+
+
+def _handles(kind: str) -> tuple[_Read, _Patch]:
+    if kind == "CronJob":
+        return kube.batch().read_namespaced_cron_job, kube.batch().patch_namespaced_cron_job
+    if kind == "ServiceAccount":
+        return kube.core().read_namespaced_service_account, kube.core().patch_namespaced_service_account
+    if kind == "Role":
+        return kube.rbac().read_namespaced_role, kube.rbac().patch_namespaced_role
+    return kube.rbac().read_namespaced_role_binding, kube.rbac().patch_namespaced_role_binding
+
+
+def apply_child(desired: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Server-side apply unless the live object already has every desired value; (live object, changed)."""
+    read, patch = _handles(desired["kind"])
+    name, namespace = desired["metadata"]["name"], desired["metadata"]["namespace"]
+    try:
+        current = kube.api_client().sanitize_for_serialization(read(name, namespace))
+    except ApiException as error:
+        if error.status != 404:
+            raise
+        current = None
+    if current is not None and contains(current, desired):
+        return current, False
+    result = patch(name, namespace, desired, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY)
+    return kube.api_client().sanitize_for_serialization(result), True
+
+
+def remove_stale_rbac(namespace: str, policy: str, keep: Iterable[dict[str, Any]]) -> None:
+    """Delete the export's Roles, RoleBindings and ServiceAccount that are no longer desired (all of them
+    when ``keep`` is empty): those in other namespaces have no owner to garbage-collect them."""
+    wanted = {(o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]) for o in keep}
+    selector = f"{POLICY_LABEL}={policy},{POLICY_LABEL}-namespace={namespace}"
+    rbac, core = kube.rbac(), kube.core()
+    listings: list[tuple[str, Any, Callable[[str, str], Any]]] = [
+        ("Role", rbac.list_role_for_all_namespaces(label_selector=selector), rbac.delete_namespaced_role),
+        (
+            "RoleBinding",
+            rbac.list_role_binding_for_all_namespaces(label_selector=selector),
+            rbac.delete_namespaced_role_binding,
+        ),
+        (
+            "ServiceAccount",
+            core.list_namespaced_service_account(namespace, label_selector=f"{POLICY_LABEL}={policy}"),
+            core.delete_namespaced_service_account,
+        ),
+    ]
+    for kind, listing, delete in listings:
+        for item in listing.items:
+            if (kind, item.metadata.namespace, item.metadata.name) not in wanted:
+                try:
+                    delete(item.metadata.name, item.metadata.namespace)
+                except ApiException as error:
+                    if error.status != 404:
+                        raise
+
+
+# --- reconcile ------------------------------------------------------------------------------------------
+
+
+def _write_status(namespace: str, name: str, status: StatusPatch) -> None:
+    patch = kopf.Patch()
+    status.apply(patch)
+    if patch:
+        kube.custom().patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": dict(patch["status"])}
+        )
+
+
+def check_references(namespace: str, spec: BackupPolicySpec) -> None:
+    """Every Secret key and the recipients' keys the pod will need exist and are usable."""
+    secret_refs: list[tuple[str, str, str]] = []
+    source = spec.source
+    if source.postgresql is not None:
+        ref = source.postgresql.credentials_secret_ref
+        field = "spec.source.postgresql.credentialsSecretRef"
+        secret_refs += [(ref.name, ref.username_key, field), (ref.name, ref.password_key, field)]
+    if source.redis is not None:
+        if source.redis.password_secret_ref is not None:
+            pw = source.redis.password_secret_ref
+            secret_refs.append((pw.name, pw.key, "spec.source.redis.passwordSecretRef"))
+        if source.redis.tls is not None and source.redis.tls.ca_secret_ref is not None:
+            ca = source.redis.tls.ca_secret_ref
+            secret_refs.append((ca.name, ca.key, "spec.source.redis.tls.caSecretRef"))
+    gpg = spec.encryption.gpg
+    if gpg.passphrase_secret_ref is not None:
+        secret_refs.append(
+            (gpg.passphrase_secret_ref.name, gpg.passphrase_secret_ref.key, "spec.encryption.gpg.passphraseSecretRef")
+        )
+    for secret, key, field in secret_refs:
+        kube.read_secret_value(namespace, secret, key, field=field)
+    if gpg.recipients_config_map_ref is not None:
+        ref_cm = gpg.recipients_config_map_ref
+        field = "spec.encryption.gpg.recipientsConfigMapRef"
+        armored = kube.read_config_map_value(namespace, ref_cm.name, ref_cm.key, field=field)
+        with GPG() as keyring:
+            keyring.import_public_keys(armored, field=field)
+
+
+def reconcile(body: kopf.Body, *, image: str) -> None:
+    """Converge the children and the Ready condition; raise the kopf error that retries or waits."""
+    metadata = body["metadata"]
+    namespace, name = metadata["namespace"], metadata["name"]
+    status = StatusPatch(body.get("status"), metadata.get("generation"))
+    try:
+        spec = parse_spec(BackupPolicySpec, body.get("spec"))
+        status.set(sourceKind=spec.source.kind, cronJobName=cronjob_name(name))
+        check_references(namespace, spec)
+        location = spec.destination.s3
+        client = s3_client(namespace, location)
+        try:
+            client.head_bucket(Bucket=location.bucket)
+            ensure_abort_incomplete_uploads(client, location)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+            raise _s3_error(error, location) from None
+        rbac_objects = build_export_rbac(body, spec)
+        for child in rbac_objects:
+            apply_child(child)
+        remove_stale_rbac(namespace, name, rbac_objects)
+        _, changed = apply_child(build_cronjob(body, spec, image=image))
+        if changed:
+            kopf.info(body, reason="CronJobApplied", message=f"CronJob {cronjob_name(name)}: {spec.schedule}")
+    except RunbookError as error:
+        report_failure(body, status, error, phase="Invalid" if error.reason == "InvalidSpec" else "Blocked")
+        _write_status(namespace, name, status)
+        raise retry_or_stop(error) from None
+    where = f"s3://{location.bucket}/{policy_folder(location, namespace, name)}"
+    if spec.suspend:
+        status.condition("Ready", "True", "Suspended", f"scheduled backups are suspended; backups go to {where}")
+    else:
+        status.condition("Ready", "True", "Scheduled", f"backs up on '{spec.schedule}' ({spec.time_zone}) to {where}")
+    status.set(phase="Suspended" if spec.suspend else "Scheduled")
+    _write_status(namespace, name, status)
+
+
+def backup_now(body: kopf.Body) -> None:
+    """A new value of the backup-now annotation starts one Job from the CronJob's template. (kopf ignores
+    annotations under its own prefix, so this runs on every event rather than as a change handler.)"""
+    metadata = body["metadata"]
+    token = (metadata.get("annotations") or {}).get(BACKUP_NOW)
+    if not token or token == (body.get("status") or {}).get("backupNow"):
+        return
+    namespace, name = metadata["namespace"], metadata["name"]
+    try:
+        cronjob = kube.batch().read_namespaced_cron_job(cronjob_name(name), namespace)
+    except ApiException as error:
+        if error.status == 404:
+            return  # not reconciled yet (or blocked): the next event or the timer comes back
+        raise
+    job = build_backup_now_job(kube.api_client().sanitize_for_serialization(cronjob), token)
+    try:
+        kube.batch().create_namespaced_job(namespace, job, field_manager=FIELD_MANAGER)
+    except ApiException as error:
+        if error.status != 409:  # 409: already started by an earlier pass
+            raise
+    status = StatusPatch(body.get("status"), None)
+    status.set(backupNow=token)
+    _write_status(namespace, name, status)
+    kopf.info(body, reason="BackupRequested", message=f"Job {job['metadata']['name']} started on request")
+
+
+# --- observe: status from the Jobs and the bucket -------------------------------------------------------
+
+
+def _time(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC)
+    if isinstance(value, str) and value:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return None
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def job_outcome(job: Mapping[str, Any]) -> tuple[str, datetime] | None:
+    """("Complete" | "Failed", when) for a finished Job, None while it runs."""
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("type") in ("Complete", "Failed") and condition.get("status") == "True":
+            when = _time(condition.get("lastTransitionTime")) or _time(job["metadata"]["creationTimestamp"])
+            assert when is not None
+            return condition["type"], when
+    return None
+
+
+def failure_reason(
+    job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]], *, prefix: str = FAILURE_PREFIX
+) -> tuple[str, str]:
+    """The agent's one-line reason (after ``prefix``) from its pods' termination messages, else the Job's
+    own condition. Restores read their agent's ``restore failed: `` lines the same way."""
+    for pod in pods:
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            message = ((container.get("state") or {}).get("terminated") or {}).get("message") or ""
+            lines = [line for line in message.splitlines() if line.startswith(prefix)]
+            if lines:
+                reason, _, detail = lines[-1][len(prefix) :].partition(": ")
+                return reason or "BackupFailed", REDACTOR.scrub(detail)[:512]
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Failed":
+            return condition.get("reason") or "JobFailed", REDACTOR.scrub(condition.get("message") or "")[:512]
+    return "JobFailed", "the backup Job failed"
+
+
+def _policy_jobs(namespace: str, policy: str) -> list[dict[str, Any]]:
+    """The Jobs of the policy's CronJob (scheduled and backup-now), as plain dicts."""
+    owner = cronjob_name(policy)
+    jobs = kube.batch().list_namespaced_job(namespace, label_selector=f"{POLICY_LABEL}={policy}").items
+    serialize = kube.api_client().sanitize_for_serialization
+    return [
+        job
+        for job in map(serialize, jobs)
+        if any(
+            r.get("kind") == "CronJob" and r.get("name") == owner for r in job["metadata"].get("ownerReferences", [])
+        )
+    ]
+
+
+def _job_pods(namespace: str, job: str) -> list[dict[str, Any]]:
+    pods = kube.core().list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job}").items
+    return [kube.api_client().sanitize_for_serialization(p) for p in pods]
+
+
+def observe(namespace: str, name: str) -> None:
+    """Derive lastScheduleTime, lastSuccessfulBackup, lastFailure and LastBackupSucceeded from the Jobs."""
+    try:
+        policy = kopf.Body(kube.custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
+    except ApiException as error:
+        if error.status == 404:
+            return
+        raise
+    if policy["metadata"].get("deletionTimestamp"):
+        return
+    try:
+        spec = parse_spec(BackupPolicySpec, policy.get("spec"))
+    except RunbookError:
+        return  # reconcile reports it
+    current = policy.get("status") or {}
+    status = StatusPatch(current, current.get("observedGeneration"))
+    labels = {"namespace": namespace, "policy": name, "source": spec.source.kind}
+    jobs = _policy_jobs(namespace, name)
+    if jobs:
+        newest = max(jobs, key=lambda j: j["metadata"]["creationTimestamp"])
+        scheduled = (newest["metadata"].get("annotations") or {}).get(SCHEDULED_AT)
+        started = _rfc3339(_time(scheduled or newest["metadata"]["creationTimestamp"]) or datetime.now(UTC))
+        if started != current.get("lastScheduleTime"):
+            status.set(lastScheduleTime=started)
+            kopf.info(policy, reason="BackupStarted", message=f"Job {newest['metadata']['name']} started")
+    success = current.get("lastSuccessfulBackup") or {}
+    failure = current.get("lastFailure") or {}
+    finished = sorted(((job, *outcome) for job in jobs if (outcome := job_outcome(job))), key=lambda t: t[2])
+    for job, state, when in finished:
+        job_name = job["metadata"]["name"]
+        latest = max((t for t in (_time(success.get("time")), _time(failure.get("time"))) if t), default=None)
+        if job_name in (success.get("job"), failure.get("job")) or (latest is not None and when < latest):
+            continue
+        if state == "Complete":
+            recorded = _record_success(policy, spec, job, status, labels)
+            if recorded is not None:
+                success = recorded
+                continue
+            failure = status.get("lastFailure")
+        else:
+            reason, message = failure_reason(job, _job_pods(namespace, job_name))
+            failure = _record_failure(
+                policy, status, job=job_name, when=when, reason=reason, message=message, labels=labels
+            )
+    _set_metrics(labels, status.get("lastSuccessfulBackup"))
+    _write_status(namespace, name, status)
+
+
+def _record_success(
+    policy: kopf.Body,
+    spec: BackupPolicySpec,
+    job: dict[str, Any],
+    status: StatusPatch,
+    labels: dict[str, str],
+) -> dict[str, Any] | None:
+    """Count a Complete Job when its manifest is in the bucket and matches; else record why it does not."""
+    namespace, name = policy["metadata"]["namespace"], policy["metadata"]["name"]
+    job_name = job["metadata"]["name"]
+    location = spec.destination.s3
+    manifest: dict[str, Any] | None = None
+    try:
+        client = s3_client(namespace, location)
+        created = _time(job["metadata"]["creationTimestamp"]) or datetime.now(UTC)
+        manifest = find_manifest(client, location, namespace=namespace, policy=name, job=job_name, created=created)
+        problem = "no manifest.json was written" if manifest is None else verify_manifest(client, location, manifest)
+    except (RunbookError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+        # The bucket cannot be checked right now: decide on the next pass (the policy's timer) instead.
+        message = error.message if isinstance(error, RunbookError) else _s3_error(error, location).message
+        LOG.warning("cannot verify the backup of Job %s yet: %s", job_name, message)
+        return None
+    outcome = job_outcome(job)
+    assert outcome is not None
+    if manifest is None or problem is not None:
+        _record_failure(
+            policy,
+            status,
+            job=job_name,
+            when=outcome[1],
+            reason="ManifestMissing",
+            message=f"Job succeeded but {problem}",
+            labels=labels,
+        )
+        return None
+    data = manifest["data"]
+    record = {
+        "time": manifest["endTime"],
+        "key": data["key"].rsplit("/", 1)[0] + "/",
+        "sizeBytes": data["sizeBytes"],
+        "sha256": data["sha256"],
+        "job": job_name,
+    }
+    status.set(lastSuccessfulBackup=record)
+    status.condition("LastBackupSucceeded", "True", "BackupComplete", f"backup {record['key']} is complete")
+    kopf.info(
+        policy,
+        reason="BackupSucceeded",
+        message=f"backup {record['key']} complete: {data['sizeBytes']} bytes, sha256 {data['sha256'][:16]}",
+    )
+    metrics.BACKUP_DURATION.labels(**labels).set(float(manifest.get("durationSeconds") or 0))
+    pruned = prune(client, location, namespace=namespace, policy=name, retention=spec.retention, now=datetime.now(UTC))
+    if pruned:
+        kopf.info(
+            policy,
+            reason="BackupsPruned",
+            message=f"deleted {len(pruned)} backup(s) older than {spec.retention.max_age}: {', '.join(pruned)}"[:1000],
+        )
+    return record
+
+
+def _record_failure(
+    policy: kopf.Body,
+    status: StatusPatch,
+    *,
+    job: str,
+    when: datetime,
+    reason: str,
+    message: str,
+    labels: dict[str, str],
+) -> dict[str, Any]:
+    record = {"time": _rfc3339(when), "reason": reason, "message": message, "job": job}
+    status.set(lastFailure=record)
+    status.condition("LastBackupSucceeded", "False", reason, f"Job {job}: {message}")
+    kopf.warn(policy, reason="BackupFailed", message=f"Job {job}: {reason}: {message}")
+    metrics.BACKUP_FAILURES.labels(**labels).inc()
+    return record
+
+
+def _set_metrics(labels: dict[str, str], success: Mapping[str, Any] | None) -> None:
+    when = _time((success or {}).get("time"))
+    if success and when is not None:
+        metrics.BACKUP_LAST_SUCCESS.labels(**labels).set(when.timestamp())
+        metrics.BACKUP_SIZE.labels(**labels).set(float(success.get("sizeBytes") or 0))
+
+
+# --- deletion -------------------------------------------------------------------------------------------
+
+
+def needs_finalizer(spec: Mapping[str, Any], namespace: str | None) -> bool:
+    """Deletion has work to do: delete the backups (deletionPolicy: Delete), or remove an export's RBAC in
+    other namespaces (no owner reference can reach them)."""
+    exported = ((spec.get("source") or {}).get("kubernetes") or {}).get("namespaces") or []
+    return spec.get("deletionPolicy") == "Delete" or any(n != namespace for n in exported)
+
+
+def finalize(body: kopf.Body, *, retry: int) -> None:
+    """Remove what garbage collection cannot; with deletionPolicy Delete, the backups too."""
+    metadata = body["metadata"]
+    namespace, name = metadata["namespace"], metadata["name"]
+    remove_stale_rbac(namespace, name, [])
+    if (body.get("spec") or {}).get("deletionPolicy") != "Delete":
+        return
+    try:
+        spec = parse_spec(BackupPolicySpec, body.get("spec"))
+        location = spec.destination.s3
+        client = s3_client(namespace, location)
+        folders = [b.folder for b in stored_backups(client, location, namespace, name)]
+        delete_backups(client, location, folders)
+    except (RunbookError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+        message = error.message if isinstance(error, RunbookError) else type(error).__name__
+        if retry < 5:
+            raise kopf.TemporaryError(f"deleting the backups: {message}", delay=30) from None
+        kopf.warn(body, reason="BackupsNotDeleted", message=f"gave up deleting the backups: {message}")
+        return
+    kopf.info(body, reason="BackupsDeleted", message=f"deleted {len(folders)} backup(s) (deletionPolicy Delete)")
