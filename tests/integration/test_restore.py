@@ -438,7 +438,15 @@ def test_drill_restores_into_a_scratch_database_and_sets_verified(
         cluster.namespace,
         "backuppolicies",
         POLICY,
-        {"spec": {"verification": {"schedule": "* * * * *", "target": {"database": scratch}}}},
+        {
+            "spec": {
+                "verification": {
+                    "schedule": "* * * * *",
+                    "target": {"database": scratch},
+                    "decryptionSecretRef": {"name": PRIVATE_KEY_SECRET, "key": "private.asc"},
+                }
+            }
+        },
     )
 
     def drill() -> str | None:
@@ -448,6 +456,8 @@ def test_drill_restores_into_a_scratch_database_and_sets_verified(
         return items[0]["metadata"]["name"] if items else None
 
     name = cluster.wait_for(drill, timeout=90, what="a drill to be created")
+    started = cluster.wait_phase(name, "Restoring", "Failed", timeout=60)
+    assert started["status"]["phase"] == "Restoring", started["status"]
     cluster.wait_for(lambda: cluster.restore(name).get("status", {}).get("jobName"), what="the drill's Job")
     assert cluster.replicas() == WORKLOADS  # a drill stops nothing
     result = cluster.run_job_pod(job_name(name))
@@ -489,3 +499,4 @@ def test_api_server_refuses_spec_changes_and_drills_onto_the_source(
             {"spec": {"verification": {"schedule": "0 4 * * 0", "target": {"database": shop}}}},
         )
     assert "must name a scratch database" in info.value.body
+    assert "verification.decryptionSecretRef" in info.value.body

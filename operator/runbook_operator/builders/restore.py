@@ -255,5 +255,14 @@ def build_drill(policy_body: Mapping[str, Any], verification: Verification, slot
                 }
             ],
         },
-        "spec": {"policyRef": policy, "backup": "latest", "target": verification.target.to_api()},
+        "spec": {
+            "policyRef": policy,
+            "backup": "latest",
+            "target": verification.target.to_api(),
+            **(
+                {"decryptionSecretRef": verification.decryption_secret_ref.to_api()}
+                if verification.decryption_secret_ref is not None
+                else {}
+            ),
+        },
     }

@@ -9,8 +9,8 @@ from pydantic import ConfigDict, Field, model_validator
 from .common import (
     DNS_LABEL,
     CamelModel,
-    Cron,
     CredentialsSecretRef,
+    Cron,
     Duration,
     ObjectName,
     Port,
@@ -156,6 +156,9 @@ class Verification(CamelModel):
     schedule: Cron = Field(description="When to run a drill (cron), e.g. '0 4 * * 0' for Sundays at 04:00.")
     time_zone: TimeZone = Field("UTC", description="Time zone of the schedule.")
     target: RestoreTarget = Field(description="The scratch database (never the source) drills restore into.")
+    decryption_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding the ASCII-armored private key; needed when encrypting to public keys."
+    )
 
 
 class BackupPolicySpec(CamelModel):
@@ -172,9 +175,17 @@ class BackupPolicySpec(CamelModel):
                     "rule": "!has(self.verification) || !has(self.source.postgresql) || "
                     "(has(self.verification.target.database) && "
                     "self.verification.target.database != self.source.postgresql.database) || "
-                    "(has(self.verification.target.host) && self.verification.target.host != self.source.postgresql.host) || "
-                    "(has(self.verification.target.port) && self.verification.target.port != self.source.postgresql.port)",
+                    "(has(self.verification.target.host) && "
+                    "self.verification.target.host != self.source.postgresql.host) || "
+                    "(has(self.verification.target.port) && "
+                    "self.verification.target.port != self.source.postgresql.port)",
                     "message": "verification.target: must name a scratch database, not the source database",
+                },
+                {
+                    "rule": "!has(self.verification) || has(self.encryption.gpg.passphraseSecretRef) || "
+                    "has(self.verification.decryptionSecretRef)",
+                    "message": "verification.decryptionSecretRef: backups are encrypted to public keys; "
+                    "name the private key",
                 },
             ]
         }
@@ -212,6 +223,10 @@ class BackupPolicySpec(CamelModel):
         target = self.verification.target.resolve(source)
         if (target.host, target.port, target.database) == (source.host, source.port, source.database):
             raise ValueError("verification.target: must name a scratch database, not the source database")
+        if self.encryption.gpg.passphrase_secret_ref is None and self.verification.decryption_secret_ref is None:
+            raise ValueError(
+                "verification.decryptionSecretRef: backups are encrypted to public keys; name the private key"
+            )
         return self
 
 
