@@ -1,0 +1,227 @@
+"""BackupPolicy without a cluster: the CronJob and RBAC builders, retention's choice, the agent's pure parts."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from runbook_operator.agent import format_timestamp, parse_timestamp
+from runbook_operator.agent.backup import AgentConfig, clean_object, one_line
+from runbook_operator.builders.backup import (
+    build_backup_now_job,
+    build_cronjob,
+    build_export_rbac,
+    cronjob_name,
+)
+from runbook_operator.errors import RunbookError
+from runbook_operator.logs import REDACTOR
+from runbook_operator.models.backup import BackupPolicySpec
+from runbook_operator.reconcilers.backup import StoredBackup, expired_backups, failure_reason, needs_finalizer
+from tests.helpers import load_samples
+
+SAMPLES = load_samples()
+IMAGE = "ghcr.io/runbook-dev/runbook-operator:0.1.0"
+
+
+def body(sample: str, namespace: str = "hungryhippaahneties") -> dict[str, Any]:
+    obj = SAMPLES[sample]
+    return {
+        "apiVersion": obj["apiVersion"],
+        "kind": obj["kind"],
+        "metadata": {**obj["metadata"], "namespace": namespace, "uid": "uid-1", "generation": 4},
+        "spec": obj["spec"],
+    }
+
+
+def spec_of(obj: dict[str, Any]) -> BackupPolicySpec:
+    return BackupPolicySpec.model_validate(obj["spec"])
+
+
+def container(cronjob: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    return result
+
+
+def test_cronjob_runs_the_agent_hardened_with_secret_references_only() -> None:
+    obj = body("backuppolicy-postgresql")
+    cronjob = build_cronjob(obj, spec_of(obj), image=IMAGE)
+    spec = cronjob["spec"]
+    assert spec["concurrencyPolicy"] == "Forbid" and spec["startingDeadlineSeconds"] == 600
+    assert spec["schedule"] == "0 */6 * * *" and spec["timeZone"] == "UTC" and spec["suspend"] is False
+    assert cronjob["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert cronjob["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "runbook-operator"
+    pod = spec["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    c = container(cronjob)
+    assert c["args"] == ["backup", "--namespace", "hungryhippaahneties", "--policy", "postgresql", "--generation", "4"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    env = {e["name"]: e for e in c["env"]}
+    assert env["PGUSER"]["valueFrom"]["secretKeyRef"] == {"name": "db-credentials", "key": "POSTGRES_USER"}
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "db-credentials", "key": "POSTGRES_PASSWORD"}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "AWS_SECRET_ACCESS_KEY"
+    assert env["RUNBOOK_GPG_RECIPIENTS"]["valueFrom"]["configMapKeyRef"]["key"] == "security-team.asc"
+    assert json.loads(env["RUNBOOK_BACKUP_SPEC"]["value"]) == spec_of(obj).to_api()
+    # Only the spec, HOME and the job name are plain values; every credential is a reference.
+    assert {e["name"] for e in c["env"] if "value" in e} == {"RUNBOOK_BACKUP_SPEC", "HOME"}
+
+
+def test_redis_tls_ca_is_mounted_from_its_secret_and_the_passphrase_referenced() -> None:
+    obj = body("backuppolicy-redis")
+    pod = build_cronjob(obj, spec_of(obj), image=IMAGE)["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["redis-ca"]["secret"] == {"secretName": "redis-tls", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"] == {"name": "redis-credentials", "key": "REDIS_PASSWORD"}
+    assert env["RUNBOOK_REDIS_CA_FILE"]["value"] == "/etc/runbook/redis-ca/ca.crt"
+    assert env["RUNBOOK_GPG_PASSPHRASE"]["valueFrom"]["secretKeyRef"]["name"] == "backup-gpg-passphrase"
+
+
+def test_kubernetes_export_gets_read_access_to_exactly_the_named_resources() -> None:
+    obj = body("backuppolicy-kubernetes")
+    obj["spec"]["source"]["kubernetes"]["namespaces"] = ["hungryhippaahneties", "other"]
+    spec = spec_of(obj)
+    objects = build_export_rbac(obj, spec)
+    kinds = [(o["kind"], o["metadata"]["namespace"]) for o in objects]
+    assert kinds == [
+        ("ServiceAccount", "hungryhippaahneties"),
+        ("Role", "hungryhippaahneties"),
+        ("RoleBinding", "hungryhippaahneties"),
+        ("Role", "other"),
+        ("RoleBinding", "other"),
+    ]
+    role = objects[1]
+    granted = {(r["apiGroups"][0], p) for r in role["rules"] for p in r["resources"]}
+    assert granted == {
+        ("apps", "deployments"),
+        ("apps", "statefulsets"),
+        ("", "services"),
+        ("", "configmaps"),
+        ("networking.k8s.io", "ingresses"),
+        ("networking.k8s.io", "networkpolicies"),
+        ("autoscaling", "horizontalpodautoscalers"),
+        ("batch", "cronjobs"),
+    }
+    assert all(r["verbs"] == ["get", "list"] for r in role["rules"])
+    assert "ownerReferences" in role["metadata"] and "ownerReferences" not in objects[3]["metadata"]
+    assert objects[4]["subjects"] == [
+        {"kind": "ServiceAccount", "name": "backup-kubernetes-configs", "namespace": "hungryhippaahneties"}
+    ]
+    pod = build_cronjob(obj, spec, image=IMAGE)["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "backup-kubernetes-configs" and pod["automountServiceAccountToken"] is True
+    assert needs_finalizer(obj["spec"], "hungryhippaahneties")  # the Role in "other" has no owner
+
+    obj["spec"]["source"]["kubernetes"]["includeSecrets"] = True
+    granted = {p for r in build_export_rbac(obj, spec_of(obj))[1]["rules"] for p in r["resources"]}
+    assert "secrets" in granted
+    assert build_export_rbac(body("backuppolicy-postgresql"), spec_of(body("backuppolicy-postgresql"))) == []
+
+
+def test_names_fit_the_cronjob_limit_and_backup_now_jobs_are_owned_by_it() -> None:
+    assert cronjob_name("db") == "backup-db"
+    long = cronjob_name("a" * 200)
+    assert len(long) <= 52 and long != cronjob_name("a" * 199)
+    cronjob = {
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        **build_cronjob(body("backuppolicy-postgresql"), spec_of(body("backuppolicy-postgresql")), image=IMAGE),
+    }
+    cronjob["metadata"]["uid"] = "cj-uid"
+    job = build_backup_now_job(cronjob, "2026-11-26")
+    assert job["metadata"]["ownerReferences"][0] | {} == {
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        "name": "backup-postgresql",
+        "uid": "cj-uid",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    assert job["metadata"]["name"] == build_backup_now_job(cronjob, "2026-11-26")["metadata"]["name"]
+    assert job["metadata"]["name"] != build_backup_now_job(cronjob, "again")["metadata"]["name"]
+    assert job["spec"] == cronjob["spec"]["jobTemplate"]["spec"]
+
+
+NOW = datetime(2026, 11, 26, 12, tzinfo=UTC)
+
+
+def backup(days: float, complete: bool = True) -> StoredBackup:
+    moment = NOW - timedelta(days=days)
+    return StoredBackup(f"p/ns/db/{format_timestamp(moment)}/", moment, complete)
+
+
+def test_retention_removes_exactly_the_expired_and_keeps_min_keep() -> None:
+    backups = [backup(d) for d in (400, 200, 100, 40, 10, 1)] + [backup(90, complete=False)]
+    expired = expired_backups(backups, now=NOW, max_age=timedelta(days=30), min_keep=2)
+    assert expired == [backup(400), backup(200), backup(100), backup(90, complete=False), backup(40)]
+    # min_keep wins over age: the 4 newest complete backups stay even though two are older than 30 days.
+    expired = expired_backups(backups, now=NOW, max_age=timedelta(days=30), min_keep=4)
+    assert expired == [backup(400), backup(200), backup(90, complete=False)]
+    # Incomplete folders never count towards min_keep.
+    expired = expired_backups(
+        [backup(100, complete=False), backup(50)], now=NOW, max_age=timedelta(days=30), min_keep=1
+    )
+    assert expired == [backup(100, complete=False)]
+    assert expired_backups(backups, now=NOW, max_age=None, min_keep=1) == []
+
+
+def test_timestamps_round_trip_and_sort() -> None:
+    moment = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert format_timestamp(moment) == "20260102T030405Z"
+    assert parse_timestamp("20260102T030405Z") == moment
+    assert parse_timestamp("manifest.json") is None
+
+
+def test_exported_objects_lose_live_state_and_controller_children() -> None:
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": "api",
+            "namespace": "prod",
+            "uid": "u",
+            "resourceVersion": "7",
+            "managedFields": [{}],
+            "creationTimestamp": "x",
+            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}", "team": "a"},
+        },
+        "spec": {"clusterIP": "10.0.0.7", "clusterIPs": ["10.0.0.7"], "ports": [{"port": 80}]},
+        "status": {"loadBalancer": {}},
+    }
+    assert clean_object(service) == {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "api", "annotations": {"team": "a"}},
+        "spec": {"ports": [{"port": 80}]},
+    }
+    headless = {"kind": "Service", "metadata": {"name": "db"}, "spec": {"clusterIP": "None"}}
+    assert clean_object(headless)["spec"] == {"clusterIP": "None"}  # type: ignore[index]
+    owned = {"kind": "ConfigMap", "metadata": {"name": "x", "ownerReferences": [{"controller": True}]}}
+    assert clean_object(owned) is None
+    assert clean_object({"kind": "ConfigMap", "metadata": {"name": "kube-root-ca.crt"}}) is None
+
+
+def test_failure_reason_prefers_the_agents_line() -> None:
+    job = {"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]}}
+    pod = {
+        "status": {
+            "containerStatuses": [
+                {"state": {"terminated": {"message": "INFO: ...\nbackup failed: EncryptionFailed: gpg encrypt failed"}}}
+            ]
+        }
+    }
+    assert failure_reason(job, [pod]) == ("EncryptionFailed", "gpg encrypt failed")
+    assert failure_reason(job, []) == ("DeadlineExceeded", "")
+
+
+def test_agent_config_and_messages_fail_with_the_field_and_no_secret() -> None:
+    with pytest.raises(RunbookError, match="RUNBOOK_BACKUP_SPEC is not set"):
+        AgentConfig.from_env({}, namespace="ns", policy="p", generation=1)
+    with pytest.raises(RunbookError, match=r"spec\.schedule"):
+        spec = {**SAMPLES["backuppolicy-postgresql"]["spec"], "schedule": "never"}
+        AgentConfig.from_env({"RUNBOOK_BACKUP_SPEC": json.dumps(spec)}, namespace="ns", policy="p", generation=1)
+    REDACTOR.register("hunter2-secret")
+    assert one_line("pg_dump: error\nFATAL: bad login hunter2-secret\n") == "FATAL: bad login [REDACTED]"
