@@ -47,7 +47,7 @@ def fingerprint(postgres: Postgres, database: str) -> dict[str, Any]:
     result: dict[str, Any] = {}
     with postgres.connect(database) as conn:
         for table in TABLES:
-            if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0] is None:
+            if conn.execute("SELECT to_regclass(%s) IS NULL", (table,)).fetchone() == (True,):
                 result[table] = None
                 continue
             result[table] = conn.execute(

@@ -36,7 +36,8 @@ def backup(postgres: Postgres, shop: str, s3_server: S3Server, gpg_keyring: GpgK
 
 
 def target(postgres: Postgres, database: str) -> dict[str, Any]:
-    return pg_source(postgres, database)["postgresql"]
+    connection: dict[str, Any] = pg_source(postgres, database)["postgresql"]
+    return connection
 
 
 def failure(result: Any, command: str, reason: str) -> str:

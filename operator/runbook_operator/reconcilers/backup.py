@@ -117,14 +117,20 @@ def stored_backups(client: S3Client, location: S3Location, namespace: str, polic
 
 
 def expired_backups(
-    backups: Iterable[StoredBackup], *, now: datetime, max_age: timedelta | None, min_keep: int
+    backups: Iterable[StoredBackup],
+    *,
+    now: datetime,
+    max_age: timedelta | None,
+    min_keep: int,
+    verified: str | None = None,
 ) -> list[StoredBackup]:
-    """Those older than ``max_age``, except the ``min_keep`` newest complete ones (whatever their age).
-    Folders without a manifest (a run killed between upload and manifest) expire like backups."""
+    """Those older than ``max_age``, except the ``min_keep`` newest complete ones (whatever their age) and
+    the newest verified one (a restore drill proved it restorable). Folders without a manifest (a run killed
+    between upload and manifest) expire like backups."""
     if max_age is None:
         return []
     ordered = sorted(backups, key=lambda b: b.time, reverse=True)
-    kept = {b.folder for b in [b for b in ordered if b.complete][:min_keep]}
+    kept = {b.folder for b in [b for b in ordered if b.complete][:min_keep]} | {verified}
     return [b for b in reversed(ordered) if b.folder not in kept and b.time < now - max_age]
 
 
@@ -136,12 +142,19 @@ def delete_backups(client: S3Client, location: S3Location, folders: list[str]) -
 
 
 def prune(
-    client: S3Client, location: S3Location, *, namespace: str, policy: str, retention: Retention, now: datetime
+    client: S3Client,
+    location: S3Location,
+    *,
+    namespace: str,
+    policy: str,
+    retention: Retention,
+    now: datetime,
+    verified: str | None = None,
 ) -> list[str]:
-    """Delete the expired backups; return their folders."""
+    """Delete the expired backups (never ``verified``, the newest a drill restored); return their folders."""
     max_age = parse_duration(retention.max_age) if retention.max_age else None
     backups = stored_backups(client, location, namespace, policy)
-    expired = expired_backups(backups, now=now, max_age=max_age, min_keep=retention.min_keep)
+    expired = expired_backups(backups, now=now, max_age=max_age, min_keep=retention.min_keep, verified=verified)
     delete_backups(client, location, [b.folder for b in expired])
     return [b.folder for b in expired]
 
@@ -500,7 +513,16 @@ def _record_success(
         message=f"backup {record['key']} complete: {data['sizeBytes']} bytes, sha256 {data['sha256'][:16]}",
     )
     metrics.BACKUP_DURATION.labels(**labels).set(float(manifest.get("durationSeconds") or 0))
-    pruned = prune(client, location, namespace=namespace, policy=name, retention=spec.retention, now=datetime.now(UTC))
+    verified = ((policy.get("status") or {}).get("lastVerifiedBackup") or {}).get("key")
+    pruned = prune(
+        client,
+        location,
+        namespace=namespace,
+        policy=name,
+        retention=spec.retention,
+        now=datetime.now(UTC),
+        verified=verified,
+    )
     if pruned:
         kopf.info(
             policy,

@@ -1,0 +1,263 @@
+"""BackupRestore without a cluster: the model's rules, the Job and plan builders, the workload patches and
+readiness checks, the timeline, drills, retention's protection of the verified backup, and the checksummed
+reader that holds back the end of a stored object until it matched."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from runbook_operator.agent import GPG_PASSPHRASE_ENV, GPG_PRIVATE_KEY_ENV, RESTORE_PLAN_ENV
+from runbook_operator.agent.restore import ChecksummedReader, RestorePlan
+from runbook_operator.builders.restore import (
+    DRILL_LABEL,
+    REPLICAS_ANNOTATION,
+    build_drill,
+    build_job,
+    build_plan,
+    drill_name,
+    end_step,
+    is_available,
+    is_stopped,
+    job_name,
+    resolve_target,
+    start_patch,
+    start_step,
+    step_started,
+    stop_patch,
+)
+from runbook_operator.models.backup import BackupPolicySpec, BackupRestoreSpec
+from runbook_operator.reconcilers.backup import StoredBackup, expired_backups
+
+SOURCE = {"host": "postgresql.shop.svc", "database": "shop", "credentialsSecretRef": {"name": "db-backup"}}
+
+
+def policy(**extra: Any) -> BackupPolicySpec:
+    spec: dict[str, Any] = {
+        "source": {"postgresql": SOURCE},
+        "schedule": "0 */6 * * *",
+        "destination": {"s3": {"bucket": "backups", "credentialsSecretRef": {"name": "s3"}}},
+        "encryption": {"gpg": {"recipientsConfigMapRef": {"name": "keys", "key": "team.asc"}}},
+        **extra,
+    }
+    return BackupPolicySpec.model_validate(spec)
+
+
+MANIFEST = {
+    "data": {"key": "ns/db/20260101T030000Z/postgresql.dump.gpg", "sha256": "ab" * 32, "sizeBytes": 1234},
+    "encryption": {"mode": "publicKey"},
+    "source": {"kind": "postgresql", "tableRowCounts": {"public.orders": 12, "public.customers": 3}},
+}
+BODY = {
+    "apiVersion": "runbook.dev/v1alpha1",
+    "kind": "BackupRestore",
+    "metadata": {"name": "r1", "namespace": "ns", "uid": "u-1"},
+}
+
+
+def test_target_fields_override_the_source() -> None:
+    spec = BackupRestoreSpec.model_validate(
+        {"policyRef": "db", "target": {"database": "scratch", "credentialsSecretRef": {"name": "restorer"}}}
+    )
+    target = resolve_target(spec, policy().source.postgresql)  # type: ignore[arg-type]
+    assert (target.host, target.port, target.database) == ("postgresql.shop.svc", 5432, "scratch")
+    assert target.credentials_secret_ref.name == "restorer"
+    untouched = resolve_target(BackupRestoreSpec.model_validate({"policyRef": "db"}), policy().source.postgresql)  # type: ignore[arg-type]
+    assert untouched.database == "shop"
+
+
+@pytest.mark.parametrize(
+    ("verification", "source", "expected"),
+    [
+        (
+            {"schedule": "0 4 * * 0", "target": {"database": "shop"}, "decryptionSecretRef": {"name": "k", "key": "k"}},
+            None,
+            "scratch database",
+        ),
+        ({"schedule": "0 4 * * 0", "target": {"database": "scratch"}}, None, "verification.decryptionSecretRef"),
+        ({"schedule": "bad", "target": {"database": "scratch"}}, None, "schedule"),
+        (
+            {"schedule": "0 4 * * 0", "target": {"database": "scratch"}},
+            {"redis": {"host": "redis"}},
+            "postgresql source",
+        ),
+    ],
+)
+def test_verification_rules(verification: dict[str, Any], source: dict[str, Any] | None, expected: str) -> None:
+    extra: dict[str, Any] = {"verification": verification}
+    if source is not None:
+        extra["source"] = source
+    with pytest.raises(ValidationError) as info:
+        policy(**extra)
+    assert expected in str(info.value)
+
+
+def test_verification_on_another_host_or_with_a_passphrase_is_fine() -> None:
+    policy(
+        verification={
+            "schedule": "0 4 * * 0",
+            "target": {"host": "scratch-db"},
+            "decryptionSecretRef": {"name": "k", "key": "k"},
+        }
+    )
+    policy(
+        verification={"schedule": "0 4 * * 0", "target": {"database": "scratch"}},
+        encryption={"gpg": {"passphraseSecretRef": {"name": "p", "key": "k"}}},
+    )
+
+
+def test_job_carries_references_only_and_runs_once() -> None:
+    spec = BackupRestoreSpec.model_validate(
+        {"policyRef": "db", "decryptionSecretRef": {"name": "private", "key": "key.asc"}}
+    )
+    target = resolve_target(spec, policy().source.postgresql)  # type: ignore[arg-type]
+    plan = build_plan(policy(), MANIFEST, target)
+    assert plan.tables == ["public.customers", "public.orders"] and not plan.symmetric
+    job = build_job(BODY, plan, policy=policy(), spec=spec, target=target, image="agent:1")
+    assert job["metadata"]["name"] == "restore-r1"
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert job["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "runbook-operator"
+    assert job["spec"]["backoffLimit"] == 0
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["restore", "--namespace", "ns", "--name", "r1"]
+    env = {e["name"]: e for e in container["env"]}
+    assert RestorePlan.model_validate(json.loads(env[RESTORE_PLAN_ENV]["value"])) == plan
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "db-backup", "key": "password"}
+    assert env[GPG_PRIVATE_KEY_ENV]["valueFrom"]["secretKeyRef"] == {"name": "private", "key": "key.asc"}
+    assert GPG_PASSPHRASE_ENV not in env
+    assert all("value" not in e for name, e in env.items() if name not in (RESTORE_PLAN_ENV, "HOME"))
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_symmetric_backups_use_the_policys_passphrase() -> None:
+    symmetric = policy(encryption={"gpg": {"passphraseSecretRef": {"name": "backup-pass", "key": "p"}}})
+    spec = BackupRestoreSpec.model_validate({"policyRef": "db"})
+    target = resolve_target(spec, symmetric.source.postgresql)  # type: ignore[arg-type]
+    plan = build_plan(symmetric, {**MANIFEST, "encryption": {"mode": "symmetric"}}, target)
+    job = build_job(BODY, plan, policy=symmetric, spec=spec, target=target, image="agent:1")
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env[GPG_PASSPHRASE_ENV]["valueFrom"]["secretKeyRef"] == {"name": "backup-pass", "key": "p"}
+
+
+def test_long_names_make_valid_job_names() -> None:
+    name = job_name("r" * 250)
+    assert len(name) <= 63 and name.startswith("restore-") and name != job_name("r" * 249)
+
+
+def test_workload_patches_record_and_restore_the_count() -> None:
+    stop = stop_patch("u-1", 5)
+    assert stop["spec"] == {"replicas": 0}
+    assert json.loads(stop["metadata"]["annotations"][REPLICAS_ANNOTATION]) == {"restore": "u-1", "replicas": 5}
+    assert start_patch(5) == {"metadata": {"annotations": {REPLICAS_ANNOTATION: None}}, "spec": {"replicas": 5}}
+
+
+def workload(wanted: int, generation: int = 2, **status: Any) -> dict[str, Any]:
+    return {"metadata": {"generation": generation}, "spec": {"replicas": wanted}, "status": status}
+
+
+def test_stopped_and_available() -> None:
+    assert is_stopped(workload(0, observedGeneration=2))
+    assert not is_stopped(workload(0, observedGeneration=1))  # the controller has not seen the change yet
+    assert not is_stopped(workload(0, observedGeneration=2, replicas=1))
+    assert is_available(workload(3, observedGeneration=2, availableReplicas=3, updatedReplicas=3), 3)
+    assert not is_available(workload(3, observedGeneration=2, availableReplicas=2, updatedReplicas=3), 3)
+    assert not is_available(workload(2, observedGeneration=2, availableReplicas=2, updatedReplicas=2), 3)
+    assert is_available(workload(0, observedGeneration=2), 0)
+
+
+def test_timeline_steps() -> None:
+    steps = start_step([], "Preflight", "2026-01-01T00:00:00Z")
+    assert step_started(steps, "Preflight") == "2026-01-01T00:00:00Z"
+    steps = end_step(steps, "Preflight", "Succeeded", "ok", "2026-01-01T00:01:00Z")
+    assert steps == [
+        {
+            "name": "Preflight",
+            "phase": "Succeeded",
+            "startTime": "2026-01-01T00:00:00Z",
+            "endTime": "2026-01-01T00:01:00Z",
+            "message": "ok",
+        }
+    ]
+    assert step_started(steps, "Preflight") is None
+
+
+def test_drill_is_owned_by_the_policy_and_named_by_its_slot() -> None:
+    spec = policy(
+        verification={
+            "schedule": "0 4 * * 0",
+            "target": {"database": "scratch"},
+            "decryptionSecretRef": {"name": "k", "key": "a"},
+        }
+    )
+    body = {"metadata": {"name": "db", "namespace": "ns", "uid": "p-1"}}
+    slot = datetime(2026, 1, 4, 4, 0, tzinfo=UTC)
+    assert spec.verification is not None
+    drill = build_drill(body, spec.verification, slot)
+    assert drill["metadata"]["name"] == drill_name("db", slot) == "db-drill-202601040400"
+    assert drill["metadata"]["labels"][DRILL_LABEL] == "db"
+    assert drill["metadata"]["ownerReferences"][0]["uid"] == "p-1"
+    assert drill["spec"] == {
+        "policyRef": "db",
+        "backup": "latest",
+        "target": {"database": "scratch"},
+        "decryptionSecretRef": {"name": "k", "key": "a"},
+    }
+    BackupRestoreSpec.model_validate(drill["spec"])
+
+
+def test_retention_keeps_the_newest_verified_backup() -> None:
+    now = datetime(2026, 6, 1, tzinfo=UTC)
+    backups = [StoredBackup(f"ns/db/{i}/", now - timedelta(days=100 - i), True) for i in range(5)]
+    expired = expired_backups(backups, now=now, max_age=timedelta(days=30), min_keep=1)
+    assert [b.folder for b in expired] == [f"ns/db/{i}/" for i in range(4)]
+    kept = expired_backups(backups, now=now, max_age=timedelta(days=30), min_keep=1, verified="ns/db/1/")
+    assert "ns/db/1/" not in [b.folder for b in kept] and len(kept) == 3
+
+
+class Body(io.BytesIO):
+    pass
+
+
+def reader(data: bytes, *, expected: bytes | None = None, hold_back: int = 0) -> ChecksummedReader:
+    digest = hashlib.sha256(expected if expected is not None else data).hexdigest()
+    size = len(expected if expected is not None else data)
+    return ChecksummedReader(Body(data), sha256=digest, size=size, hold_back=hold_back)
+
+
+def read_all(source: ChecksummedReader) -> bytes:
+    out = b""
+    while chunk := source.read(1000):
+        out += chunk
+    return out
+
+
+def test_reader_passes_a_matching_object_through() -> None:
+    data = bytes(range(256)) * 1000
+    source = reader(data, hold_back=4096)
+    assert read_all(source) == data and source.matches
+
+
+def test_reader_never_releases_the_end_of_a_changed_object() -> None:
+    data = bytes(range(256)) * 1000
+    changed = data[:-1] + b"\x00"
+    source = reader(changed, expected=data, hold_back=4096)
+    released = read_all(source)
+    assert not source.matches
+    assert len(released) <= len(data) - 4096
+    source.drain()
+    assert source.size == len(data)
+
+
+def test_reader_drain_finishes_the_digest_after_an_early_stop() -> None:
+    data = b"x" * 100_000
+    source = reader(data)
+    source.read(10)
+    assert not source.matches  # not all read yet
+    source.drain()
+    assert source.matches
