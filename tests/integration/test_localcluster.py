@@ -99,8 +99,15 @@ def _ready_pods(core: kubernetes.client.CoreV1Api, name: str, namespace: str) ->
 
 
 @pytest.fixture
-def web(api: kubernetes.client.ApiClient, namespace: str, wait_for: WaitFor) -> Iterator[str]:
-    """A Deployment of 3 replicas that has become Available."""
+def web(
+    api: kubernetes.client.ApiClient,
+    namespace: str,
+    wait_for: WaitFor,
+    local_cluster: localcluster.LocalCluster | None,
+) -> Iterator[str]:
+    """A Deployment of 3 replicas that has become Available on kwok's fake nodes."""
+    if local_cluster is None:
+        pytest.skip("its image is never pulled: the pods only run on the local control plane's fake nodes")
     apps = kubernetes.client.AppsV1Api(api)
     apps.create_namespaced_deployment(namespace, _deployment("web", 3))
     wait_for(lambda: _rolled_out(apps, "web", namespace, 3), what="Deployment web to become Available")
