@@ -3,8 +3,12 @@ S3 API server; each backup is then restored by hand with stock tools, and each f
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import struct
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +26,7 @@ from tests.backup_support import (
     run_agent,
     start_agent,
 )
-from tests.services import GpgKeyring, Postgres, Redis, S3Server
+from tests.services import GpgKeyring, Postgres, Redis, S3Server, free_port
 
 from runbook_operator.agent import GPG_PASSPHRASE_ENV, REDIS_PASSWORD_ENV
 
@@ -301,4 +305,88 @@ def test_pg_dump_killed_mid_stream(
     stdout, stderr = agent.communicate(timeout=120)
     line = assert_failed(subprocess.CompletedProcess(agent.args, agent.returncode, stdout, stderr), "SourceFailed")
     assert "pg_dump exited with -9" in line
+    assert_nothing_stored(s3_server, bucket)
+
+
+class FlakyEndpoint:
+    """A TCP relay in front of the S3 API server that the test can take away (connections reset, new ones
+    refused) and bring back, as a network outage or a restarting S3 endpoint would look to the agent."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._connections: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        with self._lock:
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+            for conn in self._connections:
+                with contextlib.suppress(OSError):
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    conn.close()
+            self._connections.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._connections += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+
+def test_s3_going_away_mid_upload(
+    postgres: Postgres, big_database: str, s3_server: S3Server, gpg_keyring: GpgKeyring, bucket: str
+) -> None:
+    relay = FlakyEndpoint(s3_server.port)
+    relay.up()
+    spec = policy_spec(pg_source(postgres, big_database), s3_server, bucket)
+    spec["destination"]["s3"]["endpoint"] = relay.endpoint
+    agent = start_agent(agent_env(spec, s3_server, gpg_keyring, **pg_env()))
+    client = s3_server.client()  # straight to the server, not through the relay
+    deadline = time.monotonic() + 120
+    while not any(
+        client.list_parts(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"]).get("Parts")
+        for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    ):
+        assert agent.poll() is None and time.monotonic() < deadline, "the agent ended before uploading a part"
+        time.sleep(0.05)
+    relay.down()  # S3 goes away mid-upload
+    assert agent.stderr is not None
+    lines: list[str] = []
+    for line in agent.stderr:
+        lines.append(line)
+        if "aborting the multipart upload" in line:
+            relay.up()  # ...and comes back while the agent retries its abort
+            break
+    lines += agent.stderr.readlines()
+    agent.wait(120)
+    result = subprocess.CompletedProcess(agent.args, agent.returncode, "", "".join(lines))
+    line = assert_failed(result, "UploadFailed", s3_server.secret_key)
+    assert "could not be aborted" not in line
     assert_nothing_stored(s3_server, bucket)

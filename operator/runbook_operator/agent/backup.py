@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ SECRET_ENVS = (PG_PASSWORD_ENV, REDIS_PASSWORD_ENV, S3_SECRET_KEY_ENV, GPG_PASSP
 _STRIPPED_METADATA = ("uid", "resourceVersion", "managedFields", "creationTimestamp", "generation", "selfLink")
 _STRIPPED_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration", "deployment.kubernetes.io/revision")
 _BGSAVE_TIMEOUT = 3600.0
+ABORT_ATTEMPTS = 6  # about 30 s of retries
 
 
 def one_line(text: object, limit: int = 300) -> str:
@@ -268,16 +270,16 @@ def redis_source(conn: RedisConnection, env: Mapping[str, str]) -> Iterator[Sour
         server = client.info("server")
         previous = client.lastsave()
         if previous >= datetime.now(previous.tzinfo).replace(microsecond=0):
-            threading.Event().wait(1.0)  # LASTSAVE has second resolution: let a new save be distinguishable
+            time.sleep(1.0)  # LASTSAVE has second resolution: let a new save be distinguishable
         with contextlib.suppress(redis.ResponseError):  # "Background save already in progress" is fine
             client.bgsave()
-        deadline = datetime.now(UTC).timestamp() + _BGSAVE_TIMEOUT
+        deadline = time.monotonic() + _BGSAVE_TIMEOUT
         while client.lastsave() == previous:
             if client.info("persistence").get("rdb_last_bgsave_status") == "err":
                 raise RunbookError("SourceFailed", "redis: BGSAVE failed (see the server's log)")
-            if datetime.now(UTC).timestamp() > deadline:
+            if time.monotonic() > deadline:
                 raise RunbookError("SourceFailed", "redis: BGSAVE did not finish in time")
-            threading.Event().wait(0.1)
+            time.sleep(0.1)
         keyspace = {db: int(stats["keys"]) for db, stats in client.info("keyspace").items()}
     except redis.RedisError as error:
         raise RunbookError("SourceUnavailable", f"redis: {one_line(error)}") from None
@@ -435,14 +437,18 @@ def _as_runbook_error(error: BaseException) -> RunbookError:
 
 
 def _abort(upload: MultipartUpload, error: RunbookError) -> RunbookError:
-    LOG.info("aborting the multipart upload of %s", upload.key)
-    try:
-        upload.abort()
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
-        return RunbookError(
-            error.reason, f"{error.message} (the upload could not be aborted; the bucket's lifecycle rule removes it)"
-        )
-    return error
+    """Abort the upload, retrying for a while when S3 is away (the failure may be S3 itself)."""
+    for attempt in range(ABORT_ATTEMPTS):
+        LOG.info("aborting the multipart upload of %s", upload.key)
+        try:
+            upload.abort()
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+            time.sleep(min(2**attempt, 5))
+        else:
+            return error
+    return RunbookError(
+        error.reason, f"{error.message} (the upload could not be aborted; the bucket's lifecycle rule removes it)"
+    )
 
 
 def run_backup(config: AgentConfig, env: Mapping[str, str]) -> dict[str, Any]:
