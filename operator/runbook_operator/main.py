@@ -142,13 +142,19 @@ def backup_policy_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
 
 # --- BackupRestore ---
 # One daemon per BackupRestore walks its steps (status holds the state, so a restart resumes); it returns
-# once the restore has finished. One daemon per BackupPolicy with verification creates the drills.
+# once the restore has finished; deleting one mid-way brings the workloads back. One daemon per BackupPolicy
+# with verification creates the drills.
 BACKUP_RESTORES = (GROUP, VERSION, "backuprestores")
 
 
 @kopf.daemon(*BACKUP_RESTORES, cancellation_timeout=60)
 async def backup_restore(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
     await restore.run(body, stopped=stopped, image=SETTINGS.agent_image)
+
+
+@kopf.on.delete(*BACKUP_RESTORES)
+def backup_restore_deleted(body: kopf.Body, **_: Any) -> None:
+    restore.abort_deleted(body)
 
 
 @kopf.daemon(GROUP, VERSION, "backuppolicies", id="drills", when=restore.drills_enabled, cancellation_timeout=30)

@@ -133,6 +133,17 @@ class Cluster:
         selector = f"involvedObject.name={name}"
         return list(self.core.list_namespaced_event(self.namespace, field_selector=selector).items)
 
+    def printed_columns(self) -> dict[str, Any]:
+        """What ``kubectl get backuprestore`` prints: the server-side Table."""
+        headers = {"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"}
+        token = self.api.configuration.get_api_key_with_prefix("BearerToken")
+        if token:
+            headers["Authorization"] = token
+        url = f"{self.api.configuration.host}/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/backuprestores"
+        response = json.loads(self.api.rest_client.request("GET", url, headers=headers).data)
+        names = [c["name"] for c in response["columnDefinitions"]]
+        return dict(zip(names, response["rows"][0]["cells"], strict=True))
+
     def job_pod(self, job: str) -> Any:
         def found() -> Any:
             pods = self.core.list_namespaced_pod(
@@ -306,6 +317,9 @@ def test_restore_brings_back_the_rows_and_the_exact_replica_counts(
     assert status["backupKey"] == backup.manifest["data"]["key"]
     ready = cluster.condition(done, "Ready")
     assert ready["status"] == "True" and ready["reason"] == "Restored"
+    columns = cluster.printed_columns()
+    assert (columns["Policy"], columns["Backup"], columns["Phase"]) == (POLICY, status["backupKey"], "Succeeded")
+    assert "Age" in columns
     reasons = [e.reason for e in cluster.events("rollback")]
     for reason in ("RestoreStarted", "PreflightPassed", "ReplicasRecorded", "RestoreJobCreated", "RestoreSucceeded"):
         assert reason in reasons
@@ -500,3 +514,51 @@ def test_api_server_refuses_spec_changes_and_drills_onto_the_source(
         )
     assert "must name a scratch database" in info.value.body
     assert "verification.decryptionSecretRef" in info.value.body
+
+
+def test_deleting_a_restore_midway_brings_the_workloads_back(cluster: Cluster, backup: Backup, operator: Any) -> None:
+    cluster.create("backuprestores", "abandoned", restore_spec())
+    cluster.wait_for(lambda: cluster.restore("abandoned").get("status", {}).get("jobName"), what="the Job")
+    assert cluster.replicas() == {"api": 0, "backend": 0}
+    cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, "backuprestores", "abandoned")
+    cluster.wait_for(lambda: cluster.replicas() == WORKLOADS, what="the recorded counts")
+    cluster.wait_for(cluster.all_available, timeout=90, what="the workloads to be available")
+    assert all(REPLICAS_ANNOTATION not in a for a in cluster.annotations().values())
+    assert "RestoreAborted" in [e.reason for e in cluster.events("abandoned")]
+
+    def job_gone() -> bool:
+        try:
+            job = cluster.batch.read_namespaced_job(job_name("abandoned"), cluster.namespace)
+        except kubernetes.client.ApiException as error:
+            return error.status == 404
+        return bool(job.metadata.deletion_timestamp)
+
+    cluster.wait_for(job_gone, what="the Job to be deleted")
+
+
+def test_operator_restart_midway_resumes_from_status(
+    cluster: Cluster,
+    backup: Backup,
+    postgres: Postgres,
+    shop: str,
+    kubeconfig: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The operator stops after the scale-down; the Job's pod finishes while it is away; a new operator
+    process state finds everything in the API server and completes the restore with the recorded counts."""
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    args = ["run", "--standalone", "-m", "runbook_operator.main", "--namespace", cluster.namespace]
+    before = fingerprint(postgres, shop)
+    damage(postgres, shop)
+    with kopf.testing.KopfRunner(args, timeout=60):
+        cluster.create("backuprestores", "resumed", restore_spec())
+        cluster.wait_for(lambda: cluster.restore("resumed").get("status", {}).get("jobName"), what="the Job")
+    assert cluster.replicas() == {"api": 0, "backend": 0}
+    result = cluster.run_job_pod(job_name("resumed"))
+    assert result.returncode == 0, result.stderr
+    with kopf.testing.KopfRunner(args, timeout=60):
+        done = cluster.wait_phase("resumed", "Succeeded", "Failed")
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    assert [s["name"] for s in done["status"]["steps"]] == ["Preflight", "ScaleDown", "Restore", "Check", "ScaleUp"]
+    assert cluster.replicas() == WORKLOADS
+    assert fingerprint(postgres, shop) == before

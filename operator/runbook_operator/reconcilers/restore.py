@@ -538,6 +538,35 @@ def advance(namespace: str, name: str, *, image: str) -> float | None:
     return Restore(body, image=image).advance()
 
 
+def abort_deleted(body: kopf.Body) -> None:
+    """Deleted before it finished: the Job goes (its transaction rolls back) and the workloads get their
+    recorded counts back at once; the application is never left down by a deletion either."""
+    status = body.get("status") or {}
+    if status.get("phase") in TERMINAL or not status.get("scaledDown"):
+        return
+    restore = Restore(dict(body), image="")
+    try:
+        kube.batch().delete_namespaced_job(job_name(restore.name), restore.namespace, propagation_policy="Background")
+    except ApiException as error:
+        if error.status != 404:
+            raise
+    for record in status["scaledDown"]:
+        workload = restore.workload(record["kind"], record["name"])
+        annotations = (workload or {}).get("metadata", {}).get("annotations") or {}
+        if workload is not None and (
+            workload["spec"].get("replicas") != record["replicas"] or REPLICAS_ANNOTATION in annotations
+        ):
+            restore.patch_workload(record["kind"], record["name"], start_patch(record["replicas"]))
+    counts = ", ".join(f"{r['name']}={r['replicas']}" for r in status["scaledDown"])
+    restore.event(
+        "RestoreAborted",
+        f"deleted during {status.get('phase')}: Job removed, workloads set back to {counts}",
+        warning=True,
+    )
+    restore.audit("restore_completed", outcome="Aborted", reason="Deleted", phase=status.get("phase"))
+    metrics.RESTORES.labels(restore.namespace, "Aborted").inc()
+
+
 async def run(body: kopf.Body, *, stopped: kopf.DaemonStopped, image: str) -> None:
     """The daemon of one BackupRestore: pass after pass until it has finished."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
