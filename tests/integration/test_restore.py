@@ -530,7 +530,7 @@ def test_deleting_a_restore_midway_brings_the_workloads_back(cluster: Cluster, b
         try:
             job = cluster.batch.read_namespaced_job(job_name("abandoned"), cluster.namespace)
         except kubernetes.client.ApiException as error:
-            return error.status == 404
+            return bool(error.status == 404)
         return bool(job.metadata.deletion_timestamp)
 
     cluster.wait_for(job_gone, what="the Job to be deleted")
