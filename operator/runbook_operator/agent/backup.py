@@ -26,20 +26,14 @@ from pathlib import Path
 from typing import IO, Any
 
 import botocore.exceptions
-import psycopg
-import redis
 import yaml
 
-from ..clients import postgres
-from ..clients import redis as redis_client
 from ..clients.gpg import CIPHER, GPG, GPGError
-from ..clients.kube import api_client
 from ..clients.s3 import PART_SIZE, MultipartUpload, make_client, object_key, put_json
-from ..errors import RunbookError
+from ..errors import RunbookError, parse_spec
 from ..logs import REDACTOR
 from ..models.backup import KUBERNETES_RESOURCES, BackupPolicySpec, BackupSource, KubernetesSource
 from ..models.sources import GPGEncryption, PostgresConnection, RedisConnection
-from ..reconcilers.base import parse_spec
 from . import (
     DATA_OBJECTS,
     GPG_PASSPHRASE_ENV,
@@ -204,6 +198,10 @@ def _tool_version(tool: str) -> str:
 @contextlib.contextmanager
 def postgres_source(conn: PostgresConnection, env: Mapping[str, str]) -> Iterator[Source]:
     """``pg_dump -Fc`` of an exported snapshot, with exact per-table row counts taken in that same snapshot."""
+    import psycopg  # each source's client is imported only when used: the agent's memory stays small
+
+    from ..clients import postgres
+
     field_ref = "spec.source.postgresql.credentialsSecretRef"
     user = require_env(env, PG_USER_ENV, field=field_ref)
     password = require_env(env, PG_PASSWORD_ENV, field=field_ref)
@@ -245,6 +243,10 @@ def postgres_source(conn: PostgresConnection, env: Mapping[str, str]) -> Iterato
 @contextlib.contextmanager
 def redis_source(conn: RedisConnection, env: Mapping[str, str]) -> Iterator[Source]:
     """BGSAVE, wait for LASTSAVE to move, then the RDB over the network with ``redis-cli --rdb -``."""
+    import redis
+
+    from ..clients import redis as redis_client
+
     password = None
     if conn.password_secret_ref is not None:
         password = require_env(env, REDIS_PASSWORD_ENV, field="spec.source.redis.passwordSecretRef")
@@ -332,6 +334,8 @@ def clean_object(obj: dict[str, Any]) -> dict[str, Any] | None:
 def export_kubernetes(source: KubernetesSource, counts: Counter[str]) -> Iterator[bytes]:
     """Multi-document YAML, one section per namespace (objects carry no namespace, so ``kubectl apply -n``
     re-applies a section to any namespace); listed page by page so memory stays bounded."""
+    from ..clients.kube import api_client
+
     client = api_client()
     for namespace in source.namespaces:
         yield f"# namespace: {namespace}\n".encode()

@@ -25,6 +25,7 @@ class GPG:
         self.homedir.chmod(0o700)
         self._gpg = gnupg.GPG(gnupghome=str(self.homedir))
         self._gpg.encoding = "utf-8"
+        self._gpg.buffer_size = 64 * 1024  # pipe-sized chunks: fewer Python calls per GB streamed
 
     def __enter__(self) -> GPG:
         return self

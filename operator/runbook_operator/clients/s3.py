@@ -77,7 +77,9 @@ class MultipartUpload:
         self.size += len(chunk)
         self._buffer += chunk
         while len(self._buffer) >= self.part_size:
-            self._upload_part(bytes(self._buffer[: self.part_size]))
+            with memoryview(self._buffer) as view:  # one copy of the part, not two
+                part = bytes(view[: self.part_size])
+            self._upload_part(part)
             del self._buffer[: self.part_size]
 
     def _upload_part(self, data: bytes) -> None:

@@ -5,31 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import kopf
-from pydantic import BaseModel, ValidationError
 
 from ..conditions import ConditionStatus, set_condition
 from ..errors import RunbookError
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def describe_validation_error(error: ValidationError, root: str = "spec") -> str:
-    """The first problem as one line naming the field, e.g. ``spec.retention.maxAge: ...``."""
-    first = error.errors()[0]
-    location = ".".join(str(part) for part in (root, *first["loc"]))
-    message = first["msg"].removeprefix("Value error, ")
-    return f"{location}: {message}"
-
-
-def parse_spec(model: type[M], spec: Any) -> M:
-    """The spec as its model, or a ``RunbookError(InvalidSpec)`` naming the field."""
-    try:
-        return model.model_validate(dict(spec or {}))
-    except ValidationError as error:
-        raise RunbookError("InvalidSpec", describe_validation_error(error)) from None
+from ..errors import parse_spec as parse_spec  # noqa: PLC0414 - re-exported; its kopf-free home is errors.py
 
 
 class StatusPatch:
