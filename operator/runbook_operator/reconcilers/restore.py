@@ -630,8 +630,12 @@ def record_drill(namespace: str, policy: str, restore: str, status: dict[str, An
         if status.get("phase") == SUCCEEDED:
             when = datetime.fromisoformat(str(status.get("completionTime")).replace("Z", "+00:00"))
             metrics.BACKUP_LAST_VERIFIED.labels(namespace, policy).set(when.timestamp())
-        kopf.info(
-            kopf.Body(current), reason="DrillRecorded", message=changes.get("conditions", [{}])[-1].get("message", "")
+        condition = next(c for c in patch.get("conditions") if c["type"] == "Verified")
+        post = kopf.info if condition["status"] == "True" else kopf.warn
+        post(
+            kopf.Body(current),
+            reason="Verified" if condition["status"] == "True" else "DrillFailed",
+            message=condition["message"],
         )
         return
 
