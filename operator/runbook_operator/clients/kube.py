@@ -59,8 +59,9 @@ def is_conflict(error: BaseException) -> bool:
     return isinstance(error, ApiException) and error.status == 409
 
 
-def read_secret_value(namespace: str, name: str, key: str, *, field: str) -> str:
-    """One value of a Secret, registered with the log redactor. ``field`` names the spec field for errors."""
+def read_secret_value(namespace: str, name: str, key: str, *, field: str, redact: bool = True) -> str:
+    """One value of a Secret, registered with the log redactor unless ``redact`` is False (a user name that
+    would redact ordinary words, e.g. ``postgres``). ``field`` names the spec field for errors."""
     try:
         secret = core().read_namespaced_secret(name, namespace)
     except ApiException as error:
@@ -71,7 +72,8 @@ def read_secret_value(namespace: str, name: str, key: str, *, field: str) -> str
     if key not in data:
         raise RunbookError("SecretKeyMissing", f"{field}: Secret {name} has no key {key!r}", retry_after=30)
     value = base64.b64decode(data[key]).decode()
-    REDACTOR.register(value)
+    if redact:
+        REDACTOR.register(value)
     return value
 
 

@@ -228,6 +228,11 @@ class _Rotation:
         self.stopped = stopped
         self.logger = logger
 
+    def _tell(self, reason: str, message: str) -> None:
+        """A log line and an Event (kopf does not post a daemon's log lines as Events)."""
+        self.logger.info(message)
+        kopf.info(self.body, reason=reason, message=message)
+
     @property
     def in_flight(self) -> bool:
         return self.status.get("step") not in (None, "Done")
@@ -344,7 +349,7 @@ class _Rotation:
         )
         self.status.condition("Rotated", "Unknown", "InProgress", f"rotation {rotation_id} started")
         self.commit()
-        self.logger.info(f"Rotation {rotation_id} started")
+        self._tell("RotationStarted", f"Rotation {rotation_id} started")
 
     def _done(self, step: str, **fields: Any) -> str:
         """Record a completed step (after the test hook, which simulates a crash just before this write)."""
@@ -393,7 +398,7 @@ class _Rotation:
                 raise
             # A pending Secret of an older rotation (ownership checked by _read_pending): replace it.
             core.replace_namespaced_secret(manifest["metadata"]["name"], self.namespace, manifest)
-        self.logger.info(f"Rotation {rotation_id}: new value generated (pending Secret)")
+        self._tell("Generated", f"Rotation {rotation_id}: new value generated (pending Secret)")
         return Pending(password, username)
 
     def _apply(self, spec: SecretRotationSpec, pending: Pending) -> None:
@@ -457,9 +462,10 @@ class _Rotation:
         data = secret.data or {}
         if any(data.get(key) != value for key, value in patch["data"].items()):
             kube.core().patch_namespaced_secret(ref.name, self.namespace, patch, _content_type=MERGE)
-        self.logger.info(
+        self._tell(
+            "Published",
             f"Published to Secret {ref.name} key {ref.key} (fingerprint {build.fingerprint(pending.password)})"
-            + (f" for login role {pending.username}" if pending.username else "")
+            + (f" for login role {pending.username}" if pending.username else ""),
         )
 
     def _restart(self, spec: SecretRotationSpec, rotation_id: str) -> None:
@@ -477,7 +483,7 @@ class _Rotation:
                     kube.apps().patch_namespaced_deployment(ref.name, self.namespace, patch, _content_type=MERGE)
                 else:
                     kube.apps().patch_namespaced_stateful_set(ref.name, self.namespace, patch, _content_type=MERGE)
-                self.logger.info(f"Restarting {ref.kind} {ref.name}")
+                self._tell("Restarting", f"Restarting {ref.kind} {ref.name}")
             waiting[index] = "rollout not observed yet"
         deadline = _time(self.status.get("stepTime")).timestamp() + parse_duration(spec.rollout_timeout).total_seconds()
         while True:
@@ -552,7 +558,9 @@ class _Rotation:
             restarted=[f"{r.kind}/{r.name}" for r in records if r.ready],
             notRolledOut=[f"{r.kind}/{r.name}" for r in records if not r.ready],
         )
-        self.logger.info(f"Rotation {rotation_id} finished: Secret {spec.secret_ref.name} fingerprint {fingerprint}")
+        self._tell(
+            "Rotated", f"Rotation {rotation_id} finished: Secret {spec.secret_ref.name} fingerprint {fingerprint}"
+        )
 
     # ------------------------------------------------------------------------------------ reading
 
@@ -582,10 +590,17 @@ class _Rotation:
 
     def _secret_username(self, spec: SecretRotationSpec) -> str | None:
         """The login role the rotated Secret names now (dual), if any."""
-        key = spec.secret_ref.username_key
-        secret = kube.core().read_namespaced_secret(spec.secret_ref.name, self.namespace)
-        value = (secret.data or {}).get(key) if key else None
-        return base64.b64decode(value).decode() if value else None
+        ref = spec.secret_ref
+        if ref.username_key is None:
+            return None
+        try:
+            return kube.read_secret_value(
+                self.namespace, ref.name, ref.username_key, field="spec.secretRef.usernameKey", redact=False
+            )
+        except RunbookError as error:
+            if error.reason == "SecretKeyMissing":
+                return None
+            raise
 
     def _read_workload(self, ref: WorkloadRef) -> dict[str, Any] | None:
         try:
@@ -601,7 +616,7 @@ class _Rotation:
         return serialized
 
     def _admin(self, ref: CredentialsSecretRef, field: str) -> tuple[str, str]:
-        user = kube.read_secret_value(self.namespace, ref.name, ref.username_key, field=field)
+        user = kube.read_secret_value(self.namespace, ref.name, ref.username_key, field=field, redact=False)
         password = kube.read_secret_value(self.namespace, ref.name, ref.password_key, field=field)
         return user, password
 
