@@ -4,6 +4,8 @@ S3 API server; each backup is then restored by hand with stock tools, and each f
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import json
 import os
 import socket
 import struct
@@ -12,10 +14,12 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from tests.backup_support import (
     agent_env,
     bucket_keys,
@@ -26,9 +30,9 @@ from tests.backup_support import (
     run_agent,
     start_agent,
 )
-from tests.services import GpgKeyring, Postgres, Redis, S3Server, free_port
+from tests.services import GpgKeyring, Postgres, Redis, S3Server, free_port, wait_port
 
-from runbook_operator.agent import GPG_PASSPHRASE_ENV, REDIS_PASSWORD_ENV
+from runbook_operator.agent import GPG_PASSPHRASE_ENV, REDIS_PASSWORD_ENV, SPEC_ENV
 
 BACKUP_USER = "backup_reader"
 BACKUP_PASSWORD = "backup-reader-pw-1"
@@ -390,3 +394,107 @@ def test_s3_going_away_mid_upload(
     line = assert_failed(result, "UploadFailed", s3_server.secret_key)
     assert "could not be aborted" not in line
     assert_nothing_stored(s3_server, bucket)
+
+
+def _tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it (PEM files)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    now = datetime.now(UTC)
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("test redis CA"))
+        .issuer_name(name("test redis CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(name("127.0.0.1"))
+        .issuer_name(ca.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = directory / "ca.crt", directory / "server.crt", directory / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return paths
+
+
+def test_redis_over_tls_with_an_acl_user(
+    s3_server: S3Server, gpg_keyring: GpgKeyring, bucket: str, tmp_path: Path
+) -> None:
+    """The runbook's Redis listens with TLS: the agent verifies the server against the CA from its Secret and
+    logs in as an ACL user; the RDB still loads into a fresh redis-server."""
+    ca, cert, key = _tls_files(tmp_path)
+    port, password = free_port(), "backup-user-password"
+    server = subprocess.Popen(
+        [
+            *("redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)),
+            *("--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca)),
+            *("--tls-auth-clients", "no", "--save", "", "--user", "backup", "on", f">{password}", "~*", "+@all"),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port, process=server)
+        client = redis.Redis(
+            host="127.0.0.1", port=port, username="backup", password=password, ssl=True, ssl_ca_certs=str(ca)
+        )
+        client.mset({f"cart:{i}": i for i in range(500)})
+        source = {
+            "redis": {
+                "host": "127.0.0.1",
+                "port": port,
+                "username": "backup",
+                "tls": {"enabled": True, "caSecretRef": {"name": "redis-tls", "key": "ca.crt"}},
+                "passwordSecretRef": {"name": "redis-credentials", "key": "password"},
+            }
+        }
+        env = agent_env(
+            policy_spec(source, s3_server, bucket),
+            s3_server,
+            gpg_keyring,
+            **{REDIS_PASSWORD_ENV: password, "RUNBOOK_REDIS_CA_FILE": str(ca)},
+        )
+        result = run_agent(env)
+        assert result.returncode == 0, result.stderr
+        assert password not in result.stdout + result.stderr
+        manifest = manifest_of(s3_server, bucket)
+        assert manifest["source"]["keyspace"] == {"db0": 500}
+        encrypted = s3_server.client().get_object(Bucket=bucket, Key=manifest["data"]["key"])["Body"].read()
+        restored = tmp_path / "restored"
+        restored.mkdir()
+        (restored / "dump.rdb").write_bytes(gpg_keyring.decrypt(encrypted))
+        with Redis(restored) as fresh:
+            assert fresh.client().dbsize() == 500
+            assert fresh.client().get("cart:499") == b"499"
+        # Without the CA the server cannot be verified: the run fails before anything is stored.
+        other = new_bucket(s3_server)
+        env[SPEC_ENV] = json.dumps(policy_spec(source, s3_server, other))
+        env["RUNBOOK_REDIS_CA_FILE"] = str(cert)  # a certificate that is not the CA
+        assert_failed(run_agent(env), "SourceUnavailable", password)
+        assert_nothing_stored(s3_server, other)
+    finally:
+        server.terminate()
+        server.wait(10)
