@@ -634,3 +634,30 @@ def test_kubernetes_export_reapplies_to_a_fresh_namespace(
         assert cluster.core.read_namespaced_service("frontend", fresh).spec.ports[0].port == 80
     finally:
         cluster.core.delete_namespace(fresh)
+
+
+def test_deletion_policy_delete_removes_only_its_backups(
+    cluster: Cluster,
+    references: None,
+    postgres: Postgres,
+    database: str,
+    s3_server: S3Server,
+    bucket: str,
+    operator_runner: kopf.testing.KopfRunner,
+    wait_for: Callable[..., Any],
+) -> None:
+    cluster.create_policy(pg_policy_spec(postgres, database, s3_server, bucket, deletionPolicy="Delete"))
+    wait_for(cluster.cronjob, timeout=60, what="the CronJob")
+    wait_for(lambda: cluster.policy()["metadata"].get("finalizers"), timeout=30, what="the finalizer")
+    now = datetime.now(UTC)
+    ours = [f"postgresql/{cluster.namespace}/{POLICY}/{format_timestamp(now - timedelta(days=d))}/" for d in (1, 2)]
+    other = f"postgresql/{cluster.namespace}/other/{format_timestamp(now)}/"
+    for folder in [*ours, other]:
+        _seed_backup(s3_server, bucket, folder, complete=True)
+    cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, POLICY)
+    wait_for(
+        lambda: not cluster.custom.list_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL)["items"],
+        timeout=60,
+        what="the policy gone",
+    )
+    assert bucket_keys(s3_server, bucket) == [f"{other}manifest.json", f"{other}postgresql.dump.gpg"]
