@@ -494,6 +494,32 @@ def test_drill_restores_into_a_scratch_database_and_sets_verified(
     assert abs(gauge - datetime.now(UTC).timestamp()) < 300
 
 
+def test_drill_of_a_tampered_backup_sets_verified_false(
+    cluster: Cluster, backup: Backup, postgres: Postgres, s3_server: S3Server, operator: Any
+) -> None:
+    tamper(s3_server, backup.bucket, backup.manifest["data"]["key"])
+    scratch = create_empty_database(postgres)
+    verification = {
+        "schedule": "* * * * *",
+        "target": {"database": scratch},
+        "decryptionSecretRef": {"name": PRIVATE_KEY_SECRET, "key": "private.asc"},
+    }
+    cluster.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, cluster.namespace, "backuppolicies", POLICY, {"spec": {"verification": verification}}
+    )
+
+    def refuted() -> dict[str, Any] | None:
+        policy = cluster.get("backuppolicies", POLICY)
+        return policy if cluster.condition(policy, "Verified").get("status") == "False" else None
+
+    policy = cluster.wait_for(refuted, timeout=120, what="Verified=False on the policy")
+    assert cluster.condition(policy, "Verified")["reason"] == "ChecksumMismatch"
+    assert "lastVerifiedBackup" not in policy["status"]
+    assert "DrillFailed" in [e.reason for e in cluster.events(POLICY)]
+    with postgres.connect(scratch) as conn:  # the scratch database was not touched either
+        assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone() == (0,)
+
+
 def test_api_server_refuses_spec_changes_and_drills_onto_the_source(
     cluster: Cluster, backup: Backup, shop: str
 ) -> None:
