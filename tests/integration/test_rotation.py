@@ -683,7 +683,12 @@ def test_no_rotation_starts_while_the_namespace_is_isolated(
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "EmergencyIsolation",
         "metadata": {"name": "breach"},
-        "spec": {"reason": "test", "incidentId": "INC-1", "network": {"isolate": False}},
+        "spec": {
+            "reason": "test",
+            "incidentId": "INC-1",
+            "network": {"isolate": False},
+            "evidence": {"capture": False},
+        },
     }
     cluster.custom.create_namespaced_custom_object(GROUP, VERSION, cluster.namespace, "emergencyisolations", isolation)
     monkeypatch.delenv(CRASH_AFTER_ENV)
@@ -693,6 +698,14 @@ def test_no_rotation_starts_while_the_namespace_is_isolated(
         # ... but no new one starts.
         cluster.patch_spec("token", {"rotateNow": "2"})
         paused = cluster.wait_condition("token", "Paused", "True", "NamespaceIsolated")
+        phase = (
+            cluster.custom.get_namespaced_custom_object(
+                GROUP, VERSION, cluster.namespace, "emergencyisolations", "breach"
+            )
+            .get("status", {})
+            .get("phase")
+        )
+        assert phase not in ("Released", "Rejected", "Invalid")  # an isolation that holds the namespace
         assert "EmergencyIsolation breach" in paused["message"]
         time.sleep(2)
         assert cluster.secret() == first and cluster.rotation("token")["status"]["rotateNow"] == "1"
