@@ -589,6 +589,8 @@ def test_bad_inputs_get_clear_conditions_and_nothing_half_done(
             f"spec.secretRef: Secret {SECRET} has no key 'MISSING'",
         ),
     }
+    cases["taken"] = (good, "PendingSecretConflict", "Secret taken-rotation-pending exists and is not owned")
+    cluster.create_secret(pending_secret_name("taken"), {"password": "someone-elses-value"})
     for name, (spec, _, _) in cases.items():
         cluster.create_rotation(name, spec)
     for name, (_, reason, message) in cases.items():
@@ -597,9 +599,10 @@ def test_bad_inputs_get_clear_conditions_and_nothing_half_done(
         status = cluster.rotation(name)["status"]
         assert "rotationId" not in status and "step" not in status, name
         assert status["phase"] == "Failed"
-        assert cluster.pending(name) is None
+        assert cluster.pending(name) is None or name == "taken"
         assert any(e.reason == reason for e in cluster.events() if e.involved_object.name == name), name
     assert cluster.secret() == original and role.login(role.password)
+    assert cluster.pending("taken") == {"password": "someone-elses-value"}
 
     # The database that was down is retried with backoff (10 s, then 20 s: not a hot loop) ...
     def attempts() -> int:

@@ -309,6 +309,7 @@ class _Rotation:
     def _preflight(self, spec: SecretRotationSpec) -> None:
         """Every input a rotation needs, checked before it starts: a bad one leaves nothing half-done."""
         kube.read_secret_value(self.namespace, spec.secret_ref.name, spec.secret_ref.key, field="spec.secretRef")
+        self._pending_secret()
         for index, ref in enumerate(spec.restart_targets):
             if self._read_workload(ref) is None:
                 raise RunbookError(
@@ -564,8 +565,8 @@ class _Rotation:
 
     # ------------------------------------------------------------------------------------ reading
 
-    def _read_pending(self, rotation_id: str) -> Pending | None:
-        """The pending value of this rotation, if stored; a pending Secret of another rotation counts as none."""
+    def _pending_secret(self) -> Any:
+        """The pending Secret (a V1Secret) if it exists; one this resource does not own is a conflict."""
         name = build.pending_secret_name(self.name)
         try:
             secret = kube.core().read_namespaced_secret(name, self.namespace)
@@ -580,7 +581,12 @@ class _Rotation:
                 f"Secret {name} exists and is not owned by this SecretRotation: rename or delete it",
                 retry_after=REFUSED_RETRY,
             )
-        if (secret.metadata.annotations or {}).get(build.ROTATION_ID) != rotation_id:
+        return secret
+
+    def _read_pending(self, rotation_id: str) -> Pending | None:
+        """The pending value of this rotation, if stored; a pending Secret of another rotation counts as none."""
+        secret = self._pending_secret()
+        if secret is None or (secret.metadata.annotations or {}).get(build.ROTATION_ID) != rotation_id:
             return None
         data = secret.data or {}
         password = base64.b64decode(data[build.PENDING_PASSWORD]).decode()
