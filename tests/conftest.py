@@ -9,6 +9,14 @@ import pytest
 from tests.services import GpgKeyring, Postgres, Redis, S3Server
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--kubeconfig",
+        default=None,
+        help="run the integration tests against this cluster instead of a local control plane",
+    )
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
     with Postgres() as server:

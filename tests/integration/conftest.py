@@ -31,14 +31,6 @@ import localcluster  # noqa: E402 - found through the sys.path entry above
 OPERATOR_ARGS = ["run", "--standalone", "-m", "runbook_operator.main"]
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption(
-        "--kubeconfig",
-        default=None,
-        help="run the integration tests against this cluster instead of a local control plane",
-    )
-
-
 def poll_until(condition: Any, *, timeout: float = 60.0, interval: float = 0.25, what: str = "condition") -> Any:
     """Poll condition() until it returns something truthy; return that, or fail after timeout seconds."""
     deadline = time.monotonic() + timeout
