@@ -279,6 +279,12 @@ class _Rotation:
 
     def _idle(self, spec: SecretRotationSpec) -> float | None:
         """Status between rotations; the seconds until the next one."""
+        due = self._schedule(spec)
+        self.commit()
+        return None if due is None else max(0.0, (due - datetime.now(UTC)).total_seconds())
+
+    def _schedule(self, spec: SecretRotationSpec) -> datetime | None:
+        """The next rotation time, Ready and the metric, as they stand between rotations (not yet written)."""
         due = self._next_due(spec)
         last = self.status.get("lastRotationTime")
         if last:
@@ -292,8 +298,7 @@ class _Rotation:
             when = f"next rotation at {_rfc3339(due)}" if due else "rotates when spec.rotateNow changes"
             self.status.condition("Ready", "True", "Scheduled", when)
             self.status.set(phase="Ready")
-        self.commit()
-        return None if due is None else max(0.0, (due - datetime.now(UTC)).total_seconds())
+        return due
 
     def _pause(self, isolation: str) -> None:
         """Paused until the isolation ends (its changes wake the clock); a rotation in flight is not paused."""
@@ -543,6 +548,7 @@ class _Rotation:
         self.status.condition(
             "Rotated", "True", "Rotated", f"rotation {rotation_id} finished (fingerprint {fingerprint})"
         )
+        self._schedule(spec)  # one write: Done together with the next rotation time and Ready
         self.commit()
         records = [RolloutRecord.model_validate(r) for r in self.status.get("targets") or []]
         audit(
