@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +50,8 @@ def _sse(location: S3Location) -> dict[str, Any]:
 
 @dataclass
 class MultipartUpload:
-    """A streaming upload: ``write`` buffers at most one part, ``complete`` commits, ``abort`` discards.
+    """A streaming upload: ``write`` buffers at most one part while the previous one is sent (so the producer
+    keeps going during the request), ``complete`` commits, ``abort`` discards. Memory: two parts at most.
 
     The SHA-256 and size of everything written are computed on the way.
     """
@@ -63,6 +65,8 @@ class MultipartUpload:
     _buffer: bytearray = field(default_factory=bytearray)
     _parts: list[dict[str, Any]] = field(default_factory=list)
     _upload_id: str | None = None
+    _sender: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="s3-part"))
+    _in_flight: Future[None] | None = None
 
     def __post_init__(self) -> None:
         response = self.client.create_multipart_upload(Bucket=self.location.bucket, Key=self.key, **_sse(self.location))
@@ -77,22 +81,35 @@ class MultipartUpload:
         self.size += len(chunk)
         self._buffer += chunk
         while len(self._buffer) >= self.part_size:
-            with memoryview(self._buffer) as view:  # one copy of the part, not two
+            self._wait()  # the previous part is stored (or its error raised) before the next is copied
+            with memoryview(self._buffer) as view:
                 part = bytes(view[: self.part_size])
-            self._upload_part(part)
             del self._buffer[: self.part_size]
+            self._send(part)
 
-    def _upload_part(self, data: bytes) -> None:
+    def _wait(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight.result()
+            self._in_flight = None
+
+    def _send(self, data: bytes) -> None:
         number = len(self._parts) + 1
+        self._parts.append({"PartNumber": number})
+        self._in_flight = self._sender.submit(self._upload_part, data, number)
+
+    def _upload_part(self, data: bytes, number: int) -> None:
         response = self.client.upload_part(
             Bucket=self.location.bucket, Key=self.key, UploadId=str(self._upload_id), PartNumber=number, Body=data
         )
-        self._parts.append({"ETag": response["ETag"], "PartNumber": number})
+        self._parts[number - 1]["ETag"] = response["ETag"]
 
     def complete(self) -> None:
+        self._wait()
         if self._buffer or not self._parts:
-            self._upload_part(bytes(self._buffer))
+            self._send(bytes(self._buffer))
             self._buffer.clear()
+            self._wait()
+        self._sender.shutdown()
         self.client.complete_multipart_upload(
             Bucket=self.location.bucket,
             Key=self.key,
@@ -102,6 +119,10 @@ class MultipartUpload:
 
     def abort(self) -> None:
         self._buffer.clear()
+        if self._in_flight is not None:
+            self._in_flight.exception()  # let the part in flight end; its error is the caller's to report
+            self._in_flight = None
+        self._sender.shutdown()
         self.client.abort_multipart_upload(Bucket=self.location.bucket, Key=self.key, UploadId=str(self._upload_id))
 
 
