@@ -22,6 +22,8 @@ import kubernetes
 import pytest
 import yaml
 
+import runbook_operator.main
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO_ROOT / "crds"
 sys.path.insert(0, str(REPO_ROOT / "tools" / "localcluster"))
@@ -135,11 +137,18 @@ def namespace(api: kubernetes.client.ApiClient) -> Iterator[str]:
                 raise
 
 
-@pytest.fixture
-def operator_runner(
-    kubeconfig: Path, namespace: str, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[kopf.testing.KopfRunner]:
-    """The operator running in-process (kopf's own runner), watching only the test's namespace."""
+@pytest.fixture(autouse=True)
+def _in_process_operator(kubeconfig: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lets tests run the operator in-process, more than once: no metrics port is bound (a second runner
+    would find it taken), and the kubernetes library, which reads $KUBECONFIG once at import, defaults to
+    the cluster under test (kopf's login and our client both use that default)."""
+    monkeypatch.setattr(runbook_operator.main.SETTINGS, "metrics_port", 0)
+    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+
+
+@pytest.fixture
+def operator_runner(namespace: str) -> Iterator[kopf.testing.KopfRunner]:
+    """The operator running in-process (kopf's own runner), watching only the test's namespace."""
     with kopf.testing.KopfRunner([*OPERATOR_ARGS, "--namespace", namespace], timeout=60) as runner:
         yield runner

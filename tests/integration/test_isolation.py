@@ -27,7 +27,6 @@ import yaml
 from prometheus_client import REGISTRY
 from tests.services import GpgKeyring, S3Server, free_port
 
-import runbook_operator.main
 from runbook_operator.builders.isolation import SNAPSHOT_ANNOTATION
 from runbook_operator.reconcilers import isolation
 from runbook_operator.reconcilers.interlock import active_isolation
@@ -42,14 +41,6 @@ KEPT = {"postgresql": 1, "redis": 1}
 ALLOW_ALL = {"podSelector": {}, "ingress": [{}], "egress": [{}], "policyTypes": ["Ingress", "Egress"]}
 S3_SECRET = "evidence-s3"
 GPG_CONFIG_MAP = "security-team-keys"
-
-
-@pytest.fixture(autouse=True)
-def _in_process_operator(kubeconfig: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The in-process operator runs once per test: do not bind the metrics port again. The kubernetes library
-    reads $KUBECONFIG once, at import: point its default (used by kopf's login and our client) at the test's."""
-    monkeypatch.setattr(runbook_operator.main.SETTINGS, "metrics_port", 0)
-    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
 
 
 class Cluster:

@@ -34,7 +34,6 @@ from tests.restore_support import (
 )
 from tests.services import GpgKeyring, Postgres, S3Server, free_port
 
-import runbook_operator.main
 from runbook_operator import metrics
 from runbook_operator.builders.restore import DRILL_LABEL, REPLICAS_ANNOTATION, job_name
 
@@ -44,14 +43,6 @@ GROUP, VERSION = "runbook.dev", "v1alpha1"
 POLICY = "db"
 WORKLOADS = {"api": 3, "backend": 5}  # not the runbook's hard-coded 2
 PRIVATE_KEY_SECRET = "restore-gpg-private"
-
-
-@pytest.fixture(autouse=True)
-def _in_process_operator(kubeconfig: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The in-process operator must not bind the metrics port again, and the kubernetes library reads
-    $KUBECONFIG once, at import: point its default at the test's."""
-    monkeypatch.setattr(runbook_operator.main.SETTINGS, "metrics_port", 0)
-    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
 
 
 class Cluster:

@@ -23,7 +23,6 @@ import redis
 from prometheus_client import REGISTRY
 from tests.services import Postgres, Redis, free_port
 
-import runbook_operator.main
 from runbook_operator.builders.rotation import ROTATION_ID, fingerprint, pending_secret_name
 from runbook_operator.clients.postgres import set_password
 from runbook_operator.reconcilers.rotation import CRASH_AFTER_ENV, STEPS
@@ -35,14 +34,6 @@ WaitFor = Callable[..., Any]
 # The fake nodes' lease heartbeat is not under test: a control plane whose node lifecycle controller has
 # tainted them not-ready (a lapsed kwok lease) still schedules these pods, which kwok then runs and readies.
 NODE_NOT_READY = [{"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoSchedule"}]
-
-
-@pytest.fixture(autouse=True)
-def _in_process_operator(monkeypatch: pytest.MonkeyPatch, kubeconfig: Path) -> None:
-    """The in-process operator runs once per test (or more): do not bind the metrics port again. The
-    kubernetes client reads $KUBECONFIG once, at import: point its default (kopf's login, our client) here."""
-    monkeypatch.setattr(runbook_operator.main.SETTINGS, "metrics_port", 0)
-    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
 
 
 def b64(value: str) -> str:

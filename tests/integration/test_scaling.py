@@ -6,14 +6,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import kopf.testing
 import kubernetes
 import pytest
 
-import runbook_operator.main
 from runbook_operator.models.common import parse_quantity
 
 pytestmark = pytest.mark.integration
@@ -26,14 +24,6 @@ VPA_CRD = "verticalpodautoscalers.autoscaling.k8s.io"
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(autouse=True)
-def _in_process_operator(kubeconfig: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The in-process operator runs once per test: do not bind the metrics port again. The kubernetes library
-    reads $KUBECONFIG once, at import: point its default (used by kopf's login and our client) at the test's."""
-    monkeypatch.setattr(runbook_operator.main.SETTINGS, "metrics_port", 0)
-    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
 
 
 def deployment(name: str, replicas: int = 2) -> dict[str, Any]:
