@@ -19,6 +19,7 @@ from .common import (
     StatusModel,
     TimeZone,
     WorkloadRef,
+    cel,
 )
 from .sources import Encryption, PostgresConnection, RedisConnection, S3Location
 
@@ -95,14 +96,12 @@ class BackupSource(CamelModel):
     """What to back up: exactly one of postgresql, redis, kubernetes."""
 
     model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "[has(self.postgresql), has(self.redis), has(self.kubernetes)].filter(x, x).size() == 1",
-                    "message": "set exactly one of postgresql, redis, kubernetes",
-                }
-            ]
-        }
+        json_schema_extra=cel(
+            (
+                "[has(self.postgresql), has(self.redis), has(self.kubernetes)].filter(x, x).size() == 1",
+                "set exactly one of postgresql, redis, kubernetes",
+            ),
+        )
     )
 
     postgresql: PostgresConnection | None = Field(None, description="A PostgreSQL database (pg_dump -Fc).")
@@ -165,30 +164,27 @@ class BackupPolicySpec(CamelModel):
     """A scheduled, encrypted backup of one source to S3."""
 
     model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "!has(self.verification) || has(self.source.postgresql)",
-                    "message": "verification: restore drills need a postgresql source",
-                },
-                {
-                    "rule": "!has(self.verification) || !has(self.source.postgresql) || "
-                    "(has(self.verification.target.database) && "
-                    "self.verification.target.database != self.source.postgresql.database) || "
-                    "(has(self.verification.target.host) && "
-                    "self.verification.target.host != self.source.postgresql.host) || "
-                    "(has(self.verification.target.port) && "
-                    "self.verification.target.port != self.source.postgresql.port)",
-                    "message": "verification.target: must name a scratch database, not the source database",
-                },
-                {
-                    "rule": "!has(self.verification) || has(self.encryption.gpg.passphraseSecretRef) || "
-                    "has(self.verification.decryptionSecretRef)",
-                    "message": "verification.decryptionSecretRef: backups are encrypted to public keys; "
-                    "name the private key",
-                },
-            ]
-        }
+        json_schema_extra=cel(
+            (
+                "!has(self.verification) || has(self.source.postgresql)",
+                "verification: restore drills need a postgresql source",
+            ),
+            (
+                "!has(self.verification) || !has(self.source.postgresql) || "
+                "(has(self.verification.target.database) && "
+                "self.verification.target.database != self.source.postgresql.database) || "
+                "(has(self.verification.target.host) && "
+                "self.verification.target.host != self.source.postgresql.host) || "
+                "(has(self.verification.target.port) && "
+                "self.verification.target.port != self.source.postgresql.port)",
+                "verification.target: must name a scratch database, not the source database",
+            ),
+            (
+                "!has(self.verification) || has(self.encryption.gpg.passphraseSecretRef) || "
+                "has(self.verification.decryptionSecretRef)",
+                "verification.decryptionSecretRef: backups are encrypted to public keys; name the private key",
+            ),
+        )
     )
 
     source: BackupSource = Field(description="What to back up.")
@@ -278,11 +274,9 @@ class BackupRestoreSpec(CamelModel):
     """A one-off restore of a PostgreSQL backup made by a BackupPolicy (immutable: create a new one to retry)."""
 
     model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {"rule": "self == oldSelf", "message": "spec is immutable: create a new BackupRestore instead"}
-            ]
-        }
+        json_schema_extra=cel(
+            ("self == oldSelf", "spec is immutable: create a new BackupRestore instead"),
+        )
     )
 
     policy_ref: ObjectName = Field(description="Name of the BackupPolicy whose backups to restore.")

@@ -49,6 +49,15 @@ _QUANTITY_SUFFIXES = {
 }
 
 
+def cel(*rules: tuple[str, str]) -> dict[str, Any]:
+    """Schema extras with CEL rules ``(rule, message)`` the API server checks (``x-kubernetes-validations``).
+
+    Used as ``model_config = ConfigDict(json_schema_extra=cel(...))`` or ``Field(json_schema_extra=cel(...))``;
+    the model's own validator states the same invariant for the operator.
+    """
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in rules]}
+
+
 class CamelModel(BaseModel):
     """Base for every API object part: camelCase on the wire, snake_case in Python, typos rejected."""
 
@@ -181,15 +190,13 @@ class LabelSelector(CamelModel):
     """A Kubernetes label selector. An empty selector matches everything."""
 
     model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "!has(self.matchExpressions) || self.matchExpressions.all(e, "
-                    "(e.operator in ['In', 'NotIn']) == (has(e.values) && size(e.values) > 0))",
-                    "message": "matchExpressions: In and NotIn need values; Exists and DoesNotExist take none",
-                }
-            ]
-        }
+        json_schema_extra=cel(
+            (
+                "!has(self.matchExpressions) || self.matchExpressions.all(e, "
+                "(e.operator in ['In', 'NotIn']) == (has(e.values) && size(e.values) > 0))",
+                "matchExpressions: In and NotIn need values; Exists and DoesNotExist take none",
+            ),
+        )
     )
 
     match_labels: dict[str, str] = Field(default_factory=dict, description="Labels that must all match.")

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from .common import CamelModel, LabelSelector, LabelSelectorRequirement, StatusBase, StatusModel
+from .common import CamelModel, LabelSelector, LabelSelectorRequirement, StatusBase, StatusModel, cel
 from .sources import Encryption, S3Location
 
 CIDR = r"^([0-9]{1,3}\.){3}[0-9]{1,3}/[0-9]{1,2}$|^[0-9a-fA-F:]+/[0-9]{1,3}$"
@@ -81,24 +81,22 @@ class EmergencyIsolationSpec(CamelModel):
     """Contain a namespace during a suspected breach; release it exactly."""
 
     model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "!has(oldSelf.released) || !oldSelf.released || (has(self.released) && self.released)",
-                    "message": "released cannot be undone: create a new EmergencyIsolation to isolate again",
-                },
-                {
-                    "rule": "has(self.scaleToZero) == has(oldSelf.scaleToZero)"
-                    " && (!has(self.scaleToZero) || self.scaleToZero == oldSelf.scaleToZero)",
-                    "message": "scaleToZero is immutable: the snapshot was taken with it",
-                },
-                {
-                    "rule": "has(self.evidence) == has(oldSelf.evidence)"
-                    " && (!has(self.evidence) || self.evidence == oldSelf.evidence)",
-                    "message": "evidence is immutable: it may already be preserved",
-                },
-            ]
-        }
+        json_schema_extra=cel(
+            (
+                "!has(oldSelf.released) || !oldSelf.released || (has(self.released) && self.released)",
+                "released cannot be undone: create a new EmergencyIsolation to isolate again",
+            ),
+            (
+                "has(self.scaleToZero) == has(oldSelf.scaleToZero)"
+                " && (!has(self.scaleToZero) || self.scaleToZero == oldSelf.scaleToZero)",
+                "scaleToZero is immutable: the snapshot was taken with it",
+            ),
+            (
+                "has(self.evidence) == has(oldSelf.evidence)"
+                " && (!has(self.evidence) || self.evidence == oldSelf.evidence)",
+                "evidence is immutable: it may already be preserved",
+            ),
+        )
     )
 
     reason: str = Field(description="Why the namespace is isolated.", min_length=1, max_length=1024)

@@ -18,6 +18,7 @@ from .common import (
     StatusModel,
     TimeZone,
     WorkloadRef,
+    cel,
 )
 from .sources import RedisTLS
 
@@ -70,14 +71,9 @@ class RotationTarget(CamelModel):
     """Where the password is used: at most one of postgresql and redis."""
 
     model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "!(has(self.postgresql) && has(self.redis))",
-                    "message": "set at most one of postgresql and redis",
-                }
-            ]
-        }
+        json_schema_extra=cel(
+            ("!(has(self.postgresql) && has(self.redis))", "set at most one of postgresql and redis"),
+        )
     )
 
     postgresql: PostgresRotationTarget | None = Field(None, description="A PostgreSQL role.")
@@ -94,27 +90,22 @@ class SecretRotationSpec(CamelModel):
     """A password that is rotated on a schedule, applied where it is used, and rolled out."""
 
     model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "!(has(self.schedule) && has(self.interval))",
-                    "message": "set at most one of schedule and interval",
-                },
-                {
-                    "rule": "self.strategy != 'dual' || (has(self.target) && has(self.target.postgresql))",
-                    "message": "strategy dual needs target.postgresql",
-                },
-                {
-                    "rule": "self.strategy != 'dual' || has(self.secretRef.usernameKey)",
-                    "message": "strategy dual needs secretRef.usernameKey (the Secret names the active login role)",
-                },
-                {
-                    "rule": "self.strategy != 'dual' || !has(self.target) || !has(self.target.postgresql) "
-                    "|| size(self.target.postgresql.user) <= 61",
-                    "message": "strategy dual: target.postgresql.user must be at most 61 characters",
-                },
-            ]
-        }
+        json_schema_extra=cel(
+            ("!(has(self.schedule) && has(self.interval))", "set at most one of schedule and interval"),
+            (
+                "self.strategy != 'dual' || (has(self.target) && has(self.target.postgresql))",
+                "strategy dual needs target.postgresql",
+            ),
+            (
+                "self.strategy != 'dual' || has(self.secretRef.usernameKey)",
+                "strategy dual needs secretRef.usernameKey (the Secret names the active login role)",
+            ),
+            (
+                "self.strategy != 'dual' || !has(self.target) || !has(self.target.postgresql) "
+                "|| size(self.target.postgresql.user) <= 61",
+                "strategy dual: target.postgresql.user must be at most 61 characters",
+            ),
+        )
     )
 
     secret_ref: RotatedSecretRef = Field(description="The Secret key to rotate.")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -17,14 +17,13 @@ from .common import (
     StatusModel,
     TimeZone,
     WorkloadRef,
+    cel,
     parse_quantity,
 )
 
-_MIN_LE_MAX: dict[str, Any] = {
-    "x-kubernetes-validations": [
-        {"rule": "self.minReplicas <= self.maxReplicas", "message": "minReplicas must not exceed maxReplicas"}
-    ]
-}
+_MIN_LE_MAX = cel(
+    ("self.minReplicas <= self.maxReplicas", "minReplicas must not exceed maxReplicas"),
+)
 
 
 def _check_min_max(min_replicas: int, max_replicas: int, where: str) -> None:
@@ -123,14 +122,12 @@ class Override(CamelModel):
     reason: str = Field(description="Why.", min_length=1, max_length=1024)
 
 
-_TIMING_NEEDS_AUTOSCALING: dict[str, Any] = {
-    "x-kubernetes-validations": [
-        {
-            "rule": "has(self.autoscaling) || ((!has(self.windows) || size(self.windows) == 0) && !has(self.override))",
-            "message": "windows and override adjust the HPA's bounds: they need autoscaling",
-        }
-    ]
-}
+_TIMING_NEEDS_AUTOSCALING = cel(
+    (
+        "has(self.autoscaling) || ((!has(self.windows) || size(self.windows) == 0) && !has(self.override))",
+        "windows and override adjust the HPA's bounds: they need autoscaling",
+    ),
+)
 
 
 class ScalingProfileSpec(CamelModel):
@@ -140,11 +137,9 @@ class ScalingProfileSpec(CamelModel):
 
     target_ref: WorkloadRef = Field(
         description="The Deployment or StatefulSet (immutable: the recorded originals belong to it).",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {"rule": "self == oldSelf", "message": "targetRef is immutable: create another ScalingProfile"}
-            ]
-        },
+        json_schema_extra=cel(
+            ("self == oldSelf", "targetRef is immutable: create another ScalingProfile"),
+        ),
     )
     autoscaling: Autoscaling | None = Field(None, description="Horizontal autoscaling.")
     resources: list[ContainerResources] = Field(default_factory=list, description="Per-container resources.")

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from .common import CamelModel, ConfigMapKeyRef, CredentialsSecretRef, ObjectName, Port, SecretKeyRef
+from .common import CamelModel, ConfigMapKeyRef, CredentialsSecretRef, ObjectName, Port, SecretKeyRef, cel
 
 
 class RedisTLS(CamelModel):
@@ -74,14 +74,12 @@ class GPGEncryption(CamelModel):
     """GPG encryption: to public keys (preferred: the cluster never holds a decryption key) or symmetric."""
 
     model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "has(self.recipientsConfigMapRef) != has(self.passphraseSecretRef)",
-                    "message": "set exactly one of recipientsConfigMapRef and passphraseSecretRef",
-                }
-            ]
-        }
+        json_schema_extra=cel(
+            (
+                "has(self.recipientsConfigMapRef) != has(self.passphraseSecretRef)",
+                "set exactly one of recipientsConfigMapRef and passphraseSecretRef",
+            ),
+        )
     )
 
     recipients_config_map_ref: ConfigMapKeyRef | None = Field(
