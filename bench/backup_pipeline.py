@@ -6,9 +6,9 @@ For dumps of about 100 MB and 1 GB (``pg_dump -Fc`` output; rows generated serve
 - the runbook's sequence: ``pg_dump -Fc -f FILE``, ``gpg --symmetric --cipher-algo AES256 FILE``,
   ``aws s3 cp FILE.gpg s3://...``, one after the other.
 Both encrypt symmetrically with AES256 (the runbook's way) and upload to the same S3 API server (moto).
-Reported: wall time, peak RSS (summed over the process tree: the agent with its pg_dump and gpg; the largest
-step of the sequence), bytes the process tree wrote to local disk (``write_bytes`` of /proc/PID/io), and of
-those the plaintext dump bytes.
+Reported: wall time, peak memory of the process tree (the agent with its pg_dump and gpg; the largest step
+of the sequence) as summed PSS, each program's largest RSS, bytes the process tree wrote to local disk
+(``write_bytes`` of /proc/PID/io), and of those the plaintext dump bytes.
 
     .venv/bin/python bench/backup_pipeline.py [--sizes 100,1000]
 """
@@ -40,12 +40,22 @@ ROW_BYTES = 256
 COMPRESSED_RATIO = 0.56
 
 
+def _pss(pid: int) -> int:
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) * 1024 for line in rollup.splitlines() if line.startswith("Pss:")), 0)
+
+
 @dataclass
 class TreeMonitor:
-    """Samples a process and its descendants: the peak of their summed RSS, and their disk writes."""
+    """Samples a process and its descendants: the peak of their summed memory (PSS), each program's largest
+    RSS, and their disk writes."""
 
     root: int
     peak_rss: int = 0
+    peaks: dict[str, int] = field(default_factory=dict)  # per program: its largest RSS
     _writes: dict[int, int] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -83,9 +93,11 @@ class TreeMonitor:
                     io = Path(f"/proc/{pid}/io").read_text()
                 except OSError:
                     continue
-                total += next(
-                    (int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0
-                )
+                fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+                name = fields["Name"].strip()
+                self.peaks[name] = max(self.peaks.get(name, 0), int(fields.get("VmRSS", "0 kB").split()[0]) * 1024)
+                # Summed over processes, PSS counts pages they share once (a fork before exec shares all).
+                total += _pss(pid)
                 self._writes[pid] = next(
                     int(line.split()[1]) for line in io.splitlines() if line.startswith("write_bytes:")
                 )
@@ -100,6 +112,7 @@ class Result:
     disk_writes: int = 0
     plaintext_on_disk: int = 0
     uploaded: int = 0
+    peaks: dict[str, int] = field(default_factory=dict)
 
 
 def run_measured(args: list[str], env: dict[str, str], result: Result) -> subprocess.CompletedProcess[bytes]:
@@ -110,6 +123,8 @@ def run_measured(args: list[str], env: dict[str, str], result: Result) -> subpro
     result.seconds += time.monotonic() - start
     result.peak_rss = max(result.peak_rss, monitor.peak_rss)
     result.disk_writes += monitor.disk_writes
+    for name, rss in monitor.peaks.items():
+        result.peaks[name] = max(result.peaks.get(name, 0), rss)
     if process.returncode != 0:
         raise RuntimeError(f"{args[0]} failed: {stderr.decode(errors='replace')[-500:]}")
     return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
@@ -200,7 +215,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100,1000", help="Dump sizes to aim at, MB (comma-separated).")
     args = parser.parse_args()
-    print(f"{'dump':>8} {'pipeline':<22} {'wall s':>8} {'peak RSS MiB':>13} {'disk MiB':>9} {'plaintext MiB':>14}")
+    print(
+        f"{'dump':>8} {'pipeline':<22} {'wall s':>8} {'peak MiB':>13} {'disk MiB':>9} {'plaintext MiB':>14}",
+        "  largest RSS per program, MiB",
+    )
     with Postgres() as server, S3Server() as s3:
         bucket = new_bucket(s3)
         for size in (int(s) for s in args.sizes.split(",")):
@@ -213,7 +231,8 @@ def main() -> int:
             for name, r in (("agent (streaming)", agent), ("runbook (files)", runbook), ("agent (again)", again)):
                 print(
                     f"{mib(r.uploaded)} {name:<22} {r.seconds:8.1f} {mib(r.peak_rss):>13} "
-                    f"{mib(r.disk_writes):>9} {mib(r.plaintext_on_disk):>14}",
+                    f"{mib(r.disk_writes):>9} {mib(r.plaintext_on_disk):>14}   "
+                    + ", ".join(f"{name} {rss / 2**20:.0f}" for name, rss in sorted(r.peaks.items())),
                     flush=True,
                 )
             with server.connect() as conn:
