@@ -45,9 +45,12 @@ class SecretRedactor(logging.Filter):
         if self._values:
             record.msg = self.scrub(record.getMessage())
             record.args = None
+            # The traceback becomes text once, so that every later filter and handler sees the scrubbed text.
             if record.exc_info and record.exc_info[1] is not None:
-                record.exc_text = self.scrub(logging.Formatter().formatException(record.exc_info))
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
                 record.exc_info = None
+            if record.exc_text:
+                record.exc_text = self.scrub(record.exc_text)
         return True
 
 
