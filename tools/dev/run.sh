@@ -18,7 +18,7 @@ else
   echo "run: using KUBECONFIG=$KUBECONFIG"
 fi
 
-kubectl apply --server-side -f crds/ -l app.kubernetes.io/part-of=runbook-operator >/dev/null
+kubectl apply --server-side -k crds/ >/dev/null
 kubectl wait --for=condition=Established crd -l app.kubernetes.io/part-of=runbook-operator --timeout=60s >/dev/null
 tools/dev/prerequisites.sh hungryhippaahneties
 
