@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    if args.command != "run":  # kopf configures logging for the operator itself
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     code: int = args.func(args)
     return code
 
