@@ -9,9 +9,13 @@ from typing import Any
 
 import kopf
 
+from ..clients import kube
 from ..conditions import ConditionStatus, set_condition
 from ..errors import RunbookError
 from ..errors import parse_spec as parse_spec  # noqa: PLC0414 - re-exported; its kopf-free home is errors.py
+from ..models import GROUP, VERSION
+
+MERGE_PATCH = "application/merge-patch+json"
 
 
 class StatusPatch:
@@ -46,6 +50,20 @@ class StatusPatch:
             self.set(observedGeneration=self.generation)
         for key, value in self.changes.items():
             patch.status[key] = value
+
+    def write(self, *, plural: str, namespace: str, name: str) -> None:
+        """Write the collected changes now, outside kopf's own patch (a checkpoint that later steps rely on);
+        afterwards they count as current. Writes nothing when nothing changed."""
+        patch = kopf.Patch()
+        self.apply(patch)
+        if not patch:
+            return
+        changes = dict(patch["status"])
+        kube.custom().patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, plural, name, {"status": changes}, _content_type=MERGE_PATCH
+        )
+        self.current.update(changes)
+        self.changes = {}
 
 
 def report_failure(body: kopf.Body, status: StatusPatch, error: RunbookError, *, phase: str | None = None) -> None:

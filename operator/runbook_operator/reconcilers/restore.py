@@ -124,15 +124,7 @@ class Restore:
     # --- status, Events, audit -------------------------------------------------------------------------
 
     def flush(self) -> None:
-        patch = kopf.Patch()
-        self.status.apply(patch)
-        if not patch:
-            return
-        changes = dict(patch["status"])
-        kube.custom().patch_namespaced_custom_object_status(
-            GROUP, VERSION, self.namespace, PLURAL, self.name, {"status": changes}
-        )
-        self.status = StatusPatch({**self.status.current, **changes}, self.status.generation)
+        self.status.write(plural=PLURAL, namespace=self.namespace, name=self.name)
 
     def event(self, reason: str, message: str, *, warning: bool = False) -> None:
         (kopf.warn if warning else kopf.info)(self.kopf_body, reason=reason, message=message)

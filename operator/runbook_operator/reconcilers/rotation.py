@@ -48,7 +48,7 @@ from ..logs import REDACTOR, audit
 from ..models import GROUP, VERSION
 from ..models.common import CredentialsSecretRef, WorkloadRef, parse_duration
 from ..models.rotation import Generator, RolloutRecord, SecretRotationSpec
-from .base import Clocks, StatusPatch, parse_spec, report_failure, retry_or_stop
+from .base import MERGE_PATCH, Clocks, StatusPatch, parse_spec, report_failure, retry_or_stop
 from .interlock import active_isolation
 
 KIND = "SecretRotation"
@@ -61,7 +61,6 @@ MAX_BACKOFF = 300.0
 MISSING_RETRY = 30.0  # a Secret, role or workload that may appear
 REFUSED_RETRY = 60.0  # a refusal that needs a person (privileges, a failing verification)
 ROLLOUT_POLL = 2.0
-MERGE = "application/merge-patch+json"
 ALPHABETS = {
     "alphanumeric": string.ascii_letters + string.digits,
     "base64url": string.ascii_letters + string.digits + "-_",
@@ -239,14 +238,7 @@ class _Rotation:
 
     def commit(self) -> None:
         """Write the collected status changes now (nothing when there are none)."""
-        patch = kopf.Patch()
-        self.status.apply(patch)
-        if not patch:
-            return
-        updated = kube.custom().patch_namespaced_custom_object_status(
-            GROUP, VERSION, self.namespace, PLURAL, self.name, dict(patch), _content_type=MERGE
-        )
-        self.status = StatusPatch(updated.get("status"), self.status.generation)
+        self.status.write(plural=PLURAL, namespace=self.namespace, name=self.name)
 
     def converge(self) -> float | None:
         spec = parse_spec(SecretRotationSpec, self.body.get("spec"))
@@ -467,7 +459,7 @@ class _Rotation:
         patch = build.publish_patch(spec, password=pending.password, username=pending.username)
         data = secret.data or {}
         if any(data.get(key) != value for key, value in patch["data"].items()):
-            kube.core().patch_namespaced_secret(ref.name, self.namespace, patch, _content_type=MERGE)
+            kube.core().patch_namespaced_secret(ref.name, self.namespace, patch, _content_type=MERGE_PATCH)
         self._tell(
             "Published",
             f"Published to Secret {ref.name} key {ref.key} (fingerprint {build.fingerprint(pending.password)})"
@@ -486,9 +478,11 @@ class _Rotation:
             if annotations.get(build.ROTATION_ID) != rotation_id:
                 patch = build.restart_patch(rotation_id)
                 if ref.kind == "Deployment":
-                    kube.apps().patch_namespaced_deployment(ref.name, self.namespace, patch, _content_type=MERGE)
+                    kube.apps().patch_namespaced_deployment(ref.name, self.namespace, patch, _content_type=MERGE_PATCH)
                 else:
-                    kube.apps().patch_namespaced_stateful_set(ref.name, self.namespace, patch, _content_type=MERGE)
+                    kube.apps().patch_namespaced_stateful_set(
+                        ref.name, self.namespace, patch, _content_type=MERGE_PATCH
+                    )
                 self._tell("Restarting", f"Restarting {ref.kind} {ref.name}")
             waiting[index] = "rollout not observed yet"
         deadline = _time(self.status.get("stepTime")).timestamp() + parse_duration(spec.rollout_timeout).total_seconds()

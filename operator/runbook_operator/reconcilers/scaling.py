@@ -398,14 +398,11 @@ def _record(body: kopf.Body, status: StatusPatch, **fields: Any) -> None:
 
 
 def _write_status(namespace: str, name: str, status: StatusPatch) -> None:
-    patch = kopf.Patch()
-    status.apply(patch)
-    if patch:
-        try:
-            kube.custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, dict(patch))
-        except ApiException as error:
-            if error.status != 404:  # deleted meanwhile
-                raise
+    try:
+        status.write(plural=PLURAL, namespace=namespace, name=name)
+    except ApiException as error:
+        if error.status != 404:  # deleted meanwhile
+            raise
 
 
 def _owned(obj: dict[str, Any], uid: str) -> bool:
