@@ -148,6 +148,7 @@ class Cluster:
                 "conditions": [condition("SuccessCriteriaMet", "CompletionsReached"), condition("Complete", "")],
                 "succeeded": 1,
                 "active": 0,
+                "ready": 0,
                 "completionTime": now,
             }
             status["conditions"][1]["reason"] = "CompletionsReached"
@@ -157,6 +158,7 @@ class Cluster:
                 "conditions": [condition("FailureTarget", "BackoffLimitExceeded"), failed],
                 "failed": 1,
                 "active": 0,
+                "ready": 0,
             }
         if self.batch.read_namespaced_job_status(name, self.namespace).status.start_time is None:
             status["startTime"] = now  # the Job controller has not got to it yet
