@@ -251,15 +251,6 @@ def remove_stale_rbac(namespace: str, policy: str, keep: Iterable[dict[str, Any]
 # --- reconcile ------------------------------------------------------------------------------------------
 
 
-def _write_status(namespace: str, name: str, status: StatusPatch) -> None:
-    patch = kopf.Patch()
-    status.apply(patch)
-    if patch:
-        kube.custom().patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, {"status": dict(patch["status"])}
-        )
-
-
 def check_references(namespace: str, spec: BackupPolicySpec) -> None:
     """Every Secret key and the recipients' keys the pod will need exist and are usable."""
     secret_refs: list[tuple[str, str, str]] = []
@@ -315,7 +306,7 @@ def reconcile(body: kopf.Body, *, image: str) -> None:
             kopf.info(body, reason="CronJobApplied", message=f"CronJob {cronjob_name(name)}: {spec.schedule}")
     except RunbookError as error:
         report_failure(body, status, error, phase="Invalid" if error.reason == "InvalidSpec" else "Blocked")
-        _write_status(namespace, name, status)
+        status.write(plural=PLURAL, namespace=namespace, name=name)
         raise retry_or_stop(error) from None
     where = f"s3://{location.bucket}/{policy_folder(location, namespace, name)}"
     if spec.suspend:
@@ -323,7 +314,7 @@ def reconcile(body: kopf.Body, *, image: str) -> None:
     else:
         status.condition("Ready", "True", "Scheduled", f"backs up on '{spec.schedule}' ({spec.time_zone}) to {where}")
     status.set(phase="Suspended" if spec.suspend else "Scheduled")
-    _write_status(namespace, name, status)
+    status.write(plural=PLURAL, namespace=namespace, name=name)
 
 
 def backup_now(body: kopf.Body) -> None:
@@ -348,7 +339,7 @@ def backup_now(body: kopf.Body) -> None:
             raise
     status = StatusPatch(body.get("status"), None)
     status.set(backupNow=token)
-    _write_status(namespace, name, status)
+    status.write(plural=PLURAL, namespace=namespace, name=name)
     kopf.info(body, reason="BackupRequested", message=f"Job {job['metadata']['name']} started on request")
 
 
@@ -459,7 +450,7 @@ def observe(namespace: str, name: str) -> None:
                 policy, status, job=job_name, when=when, reason=reason, message=message, labels=labels
             )
     _set_metrics(labels, status.get("lastSuccessfulBackup"))
-    _write_status(namespace, name, status)
+    status.write(plural=PLURAL, namespace=namespace, name=name)
 
 
 def _record_success(
