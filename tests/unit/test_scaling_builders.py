@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from runbook_operator.builders import scaling as build
+from runbook_operator.builders.common import owner_reference
 from runbook_operator.errors import RunbookError
 from runbook_operator.models.common import WorkloadRef
 from runbook_operator.models.scaling import Autoscaling, ContainerResources, OriginalResources, ScalingProfileSpec
@@ -50,7 +51,7 @@ def test_hpa_behavior_and_ownership() -> None:
             "policies": [{"type": "Percent", "value": 10, "periodSeconds": 60}],
         }
     }
-    owner = build.owner_reference(
+    owner = owner_reference(
         {"apiVersion": "runbook.dev/v1alpha1", "kind": "ScalingProfile", "metadata": {"name": "api", "uid": "u1"}}
     )
     hpa = build.build_hpa(spec, name="api", namespace="ns", owner=owner)

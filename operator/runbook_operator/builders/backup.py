@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..agent import (
@@ -22,7 +22,7 @@ from ..agent import (
 )
 from ..models.backup import KUBERNETES_RESOURCES, BackupPolicySpec
 from ..settings import MANAGED_BY, PREFIX
-from .scaling import owner_reference
+from .common import owner_reference
 
 POLICY_LABEL = f"{PREFIX}/backup-policy"
 BACKUP_NOW = f"{PREFIX}/backup-now"
@@ -49,7 +49,7 @@ def labels(policy: str) -> dict[str, str]:
     return {**MANAGED_BY, POLICY_LABEL: policy, "app.kubernetes.io/component": "backup"}
 
 
-def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+def secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
 
@@ -67,20 +67,20 @@ def agent_env(spec: BackupPolicySpec) -> list[dict[str, Any]]:
     if source.postgresql is not None:
         ref = source.postgresql.credentials_secret_ref
         env += [
-            _secret_env(PG_USER_ENV, ref.name, ref.username_key),
-            _secret_env(PG_PASSWORD_ENV, ref.name, ref.password_key),
+            secret_env(PG_USER_ENV, ref.name, ref.username_key),
+            secret_env(PG_PASSWORD_ENV, ref.name, ref.password_key),
         ]
     if source.redis is not None:
         if source.redis.password_secret_ref is not None:
             ref_key = source.redis.password_secret_ref
-            env.append(_secret_env(REDIS_PASSWORD_ENV, ref_key.name, ref_key.key))
+            env.append(secret_env(REDIS_PASSWORD_ENV, ref_key.name, ref_key.key))
         if source.redis.tls is not None and source.redis.tls.ca_secret_ref is not None:
             env.append({"name": REDIS_CA_FILE_ENV, "value": f"{REDIS_CA_DIR}/ca.crt"})
     s3 = spec.destination.s3.credentials_secret_ref
     if s3 is not None:
         env += [
-            _secret_env(S3_ACCESS_KEY_ENV, s3.name, s3.access_key_id_key),
-            _secret_env(S3_SECRET_KEY_ENV, s3.name, s3.secret_access_key_key),
+            secret_env(S3_ACCESS_KEY_ENV, s3.name, s3.access_key_id_key),
+            secret_env(S3_SECRET_KEY_ENV, s3.name, s3.secret_access_key_key),
         ]
     gpg = spec.encryption.gpg
     if gpg.recipients_config_map_ref is not None:
@@ -89,24 +89,25 @@ def agent_env(spec: BackupPolicySpec) -> list[dict[str, Any]]:
             {"name": GPG_RECIPIENTS_ENV, "valueFrom": {"configMapKeyRef": {"name": ref_cm.name, "key": ref_cm.key}}}
         )
     if gpg.passphrase_secret_ref is not None:
-        env.append(_secret_env(GPG_PASSPHRASE_ENV, gpg.passphrase_secret_ref.name, gpg.passphrase_secret_ref.key))
+        env.append(secret_env(GPG_PASSPHRASE_ENV, gpg.passphrase_secret_ref.name, gpg.passphrase_secret_ref.key))
     return env
 
 
-def _pod_spec(spec: BackupPolicySpec, *, namespace: str, policy: str, generation: int, image: str) -> dict[str, Any]:
-    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": TMP_SIZE_LIMIT}}]
-    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": TMP_DIR}]
-    redis = spec.source.redis
-    if redis is not None and redis.tls is not None and redis.tls.ca_secret_ref is not None:
-        ca = redis.tls.ca_secret_ref
-        volumes.append(
-            {"name": "redis-ca", "secret": {"secretName": ca.name, "items": [{"key": ca.key, "path": "ca.crt"}]}}
-        )
-        mounts.append({"name": "redis-ca", "mountPath": REDIS_CA_DIR, "readOnly": True})
-    exports_kubernetes = spec.source.kubernetes is not None
+def agent_pod_spec(
+    *,
+    container: str,
+    image: str,
+    args: list[str],
+    env: list[dict[str, Any]],
+    volumes: Sequence[dict[str, Any]] = (),
+    mounts: Sequence[dict[str, Any]] = (),
+    service_account: str | None = None,
+) -> dict[str, Any]:
+    """The hardened pod that runs the agent once: non-root, read-only root filesystem, no capabilities, and
+    nothing writable but a small memory-backed /tmp for gpg's home (too small to hold a dump)."""
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
-        "automountServiceAccountToken": exports_kubernetes,
+        "automountServiceAccountToken": service_account is not None,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": AGENT_UID,
@@ -115,11 +116,11 @@ def _pod_spec(spec: BackupPolicySpec, *, namespace: str, policy: str, generation
         },
         "containers": [
             {
-                "name": CONTAINER,
+                "name": container,
                 "image": image,
                 "imagePullPolicy": "IfNotPresent",
-                "args": ["backup", "--namespace", namespace, "--policy", policy, "--generation", str(generation)],
-                "env": agent_env(spec),
+                "args": args,
+                "env": env,
                 "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
                 "securityContext": {
                     "allowPrivilegeEscalation": False,
@@ -127,16 +128,37 @@ def _pod_spec(spec: BackupPolicySpec, *, namespace: str, policy: str, generation
                     "runAsNonRoot": True,
                     "capabilities": {"drop": ["ALL"]},
                 },
-                "volumeMounts": mounts,
+                "volumeMounts": [{"name": "tmp", "mountPath": TMP_DIR}, *mounts],
                 # The agent's last line is its one-line failure reason; the operator reads it from here.
                 "terminationMessagePolicy": "FallbackToLogsOnError",
             }
         ],
-        "volumes": volumes,
+        "volumes": [{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": TMP_SIZE_LIMIT}}, *volumes],
     }
-    if exports_kubernetes:
-        pod["serviceAccountName"] = cronjob_name(policy)
+    if service_account is not None:
+        pod["serviceAccountName"] = service_account
     return pod
+
+
+def _pod_spec(spec: BackupPolicySpec, *, namespace: str, policy: str, generation: int, image: str) -> dict[str, Any]:
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    redis = spec.source.redis
+    if redis is not None and redis.tls is not None and redis.tls.ca_secret_ref is not None:
+        ca = redis.tls.ca_secret_ref
+        volumes.append(
+            {"name": "redis-ca", "secret": {"secretName": ca.name, "items": [{"key": ca.key, "path": "ca.crt"}]}}
+        )
+        mounts.append({"name": "redis-ca", "mountPath": REDIS_CA_DIR, "readOnly": True})
+    return agent_pod_spec(
+        container=CONTAINER,
+        image=image,
+        args=["backup", "--namespace", namespace, "--policy", policy, "--generation", str(generation)],
+        env=agent_env(spec),
+        volumes=volumes,
+        mounts=mounts,
+        service_account=cronjob_name(policy) if spec.source.kubernetes is not None else None,
+    )
 
 
 def build_job_spec(

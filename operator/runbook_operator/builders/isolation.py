@@ -21,17 +21,6 @@ SCALABLE = ("Deployment", "StatefulSet")
 _SERVER_METADATA = ("uid", "resourceVersion", "creationTimestamp", "generation", "managedFields", "selfLink")
 
 
-def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
-    """An ownerReference to the EmergencyIsolation (no blockOwnerDeletion: the finalizer already waits)."""
-    return {
-        "apiVersion": body["apiVersion"],
-        "kind": body["kind"],
-        "name": body["metadata"]["name"],
-        "uid": body["metadata"]["uid"],
-        "controller": True,
-    }
-
-
 def build_network_policy(network: NetworkIsolation, *, namespace: str, owner: dict[str, Any]) -> dict[str, Any]:
     """The runbook's deny-all policy: every pod, no ingress, no egress except DNS and the allowed CIDRs."""
     egress: list[dict[str, Any]] = []

@@ -23,7 +23,8 @@ from ..models import API_VERSION
 from ..models.backup import BackupPolicySpec, BackupRestoreSpec, Verification
 from ..models.sources import PostgresConnection
 from ..settings import MANAGED_BY, PREFIX
-from .backup import AGENT_UID, TMP_DIR, TMP_SIZE_LIMIT, _secret_env
+from .backup import TMP_DIR, agent_pod_spec, secret_env
+from .common import owner_reference
 
 RESTORE_LABEL = f"{PREFIX}/backup-restore"
 DRILL_LABEL = f"{PREFIX}/drill-of"
@@ -43,18 +44,6 @@ def _short(name: str, limit: int) -> str:
 def job_name(restore: str) -> str:
     """``restore-<name>``, shortened with a hash when long."""
     return _short(f"restore-{restore}", _MAX_NAME)
-
-
-def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
-    metadata = body["metadata"]
-    return {
-        "apiVersion": API_VERSION,
-        "kind": body.get("kind", "BackupRestore"),
-        "name": metadata["name"],
-        "uid": metadata["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
 
 
 def resolve_target(spec: BackupRestoreSpec, source: PostgresConnection) -> PostgresConnection:
@@ -84,20 +73,20 @@ def agent_env(
     env: list[dict[str, Any]] = [
         {"name": RESTORE_PLAN_ENV, "value": json.dumps(plan.to_api(), sort_keys=True, separators=(",", ":"))},
         {"name": "HOME", "value": TMP_DIR},
-        _secret_env(PG_USER_ENV, login.name, login.username_key),
-        _secret_env(PG_PASSWORD_ENV, login.name, login.password_key),
+        secret_env(PG_USER_ENV, login.name, login.username_key),
+        secret_env(PG_PASSWORD_ENV, login.name, login.password_key),
     ]
     s3 = policy.destination.s3.credentials_secret_ref
     if s3 is not None:
         env += [
-            _secret_env(S3_ACCESS_KEY_ENV, s3.name, s3.access_key_id_key),
-            _secret_env(S3_SECRET_KEY_ENV, s3.name, s3.secret_access_key_key),
+            secret_env(S3_ACCESS_KEY_ENV, s3.name, s3.access_key_id_key),
+            secret_env(S3_SECRET_KEY_ENV, s3.name, s3.secret_access_key_key),
         ]
     passphrase = policy.encryption.gpg.passphrase_secret_ref
     if plan.symmetric and passphrase is not None:
-        env.append(_secret_env(GPG_PASSPHRASE_ENV, passphrase.name, passphrase.key))
+        env.append(secret_env(GPG_PASSPHRASE_ENV, passphrase.name, passphrase.key))
     elif spec.decryption_secret_ref is not None:
-        env.append(_secret_env(GPG_PRIVATE_KEY_ENV, spec.decryption_secret_ref.name, spec.decryption_secret_ref.key))
+        env.append(secret_env(GPG_PRIVATE_KEY_ENV, spec.decryption_secret_ref.name, spec.decryption_secret_ref.key))
     return env
 
 
@@ -128,39 +117,12 @@ def build_job(
             "activeDeadlineSeconds": policy.active_deadline_seconds,
             "template": {
                 "metadata": {"labels": labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "automountServiceAccountToken": False,
-                    "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": AGENT_UID,
-                        "runAsGroup": AGENT_UID,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
-                    "containers": [
-                        {
-                            "name": CONTAINER,
-                            "image": image,
-                            "imagePullPolicy": "IfNotPresent",
-                            "args": ["restore", "--namespace", namespace, "--name", name],
-                            "env": agent_env(plan, policy=policy, spec=spec, target=target),
-                            "resources": {
-                                "requests": {"cpu": "100m", "memory": "128Mi"},
-                                "limits": {"memory": "256Mi"},
-                            },
-                            "securityContext": {
-                                "allowPrivilegeEscalation": False,
-                                "readOnlyRootFilesystem": True,
-                                "runAsNonRoot": True,
-                                "capabilities": {"drop": ["ALL"]},
-                            },
-                            "volumeMounts": [{"name": "tmp", "mountPath": TMP_DIR}],
-                            # The agent's last line is its one-line failure reason; the operator reads it here.
-                            "terminationMessagePolicy": "FallbackToLogsOnError",
-                        }
-                    ],
-                    "volumes": [{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": TMP_SIZE_LIMIT}}],
-                },
+                "spec": agent_pod_spec(
+                    container=CONTAINER,
+                    image=image,
+                    args=["restore", "--namespace", namespace, "--name", name],
+                    env=agent_env(plan, policy=policy, spec=spec, target=target),
+                ),
             },
         },
     }

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
 from typing import Any
 
 from ..models.common import WorkloadRef, parse_quantity
 from ..models.scaling import Autoscaling, ContainerResources, OriginalResources, ScalingRules
 from ..settings import MANAGED_BY, PREFIX
+from .common import contains
 
 HPA_API_VERSION = "autoscaling/v2"
 APPLIED_HASH = f"{PREFIX}/applied-hash"
@@ -92,19 +92,6 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def contains(current: Any, desired: Any) -> bool:
-    """Whether ``current`` has every value of ``desired`` (the API server may add defaulted fields)."""
-    if isinstance(desired, dict):
-        return isinstance(current, dict) and all(contains(current.get(k), v) for k, v in desired.items())
-    if isinstance(desired, list):
-        return (
-            isinstance(current, list)
-            and len(current) == len(desired)
-            and all(contains(c, d) for c, d in zip(current, desired, strict=True))
-        )
-    return bool(current == desired)
-
-
 def hpa_up_to_date(current: dict[str, Any], desired: dict[str, Any]) -> bool:
     """No apply needed: same configuration last applied (so nothing to remove) and nobody changed a value."""
     annotations = current.get("metadata", {}).get("annotations") or {}
@@ -119,18 +106,6 @@ def targets(hpa: dict[str, Any], target: WorkloadRef) -> bool:
     """Whether an HPA scales the workload."""
     ref = hpa.get("spec", {}).get("scaleTargetRef", {})
     return bool(ref.get("kind") == target.kind and ref.get("name") == target.name)
-
-
-def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The owner reference of a custom resource (garbage collection deletes the child with it)."""
-    return {
-        "apiVersion": body["apiVersion"],
-        "kind": body["kind"],
-        "name": body["metadata"]["name"],
-        "uid": body["metadata"]["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
 
 
 def _managed(resources: dict[str, Any] | None) -> dict[str, dict[str, str]]:

@@ -29,7 +29,7 @@ from ..builders.backup import (
     build_export_rbac,
     cronjob_name,
 )
-from ..builders.scaling import contains
+from ..builders.common import contains
 from ..clients import kube
 from ..clients.gpg import GPG
 from ..clients.s3 import (
@@ -400,7 +400,7 @@ def _policy_jobs(namespace: str, policy: str) -> list[dict[str, Any]]:
     ]
 
 
-def _job_pods(namespace: str, job: str) -> list[dict[str, Any]]:
+def job_pods(namespace: str, job: str) -> list[dict[str, Any]]:
     pods = kube.core().list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job}").items
     return [kube.api_client().sanitize_for_serialization(p) for p in pods]
 
@@ -445,7 +445,7 @@ def observe(namespace: str, name: str) -> None:
                 continue
             failure = status.get("lastFailure")
         else:
-            reason, message = failure_reason(job, _job_pods(namespace, job_name))
+            reason, message = failure_reason(job, job_pods(namespace, job_name))
             failure = _record_failure(
                 policy, status, job=job_name, when=when, reason=reason, message=message, labels=labels
             )

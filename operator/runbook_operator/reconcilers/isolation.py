@@ -15,13 +15,13 @@ import kopf
 from kubernetes.client import ApiException
 
 from .. import metrics
+from ..builders.common import owner_reference
 from ..builders.isolation import (
     POLICY_NAME,
     annotate_patch,
     build_network_policy,
     build_saved_policies,
     is_stopped,
-    owner_reference,
     recorded_snapshot,
     recorded_state,
     requested_by,
@@ -176,7 +176,9 @@ class Isolation:
     def contain(self, network: NetworkIsolation) -> bool:
         """Create (or converge) the deny-all policy: the first write, so containment does not wait on anything.
         Returns whether it wrote."""
-        desired = build_network_policy(network, namespace=self.namespace, owner=owner_reference(self.body))
+        desired = build_network_policy(
+            network, namespace=self.namespace, owner=owner_reference(self.body, block_owner_deletion=False)
+        )
         api = kube.networking()
         try:
             api.create_namespaced_network_policy(self.namespace, desired, field_manager=FIELD_MANAGER)

@@ -72,7 +72,7 @@ from ..models import GROUP, VERSION
 from ..models.backup import BackupPolicySpec, BackupRestoreSpec
 from ..models.sources import PostgresConnection
 from ..settings import FIELD_MANAGER
-from .backup import _job_pods, failure_reason, job_outcome, policy_folder, s3_client, stored_backups
+from .backup import failure_reason, job_outcome, job_pods, policy_folder, s3_client, stored_backups
 from .base import StatusPatch, parse_spec
 
 LOG = logging.getLogger(__name__)
@@ -411,7 +411,7 @@ class Restore:
             self.begin("Check", CHECKING)
             self.flush()
             return 0
-        reason, message = failure_reason(job, _job_pods(self.namespace, name), prefix=RESTORE_FAILURE_PREFIX)
+        reason, message = failure_reason(job, job_pods(self.namespace, name), prefix=RESTORE_FAILURE_PREFIX)
         self.fail_midway("Restore", RunbookError(reason, f"Job {name}: {message}"))
         return 0
 

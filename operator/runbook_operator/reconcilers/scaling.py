@@ -20,6 +20,7 @@ from kubernetes.client import ApiException
 
 from .. import metrics
 from ..builders import scaling as build
+from ..builders.common import owner_reference
 from ..builders.windows import Bounds, effective_bounds
 from ..clients import kube
 from ..errors import RunbookError
@@ -295,7 +296,7 @@ def _apply_hpa(body: kopf.Body, spec: ScalingProfileSpec, name: str, bounds: Bou
     hpa_spec = build.build_hpa_spec(
         spec.autoscaling, spec.target_ref, min_replicas=bounds.min_replicas, max_replicas=bounds.max_replicas
     )
-    desired = build.build_hpa(hpa_spec, name=name, namespace=namespace, owner=build.owner_reference(body))
+    desired = build.build_hpa(hpa_spec, name=name, namespace=namespace, owner=owner_reference(body))
     current = _read_hpa(namespace, name)
     if current is not None and build.hpa_up_to_date(current, desired):
         return
