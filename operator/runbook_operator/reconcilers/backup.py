@@ -37,7 +37,6 @@ from ..clients.s3 import (
     ensure_abort_incomplete_uploads,
     get_json,
     list_keys,
-    make_client,
     object_key,
 )
 from ..errors import RunbookError
@@ -47,7 +46,7 @@ from ..models.backup import BackupPolicySpec, Retention
 from ..models.common import parse_duration
 from ..models.sources import S3Location
 from ..settings import FIELD_MANAGER
-from .base import StatusPatch, parse_spec, report_failure, retry_or_stop
+from .base import StatusPatch, parse_spec, report_failure, retry_or_stop, s3_client
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -57,21 +56,11 @@ PLURAL = "backuppolicies"
 APPLY = "application/apply-patch+yaml"
 FAILURE_PREFIX = "backup failed: "
 SCHEDULED_AT = "batch.kubernetes.io/cronjob-scheduled-timestamp"
+S3_CREDENTIALS_FIELD = "spec.destination.s3.credentialsSecretRef"
 _CLOCK_SKEW = timedelta(minutes=10)  # a run's folder is named by the pod's clock, not the API server's
 
 
 # --- S3: credentials, bucket checks, the backups of a policy, retention ---------------------------------
-
-
-def s3_client(namespace: str, location: S3Location) -> S3Client:
-    """A client with the policy's credentials (read from its Secret), or the operator's ambient ones."""
-    ref = location.credentials_secret_ref
-    if ref is None:
-        return make_client(location)
-    field = "spec.destination.s3.credentialsSecretRef"
-    key_id = kube.read_secret_value(namespace, ref.name, ref.access_key_id_key, field=field)
-    secret = kube.read_secret_value(namespace, ref.name, ref.secret_access_key_key, field=field)
-    return make_client(location, key_id, secret)
 
 
 def _s3_error(error: Exception, location: S3Location) -> RunbookError:
@@ -291,7 +280,7 @@ def reconcile(body: kopf.Body, *, image: str) -> None:
         status.set(sourceKind=spec.source.kind, cronJobName=cronjob_name(name))
         check_references(namespace, spec)
         location = spec.destination.s3
-        client = s3_client(namespace, location)
+        client = s3_client(namespace, location, field=S3_CREDENTIALS_FIELD)
         try:
             client.head_bucket(Bucket=location.bucket)
             ensure_abort_incomplete_uploads(client, location)
@@ -466,7 +455,7 @@ def _record_success(
     location = spec.destination.s3
     manifest: dict[str, Any] | None = None
     try:
-        client = s3_client(namespace, location)
+        client = s3_client(namespace, location, field=S3_CREDENTIALS_FIELD)
         created = _time(job["metadata"]["creationTimestamp"]) or datetime.now(UTC)
         manifest = find_manifest(client, location, namespace=namespace, policy=name, job=job_name, created=created)
         problem = "no manifest.json was written" if manifest is None else verify_manifest(client, location, manifest)
@@ -568,7 +557,7 @@ def finalize(body: kopf.Body, *, retry: int) -> None:
     try:
         spec = parse_spec(BackupPolicySpec, body.get("spec"))
         location = spec.destination.s3
-        client = s3_client(namespace, location)
+        client = s3_client(namespace, location, field=S3_CREDENTIALS_FIELD)
         folders = [b.folder for b in stored_backups(client, location, namespace, name)]
         delete_backups(client, location, folders)
     except (RunbookError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kopf
 
-from ..clients import kube
+from ..clients import kube, s3
 from ..conditions import ConditionStatus, set_condition
 from ..errors import RunbookError
 from ..errors import parse_spec as parse_spec  # noqa: PLC0414 - re-exported; its kopf-free home is errors.py
 from ..models import GROUP, VERSION
+from ..models.sources import S3Location
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -64,6 +68,16 @@ class StatusPatch:
         )
         self.current.update(changes)
         self.changes = {}
+
+
+def s3_client(namespace: str, location: S3Location, *, field: str) -> S3Client:
+    """A client with the keys of the location's Secret (``field`` names it in errors), or ambient ones."""
+    ref = location.credentials_secret_ref
+    if ref is None:
+        return s3.make_client(location)
+    key_id = kube.read_secret_value(namespace, ref.name, ref.access_key_id_key, field=field)
+    secret = kube.read_secret_value(namespace, ref.name, ref.secret_access_key_key, field=field)
+    return s3.make_client(location, key_id, secret)
 
 
 def report_failure(body: kopf.Body, status: StatusPatch, error: RunbookError, *, phase: str | None = None) -> None:

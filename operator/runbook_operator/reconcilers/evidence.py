@@ -22,6 +22,7 @@ from ..conditions import now_rfc3339
 from ..errors import RunbookError
 from ..models.isolation import EvidenceCapture, EvidenceRecord
 from ..models.sources import Encryption, S3Location
+from .base import s3_client
 
 LOG_LIMIT_BYTES = 16 * 1024 * 1024  # per container log; evidence of a breach is rarely in the 17th MiB
 LOG_TIMEOUT = 10.0  # seconds per log request: an unreachable kubelet must not hold up containment
@@ -128,18 +129,6 @@ def _encryptor(namespace: str, encryption: Encryption, gpg: GPG) -> tuple[dict[s
     return {"passphrase": passphrase}, {"method": "symmetric", "cipher": "AES256"}
 
 
-def _client(namespace: str, location: S3Location) -> Any:
-    ref = location.credentials_secret_ref
-    if ref is None:
-        return s3.make_client(location)
-    field = f"{FIELD}.destination.credentialsSecretRef"
-    return s3.make_client(
-        location,
-        kube.read_secret_value(namespace, ref.name, ref.access_key_id_key, field=field),
-        kube.read_secret_value(namespace, ref.name, ref.secret_access_key_key, field=field),
-    )
-
-
 def capture(
     body: dict[str, Any], settings: EvidenceCapture, *, requester: str, on_collected: Callable[[], None]
 ) -> EvidenceRecord:
@@ -156,7 +145,7 @@ def capture(
     started = now_rfc3339()
     with GPG() as gpg:
         encrypt_args, encryption_record = _encryptor(namespace, encryption, gpg)
-        client = _client(namespace, location)
+        client = s3_client(namespace, location, field=f"{FIELD}.destination.credentialsSecretRef")
         try:
             client.head_bucket(Bucket=location.bucket)
         except (ClientError, BotoCoreError) as error:

@@ -72,8 +72,8 @@ from ..models import GROUP, VERSION
 from ..models.backup import BackupPolicySpec, BackupRestoreSpec
 from ..models.sources import PostgresConnection
 from ..settings import FIELD_MANAGER
-from .backup import failure_reason, job_outcome, job_pods, policy_folder, s3_client, stored_backups
-from .base import StatusPatch, parse_spec
+from .backup import S3_CREDENTIALS_FIELD, failure_reason, job_outcome, job_pods, policy_folder, stored_backups
+from .base import StatusPatch, parse_spec, s3_client
 
 LOG = logging.getLogger(__name__)
 KIND = "BackupRestore"
@@ -213,7 +213,7 @@ class Restore:
     def manifest(self, ctx: Context) -> dict[str, Any]:
         """The manifest of the backup to restore: the one preflight chose, else as ``spec.backup`` says."""
         location = ctx.policy.destination.s3
-        client = s3_client(self.namespace, location)
+        client = s3_client(self.namespace, location, field=S3_CREDENTIALS_FIELD)
         base = policy_folder(location, self.namespace, ctx.spec.policy_ref)
         chosen = self.status.get("backupKey") or ctx.spec.backup
         try:
