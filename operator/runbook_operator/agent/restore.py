@@ -31,11 +31,10 @@ from pydantic import Field
 from ..clients import postgres
 from ..clients.gpg import GPG, GPGError
 from ..clients.s3 import make_client
-from ..errors import RunbookError
+from ..errors import RunbookError, parse_spec
 from ..logs import REDACTOR
 from ..models.common import CamelModel
 from ..models.sources import PostgresConnection, S3Location
-from ..reconcilers.base import parse_spec
 from . import (
     GPG_PASSPHRASE_ENV,
     GPG_PRIVATE_KEY_ENV,
