@@ -355,7 +355,11 @@ def test_existing_policies_are_listed_with_a_warning(
     assert cluster.status("breach")["existingPolicies"] == ["allow-all"]
     condition = cluster.condition("breach", "ExistingPoliciesAllow")
     assert condition["status"] == "True" and "allow-all" in condition["message"]
-    assert any(e.type == "Warning" and e.reason == "ExistingPoliciesAllow" for e in cluster.events("breach"))
+    wait_for(
+        lambda: any(e.type == "Warning" and e.reason == "ExistingPoliciesAllow" for e in cluster.events("breach")),
+        timeout=15,
+        what="the ExistingPoliciesAllow Warning Event",
+    )
     cluster.delete_isolation("breach")
     wait_for(lambda: cluster.isolation("breach") is None, timeout=30, what="release on deletion")
     assert_released_exactly(cluster)
@@ -388,7 +392,11 @@ def test_resync_writes_nothing_and_a_removed_policy_comes_back(
     cluster.net.delete_namespaced_network_policy("emergency-isolate", cluster.namespace)
     wait_for(lambda: "emergency-isolate" in cluster.policies(), timeout=40, what="the policy to be put back")
     assert cluster.policies()["emergency-isolate"]["spec"]["egress"] == egress
-    assert any(e.reason == "NetworkContained" and e.type == "Warning" for e in cluster.events("breach"))
+    wait_for(  # kopf posts Events from a queue, a moment after the policy is back
+        lambda: any(e.reason == "NetworkContained" and e.type == "Warning" for e in cluster.events("breach")),
+        timeout=15,
+        what="the Warning Event that the policy was put back",
+    )
     cluster.delete_isolation("breach")
     wait_for(lambda: cluster.isolation("breach") is None, timeout=30, what="release on deletion")
     assert_released_exactly(cluster)
@@ -496,7 +504,11 @@ def test_invalid_keep_running_selector_changes_nothing(
     ready = cluster.condition("breach", "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
     assert ready["message"].startswith("spec.scaleToZero: keepRunning.matchLabels")
-    assert any(e.type == "Warning" and e.reason == "InvalidSpec" for e in cluster.events("breach"))
+    wait_for(
+        lambda: any(e.type == "Warning" and e.reason == "InvalidSpec" for e in cluster.events("breach")),
+        timeout=15,
+        what="the InvalidSpec Warning Event",
+    )
     assert cluster.replicas() == {**REPLICAS, **KEPT} and "emergency-isolate" not in cluster.policies()
     assert all(SNAPSHOT_ANNOTATION not in a for a in cluster.annotations().values())
     assert active_isolation(cluster.namespace) is None  # an isolation that never acted holds nothing
@@ -584,7 +596,11 @@ def test_release_does_not_fight_changes_made_by_hand(
     assert (restored["status"], restored["reason"]) == ("False", "ChangedDuringIsolation")
     assert "Deployment frontend was deleted" in restored["message"]
     assert "Deployment api was changed by hand during the isolation (now 1)" in restored["message"]
-    assert any(e.type == "Warning" and e.reason == "ChangedDuringIsolation" for e in cluster.events("breach"))
+    wait_for(
+        lambda: any(e.type == "Warning" and e.reason == "ChangedDuringIsolation" for e in cluster.events("breach")),
+        timeout=15,
+        what="the ChangedDuringIsolation Warning Event",
+    )
     assert all(SNAPSHOT_ANNOTATION not in a for a in cluster.annotations().values())
 
 

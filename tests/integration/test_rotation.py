@@ -535,7 +535,7 @@ def test_interrupted_after_each_step_converges_and_never_locks_out(
 
 
 def test_bad_inputs_get_clear_conditions_and_nothing_half_done(
-    cluster: Cluster, postgres: Postgres, operator_runner: kopf.testing.KopfRunner
+    cluster: Cluster, postgres: Postgres, operator_runner: kopf.testing.KopfRunner, wait_for: Callable[..., Any]
 ) -> None:
     role = PgRole(postgres)
     admin_secret(cluster, postgres)
@@ -591,7 +591,13 @@ def test_bad_inputs_get_clear_conditions_and_nothing_half_done(
         assert "rotationId" not in status and "step" not in status, name
         assert status["phase"] == "Failed"
         assert cluster.pending(name) is None or name == "taken"
-        assert any(e.reason == reason for e in cluster.events() if e.involved_object.name == name), name
+        wait_for(
+            lambda name=name, reason=reason: any(
+                e.reason == reason for e in cluster.events() if e.involved_object.name == name
+            ),
+            timeout=15,
+            what=f"the {reason} Event of {name}",
+        )
     assert cluster.secret() == original and role.login(role.password)
     assert cluster.pending("taken") == {"password": "someone-elses-value"}
 
