@@ -505,7 +505,11 @@ def test_missing_secret_and_bucket(
     assert ready["reason"] == "SecretKeyMissing"
     assert "spec.source.postgresql.credentialsSecretRef" in ready["message"]
     assert cluster.cronjob() is None
-    assert any(e["reason"] == "SecretKeyMissing" and e["type"] == "Warning" for e in cluster.events())
+    wait_for(
+        lambda: any(e["reason"] == "SecretKeyMissing" and e["type"] == "Warning" for e in cluster.events()),
+        timeout=15,
+        what="the SecretKeyMissing Warning Event",
+    )
 
     cluster.secret("db-credentials-2", {"username": DB_USER, "password": DB_PASSWORD})
     nobucket = pg_policy_spec(postgres, database, s3_server, "no-such-bucket-1")

@@ -340,7 +340,11 @@ def test_tampered_backup_is_refused_and_nothing_is_touched(
     assert cluster.replicas() == WORKLOADS
     assert all(REPLICAS_ANNOTATION not in a for a in cluster.annotations().values())
     assert fingerprint(postgres, shop) == damaged
-    assert "ChecksumMismatch" in [e.reason for e in cluster.events("tampered")]
+    cluster.wait_for(
+        lambda: "ChecksumMismatch" in [e.reason for e in cluster.events("tampered")],
+        timeout=15,
+        what="the ChecksumMismatch Event",
+    )
 
 
 def test_each_bad_input_stops_in_preflight_with_a_clear_condition(
@@ -389,7 +393,11 @@ def test_each_bad_input_stops_in_preflight_with_a_clear_condition(
         assert (ready["status"], ready["reason"]) == ("False", reason), (name, ready)
         assert field in ready["message"], (name, ready)
         assert step_names(done) == [("Preflight", "Failed")]
-        assert reason in [e.reason for e in cluster.events(name)]
+        cluster.wait_for(
+            lambda reason=reason, name=name: reason in [e.reason for e in cluster.events(name)],
+            timeout=15,
+            what=f"the {reason} Event",
+        )
     assert cluster.replicas() == WORKLOADS
     assert fingerprint(postgres, shop) == damaged
     assert_no_secrets(cluster, caplog.text, list(cases), OWNER_PASSWORD, private_key(other).splitlines()[3])
@@ -506,7 +514,9 @@ def test_drill_of_a_tampered_backup_sets_verified_false(
     policy = cluster.wait_for(refuted, timeout=120, what="Verified=False on the policy")
     assert cluster.condition(policy, "Verified")["reason"] == "ChecksumMismatch"
     assert "lastVerifiedBackup" not in policy["status"]
-    assert "DrillFailed" in [e.reason for e in cluster.events(POLICY)]
+    cluster.wait_for(
+        lambda: "DrillFailed" in [e.reason for e in cluster.events(POLICY)], timeout=15, what="the DrillFailed Event"
+    )
     with postgres.connect(scratch) as conn:  # the scratch database was not touched either
         assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone() == (0,)
 
@@ -541,7 +551,11 @@ def test_deleting_a_restore_midway_brings_the_workloads_back(cluster: Cluster, b
     cluster.wait_for(lambda: cluster.replicas() == WORKLOADS, what="the recorded counts")
     cluster.wait_for(cluster.all_available, timeout=90, what="the workloads to be available")
     assert all(REPLICAS_ANNOTATION not in a for a in cluster.annotations().values())
-    assert "RestoreAborted" in [e.reason for e in cluster.events("abandoned")]
+    cluster.wait_for(
+        lambda: "RestoreAborted" in [e.reason for e in cluster.events("abandoned")],
+        timeout=15,
+        what="the RestoreAborted Event",
+    )
 
     def job_gone() -> bool:
         try:
