@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
+import kubernetes
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,3 +37,15 @@ def with_change(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 
 
 DELETE = object()
+
+
+def printed_columns(api: kubernetes.client.ApiClient, namespace: str, plural: str) -> dict[str, Any]:
+    """What ``kubectl get <plural>`` prints for the first object: the server-side Table."""
+    headers = {"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"}
+    token = api.configuration.get_api_key_with_prefix("BearerToken")
+    if token:
+        headers["Authorization"] = token
+    url = f"{api.configuration.host}/apis/runbook.dev/v1alpha1/namespaces/{namespace}/{plural}"
+    response = json.loads(api.rest_client.request("GET", url, headers=headers).data)
+    names = [c["name"] for c in response["columnDefinitions"]]
+    return dict(zip(names, response["rows"][0]["cells"], strict=True))

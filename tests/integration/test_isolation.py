@@ -25,6 +25,7 @@ import kubernetes
 import pytest
 import yaml
 from prometheus_client import REGISTRY
+from tests import helpers
 from tests.services import GpgKeyring, S3Server, free_port
 
 from runbook_operator.builders.isolation import SNAPSHOT_ANNOTATION
@@ -159,14 +160,7 @@ class Cluster:
 
     def printed_columns(self) -> dict[str, Any]:
         """What ``kubectl get emergencyisolation`` prints: the server-side Table."""
-        headers = {"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"}
-        token = self.api.configuration.get_api_key_with_prefix("BearerToken")
-        if token:
-            headers["Authorization"] = token
-        url = f"{self.api.configuration.host}/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{PLURAL}"
-        response = json.loads(self.api.rest_client.request("GET", url, headers=headers).data)
-        names = [c["name"] for c in response["columnDefinitions"]]
-        return dict(zip(names, response["rows"][0]["cells"], strict=True))
+        return helpers.printed_columns(self.api, self.namespace, PLURAL)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from typing import Any
 import kopf.testing
 import kubernetes
 import pytest
+from tests import helpers
 from tests.restore_support import (
     OWNER,
     OWNER_PASSWORD,
@@ -126,14 +127,7 @@ class Cluster:
 
     def printed_columns(self) -> dict[str, Any]:
         """What ``kubectl get backuprestore`` prints: the server-side Table."""
-        headers = {"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"}
-        token = self.api.configuration.get_api_key_with_prefix("BearerToken")
-        if token:
-            headers["Authorization"] = token
-        url = f"{self.api.configuration.host}/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/backuprestores"
-        response = json.loads(self.api.rest_client.request("GET", url, headers=headers).data)
-        names = [c["name"] for c in response["columnDefinitions"]]
-        return dict(zip(names, response["rows"][0]["cells"], strict=True))
+        return helpers.printed_columns(self.api, self.namespace, "backuprestores")
 
     def job_pod(self, job: str) -> Any:
         def found() -> Any:
