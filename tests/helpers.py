@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +53,55 @@ def printed_columns(api: kubernetes.client.ApiClient, namespace: str, plural: st
     response = json.loads(api.rest_client.request("GET", url, headers=headers).data)
     names = [c["name"] for c in response["columnDefinitions"]]
     return dict(zip(names, response["rows"][0]["cells"], strict=True))
+
+
+def server_side_apply(api: kubernetes.client.ApiClient, documents: list[dict[str, Any]]) -> None:
+    """``kubectl apply --server-side`` of the manifests, through the admin client."""
+    dynamic = kubernetes.dynamic.DynamicClient(api)
+    for doc in documents:
+        resource = dynamic.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
+        namespace = doc["metadata"].get("namespace")
+        resource.server_side_apply(body=doc, namespace=namespace, field_manager="runbook-tests", force_conflicts=True)
+
+
+def token_kubeconfig(kubeconfig: Path, token: str, path: Path) -> Path:
+    """A copy of ``kubeconfig`` whose current context authenticates with the bearer ``token`` only."""
+    config = yaml.safe_load(kubeconfig.read_text())
+    context = next(c for c in config["contexts"] if c["name"] == config["current-context"])["context"]
+    config["users"] = [{"name": "token", "user": {"token": token}}]
+    context["user"] = "token"
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
+class OperatorProcess:
+    """``runbook-operator run`` as its own process, as the Deployment runs it."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, log: Path) -> None:
+        self.args = [
+            sys.executable,
+            "-m",
+            "runbook_operator.cli",
+            "run",
+            "--namespace",
+            namespace,
+            "--health-port",
+            "0",
+        ]
+        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "RUNBOOK_METRICS_PORT": "0"}
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(self.args, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.kill()

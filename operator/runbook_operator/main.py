@@ -64,8 +64,8 @@ EMERGENCY_ISOLATIONS = (GROUP, VERSION, "emergencyisolations")
 @kopf.on.resume(*EMERGENCY_ISOLATIONS)
 @kopf.on.create(*EMERGENCY_ISOLATIONS)
 @kopf.on.update(*EMERGENCY_ISOLATIONS, field="spec")
-def emergency_isolation(body: kopf.Body, **_: Any) -> None:
-    isolation.reconcile(body)
+def emergency_isolation(body: kopf.Body, retry: int, **_: Any) -> None:
+    isolation.reconcile(body, retry=retry)
 
 
 @kopf.timer(*EMERGENCY_ISOLATIONS, interval=10, idle=5)
@@ -74,8 +74,8 @@ def emergency_isolation_guard(body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.delete(*EMERGENCY_ISOLATIONS)
-def emergency_isolation_deleted(body: kopf.Body, **_: Any) -> None:
-    isolation.release_deleted(body)
+def emergency_isolation_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
+    isolation.release_deleted(body, retry=retry)
 
 
 # --- SecretRotation ---
@@ -113,16 +113,13 @@ BACKUP_POLICIES = (GROUP, VERSION, "backuppolicies")
 @kopf.on.resume(*BACKUP_POLICIES)
 @kopf.on.create(*BACKUP_POLICIES)
 @kopf.on.update(*BACKUP_POLICIES)
-def backup_policy(body: kopf.Body, **_: Any) -> None:
-    backup.reconcile(body, image=SETTINGS.agent_image)
-    backup.observe(body["metadata"]["namespace"], body["metadata"]["name"])
+def backup_policy(body: kopf.Body, retry: int, **_: Any) -> None:
+    backup.reconcile(body, image=SETTINGS.agent_image, retry=retry)
 
 
 @kopf.timer(*BACKUP_POLICIES, interval=300, initial_delay=300, idle=60)
 def backup_policy_resync(body: kopf.Body, **_: Any) -> None:
     backup.reconcile(body, image=SETTINGS.agent_image)
-    backup.observe(body["metadata"]["namespace"], body["metadata"]["name"])
-    backup.backup_now(body)
 
 
 @kopf.on.event(*BACKUP_POLICIES, annotations={BACKUP_NOW: kopf.PRESENT})

@@ -21,6 +21,7 @@ import kopf.testing
 import kubernetes
 import pytest
 import yaml
+from tests.helpers import server_side_apply, token_kubeconfig
 
 import runbook_operator.main
 
@@ -137,14 +138,43 @@ def namespace(api: kubernetes.client.ApiClient) -> Iterator[str]:
                 raise
 
 
+@pytest.fixture(scope="session")
+def operator_kubeconfig(
+    api: kubernetes.client.ApiClient,
+    kubeconfig: Path,
+    crds_installed: list[str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    """A kubeconfig that authenticates as deploy/'s ServiceAccount with a real token (TokenRequest), after
+    installing deploy/base's namespace, ServiceAccount, ClusterRole and binding as `kubectl apply -k deploy/`
+    would: every operator the tests run holds exactly the shipped RBAC, never the admin's."""
+    documents = [
+        doc
+        for name in ("namespace.yaml", "rbac.yaml")
+        for doc in yaml.safe_load_all((REPO_ROOT / "deploy" / "base" / name).read_text())
+        if doc
+    ]
+    server_side_apply(api, documents)
+    account = next(doc for doc in documents if doc["kind"] == "ServiceAccount")["metadata"]
+    token = (
+        kubernetes.client.CoreV1Api(api)
+        .create_namespaced_service_account_token(
+            account["name"], account["namespace"], {"spec": {"expirationSeconds": 12 * 3600}}
+        )
+        .status.token
+    )
+    return token_kubeconfig(kubeconfig, token, tmp_path_factory.mktemp("operator") / "kubeconfig")
+
+
 @pytest.fixture(autouse=True)
-def _in_process_operator(kubeconfig: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _in_process_operator(operator_kubeconfig: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Lets tests run the operator in-process, more than once: no metrics port is bound (a second runner
     would find it taken), and the kubernetes library, which reads $KUBECONFIG once at import, defaults to
-    the cluster under test (kopf's login and our client both use that default)."""
+    the operator's ServiceAccount on the cluster under test (kopf's login and our client both use that
+    default; the tests' own client, ``api``, stays the admin's)."""
     monkeypatch.setattr(runbook_operator.main.SETTINGS, "metrics_port", 0)
-    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(operator_kubeconfig))
+    monkeypatch.setenv("KUBECONFIG", str(operator_kubeconfig))
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ from typing import Any
 import kopf.testing
 import kubernetes
 import pytest
-import yaml
 from tests.backup_support import AGENT, bucket_keys, new_bucket
+from tests.helpers import token_kubeconfig
 from tests.services import GpgKeyring, Postgres, S3Server
 
 import runbook_operator.main
@@ -35,14 +35,6 @@ pytestmark = pytest.mark.integration
 GROUP, VERSION, PLURAL = "runbook.dev", "v1alpha1", "backuppolicies"
 DB_USER, DB_PASSWORD = "bp_reader", "bp-reader-password-77"
 POLICY = "db"
-
-
-@pytest.fixture(autouse=True)
-def _in_process_operator(kubeconfig: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The in-process operator must not bind the metrics port again, and the kubernetes library reads
-    $KUBECONFIG once, at import: point its default at the test's."""
-    monkeypatch.setattr(runbook_operator.main.SETTINGS, "metrics_port", 0)
-    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
 
 
 class Cluster:
@@ -527,19 +519,6 @@ def test_missing_secret_and_bucket(
     assert cluster.cronjob("nobucket") is None
 
 
-def _sa_kubeconfig(cluster: Cluster, kubeconfig: Path, service_account: str, path: Path) -> None:
-    """A kubeconfig that authenticates as the ServiceAccount (a short-lived token), as the pod would."""
-    token = cluster.core.create_namespaced_service_account_token(
-        service_account, cluster.namespace, {"spec": {"expirationSeconds": 600}}
-    ).status.token
-    config = yaml.safe_load(kubeconfig.read_text())
-    user = config["contexts"][0]["context"]["user"]
-    for entry in config["users"]:
-        if entry["name"] == user:
-            entry["user"] = {"token": token}
-    path.write_text(yaml.safe_dump(config))
-
-
 def test_kubernetes_export_reapplies_to_a_fresh_namespace(
     cluster: Cluster,
     api: kubernetes.client.ApiClient,
@@ -603,8 +582,10 @@ def test_kubernetes_export_reapplies_to_a_fresh_namespace(
     ]
 
     # The agent runs with the ServiceAccount's own token: exactly what the Role grants.
-    sa_config = tmp_path / "sa-kubeconfig"
-    _sa_kubeconfig(cluster, kubeconfig, sa_name, sa_config)
+    token = cluster.core.create_namespaced_service_account_token(
+        sa_name, cluster.namespace, {"spec": {"expirationSeconds": 600}}
+    ).status.token
+    sa_config = token_kubeconfig(kubeconfig, token, tmp_path / "sa-kubeconfig")
     result = run_pod_agent(cluster, cronjob, "configs-manual", KUBECONFIG=str(sa_config))
     assert result.returncode == 0, result.stderr
     key = json.loads(result.stdout.strip().splitlines()[-1])["key"]

@@ -3,16 +3,11 @@ and released exactly, crash safety with the operator run as a process, and each 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import logging
-import os
-import signal
 import socket
-import subprocess
-import sys
 import tarfile
 import threading
 import uuid
@@ -26,6 +21,7 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 from tests import helpers
+from tests.helpers import OperatorProcess
 from tests.services import GpgKeyring, S3Server, free_port
 
 from runbook_operator.builders.isolation import SNAPSHOT_ANNOTATION
@@ -664,41 +660,9 @@ class Tarpit:
         self.server.close()
 
 
-class OperatorProcess:
-    """``runbook-operator run`` as its own process, as the Deployment runs it."""
-
-    def __init__(self, kubeconfig: Path, namespace: str, log: Path) -> None:
-        self.args = [
-            sys.executable,
-            "-m",
-            "runbook_operator.cli",
-            "run",
-            "--namespace",
-            namespace,
-            "--health-port",
-            "0",
-        ]
-        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "RUNBOOK_METRICS_PORT": "0"}
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(self.args, env=self.env, stdout=out, stderr=subprocess.STDOUT)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.kill()
-
-
 @pytest.fixture
-def operator_process(kubeconfig: Path, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
-    operator = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log")
+def operator_process(operator_kubeconfig: Path, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
+    operator = OperatorProcess(operator_kubeconfig, namespace, tmp_path / "operator.log")
     try:
         yield operator
     finally:
@@ -768,55 +732,24 @@ def test_deleted_while_the_operator_is_down_is_released_when_it_returns(
 def test_operator_needs_nothing_beyond_its_cluster_role(
     cluster: Cluster,
     evidence_store: dict[str, Any],
-    kubeconfig: Path,
+    operator_kubeconfig: Path,
     tmp_path: Path,
     wait_for: Callable[..., Any],
 ) -> None:
-    """The whole isolation, evidence and release, by an operator holding only deploy/base/rbac.yaml's role."""
-    rbac = kubernetes.client.RbacAuthorizationV1Api(cluster.api)
-    role = next(
-        d for d in yaml.safe_load_all((ROOT / "deploy/base/rbac.yaml").read_text()) if d["kind"] == "ClusterRole"
-    )
-    name = f"runbook-operator-{cluster.namespace}"
-    role["metadata"]["name"] = name
-    rbac.create_cluster_role(role)
+    """The whole isolation, evidence and release, by an operator process holding only deploy/'s RBAC (its
+    ServiceAccount's token): no request of ours is forbidden."""
+    operator = OperatorProcess(operator_kubeconfig, cluster.namespace, tmp_path / "operator.log")
+    cluster.create_runbook_workloads()
+    cluster.create_isolation("breach", breach_spec(evidence_store, overrideExistingPolicies=True))
+    operator.start()
     try:
-        cluster.core.create_namespaced_service_account(cluster.namespace, {"metadata": {"name": "operator"}})
-        rbac.create_cluster_role_binding(
-            {
-                "metadata": {"name": name},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
-                "subjects": [{"kind": "ServiceAccount", "name": "operator", "namespace": cluster.namespace}],
-            }
-        )
-        token = cluster.core.create_namespaced_service_account_token(
-            "operator", cluster.namespace, {"spec": {"expirationSeconds": 3600}}
-        ).status.token
-        config = yaml.safe_load(kubeconfig.read_text())
-        context = next(c for c in config["contexts"] if c["name"] == config["current-context"])["context"]
-        config["users"] = [{"name": "operator", "user": {"token": token}}]
-        context["user"] = "operator"
-        restricted = tmp_path / "operator.kubeconfig"
-        restricted.write_text(yaml.safe_dump(config))
-
-        operator = OperatorProcess(restricted, cluster.namespace, tmp_path / "operator.log")
-        cluster.create_runbook_workloads()
-        cluster.create_isolation("breach", breach_spec(evidence_store, overrideExistingPolicies=True))
-        operator.start()
-        try:
-            wait_phase(cluster, wait_for, "breach", "Isolated")
-            assert cluster.status("breach")["evidence"]["key"]
-            assert cluster.replicas() == {**dict.fromkeys(REPLICAS, 0), **KEPT}
-            cluster.delete_isolation("breach")
-            wait_for(lambda: cluster.isolation("breach") is None, timeout=60, what="release on deletion")
-        finally:
-            operator.stop()
-        assert_released_exactly(cluster)
-        assert cluster.policies()["allow-all"]["spec"] == ALLOW_ALL
-        # (Other kinds' watches may still lack rules while they are being built: only ours are checked.)
-        ours = [line for line in (tmp_path / "operator.log").read_text().splitlines() if "breach" in line]
-        assert ours and not [line for line in ours if "forbidden" in line.lower()]
+        wait_phase(cluster, wait_for, "breach", "Isolated")
+        assert cluster.status("breach")["evidence"]["key"]
+        assert cluster.replicas() == {**dict.fromkeys(REPLICAS, 0), **KEPT}
+        cluster.delete_isolation("breach")
+        wait_for(lambda: cluster.isolation("breach") is None, timeout=60, what="release on deletion")
     finally:
-        rbac.delete_cluster_role(name)
-        with contextlib.suppress(kubernetes.client.ApiException):
-            rbac.delete_cluster_role_binding(name)
+        operator.stop()
+    assert_released_exactly(cluster)
+    assert cluster.policies()["allow-all"]["spec"] == ALLOW_ALL
+    assert "forbidden" not in (tmp_path / "operator.log").read_text().lower()

@@ -566,12 +566,12 @@ def test_operator_restart_midway_resumes_from_status(
     backup: Backup,
     postgres: Postgres,
     shop: str,
-    kubeconfig: Path,
+    operator_kubeconfig: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The operator stops after the scale-down; the Job's pod finishes while it is away; a new operator
     process state finds everything in the API server and completes the restore with the recorded counts."""
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("KUBECONFIG", str(operator_kubeconfig))
     args = ["run", "--standalone", "-m", "runbook_operator.main", "--namespace", cluster.namespace]
     before = fingerprint(postgres, shop)
     damage(postgres, shop)

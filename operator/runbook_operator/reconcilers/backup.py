@@ -270,8 +270,10 @@ def check_references(namespace: str, spec: BackupPolicySpec) -> None:
             keyring.import_public_keys(armored, field=field)
 
 
-def reconcile(body: kopf.Body, *, image: str) -> None:
-    """Converge the children and the Ready condition; raise the kopf error that retries or waits."""
+def reconcile(body: kopf.Body, *, image: str, retry: int = 0) -> None:
+    """Converge the children and the Ready condition, then status from the Jobs and a backup-now request;
+    any failure becomes Ready=False and the kopf error that retries with backoff (``retry``: kopf's count
+    of earlier attempts) or waits for a spec change."""
     metadata = body["metadata"]
     namespace, name = metadata["namespace"], metadata["name"]
     status = StatusPatch(body.get("status"), metadata.get("generation"))
@@ -293,17 +295,25 @@ def reconcile(body: kopf.Body, *, image: str) -> None:
         _, changed = apply_child(build_cronjob(body, spec, image=image))
         if changed:
             kopf.info(body, reason="CronJobApplied", message=f"CronJob {cronjob_name(name)}: {spec.schedule}")
-    except RunbookError as error:
-        report_failure(body, status, error, phase="Invalid" if error.reason == "InvalidSpec" else "Blocked")
+        where = f"s3://{location.bucket}/{policy_folder(location, namespace, name)}"
+        if spec.suspend:
+            status.condition("Ready", "True", "Suspended", f"scheduled backups are suspended; backups go to {where}")
+        else:
+            status.condition(
+                "Ready", "True", "Scheduled", f"backs up on '{spec.schedule}' ({spec.time_zone}) to {where}"
+            )
+        status.set(phase="Suspended" if spec.suspend else "Scheduled")
         status.write(plural=PLURAL, namespace=namespace, name=name)
-        raise retry_or_stop(error) from None
-    where = f"s3://{location.bucket}/{policy_folder(location, namespace, name)}"
-    if spec.suspend:
-        status.condition("Ready", "True", "Suspended", f"scheduled backups are suspended; backups go to {where}")
-    else:
-        status.condition("Ready", "True", "Scheduled", f"backs up on '{spec.schedule}' ({spec.time_zone}) to {where}")
-    status.set(phase="Suspended" if spec.suspend else "Scheduled")
-    status.write(plural=PLURAL, namespace=namespace, name=name)
+        observe(namespace, name)
+        backup_now(body)
+    except Exception as raised:
+        failure = report_failure(body, status, raised, phase="Invalid" if _is_invalid(raised) else "Blocked")
+        status.write(plural=PLURAL, namespace=namespace, name=name)
+        raise retry_or_stop(failure, retry=retry) from None
+
+
+def _is_invalid(error: Exception) -> bool:
+    return isinstance(error, RunbookError) and error.reason == "InvalidSpec"
 
 
 def backup_now(body: kopf.Body) -> None:

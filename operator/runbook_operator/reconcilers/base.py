@@ -4,21 +4,26 @@ reporting failures as conditions and Events."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import kopf
+from kubernetes.client import ApiException
 
-from ..clients import kube, s3
+from ..clients import events, kube, s3
 from ..conditions import ConditionStatus, set_condition
 from ..errors import RunbookError
 from ..errors import parse_spec as parse_spec  # noqa: PLC0414 - re-exported; its kopf-free home is errors.py
+from ..logs import REDACTOR
 from ..models import GROUP, VERSION
 from ..models.sources import S3Location
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
+LOG = logging.getLogger(__name__)
 MERGE_PATCH = "application/merge-patch+json"
 
 
@@ -80,18 +85,57 @@ def s3_client(namespace: str, location: S3Location, *, field: str) -> S3Client:
     return s3.make_client(location, key_id, secret)
 
 
-def report_failure(body: kopf.Body, status: StatusPatch, error: RunbookError, *, phase: str | None = None) -> None:
-    """Ready=False with the error's reason and message, and a Warning Event."""
+UNEXPECTED_RETRY = 10.0  # first retry after a failure nobody foresaw (an API refusal, a bug); doubles
+MAX_BACKOFF = 300.0
+_API_REASONS = {401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "Conflict", 422: "Invalid"}
+
+
+def backoff(base: float, failures: int) -> float:
+    """Seconds before retry number ``failures`` (1, 2, ...): doubling from ``base``, capped."""
+    return float(min(base * 2 ** max(failures - 1, 0), MAX_BACKOFF))
+
+
+def as_failure(error: Exception) -> RunbookError:
+    """Any failure as what the user sees: a RunbookError as it is; an API server refusal with its HTTP status
+    and the API server's own one-line message (it names the verb, resource, namespace and user); anything
+    else by its type and first line. Never a secret: every registered value is scrubbed."""
+    if isinstance(error, RunbookError):
+        return error
+    if isinstance(error, ApiException):
+        try:
+            said = str(json.loads(error.body or "{}").get("message") or error.reason)
+        except (ValueError, AttributeError):
+            said = str(error.reason)
+        reason = _API_REASONS.get(error.status or 0, "APIError")
+        detail = f"Kubernetes API: HTTP {error.status}: {said}"
+    else:
+        reason = "InternalError"
+        lines = str(error).strip().splitlines()
+        detail = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return RunbookError(reason, REDACTOR.scrub(detail)[:1024], retry_after=UNEXPECTED_RETRY)
+
+
+def report_failure(
+    body: kopf.Body, status: StatusPatch, raised: Exception, *, phase: str | None = None
+) -> RunbookError:
+    """Any failure (``as_failure``) as Ready=False with its reason and message, and a Warning Event (a
+    repetition counts on the same Event); returns the RunbookError. The caller writes the status."""
+    error = as_failure(raised)
     status.condition("Ready", "False", error.reason, error.message)
     if phase is not None:
         status.set(phase=phase)
-    kopf.warn(body, reason=error.reason, message=error.message)
+    try:
+        events.post(body, type="Warning", reason=error.reason, message=error.message)
+    except ApiException as refused:  # the condition still tells; the log says why the Event is missing
+        LOG.warning("cannot post the %s Event: HTTP %s", error.reason, refused.status)
+    return error
 
 
-def retry_or_stop(error: RunbookError) -> kopf.TemporaryError | kopf.PermanentError:
-    """The kopf error that retries later (a dependency may appear) or waits for a spec change."""
+def retry_or_stop(error: RunbookError, *, retry: int = 0) -> kopf.TemporaryError | kopf.PermanentError:
+    """The kopf error that retries later with backoff (``retry``: kopf's count of earlier retries) or waits
+    for a spec change."""
     if error.retry_after is not None:
-        return kopf.TemporaryError(error.message, delay=error.retry_after)
+        return kopf.TemporaryError(error.message, delay=backoff(error.retry_after, retry + 1))
     return kopf.PermanentError(error.message)
 
 
@@ -126,14 +170,27 @@ class Clocks:
         stopped: kopf.DaemonStopped,
         reconcile: Callable[[], Awaitable[float | None]],
     ) -> None:
-        """Loop until kopf stops the daemon; ``reconcile`` returns the seconds to sleep (None: until woken)."""
+        """Loop until kopf stops the daemon; ``reconcile`` returns the seconds to sleep (None: until woken).
+        A RunbookError it raises (already reported in status) is retried after its ``retry_after``, doubled
+        per consecutive failure; any other exception is logged and retried the same way: never a hot loop,
+        never a dead clock."""
         event = self._wakes.setdefault((namespace, name), asyncio.Event())
         lock = self._locks.setdefault((namespace, name), asyncio.Lock())
+        failures = 0
         try:
             while not stopped:
                 event.clear()
                 async with lock:
-                    delay = await reconcile()
+                    try:
+                        delay = await reconcile()
+                        failures = 0
+                    except RunbookError as error:
+                        failures += 1
+                        delay = None if error.retry_after is None else backoff(error.retry_after, failures)
+                    except Exception as error:
+                        failures += 1
+                        delay = backoff(UNEXPECTED_RETRY, failures)
+                        LOG.error("%s/%s: %s; retrying in %.0f s", namespace, name, as_failure(error).message, delay)
                 woken = asyncio.ensure_future(event.wait())
                 stopping = asyncio.ensure_future(stopped.wait())
                 _, pending = await asyncio.wait({woken, stopping}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)

@@ -67,13 +67,13 @@ from ..clients import kube
 from ..clients.s3 import get_json
 from ..conditions import now_rfc3339
 from ..errors import RunbookError
-from ..logs import REDACTOR, audit
+from ..logs import audit
 from ..models import GROUP, VERSION
 from ..models.backup import BackupPolicySpec, BackupRestoreSpec
 from ..models.sources import PostgresConnection
 from ..settings import FIELD_MANAGER
 from .backup import S3_CREDENTIALS_FIELD, failure_reason, job_outcome, job_pods, policy_folder, stored_backups
-from .base import StatusPatch, parse_spec, s3_client
+from .base import StatusPatch, as_failure, backoff, parse_spec, report_failure, s3_client
 
 LOG = logging.getLogger(__name__)
 KIND = "BackupRestore"
@@ -562,16 +562,33 @@ def abort_deleted(body: kopf.Body) -> None:
 async def run(body: kopf.Body, *, stopped: kopf.DaemonStopped, image: str) -> None:
     """The daemon of one BackupRestore: pass after pass until it has finished."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    failures = 0
     while not stopped:
         try:
             delay = await asyncio.to_thread(advance, namespace, name, image=image)
-        except (ApiException, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
-            LOG.warning("BackupRestore %s/%s: %s; trying again", namespace, name, REDACTOR.scrub(str(error))[:300])
-            delay = POLL_SECONDS * 5
+            failures = 0
+        except Exception as error:  # the step is retried where it stands, with backoff
+            failures += 1
+            delay = backoff(POLL_SECONDS * 5, failures)
+            await asyncio.to_thread(_report_stalled, namespace, name, error)
         if delay is None:
             return
         if delay:
             await stopped.wait(delay)
+
+
+def _report_stalled(namespace: str, name: str, raised: Exception) -> None:
+    """A pass that failed unforeseen (an API refusal, S3 down): Ready=False with why, one Event, the phase
+    kept (the step is retried as it stands)."""
+    try:
+        body = kube.custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        restore = Restore(body, image="")
+        report_failure(restore.kopf_body, restore.status, raised)
+        restore.flush()
+    except Exception as error:
+        LOG.warning(
+            "BackupRestore %s/%s: %s (%s)", namespace, name, as_failure(raised).message, as_failure(error).message
+        )
 
 
 # --- drills: the policy side ----------------------------------------------------------------------------
@@ -683,10 +700,13 @@ def schedule_drills(namespace: str, name: str) -> float:
 async def run_drills(body: kopf.Body, *, stopped: kopf.DaemonStopped) -> None:
     """The drill clock of one policy with ``verification``."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    failures = 0
     while not stopped:
         try:
             delay = await asyncio.to_thread(schedule_drills, namespace, name)
-        except ApiException as error:
-            LOG.warning("BackupPolicy %s/%s drills: HTTP %s; trying again", namespace, name, error.status)
-            delay = 30.0
+            failures = 0
+        except Exception as error:
+            failures += 1
+            delay = backoff(30.0, failures)
+            LOG.warning("BackupPolicy %s/%s drills: %s; trying again", namespace, name, as_failure(error).message)
         await stopped.wait(delay)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -78,12 +78,13 @@ def reconcile(*, namespace: str, name: str, now: datetime) -> datetime | None:
     status = StatusPatch(body.get("status"), body["metadata"].get("generation"))
     try:
         wake_at = _converge(body, status, now)
-    except RunbookError as error:
+    except Exception as raised:
+        error = report_failure(body, status, raised)
         if error.reason in CONFLICT_REASONS:
             status.condition("Conflict", "True", error.reason, error.message)
-        report_failure(body, status, error)
         metrics.RECONCILE_ERRORS.labels(KIND).inc()
-        wake_at = None if error.retry_after is None else now + timedelta(seconds=error.retry_after)
+        _write_status(namespace, name, status)
+        raise error from None  # the clock retries it with backoff
     _write_status(namespace, name, status)
     return wake_at
 
