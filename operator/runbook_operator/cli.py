@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .logs import install_redactor
+
 _CRDS_DEFAULT = Path("crds")
 
 
@@ -17,6 +19,7 @@ def _run(args: argparse.Namespace) -> int:
     from . import main as _handlers  # noqa: F401  (registers the handlers)
 
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
+    install_redactor()  # again: kopf.configure replaced the root's handler and set the root to DEBUG
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
     kopf.run(
         standalone=True,
@@ -59,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="Watch only this namespace (repeatable); all namespaces when absent.",
     )
-    run.add_argument("--verbose", action="store_true", help="Debug logging.")
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Debug logging of the operator and kopf (HTTP libraries stay at INFO: they would print bodies).",
+    )
     run.add_argument("--log-format", choices=["json", "full", "plain"], default="json", help="Log line format.")
     run.add_argument("--health-port", type=int, default=8080, help="Liveness endpoint port (0: none).")
     run.set_defaults(func=_run)
@@ -88,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    install_redactor()  # before anything can log: every command's records are scrubbed as they are made
     args = build_parser().parse_args(argv)
     if args.command != "run":  # kopf configures logging for the operator itself
         logging.basicConfig(level=logging.INFO, stream=sys.stderr)
