@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import tarfile
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -31,6 +32,7 @@ from runbook_operator.builders.isolation import (
 from runbook_operator.errors import RunbookError
 from runbook_operator.models.isolation import EmergencyIsolationSpec, NetworkIsolation, WorkloadSnapshot
 from runbook_operator.reconcilers.base import parse_spec
+from runbook_operator.reconcilers.isolation import time_to_contain
 
 OWNER = {"apiVersion": "runbook.dev/v1alpha1", "kind": "EmergencyIsolation", "name": "breach", "uid": "u-1"}
 UID = "u-1"
@@ -229,3 +231,24 @@ def test_valid_keep_running_selector_with_prefix_is_accepted() -> None:
         "scaleToZero": {"keepRunning": {"matchLabels": {"app.kubernetes.io/name": "db"}}},
     }
     assert parse_spec(EmergencyIsolationSpec, spec).scale_to_zero.keep_running.matches({"app.kubernetes.io/name": "db"})
+
+
+# --- time to contain ----------------------------------------------------------------------------------------
+
+
+def test_time_to_contain_starts_when_the_operator_got_the_object_within_its_creation_second() -> None:
+    """creationTimestamp has whole seconds: an object created at 12:00:00.900 reads 12:00:00, and measuring
+    from there reported 0.93 s for a containment that took 30 ms."""
+    created = "2026-12-01T12:00:00Z"
+    start = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC).timestamp()
+    seen, contained = start + 0.900, start + 0.930
+    assert time_to_contain(created, seen=seen, contained=contained) == pytest.approx(0.030)
+
+
+def test_time_to_contain_starts_at_creation_when_the_operator_got_the_object_later() -> None:
+    """Created while the operator was down: the wait counts from creationTimestamp (up to 1 s too early)."""
+    created = "2026-12-01T12:00:00Z"
+    start = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC).timestamp()
+    assert time_to_contain(created, seen=start + 42.5, contained=start + 42.6) == pytest.approx(42.6)
+    # A clock slightly behind the API server's: never negative, never from before the creation second.
+    assert time_to_contain(created, seen=start - 0.2, contained=start - 0.1) == 0.0

@@ -8,7 +8,8 @@ annotations on the workloads, so it stays exact even if status was lost.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import time
+from datetime import datetime
 from typing import Any
 
 import kopf
@@ -83,6 +84,7 @@ class Isolation:
             "spec": dict(body.get("spec", {})),
         }
         self.kopf_body = body
+        self.seen = time.time()  # when this pass got the object: sub-second, unlike creationTimestamp
         self.namespace: str = body["metadata"]["namespace"]
         self.name: str = body["metadata"]["name"]
         self.uid: str = body["metadata"]["uid"]
@@ -207,8 +209,8 @@ class Isolation:
             self.event("NetworkContained", f"NetworkPolicy {POLICY_NAME} was missing; recreated", warning=True)
             self.audit("isolation_applied", "network_recontained", policy=POLICY_NAME)
             return True
-        created = datetime.fromisoformat(self.body["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
-        metrics.ISOLATION_TIME_TO_CONTAIN.observe((datetime.now(UTC) - created).total_seconds())
+        created = self.body["metadata"]["creationTimestamp"]
+        metrics.ISOLATION_TIME_TO_CONTAIN.observe(time_to_contain(created, seen=self.seen, contained=time.time()))
         self.status.set(isolatedAt=now_rfc3339())
         self.event("NetworkContained", f"NetworkPolicy {POLICY_NAME} denies all ingress and egress")
         self.audit("isolation_applied", "network_contained", policy=POLICY_NAME)
@@ -439,6 +441,19 @@ class Isolation:
         if any(o.uid == self.uid for o in current.metadata.owner_references or []):
             api.delete_namespaced_network_policy(POLICY_NAME, self.namespace)
             self.audit("isolation_released", "network_released", policy=POLICY_NAME)
+
+
+def time_to_contain(creation_timestamp: str, *, seen: float, contained: float) -> float:
+    """Seconds from an EmergencyIsolation's creation to its NetworkPolicy being created (Unix times).
+
+    ``creationTimestamp`` has whole seconds: the object was created somewhere in [ts, ts + 1). When the operator
+    got the object within that second (``seen``: a watch delivers a new object in milliseconds), the clock
+    starts at ``seen``, which leaves out only the watch's delivery and kopf's finalizer write; otherwise (the
+    operator was down or busy) at ``ts``, which may count up to 1 s too much of a longer wait."""
+    start = datetime.fromisoformat(creation_timestamp.replace("Z", "+00:00")).timestamp()
+    if start <= seen < start + 1:
+        start = seen
+    return max(0.0, contained - start)
 
 
 def reconcile(body: kopf.Body) -> None:
