@@ -20,7 +20,7 @@ SAMPLES = ROOT / "deploy" / "samples"
 
 def load_samples() -> dict[str, dict[str, Any]]:
     """Every sample CR keyed by file stem."""
-    return {p.stem: yaml.safe_load(p.read_text()) for p in sorted(SAMPLES.glob("*.yaml"))}
+    return {p.stem: yaml.safe_load(p.read_text()) for p in sorted(SAMPLES.rglob("*.yaml"))}
 
 
 def with_change(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:

@@ -70,3 +70,10 @@ def test_agent_pods_have_cpu_memory_and_ephemeral_storage_limits() -> None:
     assert resources == AGENT_RESOURCES
     for section in ("requests", "limits"):
         assert set(resources[section]) == {"cpu", "memory", "ephemeral-storage"}
+
+
+def test_the_quick_start_apply_does_not_isolate_the_namespace() -> None:
+    """`kubectl apply -f deploy/samples/` (not recursive) must not apply the breach response."""
+    kinds = {yaml.safe_load(p.read_text())["kind"] for p in (ROOT / "deploy" / "samples").glob("*.yaml")}
+    assert "EmergencyIsolation" not in kinds
+    assert (ROOT / "deploy/samples/incident/emergencyisolation.yaml").is_file()
