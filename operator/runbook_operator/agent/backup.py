@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version as package_version
@@ -103,6 +103,7 @@ class ProcessSource:
     args: list[str]
     env: Mapping[str, str]
     info: dict[str, Any] = field(default_factory=dict)
+    after: Callable[[], None] | None = None  # once the tool exited 0, e.g. to add to ``info``
     _process: subprocess.Popen[bytes] | None = None
     _stderr: deque[str] = field(default_factory=lambda: deque(maxlen=20))
     _drain: threading.Thread | None = None
@@ -137,6 +138,8 @@ class ProcessSource:
         if code != 0:
             detail = one_line("".join(self._stderr)) if self._stderr else "no output"
             raise RunbookError("SourceFailed", f"{os.path.basename(self.tool)} exited with {code}: {detail}")
+        if self.after is not None:
+            self.after()
         return self.info
 
     def close(self) -> None:
@@ -197,9 +200,25 @@ def _tool_version(tool: str) -> str:
     return subprocess.run([tool, "--version"], capture_output=True, text=True, check=False).stdout.strip()
 
 
+def _sequence_record(value: Mapping[str, Any]) -> dict[str, Any]:
+    return {"lastValue": value["lastValue"], "isCalled": value["isCalled"]}
+
+
+def record_sequences_after_dump(recorded: dict[str, dict[str, Any]], now: Mapping[str, Mapping[str, Any]]) -> None:
+    """Sequences are not transactional: pg_dump stores the value it read, at some moment between the snapshot
+    and its exit. A sequence that moved meanwhile gets its value at the exit as ``afterDump``; the restore
+    accepts any value between the two (in the sequence's direction)."""
+    for key, before in recorded.items():
+        after = now.get(key)
+        if after is not None and _sequence_record(after) != before:
+            before["afterDump"] = _sequence_record(after)
+
+
 @contextlib.contextmanager
 def postgres_source(conn: PostgresConnection, env: Mapping[str, str]) -> Iterator[Source]:
-    """``pg_dump -Fc`` of an exported snapshot, with exact per-table row counts taken in that same snapshot."""
+    """``pg_dump -Fc`` of an exported snapshot; in that same snapshot, exact per-table row counts and table
+    OIDs, the large objects' count and digest, and the roles the database refers to (never a password);
+    sequence values just before pg_dump starts and again after it exited."""
     import psycopg  # each source's client is imported only when used: the agent's memory stays small
 
     from ..clients import postgres
@@ -220,7 +239,21 @@ def postgres_source(conn: PostgresConnection, env: Mapping[str, str]) -> Iterato
     with database, database.transaction():
         snapshot = database.execute("SELECT pg_export_snapshot()").fetchone()
         assert snapshot is not None
-        counts = postgres.table_row_counts(database)
+        try:
+            counts = postgres.table_row_counts(database)
+            oids = postgres.table_oids(database)
+            large_objects = postgres.large_objects_digest(database)
+            roles = postgres.referenced_roles(database)
+            sequences = {k: _sequence_record(v) for k, v in postgres.sequence_values(database).items()}
+        except psycopg.Error as error:
+            raise RunbookError("SourceUnavailable", f"postgresql: {one_line(error)}") from None
+
+        def sequences_now() -> dict[str, dict[str, Any]]:
+            try:
+                return postgres.sequence_values(database)
+            except psycopg.Error as error:
+                raise RunbookError("SourceUnavailable", f"postgresql: {one_line(error)}") from None
+
         source = ProcessSource(
             "pg_dump",
             ["--format=custom", f"--snapshot={snapshot[0]}", "--no-password"],
@@ -233,7 +266,12 @@ def postgres_source(conn: PostgresConnection, env: Mapping[str, str]) -> Iterato
                 "serverVersion": database.info.parameter_status("server_version"),
                 "tool": _tool_version("pg_dump"),
                 "tableRowCounts": counts,
+                "tableOids": oids,
+                "sequences": sequences,
+                "largeObjects": large_objects,
+                "roles": roles,
             },
+            after=lambda: record_sequences_after_dump(sequences, sequences_now()),
         )
         source.start()
         try:

@@ -1,12 +1,16 @@
-"""PostgreSQL for password rotation: role changes and login checks.
+"""PostgreSQL: role changes and login checks for password rotation, and what backups record and restores
+compare (tables, sequences, large objects, the roles a database refers to).
 
 Passwords never travel as SQL text: libpq computes the SCRAM-SHA-256 verifier on the client
 (``PQencryptPasswordConn``) and only the verifier appears in ``ALTER ROLE``, so statement logging
-(``log_statement = all``) and ``pg_stat_activity`` see a salted hash, never the password.
+(``log_statement = all``) and ``pg_stat_activity`` see a salted hash, never the password. Role records
+never include a password: they are read from ``pg_roles``, whose password column is always masked.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Any
 
 import psycopg
@@ -88,15 +92,170 @@ def login_works(*, host: str, port: int, database: str, user: str, password: str
     return True
 
 
-def table_row_counts(conn: psycopg.Connection[Any]) -> dict[str, int]:
-    """Exact rows of every user table, as ``{"schema.table": rows}`` (backups record them; restores compare)."""
-    tables = conn.execute(
-        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
-        "AND n.nspname NOT LIKE 'pg\\_toast%' ORDER BY 1, 2"
+# --- what a backup records and a restore compares ------------------------------------------------------
+
+_PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_$]*")
+_QUALIFIED = re.compile(r'((?:"(?:[^"]|"")*"|[a-z_][a-z0-9_$]*))\.((?:"(?:[^"]|"")*"|[a-z_][a-z0-9_$]*))')
+_LO_CHUNK = 1024 * 1024
+
+
+def _quote(part: str) -> str:
+    return part if _PLAIN_NAME.fullmatch(part) else '"' + part.replace('"', '""') + '"'
+
+
+def qualified_name(schema: str, name: str) -> str:
+    """The key of a table or sequence: ``schema.name``, each part double-quoted (quotes doubled) unless it is a
+    plain lower-case identifier, so ``public.orders`` reads as before and ``"Billing Dept"."Open Invoices"``
+    or ``"a.b".c`` are unambiguous."""
+    return f"{_quote(schema)}.{_quote(name)}"
+
+
+def parse_qualified_name(key: str) -> tuple[str, str]:
+    """``(schema, name)`` of a key made by ``qualified_name``. Keys written before names were quoted
+    (``Billing Dept.Open Invoices``) are split at their first dot."""
+    match = _QUALIFIED.fullmatch(key)
+    if match is None:
+        schema, _, name = key.partition(".")
+        return schema, name
+    schema, name = (p[1:-1].replace('""', '"') if p.startswith('"') else p for p in match.groups())
+    return schema, name
+
+
+def _relations(conn: psycopg.Connection[Any], kind: str) -> list[tuple[str, str, int]]:
+    """``(schema, name, oid)`` of the user relations of one ``relkind``."""
+    rows = conn.execute(
+        "SELECT n.nspname, c.relname, c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind = %s AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+        "AND n.nspname NOT LIKE 'pg\\_toast%%' ORDER BY 1, 2",
+        (kind,),
     ).fetchall()
+    return [(str(schema), str(name), int(oid)) for schema, name, oid in rows]
+
+
+def table_oids(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    """Every user table's OID: pg_dump's archive lists a table's data as ``<id>; 0 <oid> TABLE DATA ...``,
+    so the OID finds it whatever the name holds."""
+    return {qualified_name(schema, name): oid for schema, name, oid in _relations(conn, "r")}
+
+
+def table_row_counts(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    """Exact rows of every user table, keyed by ``qualified_name`` (backups record them; restores compare)."""
     counts: dict[str, int] = {}
-    for schema, table in tables:
+    for schema, table, _ in _relations(conn, "r"):
         row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))).fetchone()
-        counts[f"{schema}.{table}"] = int(row[0]) if row else 0
+        counts[qualified_name(schema, table)] = int(row[0]) if row else 0
     return counts
+
+
+def sequence_values(conn: psycopg.Connection[Any]) -> dict[str, dict[str, Any]]:
+    """``{"lastValue", "isCalled", "increment"}`` of every sequence, keyed by ``qualified_name``. Sequences are
+    not transactional: this is their state now, whatever snapshot the connection holds."""
+    values: dict[str, dict[str, Any]] = {}
+    for schema, name, oid in _relations(conn, "S"):
+        row = conn.execute(
+            sql.SQL(
+                "SELECT s.last_value, s.is_called, q.seqincrement FROM {} s, pg_sequence q WHERE q.seqrelid = %s"
+            ).format(sql.Identifier(schema, name)),
+            (oid,),
+        ).fetchone()
+        if row is not None:
+            values[qualified_name(schema, name)] = {
+                "lastValue": int(row[0]),
+                "isCalled": bool(row[1]),
+                "increment": int(row[2]),
+            }
+    return values
+
+
+def large_objects_digest(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    """Count of the large objects and one SHA-256 over them: of the lines ``<oid>:<digest hex>``, in OID order,
+    where an object's digest is the SHA-256 of its 1 MiB chunks' SHA-256s. The server hashes the chunks, so
+    only 32 bytes per MiB cross the connection and no object is held in memory whole."""
+    rows = conn.execute(
+        "WITH RECURSIVE chunks(loid, off, digest, len) AS ("
+        " SELECT m.oid, 0::bigint, sha256(c), length(c)"
+        " FROM pg_largeobject_metadata m, LATERAL lo_get(m.oid, 0, %(chunk)s) c"
+        " UNION ALL"
+        " SELECT k.loid, k.off + %(chunk)s, sha256(c), length(c)"
+        " FROM chunks k, LATERAL lo_get(k.loid, k.off + %(chunk)s, %(chunk)s) c WHERE k.len = %(chunk)s"
+        ") SELECT loid, sha256(string_agg(digest, ''::bytea ORDER BY off)) FROM chunks GROUP BY loid ORDER BY loid",
+        {"chunk": _LO_CHUNK},
+    )
+    total = hashlib.sha256()
+    count = 0
+    for oid, digest in rows:
+        total.update(f"{int(oid)}:{bytes(digest).hex()}\n".encode())
+        count += 1
+    return {"count": count, "sha256": total.hexdigest()}
+
+
+# Attributes a restore never gives a role it creates: each grants more than owning or using objects
+# (in the order referenced_roles reads them).
+PRIVILEGED_ATTRIBUTES = ("SUPERUSER", "CREATEROLE", "CREATEDB", "REPLICATION", "BYPASSRLS")
+
+
+def referenced_roles(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    """The roles this database's objects refer to (owners, grantees, policies: ``pg_shdepend``), with their
+    attributes and their memberships among each other. Read from ``pg_roles``: never a password."""
+    rows = conn.execute(
+        "WITH referenced AS (SELECT DISTINCT refobjid AS oid FROM pg_shdepend"
+        " WHERE refclassid = 'pg_authid'::regclass"
+        " AND dbid = (SELECT oid FROM pg_database WHERE datname = current_database()))"
+        " SELECT r.rolname, r.rolcanlogin, r.rolinherit, r.rolconnlimit,"
+        " r.rolsuper, r.rolcreaterole, r.rolcreatedb, r.rolreplication, r.rolbypassrls,"
+        " ARRAY(SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid"
+        "  WHERE m.member = r.oid AND m.roleid IN (SELECT oid FROM referenced) ORDER BY 1)"
+        " FROM pg_roles r WHERE r.oid IN (SELECT oid FROM referenced) ORDER BY 1"
+    ).fetchall()
+    roles = []
+    for name, login, inherit, limit, *rest in rows:
+        flags, member_of = rest[:-1], rest[-1]
+        roles.append(
+            {
+                "name": str(name),
+                "login": bool(login),
+                "inherit": bool(inherit),
+                "connectionLimit": int(limit),
+                "privileged": [a for a, on in zip(PRIVILEGED_ATTRIBUTES, flags, strict=True) if on],
+                "memberOf": [str(group) for group in member_of],
+            }
+        )
+    return roles
+
+
+def create_missing_roles(conn: psycopg.Connection[Any], roles: list[dict[str, Any]]) -> list[str]:
+    """Create the recorded roles the server lacks, in one transaction; the names created.
+
+    A created role gets the recorded LOGIN, INHERIT and CONNECTION LIMIT and nothing else: no password, none of
+    ``PRIVILEGED_ATTRIBUTES``, and memberships only in other roles created here (never in an existing or a
+    predefined ``pg_*`` role). Existing roles are not changed. Unless the login is a superuser it is made a
+    member of each role it created, as ``ALTER ... OWNER TO`` requires to give objects to it.
+    """
+    with conn.transaction():
+        names = [role["name"] for role in roles]
+        existing = {row[0] for row in conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (names,))}
+        row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+        superuser = bool(row and row[0])
+        created: list[str] = []
+        for role in roles:
+            name = role["name"]
+            if name in existing or name.startswith("pg_") or name in created:
+                continue
+            conn.execute(
+                sql.SQL("CREATE ROLE {} WITH {} {} CONNECTION LIMIT {}").format(
+                    sql.Identifier(name),
+                    sql.SQL("LOGIN" if role.get("login") else "NOLOGIN"),
+                    sql.SQL("INHERIT" if role.get("inherit", True) else "NOINHERIT"),
+                    sql.Literal(int(role.get("connectionLimit", -1))),
+                )
+            )
+            if not superuser:
+                conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(name)))
+            created.append(name)
+        for role in roles:
+            if role["name"] not in created:
+                continue
+            for group in role.get("memberOf") or []:
+                if group in created and group != role["name"]:
+                    conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(group), sql.Identifier(role["name"])))
+    return sorted(created)
