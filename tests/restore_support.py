@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from runbook_operator.agent import GPG_PRIVATE_KEY_ENV, RESTORE_PLAN_ENV
+from runbook_operator.builders.restore import build_plan
+from runbook_operator.models.backup import BackupPolicySpec, RestoreRoles
+from runbook_operator.models.sources import PostgresConnection
 from tests.backup_support import agent_env, manifest_of, new_bucket, policy_spec, run_agent
 from tests.services import GpgKeyring, Postgres, S3Server
 
@@ -99,17 +102,15 @@ def make_backup(
     return Backup(bucket, spec, manifest_of(s3, bucket))
 
 
-def plan_for(backup: Backup, target: dict[str, Any]) -> dict[str, Any]:
-    manifest = backup.manifest
-    return {
-        "location": backup.spec["destination"]["s3"],
-        "key": manifest["data"]["key"],
-        "sha256": manifest["data"]["sha256"],
-        "sizeBytes": manifest["data"]["sizeBytes"],
-        "symmetric": manifest["encryption"]["mode"] == "symmetric",
-        "tables": sorted(manifest["source"]["tableRowCounts"]),
-        "target": target,
-    }
+def plan_for(backup: Backup, target: dict[str, Any], roles: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The plan the operator gives the restore Job for this backup (the builder's own), as JSON."""
+    plan = build_plan(
+        BackupPolicySpec.model_validate(backup.spec),
+        backup.manifest,
+        PostgresConnection.model_validate(target),
+        roles=RestoreRoles.model_validate(roles or {}),
+    )
+    return plan.to_api()
 
 
 def private_key(keyring: GpgKeyring) -> str:

@@ -3,6 +3,9 @@ BackupPolicy agent, with real PostgreSQL, gpg and the S3 API server."""
 
 from __future__ import annotations
 
+import json
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,7 @@ from tests.restore_support import (
     OWNER,
     OWNER_PASSWORD,
     Backup,
+    create_empty_database,
     create_shop,
     damage,
     fingerprint,
@@ -124,3 +128,206 @@ def test_unreachable_object_and_plan_errors_are_named(
     failure(run_restore_agent("verify", env), "verify", "BackupNotFound")
     env = restore_env(plan, s3_server, private_key(gpg_keyring), RUNBOOK_RESTORE_PLAN="{not json")
     failure(run_restore_agent("restore", env), "restore", "InvalidPlan")
+
+
+# --- names, roles, sequences and large objects (issue 11, items 4, 6, 7) --------------------------------
+
+# Schema and table names with spaces, quotes, dots and non-ASCII characters, including two pairs that read
+# the same once printed unquoted ("x a b" is schema "x" table "a b", and schema "x a" table "b").
+ODD_TABLES = (
+    ("Billing Dept", "Open Invoices", 7),
+    ("odd.schema", 'we"ird.na me', 5),
+    ("public", "Überweisungen ünd €", 3),
+    ("x", "a b", 2),
+    ("x a", "b", 1),
+)
+
+
+def _ident(*parts: str) -> str:
+    return ".".join('"' + part.replace('"', '""') + '"' for part in parts)
+
+
+def test_names_with_spaces_quotes_dots_and_non_ascii_verify_restore_and_check(
+    postgres: Postgres, shop: str, s3_server: S3Server, gpg_keyring: GpgKeyring
+) -> None:
+    database = create_empty_database(postgres, "names")
+    with postgres.connect(database, user=OWNER, password=OWNER_PASSWORD) as conn:
+        for schema, table, rows in ODD_TABLES:
+            if schema != "public":
+                conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_ident(schema)}")
+            conn.execute(f"CREATE TABLE {_ident(schema, table)} (id int PRIMARY KEY)")
+            conn.execute(f"INSERT INTO {_ident(schema, table)} SELECT generate_series(1, {rows})")
+    backup = make_backup(postgres, database, s3_server, gpg_keyring)
+    counts = backup.manifest["source"]["tableRowCounts"]
+    assert counts['"Billing Dept"."Open Invoices"'] == 7
+    assert counts['"odd.schema"."we""ird.na me"'] == 5
+    assert counts['public."Überweisungen ünd €"'] == 3
+    assert (counts['x."a b"'], counts['"x a".b']) == (2, 1)
+
+    plan = plan_for(backup, target(postgres, database))
+    env = restore_env(plan, s3_server, private_key(gpg_keyring))
+    verified = run_restore_agent("verify", env)
+    assert verified.returncode == 0, verified.stderr
+    with postgres.connect(database, user=OWNER, password=OWNER_PASSWORD) as conn:
+        conn.execute(f"DELETE FROM {_ident('Billing Dept', 'Open Invoices')}")
+    restored = run_restore_agent("restore", env)
+    assert restored.returncode == 0, restored.stderr
+    from runbook_operator.agent.restore import RestorePlan, check_contents
+
+    figures = check_contents(RestorePlan.model_validate(plan).target, env, backup.manifest["source"])
+    assert figures["tables"] == len(ODD_TABLES) and figures["rows"] == 18
+
+
+def test_verify_reads_older_manifests_dotted_keys(
+    postgres: Postgres, shop: str, backup: Backup, s3_server: S3Server, gpg_keyring: GpgKeyring
+) -> None:
+    """A manifest written before table keys were quoted (and without table OIDs) is still verified by name."""
+    plan = {**plan_for(backup, target(postgres, shop)), "tables": ["public.customers", "public.orders"]}
+    plan.pop("tableOids", None)
+    verified = run_restore_agent("verify", restore_env(plan, s3_server, private_key(gpg_keyring)))
+    assert verified.returncode == 0, verified.stderr
+    missing = {**plan, "tables": ["public.customers", "public.invoices"]}
+    line = failure(
+        run_restore_agent("verify", restore_env(missing, s3_server, private_key(gpg_keyring))),
+        "verify",
+        "ArchiveIncomplete",
+    )
+    assert "public.invoices" in line and "public.customers" not in line
+
+
+@pytest.fixture
+def fresh_server() -> Iterator[Postgres]:
+    """Another PostgreSQL server, as a disaster-recovery site has: none of the source's roles exist there."""
+    with Postgres() as server:
+        yield server
+
+
+RESTORER, RESTORER_PASSWORD = "dr_admin", "dr-admin-pw-51c2"
+READER_ROLE, AUDITOR_ROLE = "clinic_readonly", "clinic_auditor"
+
+
+def test_restore_into_a_fresh_server_without_the_roles(
+    postgres: Postgres, shop: str, s3_server: S3Server, gpg_keyring: GpgKeyring, fresh_server: Postgres
+) -> None:
+    with postgres.connect() as conn:
+        for role, attributes in ((READER_ROLE, "NOLOGIN"), (AUDITOR_ROLE, "LOGIN BYPASSRLS CREATEDB")):
+            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is None:
+                conn.execute(f"CREATE ROLE {role} {attributes} PASSWORD 'never-copied-9d1e'")
+        conn.execute(f"GRANT {READER_ROLE} TO {AUDITOR_ROLE}")
+    with postgres.connect(shop, user=OWNER, password=OWNER_PASSWORD) as conn:
+        conn.execute(f"GRANT SELECT ON orders TO {READER_ROLE}")
+        conn.execute(f"GRANT SELECT (id, email) ON customers TO {AUDITOR_ROLE}")
+    backup = make_backup(postgres, shop, s3_server, gpg_keyring)
+    roles = {role["name"]: role for role in backup.manifest["source"]["roles"]}
+    assert set(roles) == {OWNER, READER_ROLE, AUDITOR_ROLE}
+    assert roles[AUDITOR_ROLE]["login"] and set(roles[AUDITOR_ROLE]["privileged"]) == {"BYPASSRLS", "CREATEDB"}
+    assert roles[AUDITOR_ROLE]["memberOf"] == [READER_ROLE]
+    assert "never-copied" not in json.dumps(backup.manifest)
+
+    with fresh_server.connect() as conn:
+        conn.execute(f"CREATE ROLE {RESTORER} LOGIN CREATEROLE PASSWORD '{RESTORER_PASSWORD}'")
+    fresh_target = {**target(postgres, shop), "host": fresh_server.host, "port": fresh_server.port}
+    login = {"PGUSER": RESTORER, "PGPASSWORD": RESTORER_PASSWORD}
+
+    def restore_into(options: dict[str, Any] | None, owner: str = RESTORER) -> tuple[str, Any]:
+        database = f"dr_{uuid.uuid4().hex[:8]}"
+        with fresh_server.connect() as conn:
+            conn.execute(f"CREATE DATABASE {database} OWNER {owner}")
+        plan = plan_for(backup, {**fresh_target, "database": database}, options)
+        return database, run_restore_agent("restore", restore_env(plan, s3_server, private_key(gpg_keyring), **login))
+
+    # Default (owners and privileges as backed up, no roles created): refused, rolled back, nothing created.
+    database, result = restore_into(None)
+    line = failure(result, "restore", "RestoreFailed")
+    assert "does not exist" in line and "rolled back" in line
+    with fresh_server.connect(database) as conn:
+        assert conn.execute("SELECT to_regclass('public.orders')").fetchone() == (None,)
+
+    # Without owners and privileges: everything belongs to the restoring login, no grant is attempted.
+    database, result = restore_into({"owners": "Skip", "privileges": "Skip"})
+    assert result.returncode == 0, result.stderr
+    with fresh_server.connect(database) as conn:
+        assert conn.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'orders'").fetchone() == (RESTORER,)
+        assert conn.execute("SELECT count(*) FROM orders").fetchone() == (12000,)
+        assert conn.execute("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'clinic_%'").fetchone() == (0,)
+
+    # Creating the missing roles first: grants as on the source, roles without passwords or privileged
+    # attributes. (Owners as on the source need the owner roles to have CREATE on the schema: the database
+    # is then created for its owner, below.)
+    database, result = restore_into({"owners": "Skip", "privileges": "Keep", "createMissing": True})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["rolesCreated"] == sorted([OWNER, READER_ROLE, AUDITOR_ROLE])
+    with fresh_server.connect(database) as conn:
+        assert conn.execute(f"SELECT has_table_privilege('{READER_ROLE}', 'orders', 'SELECT')").fetchone() == (True,)
+        assert conn.execute(
+            f"SELECT has_column_privilege('{AUDITOR_ROLE}', 'customers', 'email', 'SELECT')"
+        ).fetchone() == (True,)
+        created = conn.execute(
+            "SELECT rolname, rolcanlogin, rolsuper, rolbypassrls, rolcreatedb, rolcreaterole, rolreplication, "
+            "rolpassword IS NULL FROM pg_authid WHERE rolname = ANY(%s) ORDER BY 1",
+            ([OWNER, READER_ROLE, AUDITOR_ROLE],),
+        ).fetchall()
+        assert created == [
+            (AUDITOR_ROLE, True, False, False, False, False, False, True),
+            (READER_ROLE, False, False, False, False, False, False, True),
+            (OWNER, True, False, False, False, False, False, True),
+        ]
+        assert conn.execute(f"SELECT pg_has_role('{AUDITOR_ROLE}', '{READER_ROLE}', 'MEMBER')").fetchone() == (True,)
+    # Into a database of the backed-up owner, with the defaults: owners and grants as on the source, and the
+    # roles are found, none is created.
+    database, result = restore_into({"createMissing": True}, owner=OWNER)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["rolesCreated"] == []
+    with fresh_server.connect(database) as conn:
+        assert conn.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'orders'").fetchone() == (OWNER,)
+        assert conn.execute(f"SELECT has_table_privilege('{READER_ROLE}', 'orders', 'SELECT')").fetchone() == (True,)
+
+
+def test_check_compares_sequences_and_large_objects(
+    postgres: Postgres, shop: str, s3_server: S3Server, gpg_keyring: GpgKeyring
+) -> None:
+    with postgres.connect(shop, user=OWNER, password=OWNER_PASSWORD) as conn:
+        conn.execute('CREATE SEQUENCE "invoice no" START 1000')
+        conn.execute("SELECT nextval('\"invoice no\"') FROM generate_series(1, 5)")
+        conn.execute("CREATE SEQUENCE unused_seq")
+        oids = [
+            conn.execute("SELECT lo_from_bytea(0, %s)", (data,)).fetchone()[0]  # type: ignore[index]
+            for data in (b"scan-1", b"\x00" * (3 * 1024 * 1024 + 17), "röntgen".encode())
+        ]
+    backup = make_backup(postgres, shop, s3_server, gpg_keyring)
+    source = backup.manifest["source"]
+    assert source["sequences"]['public."invoice no"'] == {"lastValue": 1004, "isCalled": True}
+    assert source["sequences"]["public.unused_seq"] == {"lastValue": 1, "isCalled": False}
+    assert source["largeObjects"]["count"] == 3 and len(source["largeObjects"]["sha256"]) == 64
+
+    damage(postgres, shop)
+    with postgres.connect(shop, user=OWNER, password=OWNER_PASSWORD) as conn:
+        conn.execute("SELECT nextval('\"invoice no\"')")
+        conn.execute("SELECT lo_unlink(%s)", (oids[0],))
+    plan = plan_for(backup, target(postgres, shop))
+    env = restore_env(plan, s3_server, private_key(gpg_keyring))
+    restored = run_restore_agent("restore", env)
+    assert restored.returncode == 0, restored.stderr
+    from runbook_operator.agent.restore import RestorePlan, check_contents
+    from runbook_operator.errors import RunbookError
+
+    connection = RestorePlan.model_validate(plan).target
+    figures = check_contents(connection, env, source)
+    assert (figures["sequences"], figures["largeObjects"]) == (2, 3)
+
+    with postgres.connect(shop, user=OWNER, password=OWNER_PASSWORD) as conn:
+        conn.execute("SELECT setval('\"invoice no\"', 1004, false)")
+    with pytest.raises(RunbookError) as info:
+        check_contents(connection, env, source)
+    assert info.value.reason == "ContentMismatch" and 'public."invoice no"' in info.value.message
+    with postgres.connect(shop, user=OWNER, password=OWNER_PASSWORD) as conn:
+        conn.execute("SELECT setval('\"invoice no\"', 1004, true)")
+        conn.execute("SELECT lo_put(%s, 1024 * 1024, '\\x01')", (oids[1],))
+    with pytest.raises(RunbookError) as info:
+        check_contents(connection, env, source)
+    assert info.value.reason == "ContentMismatch" and "large objects" in info.value.message
+    with postgres.connect(shop, user=OWNER, password=OWNER_PASSWORD) as conn:
+        conn.execute("SELECT lo_unlink(%s)", (oids[2],))
+    with pytest.raises(RunbookError) as info:
+        check_contents(connection, env, source)
+    assert "2 large objects, manifest 3" in info.value.message

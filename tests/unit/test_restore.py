@@ -14,7 +14,14 @@ import pytest
 from pydantic import ValidationError
 
 from runbook_operator.agent import GPG_PASSPHRASE_ENV, GPG_PRIVATE_KEY_ENV, RESTORE_PLAN_ENV
-from runbook_operator.agent.restore import ChecksummedReader, RestorePlan
+from runbook_operator.agent.backup import record_sequences_after_dump
+from runbook_operator.agent.restore import (
+    ChecksummedReader,
+    RestorePlan,
+    missing_table_data,
+    pg_restore_args,
+    sequence_mismatches,
+)
 from runbook_operator.builders.restore import (
     DRILL_LABEL,
     REPLICAS_ANNOTATION,
@@ -32,6 +39,7 @@ from runbook_operator.builders.restore import (
     step_started,
     stop_patch,
 )
+from runbook_operator.clients.postgres import parse_qualified_name, qualified_name
 from runbook_operator.models.backup import BackupPolicySpec, BackupRestoreSpec
 from runbook_operator.reconcilers.backup import StoredBackup, expired_backups
 
@@ -206,6 +214,7 @@ def test_drill_is_owned_by_the_policy_and_named_by_its_slot() -> None:
         "policyRef": "db",
         "backup": "latest",
         "target": {"database": "scratch"},
+        "roles": {"owners": "Skip", "privileges": "Skip"},
         "decryptionSecretRef": {"name": "k", "key": "a"},
     }
     BackupRestoreSpec.model_validate(drill["spec"])
@@ -261,3 +270,85 @@ def test_reader_drain_finishes_the_digest_after_an_early_stop() -> None:
     assert not source.matches  # not all read yet
     source.drain()
     assert source.matches
+
+
+@pytest.mark.parametrize(
+    ("schema", "name", "key"),
+    [
+        ("public", "orders", "public.orders"),
+        ("Billing Dept", "Open Invoices", '"Billing Dept"."Open Invoices"'),
+        ("odd.schema", 'we"ird.na me', '"odd.schema"."we""ird.na me"'),
+        ("x", "a b", 'x."a b"'),
+        ("x a", "b", '"x a".b'),
+        ("public", "Überweisungen", 'public."Überweisungen"'),
+        ("public", "Orders", 'public."Orders"'),
+    ],
+)
+def test_table_keys_are_unambiguous(schema: str, name: str, key: str) -> None:
+    assert qualified_name(schema, name) == key
+    assert parse_qualified_name(key) == (schema, name)
+
+
+def test_keys_of_older_manifests_still_read() -> None:
+    """Before names were quoted, keys were "<schema>.<name>" as they are: split at the first dot."""
+    assert parse_qualified_name("Billing Dept.Open Invoices") == ("Billing Dept", "Open Invoices")
+    assert parse_qualified_name("public.Orders") == ("public", "Orders")
+    assert parse_qualified_name('public.we"ird') == ("public", 'we"ird')
+
+
+def plan_with(tables: dict[str, int | None]) -> RestorePlan:
+    spec = BackupRestoreSpec.model_validate({"policyRef": "db"})
+    source = {"tableRowCounts": dict.fromkeys(tables, 1), "tableOids": {k: v for k, v in tables.items() if v}}
+    return build_plan(policy(), {**MANIFEST, "source": source}, resolve_target(spec, policy().source.postgresql))  # type: ignore[arg-type]
+
+
+def test_table_data_is_found_by_oid_whatever_the_names_print_as() -> None:
+    # pg_restore --list prints schema "x" table "a b" and schema "x a" table "b" alike: "x a b <owner>".
+    entries = {16390: "x a b shop", 16400: "Billing Dept Open Invoices shop"}
+    assert missing_table_data(plan_with({'x."a b"': 16390, '"x a".b': 16391}), entries) == ['"x a".b']
+    assert missing_table_data(plan_with({'"Billing Dept"."Open Invoices"': 16400}), entries) == []
+    # Without OIDs (older manifests) the name must begin the entry's text.
+    assert missing_table_data(plan_with({"Billing Dept.Open Invoices": None, "public.gone": None}), entries) == [
+        "public.gone"
+    ]
+    assert missing_table_data(plan_with({"x.a": None}), {1: "x ab shop"}) == ["x.a"]
+
+
+def test_roles_choices_map_to_pg_restore_options() -> None:
+    manifest = {**MANIFEST, "source": {**MANIFEST["source"], "roles": [{"name": "clinic_readonly", "privileged": []}]}}
+    target = resolve_target(BackupRestoreSpec.model_validate({"policyRef": "db"}), policy().source.postgresql)  # type: ignore[arg-type]
+
+    def plan(roles: dict[str, Any] | None) -> RestorePlan:
+        spec = BackupRestoreSpec.model_validate({"policyRef": "db", **({"roles": roles} if roles is not None else {})})
+        return build_plan(policy(), manifest, target, roles=spec.roles)
+
+    default = plan(None)
+    assert (default.roles.owners, default.roles.privileges, default.roles.create_missing) == ("Keep", "Keep", False)
+    assert "--no-owner" not in pg_restore_args(default) and "--no-privileges" not in pg_restore_args(default)
+    assert default.backup_roles == []  # the role records travel only when they are to be created
+    skipped = plan({"owners": "Skip", "privileges": "Skip"})
+    assert {"--no-owner", "--no-privileges", "--single-transaction", "--exit-on-error"} <= set(pg_restore_args(skipped))
+    created = plan({"createMissing": True})
+    assert [r.name for r in created.backup_roles] == ["clinic_readonly"]
+    with pytest.raises(ValidationError):
+        BackupRestoreSpec.model_validate({"policyRef": "db", "roles": {"owners": "Drop"}})
+
+
+def test_sequences_match_exactly_or_within_what_moved_during_the_dump() -> None:
+    recorded = {"public.ids": {"lastValue": 10, "isCalled": True}}
+    record_sequences_after_dump(recorded, {"public.ids": {"lastValue": 10, "isCalled": True, "increment": 1}})
+    assert "afterDump" not in recorded["public.ids"]
+
+    def found(value: int, called: bool = True, increment: int = 1) -> dict[str, Any]:
+        return {"public.ids": {"lastValue": value, "isCalled": called, "increment": increment}}
+
+    assert sequence_mismatches(recorded, found(10)) == []
+    assert sequence_mismatches(recorded, found(10, called=False)) == ["public.ids: 10 (not called), manifest 10"]
+    assert sequence_mismatches(recorded, {}) == ["public.ids: missing"]
+    record_sequences_after_dump(recorded, found(14))
+    assert recorded["public.ids"]["afterDump"] == {"lastValue": 14, "isCalled": True}
+    assert sequence_mismatches(recorded, found(12)) == []
+    assert sequence_mismatches(recorded, found(15)) and sequence_mismatches(recorded, found(9))
+    descending = {"public.ids": {"lastValue": -5, "isCalled": True, "afterDump": {"lastValue": -9, "isCalled": True}}}
+    assert sequence_mismatches(descending, found(-7, increment=-1)) == []
+    assert sequence_mismatches(descending, found(-3, increment=-1))

@@ -2,9 +2,12 @@
 
 ``verify`` (the restore's preflight) reads the whole stored object: its size and SHA-256 are computed while
 streaming and must match the manifest, gpg must decrypt it completely, and ``pg_restore --list`` must read
-its table of contents and find the data of every table the manifest recorded. It writes nothing anywhere.
+its table of contents and find the data of every table the manifest recorded (by the table's OID: names are
+printed unquoted and may hold spaces). It writes nothing anywhere.
 
-``restore`` streams the same way into ``pg_restore --clean --if-exists --single-transaction --exit-on-error``.
+``restore`` streams the same way into ``pg_restore --clean --if-exists --single-transaction --exit-on-error``
+(with ``--no-owner``/``--no-privileges`` as ``spec.roles`` says), after creating the backed-up roles the
+server lacks when asked to.
 The object's last bytes are held back until its SHA-256 matched the manifest, so pg_restore never receives
 the whole archive of an object that changed after the preflight: its transaction fails on the truncated
 archive and rolls back. Any failure halfway rolls back the same way: the database is either restored
@@ -17,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -26,13 +30,14 @@ from typing import IO, Any
 
 import botocore.exceptions
 import psycopg
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from ..clients import postgres
 from ..clients.gpg import GPG, GPGError
 from ..clients.s3 import make_client
 from ..errors import RunbookError, parse_spec
 from ..logs import REDACTOR
+from ..models.backup import RestoreRoles
 from ..models.common import CamelModel
 from ..models.sources import PostgresConnection, S3Location
 from . import (
@@ -52,6 +57,24 @@ SECRET_ENVS = (PG_PASSWORD_ENV, S3_SECRET_KEY_ENV, GPG_PASSPHRASE_ENV, GPG_PRIVA
 HOLD_BACK = 1024 * 1024
 _READ_SIZE = 64 * 1024
 _TARGET_FIELD = "spec.target.credentialsSecretRef"
+# A pg_restore --list entry: "<dump id>; <catalog oid> <object oid> <type> <schema> <name> <owner>", where the
+# type may hold spaces (TABLE DATA) and schema, name and owner are printed unquoted.
+_TOC_ENTRY = re.compile(r"(\d+); (\d+) (\d+) (.*)")
+_TABLE_DATA = "TABLE DATA "
+_MISSING_ROLE = re.compile(r'role ".*" does not exist')
+
+
+class RoleRecord(CamelModel):
+    """A role the backed-up database refers to, as the backup agent recorded it (never a password)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(description="Role name.", min_length=1, max_length=63)
+    login: bool = Field(False, description="LOGIN.")
+    inherit: bool = Field(True, description="INHERIT.")
+    connection_limit: int = Field(-1, description="CONNECTION LIMIT.", ge=-1)
+    privileged: list[str] = Field(default_factory=list, description="Attributes recorded and never re-created.")
+    member_of: list[str] = Field(default_factory=list, description="Recorded roles this one is a member of.")
 
 
 class RestorePlan(CamelModel):
@@ -63,7 +86,14 @@ class RestorePlan(CamelModel):
     size_bytes: int = Field(description="Size of the object, from the manifest.")
     symmetric: bool = Field(description="Encrypted with a passphrase (else to public keys).")
     tables: list[str] = Field(default_factory=list, description="Tables the manifest recorded (schema.table).")
+    table_oids: dict[str, int] = Field(
+        default_factory=dict, description="Each table's OID in the source (older manifests have none)."
+    )
     target: PostgresConnection = Field(description="The database to restore into.")
+    roles: RestoreRoles = Field(default_factory=RestoreRoles, description="The restore's spec.roles.")
+    backup_roles: list[RoleRecord] = Field(
+        default_factory=list, description="The roles the manifest recorded (created when missing, if asked)."
+    )
 
 
 class ChecksummedReader:
@@ -236,27 +266,44 @@ def stream(plan: RestorePlan, env: Mapping[str, str], sink: ToolSink, *, hold_ba
     return code
 
 
+def missing_table_data(plan: RestorePlan, data_entries: Mapping[int, str]) -> list[str]:
+    """The manifest's tables without a TABLE DATA entry, given those entries as ``{oid: "<schema> <name>
+    <owner>"}``. A table is found by its OID; a manifest without OIDs (older agents) by its name, which
+    the entry prints unquoted: ``"<schema> <name> "`` must begin the entry's text."""
+    missing = []
+    for key in plan.tables:
+        oid = plan.table_oids.get(key)
+        if oid is not None:
+            found = oid in data_entries
+        else:
+            schema, name = postgres.parse_qualified_name(key)
+            found = any(f"{text} ".startswith(f"{schema} {name} ") for text in data_entries.values())
+        if not found:
+            missing.append(key)
+    return sorted(missing)
+
+
 def verify(plan: RestorePlan, env: Mapping[str, str]) -> dict[str, Any]:
     """The preflight: checksum, decryption and ``pg_restore --list``; returns the figures."""
-    entries: list[str] = []
-    tables: set[str] = set()
+    entries = 0
+    data_entries: dict[int, str] = {}
 
     def listed(line: str) -> None:
+        nonlocal entries
         if line and not line.startswith(";"):
-            entries.append(line)
-            # "<id>; <oid> <oid> TABLE DATA <schema> <table> <owner>"
-            words = line.split()
-            if words[3:5] == ["TABLE", "DATA"] and len(words) >= 7:
-                tables.add(f"{words[5]}.{words[6]}")
+            entries += 1
+            entry = _TOC_ENTRY.fullmatch(line)
+            if entry is not None and entry.group(4).startswith(_TABLE_DATA):
+                data_entries[int(entry.group(3))] = entry.group(4).removeprefix(_TABLE_DATA)
 
     sink = ToolSink(["pg_restore", "--list"], env, listed)
     code = stream(plan, env, sink, hold_back=0)
     if code != 0 or not entries:
         raise RunbookError("ArchiveUnreadable", f"pg_restore --list cannot read {plan.key}: {sink.error}")
-    missing = sorted(set(plan.tables) - tables)
+    missing = missing_table_data(plan, data_entries)
     if missing:
         raise RunbookError("ArchiveIncomplete", f"{plan.key} has no data for {', '.join(missing)[:300]}")
-    return {"sha256": plan.sha256, "sizeBytes": plan.size_bytes, "archiveEntries": len(entries)}
+    return {"sha256": plan.sha256, "sizeBytes": plan.size_bytes, "archiveEntries": entries}
 
 
 def _target_login(env: Mapping[str, str]) -> tuple[str, str]:
@@ -282,33 +329,118 @@ def connect_target(target: PostgresConnection, env: Mapping[str, str]) -> psycop
         raise RunbookError("TargetUnreachable", f"spec.target: {_where(target)}: {one_line(error)}") from None
 
 
-def count_rows(target: PostgresConnection, env: Mapping[str, str], expected: Mapping[str, int]) -> dict[str, int]:
-    """Rows of the manifest's tables in the restored database; a RunbookError unless every count matches."""
-    with connect_target(target, env) as conn:
-        counts = postgres.table_row_counts(conn)
-    found = {table: counts[table] for table in expected if table in counts}
-    missing = sorted(set(expected) - set(found))
+def _next_value(value: Mapping[str, Any], increment: int) -> int:
+    """What ``nextval`` returns next: a sequence's position, comparable along its direction."""
+    return int(value["lastValue"]) + (increment if value["isCalled"] else 0)
+
+
+def sequence_mismatches(expected: Mapping[str, Mapping[str, Any]], found: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The recorded sequences whose restored value is not the recorded one (or, for one that moved while
+    pg_dump ran, not between the values before and after the dump); keys compared as ``(schema, name)``."""
+    by_name = {postgres.parse_qualified_name(key): value for key, value in found.items()}
+    wrong = []
+    for key, recorded in sorted(expected.items()):
+        value = by_name.get(postgres.parse_qualified_name(key))
+        if value is None:
+            wrong.append(f"{key}: missing")
+            continue
+        restored = {"lastValue": value["lastValue"], "isCalled": value["isCalled"]}
+        before = {"lastValue": recorded["lastValue"], "isCalled": recorded["isCalled"]}
+        after = recorded.get("afterDump")
+        if after is None:
+            ok = restored == before
+        else:
+            sign = 1 if int(value["increment"]) > 0 else -1
+            low, high, at = (sign * _next_value(v, int(value["increment"])) for v in (before, after, restored))
+            ok = low <= at <= high
+        if not ok:
+            state = "" if restored["isCalled"] else " (not called)"
+            wrong.append(f"{key}: {restored['lastValue']}{state}, manifest {recorded['lastValue']}")
+    return wrong
+
+
+def check_contents(target: PostgresConnection, env: Mapping[str, str], recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """The restored database against the manifest's ``source``: every table's exact rows, every sequence's value
+    and the large objects' count and digest (what older manifests did not record is not checked). Returns the
+    figures; a ``ContentMismatch`` unless everything matches. Counting and hashing run in the server."""
+    expected_rows: Mapping[str, int] = recorded.get("tableRowCounts") or {}
+    expected_sequences: Mapping[str, Mapping[str, Any]] = recorded.get("sequences") or {}
+    expected_objects: Mapping[str, Any] | None = recorded.get("largeObjects")
+    try:
+        with connect_target(target, env) as conn:
+            counts = {postgres.parse_qualified_name(k): n for k, n in postgres.table_row_counts(conn).items()}
+            sequences = postgres.sequence_values(conn) if expected_sequences else {}
+            objects = postgres.large_objects_digest(conn) if expected_objects is not None else None
+    except psycopg.Error as error:
+        raise RunbookError("TargetUnreachable", f"spec.target: {_where(target)}: {one_line(error)}") from None
+    found = {key: counts[name] for key in expected_rows if (name := postgres.parse_qualified_name(key)) in counts}
+    missing = sorted(set(expected_rows) - set(found))
     if missing:
         raise RunbookError("ContentMismatch", f"{_where(target)} lacks tables {', '.join(missing)[:300]}")
-    wrong = [f"{t}: {found[t]} rows, manifest {n}" for t, n in sorted(expected.items()) if found[t] != n]
+    wrong = [f"{t}: {found[t]} rows, manifest {n}" for t, n in sorted(expected_rows.items()) if found[t] != n]
+    wrong += [f"sequence {line}" for line in sequence_mismatches(expected_sequences, sequences)]
+    if objects is not None and expected_objects is not None:
+        if objects["count"] != expected_objects.get("count"):
+            wrong.append(f"{objects['count']} large objects, manifest {expected_objects.get('count')}")
+        elif objects["sha256"] != expected_objects.get("sha256"):
+            wrong.append(f"large objects differ from the manifest's (SHA-256 {objects['sha256'][:16]}…)")
     if wrong:
         raise RunbookError("ContentMismatch", f"{_where(target)}: {'; '.join(wrong)[:400]}")
-    return found
+    return {
+        "tables": len(found),
+        "rows": sum(found.values()),
+        "tableRowCounts": found,
+        "sequences": len(expected_sequences),
+        "largeObjects": objects["count"] if objects is not None else None,
+    }
+
+
+def pg_restore_args(plan: RestorePlan) -> list[str]:
+    """pg_restore's options: all or nothing in one transaction, owners and privileges as ``spec.roles`` says."""
+    args = ["--clean", "--if-exists", "--single-transaction", "--exit-on-error", "--no-password"]
+    if plan.roles.owners == "Skip":
+        args.append("--no-owner")
+    if plan.roles.privileges == "Skip":
+        args.append("--no-privileges")
+    return args
+
+
+def create_roles(plan: RestorePlan, env: Mapping[str, str]) -> list[str]:
+    """``spec.roles.createMissing``: the backed-up roles the target server lacks, created before pg_restore."""
+    if not plan.roles.create_missing or not plan.backup_roles:
+        return []
+    roles = [role.to_api() for role in plan.backup_roles]
+    try:
+        with connect_target(plan.target, env) as conn:
+            return postgres.create_missing_roles(conn, roles)
+    except psycopg.Error as error:
+        user, _ = _target_login(env)
+        raise RunbookError(
+            "RoleCreationFailed",
+            f"spec.roles.createMissing: {user} could not create the backed-up roles on {_where(plan.target)} "
+            f"(it needs CREATEROLE): {one_line(error)}",
+        ) from None
 
 
 def restore(plan: RestorePlan, env: Mapping[str, str]) -> dict[str, Any]:
     """Restore into the target in one transaction; returns the figures."""
     user, _ = _target_login(env)
     target = plan.target
+    created = create_roles(plan, env)
     child_env = {**env, "PGHOST": target.host, "PGPORT": str(target.port), "PGCONNECT_TIMEOUT": "15"}
-    args = ["--clean", "--if-exists", "--no-owner", "--single-transaction", "--exit-on-error", "--no-password"]
-    sink = ToolSink(["pg_restore", *args, "--dbname", target.database], child_env)
+    sink = ToolSink(["pg_restore", *pg_restore_args(plan), "--dbname", target.database], child_env)
     code = stream(plan, env, sink, hold_back=HOLD_BACK)
     if code != 0:
+        error = sink.error
+        hint = ""
+        if _MISSING_ROLE.search(error):
+            hint = " (spec.roles: createMissing creates the backed-up roles; owners or privileges Skip ignores them)"
+        elif plan.roles.owners == "Keep" and "permission denied for schema" in error:
+            hint = " (spec.roles.owners Keep: each owner role needs CREATE on the schema, e.g. by owning the database)"
         raise RunbookError(
-            "RestoreFailed", f"pg_restore into {_where(target)} as {user} rolled back (exit {code}): {sink.error}"
+            "RestoreFailed", f"pg_restore into {_where(target)} as {user} rolled back (exit {code}): {error}{hint}"
         )
-    return {"key": plan.key, "sizeBytes": plan.size_bytes, "target": _where(target)}
+    return {"key": plan.key, "sizeBytes": plan.size_bytes, "target": _where(target), "rolesCreated": created}
 
 
 def main(command: str, *, env: Mapping[str, str] | None = None) -> int:

@@ -18,9 +18,9 @@ from ..agent import (
     S3_ACCESS_KEY_ENV,
     S3_SECRET_KEY_ENV,
 )
-from ..agent.restore import RestorePlan
+from ..agent.restore import RestorePlan, RoleRecord
 from ..models import API_VERSION
-from ..models.backup import BackupPolicySpec, BackupRestoreSpec, Verification
+from ..models.backup import BackupPolicySpec, BackupRestoreSpec, RestoreRoles, Verification
 from ..models.sources import PostgresConnection
 from ..settings import MANAGED_BY, PREFIX
 from .backup import TMP_DIR, agent_pod_spec, secret_env
@@ -51,17 +51,31 @@ def resolve_target(spec: BackupRestoreSpec, source: PostgresConnection) -> Postg
     return source if spec.target is None else spec.target.resolve(source)
 
 
-def build_plan(policy: BackupPolicySpec, manifest: Mapping[str, Any], target: PostgresConnection) -> RestorePlan:
-    """What the agent needs, from the policy's bucket and the backup's manifest."""
+def build_plan(
+    policy: BackupPolicySpec,
+    manifest: Mapping[str, Any],
+    target: PostgresConnection,
+    *,
+    roles: RestoreRoles | None = None,
+) -> RestorePlan:
+    """What the agent needs, from the policy's bucket, the backup's manifest and the restore's ``spec.roles``
+    (the backed-up roles travel only when they are to be created)."""
     data = manifest["data"]
+    source = manifest.get("source") or {}
+    choices = roles or RestoreRoles()
     return RestorePlan(
         location=policy.destination.s3,
         key=data["key"],
         sha256=data["sha256"],
         size_bytes=data["sizeBytes"],
         symmetric=(manifest.get("encryption") or {}).get("mode") == "symmetric",
-        tables=sorted((manifest.get("source") or {}).get("tableRowCounts") or {}),
+        tables=sorted(source.get("tableRowCounts") or {}),
+        table_oids=source.get("tableOids") or {},
         target=target,
+        roles=choices,
+        backup_roles=[RoleRecord.model_validate(r) for r in source.get("roles") or []]
+        if choices.create_missing
+        else [],
     )
 
 
@@ -221,6 +235,9 @@ def build_drill(policy_body: Mapping[str, Any], verification: Verification, slot
             "policyRef": policy,
             "backup": "latest",
             "target": verification.target.to_api(),
+            # A scratch copy checks contents: it need not exist on a server with the source's roles, and the
+            # application's roles get no access to it.
+            "roles": {"owners": "Skip", "privileges": "Skip"},
             **(
                 {"decryptionSecretRef": verification.decryption_secret_ref.to_api()}
                 if verification.decryption_secret_ref is not None

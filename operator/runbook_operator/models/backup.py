@@ -270,6 +270,27 @@ class BackupPolicyStatus(StatusBase):
     )
 
 
+class RestoreRoles(CamelModel):
+    """Who owns the restored objects and who may use them (pg_restore's --no-owner and --no-privileges)."""
+
+    owners: Literal["Keep", "Skip"] = Field(
+        "Keep",
+        description="Keep: each object gets its backed-up owner (the target login must be a member of each owner "
+        "role). Skip: pg_restore --no-owner, the target login owns everything.",
+    )
+    privileges: Literal["Keep", "Skip"] = Field(
+        "Keep",
+        description="Keep: the backed-up GRANTs and REVOKEs are restored (every grantee role must exist). "
+        "Skip: pg_restore --no-privileges.",
+    )
+    create_missing: bool = Field(
+        False,
+        description="Before restoring, create the backed-up roles the target server lacks (the login needs "
+        "CREATEROLE): without a password, with LOGIN, INHERIT and CONNECTION LIMIT as backed up and never "
+        "SUPERUSER, CREATEROLE, CREATEDB, REPLICATION or BYPASSRLS; memberships only among the created roles.",
+    )
+
+
 class BackupRestoreSpec(CamelModel):
     """A one-off restore of a PostgreSQL backup made by a BackupPolicy (immutable: create a new one to retry)."""
 
@@ -298,6 +319,11 @@ class BackupRestoreSpec(CamelModel):
         default_factory=list,
         description="Workloads stopped during the restore; their replica counts are recorded and restored.",
         max_length=32,
+    )
+    roles: RestoreRoles = Field(
+        default_factory=RestoreRoles,
+        description="Owners and privileges as backed up (the default: an in-place restore keeps who owns and may "
+        "use what), or skipped; createMissing makes a restore into an empty server work.",
     )
     dry_run: bool = Field(False, description="Only verify the backup (checksum, decrypt, pg_restore --list, target).")
     scale_timeout_seconds: int = Field(
@@ -333,6 +359,10 @@ class RestoreChecks(StatusModel):
     rows: int | None = Field(None, description="Rows counted in those tables after the restore.")
     table_row_counts: dict[str, int] = Field(
         default_factory=dict, description="Rows per table after the restore (all equal to the manifest's)."
+    )
+    sequences: int | None = Field(None, description="Sequences whose value matched the manifest's.")
+    large_objects: int | None = Field(
+        None, description="Large objects after the restore (count and content digest as the manifest recorded)."
     )
 
 

@@ -11,7 +11,8 @@ the operator can stop at any point and the next pass resumes:
   the count annotated on it, and the pass waits until they have no pods.
 - **Restoring**: the Job runs the agent's ``restore`` (one transaction: all or nothing); the pass
   watches the Job and reads a failure's reason from its pod's termination message.
-- **Checking**: the restored tables' row counts must equal those the manifest recorded at backup time.
+- **Checking**: the restored tables' row counts, sequence values and large objects (count and digest) must
+  equal those the manifest recorded at backup time.
 - **ScalingUp**: always reached once anything was scaled down, also after a failure: the workloads
   get their recorded counts back and the pass waits until they are available.
 
@@ -45,7 +46,7 @@ from ..agent import (
     S3_SECRET_KEY_ENV,
     parse_timestamp,
 )
-from ..agent.restore import RestorePlan, connect_target, count_rows, verify
+from ..agent.restore import RestorePlan, check_contents, connect_target, verify
 from ..builders.restore import (
     DRILL_HISTORY,
     DRILL_LABEL,
@@ -251,7 +252,7 @@ class Restore:
 
     def plan(self, ctx: Context) -> tuple[RestorePlan, dict[str, Any]]:
         manifest = self.manifest(ctx)
-        return build_plan(ctx.policy, manifest, ctx.target), manifest
+        return build_plan(ctx.policy, manifest, ctx.target, roles=ctx.spec.roles), manifest
 
     # --- workloads -------------------------------------------------------------------------------------
 
@@ -440,16 +441,15 @@ class Restore:
             ctx = self.context()
             env = self.credentials(ctx)
             plan, manifest = self.plan(ctx)
-            expected = (manifest.get("source") or {}).get("tableRowCounts") or {}
-            counts = count_rows(plan.target, env, expected)
+            figures = check_contents(plan.target, env, manifest.get("source") or {})
         except RunbookError as error:
             self.fail_midway("Check", error)
             return
-        rows = sum(counts.values())
-        self.status.set(
-            checks={**(self.status.get("checks") or {}), "tables": len(counts), "rows": rows, "tableRowCounts": counts}
-        )
-        self.end("Check", "Succeeded", f"{len(counts)} tables, {rows} rows: as the manifest recorded at backup time")
+        self.status.set(checks={**(self.status.get("checks") or {}), **figures})
+        found = f"{figures['tables']} tables, {figures['rows']} rows, {figures['sequences']} sequences"
+        if figures["largeObjects"] is not None:
+            found += f", {figures['largeObjects']} large objects"
+        self.end("Check", "Succeeded", f"{found}: as the manifest recorded at backup time")
         self.begin("ScaleUp", SCALING_UP)
         self.flush()
 
