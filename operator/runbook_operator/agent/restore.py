@@ -378,7 +378,12 @@ def check_contents(target: PostgresConnection, env: Mapping[str, str], recorded:
     if missing:
         raise RunbookError("ContentMismatch", f"{_where(target)} lacks tables {', '.join(missing)[:300]}")
     wrong = [f"{t}: {found[t]} rows, manifest {n}" for t, n in sorted(expected_rows.items()) if found[t] != n]
-    wrong += [f"sequence {line}" for line in sequence_mismatches(expected_sequences, sequences)]
+    try:
+        wrong += [f"sequence {line}" for line in sequence_mismatches(expected_sequences, sequences)]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise RunbookError(
+            "ManifestInvalid", "the manifest's source.sequences is not as the backup agent writes it"
+        ) from None
     if objects is not None and expected_objects is not None:
         if objects["count"] != expected_objects.get("count"):
             wrong.append(f"{objects['count']} large objects, manifest {expected_objects.get('count')}")
