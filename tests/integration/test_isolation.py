@@ -533,6 +533,25 @@ def test_missing_evidence_store_contains_but_does_not_scale(
     assert cluster.condition("breach", "Restored")["status"] == "True"  # nothing was stopped: no false alarm
 
 
+def test_evidence_retries_count_on_one_event_instead_of_adding_events(
+    cluster: Cluster,
+    evidence_store: dict[str, Any],
+    operator_runner: kopf.testing.KopfRunner,
+    wait_for: Callable[..., Any],
+) -> None:
+    """Required evidence that cannot be captured is retried every 10 s: each retry counts on the same
+    Warning Event (as kubelet repeats), not a new Event each time (about 360 an hour)."""
+    evidence_store["destination"]["bucket"] = "no-such-bucket"
+    cluster.create_isolation("breach", breach_spec(evidence_store))
+
+    def warnings() -> list[Any]:
+        return [e for e in cluster.events("breach") if e.reason == "BucketNotFound"]
+
+    wait_for(lambda: any((e.count or 1) >= 3 for e in warnings()), timeout=60, what="the third attempt")
+    [event] = warnings()
+    assert event.type == "Warning" and event.count >= 3 and event.last_timestamp > event.first_timestamp
+
+
 def test_evidence_secret_created_late_is_picked_up(
     cluster: Cluster,
     evidence_store: dict[str, Any],

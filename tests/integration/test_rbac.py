@@ -17,11 +17,11 @@ def served(api: kubernetes.client.ApiClient) -> set[tuple[str, str]]:
     pairs = {("", r.name) for r in kubernetes.client.CoreV1Api(api).get_api_resources().resources}
     for group in kubernetes.client.ApisApi(api).get_api_versions().groups:
         version = group.preferred_version.group_version
-        listed = kubernetes.client.CustomObjectsApi(api).api_client.call_api(
+        listed = api.call_api(
             f"/apis/{version}",
             "GET",
-            response_type="object",
             auth_settings=["BearerToken"],
+            response_types_map={200: "object"},
             _return_http_data_only=True,
         )
         pairs |= {(group.name, r["name"]) for r in listed["resources"]}

@@ -9,6 +9,8 @@ annotations on the workloads, so it stays exact even if status was lost.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -76,7 +78,8 @@ def _patch_workload(kind: str, name: str, namespace: str, patch: dict[str, Any])
 class Isolation:
     """One pass over one EmergencyIsolation: its body, its status changes, and the writes it makes."""
 
-    def __init__(self, body: kopf.Body) -> None:
+    def __init__(self, body: kopf.Body, *, retry: int = 0) -> None:
+        self.retry = retry  # kopf's count of earlier attempts of this handler
         self.body: dict[str, Any] = {
             "apiVersion": body["apiVersion"],
             "kind": body["kind"],
@@ -114,11 +117,13 @@ class Isolation:
             **fields,
         )
 
-    def fail(self, error: RunbookError, *, phase: str | None = None) -> kopf.TemporaryError | kopf.PermanentError:
-        """Ready=False with the reason and a Warning Event; the kopf error that retries or waits."""
-        report_failure(self.kopf_body, self.status, error, phase=phase)
+    def fail(self, raised: Exception, *, phase: str | None = None) -> kopf.TemporaryError | kopf.PermanentError:
+        """Ready=False with the reason and a Warning Event; the kopf error that retries or waits. A foreseen
+        failure (evidence that cannot be captured yet) is retried at its own pace, every 10 s, since a
+        responder waits on it; an unforeseen one with backoff."""
+        error = report_failure(self.kopf_body, self.status, raised, phase=phase)
         self.flush()
-        return retry_or_stop(error)
+        return retry_or_stop(error, retry=0 if isinstance(raised, RunbookError) else self.retry)
 
     # --- isolate ---------------------------------------------------------------------------------------
 
@@ -134,28 +139,23 @@ class Isolation:
         holder = active_isolation(self.namespace)
         if holder not in (None, self.name):
             raise self.reject(holder)
-        try:
-            if spec.network.isolate:
-                self.contain(spec.network)
-            self.admit(spec)
-            metrics.ISOLATIONS_ACTIVE.labels(self.namespace).set(1)
-            if spec.network.isolate:
-                self.existing_policies(spec.network)
-            if phase != ISOLATED:  # once isolated, changes made by hand are the responder's, not drift
-                snapshot = self.snapshot(spec)
-                if spec.evidence.capture:
-                    self.preserve_evidence(spec)
-                else:
-                    self.status.condition(
-                        "EvidencePreserved", "False", "CaptureDisabled", "spec.evidence.capture is false"
-                    )
-                if spec.scale_to_zero.enabled:
-                    self.scale_to_zero(snapshot)
-            self.status.set(phase=ISOLATED)
-            self.status.condition("Ready", "True", "Isolated", self.summary(spec))
-            self.flush()
-        except RunbookError as error:
-            raise self.fail(error) from None
+        if spec.network.isolate:
+            self.contain(spec.network)
+        self.admit(spec)
+        metrics.ISOLATIONS_ACTIVE.labels(self.namespace).set(1)
+        if spec.network.isolate:
+            self.existing_policies(spec.network)
+        if phase != ISOLATED:  # once isolated, changes made by hand are the responder's, not drift
+            snapshot = self.snapshot(spec)
+            if spec.evidence.capture:
+                self.preserve_evidence(spec)
+            else:
+                self.status.condition("EvidencePreserved", "False", "CaptureDisabled", "spec.evidence.capture is false")
+            if spec.scale_to_zero.enabled:
+                self.scale_to_zero(snapshot)
+        self.status.set(phase=ISOLATED)
+        self.status.condition("Ready", "True", "Isolated", self.summary(spec))
+        self.flush()
 
     def summary(self, spec: EmergencyIsolationSpec) -> str:
         parts = [f"network {'contained' if spec.network.isolate else 'open (network.isolate false)'}"]
@@ -443,6 +443,17 @@ class Isolation:
             self.audit("isolation_released", "network_released", policy=POLICY_NAME)
 
 
+@contextmanager
+def _reported(isolation: Isolation) -> Iterator[None]:
+    """Any failure of a pass (an API refusal nobody foresaw too) as Ready=False and a retry with backoff."""
+    try:
+        yield
+    except (kopf.TemporaryError, kopf.PermanentError):
+        raise
+    except Exception as raised:
+        raise isolation.fail(raised) from None
+
+
 def time_to_contain(creation_timestamp: str, *, seen: float, contained: float) -> float:
     """Seconds from an EmergencyIsolation's creation to its NetworkPolicy being created (Unix times).
 
@@ -456,18 +467,24 @@ def time_to_contain(creation_timestamp: str, *, seen: float, contained: float) -
     return max(0.0, contained - start)
 
 
-def reconcile(body: kopf.Body) -> None:
+def reconcile(body: kopf.Body, *, retry: int = 0) -> None:
     """Create, resume and spec changes: isolate, or release when spec.released is true."""
-    isolation = Isolation(body)
-    if isolation.body["spec"].get("released"):
-        isolation.release()
-    else:
-        isolation.isolate()
+    isolation = Isolation(body, retry=retry)
+    with _reported(isolation):
+        if isolation.body["spec"].get("released"):
+            isolation.release()
+        else:
+            isolation.isolate()
 
 
 def guard(body: kopf.Body) -> None:
     """Periodically, while isolated: put the deny-all policy back if someone removed or changed it."""
     isolation = Isolation(body)
+    with _reported(isolation):
+        _guard(isolation)
+
+
+def _guard(isolation: Isolation) -> None:
     if isolation.status.get("phase") != ISOLATED or isolation.body["spec"].get("released"):
         return
     spec = parse_spec(EmergencyIsolationSpec, isolation.body["spec"])
@@ -484,6 +501,8 @@ def guard(body: kopf.Body) -> None:
             isolation.remove_policy()
 
 
-def release_deleted(body: kopf.Body) -> None:
+def release_deleted(body: kopf.Body, *, retry: int = 0) -> None:
     """Deletion: release (the finalizer holds the object until this returns, also across operator downtime)."""
-    Isolation(body).release()
+    isolation = Isolation(body, retry=retry)
+    with _reported(isolation):
+        isolation.release()
