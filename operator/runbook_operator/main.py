@@ -8,10 +8,10 @@ from typing import Any
 import kopf
 
 from . import metrics
-from .builders.backup import BACKUP_NOW
 from .builders.backup import POLICY_LABEL as BACKUP_POLICY_LABEL
 from .logs import install_redactor
 from .models import GROUP, VERSION
+from .models.backup import BACKUP_NOW
 from .reconcilers import backup, isolation, restore, rotation, scaling
 from .settings import Settings, configure_kopf
 

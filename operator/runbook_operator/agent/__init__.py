@@ -10,7 +10,15 @@ downward API. A test runs the same agent as a plain process with the same variab
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from ..clients.s3 import list_keys, object_key
+from ..models.sources import S3Location
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 SPEC_ENV = "RUNBOOK_BACKUP_SPEC"
 JOB_NAME_ENV = "RUNBOOK_JOB_NAME"
@@ -43,3 +51,40 @@ def parse_timestamp(name: str) -> datetime | None:
     if not _TIMESTAMP.match(name):
         return None
     return datetime.strptime(name, TIMESTAMP_FORMAT).replace(tzinfo=UTC)
+
+
+def policy_folder(location: S3Location, namespace: str, policy: str) -> str:
+    """Where a policy's backups are: ``<prefix>/<namespace>/<policy>/``."""
+    return object_key(location, namespace, policy) + "/"
+
+
+def backup_folder(base: str, backup: str) -> str | None:
+    """The folder under ``base`` (a policy's folder) that ``backup`` names by its timestamp, its folder or one
+    of its keys, or None when it names none."""
+    relative = backup.removeprefix(base).strip("/").split("/")[0]
+    if parse_timestamp(relative) is None:
+        return None
+    return f"{base}{relative}/"
+
+
+@dataclass(frozen=True)
+class StoredBackup:
+    """One timestamped folder of a policy; complete when its manifest exists."""
+
+    folder: str
+    time: datetime
+    complete: bool
+
+
+def stored_backups(client: S3Client, location: S3Location, namespace: str, policy: str) -> list[StoredBackup]:
+    """The policy's backups, oldest first."""
+    base = policy_folder(location, namespace, policy)
+    found: dict[str, bool] = {}
+    for key in list_keys(client, location, base):
+        folder, _, leaf = key[len(base) :].partition("/")
+        if parse_timestamp(folder) is not None:
+            found[folder] = found.get(folder, False) or leaf == MANIFEST
+    return [
+        StoredBackup(f"{base}{folder}/", parse_timestamp(folder) or datetime.min.replace(tzinfo=UTC), complete)
+        for folder, complete in sorted(found.items())
+    ]

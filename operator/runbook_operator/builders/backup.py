@@ -20,12 +20,11 @@ from ..agent import (
     S3_SECRET_KEY_ENV,
     SPEC_ENV,
 )
-from ..models.backup import KUBERNETES_RESOURCES, BackupPolicySpec
+from ..models.backup import BACKUP_NOW, KUBERNETES_RESOURCES, BackupPolicySpec
 from ..settings import MANAGED_BY, PREFIX
 from .common import owner_reference
 
 POLICY_LABEL = f"{PREFIX}/backup-policy"
-BACKUP_NOW = f"{PREFIX}/backup-now"
 CONTAINER = "backup"
 AGENT_UID = 10001  # the image's non-root user
 REDIS_CA_DIR = "/etc/runbook/redis-ca"

@@ -23,6 +23,9 @@ from .common import (
 )
 from .sources import Encryption, PostgresConnection, RedisConnection, S3Location
 
+# Any new value of this annotation on a BackupPolicy starts one backup now (the value acts once).
+BACKUP_NOW = "runbook.dev/backup-now"
+
 # The resources a Kubernetes export may name: plural -> (API group, version, kind). A closed list, so the
 # CRD rejects typos and the export's Role grants read access to exactly these and nothing else.
 KUBERNETES_RESOURCES: dict[str, tuple[str, str, str]] = {

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -151,3 +152,33 @@ class EmergencyIsolationStatus(StatusBase):
         default_factory=list, description="NetworkPolicies removed (overrideExistingPolicies); recreated on release."
     )
     evidence: EvidenceRecord | None = Field(None, description="The preserved evidence.")
+
+
+# Phases of an EmergencyIsolation that hold nothing: released, refused (a second one), or never acted on.
+INACTIVE_PHASES = {"Released", "Rejected", "Invalid"}
+
+
+def is_active(item: Mapping[str, Any]) -> bool:
+    """Whether an EmergencyIsolation (as the API returns it) may hold its namespace."""
+    released = (item.get("spec") or {}).get("released", False)
+    phase = (item.get("status") or {}).get("phase")
+    return not released and phase not in INACTIVE_PHASES and not item["metadata"].get("deletionTimestamp")
+
+
+def holding_isolation(items: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """Of a namespace's EmergencyIsolations, the one that holds it, or None.
+
+    Of several active ones, the one that has already acted holds it, else the oldest (ties by name), so
+    that two created at the same moment agree on which of them proceeds.
+    """
+    active = [item for item in items if is_active(item)]
+    if not active:
+        return None
+    return min(
+        active,
+        key=lambda item: (
+            (item.get("status") or {}).get("phase") is None,
+            item["metadata"].get("creationTimestamp", ""),
+            item["metadata"]["name"],
+        ),
+    )

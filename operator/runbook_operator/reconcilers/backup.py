@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -20,9 +19,8 @@ import kopf
 from kubernetes.client import ApiException
 
 from .. import metrics
-from ..agent import MANIFEST, format_timestamp, parse_timestamp
+from ..agent import MANIFEST, StoredBackup, format_timestamp, policy_folder, stored_backups
 from ..builders.backup import (
-    BACKUP_NOW,
     POLICY_LABEL,
     build_backup_now_job,
     build_cronjob,
@@ -37,12 +35,11 @@ from ..clients.s3 import (
     ensure_abort_incomplete_uploads,
     get_json,
     list_keys,
-    object_key,
 )
 from ..errors import RunbookError
 from ..logs import REDACTOR
 from ..models import GROUP, VERSION
-from ..models.backup import BackupPolicySpec, Retention
+from ..models.backup import BACKUP_NOW, BackupPolicySpec, Retention
 from ..models.common import parse_duration
 from ..models.sources import S3Location
 from ..settings import FIELD_MANAGER
@@ -76,33 +73,6 @@ def _s3_error(error: Exception, location: S3Location) -> RunbookError:
             )
         return RunbookError("S3Error", f"spec.destination.s3: {code}", retry_after=60)
     return RunbookError("S3Unreachable", f"spec.destination.s3: {type(error).__name__}", retry_after=60)
-
-
-def policy_folder(location: S3Location, namespace: str, policy: str) -> str:
-    return object_key(location, namespace, policy) + "/"
-
-
-@dataclass(frozen=True)
-class StoredBackup:
-    """One timestamped folder of a policy; complete when its manifest exists."""
-
-    folder: str
-    time: datetime
-    complete: bool
-
-
-def stored_backups(client: S3Client, location: S3Location, namespace: str, policy: str) -> list[StoredBackup]:
-    """The policy's backups, oldest first."""
-    base = policy_folder(location, namespace, policy)
-    found: dict[str, bool] = {}
-    for key in list_keys(client, location, base):
-        folder, _, leaf = key[len(base) :].partition("/")
-        if parse_timestamp(folder) is not None:
-            found[folder] = found.get(folder, False) or leaf == MANIFEST
-    return [
-        StoredBackup(f"{base}{folder}/", parse_timestamp(folder) or datetime.min.replace(tzinfo=UTC), complete)
-        for folder, complete in sorted(found.items())
-    ]
 
 
 def expired_backups(

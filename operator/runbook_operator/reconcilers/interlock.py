@@ -2,37 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..clients import kube
 from ..models import GROUP, VERSION
-
-# Phases of an EmergencyIsolation that hold nothing: released, refused (a second one), or never acted on.
-INACTIVE_PHASES = {"Released", "Rejected", "Invalid"}
-
-
-def _is_active(item: dict[str, Any]) -> bool:
-    released = item.get("spec", {}).get("released", False)
-    phase = item.get("status", {}).get("phase")
-    return not released and phase not in INACTIVE_PHASES and not item["metadata"].get("deletionTimestamp")
+from ..models.isolation import holding_isolation
 
 
 def active_isolation(namespace: str) -> str | None:
-    """The name of the EmergencyIsolation that holds the namespace, or None.
-
-    Of several active ones, the one that has already acted holds it, else the oldest (ties by name), so
-    that two created at the same moment agree on which of them proceeds.
-    """
+    """The name of the EmergencyIsolation that holds the namespace (``models.isolation.holding_isolation``),
+    or None."""
     listing = kube.custom().list_namespaced_custom_object(GROUP, VERSION, namespace, "emergencyisolations")
-    active = [item for item in listing.get("items", []) if _is_active(item)]
-    if not active:
-        return None
-    holder = min(
-        active,
-        key=lambda item: (
-            item.get("status", {}).get("phase") is None,
-            item["metadata"].get("creationTimestamp", ""),
-            item["metadata"]["name"],
-        ),
-    )
-    return str(holder["metadata"]["name"])
+    holder = holding_isolation(listing.get("items", []))
+    return None if holder is None else str(holder["metadata"]["name"])

@@ -44,7 +44,9 @@ from ..agent import (
     PG_USER_ENV,
     S3_ACCESS_KEY_ENV,
     S3_SECRET_KEY_ENV,
-    parse_timestamp,
+    backup_folder,
+    policy_folder,
+    stored_backups,
 )
 from ..agent.restore import RestorePlan, check_contents, connect_target, verify
 from ..builders.restore import (
@@ -73,7 +75,7 @@ from ..models import GROUP, VERSION
 from ..models.backup import BackupPolicySpec, BackupRestoreSpec
 from ..models.sources import PostgresConnection
 from ..settings import FIELD_MANAGER
-from .backup import S3_CREDENTIALS_FIELD, failure_reason, job_outcome, job_pods, policy_folder, stored_backups
+from .backup import S3_CREDENTIALS_FIELD, failure_reason, job_outcome, job_pods
 from .base import StatusPatch, as_failure, backoff, parse_spec, report_failure, s3_client
 
 LOG = logging.getLogger(__name__)
@@ -228,13 +230,13 @@ class Restore:
                     )
                 folder = complete[-1].folder
             else:
-                relative = chosen.removeprefix(base).strip("/").split("/")[0]
-                if parse_timestamp(relative) is None:
+                named = backup_folder(base, chosen)
+                if named is None:
                     raise RunbookError(
                         "BackupNotFound",
                         f"spec.backup: {chosen!r} is neither 'latest', a backup's timestamp nor a key under {base}",
                     )
-                folder = f"{base}{relative}/"
+                folder = named
             try:
                 manifest = get_json(client, location, folder + MANIFEST)
             except botocore.exceptions.ClientError as error:
