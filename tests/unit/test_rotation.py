@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import kopf
 import pytest
 
 from runbook_operator.builders import rotation as build
@@ -15,6 +17,7 @@ from runbook_operator.reconcilers import rotation
 from runbook_operator.reconcilers.base import parse_spec
 
 CREATED = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+CREATED_AT = "2026-03-01T12:00:00Z"
 
 
 def spec(**fields: Any) -> SecretRotationSpec:
@@ -146,3 +149,32 @@ def test_fingerprint_is_short_and_stable() -> None:
 def test_backoff_doubles_and_is_capped() -> None:
     assert [rotation.backoff(10, n) for n in (1, 2, 3, 4)] == [10, 20, 40, 80]
     assert rotation.backoff(10, 50) == rotation.MAX_BACKOFF
+
+
+def rotation_body(conditions: list[dict[str, Any]] | None = None) -> kopf.Body:
+    metadata = {"name": "app", "namespace": "ns", "uid": "u-1", "generation": 1, "creationTimestamp": CREATED_AT}
+    raw: Any = {"metadata": metadata, "status": {"conditions": conditions} if conditions is not None else None}
+    return kopf.Body(raw)
+
+
+def condition(type: str, status: str, reason: str) -> dict[str, Any]:
+    return {"type": type, "status": status, "reason": reason, "message": "m", "lastTransitionTime": "t"}
+
+
+@pytest.mark.parametrize(
+    ("conditions", "announced"),
+    [
+        (None, True),  # first seen: accepted
+        ([condition("Ready", "False", "SecretNotFound")], True),  # every reference works again
+        ([condition("Ready", "True", "Scheduled")], False),  # a quiet resync
+        ([condition("Ready", "False", "RolloutIncomplete"), condition("Degraded", "True", "RolloutIncomplete")], False),
+    ],
+)
+def test_the_schedule_is_announced_when_ready_begins_not_on_every_resync(
+    conditions: list[dict[str, Any]] | None, announced: bool
+) -> None:
+    checked = rotation._Rotation(rotation_body(conditions), lambda: False, logging.getLogger("test"))
+    due = checked._schedule(spec(interval="30d"))
+    assert due == CREATED + timedelta(days=30)
+    expected = [("Scheduled", "next rotation at 2026-03-31T12:00:00Z")] if announced else []
+    assert checked.announcements == expected

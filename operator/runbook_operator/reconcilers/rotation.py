@@ -1,8 +1,11 @@
 """SecretRotation: a persisted state machine that rotates one password and can be interrupted anywhere.
 
 Each SecretRotation has one clock (a kopf daemon running ``run_clock``): it reconciles, then sleeps until
-the next rotation is due, a retry time, or a wake-up (the spec changed, or an EmergencyIsolation in the
-namespace changed). Every reconcile reads the resource fresh: the API server holds all state.
+the next rotation is due, a retry time, the next resync (at most ``RESYNC``), or a wake-up (the spec
+changed, or an EmergencyIsolation in the namespace changed). Every reconcile reads the resource fresh: the
+API server holds all state. Between rotations each reconcile checks every reference the next rotation
+needs (read-only: the Secrets, the restart targets, an admin login and the role), so a broken one shows as
+``Ready=False`` now rather than when the rotation is due.
 
 A rotation writes its ``rotationId`` to status before any side effect, then records each completed step:
 
@@ -61,6 +64,9 @@ MAX_BACKOFF = 300.0
 MISSING_RETRY = 30.0  # a Secret, role or workload that may appear
 REFUSED_RETRY = 60.0  # a refusal that needs a person (privileges, a failing verification)
 ROLLOUT_POLL = 2.0
+# Between rotations the references are checked again this often (a Secret read or two, one admin login):
+# a reference broken later shows within minutes; one that is fixed is found by the retry's backoff.
+RESYNC = 300.0
 ALPHABETS = {
     "alphanumeric": string.ascii_letters + string.digits,
     "base64url": string.ascii_letters + string.digits + "-_",
@@ -124,7 +130,7 @@ def _server_errors(field: str, server: str) -> Iterator[None]:
         if isinstance(error, redis.AuthenticationError) or postgres.refused(error):
             raise RunbookError(
                 "LoginRefused",
-                f"{field}: {server} refused the admin login: {_one_line(error)}",
+                f"{field}.adminSecretRef: {server} refused the admin login: {_one_line(error)}",
                 retry_after=REFUSED_RETRY,
             ) from None
         raise RunbookError(
@@ -226,6 +232,7 @@ class _Rotation:
         self.status = StatusPatch(body.get("status"), body["metadata"].get("generation"))
         self.stopped = stopped
         self.logger = logger
+        self.announcements: list[tuple[str, str]] = []  # Normal Events to post once the status is written
 
     def _tell(self, reason: str, message: str) -> None:
         """A log line and an Event (kopf does not post a daemon's log lines as Events)."""
@@ -237,14 +244,19 @@ class _Rotation:
         return self.status.get("step") not in (None, "Done")
 
     def commit(self) -> None:
-        """Write the collected status changes now (nothing when there are none)."""
+        """Write the collected status changes now (nothing when there are none), then post the Events
+        that announce them (none when the write failed: the next reconcile announces them again)."""
+        announcements, self.announcements = self.announcements, []
         self.status.write(plural=PLURAL, namespace=self.namespace, name=self.name)
+        for reason, message in announcements:
+            self._tell(reason, message)
 
     def converge(self) -> float | None:
         spec = parse_spec(SecretRotationSpec, self.body.get("spec"))
         self.status.set(targetKind=_target_kind(spec))
         if not self.in_flight:
             if not self._due(spec):
+                self._preflight(spec)  # read-only: a broken reference shows now, not when the rotation is due
                 return self._idle(spec)
             isolation = active_isolation(self.namespace)
             if isolation is not None:
@@ -269,11 +281,11 @@ class _Rotation:
         due = self._next_due(spec)
         return due is not None and due <= datetime.now(UTC)
 
-    def _idle(self, spec: SecretRotationSpec) -> float | None:
-        """Status between rotations; the seconds until the next one."""
+    def _idle(self, spec: SecretRotationSpec) -> float:
+        """Status between rotations; the seconds until the next one is due or the next resync."""
         due = self._schedule(spec)
         self.commit()
-        return None if due is None else max(0.0, (due - datetime.now(UTC)).total_seconds())
+        return RESYNC if due is None else min(RESYNC, max(0.0, (due - datetime.now(UTC)).total_seconds()))
 
     def _schedule(self, spec: SecretRotationSpec) -> datetime | None:
         """The next rotation time, Ready and the metric, as they stand between rotations (not yet written)."""
@@ -288,6 +300,9 @@ class _Rotation:
             self.status.set(phase="Degraded")
         else:
             when = f"next rotation at {_rfc3339(due)}" if due else "rotates when spec.rotateNow changes"
+            ready = get_condition(self.status.get("conditions"), "Ready")
+            if ready is None or ready["status"] != "True":  # accepted, or every reference works again
+                self.announcements.append(("Scheduled", when))
             self.status.condition("Ready", "True", "Scheduled", when)
             self.status.set(phase="Ready")
         return due
