@@ -25,6 +25,7 @@ from tests.services import Postgres, Redis, free_port
 
 from runbook_operator.builders.rotation import ROTATION_ID, fingerprint, pending_secret_name
 from runbook_operator.clients.postgres import set_password
+from runbook_operator.reconcilers import rotation as rotation_reconciler
 from runbook_operator.reconcilers.rotation import CRASH_AFTER_ENV, STEPS
 
 GROUP, VERSION, PLURAL = "runbook.dev", "v1alpha1", "secretrotations"
@@ -147,6 +148,19 @@ class Cluster:
 
     def events(self) -> list[Any]:
         return list(self.core.list_namespaced_event(self.namespace).items)
+
+    def events_of(self, name: str) -> list[Any]:
+        """The Events `kubectl describe` shows for one object (selected by involvedObject.name)."""
+        selector = f"involvedObject.name={name}"
+        return list(self.core.list_namespaced_event(self.namespace, field_selector=selector).items)
+
+    def wait_event(self, name: str, type: str, reason: str, timeout: float = 20) -> Any:
+        """kopf posts Events from a queue: wait for one rather than asserting at once."""
+
+        def posted() -> Any:
+            return next((e for e in self.events_of(name) if (e.type, e.reason) == (type, reason)), None)
+
+        return self.wait_for(posted, timeout=timeout, what=f"a {type} {reason} Event of {name}")
 
     def delete_rotations(self) -> None:
         """Delete every SecretRotation while the operator runs (kopf's finalizer is on them)."""
@@ -617,6 +631,146 @@ def test_bad_inputs_get_clear_conditions_and_nothing_half_done(
     cluster.wait_rotated("db-down", "1")
     secret = cluster.secret()
     assert secret is not None and secret["OTHER"] == "kept" and role.login(secret["POSTGRES_PASSWORD"])
+    cluster.delete_rotations()
+
+
+def test_references_are_checked_long_before_a_rotation_is_due(
+    cluster: Cluster, postgres: Postgres, redis_server: Redis, operator_runner: kopf.testing.KopfRunner
+) -> None:
+    """Every reference of a SecretRotation whose next rotation is 30 days away is resolved and checked when
+    it is created (read-only): a broken one is Ready=False naming the field at once, not in 30 days."""
+    role = PgRole(postgres)
+    admin_secret(cluster, postgres)
+    original = {"POSTGRES_PASSWORD": role.password, "OTHER": "kept"}
+    cluster.create_secret(SECRET, original)
+    wrong_password = f"wrong-{uuid.uuid4().hex}"
+    cluster.create_secret("wrong-admin", {"username": postgres.superuser, "password": wrong_password})
+    cluster.create_secret("redis-wrong-admin", {"username": "default", "password": wrong_password})
+    redis_user = f"app-{uuid.uuid4().hex[:8]}"
+    redis_password = f"old-{uuid.uuid4().hex}"
+    redis_server.client().execute_command("ACL", "SETUSER", redis_user, "on", f">{redis_password}", "~*", "+@all")
+    cluster.create_secret("redis-credentials", {"REDIS_PASSWORD": redis_password})
+    missing = f"later-{uuid.uuid4().hex[:8]}"
+    dead_port = free_port()
+    good: dict[str, Any] = {
+        "secretRef": {"name": SECRET, "key": "POSTGRES_PASSWORD"},
+        "target": pg_target(postgres, role.name),
+        "interval": "720h",
+    }
+    with_admin = {
+        "postgresql": {**pg_target(postgres, role.name)["postgresql"], "adminSecretRef": {"name": "wrong-admin"}}
+    }
+    cases: dict[str, tuple[dict[str, Any], str, str]] = {
+        "no-secret": (
+            {**good, "secretRef": {"name": missing, "key": "POSTGRES_PASSWORD"}},
+            "SecretNotFound",
+            f"spec.secretRef: Secret {missing} not found",
+        ),
+        "no-key": (
+            {**good, "secretRef": {"name": SECRET, "key": "MISSING"}},
+            "SecretKeyMissing",
+            f"spec.secretRef: Secret {SECRET} has no key 'MISSING'",
+        ),
+        "db-down": (
+            {**good, "target": pg_target(postgres, role.name, port=dead_port)},
+            "DatabaseUnavailable",
+            f"spec.target.postgresql: cannot reach PostgreSQL 127.0.0.1:{dead_port}",
+        ),
+        "bad-admin": (
+            {**good, "target": with_admin},
+            "LoginRefused",
+            f"spec.target.postgresql.adminSecretRef: PostgreSQL 127.0.0.1:{postgres.port} refused the admin login",
+        ),
+        "redis-bad-admin": (
+            {
+                **good,
+                "secretRef": {"name": "redis-credentials", "key": "REDIS_PASSWORD"},
+                "target": {
+                    "redis": {
+                        "host": "127.0.0.1",
+                        "port": redis_server.port,
+                        "user": redis_user,
+                        "adminSecretRef": {"name": "redis-wrong-admin"},
+                    }
+                },
+            },
+            "LoginRefused",
+            f"spec.target.redis.adminSecretRef: Redis 127.0.0.1:{redis_server.port} refused the admin login",
+        ),
+        "no-role": (
+            {**good, "target": pg_target(postgres, "no_such_role")},
+            "RoleNotFound",
+            "spec.target.postgresql.user: role no_such_role does not exist",
+        ),
+        "no-workload": (
+            {**good, "restartTargets": [{"kind": "Deployment", "name": "nope"}]},
+            "RestartTargetNotFound",
+            "spec.restartTargets[0]: Deployment nope not found",
+        ),
+    }
+    started = time.monotonic()
+    for name, (spec, _, _) in cases.items():
+        cluster.create_rotation(name, spec)
+    for name, (_, reason, message) in cases.items():
+        condition = cluster.wait_condition(name, "Ready", "False", reason, timeout=20)
+        assert condition["message"].startswith(message), (name, condition)
+        status = cluster.rotation(name)["status"]
+        assert "rotationId" not in status and "step" not in status and "lastRotationTime" not in status, name
+        assert status["phase"] == "Failed", name
+        warning = cluster.wait_event(name, "Warning", reason)
+        assert warning.message.startswith(message), (name, warning.message)
+    assert time.monotonic() - started < 30  # seconds, not the 30 days until the first rotation
+    # Read-only: no value was changed, no pending value generated.
+    assert cluster.secret() == original and role.login(role.password)
+    assert cluster.secret("redis-credentials") == {"REDIS_PASSWORD": redis_password}
+    assert redis_server.client().execute_command("AUTH", redis_user, redis_password)
+    assert all(cluster.pending(name) is None for name in cases)
+    texts = [*event_texts(cluster), *(json.dumps(cluster.rotation(name)) for name in cases)]
+    assert leaks([role.password, wrong_password, postgres.password, redis_password], texts) == []
+
+    # The missing Secret appears: Ready again (a retry with backoff finds it), and still no rotation.
+    cluster.create_secret(missing, {"POSTGRES_PASSWORD": role.password})
+    ready = cluster.wait_condition("no-secret", "Ready", "True", "Scheduled", timeout=90)
+    assert ready["message"].startswith("next rotation at ")
+    status = cluster.rotation("no-secret")["status"]
+    assert "rotationId" not in status and status["phase"] == "Ready"
+    assert cluster.secret(missing) == {"POSTGRES_PASSWORD": role.password} and role.login(role.password)
+    cluster.wait_event("no-secret", "Normal", "Scheduled")
+    cluster.delete_rotations()
+
+
+def test_a_new_rotation_posts_an_event_and_a_quiet_resync_posts_none(
+    cluster: Cluster, operator_runner: kopf.testing.KopfRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kubectl describe sr` of a fresh SecretRotation shows it was accepted and when it rotates; resyncs
+    that find nothing changed write and post nothing; a reference that breaks later is found by a resync."""
+    monkeypatch.setattr(rotation_reconciler, "RESYNC", 1.0, raising=False)  # instead of minutes
+    name = f"token-{uuid.uuid4().hex[:8]}"
+    cluster.create_secret(SECRET, {"token": "initial-token-value"})
+    cluster.create_deployment("api")
+    spec = {
+        "secretRef": {"name": SECRET, "key": "token"},
+        "interval": "720h",
+        "restartTargets": [{"kind": "Deployment", "name": "api"}],
+    }
+    cluster.create_rotation(name, spec)
+    event = cluster.wait_event(name, "Normal", "Scheduled")
+    status = cluster.rotation(name)["status"]
+    assert event.message == f"next rotation at {status['nextRotationTime']}"
+    assert "rotationId" not in status
+
+    # Resyncs (every second here) with nothing changed: no status write, no further Event.
+    version = cluster.rotation(name)["metadata"]["resourceVersion"]
+    time.sleep(4)
+    assert cluster.rotation(name)["metadata"]["resourceVersion"] == version
+    assert [e.reason for e in cluster.events_of(name)] == ["Scheduled"]
+
+    # A restart target deleted later is found by the next resync.
+    cluster.apps.delete_namespaced_deployment("api", cluster.namespace)
+    condition = cluster.wait_condition(name, "Ready", "False", "RestartTargetNotFound", timeout=15)
+    assert condition["message"] == "spec.restartTargets[0]: Deployment api not found"
+    cluster.wait_event(name, "Warning", "RestartTargetNotFound")
+    assert cluster.secret() == {"token": "initial-token-value"}
     cluster.delete_rotations()
 
 
