@@ -394,7 +394,7 @@ def test_dual_strategy_never_fails_a_login(
 def test_redis_keeps_the_old_password_until_retired(
     cluster: Cluster,
     redis_server: Redis,
-    kubeconfig: Path,
+    operator_kubeconfig: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -431,7 +431,7 @@ def test_redis_keeps_the_old_password_until_retired(
     )
     # Interrupted after publishing: both passwords work, the Secret already holds the new one.
     monkeypatch.setenv(CRASH_AFTER_ENV, "Restarted")
-    with operator(cluster.namespace, kubeconfig, monkeypatch):
+    with operator(cluster.namespace, operator_kubeconfig, monkeypatch):
         wait_crash(caplog, cluster.wait_for, "Restarted")
     secret = cluster.secret("redis-credentials")
     assert secret is not None
@@ -439,7 +439,7 @@ def test_redis_keeps_the_old_password_until_retired(
     assert new != old and works(new) and works(old)
 
     monkeypatch.delenv(CRASH_AFTER_ENV)
-    with operator(cluster.namespace, kubeconfig, monkeypatch):
+    with operator(cluster.namespace, operator_kubeconfig, monkeypatch):
         status = cluster.wait_rotated("cache", "1")
         assert status["targetKind"] == "redis" and status["fingerprint"] == fingerprint(new)
         assert works(new) and not works(old)
@@ -495,7 +495,7 @@ class LoginMonitor:
 def test_interrupted_after_each_step_converges_and_never_locks_out(
     cluster: Cluster,
     postgres: Postgres,
-    kubeconfig: Path,
+    operator_kubeconfig: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -518,14 +518,14 @@ def test_interrupted_after_each_step_converges_and_never_locks_out(
         for step in STEPS[1:]:
             token = f"crash-{step}"
             monkeypatch.setenv(CRASH_AFTER_ENV, step)
-            with operator(cluster.namespace, kubeconfig, monkeypatch):
+            with operator(cluster.namespace, operator_kubeconfig, monkeypatch):
                 cluster.patch_spec("app", {"rotateNow": token})
                 wait_crash(caplog, cluster.wait_for, step)
             interrupted = cluster.rotation("app")["status"]
             assert interrupted["rotateNow"] == token and interrupted["step"] != "Done"
 
             monkeypatch.delenv(CRASH_AFTER_ENV)
-            with operator(cluster.namespace, kubeconfig, monkeypatch):
+            with operator(cluster.namespace, operator_kubeconfig, monkeypatch):
                 status = cluster.wait_rotated("app", token)
                 if step == STEPS[-1]:
                     cluster.delete_rotations()
@@ -823,7 +823,7 @@ def test_a_workload_that_cannot_roll_out_ends_degraded_naming_it(
 
 def test_no_rotation_starts_while_the_namespace_is_isolated(
     cluster: Cluster,
-    kubeconfig: Path,
+    operator_kubeconfig: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -831,7 +831,7 @@ def test_no_rotation_starts_while_the_namespace_is_isolated(
     cluster.create_rotation("token", {"secretRef": {"name": SECRET, "key": "token"}, "rotateNow": "1"})
     # A rotation in flight when the isolation begins finishes ...
     monkeypatch.setenv(CRASH_AFTER_ENV, "Generated")
-    with operator(cluster.namespace, kubeconfig, monkeypatch):
+    with operator(cluster.namespace, operator_kubeconfig, monkeypatch):
         wait_crash(caplog, cluster.wait_for, "Generated")
     isolation = {
         "apiVersion": f"{GROUP}/{VERSION}",
@@ -846,7 +846,7 @@ def test_no_rotation_starts_while_the_namespace_is_isolated(
     }
     cluster.custom.create_namespaced_custom_object(GROUP, VERSION, cluster.namespace, "emergencyisolations", isolation)
     monkeypatch.delenv(CRASH_AFTER_ENV)
-    with operator(cluster.namespace, kubeconfig, monkeypatch):
+    with operator(cluster.namespace, operator_kubeconfig, monkeypatch):
         cluster.wait_rotated("token", "1")
         first = cluster.secret()
         # ... but no new one starts.
@@ -911,7 +911,7 @@ def test_interval_rotates_when_due_and_shows_the_next_time(
 def test_deleted_mid_rotation_publishes_before_it_goes(
     cluster: Cluster,
     postgres: Postgres,
-    kubeconfig: Path,
+    operator_kubeconfig: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -925,12 +925,12 @@ def test_deleted_mid_rotation_publishes_before_it_goes(
     }
     cluster.create_rotation("app", spec)
     monkeypatch.setenv(CRASH_AFTER_ENV, "Applied")
-    with operator(cluster.namespace, kubeconfig, monkeypatch):
+    with operator(cluster.namespace, operator_kubeconfig, monkeypatch):
         wait_crash(caplog, cluster.wait_for, "Applied")
     assert not role.login(role.password)  # the role already has the pending value, the Secret not yet
     cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, "app")
     monkeypatch.delenv(CRASH_AFTER_ENV)
-    with operator(cluster.namespace, kubeconfig, monkeypatch):
+    with operator(cluster.namespace, operator_kubeconfig, monkeypatch):
 
         def gone() -> bool:
             return not cluster.custom.list_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL)["items"]

@@ -1,4 +1,4 @@
-"""SecretRotation: the pure parts (schedule, rollout judgement, manifests, generator, backoff)."""
+"""SecretRotation: the pure parts (schedule, rollout judgement, manifests, generator)."""
 
 from __future__ import annotations
 
@@ -144,11 +144,6 @@ def test_generator_uses_the_alphabet_and_length(alphabet: str, allowed: str) -> 
 def test_fingerprint_is_short_and_stable() -> None:
     assert build.fingerprint("a") == build.fingerprint("a") != build.fingerprint("b")
     assert len(build.fingerprint("a")) == 12
-
-
-def test_backoff_doubles_and_is_capped() -> None:
-    assert [rotation.backoff(10, n) for n in (1, 2, 3, 4)] == [10, 20, 40, 80]
-    assert rotation.backoff(10, 50) == rotation.MAX_BACKOFF
 
 
 def rotation_body(conditions: list[dict[str, Any]] | None = None) -> kopf.Body:

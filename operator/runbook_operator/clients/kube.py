@@ -20,6 +20,8 @@ def api_client() -> ApiClient:
         kubernetes.config.load_incluster_config(client_configuration=configuration)
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config(client_configuration=configuration)
+    for credential in (*configuration.api_key.values(), configuration.password):  # the bearer token
+        REDACTOR.register(str(credential).removeprefix("Bearer ") if credential else None)
     return ApiClient(configuration)
 
 

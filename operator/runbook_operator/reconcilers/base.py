@@ -121,6 +121,10 @@ def report_failure(
     """Any failure (``as_failure``) as Ready=False with its reason and message, and a Warning Event (a
     repetition counts on the same Event); returns the RunbookError. The caller writes the status."""
     error = as_failure(raised)
+    metadata = body["metadata"]
+    LOG.warning(
+        "%s %s/%s: %s: %s", body.get("kind"), metadata["namespace"], metadata["name"], error.reason, error.message
+    )
     status.condition("Ready", "False", error.reason, error.message)
     if phase is not None:
         status.set(phase=phase)

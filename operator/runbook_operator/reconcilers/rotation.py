@@ -60,7 +60,6 @@ STEPS = ("Started", "Generated", "Applied", "Verified", "Published", "Restarted"
 # Test hook: raise right after the side effects of this step, before it is recorded (crash-safety tests).
 CRASH_AFTER_ENV = "RUNBOOK_TEST_CRASH_AFTER"
 UNREACHABLE_RETRY = 10.0  # first retry while a server is down; doubles per failure
-MAX_BACKOFF = 300.0
 MISSING_RETRY = 30.0  # a Secret, role or workload that may appear
 REFUSED_RETRY = 60.0  # a refusal that needs a person (privileges, a failing verification)
 ROLLOUT_POLL = 2.0
@@ -92,11 +91,6 @@ class Pending:
 def generate_password(generator: Generator) -> str:
     alphabet = ALPHABETS[generator.alphabet]
     return "".join(secrets.choice(alphabet) for _ in range(generator.length))
-
-
-def backoff(base: float, failures: int) -> float:
-    """Seconds before retry number ``failures`` (1, 2, ...): doubling from ``base``, capped."""
-    return float(min(base * 2 ** max(failures - 1, 0), MAX_BACKOFF))
 
 
 def _before(step: str | None, other: str) -> bool:
@@ -152,24 +146,12 @@ def _server_errors(field: str, server: str) -> Iterator[None]:
 async def run_clock(body: kopf.Body, *, stopped: kopf.DaemonStopped, logger: kopf.Logger) -> None:
     """Reconcile, sleep until due, retry with backoff, until kopf stops the daemon."""
     namespace, name = str(body.metadata.namespace), str(body.metadata.name)
-    failures = 0
 
     async def once() -> float | None:
-        nonlocal failures
         try:
-            delay = await asyncio.to_thread(reconcile, namespace, name, lambda: bool(stopped), logger)
+            return await asyncio.to_thread(reconcile, namespace, name, lambda: bool(stopped), logger)
         except Stopped:
             return None
-        except RunbookError as error:
-            failures += 1
-            return None if error.retry_after is None else backoff(error.retry_after, failures)
-        except Exception as error:  # a bug or an API server hiccup: never a hot loop, never a dead clock
-            failures += 1
-            metrics.RECONCILE_ERRORS.labels(KIND).inc()
-            logger.error(f"Rotation failed, retrying: {_one_line(error)}")
-            return backoff(UNREACHABLE_RETRY, failures)
-        failures = 0
-        return delay
 
     await CLOCKS.run(namespace=namespace, name=name, stopped=stopped, reconcile=once)
 
@@ -196,11 +178,13 @@ def reconcile(namespace: str, name: str, stopped: Callable[[], bool], logger: ko
         rotation = _Rotation(body, stopped, logger)
         try:
             return rotation.converge()
-        except RunbookError as error:
-            report_failure(body, rotation.status, error, phase=None if rotation.in_flight else "Failed")
+        except Stopped:
+            raise
+        except Exception as raised:  # reported, then retried with backoff by the clock
+            error = report_failure(body, rotation.status, raised, phase=None if rotation.in_flight else "Failed")
             metrics.RECONCILE_ERRORS.labels(KIND).inc()
             rotation.commit()
-            raise
+            raise error from None
 
 
 def settle_before_deletion(body: kopf.Body, *, logger: kopf.Logger) -> None:
