@@ -1,5 +1,5 @@
 # The two commands of the README: `make run` and `make test`. Everything else is for development.
-.PHONY: setup run test lint crds unit integration cluster-build cluster-start cluster-stop bench clean
+.PHONY: setup run test lint crds unit integration cluster-build helm-build cluster-start cluster-stop bench clean
 
 PY := .venv/bin/python
 CLUSTER := $(PY) tools/localcluster/localcluster.py
@@ -12,7 +12,7 @@ run: setup
 	@tools/dev/run.sh
 
 ## Everything CI checks: lint, types, unit and integration tests against real components.
-test: setup lint cluster-build
+test: setup lint cluster-build helm-build
 	$(PY) -m pytest
 
 lint: setup
@@ -26,11 +26,15 @@ crds: setup
 unit: setup
 	$(PY) -m pytest tests/unit
 
-integration: setup cluster-build
+integration: setup cluster-build helm-build
 	$(PY) -m pytest tests/integration
 
 cluster-build: setup
 	$(CLUSTER) build
+
+## helm for the chart tests (tests/integration/test_helm.py), built from its Go module and cached.
+helm-build: setup
+	$(PY) tools/helm/helm.py build
 
 cluster-start: cluster-build
 	$(CLUSTER) start
