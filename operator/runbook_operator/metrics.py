@@ -56,3 +56,40 @@ BACKUP_LAST_VERIFIED = Gauge(
     "When a restore drill last restored the policy's newest backup and found it matching its manifest (Unix time).",
     ["namespace", "policy"],
 )
+
+# For the alert rules (deploy/monitoring/): the facts they compare with time(), per object, bounded labels.
+BACKUP_LAST_FAILURE = Gauge(
+    "runbook_backup_last_failure_timestamp_seconds",
+    "When the newest failed backup run (or one without a valid manifest) finished (Unix time).",
+    _BACKUP_LABELS,
+)
+BACKUP_SCHEDULE_INTERVAL = Gauge(
+    "runbook_backup_schedule_interval_seconds",
+    "The longest gap between two runs of the policy's schedule (absent while suspended): a backup older than "
+    "this plus a grace is overdue.",
+    _BACKUP_LABELS,
+)
+BACKUP_LAST_DRILL_PASSED = Gauge(
+    "runbook_backup_last_drill_passed",
+    "Whether the policy's newest restore drill passed (1) or failed (0).",
+    ["namespace", "policy"],
+)
+RESTORE_DURATION = Histogram(
+    "runbook_restore_duration_seconds",
+    "From a BackupRestore's start to its end, by outcome.",
+    ["namespace", "outcome"],
+    buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400),
+)
+SECRET_NEXT_ROTATION = Gauge(
+    "runbook_secret_next_rotation_timestamp_seconds",
+    "When the SecretRotation's next scheduled rotation is due (Unix time); a past value means overdue.",
+    ["namespace", "name"],
+)
+ISOLATION_INFO = Gauge(
+    "runbook_isolation_info",
+    "1 while the EmergencyIsolation holds its namespace (the series is removed on release).",
+    ["namespace", "name", "incident", "severity"],
+)
+KINDS = ("BackupPolicy", "BackupRestore", "SecretRotation", "EmergencyIsolation", "ScalingProfile")
+for _kind in KINDS:  # every series exists from the start at 0, so increase() sees the first error
+    RECONCILE_ERRORS.labels(_kind)

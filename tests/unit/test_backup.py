@@ -19,7 +19,13 @@ from runbook_operator.builders.backup import (
 from runbook_operator.errors import RunbookError
 from runbook_operator.logs import REDACTOR
 from runbook_operator.models.backup import BackupPolicySpec
-from runbook_operator.reconcilers.backup import StoredBackup, expired_backups, failure_reason, needs_finalizer
+from runbook_operator.reconcilers.backup import (
+    StoredBackup,
+    expired_backups,
+    failure_reason,
+    needs_finalizer,
+    schedule_interval,
+)
 from tests.helpers import load_samples
 
 SAMPLES = load_samples()
@@ -225,3 +231,18 @@ def test_agent_config_and_messages_fail_with_the_field_and_no_secret() -> None:
         AgentConfig.from_env({"RUNBOOK_BACKUP_SPEC": json.dumps(spec)}, namespace="ns", policy="p", generation=1)
     REDACTOR.register("hunter2-secret")
     assert one_line("pg_dump: error\nFATAL: bad login hunter2-secret\n") == "FATAL: bad login [REDACTED]"
+
+
+@pytest.mark.parametrize(
+    ("schedule", "time_zone", "hours"),
+    [
+        ("0 */6 * * *", "UTC", 6),
+        ("*/15 * * * *", "UTC", 0.25),
+        ("30 1 * * *", "UTC", 24),
+        ("0 2 * * 1-5", "UTC", 72),  # the weekend is the longest gap
+        ("0 0 1 * *", "UTC", 31 * 24),  # the longest month
+    ],
+)
+def test_schedule_interval_is_the_longest_gap_between_runs(schedule: str, time_zone: str, hours: float) -> None:
+    """runbook_backup_schedule_interval_seconds: what RunbookBackupOverdue adds its grace to."""
+    assert schedule_interval(schedule, time_zone) == hours * 3600

@@ -9,13 +9,16 @@ the agent's one-line reason. Both are level-based: running them again changes no
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
 
 import botocore.exceptions
 import kopf
+from croniter import croniter
 from kubernetes.client import ApiException
 
 from .. import metrics
@@ -36,6 +39,7 @@ from ..clients.s3 import (
     get_json,
     list_keys,
 )
+from ..conditions import get_condition
 from ..errors import RunbookError
 from ..logs import REDACTOR
 from ..models import GROUP, VERSION
@@ -274,12 +278,25 @@ def reconcile(body: kopf.Body, *, image: str, retry: int = 0) -> None:
             )
         status.set(phase="Suspended" if spec.suspend else "Scheduled")
         status.write(plural=PLURAL, namespace=namespace, name=name)
+        series = (namespace, name, spec.source.kind)
+        if spec.suspend:
+            metrics.BACKUP_SCHEDULE_INTERVAL.remove(*series)  # a suspended policy is never overdue
+        else:
+            metrics.BACKUP_SCHEDULE_INTERVAL.labels(*series).set(schedule_interval(spec.schedule, spec.time_zone))
         observe(namespace, name)
         backup_now(body)
     except Exception as raised:
         failure = report_failure(body, status, raised, phase="Invalid" if _is_invalid(raised) else "Blocked")
         status.write(plural=PLURAL, namespace=namespace, name=name)
         raise retry_or_stop(failure, retry=retry) from None
+
+
+def schedule_interval(schedule: str, time_zone: str, *, runs: int = 64) -> float:
+    """The longest gap in seconds between consecutive runs of ``schedule`` over its next ``runs`` runs, in
+    its time zone (a weekday-only schedule's weekend, a month's 31 days, a DST night's extra hour count)."""
+    starts = croniter(schedule, datetime.now(ZoneInfo(time_zone)))
+    times = [starts.get_next(datetime) for _ in range(runs + 1)]
+    return max((b - a).total_seconds() for a, b in itertools.pairwise(times))
 
 
 def _is_invalid(error: Exception) -> bool:
@@ -418,7 +435,7 @@ def observe(namespace: str, name: str) -> None:
             failure = _record_failure(
                 policy, status, job=job_name, when=when, reason=reason, message=message, labels=labels
             )
-    _set_metrics(labels, status.get("lastSuccessfulBackup"))
+    _set_metrics(labels, status)
     status.write(plural=PLURAL, namespace=namespace, name=name)
 
 
@@ -510,11 +527,25 @@ def _record_failure(
     return record
 
 
-def _set_metrics(labels: dict[str, str], success: Mapping[str, Any] | None) -> None:
-    when = _time((success or {}).get("time"))
-    if success and when is not None:
+def _set_metrics(labels: dict[str, str], status: StatusPatch) -> None:
+    """The policy's gauges from its status, so they are right again after the operator restarts."""
+    metrics.BACKUP_FAILURES.labels(**labels)  # the series exists at 0 before the first failure
+    success = status.get("lastSuccessfulBackup") or {}
+    when = _time(success.get("time"))
+    if when is not None:
         metrics.BACKUP_LAST_SUCCESS.labels(**labels).set(when.timestamp())
         metrics.BACKUP_SIZE.labels(**labels).set(float(success.get("sizeBytes") or 0))
+    failed = _time((status.get("lastFailure") or {}).get("time"))
+    if failed is not None:
+        metrics.BACKUP_LAST_FAILURE.labels(**labels).set(failed.timestamp())
+    verified = _time((status.get("lastVerifiedBackup") or {}).get("verifiedTime"))
+    if verified is not None:
+        metrics.BACKUP_LAST_VERIFIED.labels(labels["namespace"], labels["policy"]).set(verified.timestamp())
+    drill = get_condition(status.get("conditions"), "Verified")
+    if drill is not None:
+        metrics.BACKUP_LAST_DRILL_PASSED.labels(labels["namespace"], labels["policy"]).set(
+            int(drill["status"] == "True")
+        )
 
 
 # --- deletion -------------------------------------------------------------------------------------------

@@ -143,6 +143,7 @@ class Isolation:
             self.contain(spec.network)
         self.admit(spec)
         metrics.ISOLATIONS_ACTIVE.labels(self.namespace).set(1)
+        metrics.ISOLATION_INFO.labels(self.namespace, self.name, spec.incident_id, spec.severity).set(1)
         if spec.network.isolate:
             self.existing_policies(spec.network)
         if phase != ISOLATED:  # once isolated, changes made by hand are the responder's, not drift
@@ -385,6 +386,8 @@ class Isolation:
         self.event("Released", f"released; recreated policies: {', '.join(recreated) or 'none'}")
         self.audit("isolation_released", "released", recreatedPolicies=recreated, warnings=warnings)
         metrics.ISOLATIONS_ACTIVE.labels(self.namespace).set(0)
+        spec = self.body.get("spec") or {}
+        metrics.ISOLATION_INFO.remove(self.namespace, self.name, spec.get("incidentId", ""), spec.get("severity", "P1"))
 
     def recreate_policies(self) -> list[str]:
         api, name = kube.core(), saved_policies_name(self.name)

@@ -305,6 +305,7 @@ class Restore:
         self.begin("Preflight", PREFLIGHT)
         self.status.condition("Ready", "False", "Preflight", "verifying the backup before changing anything")
         self.flush()
+        metrics.RESTORES.labels(self.namespace, FAILED)  # the series exists at 0 before the first failure
         spec = self.body.get("spec") or {}
         self.event(
             "RestoreStarted", f"restoring {spec.get('backup', 'latest')} of BackupPolicy {spec.get('policyRef')}"
@@ -514,6 +515,7 @@ class Restore:
             rows=checks.get("rows"),
         )
         metrics.RESTORES.labels(self.namespace, phase).inc()
+        metrics.RESTORE_DURATION.labels(self.namespace, phase).observe(_seconds_since(self.status.get("startTime")))
         drill_of = (self.body["metadata"].get("labels") or {}).get(DRILL_LABEL)
         if drill_of:
             record_drill(self.namespace, drill_of, self.name, self.status.current, ready)
@@ -641,6 +643,7 @@ def record_drill(namespace: str, policy: str, restore: str, status: dict[str, An
         if status.get("phase") == SUCCEEDED:
             when = datetime.fromisoformat(str(status.get("completionTime")).replace("Z", "+00:00"))
             metrics.BACKUP_LAST_VERIFIED.labels(namespace, policy).set(when.timestamp())
+        metrics.BACKUP_LAST_DRILL_PASSED.labels(namespace, policy).set(int(status.get("phase") == SUCCEEDED))
         condition = next(c for c in patch.get("conditions") if c["type"] == "Verified")
         post = kopf.info if condition["status"] == "True" else kopf.warn
         post(

@@ -278,6 +278,10 @@ class _Rotation:
         if last:
             metrics.SECRET_LAST_ROTATION.labels(self.namespace, self.name).set(_time(last).timestamp())
         self.status.set(nextRotationTime=_rfc3339(due) if due else None)
+        if due:
+            metrics.SECRET_NEXT_ROTATION.labels(self.namespace, self.name).set(due.timestamp())
+        else:
+            metrics.SECRET_NEXT_ROTATION.remove(self.namespace, self.name)
         degraded = get_condition(self.status.get("conditions"), "Degraded")
         if degraded is not None and degraded["status"] == "True":
             self.status.condition("Ready", "False", degraded["reason"], degraded["message"])
