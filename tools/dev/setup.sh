@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the operator and its tests need on a Debian machine, idempotently:
-# PostgreSQL, Redis and GnuPG from Debian's packages, and the Python package with its dev extras in .venv.
+# PostgreSQL, Redis, GnuPG and Prometheus (promtool and the server, for deploy/monitoring/'s tests) from
+# Debian's packages, and the Python package with its dev extras in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -11,6 +12,7 @@ command -v redis-cli >/dev/null || need+=(redis-tools)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v pg_dump >/dev/null || need+=(postgresql-client)
 command -v openssl >/dev/null || need+=(openssl)
+command -v promtool >/dev/null || need+=(prometheus)  # promtool and prometheus: tests of deploy/monitoring/
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need[*]}"
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
