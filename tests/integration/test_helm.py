@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from tests.helpers import OperatorProcess, server_side_apply, token_kubeconfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "runbook-operator"
+MONITORING = ROOT / "deploy" / "monitoring"
 sys.path.insert(0, str(ROOT / "tools" / "helm"))
 sys.path.insert(0, str(ROOT / "tools" / "localcluster"))
 
@@ -105,13 +107,31 @@ def assert_same_objects(rendered: list[dict[str, Any]], kustomized: list[dict[st
         assert helm_objects[name] == expected, f"{name} differs"
 
 
+def monitoring_kustomization(tmp_path: Path) -> Path:
+    """deploy/ with the deploy/monitoring/ component: the kustomize install with monitoring on."""
+    directory = tmp_path / "with-monitoring"
+    directory.mkdir()
+    (directory / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                # relative: kustomize refuses absolute paths
+                "resources": [os.path.relpath(ROOT / "deploy", directory)],
+                "components": [os.path.relpath(MONITORING, directory)],
+            }
+        )
+    )
+    return directory
+
+
 # --- the chart is well-formed ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "values",
-    [[], NAMESPACED],
-    ids=["default", "namespaced"],
+    [[], NAMESPACED, ["--set", "monitoring.enabled=true"]],
+    ids=["default", "namespaced", "monitoring"],
 )
 def test_helm_lint_passes(helm: Path, values: list[str]) -> None:
     output = run([helm, "lint", "--strict", CHART, *values])
@@ -139,9 +159,9 @@ def test_packaged_chart_is_self_contained(helm: Path, tmp_path: Path) -> None:
     """`helm package` stores the symlinked files' contents: the archive renders what the directory does."""
     run([helm, "package", CHART, "--destination", tmp_path])
     archive = tmp_path / f"runbook-operator-{CHART_META['version']}.tgz"
-    values = ["--include-crds", *NAMESPACED]
+    values = ["--include-crds", "--set", "monitoring.enabled=true", *NAMESPACED]
     packaged = documents(run([helm, "template", RELEASE, archive, *values]))
-    assert packaged == helm_template(helm, *NAMESPACED)
+    assert packaged == helm_template(helm, "--set", "monitoring.enabled=true", *NAMESPACED)
 
 
 # --- the chart renders what kustomize renders -------------------------------------------------------------
@@ -156,6 +176,13 @@ def test_namespaced_rbac_renders_the_namespaced_overlay(helm: Path) -> None:
     assert_same_objects(rendered, kustomize(ROOT / "deploy" / "overlays" / "namespaced"))
     bindings = {(d["kind"], d["metadata"]["name"]) for d in rendered if d["kind"].endswith("Binding")}
     assert bindings == {("ClusterRoleBinding", "runbook-operator-cluster"), ("RoleBinding", "runbook-operator")}
+
+
+def test_monitoring_on_renders_deploy_with_the_monitoring_component(helm: Path, tmp_path: Path) -> None:
+    assert MONITORING.is_dir(), f"{MONITORING} (the kustomize component the chart mirrors) is missing"
+    rendered = helm_template(helm, "--set", "monitoring.enabled=true")
+    assert_same_objects(rendered, kustomize(monitoring_kustomization(tmp_path)))
+    assert {d["kind"] for d in rendered} - {d["kind"] for d in helm_template(helm)}, "monitoring adds nothing"
 
 
 # --- values ----------------------------------------------------------------------------------------------
@@ -181,6 +208,7 @@ def test_values_reach_the_objects(helm: Path) -> None:
         "--set", "watchNamespaces={a,b}",
         "--set", "extraEnv[0].name=RUNBOOK_MAX_WORKERS",
         "--set-string", "extraEnv[0].value=5",
+        "--set", "monitoring.enabled=true",
     )  # fmt: skip
     container = operator_container(docs)
     namespace_args = ["--namespace", "a", "--namespace", "b"]
@@ -200,6 +228,8 @@ def test_values_reach_the_objects(helm: Path) -> None:
     assert {d["metadata"]["namespace"] for d in namespaced} == {"ops"}
     binding = next(d for d in docs if d["kind"] == "ClusterRoleBinding")
     assert binding["subjects"][0]["namespace"] == "ops"
+    monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    assert monitor["spec"]["namespaceSelector"]["matchNames"] == ["ops"]
 
 
 def test_namespace_not_created_and_rbac_left_to_the_admin(helm: Path) -> None:
@@ -269,7 +299,7 @@ def test_rendered_manifests_pass_server_side_dry_run(
     validation (schemas, CEL, RBAC escalation checks) without persisting anything. The Prometheus
     Operator's kinds are left out (NO_CRD_HERE): the test API server has no CRDs for them, and a stand-in
     CRD would check nothing beyond what the kustomize comparison above already does."""
-    values = ["--set", f"namespace.name={namespace}"]
+    values = ["--set", f"namespace.name={namespace}", "--set", "monitoring.enabled=true"]
     if mode == "namespaced":
         values += ["--set", "rbac.scope=namespaced", "--set", f"watchNamespaces={{{namespace}}}"]
     started = time.monotonic()
