@@ -78,12 +78,13 @@ def token_kubeconfig(kubeconfig: Path, token: str, path: Path) -> Path:
 class OperatorProcess:
     """``runbook-operator run`` as its own process, as the Deployment runs it."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log: Path) -> None:
+    def __init__(self, kubeconfig: Path, namespace: str, log: Path, *, extra_args: tuple[str, ...] = ()) -> None:
         self.args = [
             sys.executable,
             "-m",
             "runbook_operator.cli",
             "run",
+            *extra_args,
             "--namespace",
             namespace,
             "--health-port",
@@ -105,3 +106,15 @@ class OperatorProcess:
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.kill()
+
+    def terminate(self) -> None:
+        """Stop as the kubelet stops a pod: SIGTERM, then SIGKILL after a grace period."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
 import time
 import urllib.parse
 import uuid
@@ -26,6 +23,7 @@ import botocore.exceptions
 import kubernetes
 import pytest
 import yaml
+from tests.helpers import OperatorProcess
 from tests.services import S3Server
 
 pytestmark = pytest.mark.integration
@@ -70,45 +68,9 @@ def leaks(secrets: dict[str, str], text: str) -> list[str]:
     ]
 
 
-class OperatorProcess:
-    """``runbook-operator run --verbose`` as its own process; everything it writes goes to one file."""
-
-    def __init__(self, kubeconfig: Path, namespace: str, log: Path) -> None:
-        self.args = [
-            sys.executable,
-            "-m",
-            "runbook_operator.cli",
-            "run",
-            "--verbose",
-            "--namespace",
-            namespace,
-            "--health-port",
-            "0",
-        ]
-        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "RUNBOOK_METRICS_PORT": "0"}
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(self.args, env=self.env, stdout=out, stderr=subprocess.STDOUT)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
 @pytest.fixture
 def operator_process(operator_kubeconfig: Path, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
-    operator = OperatorProcess(operator_kubeconfig, namespace, tmp_path / "operator.log")
+    operator = OperatorProcess(operator_kubeconfig, namespace, tmp_path / "operator.log", extra_args=("--verbose",))
     try:
         yield operator
     finally:
@@ -217,7 +179,7 @@ def test_verbose_operator_log_holds_no_secret_in_any_encoding(
     assert new != secrets["rotated password (old)"]
     secrets["rotated password (new)"] = new
     time.sleep(2)  # the last lines (Events posted, status patched) reach the log
-    operator_process.stop()
+    operator_process.terminate()
 
     output = operator_process.output()
     assert '"severity": "debug"' in output, "the operator did not log at DEBUG level"
