@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.services import GpgKeyring, Postgres, Redis, S3Server
+from tests.services import GpgKeyring, Postgres, Redis, RunbookRedis, S3Server
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -38,3 +38,10 @@ def s3_server() -> Iterator[S3Server]:
 @pytest.fixture(scope="session")
 def gpg_keyring(tmp_path_factory: pytest.TempPathFactory) -> GpgKeyring:
     return GpgKeyring(tmp_path_factory.mktemp("gpg")).start()
+
+
+@pytest.fixture(scope="session")
+def runbook_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunbookRedis]:
+    """A Redis as the runbook deploys it: TLS only, client certificates required, BGSAVE renamed."""
+    with RunbookRedis(tmp_path_factory.mktemp("runbook-redis")) as server:
+        yield server

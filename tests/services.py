@@ -7,6 +7,7 @@ the ``with`` block). A missing binary raises with the Debian package to install:
 from __future__ import annotations
 
 import glob
+import ipaddress
 import os
 import pwd
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +184,153 @@ class Redis:
 
     def client(self, **kwargs: Any) -> redis.Redis:
         return redis.Redis(host=self.host, port=self.port, password=kwargs.pop("password", self.password), **kwargs)
+
+
+def _pem_key(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    data: bytes = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return data
+
+
+class CertificateAuthority:
+    """A certificate authority for tests: issues server and client certificates as PEM files in a directory."""
+
+    def __init__(self, directory: Path, name: str = "test redis CA") -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.now(UTC)
+        self.certificate = (
+            x509.CertificateBuilder()
+            .subject_name(self._name(name))
+            .issuer_name(self._name(name))
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self._key, hashes.SHA256())
+        )
+        self.path = directory / "ca.crt"
+        self.pem = self.certificate.public_bytes(serialization.Encoding.PEM).decode()
+        self.path.write_text(self.pem)
+
+    @staticmethod
+    def _name(common: str) -> Any:
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def issue(
+        self, stem: str, *, dns: tuple[str, ...] = (), ips: tuple[str, ...] = (), client: bool = False
+    ) -> tuple[Path, Path]:
+        """A certificate and its key (``<stem>.crt``, ``<stem>.key``, 0600) signed by this CA."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.now(UTC)
+        names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+        names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(self._name(stem))
+            .issuer_name(self.certificate.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]),
+                critical=False,
+            )
+        )
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        certificate = builder.sign(self._key, hashes.SHA256())
+        cert_path, key_path = self.directory / f"{stem}.crt", self.directory / f"{stem}.key"
+        cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        key_path.touch(mode=0o600)
+        key_path.write_bytes(_pem_key(key))
+        return cert_path, key_path
+
+
+class RunbookRedis:
+    """A redis-server configured as the runbook's: TLS only (plain port 0), client certificates required
+    (``tls-auth-clients yes``), ``BGSAVE`` renamed (plain ``BGSAVE`` is an unknown command), a password for
+    the default user and an ACL user ``backup``. The server certificate names only ``SERVER_NAME`` (the
+    Service's DNS name), so a client that connects to 127.0.0.1 must verify against that name (SNI)."""
+
+    SERVER_NAME = "redis.hungryhippaahneties.svc"
+    BGSAVE = "HIPAA_BGSAVE_i9j0k1l2"
+    password = "runbook-redis-default-pw"
+    backup_user = "backup"
+    backup_password = "runbook-redis-backup-pw"
+
+    def __init__(self, directory: Path) -> None:
+        self.binary = require("redis-server", "redis-server")
+        self.directory = directory
+        self.port = free_port()
+        self.host = "127.0.0.1"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RunbookRedis:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.ca = CertificateAuthority(self.directory / "pki")
+        self.server_cert, self.server_key = self.ca.issue("server", dns=(self.SERVER_NAME,))
+        self.client_cert, self.client_key = self.ca.issue("client", client=True)
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                *("--port", "0", "--tls-port", str(self.port), "--bind", self.host, "--dir", str(self.directory)),
+                *("--tls-cert-file", str(self.server_cert), "--tls-key-file", str(self.server_key)),
+                *("--tls-ca-cert-file", str(self.ca.path), "--tls-auth-clients", "yes"),
+                *("--rename-command", "BGSAVE", self.BGSAVE),
+                *("--save", "", "--appendonly", "no", "--requirepass", self.password),
+                *("--user", self.backup_user, "on", f">{self.backup_password}", "~*", "&*", "+@all"),
+                *("--logfile", str(self.directory / "redis.log")),
+            ],
+        )
+        wait_port(self.port, process=self.process)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def __enter__(self) -> RunbookRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def client(self, **kwargs: Any) -> redis.Redis:
+        """A client as the runbook's ``redis-cli --tls --cert --key --cacert``, as the default user."""
+        return redis.Redis(
+            host=self.host,
+            port=self.port,
+            password=kwargs.pop("password", self.password),
+            ssl=True,
+            ssl_ca_certs=str(self.ca.path),
+            ssl_certfile=str(self.client_cert),
+            ssl_keyfile=str(self.client_key),
+            ssl_check_hostname=False,  # the certificate names the Service, not 127.0.0.1
+            **kwargs,
+        )
+
+    def log(self) -> str:
+        return (self.directory / "redis.log").read_text(errors="replace")
 
 
 class S3Server:

@@ -30,7 +30,16 @@ from tests.backup_support import (
     run_agent,
     start_agent,
 )
-from tests.services import GpgKeyring, Postgres, Redis, S3Server, free_port, wait_port
+from tests.services import (
+    CertificateAuthority,
+    GpgKeyring,
+    Postgres,
+    Redis,
+    RunbookRedis,
+    S3Server,
+    free_port,
+    wait_port,
+)
 
 from runbook_operator.agent import GPG_PASSPHRASE_ENV, REDIS_PASSWORD_ENV, SPEC_ENV
 
@@ -498,3 +507,104 @@ def test_redis_over_tls_with_an_acl_user(
     finally:
         server.terminate()
         server.wait(10)
+
+
+# --------------------------------------------------------------------------------- the runbook's own Redis
+
+
+def runbook_redis_source(server: RunbookRedis, **overrides: Any) -> dict[str, Any]:
+    """The sample's source (TLS on the runbook's port with client certificates, the renamed BGSAVE), aimed
+    at the test server: 127.0.0.1, verified against the Service name its certificate carries."""
+    tls: dict[str, Any] = {
+        "caSecretRef": {"name": "redis-tls", "key": "ca.crt"},
+        "clientCertificateSecretRef": {"name": "redis-tls"},
+        "serverName": server.SERVER_NAME,
+    }
+    source: dict[str, Any] = {
+        "host": server.host,
+        "port": server.port,
+        "username": server.backup_user,
+        "tls": tls,
+        "commands": {"bgsave": server.BGSAVE},
+        "passwordSecretRef": {"name": "redis-credentials", "key": "REDIS_PASSWORD"},
+    }
+    tls.update(overrides.pop("tls", {}))
+    source.update(overrides)
+    return {"redis": {k: v for k, v in source.items() if v is not None}}
+
+
+def runbook_redis_env(
+    server: RunbookRedis, source: dict[str, Any], s3: S3Server, keyring: GpgKeyring, bucket: str, **files: str
+) -> dict[str, str]:
+    """The pod's environment: the password from its Secret, the CA and the client pair as mounted files."""
+    paths = {
+        "RUNBOOK_REDIS_CA_FILE": str(server.ca.path),
+        "RUNBOOK_REDIS_CERT_FILE": str(server.client_cert),
+        "RUNBOOK_REDIS_KEY_FILE": str(server.client_key),
+        **files,
+    }
+    return agent_env(
+        policy_spec(source, s3, bucket), s3, keyring, **{REDIS_PASSWORD_ENV: server.backup_password}, **paths
+    )
+
+
+def test_runbook_redis_backup_with_client_certificates_and_the_renamed_bgsave(
+    runbook_redis: RunbookRedis, s3_server: S3Server, gpg_keyring: GpgKeyring, bucket: str, tmp_path: Path
+) -> None:
+    """As the runbook's script: mutual TLS (CA, client certificate and key), the renamed BGSAVE, an ACL user,
+    the server verified by its Service name over SNI; the RDB loads into a fresh redis-server."""
+    client = runbook_redis.client()
+    client.flushall()
+    client.mset({f"patient-session:{i}": f"token-{i}" for i in range(700)})
+    client.select(3)
+    client.hset("rate-limits", mapping={"api": "100", "frontend": "50"})
+    before = client.lastsave()
+    source = runbook_redis_source(runbook_redis)
+    result = run_agent(runbook_redis_env(runbook_redis, source, s3_server, gpg_keyring, bucket))
+    assert result.returncode == 0, result.stderr
+    key_pem = runbook_redis.client_key.read_text()
+    for secret in (runbook_redis.backup_password, key_pem, key_pem.splitlines()[1]):
+        assert secret not in result.stdout + result.stderr
+    assert client.lastsave() > before  # the renamed BGSAVE ran
+    manifest = manifest_of(s3_server, bucket)
+    assert manifest["source"]["keyspace"] == {"db0": 700, "db3": 1}
+    encrypted = s3_server.client().get_object(Bucket=bucket, Key=manifest["data"]["key"])["Body"].read()
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    (restored / "dump.rdb").write_bytes(gpg_keyring.decrypt(encrypted))
+    with Redis(restored) as fresh:
+        assert fresh.client().dbsize() == 700
+        assert fresh.client().get("patient-session:699") == b"token-699"
+        assert fresh.client(db=3).hgetall("rate-limits") == {b"api": b"100", b"frontend": b"50"}
+
+
+def test_runbook_redis_failures_name_the_field(
+    runbook_redis: RunbookRedis, s3_server: S3Server, gpg_keyring: GpgKeyring, tmp_path: Path
+) -> None:
+    """Each way the runbook's Redis refuses a backup ends it before anything is stored, with the reason and
+    the spec field to fix, and without the password or the private key in the message."""
+    other_ca = CertificateAuthority(tmp_path / "other-ca", name="some other CA")
+    key_pem = runbook_redis.client_key.read_text()
+    secrets = (runbook_redis.backup_password, key_pem, key_pem.splitlines()[1])
+    plain = runbook_redis_source(runbook_redis, commands=None)
+    no_cert = runbook_redis_source(runbook_redis, tls={"clientCertificateSecretRef": None})
+    no_name = runbook_redis_source(runbook_redis, tls={"serverName": None})
+    tls = "spec.source.redis.tls"
+    cases: list[tuple[dict[str, Any], dict[str, str], str]] = [
+        (plain, {}, "spec.source.redis.commands.bgsave: the server does not know the command BGSAVE"),
+        (no_cert, {}, f"{tls}.clientCertificateSecretRef: the server requires a client certificate"),
+        (
+            runbook_redis_source(runbook_redis),
+            {"RUNBOOK_REDIS_CA_FILE": str(other_ca.path)},
+            f"{tls}.caSecretRef: the server's certificate is not signed by this CA",
+        ),
+        (no_name, {}, f"{tls}.serverName: the server's certificate is not valid for 127.0.0.1"),
+    ]
+    for source, files, message in cases:
+        bucket = new_bucket(s3_server)
+        env = runbook_redis_env(runbook_redis, source, s3_server, gpg_keyring, bucket, **files)
+        if "clientCertificateSecretRef" not in source["redis"]["tls"]:
+            del env["RUNBOOK_REDIS_CERT_FILE"], env["RUNBOOK_REDIS_KEY_FILE"]
+        line = assert_failed(run_agent(env), "SourceUnavailable", *secrets)
+        assert line.startswith(f"backup failed: SourceUnavailable: {message}"), line
+        assert_nothing_stored(s3_server, bucket)

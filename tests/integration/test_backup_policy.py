@@ -20,7 +20,7 @@ from typing import Any
 import kopf.testing
 import kubernetes
 import pytest
-from tests.backup_support import AGENT, bucket_keys, new_bucket
+from tests.backup_support import AGENT, bucket_keys, new_bucket, policy_spec
 from tests.helpers import token_kubeconfig
 from tests.services import GpgKeyring, Postgres, S3Server
 
@@ -648,3 +648,49 @@ def test_deletion_policy_delete_removes_only_its_backups(
         what="the policy gone",
     )
     assert bucket_keys(s3_server, bucket) == [f"{other}manifest.json", f"{other}postgresql.dump.gpg"]
+
+
+def test_redis_client_certificate_secret_without_tls_key_is_not_ready(
+    cluster: Cluster,
+    references: None,
+    s3_server: S3Server,
+    bucket: str,
+    operator_runner: kopf.testing.KopfRunner,
+    wait_for: Callable[..., Any],
+) -> None:
+    """The runbook's Redis source with a client certificate Secret that lacks its key: Ready=False naming the
+    field, a Warning, and no CronJob; once the Secret has the key the policy is accepted."""
+    cluster.secret("redis-credentials", {"REDIS_PASSWORD": "redis-pw"})
+    cluster.secret("redis-tls", {"ca.crt": "CA", "tls.crt": "CERT"})  # no tls.key
+    source = {
+        "redis": {
+            "host": "redis.hungryhippaahneties.svc",
+            "port": 6380,
+            "tls": {
+                "caSecretRef": {"name": "redis-tls", "key": "ca.crt"},
+                "clientCertificateSecretRef": {"name": "redis-tls"},
+            },
+            "commands": {"bgsave": "HIPAA_BGSAVE_i9j0k1l2"},
+            "passwordSecretRef": {"name": "redis-credentials", "key": "REDIS_PASSWORD"},
+        }
+    }
+    cluster.create_policy({**policy_spec(source, s3_server, bucket), "schedule": "0 */6 * * *"})
+    ready = wait_for(
+        lambda: cluster.condition("Ready").get("status") == "False" and cluster.condition("Ready"),
+        timeout=30,
+        what="Ready=False",
+    )
+    assert ready["reason"] == "SecretKeyMissing"
+    assert ready["message"].startswith(
+        "spec.source.redis.tls.clientCertificateSecretRef: Secret redis-tls has no key 'tls.key'"
+    )
+    assert cluster.cronjob() is None
+    wait_for(
+        lambda: any(e["reason"] == "SecretKeyMissing" and e["type"] == "Warning" for e in cluster.events()),
+        timeout=15,
+        what="the SecretKeyMissing Warning Event",
+    )
+    cluster.core.patch_namespaced_secret("redis-tls", cluster.namespace, {"stringData": {"tls.key": "KEY"}})
+    cronjob = wait_for(cluster.cronjob, timeout=90, what="the CronJob once the Secret has tls.key")
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert any(v["name"] == "redis-client" for v in pod["volumes"])

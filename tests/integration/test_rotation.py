@@ -21,7 +21,7 @@ import psycopg
 import pytest
 import redis
 from prometheus_client import REGISTRY
-from tests.services import Postgres, Redis, free_port
+from tests.services import CertificateAuthority, Postgres, Redis, RunbookRedis, free_port
 
 from runbook_operator.builders.rotation import ROTATION_ID, fingerprint, pending_secret_name
 from runbook_operator.clients.postgres import set_password
@@ -448,6 +448,118 @@ def test_redis_keeps_the_old_password_until_retired(
         texts = [caplog.text, *event_texts(cluster), json.dumps(cluster.rotation("cache")), acl]
         assert leaks([old, new], texts) == []
         cluster.delete_rotations()
+
+
+def tls_secret(cluster: Cluster, name: str, server: RunbookRedis, *, with_key: bool = True) -> None:
+    """A kubernetes.io/tls Secret with the CA beside the pair, as tools/dev/prerequisites.sh creates redis-tls."""
+    data = {"ca.crt": server.ca.pem, "tls.crt": server.client_cert.read_text()}
+    if with_key:
+        data["tls.key"] = server.client_key.read_text()
+    body = {
+        "metadata": {"name": name},
+        "type": "kubernetes.io/tls" if with_key else "Opaque",  # the API server insists on tls.key for the type
+        "data": {k: b64(v) for k, v in data.items()},
+    }
+    cluster.core.create_namespaced_secret(cluster.namespace, body)
+
+
+def runbook_redis_target(server: RunbookRedis, user: str, **tls: Any) -> dict[str, Any]:
+    return {
+        "redis": {
+            "host": server.host,
+            "port": server.port,
+            "user": user,
+            "tls": {
+                "caSecretRef": {"name": "redis-tls", "key": "ca.crt"},
+                "clientCertificateSecretRef": {"name": "redis-tls"},
+                "serverName": server.SERVER_NAME,
+                **tls,
+            },
+            "adminSecretRef": {"name": "redis-admin"},
+        }
+    }
+
+
+def test_redis_rotation_over_mutual_tls_leaks_nothing(
+    cluster: Cluster,
+    runbook_redis: RunbookRedis,
+    operator_runner: kopf.testing.KopfRunner,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The runbook's Redis (TLS only, client certificates required): the rotation logs in with the client
+    pair from a kubernetes.io/tls Secret, verifies the server by its Service name, and leaks no password and
+    no private key; bad TLS inputs are Ready=False naming the field, with nothing changed."""
+    caplog.set_level(logging.INFO)
+    user = f"app-{uuid.uuid4().hex[:8]}"
+    old = f"old-{uuid.uuid4().hex}"
+    runbook_redis.client().execute_command("ACL", "SETUSER", user, "on", f">{old}", "~*", "+@all")
+
+    def works(password: str) -> bool:
+        client = runbook_redis.client(username=user, password=password)
+        try:
+            return bool(client.ping())
+        except redis.AuthenticationError:
+            return False
+        finally:
+            client.close()
+
+    tls_secret(cluster, "redis-tls", runbook_redis)
+    tls_secret(cluster, "redis-tls-no-key", runbook_redis, with_key=False)
+    other_ca = CertificateAuthority(runbook_redis.directory / f"other-ca-{uuid.uuid4().hex[:6]}", name="other CA")
+    cluster.create_secret("other-ca", {"ca.crt": other_ca.pem})
+    cluster.create_secret("redis-admin", {"username": "default", "password": runbook_redis.password})
+    cluster.create_secret("redis-credentials", {"REDIS_PASSWORD": old})
+    secret_ref = {"name": "redis-credentials", "key": "REDIS_PASSWORD"}
+    cluster.create_rotation(
+        "cache", {"secretRef": secret_ref, "target": runbook_redis_target(runbook_redis, user), "rotateNow": "1"}
+    )
+    tls = "spec.target.redis.tls"
+    cases = {
+        "no-key": (
+            {"clientCertificateSecretRef": {"name": "redis-tls-no-key"}},
+            "SecretKeyMissing",
+            f"{tls}.clientCertificateSecretRef: Secret redis-tls-no-key has no key 'tls.key'",
+        ),
+        "other-ca": (
+            {"caSecretRef": {"name": "other-ca", "key": "ca.crt"}},
+            "TLSFailed",
+            f"{tls}.caSecretRef: the server's certificate is not signed by this CA",
+        ),
+        "no-cert": (
+            {"clientCertificateSecretRef": None},
+            "TLSFailed",
+            f"{tls}.clientCertificateSecretRef: the server requires a client certificate",
+        ),
+    }
+    for name, (override, _, _) in cases.items():
+        target = runbook_redis_target(runbook_redis, user, **override)
+        target["redis"]["tls"] = {k: v for k, v in target["redis"]["tls"].items() if v is not None}
+        cluster.create_rotation(name, {"secretRef": secret_ref, "target": target, "rotateNow": "1"})
+
+    status = cluster.wait_rotated("cache", "1")
+    secret = cluster.secret("redis-credentials")
+    assert secret is not None
+    new = secret["REDIS_PASSWORD"]
+    assert new != old and works(new) and not works(old)
+    assert status["targetKind"] == "redis" and status["fingerprint"] == fingerprint(new)
+    for name, (_, reason, message) in cases.items():
+        condition = cluster.wait_condition(name, "Ready", "False", reason, timeout=30)
+        assert condition["message"].startswith(message), (name, condition)
+        assert "rotationId" not in cluster.rotation(name).get("status", {}), name
+        cluster.wait_event(name, "Warning", reason)
+    assert works(new)  # the failed ones changed nothing
+
+    key_pem = runbook_redis.client_key.read_text()
+    acl = " ".join(str(rule) for rule in runbook_redis.client().execute_command("ACL", "LIST"))
+    texts = [
+        caplog.text,
+        *event_texts(cluster),
+        *(json.dumps(cluster.rotation(name)) for name in ("cache", *cases)),
+        acl,
+        runbook_redis.log(),
+    ]
+    assert leaks([old, new, runbook_redis.password, key_pem, key_pem.splitlines()[1]], texts) == []
+    cluster.delete_rotations()
 
 
 # ----------------------------------------------------------------------------------------------- crashes

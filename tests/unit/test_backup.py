@@ -87,6 +87,41 @@ def test_redis_tls_ca_is_mounted_from_its_secret_and_the_passphrase_referenced()
     assert env["RUNBOOK_GPG_PASSPHRASE"]["valueFrom"]["secretKeyRef"]["name"] == "backup-gpg-passphrase"
 
 
+def test_redis_client_pair_is_mounted_from_its_tls_secret_never_put_in_the_environment() -> None:
+    """The runbook's Redis requires client certificates: tls.crt and tls.key of the kubernetes.io/tls Secret
+    are Secret volume items (the key readable by the agent's group only), the environment holds their paths."""
+    obj = body("backuppolicy-redis")
+    spec = spec_of(obj)
+    assert spec.source.redis is not None and spec.source.redis.port == 6380
+    assert spec.source.redis.commands.bgsave == "HIPAA_BGSAVE_i9j0k1l2"
+    pod = build_cronjob(obj, spec, image=IMAGE)["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["redis-client"]["secret"] == {
+        "secretName": "redis-tls",
+        "items": [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key", "mode": 0o440}],
+        "defaultMode": 0o444,
+    }
+    assert pod["securityContext"]["fsGroup"] == 10001  # the key file's group: the agent can read it, no one else
+    c = pod["containers"][0]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["redis-client"] == {
+        "name": "redis-client",
+        "mountPath": "/etc/runbook/redis-client",
+        "readOnly": True,
+    }
+    env = {e["name"]: e for e in c["env"]}
+    assert env["RUNBOOK_REDIS_CERT_FILE"] == {
+        "name": "RUNBOOK_REDIS_CERT_FILE",
+        "value": "/etc/runbook/redis-client/tls.crt",
+    }
+    assert env["RUNBOOK_REDIS_KEY_FILE"] == {
+        "name": "RUNBOOK_REDIS_KEY_FILE",
+        "value": "/etc/runbook/redis-client/tls.key",
+    }
+    refs = [e["valueFrom"]["secretKeyRef"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})]
+    assert all(ref["name"] != "redis-tls" for ref in refs)
+
+
 def test_kubernetes_export_gets_read_access_to_exactly_the_named_resources() -> None:
     obj = body("backuppolicy-kubernetes")
     obj["spec"]["source"]["kubernetes"]["namespaces"] = ["hungryhippaahneties", "other"]

@@ -63,7 +63,7 @@ def test_redis_adds_then_keeps_only_the_new_password(redis_server: Redis) -> Non
         host=redis_server.host,
         port=redis_server.port,
         tls=None,
-        ca_pem=None,
+        material=None,
         user="default",
         password=redis_server.password,
     )
@@ -73,7 +73,7 @@ def test_redis_adds_then_keeps_only_the_new_password(redis_server: Redis) -> Non
 
     def works(password: str) -> bool:
         return redis_client.login_works(
-            host=redis_server.host, port=redis_server.port, tls=None, ca_pem=None, user=user, password=password
+            host=redis_server.host, port=redis_server.port, tls=None, material=None, user=user, password=password
         )
 
     redis_client.add_password(admin, user, "new-password-2")
@@ -88,4 +88,4 @@ def test_redis_unreachable_raises_instead_of_answering() -> None:
     from tests.services import free_port
 
     with pytest.raises(redis.ConnectionError):
-        redis_client.login_works(host="127.0.0.1", port=free_port(), tls=None, ca_pem=None, user="x", password="y")
+        redis_client.login_works(host="127.0.0.1", port=free_port(), tls=None, material=None, user="x", password="y")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import botocore.exceptions
 import yaml
@@ -44,12 +44,17 @@ from . import (
     PG_PASSWORD_ENV,
     PG_USER_ENV,
     REDIS_CA_FILE_ENV,
+    REDIS_CERT_FILE_ENV,
+    REDIS_KEY_FILE_ENV,
     REDIS_PASSWORD_ENV,
     S3_ACCESS_KEY_ENV,
     S3_SECRET_KEY_ENV,
     SPEC_ENV,
     format_timestamp,
 )
+
+if TYPE_CHECKING:
+    from ..clients.redis import TLSMaterial
 
 LOG = logging.getLogger(__name__)
 MANIFEST_FORMAT = 1
@@ -280,49 +285,107 @@ def postgres_source(conn: PostgresConnection, env: Mapping[str, str]) -> Iterato
             source.close()
 
 
+def _read_mounted(env: Mapping[str, str], name: str, *, field: str) -> tuple[str, str]:
+    """A file of a Secret volume, by the environment variable that names its path: (path, text)."""
+    path = require_env(env, name, field=field)
+    try:
+        return path, Path(path).read_text()
+    except OSError as error:
+        raise RunbookError("CredentialsMissing", f"{field}: cannot read {path} ({error.strerror})") from None
+
+
+def redis_tls(conn: RedisConnection, env: Mapping[str, str]) -> tuple[list[str], TLSMaterial | None]:
+    """redis-cli's TLS arguments and the same files' contents for the agent's own client."""
+    from ..clients.redis import TLSMaterial
+
+    tls = conn.tls
+    if tls is None or not tls.enabled:
+        return [], None
+    field = "spec.source.redis.tls"
+    args = ["--tls"]
+    ca = certificate = key = None
+    if tls.insecure_skip_verify:
+        args.append("--insecure")
+    elif tls.ca_secret_ref is not None:
+        ca_file, ca = _read_mounted(env, REDIS_CA_FILE_ENV, field=f"{field}.caSecretRef")
+        args += ["--cacert", ca_file]
+    if tls.client_certificate_secret_ref is not None:
+        cert_file, certificate = _read_mounted(env, REDIS_CERT_FILE_ENV, field=f"{field}.clientCertificateSecretRef")
+        key_file, key = _read_mounted(env, REDIS_KEY_FILE_ENV, field=f"{field}.clientCertificateSecretRef")
+        args += ["--cert", cert_file, "--key", key_file]
+    if tls.server_name is not None:
+        args += ["--sni", tls.server_name]
+    return args, TLSMaterial(ca=ca, certificate=certificate, key=key)
+
+
 @contextlib.contextmanager
 def redis_source(conn: RedisConnection, env: Mapping[str, str]) -> Iterator[Source]:
-    """BGSAVE, wait for LASTSAVE to move, then the RDB over the network with ``redis-cli --rdb -``."""
+    """BGSAVE, wait for LASTSAVE to move, then the RDB over the network with ``redis-cli --rdb -``; every
+    command under the name ``commands`` gives it (the runbook renames BGSAVE)."""
     import redis
 
     from ..clients import redis as redis_client
 
+    field = "spec.source.redis"
     password = None
     if conn.password_secret_ref is not None:
-        password = require_env(env, REDIS_PASSWORD_ENV, field="spec.source.redis.passwordSecretRef")
-    tls_args: list[str] = []
-    ca_pem = None
-    if conn.tls is not None and conn.tls.enabled:
-        tls_args = ["--tls"]
-        if conn.tls.insecure_skip_verify:
-            tls_args.append("--insecure")
-        elif conn.tls.ca_secret_ref is not None:
-            ca_file = require_env(env, REDIS_CA_FILE_ENV, field="spec.source.redis.tls.caSecretRef")
-            tls_args += ["--cacert", ca_file]
-            ca_pem = Path(ca_file).read_text()
-    client = redis_client.connect(
-        host=conn.host,
-        port=conn.port,
-        tls=conn.tls,
-        ca_pem=ca_pem,
-        user=conn.username or "default",
-        password=password or "",
-    )
+        password = require_env(env, REDIS_PASSWORD_ENV, field=f"{field}.passwordSecretRef")
+    tls_args, material = redis_tls(conn, env)
+    server_name = (conn.tls.server_name if conn.tls is not None else None) or conn.host
+    commands = conn.commands
+
+    def call(name: str, *args: Any) -> Any:
+        command: str = getattr(commands, name)
+        try:
+            return client.execute_command(command, *args)  # type: ignore[no-untyped-call]
+        except redis.exceptions.NoPermissionError:
+            user = conn.username or "default"
+            message = f"{field}.username: the ACL user {user} may not run {command}"
+            raise RunbookError("SourceUnavailable", message) from None
+        except redis.ResponseError as error:
+            if "unknown command" in str(error).lower():
+                message = (
+                    f"{field}.commands.{name}: the server does not know the command {command} "
+                    "(renamed with rename-command? give its name here)"
+                )
+                raise RunbookError("SourceUnavailable", message) from None
+            raise
+
     try:
-        server = client.info("server")
-        previous = client.lastsave()
+        client = redis_client.connect(
+            host=conn.host,
+            port=conn.port,
+            tls=conn.tls,
+            material=material,
+            user=conn.username or "default",
+            password=password or "",
+            commands=commands,
+        )
+    except redis_client.TLSFault as fault:
+        raise RunbookError("SourceUnavailable", f"{field}.tls.{fault}") from None
+    try:
+        server = call("info", "server")
+        previous = call("lastsave")
         if previous >= datetime.now(previous.tzinfo).replace(microsecond=0):
             time.sleep(1.0)  # LASTSAVE has second resolution: let a new save be distinguishable
-        with contextlib.suppress(redis.ResponseError):  # "Background save already in progress" is fine
-            client.bgsave()
+        try:
+            call("bgsave", "SCHEDULE")  # scheduled after an AOF rewrite in progress rather than refused
+        except redis.ResponseError as error:
+            if "in progress" not in str(error):  # "Background save already in progress" is fine
+                raise
         deadline = time.monotonic() + _BGSAVE_TIMEOUT
-        while client.lastsave() == previous:
-            if client.info("persistence").get("rdb_last_bgsave_status") == "err":
+        while call("lastsave") == previous:
+            if call("info", "persistence").get("rdb_last_bgsave_status") == "err":
                 raise RunbookError("SourceFailed", "redis: BGSAVE failed (see the server's log)")
             if time.monotonic() > deadline:
                 raise RunbookError("SourceFailed", "redis: BGSAVE did not finish in time")
             time.sleep(0.1)
-        keyspace = {db: int(stats["keys"]) for db, stats in client.info("keyspace").items()}
+        keyspace = {db: int(stats["keys"]) for db, stats in call("info", "keyspace").items()}
+    except redis.ConnectionError as error:
+        cause = redis_client.tls_fault(error, conn.tls, server_name=server_name)
+        if cause is not None:
+            raise RunbookError("SourceUnavailable", f"{field}.tls.{cause}") from None
+        raise RunbookError("SourceUnavailable", f"redis: {one_line(error)}") from None
     except redis.RedisError as error:
         raise RunbookError("SourceUnavailable", f"redis: {one_line(error)}") from None
     finally:

@@ -15,12 +15,15 @@ from ..agent import (
     PG_PASSWORD_ENV,
     PG_USER_ENV,
     REDIS_CA_FILE_ENV,
+    REDIS_CERT_FILE_ENV,
+    REDIS_KEY_FILE_ENV,
     REDIS_PASSWORD_ENV,
     S3_ACCESS_KEY_ENV,
     S3_SECRET_KEY_ENV,
     SPEC_ENV,
 )
 from ..models.backup import BACKUP_NOW, KUBERNETES_RESOURCES, BackupPolicySpec
+from ..models.sources import TLS_CERT_KEY, TLS_KEY_KEY
 from ..settings import MANAGED_BY, PREFIX
 from .common import owner_reference
 
@@ -28,6 +31,7 @@ POLICY_LABEL = f"{PREFIX}/backup-policy"
 CONTAINER = "backup"
 AGENT_UID = 10001  # the image's non-root user
 REDIS_CA_DIR = "/etc/runbook/redis-ca"
+REDIS_CLIENT_DIR = "/etc/runbook/redis-client"
 # gpg needs a home for its keyring and agent socket; a small memory-backed /tmp is the only writable path.
 # It is far too small to hold a dump: the data only ever streams through pipes.
 TMP_SIZE_LIMIT = "16Mi"
@@ -82,6 +86,11 @@ def agent_env(spec: BackupPolicySpec) -> list[dict[str, Any]]:
             env.append(secret_env(REDIS_PASSWORD_ENV, ref_key.name, ref_key.key))
         if source.redis.tls is not None and source.redis.tls.ca_secret_ref is not None:
             env.append({"name": REDIS_CA_FILE_ENV, "value": f"{REDIS_CA_DIR}/ca.crt"})
+        if source.redis.tls is not None and source.redis.tls.client_certificate_secret_ref is not None:
+            env += [
+                {"name": REDIS_CERT_FILE_ENV, "value": f"{REDIS_CLIENT_DIR}/{TLS_CERT_KEY}"},
+                {"name": REDIS_KEY_FILE_ENV, "value": f"{REDIS_CLIENT_DIR}/{TLS_KEY_KEY}"},
+            ]
     s3 = spec.destination.s3.credentials_secret_ref
     if s3 is not None:
         env += [
@@ -118,6 +127,7 @@ def agent_pod_spec(
             "runAsNonRoot": True,
             "runAsUser": AGENT_UID,
             "runAsGroup": AGENT_UID,
+            "fsGroup": AGENT_UID,  # Secret volume files belong to this group: a key readable by the agent only
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [
@@ -156,6 +166,14 @@ def _pod_spec(spec: BackupPolicySpec, *, namespace: str, policy: str, generation
             {"name": "redis-ca", "secret": {"secretName": ca.name, "items": [{"key": ca.key, "path": "ca.crt"}]}}
         )
         mounts.append({"name": "redis-ca", "mountPath": REDIS_CA_DIR, "readOnly": True})
+    if redis is not None and redis.tls is not None and redis.tls.client_certificate_secret_ref is not None:
+        items = [
+            {"key": TLS_CERT_KEY, "path": TLS_CERT_KEY},
+            {"key": TLS_KEY_KEY, "path": TLS_KEY_KEY, "mode": 0o440},  # owner root, group fsGroup
+        ]
+        name = redis.tls.client_certificate_secret_ref.name
+        volumes.append({"name": "redis-client", "secret": {"secretName": name, "items": items, "defaultMode": 0o444}})
+        mounts.append({"name": "redis-client", "mountPath": REDIS_CLIENT_DIR, "readOnly": True})
     return agent_pod_spec(
         container=CONTAINER,
         image=image,

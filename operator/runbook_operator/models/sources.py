@@ -8,13 +8,54 @@ from pydantic import ConfigDict, Field, model_validator
 
 from .common import CamelModel, ConfigMapKeyRef, CredentialsSecretRef, ObjectName, Port, SecretKeyRef, cel
 
+# The keys of a kubernetes.io/tls Secret.
+TLS_CERT_KEY = "tls.crt"
+TLS_KEY_KEY = "tls.key"
+
+
+class TLSSecretRef(CamelModel):
+    """A Secret of the ``kubernetes.io/tls`` shape: the certificate (PEM, with its chain) in ``tls.crt`` and its
+    private key in ``tls.key``."""
+
+    name: ObjectName = Field(description="Name of the Secret (keys tls.crt and tls.key).")
+
+
+REDIS_COMMAND = r"^[^\s]+$"
+
 
 class RedisTLS(CamelModel):
-    """TLS towards Redis (the runbook's Redis listens with TLS on 6380)."""
+    """TLS towards Redis (the runbook's Redis listens with TLS on 6380 and requires client certificates)."""
 
     enabled: bool = Field(True, description="Connect with TLS.")
     ca_secret_ref: SecretKeyRef | None = Field(None, description="CA certificate (PEM) to verify the server.")
+    client_certificate_secret_ref: TLSSecretRef | None = Field(
+        None,
+        description="Client certificate and key for mutual TLS (tls-auth-clients yes), from a kubernetes.io/tls "
+        "Secret; mounted as files, never in the environment.",
+    )
+    server_name: str | None = Field(
+        None,
+        description="Name sent as SNI and expected in the server's certificate; the host when absent "
+        "(e.g. the Service's DNS name when host is an address).",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?$",
+    )
     insecure_skip_verify: bool = Field(False, description="Do not verify the server certificate (tests only).")
+
+
+class RedisCommands(CamelModel):
+    """Names of the commands the backup agent sends, for a server that renames them (rename-command)."""
+
+    bgsave: str = Field(
+        "BGSAVE",
+        description="BGSAVE, e.g. the runbook's HIPAA_BGSAVE_i9j0k1l2.",
+        min_length=1,
+        max_length=128,
+        pattern=REDIS_COMMAND,
+    )
+    lastsave: str = Field("LASTSAVE", description="LASTSAVE.", min_length=1, max_length=128, pattern=REDIS_COMMAND)
+    info: str = Field("INFO", description="INFO.", min_length=1, max_length=128, pattern=REDIS_COMMAND)
 
 
 class PostgresConnection(CamelModel):
@@ -36,6 +77,9 @@ class RedisConnection(CamelModel):
     tls: RedisTLS | None = Field(None, description="TLS settings; plain TCP when absent.")
     username: str | None = Field(None, description="ACL user name; the default user when absent.", min_length=1)
     password_secret_ref: SecretKeyRef | None = Field(None, description="Secret key holding the password.")
+    commands: RedisCommands = Field(
+        default_factory=RedisCommands, description="Command names, when the server renames them."
+    )
 
 
 class S3Credentials(CamelModel):

@@ -45,7 +45,7 @@ from ..logs import REDACTOR
 from ..models import GROUP, VERSION
 from ..models.backup import BACKUP_NOW, BackupPolicySpec, Retention
 from ..models.common import parse_duration
-from ..models.sources import S3Location
+from ..models.sources import TLS_CERT_KEY, TLS_KEY_KEY, S3Location
 from ..settings import FIELD_MANAGER
 from .base import StatusPatch, parse_spec, report_failure, retry_or_stop, s3_client
 
@@ -229,6 +229,10 @@ def check_references(namespace: str, spec: BackupPolicySpec) -> None:
         if source.redis.tls is not None and source.redis.tls.ca_secret_ref is not None:
             ca = source.redis.tls.ca_secret_ref
             secret_refs.append((ca.name, ca.key, "spec.source.redis.tls.caSecretRef"))
+        if source.redis.tls is not None and source.redis.tls.client_certificate_secret_ref is not None:
+            pair = source.redis.tls.client_certificate_secret_ref.name
+            field = "spec.source.redis.tls.clientCertificateSecretRef"
+            secret_refs += [(pair, TLS_CERT_KEY, field), (pair, TLS_KEY_KEY, field)]
     gpg = spec.encryption.gpg
     if gpg.passphrase_secret_ref is not None:
         secret_refs.append(

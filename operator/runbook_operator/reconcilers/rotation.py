@@ -50,7 +50,8 @@ from ..errors import RunbookError
 from ..logs import REDACTOR, audit
 from ..models import GROUP, VERSION
 from ..models.common import CredentialsSecretRef, WorkloadRef, parse_duration
-from ..models.rotation import Generator, RolloutRecord, SecretRotationSpec
+from ..models.rotation import Generator, RedisRotationTarget, RolloutRecord, SecretRotationSpec
+from ..models.sources import TLS_CERT_KEY, TLS_KEY_KEY, RedisTLS
 from .base import MERGE_PATCH, Clocks, StatusPatch, parse_spec, report_failure, retry_or_stop
 from .interlock import active_isolation
 
@@ -116,10 +117,13 @@ def _one_line(error: BaseException) -> str:
 
 
 @contextmanager
-def _server_errors(field: str, server: str) -> Iterator[None]:
-    """PostgreSQL and Redis failures as RunbookErrors naming the spec field (never a value)."""
+def _server_errors(field: str, server: str, tls: RedisTLS | None = None, server_name: str = "") -> Iterator[None]:
+    """PostgreSQL and Redis failures as RunbookErrors naming the spec field (never a value); a Redis TLS
+    failure names the TLS setting to fix."""
     try:
         yield
+    except redis_client.TLSFault as fault:
+        raise RunbookError("TLSFailed", f"{field}.tls.{fault}", retry_after=REFUSED_RETRY) from None
     except (psycopg.OperationalError, redis.AuthenticationError) as error:
         if isinstance(error, redis.AuthenticationError) or postgres.refused(error):
             raise RunbookError(
@@ -131,6 +135,9 @@ def _server_errors(field: str, server: str) -> Iterator[None]:
             "DatabaseUnavailable", f"{field}: cannot reach {server}: {_one_line(error)}", retry_after=UNREACHABLE_RETRY
         ) from None
     except (redis.ConnectionError, redis.TimeoutError) as error:
+        cause = redis_client.tls_fault(error, tls, server_name=server_name)
+        if cause is not None:
+            raise RunbookError("TLSFailed", f"{field}.tls.{cause}", retry_after=REFUSED_RETRY) from None
         raise RunbookError(
             "DatabaseUnavailable", f"{field}: cannot reach {server}: {_one_line(error)}", retry_after=UNREACHABLE_RETRY
         ) from None
@@ -429,14 +436,10 @@ class _Rotation:
         elif target is not None and target.redis is not None:
             rd = target.redis
             user = rd.user
-            with _server_errors("spec.target.redis", f"Redis {rd.host}:{rd.port}"):
+            material = self._redis_tls(spec)
+            with _server_errors(*_redis_where(rd)):
                 ok = redis_client.login_works(
-                    host=rd.host,
-                    port=rd.port,
-                    tls=rd.tls,
-                    ca_pem=self._redis_ca(spec),
-                    user=user,
-                    password=pending.password,
+                    host=rd.host, port=rd.port, tls=rd.tls, material=material, user=user, password=pending.password
                 )
             field = "spec.target.redis"
         else:
@@ -640,27 +643,43 @@ class _Rotation:
         ):
             yield conn
 
-    def _redis_ca(self, spec: SecretRotationSpec) -> str | None:
+    def _redis_tls(self, spec: SecretRotationSpec) -> redis_client.TLSMaterial | None:
+        """The CA and the client pair from their Secrets (the key registered with the redactor)."""
         assert spec.target is not None and spec.target.redis is not None  # callers check
         tls = spec.target.redis.tls
-        if tls is None or tls.ca_secret_ref is None:
+        if tls is None or not tls.enabled:
             return None
-        ref = tls.ca_secret_ref
-        return kube.read_secret_value(self.namespace, ref.name, ref.key, field="spec.target.redis.tls.caSecretRef")
+        field = "spec.target.redis.tls"
+        ca = certificate = key = None
+        if tls.ca_secret_ref is not None:
+            ref = tls.ca_secret_ref
+            ca = kube.read_secret_value(self.namespace, ref.name, ref.key, field=f"{field}.caSecretRef", redact=False)
+        if tls.client_certificate_secret_ref is not None:
+            name, pair = tls.client_certificate_secret_ref.name, f"{field}.clientCertificateSecretRef"
+            certificate = kube.read_secret_value(self.namespace, name, TLS_CERT_KEY, field=pair, redact=False)
+            key = kube.read_secret_value(self.namespace, name, TLS_KEY_KEY, field=pair)
+        return redis_client.TLSMaterial(ca=ca, certificate=certificate, key=key)
 
     @contextmanager
     def _redis(self, spec: SecretRotationSpec) -> Iterator[redis.Redis]:
         assert spec.target is not None and spec.target.redis is not None  # callers check
         rd = spec.target.redis
         user, password = self._admin(rd.admin_secret_ref, "spec.target.redis.adminSecretRef")
-        client = redis_client.connect(
-            host=rd.host, port=rd.port, tls=rd.tls, ca_pem=self._redis_ca(spec), user=user, password=password
-        )
-        try:
-            with _server_errors("spec.target.redis", f"Redis {rd.host}:{rd.port}"):
+        material = self._redis_tls(spec)
+        with _server_errors(*_redis_where(rd)):
+            client = redis_client.connect(
+                host=rd.host, port=rd.port, tls=rd.tls, material=material, user=user, password=password
+            )
+            try:
                 yield client
-        finally:
-            client.close()
+            finally:
+                client.close()
+
+
+def _redis_where(target: RedisRotationTarget) -> tuple[str, str, RedisTLS | None, str]:
+    """``_server_errors``' arguments for a Redis target: its field, its address, its TLS and checked name."""
+    server_name = (target.tls.server_name if target.tls is not None else None) or target.host
+    return "spec.target.redis", f"Redis {target.host}:{target.port}", target.tls, server_name
 
 
 def _target_kind(spec: SecretRotationSpec) -> str:
