@@ -50,6 +50,12 @@ def _restore(args: argparse.Namespace) -> int:
     return restore(args.command)
 
 
+def _restore_kubernetes(args: argparse.Namespace) -> int:
+    from .agent.restore_kubernetes import main as restore_kubernetes
+
+    return restore_kubernetes()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runbook-operator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         agent.add_argument("--namespace", help="Namespace of the BackupRestore (for the logs).")
         agent.add_argument("--name", help="Name of the BackupRestore (for the logs).")
         agent.set_defaults(func=_restore)
+    agent = commands.add_parser(
+        "restore-kubernetes",
+        help="(In a BackupRestore's Job pod) apply one namespace section of a Kubernetes export (server-side "
+        "apply, or the API server's dry run). The plan and credentials come from the environment.",
+    )
+    agent.add_argument("--namespace", help="Namespace of the BackupRestore (for the logs).")
+    agent.add_argument("--name", help="Name of the BackupRestore (for the logs).")
+    agent.set_defaults(func=_restore_kubernetes)
     return parser
 
 

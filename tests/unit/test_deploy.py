@@ -76,3 +76,31 @@ def test_the_quick_start_apply_does_not_isolate_the_namespace() -> None:
     kinds = {yaml.safe_load(p.read_text())["kind"] for p in (ROOT / "deploy" / "samples").glob("*.yaml")}
     assert "EmergencyIsolation" not in kinds
     assert (ROOT / "deploy/samples/incident/emergencyisolation.yaml").is_file()
+
+
+def test_restore_cluster_roles_grant_apply_on_exactly_the_exportable_resources() -> None:
+    """The Kubernetes restore Job's ClusterRoles: get/create/patch on exactly KUBERNETES_RESOURCES, Secrets
+    only in the second; the operator may bind exactly these two and holds no write access of its own."""
+    roles = {d["metadata"]["name"]: d["rules"] for d in documents("restore-rbac.yaml") if d["kind"] == "ClusterRole"}
+    granted = {
+        name: {(group, resource) for rule in rules for group in rule["apiGroups"] for resource in rule["resources"]}
+        for name, rules in roles.items()
+    }
+    exportable = {(group, plural) for plural, (group, _, _) in KUBERNETES_RESOURCES.items()}
+    assert granted == {
+        "runbook-operator-restore-kubernetes": exportable - {("", "secrets")},
+        "runbook-operator-restore-kubernetes-secrets": {("", "secrets")},
+    }
+    for rules in roles.values():
+        assert all(
+            sorted(rule["verbs"]) == ["create", "get", "patch"] and len(rule["apiGroups"]) == 1 for rule in rules
+        )
+    binds = [r for r in cluster_role()["rules"] if "bind" in r["verbs"]]
+    assert binds == [
+        {
+            "apiGroups": ["rbac.authorization.k8s.io"],
+            "resources": ["clusterroles"],
+            "verbs": ["bind"],
+            "resourceNames": sorted(roles),
+        }
+    ]

@@ -26,7 +26,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import botocore.exceptions
 import psycopg
@@ -94,6 +94,29 @@ class RestorePlan(CamelModel):
     backup_roles: list[RoleRecord] = Field(
         default_factory=list, description="The roles the manifest recorded (created when missing, if asked)."
     )
+
+
+class StoredObject(Protocol):
+    """What streaming a stored object needs to know of it (a PostgreSQL plan, or another source's)."""
+
+    @property
+    def location(self) -> S3Location: ...
+    @property
+    def key(self) -> str: ...
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def size_bytes(self) -> int: ...
+    @property
+    def symmetric(self) -> bool: ...
+
+
+class Sink(Protocol):
+    """Where the plaintext goes: a tool's stdin (ToolSink) or a parser in this process."""
+
+    def write(self, chunk: bytes) -> None: ...
+    def finish(self) -> int: ...
+    def kill(self) -> None: ...
 
 
 class ChecksummedReader:
@@ -206,7 +229,7 @@ class ToolSink:
         self.finish()
 
 
-def open_object(plan: RestorePlan, env: Mapping[str, str]) -> Any:
+def open_object(plan: StoredObject, env: Mapping[str, str]) -> Any:
     """The body of the stored object, streaming."""
     client = make_client(plan.location, env.get(S3_ACCESS_KEY_ENV), env.get(S3_SECRET_KEY_ENV))
     try:
@@ -220,7 +243,7 @@ def open_object(plan: RestorePlan, env: Mapping[str, str]) -> Any:
         raise RunbookError("DownloadFailed", f"S3: {one_line(error)}") from None
 
 
-def decryption_key(gpg: GPG, plan: RestorePlan, env: Mapping[str, str]) -> str | None:
+def decryption_key(gpg: GPG, plan: StoredObject, env: Mapping[str, str]) -> str | None:
     """Import the private key (public-key backups), or return the passphrase (symmetric backups)."""
     if plan.symmetric:
         return require_env(env, GPG_PASSPHRASE_ENV, field="spec.encryption.gpg.passphraseSecretRef")
@@ -230,7 +253,7 @@ def decryption_key(gpg: GPG, plan: RestorePlan, env: Mapping[str, str]) -> str |
     return None
 
 
-def stream(plan: RestorePlan, env: Mapping[str, str], sink: ToolSink, *, hold_back: int) -> int:
+def stream(plan: StoredObject, env: Mapping[str, str], sink: Sink, *, hold_back: int) -> int:
     """Object -> gpg -> the tool; the tool's exit code once size, digest and decryption all checked out."""
     REDACTOR.register(env.get(GPG_PRIVATE_KEY_ENV))
     with GPG() as gpg:

@@ -84,12 +84,19 @@ def agent_env(
 ) -> list[dict[str, Any]]:
     """The Job's environment: the plan (references only) and every credential as a Secret reference."""
     login = target.credentials_secret_ref
-    env: list[dict[str, Any]] = [
+    return [
         {"name": RESTORE_PLAN_ENV, "value": json.dumps(plan.to_api(), sort_keys=True, separators=(",", ":"))},
         {"name": "HOME", "value": TMP_DIR},
         secret_env(PG_USER_ENV, login.name, login.username_key),
         secret_env(PG_PASSWORD_ENV, login.name, login.password_key),
+        *storage_env(policy=policy, spec=spec, symmetric=plan.symmetric),
     ]
+
+
+def storage_env(*, policy: BackupPolicySpec, spec: BackupRestoreSpec, symmetric: bool) -> list[dict[str, Any]]:
+    """What every source's restore Job reads the backup with: the S3 keys and the decryption key (Secret
+    references)."""
+    env: list[dict[str, Any]] = []
     s3 = policy.destination.s3.credentials_secret_ref
     if s3 is not None:
         env += [
@@ -97,7 +104,7 @@ def agent_env(
             secret_env(S3_SECRET_KEY_ENV, s3.name, s3.secret_access_key_key),
         ]
     passphrase = policy.encryption.gpg.passphrase_secret_ref
-    if plan.symmetric and passphrase is not None:
+    if symmetric and passphrase is not None:
         env.append(secret_env(GPG_PASSPHRASE_ENV, passphrase.name, passphrase.key))
     elif spec.decryption_secret_ref is not None:
         env.append(secret_env(GPG_PRIVATE_KEY_ENV, spec.decryption_secret_ref.name, spec.decryption_secret_ref.key))

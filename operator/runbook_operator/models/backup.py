@@ -294,8 +294,35 @@ class RestoreRoles(CamelModel):
     )
 
 
+class KubernetesRestore(CamelModel):
+    """Which section of a Kubernetes export to re-apply, where, and what to do with objects that differ."""
+
+    namespace: str | None = Field(
+        None,
+        description="The exported namespace whose section is re-applied (its '# namespace: NAME' section); the "
+        "BackupRestore's own namespace when absent.",
+        pattern=DNS_LABEL,
+        max_length=63,
+    )
+    target_namespace: str | None = Field(
+        None,
+        description="Where the section is applied: only the BackupRestore's own namespace (the default) is "
+        "allowed, since writing into another namespace needs a grant no namespace user can make.",
+        pattern=DNS_LABEL,
+        max_length=63,
+    )
+    include_secrets: bool = Field(
+        False, description="Also re-apply the section's Secrets (the backup must have them: includeSecrets)."
+    )
+    conflicts: Literal["Skip", "Replace"] = Field(
+        "Skip",
+        description="Objects that exist and differ from the backup: Skip reports them and leaves them alone; "
+        "Replace applies the backed-up object over them (server-side apply with force).",
+    )
+
+
 class BackupRestoreSpec(CamelModel):
-    """A one-off restore of a PostgreSQL backup made by a BackupPolicy (immutable: create a new one to retry)."""
+    """A one-off restore of a backup made by a BackupPolicy (immutable: create a new one to retry)."""
 
     model_config = ConfigDict(
         json_schema_extra=cel(
@@ -328,7 +355,14 @@ class BackupRestoreSpec(CamelModel):
         description="Owners and privileges as backed up (the default: an in-place restore keeps who owns and may "
         "use what), or skipped; createMissing makes a restore into an empty server work.",
     )
-    dry_run: bool = Field(False, description="Only verify the backup (checksum, decrypt, pg_restore --list, target).")
+    kubernetes: KubernetesRestore | None = Field(
+        None, description="For a Kubernetes export: the section to re-apply and how (the defaults when absent)."
+    )
+    dry_run: bool = Field(
+        False,
+        description="Only verify the backup (checksum, decrypt, pg_restore --list, target); for a Kubernetes export "
+        "also the API server's dry run of every object, summarised in status.kubernetes.",
+    )
     scale_timeout_seconds: int = Field(
         300, description="How long to wait for the workloads to stop, and to be available again.", ge=10, le=3600
     )
@@ -369,6 +403,30 @@ class RestoreChecks(StatusModel):
     )
 
 
+class KubernetesRestoreSummary(StatusModel):
+    """What re-applying a Kubernetes export did, or would do in a dry run (object names only, never data)."""
+
+    section: str | None = Field(None, description="The exported namespace whose section was applied.")
+    namespace: str | None = Field(None, description="The namespace it was applied into.")
+    dry_run: bool | None = Field(None, description="The API server's dry run only: nothing was changed.")
+    conflicts: str | None = Field(None, description="The conflicts policy: Skip or Replace.")
+    objects: int | None = Field(None, description="Objects in the section that were considered.")
+    counts: dict[str, int] = Field(
+        default_factory=dict, description="Objects per outcome: created, replaced, skipped, unchanged, failed."
+    )
+    created: list[str] = Field(default_factory=list, description="Kind/name of objects created (or to be).")
+    replaced: list[str] = Field(
+        default_factory=list, description="Objects that existed and differed, replaced (or to be) by the backup's."
+    )
+    skipped: list[str] = Field(
+        default_factory=list, description="Objects that exist and differ, left alone (conflicts: Skip)."
+    )
+    unchanged: list[str] = Field(default_factory=list, description="Objects already as in the backup.")
+    failed: list[str] = Field(default_factory=list, description="Objects the API server refused, with the reason.")
+    secrets_left_out: int | None = Field(None, description="Secrets in the section not applied (no includeSecrets).")
+    truncated: bool | None = Field(None, description="The name lists were shortened; counts are complete.")
+
+
 class BackupRestoreStatus(StatusBase):
     """Observed state of a BackupRestore."""
 
@@ -383,3 +441,6 @@ class BackupRestoreStatus(StatusBase):
     )
     job_name: str | None = Field(None, description="The restore Job.")
     checks: RestoreChecks | None = Field(None, description="What was verified, with figures.")
+    kubernetes: KubernetesRestoreSummary | None = Field(
+        None, description="A Kubernetes export's restore: what was (or would be) created, replaced or left alone."
+    )

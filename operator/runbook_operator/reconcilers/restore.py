@@ -154,6 +154,24 @@ class Restore:
 
     def context(self) -> Context:
         spec = parse_spec(BackupRestoreSpec, self.body.get("spec"))
+        policy = self.policy_spec(spec)
+        source = policy.source.postgresql
+        if source is None:
+            raise RunbookError(
+                "NotRestorable",
+                f"spec.policyRef: BackupPolicy {spec.policy_ref} backs up {policy.source.kind}; only PostgreSQL "
+                "backups are restored by a BackupRestore",
+            )
+        if policy.encryption.gpg.passphrase_secret_ref is None and spec.decryption_secret_ref is None:
+            raise RunbookError(
+                "DecryptionKeyMissing",
+                f"spec.decryptionSecretRef: BackupPolicy {spec.policy_ref} encrypts to public keys; name the Secret "
+                "key holding the private key",
+            )
+        return Context(spec, policy, resolve_target(spec, source))
+
+    def policy_spec(self, spec: BackupRestoreSpec) -> BackupPolicySpec:
+        """The referenced BackupPolicy's spec, or why there is none."""
         try:
             policy_body = kube.custom().get_namespaced_custom_object(
                 GROUP, VERSION, self.namespace, POLICIES, spec.policy_ref
@@ -170,20 +188,24 @@ class Restore:
             raise RunbookError(
                 "PolicyInvalid", f"spec.policyRef: BackupPolicy {spec.policy_ref}: {error.message}"
             ) from None
-        source = policy.source.postgresql
-        if source is None:
-            raise RunbookError(
-                "NotRestorable",
-                f"spec.policyRef: BackupPolicy {spec.policy_ref} backs up {policy.source.kind}; only PostgreSQL "
-                "backups are restored by a BackupRestore",
-            )
-        if policy.encryption.gpg.passphrase_secret_ref is None and spec.decryption_secret_ref is None:
-            raise RunbookError(
-                "DecryptionKeyMissing",
-                f"spec.decryptionSecretRef: BackupPolicy {spec.policy_ref} encrypts to public keys; name the Secret "
-                "key holding the private key",
-            )
-        return Context(spec, policy, resolve_target(spec, source))
+        return policy
+
+    def source_kind(self) -> str | None:
+        """The referenced policy's source kind; None when it cannot be read (the preflight says why)."""
+        try:
+            return self.policy_spec(parse_spec(BackupRestoreSpec, self.body.get("spec"))).source.kind
+        except RunbookError:
+            return None
+
+    def source_steps(self) -> Any:
+        """The one dispatch on the policy's source: the steps of a source other than PostgreSQL (whose steps
+        are this class's own), or None. Imported here: those modules build on this one."""
+        kind = self.source_kind()
+        if kind == "kubernetes":
+            from .restore_kubernetes import KubernetesSteps
+
+            return KubernetesSteps(self)
+        return None
 
     def credentials(self, ctx: Context) -> dict[str, str]:
         """The agent's environment as the Job's pod gets it, read from the same Secrets (for the preflight
@@ -193,40 +215,47 @@ class Restore:
         field = "spec.target.credentialsSecretRef"
         env[PG_USER_ENV] = kube.read_secret_value(self.namespace, login.name, login.username_key, field=field)
         env[PG_PASSWORD_ENV] = kube.read_secret_value(self.namespace, login.name, login.password_key, field=field)
-        s3 = ctx.policy.destination.s3.credentials_secret_ref
+        return {**env, **self.storage_credentials(ctx.spec, ctx.policy)}
+
+    def storage_credentials(self, spec: BackupRestoreSpec, policy: BackupPolicySpec) -> dict[str, str]:
+        """The S3 keys and the decryption key, as every source's Job gets them."""
+        env = {name: os.environ[name] for name in _TOOL_ENV if name in os.environ}
+        s3 = policy.destination.s3.credentials_secret_ref
         if s3 is not None:
-            field = f"BackupPolicy {ctx.spec.policy_ref} spec.destination.s3.credentialsSecretRef"
+            field = f"BackupPolicy {spec.policy_ref} spec.destination.s3.credentialsSecretRef"
             env[S3_ACCESS_KEY_ENV] = kube.read_secret_value(self.namespace, s3.name, s3.access_key_id_key, field=field)
             env[S3_SECRET_KEY_ENV] = kube.read_secret_value(
                 self.namespace, s3.name, s3.secret_access_key_key, field=field
             )
-        passphrase = ctx.policy.encryption.gpg.passphrase_secret_ref
+        passphrase = policy.encryption.gpg.passphrase_secret_ref
         if passphrase is not None:
-            field = f"BackupPolicy {ctx.spec.policy_ref} spec.encryption.gpg.passphraseSecretRef"
+            field = f"BackupPolicy {spec.policy_ref} spec.encryption.gpg.passphraseSecretRef"
             env[GPG_PASSPHRASE_ENV] = kube.read_secret_value(
                 self.namespace, passphrase.name, passphrase.key, field=field
             )
-        if ctx.spec.decryption_secret_ref is not None:
-            ref = ctx.spec.decryption_secret_ref
+        if spec.decryption_secret_ref is not None:
+            ref = spec.decryption_secret_ref
             env[GPG_PRIVATE_KEY_ENV] = kube.read_secret_value(
                 self.namespace, ref.name, ref.key, field="spec.decryptionSecretRef"
             )
         return env
 
     def manifest(self, ctx: Context) -> dict[str, Any]:
-        """The manifest of the backup to restore: the one preflight chose, else as ``spec.backup`` says."""
-        location = ctx.policy.destination.s3
+        return self.stored_manifest(ctx.spec, ctx.policy)
+
+    def stored_manifest(self, spec: BackupRestoreSpec, policy: BackupPolicySpec) -> dict[str, Any]:
+        """The manifest of the backup to restore: the one preflight chose, else as ``spec.backup`` says; it
+        must describe a backup of the policy's source kind."""
+        location = policy.destination.s3
         client = s3_client(self.namespace, location, field=S3_CREDENTIALS_FIELD)
-        base = policy_folder(location, self.namespace, ctx.spec.policy_ref)
-        chosen = self.status.get("backupKey") or ctx.spec.backup
+        base = policy_folder(location, self.namespace, spec.policy_ref)
+        chosen = self.status.get("backupKey") or spec.backup
         try:
             if chosen == "latest":
-                complete = [
-                    b for b in stored_backups(client, location, self.namespace, ctx.spec.policy_ref) if b.complete
-                ]
+                complete = [b for b in stored_backups(client, location, self.namespace, spec.policy_ref) if b.complete]
                 if not complete:
                     raise RunbookError(
-                        "BackupNotFound", f"spec.backup: BackupPolicy {ctx.spec.policy_ref} has no complete backup"
+                        "BackupNotFound", f"spec.backup: BackupPolicy {spec.policy_ref} has no complete backup"
                     )
                 folder = complete[-1].folder
             else:
@@ -248,8 +277,9 @@ class Restore:
                 raise
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
             raise RunbookError("S3Unreachable", f"bucket {location.bucket}: {type(error).__name__}") from None
-        if (manifest.get("source") or {}).get("kind") != "postgresql" or not (manifest.get("data") or {}).get("sha256"):
-            raise RunbookError("ManifestInvalid", f"{folder}{MANIFEST} does not describe a PostgreSQL backup")
+        kind = policy.source.kind
+        if (manifest.get("source") or {}).get("kind") != kind or not (manifest.get("data") or {}).get("sha256"):
+            raise RunbookError("ManifestInvalid", f"{folder}{MANIFEST} does not describe a {kind} backup")
         return manifest
 
     def plan(self, ctx: Context) -> tuple[RestorePlan, dict[str, Any]]:
@@ -288,6 +318,9 @@ class Restore:
             return None
         if phase is None:
             self.start()
+        elif (steps := self.source_steps()) is not None:
+            delay: float | None = steps.advance(phase)
+            return delay
         elif phase == PREFLIGHT:
             self.preflight()
         elif phase == SCALING_DOWN:
@@ -488,7 +521,8 @@ class Restore:
         failed = any(step["phase"] == "Failed" for step in self.status.get("steps", []))
         return FAILED if failed else SUCCEEDED
 
-    def finish(self, phase: str, error: RunbookError | None = None) -> None:
+    def finish(self, phase: str, error: RunbookError | None = None, *, restored: str | None = None) -> None:
+        """End the restore; ``restored`` says what a source other than PostgreSQL restored."""
         self.status.set(phase=phase, completionTime=now_rfc3339())
         checks = self.status.get("checks") or {}
         if error is not None:
@@ -498,6 +532,8 @@ class Restore:
             self.status.condition(
                 "Ready", "True", "DryRunSucceeded", "the backup is intact and restorable; nothing was changed"
             )
+        elif phase == SUCCEEDED and restored is not None:
+            self.status.condition("Ready", "True", "Restored", restored)
         elif phase == SUCCEEDED:
             message = (
                 f"restored {self.status.get('backupKey')} into {self.status.get('target')}: {checks.get('tables')} "
