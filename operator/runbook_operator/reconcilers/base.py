@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import kopf
 from kubernetes.client import ApiException
 
+from .. import metrics
 from ..clients import events, kube, s3
 from ..conditions import ConditionStatus, set_condition
 from ..errors import RunbookError
@@ -121,6 +122,7 @@ def report_failure(
     """Any failure (``as_failure``) as Ready=False with its reason and message, and a Warning Event (a
     repetition counts on the same Event); returns the RunbookError. The caller writes the status."""
     error = as_failure(raised)
+    metrics.RECONCILE_ERRORS.labels(str(body.get("kind"))).inc()
     metadata = body["metadata"]
     LOG.warning(
         "%s %s/%s: %s: %s", body.get("kind"), metadata["namespace"], metadata["name"], error.reason, error.message

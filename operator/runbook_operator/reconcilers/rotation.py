@@ -189,7 +189,6 @@ def reconcile(namespace: str, name: str, stopped: Callable[[], bool], logger: ko
             raise
         except Exception as raised:  # reported, then retried with backoff by the clock
             error = report_failure(body, rotation.status, raised, phase=None if rotation.in_flight else "Failed")
-            metrics.RECONCILE_ERRORS.labels(KIND).inc()
             rotation.commit()
             raise error from None
 

@@ -18,7 +18,6 @@ from typing import Any
 import kopf
 from kubernetes.client import ApiException
 
-from .. import metrics
 from ..builders import scaling as build
 from ..builders.common import owner_reference
 from ..builders.windows import Bounds, effective_bounds
@@ -82,7 +81,6 @@ def reconcile(*, namespace: str, name: str, now: datetime) -> datetime | None:
         error = report_failure(body, status, raised)
         if error.reason in CONFLICT_REASONS:
             status.condition("Conflict", "True", error.reason, error.message)
-        metrics.RECONCILE_ERRORS.labels(KIND).inc()
         _write_status(namespace, name, status)
         raise error from None  # the clock retries it with backoff
     _write_status(namespace, name, status)
