@@ -99,6 +99,12 @@ def secret_rotation_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> N
     rotation.settle_before_deletion(body, logger=logger)
 
 
+@kopf.on.event(*SECRET_ROTATIONS)
+def secret_rotation_gone(type: str, body: kopf.Body, **_: Any) -> None:
+    if type == "DELETED":
+        metrics.forget_secret_rotation(str(body.metadata.namespace), str(body.metadata.name))
+
+
 @kopf.on.event(*EMERGENCY_ISOLATIONS)
 async def secret_rotations_follow_isolation(body: kopf.Body, **_: Any) -> None:
     rotation.CLOCKS.wake(body.metadata.namespace)
@@ -125,6 +131,12 @@ def backup_policy_resync(body: kopf.Body, **_: Any) -> None:
 @kopf.on.event(*BACKUP_POLICIES, annotations={BACKUP_NOW: kopf.PRESENT})
 def backup_policy_now(body: kopf.Body, **_: Any) -> None:
     backup.backup_now(body)
+
+
+@kopf.on.event(*BACKUP_POLICIES)
+def backup_policy_gone(type: str, body: kopf.Body, **_: Any) -> None:
+    if type == "DELETED":
+        metrics.forget_backup_policy(str(body.metadata.namespace), str(body.metadata.name))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={BACKUP_POLICY_LABEL: kopf.PRESENT})

@@ -93,3 +93,36 @@ ISOLATION_INFO = Gauge(
 KINDS = ("BackupPolicy", "BackupRestore", "SecretRotation", "EmergencyIsolation", "ScalingProfile")
 for _kind in KINDS:  # every series exists from the start at 0, so increase() sees the first error
     RECONCILE_ERRORS.labels(_kind)
+
+
+def _forget(metrics: tuple[Gauge | Counter, ...], **match: str) -> None:
+    """Remove every series of these metrics whose labels include ``match``."""
+    for metric in metrics:
+        names = metric._labelnames
+        for family in metric.collect():
+            for sample in family.samples:
+                if all(sample.labels.get(k) == v for k, v in match.items()) and set(names) <= set(sample.labels):
+                    metric.remove(*(sample.labels[n] for n in names))
+
+
+def forget_backup_policy(namespace: str, policy: str) -> None:
+    """A deleted BackupPolicy's series go with it (else it would stay overdue until the operator restarts)."""
+    _forget(
+        (
+            BACKUP_LAST_SUCCESS,
+            BACKUP_DURATION,
+            BACKUP_SIZE,
+            BACKUP_FAILURES,
+            BACKUP_LAST_FAILURE,
+            BACKUP_SCHEDULE_INTERVAL,
+            BACKUP_LAST_VERIFIED,
+            BACKUP_LAST_DRILL_PASSED,
+        ),
+        namespace=namespace,
+        policy=policy,
+    )
+
+
+def forget_secret_rotation(namespace: str, name: str) -> None:
+    """A deleted SecretRotation's series go with it (else it would be overdue until the operator restarts)."""
+    _forget((SECRET_LAST_ROTATION, SECRET_NEXT_ROTATION), namespace=namespace, name=name)
