@@ -93,7 +93,7 @@ def test_target_fields_override_the_source() -> None:
         (
             {"schedule": "0 4 * * 0", "target": {"database": "scratch"}},
             {"redis": {"host": "redis"}},
-            "postgresql source",
+            "must name a scratch Redis",
         ),
     ],
 )

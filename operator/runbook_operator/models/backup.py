@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_snake
 
 from .common import (
     DNS_LABEL,
@@ -21,7 +22,7 @@ from .common import (
     WorkloadRef,
     cel,
 )
-from .sources import Encryption, PostgresConnection, RedisConnection, S3Location
+from .sources import Encryption, PostgresConnection, RedisConnection, RedisTLS, S3Location
 
 # Any new value of this annotation on a BackupPolicy starts one backup now (the value acts once).
 BACKUP_NOW = "runbook.dev/backup-now"
@@ -137,8 +138,23 @@ class Retention(CamelModel):
     min_keep: int = Field(3, description="Never keep fewer than this many complete backups.", ge=1, le=10000)
 
 
+class RedisRestoreTarget(CamelModel):
+    """The Redis a Redis backup is restored into: each field left out is the policy's Redis source's."""
+
+    host: str | None = Field(None, description="Server host; the source's when absent.", min_length=1, max_length=253)
+    port: Port | None = Field(None, description="Server port; the source's when absent.")
+    tls: RedisTLS | None = Field(None, description="TLS settings; the source's when absent.")
+    username: str | None = Field(None, description="ACL user (needs FLUSHALL, RESTORE, SCAN, INFO).", min_length=1)
+    password_secret_ref: SecretKeyRef | None = Field(None, description="Password; the source's when absent.")
+
+    def resolve(self, source: RedisConnection) -> RedisConnection:
+        """The full connection: these fields over the source's."""
+        return source.model_copy(update={k: v for k, v in self if v is not None})
+
+
 class RestoreTarget(CamelModel):
-    """Where a restore writes: each field left out is taken from the policy's PostgreSQL source."""
+    """Where a restore writes: each field left out is taken from the policy's PostgreSQL source (for a Redis
+    backup: only ``redis``, over the policy's Redis source)."""
 
     host: str | None = Field(None, description="Server host; the source's when absent.", min_length=1, max_length=253)
     port: Port | None = Field(None, description="Server port; the source's when absent.")
@@ -146,10 +162,19 @@ class RestoreTarget(CamelModel):
     credentials_secret_ref: CredentialsSecretRef | None = Field(
         None, description="Login allowed to drop and create the database's objects; the source's when absent."
     )
+    redis: RedisRestoreTarget | None = Field(
+        None, description="For a Redis backup: the Redis restored into (FLUSHALL, then every key of the backup)."
+    )
 
     def resolve(self, source: PostgresConnection) -> PostgresConnection:
         """The full connection: these fields over the source's."""
-        return source.model_copy(update={k: v for k, v in self if v is not None})
+        return source.model_copy(update={k: v for k, v in self if v is not None and k != "redis"})
+
+    @property
+    def postgresql_fields(self) -> list[str]:
+        """The PostgreSQL fields that are set (camelCase)."""
+        names = ("database", "credentialsSecretRef", "host", "port")
+        return [name for name in names if getattr(self, to_snake(name)) is not None]
 
 
 class Verification(CamelModel):
@@ -169,8 +194,16 @@ class BackupPolicySpec(CamelModel):
     model_config = ConfigDict(
         json_schema_extra=cel(
             (
-                "!has(self.verification) || has(self.source.postgresql)",
-                "verification: restore drills need a postgresql source",
+                "!has(self.verification) || has(self.source.postgresql) || has(self.source.redis)",
+                "verification: restore drills need a postgresql or redis source",
+            ),
+            (
+                "!has(self.verification) || !has(self.source.redis) || (has(self.verification.target.redis) && ("
+                "(has(self.verification.target.redis.host) && "
+                "self.verification.target.redis.host != self.source.redis.host) || "
+                "(has(self.verification.target.redis.port) && "
+                "self.verification.target.redis.port != self.source.redis.port)))",
+                "verification.target.redis: must name a scratch Redis, not the source",
             ),
             (
                 "!has(self.verification) || !has(self.source.postgresql) || "
@@ -216,12 +249,18 @@ class BackupPolicySpec(CamelModel):
     def _drills_need_a_scratch_database(self) -> BackupPolicySpec:
         if self.verification is None:
             return self
+        if self.source.redis is not None:
+            scratch = self.verification.target.redis
+            chosen = scratch.resolve(self.source.redis) if scratch is not None else self.source.redis
+            if scratch is None or (chosen.host, chosen.port) == (self.source.redis.host, self.source.redis.port):
+                raise ValueError("verification.target.redis: must name a scratch Redis, not the source")
         source = self.source.postgresql
-        if source is None:
-            raise ValueError("verification: restore drills need a postgresql source")
-        target = self.verification.target.resolve(source)
-        if (target.host, target.port, target.database) == (source.host, source.port, source.database):
-            raise ValueError("verification.target: must name a scratch database, not the source database")
+        if source is None and self.source.redis is None:
+            raise ValueError("verification: restore drills need a postgresql or redis source")
+        if source is not None:
+            target = self.verification.target.resolve(source)
+            if (target.host, target.port, target.database) == (source.host, source.port, source.database):
+                raise ValueError("verification.target: must name a scratch database, not the source database")
         if self.encryption.gpg.passphrase_secret_ref is None and self.verification.decryption_secret_ref is None:
             raise ValueError(
                 "verification.decryptionSecretRef: backups are encrypted to public keys; name the private key"
@@ -257,6 +296,7 @@ class VerifiedBackup(StatusModel):
     restore: str | None = Field(None, description="The BackupRestore that ran the drill.")
     tables: int | None = Field(None, description="Tables found, as many as the manifest recorded.")
     rows: int | None = Field(None, description="Rows found in those tables, as many as the manifest recorded.")
+    keys: int | None = Field(None, description="Redis: keys restored, as the manifest's keyspace recorded.")
 
 
 class BackupPolicyStatus(StatusBase):
@@ -400,6 +440,17 @@ class RestoreChecks(StatusModel):
     sequences: int | None = Field(None, description="Sequences whose value matched the manifest's.")
     large_objects: int | None = Field(
         None, description="Large objects after the restore (count and content digest as the manifest recorded)."
+    )
+    rdb_version: int | None = Field(None, description="Redis: the RDB format version of the backup.")
+    keyspace: dict[str, int] = Field(
+        default_factory=dict, description="Redis: keys per db after the restore (db0: n), as the manifest recorded."
+    )
+    keys: int | None = Field(None, description="Redis: keys after the restore, in all dbs.")
+    expired_since_backup: int | None = Field(
+        None, description="Redis: keys of the backup whose TTL ran out before the restore (not restored)."
+    )
+    sampled_keys: int | None = Field(
+        None, description="Redis: keys compared value by value (and TTL) between the backup and the target."
     )
 
 
