@@ -23,7 +23,7 @@ from ..agent import (
     SPEC_ENV,
 )
 from ..models.backup import BACKUP_NOW, KUBERNETES_RESOURCES, BackupPolicySpec
-from ..models.sources import TLS_CERT_KEY, TLS_KEY_KEY
+from ..models.sources import TLS_CERT_KEY, TLS_KEY_KEY, RedisTLS
 from ..settings import MANAGED_BY, PREFIX
 from .common import owner_reference
 
@@ -84,13 +84,7 @@ def agent_env(spec: BackupPolicySpec) -> list[dict[str, Any]]:
         if source.redis.password_secret_ref is not None:
             ref_key = source.redis.password_secret_ref
             env.append(secret_env(REDIS_PASSWORD_ENV, ref_key.name, ref_key.key))
-        if source.redis.tls is not None and source.redis.tls.ca_secret_ref is not None:
-            env.append({"name": REDIS_CA_FILE_ENV, "value": f"{REDIS_CA_DIR}/ca.crt"})
-        if source.redis.tls is not None and source.redis.tls.client_certificate_secret_ref is not None:
-            env += [
-                {"name": REDIS_CERT_FILE_ENV, "value": f"{REDIS_CLIENT_DIR}/{TLS_CERT_KEY}"},
-                {"name": REDIS_KEY_FILE_ENV, "value": f"{REDIS_CLIENT_DIR}/{TLS_KEY_KEY}"},
-            ]
+        env += redis_tls_files(source.redis.tls)[0]
     s3 = spec.destination.s3.credentials_secret_ref
     if s3 is not None:
         env += [
@@ -156,24 +150,40 @@ def agent_pod_spec(
     return pod
 
 
-def _pod_spec(spec: BackupPolicySpec, *, namespace: str, policy: str, generation: int, image: str) -> dict[str, Any]:
-    volumes: list[dict[str, Any]] = []
-    mounts: list[dict[str, Any]] = []
-    redis = spec.source.redis
-    if redis is not None and redis.tls is not None and redis.tls.ca_secret_ref is not None:
-        ca = redis.tls.ca_secret_ref
+Parts = list[dict[str, Any]]
+
+
+def redis_tls_files(tls: RedisTLS | None) -> tuple[Parts, Parts, Parts]:
+    """(env, volumes, mounts) that give an agent a Redis connection's CA and client pair as files of Secret
+    volumes (the backup's source, a restore's target)."""
+    env: Parts = []
+    volumes: Parts = []
+    mounts: Parts = []
+    if tls is not None and tls.ca_secret_ref is not None:
+        ca = tls.ca_secret_ref
+        env.append({"name": REDIS_CA_FILE_ENV, "value": f"{REDIS_CA_DIR}/ca.crt"})
         volumes.append(
             {"name": "redis-ca", "secret": {"secretName": ca.name, "items": [{"key": ca.key, "path": "ca.crt"}]}}
         )
         mounts.append({"name": "redis-ca", "mountPath": REDIS_CA_DIR, "readOnly": True})
-    if redis is not None and redis.tls is not None and redis.tls.client_certificate_secret_ref is not None:
+    if tls is not None and tls.client_certificate_secret_ref is not None:
+        env += [
+            {"name": REDIS_CERT_FILE_ENV, "value": f"{REDIS_CLIENT_DIR}/{TLS_CERT_KEY}"},
+            {"name": REDIS_KEY_FILE_ENV, "value": f"{REDIS_CLIENT_DIR}/{TLS_KEY_KEY}"},
+        ]
         items = [
             {"key": TLS_CERT_KEY, "path": TLS_CERT_KEY},
             {"key": TLS_KEY_KEY, "path": TLS_KEY_KEY, "mode": 0o440},  # owner root, group fsGroup
         ]
-        name = redis.tls.client_certificate_secret_ref.name
+        name = tls.client_certificate_secret_ref.name
         volumes.append({"name": "redis-client", "secret": {"secretName": name, "items": items, "defaultMode": 0o444}})
         mounts.append({"name": "redis-client", "mountPath": REDIS_CLIENT_DIR, "readOnly": True})
+    return env, volumes, mounts
+
+
+def _pod_spec(spec: BackupPolicySpec, *, namespace: str, policy: str, generation: int, image: str) -> dict[str, Any]:
+    redis = spec.source.redis
+    _, volumes, mounts = redis_tls_files(redis.tls if redis is not None else None)
     return agent_pod_spec(
         container=CONTAINER,
         image=image,
