@@ -8,9 +8,10 @@ COPY operator ./operator
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim-bookworm
-# pg_dump/pg_restore, redis-cli and gpg are what the agent streams through; nothing else is added.
+# pg_dump/pg_restore, redis-cli and gpg are what the agent streams through; redis-server is the Redis restore's
+# scratch server (in the Job's memory-backed volume); nothing else is added.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends postgresql-client redis-tools gnupg ca-certificates \
+ && apt-get install -y --no-install-recommends postgresql-client redis-tools redis-server gnupg ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links /wheels runbook-operator && rm -rf /wheels

@@ -56,6 +56,12 @@ def _restore_kubernetes(args: argparse.Namespace) -> int:
     return restore_kubernetes()
 
 
+def _restore_redis(args: argparse.Namespace) -> int:
+    from .agent.restore_redis import main as restore_redis
+
+    return restore_redis()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runbook-operator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--namespace", help="Namespace of the BackupRestore (for the logs).")
     agent.add_argument("--name", help="Name of the BackupRestore (for the logs).")
     agent.set_defaults(func=_restore_kubernetes)
+    agent = commands.add_parser(
+        "restore-redis",
+        help="(In a BackupRestore's Job pod) load a Redis backup's RDB into a scratch server in memory, then copy "
+        "every key into the target (FLUSHALL first). The plan and credentials come from the environment.",
+    )
+    agent.add_argument("--namespace", help="Namespace of the BackupRestore (for the logs).")
+    agent.add_argument("--name", help="Name of the BackupRestore (for the logs).")
+    agent.set_defaults(func=_restore_redis)
     return parser
 
 

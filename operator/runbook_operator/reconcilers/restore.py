@@ -168,6 +168,12 @@ class Restore:
                 f"spec.decryptionSecretRef: BackupPolicy {spec.policy_ref} encrypts to public keys; name the Secret "
                 "key holding the private key",
             )
+        if spec.target is not None and spec.target.redis is not None:
+            raise RunbookError(
+                "TargetMismatch",
+                f"spec.target.redis: BackupPolicy {spec.policy_ref} backs up PostgreSQL; a PostgreSQL backup is "
+                "restored into a database (spec.target host, port, database), not a Redis",
+            )
         return Context(spec, policy, resolve_target(spec, source))
 
     def policy_spec(self, spec: BackupRestoreSpec) -> BackupPolicySpec:
@@ -205,6 +211,10 @@ class Restore:
             from .restore_kubernetes import KubernetesSteps
 
             return KubernetesSteps(self)
+        if kind == "redis":
+            from .restore_redis import RedisSteps
+
+            return RedisSteps(self)
         return None
 
     def credentials(self, ctx: Context) -> dict[str, str]:
@@ -534,6 +544,12 @@ class Restore:
             )
         elif phase == SUCCEEDED and restored is not None:
             self.status.condition("Ready", "True", "Restored", restored)
+        elif phase == SUCCEEDED and checks.get("keys") is not None:  # a Redis backup
+            message = (
+                f"restored {self.status.get('backupKey')} into {self.status.get('target')}: {checks['keys']} keys "
+                "as recorded; workloads back at their recorded counts"
+            )
+            self.status.condition("Ready", "True", "Restored", message)
         elif phase == SUCCEEDED:
             message = (
                 f"restored {self.status.get('backupKey')} into {self.status.get('target')}: {checks.get('tables')} "
@@ -656,12 +672,14 @@ def record_drill(namespace: str, policy: str, restore: str, status: dict[str, An
                 "restore": restore,
                 "tables": checks.get("tables"),
                 "rows": checks.get("rows"),
+                "keys": checks.get("keys"),
             }
-            patch.set(lastVerifiedBackup=verified)
-            message = (
-                f"drill {restore} restored {verified['key']} into {status.get('target')}: {verified['tables']} tables, "
-                f"{verified['rows']} rows match the manifest"
-            )
+            patch.set(lastVerifiedBackup={k: v for k, v in verified.items() if v is not None})
+            found = f"{verified['tables']} tables, {verified['rows']} rows"
+            if verified["keys"] is not None:
+                found = f"{verified['keys']} keys"
+            target = status.get("target")
+            message = f"drill {restore} restored {verified['key']} into {target}: {found} match the manifest"
             patch.condition("Verified", "True", "DrillPassed", message)
         else:
             patch.condition("Verified", "False", ready["reason"], f"drill {restore}: {ready['message']}")
