@@ -7,8 +7,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .logs import install_redactor
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 _CRDS_DEFAULT = Path("crds")
 
@@ -16,18 +20,25 @@ _CRDS_DEFAULT = Path("crds")
 def _run(args: argparse.Namespace) -> int:
     import kopf
 
-    from . import main as _handlers  # noqa: F401  (registers the handlers)
+    from . import main as handlers  # importing it registers the handlers; it holds the settings too
 
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
     install_redactor()  # again: kopf.configure replaced the root's handler and set the root to DEBUG
-    liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
+    namespaces, health_port = run_scope(args, handlers.SETTINGS)
     kopf.run(
         standalone=True,
-        clusterwide=not args.namespace,
-        namespaces=args.namespace or (),
-        liveness_endpoint=liveness,
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
     )
     return 0
+
+
+def run_scope(args: argparse.Namespace, settings: Settings) -> tuple[list[str], int]:
+    """The namespaces to watch (all when empty) and the health port: the flags, else RUNBOOK_NAMESPACES and
+    RUNBOOK_HEALTH_PORT."""
+    namespaces = list(args.namespace or settings.namespaces)
+    return namespaces, settings.health_port if args.health_port is None else args.health_port
 
 
 def _crds(args: argparse.Namespace) -> int:
@@ -72,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--namespace",
         action="append",
         default=[],
-        help="Watch only this namespace (repeatable); all namespaces when absent.",
+        help="Watch only this namespace (repeatable); RUNBOOK_NAMESPACES (comma-separated) when absent, else all.",
     )
     run.add_argument(
         "--verbose",
@@ -80,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Debug logging of the operator and kopf (HTTP libraries stay at INFO: they would print bodies).",
     )
     run.add_argument("--log-format", choices=["json", "full", "plain"], default="json", help="Log line format.")
-    run.add_argument("--health-port", type=int, default=8080, help="Liveness endpoint port (0: none).")
+    run.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        help="Liveness endpoint port (0: none; default RUNBOOK_HEALTH_PORT, 8080).",
+    )
     run.set_defaults(func=_run)
 
     crds = commands.add_parser("crds", help="Write the CRDs generated from the models.")
