@@ -10,6 +10,7 @@ the agent's one-line reason. Both are level-based: running them again changes no
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -388,6 +389,32 @@ def _policy_jobs(namespace: str, policy: str) -> list[dict[str, Any]]:
             r.get("kind") == "CronJob" and r.get("name") == owner for r in job["metadata"].get("ownerReferences", [])
         )
     ]
+
+
+def read_job(namespace: str, name: str) -> dict[str, Any] | None:
+    """The Job as a plain dict, or None when it does not exist."""
+    try:
+        return kube.api_client().sanitize_for_serialization(kube.batch().read_namespaced_job(name, namespace))  # type: ignore[no-any-return]
+    except ApiException as error:
+        if error.status != 404:
+            raise
+        return None
+
+
+def job_summary(pods: Iterable[Mapping[str, Any]], key: str) -> dict[str, Any] | None:
+    """The agent's one-line JSON summary (the object under ``key``) from its pods' termination messages."""
+    for pod in pods:
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            message = ((container.get("state") or {}).get("terminated") or {}).get("message") or ""
+            for line in reversed(message.strip().splitlines()):
+                try:
+                    document = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(document, dict) and isinstance(document.get(key), dict):
+                    summary: dict[str, Any] = document[key]
+                    return summary
+    return None
 
 
 def job_pods(namespace: str, job: str) -> list[dict[str, Any]]:

@@ -75,7 +75,7 @@ from ..models import GROUP, VERSION
 from ..models.backup import BackupPolicySpec, BackupRestoreSpec
 from ..models.sources import PostgresConnection
 from ..settings import FIELD_MANAGER
-from .backup import S3_CREDENTIALS_FIELD, failure_reason, job_outcome, job_pods
+from .backup import S3_CREDENTIALS_FIELD, failure_reason, job_outcome, job_pods, read_job
 from .base import StatusPatch, as_failure, backoff, parse_spec, report_failure, s3_client
 
 LOG = logging.getLogger(__name__)
@@ -441,11 +441,8 @@ class Restore:
 
     def watch_job(self) -> float:
         name = job_name(self.name)
-        try:
-            job = kube.api_client().sanitize_for_serialization(kube.batch().read_namespaced_job(name, self.namespace))
-        except ApiException as error:
-            if error.status != 404:
-                raise
+        job = read_job(self.namespace, name)
+        if job is None:
             if self.status.get("jobName"):
                 self.fail_midway("Restore", RunbookError("JobMissing", f"Job {name} was deleted before it finished"))
                 return 0

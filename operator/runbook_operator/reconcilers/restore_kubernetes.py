@@ -13,7 +13,6 @@ section (in a dry run too: the dry run is the API server's), then the summary fr
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from kubernetes.client import ApiException
@@ -25,7 +24,7 @@ from ..clients import kube
 from ..errors import RunbookError
 from ..models.backup import BackupPolicySpec, BackupRestoreSpec, KubernetesRestore
 from ..settings import FIELD_MANAGER
-from .backup import apply_child, failure_reason, job_outcome, job_pods
+from .backup import apply_child, failure_reason, job_outcome, job_pods, job_summary, read_job
 from .base import parse_spec
 
 if TYPE_CHECKING:
@@ -128,13 +127,8 @@ class KubernetesSteps:
 
         restore = self.restore
         name = job_name(restore.name)
-        try:
-            job = kube.api_client().sanitize_for_serialization(
-                kube.batch().read_namespaced_job(name, restore.namespace)
-            )
-        except ApiException as error:
-            if error.status != 404:
-                raise
+        job = read_job(restore.namespace, name)
+        if job is None:
             if restore.status.get("jobName"):
                 self.fail(RunbookError("JobMissing", f"Job {name} was deleted before it finished"))
                 return 0
@@ -147,7 +141,7 @@ class KubernetesSteps:
             reason, message = failure_reason(job, pods, prefix=RESTORE_FAILURE_PREFIX)
             self.fail(RunbookError(reason, f"Job {name}: {message}"))
             return 0
-        summary = job_summary(pods)
+        summary = job_summary(pods, "kubernetes")
         if summary is None:
             self.fail(RunbookError("SummaryMissing", f"Job {name} completed without its summary"))
             return 0
@@ -214,19 +208,3 @@ class KubernetesSteps:
             self.restore.finish(DRY_RUN)
         else:
             self.restore.finish(SUCCEEDED, restored=f"restored {self.restore.status.get('backupKey')}: {message}")
-
-
-def job_summary(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The agent's summary from the termination message of the Job's completed pod."""
-    for pod in pods:
-        for container in (pod.get("status") or {}).get("containerStatuses") or []:
-            message = ((container.get("state") or {}).get("terminated") or {}).get("message") or ""
-            for line in reversed(message.strip().splitlines()):
-                try:
-                    document = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(document, dict) and isinstance(document.get("kubernetes"), dict):
-                    summary: dict[str, Any] = document["kubernetes"]
-                    return summary
-    return None

@@ -14,7 +14,6 @@ recorded counts).
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from kubernetes.client import ApiException
@@ -29,7 +28,7 @@ from ..errors import RunbookError
 from ..models.backup import BackupPolicySpec, BackupRestoreSpec
 from ..models.sources import RedisConnection
 from ..settings import FIELD_MANAGER
-from .backup import failure_reason, job_outcome, job_pods
+from .backup import failure_reason, job_outcome, job_pods, job_summary, read_job
 from .base import parse_spec
 
 if TYPE_CHECKING:
@@ -147,13 +146,8 @@ class RedisSteps:
 
         restore = self.restore
         name = job_name(restore.name)
-        try:
-            job = kube.api_client().sanitize_for_serialization(
-                kube.batch().read_namespaced_job(name, restore.namespace)
-            )
-        except ApiException as error:
-            if error.status != 404:
-                raise
+        job = read_job(restore.namespace, name)
+        if job is None:
             if restore.status.get("jobName"):
                 restore.fail_midway("Restore", RunbookError("JobMissing", f"Job {name} was deleted before it finished"))
                 return 0
@@ -166,7 +160,7 @@ class RedisSteps:
             reason, message = failure_reason(job, pods, prefix=RESTORE_FAILURE_PREFIX)
             restore.fail_midway("Restore", RunbookError(reason, f"Job {name}: {message}"))
             return 0
-        summary = job_summary(pods) or {}
+        summary = job_summary(pods, "redis") or {}
         figures = {k: summary[k] for k in ("expiredSinceBackup", "sampledKeys") if isinstance(summary.get(k), int)}
         restore.status.set(checks={**(restore.status.get("checks") or {}), **figures})
         restore.end(
@@ -214,7 +208,7 @@ class RedisSteps:
                 found = keyspace(client)
             finally:
                 client.close()
-            summary = job_summary(job_pods(restore.namespace, job_name(restore.name))) or {}
+            summary = job_summary(job_pods(restore.namespace, job_name(restore.name)), "redis") or {}
             wrong = keyspace_mismatches(plan.keyspace, found, summary)
         except RunbookError as error:
             restore.fail_midway("Check", error)
@@ -247,19 +241,3 @@ def keyspace_mismatches(recorded: dict[str, int], found: dict[str, int], summary
     if not wrong and shortfall > expired + sum(volatile.values()):
         wrong.append(f"{shortfall} keys fewer than the manifest's, {expired} expired since the backup")
     return wrong
-
-
-def job_summary(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The agent's Redis summary from the termination message of the Job's completed pod."""
-    for pod in pods:
-        for container in (pod.get("status") or {}).get("containerStatuses") or []:
-            message = ((container.get("state") or {}).get("terminated") or {}).get("message") or ""
-            for line in reversed(message.strip().splitlines()):
-                try:
-                    document = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(document, dict) and isinstance(document.get("redis"), dict):
-                    summary: dict[str, Any] = document["redis"]
-                    return summary
-    return None
