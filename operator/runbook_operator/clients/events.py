@@ -14,8 +14,6 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from kubernetes.client import ApiException
-
 from ..logs import REDACTOR
 from . import kube
 
@@ -44,7 +42,7 @@ def _remember(name: str, count: int) -> None:
             _COUNTS.popitem(last=False)
 
 
-def post(involved: Mapping[str, Any], *, type: str, reason: str, message: str) -> None:
+def post(api: kube.Api, involved: Mapping[str, Any], *, type: str, reason: str, message: str) -> None:
     """Post (or count once more) the Event about ``involved``; ``type`` is Normal or Warning. The message is
     scrubbed of every registered secret first."""
     message = REDACTOR.scrub(message)[:1024]
@@ -52,11 +50,12 @@ def post(involved: Mapping[str, Any], *, type: str, reason: str, message: str) -
     namespace = metadata["namespace"]
     name = event_name(involved, type, reason, message)
     now = _now()
-    core = kube.core()
     with _LOCK:
         count = _COUNTS.get(name)
     if count is None:
         event = {
+            "apiVersion": "v1",
+            "kind": "Event",
             "metadata": {"name": name, "namespace": namespace},
             "involvedObject": {
                 "apiVersion": involved.get("apiVersion"),
@@ -75,21 +74,14 @@ def post(involved: Mapping[str, Any], *, type: str, reason: str, message: str) -
             "reportingComponent": COMPONENT,
             "reportingInstance": COMPONENT,
         }
-        try:
-            core.create_namespaced_event(namespace, event)
+        if api.create(kube.EVENTS, namespace, event):
             _remember(name, 1)
             return
-        except ApiException as error:
-            if not kube.is_conflict(error):
-                raise
-        count = int(core.read_namespaced_event(name, namespace).count or 1)  # posted before a restart
-    try:
-        core.patch_namespaced_event(name, namespace, {"count": count + 1, "lastTimestamp": now})
-    except ApiException as error:
-        if not kube.is_not_found(error):
-            raise
+        posted = api.get(kube.EVENTS, namespace, name)  # posted before a restart
+        count = int((posted or {}).get("count") or 1)
+    if api.patch(kube.EVENTS, namespace, name, {"count": count + 1, "lastTimestamp": now}) is None:
         with _LOCK:
             _COUNTS.pop(name, None)  # expired (the API server keeps Events for an hour): post it anew
-        post(involved, type=type, reason=reason, message=message)
+        post(api, involved, type=type, reason=reason, message=message)
         return
     _remember(name, count + 1)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import kubernetes
 from kubernetes.client import ApiClient, ApiException
@@ -92,3 +96,216 @@ def read_config_map_value(namespace: str, name: str, key: str, *, field: str) ->
         raise RunbookError("ConfigMapKeyMissing", f"{field}: ConfigMap {name} has no key {key!r}", retry_after=30)
     value: str = data[key]
     return value
+
+
+# --- The one way reconcilers reach the API server -------------------------------------------------------
+# Objects are plain dicts (the wire form); a 404 on read/patch/delete and a 409 on create are answers, not
+# errors. ``Api`` is the seam: ``KubeApi`` talks to the API server, tests/fake_api.py keeps objects in memory.
+
+APPLY_PATCH = "application/apply-patch+yaml"
+MERGE_PATCH = "application/merge-patch+json"
+REQUEST_TIMEOUT = (10.0, 60.0)  # connect, read: no call waits forever on a stalled API server
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A namespaced resource type: its API group ("" for core), version, plural and kind."""
+
+    group: str
+    version: str
+    plural: str
+    kind: str
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+        root = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        parts = [root, "namespaces", namespace, self.plural, *(p for p in (name, subresource) if p)]
+        return "/".join(parts)
+
+
+SECRETS = Resource("", "v1", "secrets", "Secret")
+CONFIG_MAPS = Resource("", "v1", "configmaps", "ConfigMap")
+SERVICE_ACCOUNTS = Resource("", "v1", "serviceaccounts", "ServiceAccount")
+PODS = Resource("", "v1", "pods", "Pod")
+EVENTS = Resource("", "v1", "events", "Event")
+DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment")
+STATEFUL_SETS = Resource("apps", "v1", "statefulsets", "StatefulSet")
+JOBS = Resource("batch", "v1", "jobs", "Job")
+CRON_JOBS = Resource("batch", "v1", "cronjobs", "CronJob")
+NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
+HPAS = Resource("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler")
+ROLES = Resource("rbac.authorization.k8s.io", "v1", "roles", "Role")
+ROLE_BINDINGS = Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding")
+WORKLOADS = {r.kind: r for r in (DEPLOYMENTS, STATEFUL_SETS, CRON_JOBS)}
+
+
+def custom_resource(plural: str, kind: str) -> Resource:
+    """One of the operator's own kinds."""
+    return Resource("runbook.dev", "v1alpha1", plural, kind)
+
+
+def workload(kind: str) -> Resource:
+    """The resource of a workload kind named in a spec (Deployment, StatefulSet, CronJob)."""
+    return WORKLOADS[kind]
+
+
+class Api(Protocol):
+    """What reconcilers may do to the cluster. Every method is blocking: call it in the operator's executor."""
+
+    def get(self, resource: Resource, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
+
+    def list(self, resource: Resource, namespace: str, *, labels: str | None = None) -> list[dict[str, Any]]:
+        """The namespace's objects of that type (``labels``: a label selector)."""
+
+    def create(self, resource: Resource, namespace: str, body: Mapping[str, Any]) -> bool:
+        """Create the object; False when one of that name exists already."""
+
+    def apply(self, resource: Resource, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply as the operator's field manager (forcing its fields); returns the result."""
+
+    def patch(
+        self, resource: Resource, namespace: str, name: str, patch: Mapping[str, Any], *, subresource: str | None = None
+    ) -> dict[str, Any] | None:
+        """A JSON merge patch (of ``subresource`` if given: status, scale); None when the object is gone."""
+
+    def delete(self, resource: Resource, namespace: str, name: str) -> bool:
+        """Delete in the background (dependents follow); False when it was gone already."""
+
+    def read_log(self, namespace: str, pod: str, *, container: str, limit_bytes: int) -> str:
+        """The tail of a container's log."""
+
+
+def _status(error: ApiException) -> int:
+    return int(error.status or 0)
+
+
+class KubeApi:
+    """``Api`` over the shared client: plain JSON in and out, fixed timeouts, one field manager."""
+
+    def __init__(self, client: ApiClient | None = None, *, field_manager: str = "runbook-operator") -> None:
+        self._client = client
+        self.field_manager = field_manager
+
+    @property
+    def client(self) -> ApiClient:
+        return self._client or api_client()
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: list[tuple[str, Any]] | None = None,
+        content_type: str = "application/json",
+        raw: bool = False,
+    ) -> Any:
+        response = self.client.call_api(
+            path,
+            method,
+            query_params=query or [],
+            header_params={"Accept": "application/json", "Content-Type": content_type},
+            body=body,
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _request_timeout=REQUEST_TIMEOUT,
+        )[0]
+        data = response.data.decode()
+        return data if raw else json.loads(data or "{}")
+
+    def get(self, resource: Resource, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = self._call("GET", resource.path(namespace, name))
+        except ApiException as error:
+            if _status(error) == 404:
+                return None
+            raise
+        return found
+
+    def list(self, resource: Resource, namespace: str, *, labels: str | None = None) -> list[dict[str, Any]]:
+        query = [("labelSelector", labels)] if labels else []
+        listing = self._call("GET", resource.path(namespace), query=query)
+        items: list[dict[str, Any]] = listing.get("items") or []
+        for item in items:  # a list's items carry neither apiVersion nor kind
+            item.setdefault("apiVersion", resource.api_version)
+            item.setdefault("kind", resource.kind)
+        return items
+
+    def create(self, resource: Resource, namespace: str, body: Mapping[str, Any]) -> bool:
+        try:
+            self._call("POST", resource.path(namespace), body=dict(body), query=[("fieldManager", self.field_manager)])
+        except ApiException as error:
+            if _status(error) == 409:
+                return False
+            raise
+        return True
+
+    def apply(self, resource: Resource, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        document = {"apiVersion": resource.api_version, "kind": resource.kind, **body}
+        query = [("fieldManager", self.field_manager), ("force", "true")]
+        name = str(document["metadata"]["name"])
+        applied: dict[str, Any] = self._call(
+            "PATCH", resource.path(namespace, name), body=document, query=query, content_type=APPLY_PATCH
+        )
+        return applied
+
+    def patch(
+        self, resource: Resource, namespace: str, name: str, patch: Mapping[str, Any], *, subresource: str | None = None
+    ) -> dict[str, Any] | None:
+        try:
+            patched: dict[str, Any] = self._call(
+                "PATCH",
+                resource.path(namespace, name, subresource),
+                body=dict(patch),
+                query=[("fieldManager", self.field_manager)],
+                content_type=MERGE_PATCH,
+            )
+        except ApiException as error:
+            if _status(error) == 404:
+                return None
+            raise
+        return patched
+
+    def delete(self, resource: Resource, namespace: str, name: str) -> bool:
+        try:
+            self._call("DELETE", resource.path(namespace, name), body={"propagationPolicy": "Background"})
+        except ApiException as error:
+            if _status(error) == 404:
+                return False
+            raise
+        return True
+
+    def read_log(self, namespace: str, pod: str, *, container: str, limit_bytes: int) -> str:
+        query = [("container", container), ("limitBytes", limit_bytes)]
+        text: str = self._call("GET", PODS.path(namespace, pod, "log"), query=query, raw=True)
+        return text
+
+
+def secret_value(api: Api, namespace: str, name: str, key: str, *, field: str, redact: bool = True) -> str:
+    """One value of a Secret, registered with the log redactor unless ``redact`` is False (a user name that
+    would redact ordinary words, e.g. ``postgres``). ``field`` names the spec field for errors."""
+    secret = api.get(SECRETS, namespace, name)
+    if secret is None:
+        raise RunbookError("SecretNotFound", f"{field}: Secret {name} not found", retry_after=30)
+    data = secret.get("data") or {}
+    if key not in data:
+        raise RunbookError("SecretKeyMissing", f"{field}: Secret {name} has no key {key!r}", retry_after=30)
+    value = base64.b64decode(data[key]).decode()
+    if redact:
+        REDACTOR.register(value)
+    return value
+
+
+def config_map_value(api: Api, namespace: str, name: str, key: str, *, field: str) -> str:
+    """One value of a ConfigMap. ``field`` names the spec field for errors."""
+    config_map = api.get(CONFIG_MAPS, namespace, name)
+    if config_map is None:
+        raise RunbookError("ConfigMapNotFound", f"{field}: ConfigMap {name} not found", retry_after=30)
+    data = config_map.get("data") or {}
+    if key not in data:
+        raise RunbookError("ConfigMapKeyMissing", f"{field}: ConfigMap {name} has no key {key!r}", retry_after=30)
+    return str(data[key])

@@ -131,7 +131,7 @@ def report_failure(
     if phase is not None:
         status.set(phase=phase)
     try:
-        events.post(body, type="Warning", reason=error.reason, message=error.message)
+        events.post(kube.KubeApi(), body, type="Warning", reason=error.reason, message=error.message)
     except ApiException as refused:  # the condition still tells; the log says why the Event is missing
         LOG.warning("cannot post the %s Event: HTTP %s", error.reason, refused.status)
     return error
