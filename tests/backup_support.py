@@ -9,7 +9,7 @@ import sys
 import uuid
 from typing import Any
 
-from runbook_operator.agent import GPG_PASSPHRASE_ENV, GPG_RECIPIENTS_ENV, JOB_NAME_ENV, SPEC_ENV
+from runbook_operator.models.plans import GPG_PASSPHRASE_ENV, GPG_RECIPIENTS_ENV, JOB_NAME_ENV, SPEC_ENV
 from tests.services import GpgKeyring, S3Server
 
 AGENT = [sys.executable, "-m", "runbook_operator.cli", "backup"]

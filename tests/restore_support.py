@@ -11,9 +11,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from runbook_operator.agent import GPG_PRIVATE_KEY_ENV, RESTORE_PLAN_ENV
 from runbook_operator.builders.restore import build_plan
 from runbook_operator.models.backup import BackupPolicySpec, RestoreRoles
+from runbook_operator.models.plans import GPG_PRIVATE_KEY_ENV, RESTORE_PLAN_ENV
 from runbook_operator.models.sources import PostgresConnection
 from tests.backup_support import agent_env, manifest_of, new_bucket, policy_spec, run_agent
 from tests.services import GpgKeyring, Postgres, S3Server

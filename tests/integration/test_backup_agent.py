@@ -41,7 +41,7 @@ from tests.services import (
     wait_port,
 )
 
-from runbook_operator.agent import GPG_PASSPHRASE_ENV, REDIS_PASSWORD_ENV, SPEC_ENV
+from runbook_operator.models.plans import GPG_PASSPHRASE_ENV, REDIS_PASSWORD_ENV, SPEC_ENV
 
 BACKUP_USER = "backup_reader"
 BACKUP_PASSWORD = "backup-reader-pw-1"

@@ -26,8 +26,8 @@ from tests.services import GpgKeyring, Postgres, S3Server
 
 import runbook_operator.main
 from runbook_operator import metrics
-from runbook_operator.agent import format_timestamp
 from runbook_operator.builders.backup import POLICY_LABEL, cronjob_name
+from runbook_operator.models.plans import format_timestamp
 from runbook_operator.reconcilers import backup
 
 pytestmark = pytest.mark.integration

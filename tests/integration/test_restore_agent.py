@@ -172,7 +172,8 @@ def test_names_with_spaces_quotes_dots_and_non_ascii_verify_restore_and_check(
         conn.execute(f"DELETE FROM {_ident('Billing Dept', 'Open Invoices')}")
     restored = run_restore_agent("restore", env)
     assert restored.returncode == 0, restored.stderr
-    from runbook_operator.agent.restore import RestorePlan, check_contents
+    from runbook_operator.agent.restore import check_contents
+    from runbook_operator.models.plans import RestorePlan
 
     figures = check_contents(RestorePlan.model_validate(plan).target, env, backup.manifest["source"])
     assert figures["tables"] == len(ODD_TABLES) and figures["rows"] == 18
@@ -308,8 +309,9 @@ def test_check_compares_sequences_and_large_objects(
     env = restore_env(plan, s3_server, private_key(gpg_keyring))
     restored = run_restore_agent("restore", env)
     assert restored.returncode == 0, restored.stderr
-    from runbook_operator.agent.restore import RestorePlan, check_contents
+    from runbook_operator.agent.restore import check_contents
     from runbook_operator.errors import RunbookError
+    from runbook_operator.models.plans import RestorePlan
 
     connection = RestorePlan.model_validate(plan).target
     figures = check_contents(connection, env, source)

@@ -27,8 +27,8 @@ from tests.restore_support import (
 )
 from tests.services import GpgKeyring, Postgres, Redis, S3Server
 
-from runbook_operator.agent import REDIS_PASSWORD_ENV
 from runbook_operator.builders.restore import DRILL_LABEL, REPLICAS_ANNOTATION, job_name
+from runbook_operator.models.plans import REDIS_PASSWORD_ENV
 
 pytestmark = pytest.mark.integration
 

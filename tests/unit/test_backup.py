@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from runbook_operator.agent import format_timestamp, parse_timestamp
 from runbook_operator.agent.backup import AgentConfig, clean_object, one_line
 from runbook_operator.builders.backup import (
     build_backup_now_job,
@@ -19,6 +18,7 @@ from runbook_operator.builders.backup import (
 from runbook_operator.errors import RunbookError
 from runbook_operator.logs import REDACTOR
 from runbook_operator.models.backup import BackupPolicySpec
+from runbook_operator.models.plans import format_timestamp, parse_timestamp
 from runbook_operator.reconcilers.backup import (
     StoredBackup,
     expired_backups,

@@ -13,15 +13,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from runbook_operator.agent import GPG_PASSPHRASE_ENV, GPG_PRIVATE_KEY_ENV, RESTORE_PLAN_ENV
 from runbook_operator.agent.backup import record_sequences_after_dump
-from runbook_operator.agent.restore import (
-    ChecksummedReader,
-    RestorePlan,
-    missing_table_data,
-    pg_restore_args,
-    sequence_mismatches,
-)
+from runbook_operator.agent.restore import ChecksummedReader, missing_table_data, pg_restore_args, sequence_mismatches
 from runbook_operator.builders.restore import (
     DRILL_LABEL,
     REPLICAS_ANNOTATION,
@@ -41,6 +34,7 @@ from runbook_operator.builders.restore import (
 )
 from runbook_operator.clients.postgres import parse_qualified_name, qualified_name
 from runbook_operator.models.backup import BackupPolicySpec, BackupRestoreSpec
+from runbook_operator.models.plans import GPG_PASSPHRASE_ENV, GPG_PRIVATE_KEY_ENV, RESTORE_PLAN_ENV, RestorePlan
 from runbook_operator.reconcilers.backup import StoredBackup, expired_backups
 
 SOURCE = {"host": "postgresql.shop.svc", "database": "shop", "credentialsSecretRef": {"name": "db-backup"}}

@@ -30,12 +30,11 @@ import botocore.exceptions
 import yaml
 
 from ..clients.gpg import CIPHER, GPG, GPGError
-from ..clients.s3 import PART_SIZE, MultipartUpload, make_client, object_key, put_json
+from ..clients.s3 import PART_SIZE, MultipartUpload, make_client, put_json
 from ..errors import RunbookError, parse_spec
 from ..logs import REDACTOR
 from ..models.backup import KUBERNETES_RESOURCES, BackupPolicySpec, BackupSource, KubernetesSource
-from ..models.sources import GPGEncryption, PostgresConnection, RedisConnection
-from . import (
+from ..models.plans import (
     DATA_OBJECTS,
     GPG_PASSPHRASE_ENV,
     GPG_RECIPIENTS_ENV,
@@ -51,7 +50,9 @@ from . import (
     S3_SECRET_KEY_ENV,
     SPEC_ENV,
     format_timestamp,
+    object_key,
 )
+from ..models.sources import GPGEncryption, PostgresConnection, RedisConnection
 
 if TYPE_CHECKING:
     from ..clients.redis import TLSMaterial

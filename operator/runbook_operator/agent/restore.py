@@ -30,17 +30,13 @@ from typing import IO, Any, Protocol
 
 import botocore.exceptions
 import psycopg
-from pydantic import ConfigDict, Field
 
 from ..clients import postgres
 from ..clients.gpg import GPG, GPGError
 from ..clients.s3 import make_client
 from ..errors import RunbookError, parse_spec
 from ..logs import REDACTOR
-from ..models.backup import RestoreRoles
-from ..models.common import CamelModel
-from ..models.sources import PostgresConnection, S3Location
-from . import (
+from ..models.plans import (
     GPG_PASSPHRASE_ENV,
     GPG_PRIVATE_KEY_ENV,
     PG_PASSWORD_ENV,
@@ -48,7 +44,9 @@ from . import (
     RESTORE_PLAN_ENV,
     S3_ACCESS_KEY_ENV,
     S3_SECRET_KEY_ENV,
+    RestorePlan,
 )
+from ..models.sources import PostgresConnection, S3Location
 from .backup import one_line, require_env
 
 SECRET_ENVS = (PG_PASSWORD_ENV, S3_SECRET_KEY_ENV, GPG_PASSPHRASE_ENV, GPG_PRIVATE_KEY_ENV)
@@ -62,38 +60,6 @@ _TARGET_FIELD = "spec.target.credentialsSecretRef"
 _TOC_ENTRY = re.compile(r"(\d+); (\d+) (\d+) (.*)")
 _TABLE_DATA = "TABLE DATA "
 _MISSING_ROLE = re.compile(r'role ".*" does not exist')
-
-
-class RoleRecord(CamelModel):
-    """A role the backed-up database refers to, as the backup agent recorded it (never a password)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    name: str = Field(description="Role name.", min_length=1, max_length=63)
-    login: bool = Field(False, description="LOGIN.")
-    inherit: bool = Field(True, description="INHERIT.")
-    connection_limit: int = Field(-1, description="CONNECTION LIMIT.", ge=-1)
-    privileged: list[str] = Field(default_factory=list, description="Attributes recorded and never re-created.")
-    member_of: list[str] = Field(default_factory=list, description="Recorded roles this one is a member of.")
-
-
-class RestorePlan(CamelModel):
-    """What one restore or verify run reads and where it writes (references only, never a secret)."""
-
-    location: S3Location = Field(description="The policy's bucket.")
-    key: str = Field(description="Key of the encrypted data object.")
-    sha256: str = Field(description="SHA-256 of the object, from the manifest.")
-    size_bytes: int = Field(description="Size of the object, from the manifest.")
-    symmetric: bool = Field(description="Encrypted with a passphrase (else to public keys).")
-    tables: list[str] = Field(default_factory=list, description="Tables the manifest recorded (schema.table).")
-    table_oids: dict[str, int] = Field(
-        default_factory=dict, description="Each table's OID in the source (older manifests have none)."
-    )
-    target: PostgresConnection = Field(description="The database to restore into.")
-    roles: RestoreRoles = Field(default_factory=RestoreRoles, description="The restore's spec.roles.")
-    backup_roles: list[RoleRecord] = Field(
-        default_factory=list, description="The roles the manifest recorded (created when missing, if asked)."
-    )
 
 
 class StoredObject(Protocol):

@@ -24,18 +24,15 @@ import json
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from kubernetes.client import ApiException
-from pydantic import Field
 
 from ..errors import RunbookError, parse_spec
 from ..logs import REDACTOR
 from ..models.backup import KUBERNETES_RESOURCES
-from ..models.common import CamelModel
-from ..models.sources import S3Location
-from . import RESTORE_PLAN_ENV
+from ..models.plans import RESTORE_PLAN_ENV, KubernetesRestorePlan
 from .backup import one_line, require_env
 from .restore import SECRET_ENVS, stream
 
@@ -50,21 +47,6 @@ _OUTCOMES = ("created", "replaced", "skipped", "unchanged", "failed")
 _PLURALS = {(group, version, kind): plural for plural, (group, version, kind) in KUBERNETES_RESOURCES.items()}
 # What an apply changes on an object that is otherwise as it was: who manages which field, and its version.
 _BOOKKEEPING = ("managedFields", "resourceVersion")
-
-
-class KubernetesRestorePlan(CamelModel):
-    """What one Kubernetes restore reads and where it applies (references only, never a secret)."""
-
-    location: S3Location = Field(description="The policy's bucket.")
-    key: str = Field(description="Key of the encrypted export.")
-    sha256: str = Field(description="SHA-256 of the object, from the manifest.")
-    size_bytes: int = Field(description="Size of the object, from the manifest.")
-    symmetric: bool = Field(description="Encrypted with a passphrase (else to public keys).")
-    section: str = Field(description="The exported namespace whose section is applied.")
-    namespace: str = Field(description="The namespace applied into.")
-    include_secrets: bool = Field(False, description="Apply the section's Secrets too.")
-    conflicts: Literal["Skip", "Replace"] = Field("Skip", description="Objects that exist and differ.")
-    dry_run: bool = Field(False, description="The API server's dry run only.")
 
 
 class SectionSink:

@@ -31,21 +31,18 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import redis
-from pydantic import Field
 
 from ..clients import redis as redis_client
 from ..errors import RunbookError, parse_spec
 from ..logs import REDACTOR
-from ..models.common import CamelModel
-from ..models.sources import RedisConnection, S3Location
-from . import REDIS_PASSWORD_ENV, RESTORE_PLAN_ENV
+from ..models.plans import REDIS_PASSWORD_ENV, RESTORE_PLAN_ENV, SCRATCH_DIR_ENV, RedisRestorePlan
+from ..models.sources import RedisConnection
 from .backup import one_line, redis_tls, require_env
 from .restore import SECRET_ENVS, stream
 
-SCRATCH_DIR_ENV = "RUNBOOK_SCRATCH_DIR"
 TERMINATION_LOG = "/dev/termination-log"
 TARGET_FIELD = "spec.target.redis"
 RDB_FILE = "dump.rdb"
@@ -58,20 +55,6 @@ _TAIL = 9 + _DISKLESS_MARK
 _BATCH = 500
 _TTL_SLACK_MS = 1000
 _LOAD_TIMEOUT = 600.0
-
-
-class RedisRestorePlan(CamelModel):
-    """What one Redis restore reads and where it writes (references only, never a secret)."""
-
-    kind: Literal["redis"] = Field("redis", description="The source kind of the backup.")
-    location: S3Location = Field(description="The policy's bucket.")
-    key: str = Field(description="Key of the encrypted RDB.")
-    sha256: str = Field(description="SHA-256 of the object, from the manifest.")
-    size_bytes: int = Field(description="Size of the object, from the manifest.")
-    symmetric: bool = Field(description="Encrypted with a passphrase (else to public keys).")
-    keyspace: dict[str, int] = Field(default_factory=dict, description="Keys per db at backup time (db0: n).")
-    target: RedisConnection = Field(description="The Redis restored into.")
-    sample_every: int = Field(50, description="One key in this many is compared value by value.", ge=1)
 
 
 def where(target: RedisConnection) -> str:

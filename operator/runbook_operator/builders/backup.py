@@ -8,7 +8,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..agent import (
+from ..models.backup import BACKUP_NOW, KUBERNETES_RESOURCES, BackupPolicySpec
+from ..models.plans import (
     GPG_PASSPHRASE_ENV,
     GPG_RECIPIENTS_ENV,
     JOB_NAME_ENV,
@@ -22,7 +23,6 @@ from ..agent import (
     S3_SECRET_KEY_ENV,
     SPEC_ENV,
 )
-from ..models.backup import BACKUP_NOW, KUBERNETES_RESOURCES, BackupPolicySpec
 from ..models.sources import TLS_CERT_KEY, TLS_KEY_KEY, RedisTLS
 from ..settings import MANAGED_BY, PREFIX
 from .common import owner_reference

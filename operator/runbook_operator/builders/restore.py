@@ -9,7 +9,9 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from ..agent import (
+from ..models import API_VERSION
+from ..models.backup import BackupPolicySpec, BackupRestoreSpec, RestoreRoles, Verification
+from ..models.plans import (
     GPG_PASSPHRASE_ENV,
     GPG_PRIVATE_KEY_ENV,
     PG_PASSWORD_ENV,
@@ -17,10 +19,9 @@ from ..agent import (
     RESTORE_PLAN_ENV,
     S3_ACCESS_KEY_ENV,
     S3_SECRET_KEY_ENV,
+    RestorePlan,
+    RoleRecord,
 )
-from ..agent.restore import RestorePlan, RoleRecord
-from ..models import API_VERSION
-from ..models.backup import BackupPolicySpec, BackupRestoreSpec, RestoreRoles, Verification
 from ..models.sources import PostgresConnection
 from ..settings import MANAGED_BY, PREFIX
 from .backup import TMP_DIR, agent_pod_spec, secret_env

@@ -14,9 +14,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from ..agent import RESTORE_PLAN_ENV
-from ..agent.restore_kubernetes import KubernetesRestorePlan
 from ..models.backup import BackupPolicySpec, BackupRestoreSpec, KubernetesRestore
+from ..models.plans import RESTORE_PLAN_ENV, KubernetesRestorePlan
 from ..settings import MANAGED_BY
 from .backup import TMP_DIR, agent_pod_spec
 from .common import owner_reference

@@ -8,9 +8,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from ..agent import REDIS_PASSWORD_ENV, RESTORE_PLAN_ENV
-from ..agent.restore_redis import SCRATCH_DIR_ENV, RedisRestorePlan
 from ..models.backup import BackupPolicySpec, BackupRestoreSpec
+from ..models.plans import REDIS_PASSWORD_ENV, RESTORE_PLAN_ENV, SCRATCH_DIR_ENV, RedisRestorePlan
 from ..models.sources import RedisConnection
 from ..settings import MANAGED_BY
 from .backup import AGENT_RESOURCES, TMP_DIR, agent_pod_spec, redis_tls_files, secret_env

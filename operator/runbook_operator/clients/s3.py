@@ -34,11 +34,6 @@ def make_client(
     )
 
 
-def object_key(location: S3Location, *parts: str) -> str:
-    """Join the location's prefix and the parts with slashes."""
-    return "/".join(p for p in (location.prefix, *parts) if p)
-
-
 def _sse(location: S3Location) -> dict[str, Any]:
     if location.server_side_encryption == "None":
         return {}

@@ -23,7 +23,7 @@ from croniter import croniter
 from kubernetes.client import ApiException
 
 from .. import metrics
-from ..agent import MANIFEST, StoredBackup, format_timestamp, policy_folder, stored_backups
+from ..agent import StoredBackup, stored_backups
 from ..builders.backup import (
     POLICY_LABEL,
     build_backup_now_job,
@@ -46,6 +46,7 @@ from ..logs import REDACTOR
 from ..models import GROUP, VERSION
 from ..models.backup import BACKUP_NOW, BackupPolicySpec, Retention
 from ..models.common import parse_duration
+from ..models.plans import MANIFEST, format_timestamp, policy_folder
 from ..models.sources import TLS_CERT_KEY, TLS_KEY_KEY, S3Location
 from ..settings import FIELD_MANAGER
 from .base import StatusPatch, parse_spec, report_failure, retry_or_stop, s3_client

@@ -21,6 +21,7 @@ from ..clients.gpg import GPG, GPGError
 from ..conditions import now_rfc3339
 from ..errors import RunbookError
 from ..models.isolation import EvidenceCapture, EvidenceRecord
+from ..models.plans import object_key
 from ..models.sources import Encryption, S3Location
 from .base import s3_client
 
@@ -155,7 +156,7 @@ def capture(
         on_collected()
         tar, digests = pack_archive(files, mtime=datetime.now(UTC).timestamp())
         stamp = collected.replace("-", "").replace(":", "")
-        folder = s3.object_key(location, namespace, body["spec"]["incidentId"], f"{name}-{stamp}")
+        folder = object_key(location, namespace, body["spec"]["incidentId"], f"{name}-{stamp}")
         key = f"{folder}/evidence.tar.gpg"
         try:
             upload = s3.MultipartUpload(client, location, key)

@@ -36,19 +36,8 @@ from croniter import croniter
 from kubernetes.client import ApiException
 
 from .. import metrics
-from ..agent import (
-    GPG_PASSPHRASE_ENV,
-    GPG_PRIVATE_KEY_ENV,
-    MANIFEST,
-    PG_PASSWORD_ENV,
-    PG_USER_ENV,
-    S3_ACCESS_KEY_ENV,
-    S3_SECRET_KEY_ENV,
-    backup_folder,
-    policy_folder,
-    stored_backups,
-)
-from ..agent.restore import RestorePlan, check_contents, connect_target, verify
+from ..agent import stored_backups
+from ..agent.restore import check_contents, connect_target, verify
 from ..builders.restore import (
     DRILL_HISTORY,
     DRILL_LABEL,
@@ -73,6 +62,18 @@ from ..errors import RunbookError
 from ..logs import audit
 from ..models import GROUP, VERSION
 from ..models.backup import BackupPolicySpec, BackupRestoreSpec
+from ..models.plans import (
+    GPG_PASSPHRASE_ENV,
+    GPG_PRIVATE_KEY_ENV,
+    MANIFEST,
+    PG_PASSWORD_ENV,
+    PG_USER_ENV,
+    S3_ACCESS_KEY_ENV,
+    S3_SECRET_KEY_ENV,
+    RestorePlan,
+    backup_folder,
+    policy_folder,
+)
 from ..models.sources import PostgresConnection
 from ..settings import FIELD_MANAGER
 from .backup import S3_CREDENTIALS_FIELD, failure_reason, job_outcome, job_pods, read_job

@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from kubernetes.client import ApiException
 
-from ..agent.restore_kubernetes import KubernetesRestorePlan, verify_kubernetes
+from ..agent.restore_kubernetes import verify_kubernetes
 from ..builders.restore import job_name
 from ..builders.restore_kubernetes import build_kubernetes_job, build_kubernetes_plan, build_restore_rbac
 from ..clients import kube
 from ..errors import RunbookError
 from ..models.backup import BackupPolicySpec, BackupRestoreSpec, KubernetesRestore
+from ..models.plans import KubernetesRestorePlan
 from ..settings import FIELD_MANAGER
 from .backup import apply_child, failure_reason, job_outcome, job_pods, job_summary, read_job
 from .base import parse_spec

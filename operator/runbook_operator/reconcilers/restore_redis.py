@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 from kubernetes.client import ApiException
 
-from ..agent import REDIS_PASSWORD_ENV
-from ..agent.restore_redis import RedisRestorePlan, connect_target, keyspace, verify_redis, where
+from ..agent.restore_redis import connect_target, keyspace, verify_redis, where
 from ..builders.restore import job_name
 from ..builders.restore_redis import build_redis_job, build_redis_plan
 from ..clients import kube
 from ..clients.redis import TLS_CERT_KEY, TLS_KEY_KEY, TLSMaterial
 from ..errors import RunbookError
 from ..models.backup import BackupPolicySpec, BackupRestoreSpec
+from ..models.plans import REDIS_PASSWORD_ENV, RedisRestorePlan
 from ..models.sources import RedisConnection
 from ..settings import FIELD_MANAGER
 from .backup import failure_reason, job_outcome, job_pods, job_summary, read_job

@@ -1,0 +1,140 @@
+"""The contract between the operator and the pods it starts (backup CronJobs, restore and drill Jobs).
+
+A pod gets everything through its spec: the policy's spec as JSON in ``RUNBOOK_BACKUP_SPEC`` or a restore's
+plan in ``RUNBOOK_RESTORE_PLAN`` (references only, never a secret), the credentials as environment variables
+filled from ``secretKeyRef`` (libpq's, redis-cli's and the AWS SDK's own variable names, so the tools read
+them directly and no secret appears on a command line), the GPG public keys from a ``configMapKeyRef``, and
+its Job's name through the downward API. Pure data: builders and the agent both import it, neither does I/O
+through it.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import ConfigDict, Field
+
+from .backup import RestoreRoles
+from .common import CamelModel
+from .sources import PostgresConnection, RedisConnection, S3Location
+
+SPEC_ENV = "RUNBOOK_BACKUP_SPEC"
+JOB_NAME_ENV = "RUNBOOK_JOB_NAME"
+PG_USER_ENV = "PGUSER"
+PG_PASSWORD_ENV = "PGPASSWORD"
+REDIS_PASSWORD_ENV = "REDISCLI_AUTH"
+REDIS_CA_FILE_ENV = "RUNBOOK_REDIS_CA_FILE"
+# The client certificate and key for mutual TLS: paths of files on a Secret volume (the key never in env).
+REDIS_CERT_FILE_ENV = "RUNBOOK_REDIS_CERT_FILE"
+REDIS_KEY_FILE_ENV = "RUNBOOK_REDIS_KEY_FILE"
+S3_ACCESS_KEY_ENV = "AWS_ACCESS_KEY_ID"
+S3_SECRET_KEY_ENV = "AWS_SECRET_ACCESS_KEY"
+GPG_RECIPIENTS_ENV = "RUNBOOK_GPG_RECIPIENTS"
+GPG_PASSPHRASE_ENV = "RUNBOOK_GPG_PASSPHRASE"
+# Restores: the plan (what to restore where, references only) and the private key for public-key backups.
+RESTORE_PLAN_ENV = "RUNBOOK_RESTORE_PLAN"
+GPG_PRIVATE_KEY_ENV = "RUNBOOK_GPG_PRIVATE_KEY"
+
+# Bucket layout: <prefix>/<namespace>/<policy>/<UTC timestamp>/{<source>.<ext>.gpg, manifest.json}.
+MANIFEST = "manifest.json"
+DATA_OBJECTS = {"postgresql": "postgresql.dump.gpg", "redis": "redis.rdb.gpg", "kubernetes": "kubernetes.yaml.gpg"}
+TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+_TIMESTAMP = re.compile(r"^\d{8}T\d{6}Z$")
+
+
+def format_timestamp(moment: datetime) -> str:
+    """A backup's folder name: UTC, second precision, sorts by time."""
+    return moment.astimezone(UTC).strftime(TIMESTAMP_FORMAT)
+
+
+def parse_timestamp(name: str) -> datetime | None:
+    """The time of a backup folder name, or None when the name is not one."""
+    if not _TIMESTAMP.match(name):
+        return None
+    return datetime.strptime(name, TIMESTAMP_FORMAT).replace(tzinfo=UTC)
+
+
+def policy_folder(location: S3Location, namespace: str, policy: str) -> str:
+    """Where a policy's backups are: ``<prefix>/<namespace>/<policy>/``."""
+    return object_key(location, namespace, policy) + "/"
+
+
+def backup_folder(base: str, backup: str) -> str | None:
+    """The folder under ``base`` (a policy's folder) that ``backup`` names by its timestamp, its folder or one
+    of its keys, or None when it names none."""
+    relative = backup.removeprefix(base).strip("/").split("/")[0]
+    if parse_timestamp(relative) is None:
+        return None
+    return f"{base}{relative}/"
+
+
+def object_key(location: S3Location, *parts: str) -> str:
+    """Join the location's prefix and the parts with slashes."""
+    return "/".join(p for p in (location.prefix, *parts) if p)
+
+
+# --- restore plans: what one restore or drill Job reads and where it writes -----------------------------
+SCRATCH_DIR_ENV = "RUNBOOK_SCRATCH_DIR"
+
+
+class RoleRecord(CamelModel):
+    """A role the backed-up database refers to, as the backup agent recorded it (never a password)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(description="Role name.", min_length=1, max_length=63)
+    login: bool = Field(False, description="LOGIN.")
+    inherit: bool = Field(True, description="INHERIT.")
+    connection_limit: int = Field(-1, description="CONNECTION LIMIT.", ge=-1)
+    privileged: list[str] = Field(default_factory=list, description="Attributes recorded and never re-created.")
+    member_of: list[str] = Field(default_factory=list, description="Recorded roles this one is a member of.")
+
+
+class RestorePlan(CamelModel):
+    """What one restore or verify run reads and where it writes (references only, never a secret)."""
+
+    location: S3Location = Field(description="The policy's bucket.")
+    key: str = Field(description="Key of the encrypted data object.")
+    sha256: str = Field(description="SHA-256 of the object, from the manifest.")
+    size_bytes: int = Field(description="Size of the object, from the manifest.")
+    symmetric: bool = Field(description="Encrypted with a passphrase (else to public keys).")
+    tables: list[str] = Field(default_factory=list, description="Tables the manifest recorded (schema.table).")
+    table_oids: dict[str, int] = Field(
+        default_factory=dict, description="Each table's OID in the source (older manifests have none)."
+    )
+    target: PostgresConnection = Field(description="The database to restore into.")
+    roles: RestoreRoles = Field(default_factory=RestoreRoles, description="The restore's spec.roles.")
+    backup_roles: list[RoleRecord] = Field(
+        default_factory=list, description="The roles the manifest recorded (created when missing, if asked)."
+    )
+
+
+class RedisRestorePlan(CamelModel):
+    """What one Redis restore reads and where it writes (references only, never a secret)."""
+
+    kind: Literal["redis"] = Field("redis", description="The source kind of the backup.")
+    location: S3Location = Field(description="The policy's bucket.")
+    key: str = Field(description="Key of the encrypted RDB.")
+    sha256: str = Field(description="SHA-256 of the object, from the manifest.")
+    size_bytes: int = Field(description="Size of the object, from the manifest.")
+    symmetric: bool = Field(description="Encrypted with a passphrase (else to public keys).")
+    keyspace: dict[str, int] = Field(default_factory=dict, description="Keys per db at backup time (db0: n).")
+    target: RedisConnection = Field(description="The Redis restored into.")
+    sample_every: int = Field(50, description="One key in this many is compared value by value.", ge=1)
+
+
+class KubernetesRestorePlan(CamelModel):
+    """What one Kubernetes restore reads and where it applies (references only, never a secret)."""
+
+    location: S3Location = Field(description="The policy's bucket.")
+    key: str = Field(description="Key of the encrypted export.")
+    sha256: str = Field(description="SHA-256 of the object, from the manifest.")
+    size_bytes: int = Field(description="Size of the object, from the manifest.")
+    symmetric: bool = Field(description="Encrypted with a passphrase (else to public keys).")
+    section: str = Field(description="The exported namespace whose section is applied.")
+    namespace: str = Field(description="The namespace applied into.")
+    include_secrets: bool = Field(False, description="Apply the section's Secrets too.")
+    conflicts: Literal["Skip", "Replace"] = Field("Skip", description="Objects that exist and differ.")
+    dry_run: bool = Field(False, description="The API server's dry run only.")
