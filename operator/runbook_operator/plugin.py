@@ -34,7 +34,6 @@ import yaml
 from kubernetes.client import ApiException
 from pydantic import BaseModel, ValidationError
 
-from .agent import stored_backups
 from .clients import s3
 from .errors import describe_validation_error
 from .models import GROUP, VERSION
@@ -42,6 +41,7 @@ from .models.backup import BACKUP_NOW, BackupPolicySpec, BackupRestoreSpec
 from .models.common import parse_duration
 from .models.isolation import EmergencyIsolationSpec, holding_isolation
 from .models.plans import MANIFEST, backup_folder, format_timestamp, policy_folder
+from .reconcilers.catalog import stored_backups
 
 OK, API_ERROR, USAGE, NOT_FOUND, FAILED, CONFLICT = 0, 1, 2, 3, 4, 5
 API_VERSION = f"{GROUP}/{VERSION}"

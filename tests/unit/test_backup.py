@@ -19,13 +19,9 @@ from runbook_operator.errors import RunbookError
 from runbook_operator.logs import REDACTOR
 from runbook_operator.models.backup import BackupPolicySpec
 from runbook_operator.models.plans import format_timestamp, parse_timestamp
-from runbook_operator.reconcilers.backup import (
-    StoredBackup,
-    expired_backups,
-    failure_reason,
-    needs_finalizer,
-    schedule_interval,
-)
+from runbook_operator.reconcilers.backup import needs_finalizer, schedule_interval
+from runbook_operator.reconcilers.catalog import StoredBackup, expired_backups
+from runbook_operator.reconcilers.jobs import failure_reason
 from tests.helpers import load_samples
 
 SAMPLES = load_samples()

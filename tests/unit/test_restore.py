@@ -35,7 +35,7 @@ from runbook_operator.builders.restore import (
 from runbook_operator.clients.postgres import parse_qualified_name, qualified_name
 from runbook_operator.models.backup import BackupPolicySpec, BackupRestoreSpec
 from runbook_operator.models.plans import GPG_PASSPHRASE_ENV, GPG_PRIVATE_KEY_ENV, RESTORE_PLAN_ENV, RestorePlan
-from runbook_operator.reconcilers.backup import StoredBackup, expired_backups
+from runbook_operator.reconcilers.catalog import StoredBackup, expired_backups
 
 SOURCE = {"host": "postgresql.shop.svc", "database": "shop", "credentialsSecretRef": {"name": "db-backup"}}
 

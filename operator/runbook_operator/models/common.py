@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import zoneinfo
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
@@ -248,3 +248,17 @@ class StatusBase(StatusModel):
     observed_generation: int | None = Field(None, description="The spec generation last acted on.")
     conditions: list[Condition] = Field(default_factory=list, description="Current observations.")
     phase: str | None = Field(None, description="A one-word summary of the state.")
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An RFC 3339 string (or a datetime) as an aware UTC datetime; None for an empty value."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC)
+    if isinstance(value, str) and value:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
+    return None
+
+
+def rfc3339(moment: datetime) -> str:
+    """As Kubernetes writes times: UTC, second precision, Z."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

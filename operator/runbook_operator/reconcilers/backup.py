@@ -10,10 +10,9 @@ the agent's one-line reason. Both are level-based: running them again changes no
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
@@ -23,7 +22,6 @@ from croniter import croniter
 from kubernetes.client import ApiException
 
 from .. import metrics
-from ..agent import StoredBackup, stored_backups
 from ..builders.backup import (
     POLICY_LABEL,
     build_backup_now_job,
@@ -35,121 +33,38 @@ from ..builders.common import contains
 from ..clients import kube
 from ..clients.gpg import GPG
 from ..clients.s3 import (
-    delete_keys,
     ensure_abort_incomplete_uploads,
-    get_json,
-    list_keys,
 )
 from ..conditions import get_condition
 from ..errors import RunbookError
-from ..logs import REDACTOR
 from ..models import GROUP, VERSION
-from ..models.backup import BACKUP_NOW, BackupPolicySpec, Retention
-from ..models.common import parse_duration
-from ..models.plans import MANIFEST, format_timestamp, policy_folder
-from ..models.sources import TLS_CERT_KEY, TLS_KEY_KEY, S3Location
+from ..models.backup import BACKUP_NOW, BackupPolicySpec
+from ..models.plans import policy_folder
+from ..models.sources import TLS_CERT_KEY, TLS_KEY_KEY
 from ..settings import FIELD_MANAGER
-from .base import StatusPatch, parse_spec, report_failure, retry_or_stop, s3_client
+from .base import StatusPatch, parse_spec, report_failure, retry_or_stop
+from .catalog import (
+    S3_CREDENTIALS_FIELD,
+    delete_backups,
+    find_manifest,
+    prune,
+    s3_client,
+    s3_error,
+    stored_backups,
+    verify_manifest,
+)
+from .jobs import failure_reason, job_outcome, job_pods
 
 if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
+    pass
 
 LOG = logging.getLogger(__name__)
 PLURAL = "backuppolicies"
 APPLY = "application/apply-patch+yaml"
-FAILURE_PREFIX = "backup failed: "
 SCHEDULED_AT = "batch.kubernetes.io/cronjob-scheduled-timestamp"
-S3_CREDENTIALS_FIELD = "spec.destination.s3.credentialsSecretRef"
-_CLOCK_SKEW = timedelta(minutes=10)  # a run's folder is named by the pod's clock, not the API server's
 
 
 # --- S3: credentials, bucket checks, the backups of a policy, retention ---------------------------------
-
-
-def _s3_error(error: Exception, location: S3Location) -> RunbookError:
-    if isinstance(error, botocore.exceptions.ClientError):
-        code = str(error.response.get("Error", {}).get("Code", "Error"))
-        if code in ("404", "NoSuchBucket"):
-            return RunbookError(
-                "BucketNotFound", f"spec.destination.s3.bucket: bucket {location.bucket} does not exist", retry_after=60
-            )
-        if code in ("403", "AccessDenied"):
-            return RunbookError(
-                "BucketForbidden", f"spec.destination.s3: access to bucket {location.bucket} denied", retry_after=60
-            )
-        return RunbookError("S3Error", f"spec.destination.s3: {code}", retry_after=60)
-    return RunbookError("S3Unreachable", f"spec.destination.s3: {type(error).__name__}", retry_after=60)
-
-
-def expired_backups(
-    backups: Iterable[StoredBackup],
-    *,
-    now: datetime,
-    max_age: timedelta | None,
-    min_keep: int,
-    verified: str | None = None,
-) -> list[StoredBackup]:
-    """Those older than ``max_age``, except the ``min_keep`` newest complete ones (whatever their age) and
-    the newest verified one (a restore drill proved it restorable). Folders without a manifest (a run killed
-    between upload and manifest) expire like backups."""
-    if max_age is None:
-        return []
-    ordered = sorted(backups, key=lambda b: b.time, reverse=True)
-    kept = {b.folder for b in [b for b in ordered if b.complete][:min_keep]} | {verified}
-    return [b for b in reversed(ordered) if b.folder not in kept and b.time < now - max_age]
-
-
-def delete_backups(client: S3Client, location: S3Location, folders: list[str]) -> None:
-    """Manifests first: a half-deleted backup never looks complete."""
-    keys = [key for folder in folders for key in list_keys(client, location, folder)]
-    delete_keys(client, location, [k for k in keys if k.endswith(f"/{MANIFEST}")])
-    delete_keys(client, location, [k for k in keys if not k.endswith(f"/{MANIFEST}")])
-
-
-def prune(
-    client: S3Client,
-    location: S3Location,
-    *,
-    namespace: str,
-    policy: str,
-    retention: Retention,
-    now: datetime,
-    verified: str | None = None,
-) -> list[str]:
-    """Delete the expired backups (never ``verified``, the newest a drill restored); return their folders."""
-    max_age = parse_duration(retention.max_age) if retention.max_age else None
-    backups = stored_backups(client, location, namespace, policy)
-    expired = expired_backups(backups, now=now, max_age=max_age, min_keep=retention.min_keep, verified=verified)
-    delete_backups(client, location, [b.folder for b in expired])
-    return [b.folder for b in expired]
-
-
-def find_manifest(
-    client: S3Client, location: S3Location, *, namespace: str, policy: str, job: str, created: datetime
-) -> dict[str, Any] | None:
-    """The manifest written by this Job's run (runs start after their Job was created)."""
-    base = policy_folder(location, namespace, policy)
-    for key in list_keys(client, location, base, start_after=base + format_timestamp(created - _CLOCK_SKEW)):
-        if key.endswith(f"/{MANIFEST}"):
-            manifest = get_json(client, location, key)
-            if manifest.get("job") == job:
-                return manifest
-    return None
-
-
-def verify_manifest(client: S3Client, location: S3Location, manifest: dict[str, Any]) -> str | None:
-    """Why the manifest does not describe a complete backup of ours, or None when it does."""
-    data = manifest.get("data") or {}
-    key = str(data.get("key", ""))
-    try:
-        head = client.head_object(Bucket=location.bucket, Key=key)
-    except botocore.exceptions.ClientError:
-        return f"the data object {key} named by the manifest is missing"
-    if head["ContentLength"] != data.get("sizeBytes"):
-        return f"the data object {key} has {head['ContentLength']} bytes, the manifest says {data.get('sizeBytes')}"
-    if not data.get("sha256"):
-        return "the manifest has no SHA-256"
-    return None
 
 
 # --- the policy's children ------------------------------------------------------------------------------
@@ -262,12 +177,12 @@ def reconcile(body: kopf.Body, *, image: str, retry: int = 0) -> None:
         status.set(sourceKind=spec.source.kind, cronJobName=cronjob_name(name))
         check_references(namespace, spec)
         location = spec.destination.s3
-        client = s3_client(namespace, location, field=S3_CREDENTIALS_FIELD)
+        client = s3_client(kube.KubeApi(), namespace, location, field=S3_CREDENTIALS_FIELD)
         try:
             client.head_bucket(Bucket=location.bucket)
             ensure_abort_incomplete_uploads(client, location)
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
-            raise _s3_error(error, location) from None
+            raise s3_error(error, location) from None
         rbac_objects = build_export_rbac(body, spec)
         for child in rbac_objects:
             apply_child(child)
@@ -350,34 +265,6 @@ def _rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def job_outcome(job: Mapping[str, Any]) -> tuple[str, datetime] | None:
-    """("Complete" | "Failed", when) for a finished Job, None while it runs."""
-    for condition in (job.get("status") or {}).get("conditions") or []:
-        if condition.get("type") in ("Complete", "Failed") and condition.get("status") == "True":
-            when = _time(condition.get("lastTransitionTime")) or _time(job["metadata"]["creationTimestamp"])
-            assert when is not None
-            return condition["type"], when
-    return None
-
-
-def failure_reason(
-    job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]], *, prefix: str = FAILURE_PREFIX
-) -> tuple[str, str]:
-    """The agent's one-line reason (after ``prefix``) from its pods' termination messages, else the Job's
-    own condition. Restores read their agent's ``restore failed: `` lines the same way."""
-    for pod in pods:
-        for container in (pod.get("status") or {}).get("containerStatuses") or []:
-            message = ((container.get("state") or {}).get("terminated") or {}).get("message") or ""
-            lines = [line for line in message.splitlines() if line.startswith(prefix)]
-            if lines:
-                reason, _, detail = lines[-1][len(prefix) :].partition(": ")
-                return reason or "BackupFailed", REDACTOR.scrub(detail)[:512]
-    for condition in (job.get("status") or {}).get("conditions") or []:
-        if condition.get("type") == "Failed":
-            return condition.get("reason") or "JobFailed", REDACTOR.scrub(condition.get("message") or "")[:512]
-    return "JobFailed", "the backup Job failed"
-
-
 def _policy_jobs(namespace: str, policy: str) -> list[dict[str, Any]]:
     """The Jobs of the policy's CronJob (scheduled and backup-now), as plain dicts."""
     owner = cronjob_name(policy)
@@ -390,37 +277,6 @@ def _policy_jobs(namespace: str, policy: str) -> list[dict[str, Any]]:
             r.get("kind") == "CronJob" and r.get("name") == owner for r in job["metadata"].get("ownerReferences", [])
         )
     ]
-
-
-def read_job(namespace: str, name: str) -> dict[str, Any] | None:
-    """The Job as a plain dict, or None when it does not exist."""
-    try:
-        return kube.api_client().sanitize_for_serialization(kube.batch().read_namespaced_job(name, namespace))  # type: ignore[no-any-return]
-    except ApiException as error:
-        if error.status != 404:
-            raise
-        return None
-
-
-def job_summary(pods: Iterable[Mapping[str, Any]], key: str) -> dict[str, Any] | None:
-    """The agent's one-line JSON summary (the object under ``key``) from its pods' termination messages."""
-    for pod in pods:
-        for container in (pod.get("status") or {}).get("containerStatuses") or []:
-            message = ((container.get("state") or {}).get("terminated") or {}).get("message") or ""
-            for line in reversed(message.strip().splitlines()):
-                try:
-                    document = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(document, dict) and isinstance(document.get(key), dict):
-                    summary: dict[str, Any] = document[key]
-                    return summary
-    return None
-
-
-def job_pods(namespace: str, job: str) -> list[dict[str, Any]]:
-    pods = kube.core().list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job}").items
-    return [kube.api_client().sanitize_for_serialization(p) for p in pods]
 
 
 def observe(namespace: str, name: str) -> None:
@@ -463,7 +319,7 @@ def observe(namespace: str, name: str) -> None:
                 continue
             failure = status.get("lastFailure")
         else:
-            reason, message = failure_reason(job, job_pods(namespace, job_name))
+            reason, message = failure_reason(job, job_pods(kube.KubeApi(), namespace, job_name))
             failure = _record_failure(
                 policy, status, job=job_name, when=when, reason=reason, message=message, labels=labels
             )
@@ -484,13 +340,13 @@ def _record_success(
     location = spec.destination.s3
     manifest: dict[str, Any] | None = None
     try:
-        client = s3_client(namespace, location, field=S3_CREDENTIALS_FIELD)
+        client = s3_client(kube.KubeApi(), namespace, location, field=S3_CREDENTIALS_FIELD)
         created = _time(job["metadata"]["creationTimestamp"]) or datetime.now(UTC)
         manifest = find_manifest(client, location, namespace=namespace, policy=name, job=job_name, created=created)
         problem = "no manifest.json was written" if manifest is None else verify_manifest(client, location, manifest)
     except (RunbookError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
         # The bucket cannot be checked right now: decide on the next pass (the policy's timer) instead.
-        message = error.message if isinstance(error, RunbookError) else _s3_error(error, location).message
+        message = error.message if isinstance(error, RunbookError) else s3_error(error, location).message
         LOG.warning("cannot verify the backup of Job %s yet: %s", job_name, message)
         return None
     outcome = job_outcome(job)
@@ -600,7 +456,7 @@ def finalize(body: kopf.Body, *, retry: int) -> None:
     try:
         spec = parse_spec(BackupPolicySpec, body.get("spec"))
         location = spec.destination.s3
-        client = s3_client(namespace, location, field=S3_CREDENTIALS_FIELD)
+        client = s3_client(kube.KubeApi(), namespace, location, field=S3_CREDENTIALS_FIELD)
         folders = [b.folder for b in stored_backups(client, location, namespace, name)]
         delete_backups(client, location, folders)
     except (RunbookError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:

@@ -13,16 +13,15 @@ import kopf
 from kubernetes.client import ApiException
 
 from .. import metrics
-from ..clients import events, kube, s3
+from ..clients import events, kube
 from ..conditions import ConditionStatus, set_condition
 from ..errors import RunbookError
 from ..errors import parse_spec as parse_spec  # noqa: PLC0414 - re-exported; its kopf-free home is errors.py
 from ..logs import REDACTOR
 from ..models import GROUP, VERSION
-from ..models.sources import S3Location
 
 if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
+    pass
 
 LOG = logging.getLogger(__name__)
 MERGE_PATCH = "application/merge-patch+json"
@@ -74,16 +73,6 @@ class StatusPatch:
         )
         self.current.update(changes)
         self.changes = {}
-
-
-def s3_client(namespace: str, location: S3Location, *, field: str) -> S3Client:
-    """A client with the keys of the location's Secret (``field`` names it in errors), or ambient ones."""
-    ref = location.credentials_secret_ref
-    if ref is None:
-        return s3.make_client(location)
-    key_id = kube.read_secret_value(namespace, ref.name, ref.access_key_id_key, field=field)
-    secret = kube.read_secret_value(namespace, ref.name, ref.secret_access_key_key, field=field)
-    return s3.make_client(location, key_id, secret)
 
 
 UNEXPECTED_RETRY = 10.0  # first retry after a failure nobody foresaw (an API refusal, a bug); doubles

@@ -23,7 +23,7 @@ from ..errors import RunbookError
 from ..models.isolation import EvidenceCapture, EvidenceRecord
 from ..models.plans import object_key
 from ..models.sources import Encryption, S3Location
-from .base import s3_client
+from .catalog import s3_client
 
 LOG_LIMIT_BYTES = 16 * 1024 * 1024  # per container log; evidence of a breach is rarely in the 17th MiB
 LOG_TIMEOUT = 10.0  # seconds per log request: an unreachable kubelet must not hold up containment
@@ -97,7 +97,7 @@ def collect(namespace: str) -> tuple[dict[str, bytes], dict[str, str]]:
     return files, errors
 
 
-def _s3_error(location: S3Location, error: Exception) -> RunbookError:
+def s3_error(location: S3Location, error: Exception) -> RunbookError:
     if isinstance(error, ClientError):
         code = str(error.response.get("Error", {}).get("Code", ""))
         if code in ("NoSuchBucket", "404"):
@@ -146,11 +146,11 @@ def capture(
     started = now_rfc3339()
     with GPG() as gpg:
         encrypt_args, encryption_record = _encryptor(namespace, encryption, gpg)
-        client = s3_client(namespace, location, field=f"{FIELD}.destination.credentialsSecretRef")
+        client = s3_client(kube.KubeApi(), namespace, location, field=f"{FIELD}.destination.credentialsSecretRef")
         try:
             client.head_bucket(Bucket=location.bucket)
         except (ClientError, BotoCoreError) as error:
-            raise _s3_error(location, error) from None
+            raise s3_error(location, error) from None
         files, log_errors = collect(namespace)
         collected = now_rfc3339()
         on_collected()
@@ -186,7 +186,7 @@ def capture(
             manifest_key = f"{folder}/custody.json"
             s3.put_json(client, location, manifest_key, manifest)
         except (ClientError, BotoCoreError) as error:
-            raise _s3_error(location, error) from None
+            raise s3_error(location, error) from None
         except GPGError as error:
             raise RunbookError("EncryptionFailed", f"{FIELD}.encryption: {error}", retry_after=RETRY) from None
     return EvidenceRecord(

@@ -36,7 +36,6 @@ from croniter import croniter
 from kubernetes.client import ApiException
 
 from .. import metrics
-from ..agent import stored_backups
 from ..agent.restore import check_contents, connect_target, verify
 from ..builders.restore import (
     DRILL_HISTORY,
@@ -76,8 +75,9 @@ from ..models.plans import (
 )
 from ..models.sources import PostgresConnection
 from ..settings import FIELD_MANAGER
-from .backup import S3_CREDENTIALS_FIELD, failure_reason, job_outcome, job_pods, read_job
-from .base import StatusPatch, as_failure, backoff, parse_spec, report_failure, s3_client
+from .base import StatusPatch, as_failure, backoff, parse_spec, report_failure
+from .catalog import S3_CREDENTIALS_FIELD, s3_client, stored_backups
+from .jobs import failure_reason, job_outcome, job_pods, read_job
 
 LOG = logging.getLogger(__name__)
 KIND = "BackupRestore"
@@ -258,7 +258,7 @@ class Restore:
         """The manifest of the backup to restore: the one preflight chose, else as ``spec.backup`` says; it
         must describe a backup of the policy's source kind."""
         location = policy.destination.s3
-        client = s3_client(self.namespace, location, field=S3_CREDENTIALS_FIELD)
+        client = s3_client(kube.KubeApi(), self.namespace, location, field=S3_CREDENTIALS_FIELD)
         base = policy_folder(location, self.namespace, spec.policy_ref)
         chosen = self.status.get("backupKey") or spec.backup
         try:
@@ -442,7 +442,7 @@ class Restore:
 
     def watch_job(self) -> float:
         name = job_name(self.name)
-        job = read_job(self.namespace, name)
+        job = read_job(kube.KubeApi(), self.namespace, name)
         if job is None:
             if self.status.get("jobName"):
                 self.fail_midway("Restore", RunbookError("JobMissing", f"Job {name} was deleted before it finished"))
@@ -456,7 +456,9 @@ class Restore:
             self.begin("Check", CHECKING)
             self.flush()
             return 0
-        reason, message = failure_reason(job, job_pods(self.namespace, name), prefix=RESTORE_FAILURE_PREFIX)
+        reason, message = failure_reason(
+            job, job_pods(kube.KubeApi(), self.namespace, name), prefix=RESTORE_FAILURE_PREFIX
+        )
         self.fail_midway("Restore", RunbookError(reason, f"Job {name}: {message}"))
         return 0
 

@@ -25,8 +25,9 @@ from ..errors import RunbookError
 from ..models.backup import BackupPolicySpec, BackupRestoreSpec, KubernetesRestore
 from ..models.plans import KubernetesRestorePlan
 from ..settings import FIELD_MANAGER
-from .backup import apply_child, failure_reason, job_outcome, job_pods, job_summary, read_job
+from .backup import apply_child
 from .base import parse_spec
+from .jobs import failure_reason, job_outcome, job_pods, job_summary, read_job
 
 if TYPE_CHECKING:
     from .restore import Restore
@@ -128,7 +129,7 @@ class KubernetesSteps:
 
         restore = self.restore
         name = job_name(restore.name)
-        job = read_job(restore.namespace, name)
+        job = read_job(kube.KubeApi(), restore.namespace, name)
         if job is None:
             if restore.status.get("jobName"):
                 self.fail(RunbookError("JobMissing", f"Job {name} was deleted before it finished"))
@@ -137,7 +138,7 @@ class KubernetesSteps:
         outcome = job_outcome(job)
         if outcome is None:
             return POLL_SECONDS
-        pods = job_pods(restore.namespace, name)
+        pods = job_pods(kube.KubeApi(), restore.namespace, name)
         if outcome[0] != "Complete":
             reason, message = failure_reason(job, pods, prefix=RESTORE_FAILURE_PREFIX)
             self.fail(RunbookError(reason, f"Job {name}: {message}"))

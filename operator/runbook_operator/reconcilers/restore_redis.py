@@ -28,8 +28,8 @@ from ..models.backup import BackupPolicySpec, BackupRestoreSpec
 from ..models.plans import REDIS_PASSWORD_ENV, RedisRestorePlan
 from ..models.sources import RedisConnection
 from ..settings import FIELD_MANAGER
-from .backup import failure_reason, job_outcome, job_pods, job_summary, read_job
 from .base import parse_spec
+from .jobs import failure_reason, job_outcome, job_pods, job_summary, read_job
 
 if TYPE_CHECKING:
     from .restore import Restore
@@ -146,7 +146,7 @@ class RedisSteps:
 
         restore = self.restore
         name = job_name(restore.name)
-        job = read_job(restore.namespace, name)
+        job = read_job(kube.KubeApi(), restore.namespace, name)
         if job is None:
             if restore.status.get("jobName"):
                 restore.fail_midway("Restore", RunbookError("JobMissing", f"Job {name} was deleted before it finished"))
@@ -155,7 +155,7 @@ class RedisSteps:
         outcome = job_outcome(job)
         if outcome is None:
             return POLL_SECONDS
-        pods = job_pods(restore.namespace, name)
+        pods = job_pods(kube.KubeApi(), restore.namespace, name)
         if outcome[0] != "Complete":
             reason, message = failure_reason(job, pods, prefix=RESTORE_FAILURE_PREFIX)
             restore.fail_midway("Restore", RunbookError(reason, f"Job {name}: {message}"))
@@ -208,7 +208,7 @@ class RedisSteps:
                 found = keyspace(client)
             finally:
                 client.close()
-            summary = job_summary(job_pods(restore.namespace, job_name(restore.name)), "redis") or {}
+            summary = job_summary(job_pods(kube.KubeApi(), restore.namespace, job_name(restore.name)), "redis") or {}
             wrong = keyspace_mismatches(plan.keyspace, found, summary)
         except RunbookError as error:
             restore.fail_midway("Check", error)
