@@ -212,8 +212,9 @@ class KubeApi:
             body=body,
             auth_settings=["BearerToken"],
             _preload_content=False,
+            _return_http_data_only=True,
             _request_timeout=REQUEST_TIMEOUT,
-        )[0]
+        )
         data = response.data.decode()
         return data if raw else json.loads(data or "{}")
 
