@@ -12,7 +12,7 @@ from .builders.backup import POLICY_LABEL as BACKUP_POLICY_LABEL
 from .logs import install_redactor
 from .models import GROUP, VERSION
 from .models.backup import BACKUP_NOW
-from .reconcilers import backup, isolation, restore, rotation, scaling
+from .reconcilers import backup, interlock, isolation, restore, rotation, scaling
 from .settings import Settings, configure_kopf
 
 SETTINGS = Settings.from_env()
@@ -28,6 +28,15 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.probe(id="handlers")
 def probe_handlers(**_: Any) -> str:
     return "ok"
+
+
+# --- indexes ---
+# kopf passes each index to every handler, daemon and timer as a keyword argument named after its function:
+# ``isolations_by_namespace: kopf.Index[str, dict[str, Any]]``; ``interlock.holder_from_index`` turns it into
+# ``runtime.drive(..., isolation=...)``'s "which EmergencyIsolation holds this namespace?".
+@kopf.index(GROUP, VERSION, "emergencyisolations")
+def isolations_by_namespace(body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
+    return {str(body["metadata"]["namespace"]): interlock.index_entry(body)}
 
 
 # --- ScalingProfile ---
