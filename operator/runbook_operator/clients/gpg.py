@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -41,13 +42,44 @@ class GPG:
     def version(self) -> str:
         return ".".join(str(part) for part in self._gpg.version or ())
 
-    def import_public_keys(self, armored: str, *, field: str) -> list[str]:
-        """Import ASCII-armored public keys; return their fingerprints."""
+    def import_public_keys(self, armored: str, *, field: str, fingerprints: Sequence[str] = ()) -> list[str]:
+        """Import ASCII-armored public keys that can encrypt now; return their fingerprints.
+
+        ``fingerprints`` pins them (``field`` names the data in errors, ``<field>`` 's sibling ``fingerprints``
+        the pins): the data must hold exactly the pinned keys. Only the returned keys are trusted for
+        encryption in this keyring (ownertrust), so encrypting never needs ``always_trust``."""
         result = self._gpg.import_keys(armored)
-        fingerprints = [f for f in result.fingerprints if f]
-        if not fingerprints:
+        imported = sorted({f.upper() for f in result.fingerprints if f})
+        if not imported:
             raise RunbookError("InvalidRecipients", f"{field}: no usable public key in the given data")
-        return fingerprints
+        if fingerprints:
+            pinned = sorted({f.replace(" ", "").upper() for f in fingerprints})
+            pins = field.rsplit(".", 1)[0] + ".fingerprints"
+            unpinned = [f for f in imported if f not in pinned]
+            missing = [f for f in pinned if f not in imported]
+            if unpinned:
+                raise RunbookError("RecipientNotPinned", f"{field}: key {unpinned[0]} is not listed in {pins}")
+            if missing:
+                raise RunbookError("RecipientMissing", f"{pins}: key {missing[0]} is not in {field}")
+        keys = {str(k["fingerprint"]).upper(): k for k in self._gpg.list_keys()}
+        for fingerprint in imported:
+            self._check_usable(keys.get(fingerprint), fingerprint, field=field)
+        self._gpg.trust_keys(imported, "TRUST_ULTIMATE")
+        return imported
+
+    @staticmethod
+    def _check_usable(key: Mapping[str, Any] | None, fingerprint: str, *, field: str) -> None:
+        """An encryption-capable key (or subkey) that is neither expired nor revoked."""
+        if key is None:
+            raise RunbookError("InvalidRecipients", f"{field}: key {fingerprint} could not be read back")
+        if key.get("trust") == "r":
+            raise RunbookError("RecipientRevoked", f"{field}: key {fingerprint} is revoked")
+        expires = str(key.get("expires") or "")
+        if key.get("trust") == "e" or (expires and int(expires) <= time.time()):
+            raise RunbookError("RecipientExpired", f"{field}: key {fingerprint} has expired")
+        # gpg prints the usable capabilities of the whole key (primary and valid subkeys) in upper case.
+        if "E" not in str(key.get("cap") or ""):
+            raise RunbookError("RecipientCannotEncrypt", f"{field}: key {fingerprint} has no valid encryption (sub)key")
 
     def import_secret_key(self, armored: str, passphrase: str | None = None) -> list[str]:
         """Import a private key (restores and tests); return its fingerprints."""
@@ -66,7 +98,6 @@ class GPG:
                 symmetric=CIPHER if passphrase is not None else False,
                 passphrase=passphrase,
                 armor=False,
-                always_trust=True,
                 extra_args=["--cipher-algo", CIPHER, "--compress-algo", "none"],
             ),
             "encrypt",
