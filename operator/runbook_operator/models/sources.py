@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, StringConstraints, model_validator
 
 from .common import CamelModel, ConfigMapKeyRef, CredentialsSecretRef, ObjectName, Port, SecretKeyRef, cel
 
@@ -21,6 +21,7 @@ class TLSSecretRef(CamelModel):
 
 
 REDIS_COMMAND = r"^[^\s]+$"
+FINGERPRINT = r"^([0-9A-Fa-f]{40}|[0-9A-Fa-f]{64})$"
 
 
 class RedisTLS(CamelModel):
@@ -131,6 +132,13 @@ class GPGEncryption(CamelModel):
     )
     passphrase_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret key holding a passphrase for symmetric AES256 encryption (the runbook's way)."
+    )
+    fingerprints: list[Annotated[str, StringConstraints(pattern=FINGERPRINT)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Fingerprints (40 or 64 hex digits) the recipients' keys must have: the ConfigMap must hold "
+        "exactly these keys, so whoever may edit it cannot swap a key in. Without pins the keys are used as "
+        "found and the RecipientsPinned condition says False.",
     )
 
     @model_validator(mode="after")
