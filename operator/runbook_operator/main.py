@@ -44,8 +44,9 @@ SCALING_PROFILES = (GROUP, VERSION, "scalingprofiles")
 
 
 @kopf.daemon(*SCALING_PROFILES, cancellation_timeout=60)
-async def scaling_profile_clock(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
-    await scaling.run_clock(body, stopped=stopped)
+async def scaling_profile_clock(body: kopf.Body, stopped: kopf.DaemonStopped, **kwargs: Any) -> None:
+    isolation = interlock.holder_from_index(kwargs["isolations_by_namespace"])
+    await scaling.run_clock(body, stopped=stopped, isolation=isolation)
 
 
 @kopf.on.update(*SCALING_PROFILES, field="spec")
@@ -54,8 +55,8 @@ async def scaling_profile_changed(body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.delete(*SCALING_PROFILES)
-async def scaling_profile_deleted(body: kopf.Body, **_: Any) -> None:
-    await scaling.finalize(body)
+async def scaling_profile_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
+    await scaling.finalize(body, retry=retry)
 
 
 @kopf.on.event(GROUP, VERSION, "emergencyisolations")

@@ -159,7 +159,8 @@ class Api(Protocol):
         """The object, or None when it does not exist."""
 
     def list(self, resource: Resource, namespace: str, *, labels: str | None = None) -> list[dict[str, Any]]:
-        """The namespace's objects of that type (``labels``: a label selector)."""
+        """The namespace's objects of that type (``labels``: a label selector); none when the server does not
+        serve the type (a CRD that is not installed)."""
 
     def create(self, resource: Resource, namespace: str, body: Mapping[str, Any]) -> bool:
         """Create the object; False when one of that name exists already."""
@@ -175,8 +176,19 @@ class Api(Protocol):
     def delete(self, resource: Resource, namespace: str, name: str) -> bool:
         """Delete in the background (dependents follow); False when it was gone already."""
 
-    def read_log(self, namespace: str, pod: str, *, container: str, limit_bytes: int) -> str:
-        """The tail of a container's log."""
+    def read_log(
+        self,
+        namespace: str,
+        pod: str,
+        *,
+        container: str,
+        limit_bytes: int,
+        previous: bool = False,
+        timestamps: bool = False,
+        timeout: float | None = None,
+    ) -> str:
+        """The tail of a container's log (``previous``: of its last terminated run; ``timeout``: seconds, for
+        a kubelet that may not answer)."""
 
 
 def _status(error: ApiException) -> int:
@@ -203,6 +215,7 @@ class KubeApi:
         query: list[tuple[str, Any]] | None = None,
         content_type: str = "application/json",
         raw: bool = False,
+        timeout: float | tuple[float, float] = REQUEST_TIMEOUT,
     ) -> Any:
         response = self.client.call_api(
             path,
@@ -213,7 +226,7 @@ class KubeApi:
             auth_settings=["BearerToken"],
             _preload_content=False,
             _return_http_data_only=True,
-            _request_timeout=REQUEST_TIMEOUT,
+            _request_timeout=timeout,
         )
         data = response.data.decode()
         return data if raw else json.loads(data or "{}")
@@ -229,7 +242,12 @@ class KubeApi:
 
     def list(self, resource: Resource, namespace: str, *, labels: str | None = None) -> list[dict[str, Any]]:
         query = [("labelSelector", labels)] if labels else []
-        listing = self._call("GET", resource.path(namespace), query=query)
+        try:
+            listing = self._call("GET", resource.path(namespace), query=query)
+        except ApiException as error:
+            if _status(error) == 404:  # a type the server does not serve (its CRD not installed): none of it
+                return []
+            raise
         items: list[dict[str, Any]] = listing.get("items") or []
         for item in items:  # a list's items carry neither apiVersion nor kind
             item.setdefault("apiVersion", resource.api_version)
@@ -280,9 +298,22 @@ class KubeApi:
             raise
         return True
 
-    def read_log(self, namespace: str, pod: str, *, container: str, limit_bytes: int) -> str:
-        query = [("container", container), ("limitBytes", limit_bytes)]
-        text: str = self._call("GET", PODS.path(namespace, pod, "log"), query=query, raw=True)
+    def read_log(
+        self,
+        namespace: str,
+        pod: str,
+        *,
+        container: str,
+        limit_bytes: int,
+        previous: bool = False,
+        timestamps: bool = False,
+        timeout: float | None = None,
+    ) -> str:
+        query: list[tuple[str, Any]] = [("container", container), ("limitBytes", limit_bytes)]
+        query += [(flag, "true") for flag, wanted in (("previous", previous), ("timestamps", timestamps)) if wanted]
+        text: str = self._call(
+            "GET", PODS.path(namespace, pod, "log"), query=query, raw=True, timeout=timeout or REQUEST_TIMEOUT
+        )
         return text
 
 

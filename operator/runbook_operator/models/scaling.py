@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from datetime import datetime
 from typing import Literal
 
@@ -172,9 +173,17 @@ class OriginalResources(StatusModel):
     limits: dict[str, str] = Field(default_factory=dict, description="Original limits.")
 
 
+class ScalingPhase(enum.StrEnum):
+    """What a ScalingProfile is doing."""
+
+    ACTIVE = "Active"  # the workload and its HPA follow the profile
+    PAUSED = "Paused"  # an EmergencyIsolation holds the namespace: nothing is scaled until it is released
+
+
 class ScalingProfileStatus(StatusBase):
     """Observed state of a ScalingProfile."""
 
+    phase: ScalingPhase | None = Field(None, description="Active, or Paused while an isolation holds the namespace.")
     hpa_name: str | None = Field(None, description="The owned HPA.")
     min_replicas: int | None = Field(None, description="Effective minReplicas.")
     max_replicas: int | None = Field(None, description="Effective maxReplicas.")
