@@ -144,6 +144,16 @@ class FakeApi:
         self._record(Call("delete", resource.plural, namespace, name))
         return self.objects.pop((resource.plural, namespace, name), None) is not None
 
-    def read_log(self, namespace: str, pod: str, *, container: str, limit_bytes: int) -> str:
+    def read_log(
+        self,
+        namespace: str,
+        pod: str,
+        *,
+        container: str,
+        limit_bytes: int,
+        previous: bool = False,
+        timestamps: bool = False,
+        timeout: float | None = None,
+    ) -> str:
         self._record(Call("get", PODS.plural, namespace, pod, "log"))
         return self.logs.get((namespace, pod), "")[-limit_bytes:]

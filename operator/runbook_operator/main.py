@@ -13,6 +13,7 @@ from .logs import install_redactor
 from .models import GROUP, VERSION
 from .models.backup import BACKUP_NOW
 from .reconcilers import backup, interlock, isolation, restore, rotation, scaling
+from .reconcilers.runtime import as_kopf, blocking, drive
 from .settings import Settings, configure_kopf
 
 SETTINGS = Settings.from_env()
@@ -31,9 +32,10 @@ def probe_handlers(**_: Any) -> str:
 
 
 # --- indexes ---
-# kopf passes each index to every handler, daemon and timer as a keyword argument named after its function:
-# ``isolations_by_namespace: kopf.Index[str, dict[str, Any]]``; ``interlock.holder_from_index`` turns it into
-# ``runtime.drive(..., isolation=...)``'s "which EmergencyIsolation holds this namespace?".
+# kopf passes each index to every handler, daemon and timer as a keyword argument named after its function
+# (``kwargs["isolations_by_namespace"]``: mypy checks handlers against kopf's protocols, which name no index);
+# ``interlock.holder_from_index`` turns it into ``runtime.drive(..., isolation=...)``'s "which
+# EmergencyIsolation holds this namespace?".
 @kopf.index(GROUP, VERSION, "emergencyisolations")
 def isolations_by_namespace(body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
     return {str(body["metadata"]["namespace"]): interlock.index_entry(body)}
@@ -66,26 +68,28 @@ async def scaling_profiles_follow_isolation(body: kopf.Body, **_: Any) -> None:
 
 # --- EmergencyIsolation ---
 # Every pass is level-based (reads the cluster, converges), so create, resume and spec changes share one
-# handler; deletion goes through kopf's finalizer, which holds the object until the release succeeded, also
-# when it was deleted while the operator was down. A timer puts back a policy removed by hand.
+# handler (``isolation.ISOLATION``); deletion goes through kopf's finalizer, which holds the object until the
+# release succeeded, also when it was deleted while the operator was down. A timer (``isolation.GUARD``) puts
+# back a policy removed by hand. Which isolation holds a namespace comes from the index, not a LIST.
 EMERGENCY_ISOLATIONS = (GROUP, VERSION, "emergencyisolations")
 
 
 @kopf.on.resume(*EMERGENCY_ISOLATIONS)
 @kopf.on.create(*EMERGENCY_ISOLATIONS)
 @kopf.on.update(*EMERGENCY_ISOLATIONS, field="spec")
-def emergency_isolation(body: kopf.Body, retry: int, **_: Any) -> None:
-    isolation.reconcile(body, retry=retry)
+async def emergency_isolation(body: kopf.Body, retry: int, **kwargs: Any) -> None:
+    holder = interlock.holder_from_index(kwargs["isolations_by_namespace"])
+    as_kopf(await drive(isolation.ISOLATION, body, isolation=holder), retry=retry)
 
 
 @kopf.timer(*EMERGENCY_ISOLATIONS, interval=10, idle=5)
-def emergency_isolation_guard(body: kopf.Body, **_: Any) -> None:
-    isolation.guard(body)
+async def emergency_isolation_guard(body: kopf.Body, **_: Any) -> None:
+    as_kopf(await drive(isolation.GUARD, body))
 
 
 @kopf.on.delete(*EMERGENCY_ISOLATIONS)
-def emergency_isolation_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
-    isolation.release_deleted(body, retry=retry)
+async def emergency_isolation_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
+    as_kopf(await drive(isolation.ISOLATION, body, finalizing=True), retry=retry)
 
 
 # --- SecretRotation ---

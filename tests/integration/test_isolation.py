@@ -25,8 +25,9 @@ from tests.helpers import OperatorProcess
 from tests.services import GpgKeyring, S3Server, free_port
 
 from runbook_operator.builders.isolation import SNAPSHOT_ANNOTATION
+from runbook_operator.clients import kube
 from runbook_operator.reconcilers import isolation
-from runbook_operator.reconcilers.interlock import active_isolation
+from runbook_operator.reconcilers.runtime import Context, holder_by_listing, run_pass
 
 pytestmark = pytest.mark.integration
 
@@ -384,7 +385,8 @@ def test_resync_writes_nothing_and_a_removed_policy_comes_back(
         return {**found, "breach": (cluster.isolation("breach") or {})["metadata"]["resourceVersion"]}
 
     before = versions()
-    isolation.reconcile(kopf.Body(cluster.isolation("breach") or {}))  # a resync, as after a restart
+    resync = Context.of(isolation.ISOLATION, cluster.isolation("breach") or {}, kube.KubeApi())
+    run_pass(resync, isolation.ISOLATION.reconcile)  # a resync, as after a restart
     assert versions() == before
 
     cluster.net.delete_namespaced_network_policy("emergency-isolate", cluster.namespace)
@@ -410,13 +412,13 @@ def test_second_isolation_is_rejected_and_the_interlock_follows(
     wait_phase(cluster, wait_for, "second", "Rejected")
     ready = cluster.condition("second", "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "AlreadyIsolated") and "first" in ready["message"]
-    assert active_isolation(cluster.namespace) == "first"
+    assert holder_by_listing(kube.KubeApi())(cluster.namespace) == "first"
     cluster.delete_isolation("second")  # deleting the rejected one changes nothing
     wait_for(lambda: cluster.isolation("second") is None, timeout=30, what="the rejected isolation to go away")
     assert cluster.replicas() == {**dict.fromkeys(REPLICAS, 0), **KEPT}
     cluster.patch_spec("first", {"released": True})
     wait_phase(cluster, wait_for, "first", "Released")
-    assert active_isolation(cluster.namespace) is None
+    assert holder_by_listing(kube.KubeApi())(cluster.namespace) is None
     assert_released_exactly(cluster)
 
 
@@ -509,7 +511,7 @@ def test_invalid_keep_running_selector_changes_nothing(
     )
     assert cluster.replicas() == {**REPLICAS, **KEPT} and "emergency-isolate" not in cluster.policies()
     assert all(SNAPSHOT_ANNOTATION not in a for a in cluster.annotations().values())
-    assert active_isolation(cluster.namespace) is None  # an isolation that never acted holds nothing
+    assert holder_by_listing(kube.KubeApi())(cluster.namespace) is None  # an isolation that never acted holds nothing
 
 
 @pytest.mark.parametrize("missing", ["secret", "bucket"])

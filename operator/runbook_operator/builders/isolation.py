@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import tarfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -219,7 +220,7 @@ def pack_archive(files: dict[str, bytes], *, mtime: float) -> tuple[bytes, list[
 
 def custody_manifest(
     *,
-    body: dict[str, Any],
+    body: Mapping[str, Any],
     requester: str,
     archive_key: str,
     archive_sha256: str,

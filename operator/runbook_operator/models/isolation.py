@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
@@ -137,8 +138,23 @@ class EvidenceRecord(StatusModel):
     captured_at: str | None = Field(None, description="When the archive was committed (manifest written).")
 
 
+class IsolationPhase(enum.StrEnum):
+    """Where an EmergencyIsolation is: admitted, contained (evidence next), isolated; releasing, released; or
+    refused (a second one in the namespace) or invalid (never acted on)."""
+
+    ISOLATING = "Isolating"
+    CONTAINED = "Contained"
+    ISOLATED = "Isolated"
+    RELEASING = "Releasing"
+    RELEASED = "Released"
+    REJECTED = "Rejected"
+    INVALID = "Invalid"
+
+
 class EmergencyIsolationStatus(StatusBase):
     """Observed state of an EmergencyIsolation."""
+
+    phase: IsolationPhase | None = Field(None, description="A one-word summary of the state.")
 
     requested_by: str | None = Field(None, description="Who created the isolation.")
     isolated_at: str | None = Field(None, description="When the network was contained.")
@@ -155,7 +171,7 @@ class EmergencyIsolationStatus(StatusBase):
 
 
 # Phases of an EmergencyIsolation that hold nothing: released, refused (a second one), or never acted on.
-INACTIVE_PHASES = {"Released", "Rejected", "Invalid"}
+INACTIVE_PHASES = {IsolationPhase.RELEASED, IsolationPhase.REJECTED, IsolationPhase.INVALID}
 
 
 def is_active(item: Mapping[str, Any]) -> bool:

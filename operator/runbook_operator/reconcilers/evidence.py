@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -30,59 +30,60 @@ LOG_TIMEOUT = 10.0  # seconds per log request: an unreachable kubelet must not h
 LOG_WORKERS = 8
 RETRY = 30.0
 FIELD = "spec.evidence"
+REPLICA_SETS = kube.Resource("apps", "v1", "replicasets", "ReplicaSet")
 
 
 def _as_json(objects: Any) -> bytes:
-    return json.dumps(kube.api_client().sanitize_for_serialization(objects), indent=1, sort_keys=True).encode()
+    return json.dumps(objects, indent=1, sort_keys=True).encode()
 
 
-def _read_log(namespace: str, pod: str, container: str, previous: bool) -> bytes:
-    text: str | None = kube.core().read_namespaced_pod_log(
-        pod,
+def _read_log(api: kube.Api, namespace: str, pod: str, container: str, previous: bool) -> bytes:
+    text = api.read_log(
         namespace,
+        pod,
         container=container,
-        previous=previous,
         limit_bytes=LOG_LIMIT_BYTES,
+        previous=previous,
         timestamps=True,
-        _request_timeout=LOG_TIMEOUT,
+        timeout=LOG_TIMEOUT,
     )
-    return (text or "").encode()  # the client gives None for an empty log
+    return text.encode()
 
 
 def _why(error: Exception) -> str:
     if isinstance(error, ApiException):
-        detail = error.body if isinstance(error.body, str) else ""
+        body = error.body.decode(errors="replace") if isinstance(error.body, bytes) else error.body
+        detail = body if isinstance(body, str) else ""
         with contextlib.suppress(ValueError, AttributeError):  # not the API's JSON Status: keep the text
             detail = json.loads(detail).get("message", detail)
         return f"HTTP {error.status}: {detail or error.reason}"[:512]
     return f"{type(error).__name__}: {error}"[:512]
 
 
-def collect(namespace: str) -> tuple[dict[str, bytes], dict[str, str]]:
+def collect(api: kube.Api, namespace: str) -> tuple[dict[str, bytes], dict[str, str]]:
     """Pod specs, Events, ReplicaSets, workloads, NetworkPolicies and every container's current and previous
     log, as archive files; and why each log that could not be read could not be read."""
-    core, apps = kube.core(), kube.apps()
-    pods = core.list_namespaced_pod(namespace)
+    pods = api.list(kube.PODS, namespace)
     files = {
-        "pods.json": _as_json(pods.items),
-        "events.json": _as_json(core.list_namespaced_event(namespace).items),
-        "replicasets.json": _as_json(apps.list_namespaced_replica_set(namespace).items),
-        "deployments.json": _as_json(apps.list_namespaced_deployment(namespace).items),
-        "statefulsets.json": _as_json(apps.list_namespaced_stateful_set(namespace).items),
-        "cronjobs.json": _as_json(kube.batch().list_namespaced_cron_job(namespace).items),
-        "networkpolicies.json": _as_json(kube.networking().list_namespaced_network_policy(namespace).items),
+        "pods.json": _as_json(pods),
+        "events.json": _as_json(api.list(kube.EVENTS, namespace)),
+        "replicasets.json": _as_json(api.list(REPLICA_SETS, namespace)),
+        "deployments.json": _as_json(api.list(kube.DEPLOYMENTS, namespace)),
+        "statefulsets.json": _as_json(api.list(kube.STATEFUL_SETS, namespace)),
+        "cronjobs.json": _as_json(api.list(kube.CRON_JOBS, namespace)),
+        "networkpolicies.json": _as_json(api.list(kube.NETWORK_POLICIES, namespace)),
     }
     requests = [
-        (pod.metadata.name, container.name, previous)
-        for pod in pods.items
-        for container in [*(pod.spec.init_containers or []), *pod.spec.containers]
+        (str(pod["metadata"]["name"]), str(container["name"]), previous)
+        for pod in pods
+        for container in [*(pod["spec"].get("initContainers") or []), *pod["spec"]["containers"]]
         for previous in (False, True)
     ]
     errors: dict[str, str] = {}
 
     def read(request: tuple[str, str, bool]) -> tuple[tuple[str, str, bool], bytes | Exception]:
         try:
-            return request, _read_log(namespace, *request)
+            return request, _read_log(api, namespace, *request)
         except Exception as error:  # recorded per pod: one unreadable log must not lose the others
             return request, error
 
@@ -110,11 +111,14 @@ def s3_error(location: S3Location, error: Exception) -> RunbookError:
     return RunbookError("EvidenceStoreUnreachable", f"{FIELD}.destination: {type(error).__name__}", retry_after=RETRY)
 
 
-def _encryptor(namespace: str, encryption: Encryption, gpg: GPG) -> tuple[dict[str, Any], dict[str, Any]]:
+def _encryptor(
+    api: kube.Api, namespace: str, encryption: Encryption, gpg: GPG
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Keyword arguments for ``encrypt_stream`` and how the manifest describes the encryption."""
     settings = encryption.gpg
     if settings.recipients_config_map_ref is not None:
-        armored = kube.read_config_map_value(
+        armored = kube.config_map_value(
+            api,
             namespace,
             settings.recipients_config_map_ref.name,
             settings.recipients_config_map_ref.key,
@@ -124,14 +128,19 @@ def _encryptor(namespace: str, encryption: Encryption, gpg: GPG) -> tuple[dict[s
         return {"recipients": fingerprints}, {"method": "public-key", "recipients": fingerprints}
     assert settings.passphrase_secret_ref is not None  # the model guarantees exactly one
     ref = settings.passphrase_secret_ref
-    passphrase = kube.read_secret_value(
-        namespace, ref.name, ref.key, field=f"{FIELD}.encryption.gpg.passphraseSecretRef"
+    passphrase = kube.secret_value(
+        api, namespace, ref.name, ref.key, field=f"{FIELD}.encryption.gpg.passphraseSecretRef"
     )
     return {"passphrase": passphrase}, {"method": "symmetric", "cipher": "AES256"}
 
 
 def capture(
-    body: dict[str, Any], settings: EvidenceCapture, *, requester: str, on_collected: Callable[[], None]
+    api: kube.Api,
+    body: Mapping[str, Any],
+    settings: EvidenceCapture,
+    *,
+    requester: str,
+    on_collected: Callable[[], None],
 ) -> EvidenceRecord:
     """Collect, pack, encrypt and upload the namespace's evidence; write the custody manifest last.
 
@@ -145,13 +154,13 @@ def capture(
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     started = now_rfc3339()
     with GPG() as gpg:
-        encrypt_args, encryption_record = _encryptor(namespace, encryption, gpg)
-        client = s3_client(kube.KubeApi(), namespace, location, field=f"{FIELD}.destination.credentialsSecretRef")
+        encrypt_args, encryption_record = _encryptor(api, namespace, encryption, gpg)
+        client = s3_client(api, namespace, location, field=f"{FIELD}.destination.credentialsSecretRef")
         try:
             client.head_bucket(Bucket=location.bucket)
         except (ClientError, BotoCoreError) as error:
             raise s3_error(location, error) from None
-        files, log_errors = collect(namespace)
+        files, log_errors = collect(api, namespace)
         collected = now_rfc3339()
         on_collected()
         tar, digests = pack_archive(files, mtime=datetime.now(UTC).timestamp())

@@ -8,14 +8,11 @@ annotations on the workloads, so it stays exact even if status was lost.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
-
-import kopf
-from kubernetes.client import ApiException
 
 from .. import metrics
 from ..builders.common import owner_reference
@@ -40,421 +37,371 @@ from ..clients import kube
 from ..conditions import now_rfc3339
 from ..errors import RunbookError
 from ..logs import audit
-from ..models import GROUP, VERSION
-from ..models.isolation import EmergencyIsolationSpec, NetworkIsolation, WorkloadSnapshot
-from ..settings import FIELD_MANAGER
+from ..models.isolation import (
+    EmergencyIsolationSpec,
+    EmergencyIsolationStatus,
+    IsolationPhase,
+    NetworkIsolation,
+    WorkloadSnapshot,
+)
 from . import evidence
-from .base import StatusPatch, parse_spec, report_failure, retry_or_stop
-from .interlock import active_isolation
+from .runtime import Context, Reconciler, Result, merge_diff
 
 KIND = "EmergencyIsolation"
-PLURAL = "emergencyisolations"
-ISOLATING, CONTAINED, ISOLATED = "Isolating", "Contained", "Isolated"
-RELEASED, REJECTED, INVALID = "Released", "Rejected", "Invalid"
+EMERGENCY_ISOLATIONS = kube.custom_resource("emergencyisolations", KIND)
 EVIDENCE_RETRY = 10.0  # seconds between attempts to capture evidence that failed for a fixable reason
 
+Ctx = Context[EmergencyIsolationSpec, EmergencyIsolationStatus]
+Phase = IsolationPhase
 
-def _workloads(namespace: str) -> list[dict[str, Any]]:
-    """Every Deployment, StatefulSet and CronJob of the namespace as plain dicts carrying their kind."""
-    apps, batch = kube.apps(), kube.batch()
-    listings = (
-        ("Deployment", apps.list_namespaced_deployment(namespace).items),
-        ("StatefulSet", apps.list_namespaced_stateful_set(namespace).items),
-        ("CronJob", batch.list_namespaced_cron_job(namespace).items),
+
+# --- workloads: one read and one write path -------------------------------------------------------------------
+def _workloads(api: kube.Api, namespace: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every Deployment, StatefulSet and CronJob of the namespace by (kind, name); each dict carries its kind."""
+    return {
+        (kind, item["metadata"]["name"]): {**item, "kind": kind}
+        for kind in kube.WORKLOADS
+        for item in api.list(kube.workload(kind), namespace)
+    }
+
+
+def _patch_workload(api: kube.Api, namespace: str, kind: str, name: str, patch: Mapping[str, Any]) -> None:
+    """A patch of a workload; a replica count in it goes through the ``/scale`` subresource first."""
+    resource = kube.workload(kind)
+    spec = dict(patch.get("spec") or {})
+    if "replicas" in spec:
+        api.patch(resource, namespace, name, {"spec": {"replicas": spec.pop("replicas")}}, subresource="scale")
+    rest = {key: value for key, value in patch.items() if key != "spec"}
+    if spec:
+        rest["spec"] = spec
+    if rest:
+        api.patch(resource, namespace, name, rest)
+
+
+# --- status, Events, audit -------------------------------------------------------------------------------------
+def _audit(ctx: Ctx, event: str, step: str, **fields: Any) -> None:
+    spec = ctx.body.get("spec") or {}
+    audit(
+        event,
+        namespace=ctx.namespace,
+        name=ctx.name,
+        kind=KIND,
+        step=step,
+        incidentId=spec.get("incidentId"),
+        severity=spec.get("severity", "P1"),
+        requestedBy=requested_by(dict(ctx.body["metadata"])),
+        **fields,
     )
-    serialize = kube.api_client().sanitize_for_serialization
-    return [{**serialize(item), "kind": kind} for kind, items in listings for item in items]
 
 
-def _patch_workload(kind: str, name: str, namespace: str, patch: dict[str, Any]) -> None:
-    if kind == "Deployment":
-        kube.apps().patch_namespaced_deployment(name, namespace, patch, field_manager=FIELD_MANAGER)
-    elif kind == "StatefulSet":
-        kube.apps().patch_namespaced_stateful_set(name, namespace, patch, field_manager=FIELD_MANAGER)
-    else:
-        kube.batch().patch_namespaced_cron_job(name, namespace, patch, field_manager=FIELD_MANAGER)
+def _foreseen(ctx: Ctx, error: RunbookError) -> Result:
+    """A failure the pass foresaw (evidence that cannot be captured yet, a second isolation): reported, and
+    retried at its own pace (every ``retry_after`` seconds, since a responder waits on it) rather than with
+    backoff, or left until the spec changes."""
+    ctx.fail(error)
+    return Result.after(error.retry_after) if error.retry_after is not None else Result.failed(error, 0)
 
 
-class Isolation:
-    """One pass over one EmergencyIsolation: its body, its status changes, and the writes it makes."""
-
-    def __init__(self, body: kopf.Body, *, retry: int = 0) -> None:
-        self.retry = retry  # kopf's count of earlier attempts of this handler
-        self.body: dict[str, Any] = {
-            "apiVersion": body["apiVersion"],
-            "kind": body["kind"],
-            "metadata": dict(body["metadata"]),
-            "spec": dict(body.get("spec", {})),
-        }
-        self.kopf_body = body
-        self.seen = time.time()  # when this pass got the object: sub-second, unlike creationTimestamp
-        self.namespace: str = body["metadata"]["namespace"]
-        self.name: str = body["metadata"]["name"]
-        self.uid: str = body["metadata"]["uid"]
-        self.generation: int | None = body["metadata"].get("generation")
-        self.status = StatusPatch(body.get("status"), self.generation)
-
-    # --- status, Events, audit -------------------------------------------------------------------------
-
-    def flush(self) -> None:
-        """Write the collected status changes now (a checkpoint the next step relies on)."""
-        self.status.write(plural=PLURAL, namespace=self.namespace, name=self.name)
-
-    def event(self, reason: str, message: str, *, warning: bool = False) -> None:
-        (kopf.warn if warning else kopf.info)(self.kopf_body, reason=reason, message=message)
-
-    def audit(self, event: str, step: str, **fields: Any) -> None:
-        spec = self.body["spec"]
-        audit(
-            event,
-            namespace=self.namespace,
-            name=self.name,
-            kind=KIND,
-            step=step,
-            incidentId=spec.get("incidentId"),
-            severity=spec.get("severity", "P1"),
-            requestedBy=requested_by(self.body["metadata"]),
-            **fields,
-        )
-
-    def fail(self, raised: Exception, *, phase: str | None = None) -> kopf.TemporaryError | kopf.PermanentError:
-        """Ready=False with the reason and a Warning Event; the kopf error that retries or waits. A foreseen
-        failure (evidence that cannot be captured yet) is retried at its own pace, every 10 s, since a
-        responder waits on it; an unforeseen one with backoff."""
-        error = report_failure(self.kopf_body, self.status, raised, phase=phase)
-        self.flush()
-        return retry_or_stop(error, retry=0 if isinstance(raised, RunbookError) else self.retry)
-
-    # --- isolate ---------------------------------------------------------------------------------------
-
-    def isolate(self) -> None:
-        phase = self.status.get("phase")
-        if phase in (RELEASED, REJECTED):
-            return
-        try:
-            spec = parse_spec(EmergencyIsolationSpec, self.body["spec"])
-        except RunbookError as error:
-            acted = self.status.get("isolatedAt") or self.status.get("snapshot")
-            raise self.fail(error, phase=None if acted else INVALID) from None
-        holder = active_isolation(self.namespace)
-        if holder not in (None, self.name):
-            raise self.reject(holder)
-        if spec.network.isolate:
-            self.contain(spec.network)
-        self.admit(spec)
-        metrics.ISOLATIONS_ACTIVE.labels(self.namespace).set(1)
-        metrics.ISOLATION_INFO.labels(self.namespace, self.name, spec.incident_id, spec.severity).set(1)
-        if spec.network.isolate:
-            self.existing_policies(spec.network)
-        if phase != ISOLATED:  # once isolated, changes made by hand are the responder's, not drift
-            snapshot = self.snapshot(spec)
-            if spec.evidence.capture:
-                self.preserve_evidence(spec)
-            else:
-                self.status.condition("EvidencePreserved", "False", "CaptureDisabled", "spec.evidence.capture is false")
-            if spec.scale_to_zero.enabled:
-                self.scale_to_zero(snapshot)
-        self.status.set(phase=ISOLATED)
-        self.status.condition("Ready", "True", "Isolated", self.summary(spec))
-        self.flush()
-
-    def summary(self, spec: EmergencyIsolationSpec) -> str:
-        parts = [f"network {'contained' if spec.network.isolate else 'open (network.isolate false)'}"]
-        if spec.evidence.capture:
-            preserved = (self.status.get("evidence") or {}).get("key")
-            parts.append("evidence preserved" if preserved else "evidence NOT preserved (see EvidencePreserved)")
-        if spec.scale_to_zero.enabled:
-            parts.append(f"{self.status.get('scaled')} workloads at zero")
-        return ", ".join(parts)
-
-    def reject(self, holder: str) -> kopf.TemporaryError | kopf.PermanentError:
-        error = RunbookError(
+# --- isolate ---------------------------------------------------------------------------------------------------
+def isolate(ctx: Ctx, *, seen: float) -> None:
+    phase = ctx.status.phase
+    if phase in (Phase.RELEASED, Phase.REJECTED):
+        return
+    try:
+        spec = ctx.spec
+    except RunbookError:
+        if not (ctx.status.isolated_at or ctx.status.snapshot):
+            ctx.status.phase = Phase.INVALID
+        raise
+    holder = ctx.isolation(ctx.namespace)
+    if holder not in (None, ctx.name):
+        _audit(ctx, "isolation_rejected", "rejected", holder=holder)
+        ctx.status.phase = Phase.REJECTED
+        raise RunbookError(
             "AlreadyIsolated",
-            f"namespace {self.namespace} is already isolated by EmergencyIsolation {holder}; "
+            f"namespace {ctx.namespace} is already isolated by EmergencyIsolation {holder}; "
             "release that one first (this one changes nothing)",
         )
-        self.audit("isolation_rejected", "rejected", holder=holder)
-        return self.fail(error, phase=REJECTED)
+    if spec.network.isolate:
+        contain(ctx, spec.network, seen=seen)
+    admit(ctx, spec)
+    metrics.ISOLATIONS_ACTIVE.labels(ctx.namespace).set(1)
+    metrics.ISOLATION_INFO.labels(ctx.namespace, ctx.name, spec.incident_id, spec.severity).set(1)
+    if spec.network.isolate:
+        existing_policies(ctx, spec.network)
+    if phase != Phase.ISOLATED:  # once isolated, changes made by hand are the responder's, not drift
+        snapshot = take_snapshot(ctx, spec)
+        if spec.evidence.capture:
+            preserve_evidence(ctx, spec)
+        else:
+            ctx.condition("EvidencePreserved", "False", "CaptureDisabled", "spec.evidence.capture is false")
+        if spec.scale_to_zero.enabled:
+            scale_to_zero(ctx, snapshot)
+    ctx.status.phase = Phase.ISOLATED
+    ctx.condition("Ready", "True", "Isolated", summary(ctx, spec))
 
-    def contain(self, network: NetworkIsolation) -> bool:
-        """Create (or converge) the deny-all policy: the first write, so containment does not wait on anything.
-        Returns whether it wrote."""
-        desired = build_network_policy(
-            network, namespace=self.namespace, owner=owner_reference(self.body, block_owner_deletion=False)
+
+def summary(ctx: Ctx, spec: EmergencyIsolationSpec) -> str:
+    parts = [f"network {'contained' if spec.network.isolate else 'open (network.isolate false)'}"]
+    if spec.evidence.capture:
+        preserved = ctx.status.evidence is not None and ctx.status.evidence.key
+        parts.append("evidence preserved" if preserved else "evidence NOT preserved (see EvidencePreserved)")
+    if spec.scale_to_zero.enabled:
+        parts.append(f"{ctx.status.scaled} workloads at zero")
+    return ", ".join(parts)
+
+
+def contain(ctx: Ctx, network: NetworkIsolation, *, seen: float | None = None) -> bool:
+    """Create (or converge) the deny-all policy: the first write, so containment does not wait on anything.
+    Reads it first and writes only what differs. Returns whether it wrote."""
+    desired = build_network_policy(
+        network, namespace=ctx.namespace, owner=owner_reference(ctx.body, block_owner_deletion=False)
+    )
+    current = ctx.api.get(kube.NETWORK_POLICIES, ctx.namespace, POLICY_NAME)
+    if current is None and ctx.api.create(kube.NETWORK_POLICIES, ctx.namespace, desired):
+        if ctx.status.isolated_at:  # deleted by hand during the isolation: put back
+            ctx.event("Warning", "NetworkContained", f"NetworkPolicy {POLICY_NAME} was missing; recreated")
+            _audit(ctx, "isolation_applied", "network_recontained", policy=POLICY_NAME)
+            return True
+        created = ctx.body["metadata"]["creationTimestamp"]
+        contained = time.time()
+        metrics.ISOLATION_TIME_TO_CONTAIN.observe(
+            time_to_contain(created, seen=contained if seen is None else seen, contained=contained)
         )
-        api = kube.networking()
-        try:
-            api.create_namespaced_network_policy(self.namespace, desired, field_manager=FIELD_MANAGER)
-        except ApiException as error:
-            if error.status != 409:
-                raise
-            current = api.read_namespaced_network_policy(POLICY_NAME, self.namespace)
-            owners = [o for o in current.metadata.owner_references or [] if o.kind == KIND]
-            if owners and owners[0].uid != self.uid:
-                # Another isolation got here first (the listing cannot order two created at once) or is
-                # still releasing: try again shortly, when the listing decides or the policy is gone.
-                raise RunbookError(
-                    "AlreadyIsolated",
-                    f"NetworkPolicy {POLICY_NAME} belongs to EmergencyIsolation {owners[0].name}",
-                    retry_after=5,
-                ) from None
-            current_spec = kube.api_client().sanitize_for_serialization(current.spec)
-            if owners and current_spec == desired["spec"]:
-                return False
-            # A hand-made emergency-isolate (the runbook's script) is adopted; a drifted one is put back.
-            desired["metadata"]["resourceVersion"] = current.metadata.resource_version
-            api.replace_namespaced_network_policy(POLICY_NAME, self.namespace, desired, field_manager=FIELD_MANAGER)
-            self.event("NetworkContained", f"NetworkPolicy {POLICY_NAME} set to deny all traffic")
-            return True
-        if self.status.get("isolatedAt"):  # deleted by hand during the isolation: put back
-            self.event("NetworkContained", f"NetworkPolicy {POLICY_NAME} was missing; recreated", warning=True)
-            self.audit("isolation_applied", "network_recontained", policy=POLICY_NAME)
-            return True
-        created = self.body["metadata"]["creationTimestamp"]
-        metrics.ISOLATION_TIME_TO_CONTAIN.observe(time_to_contain(created, seen=self.seen, contained=time.time()))
-        self.status.set(isolatedAt=now_rfc3339())
-        self.event("NetworkContained", f"NetworkPolicy {POLICY_NAME} denies all ingress and egress")
-        self.audit("isolation_applied", "network_contained", policy=POLICY_NAME)
+        ctx.status.isolated_at = now_rfc3339()
+        ctx.event("Normal", "NetworkContained", f"NetworkPolicy {POLICY_NAME} denies all ingress and egress")
+        _audit(ctx, "isolation_applied", "network_contained", policy=POLICY_NAME)
         return True
-
-    def admit(self, spec: EmergencyIsolationSpec) -> None:
-        if self.status.get("requestedBy") is not None:
-            return
-        requester = requested_by(self.body["metadata"])
-        self.status.set(requestedBy=requester, phase=ISOLATING)
-        self.status.condition("Ready", "False", "Isolating", "isolation in progress")
-        self.flush()
-        self.event(
-            "Admitted",
-            f"incident {spec.incident_id} ({spec.severity}) requested by {requester}: {spec.reason}",
+    if current is None:  # created by someone else between the read and the create
+        current = ctx.api.get(kube.NETWORK_POLICIES, ctx.namespace, POLICY_NAME) or {"metadata": {}, "spec": {}}
+    owners = [o for o in current["metadata"].get("ownerReferences") or [] if o.get("kind") == KIND]
+    if owners and owners[0]["uid"] != ctx.body["metadata"]["uid"]:
+        # Another isolation got here first (the index cannot order two created at once) or is still
+        # releasing: try again shortly, when the index decides or the policy is gone.
+        raise RunbookError(
+            "AlreadyIsolated",
+            f"NetworkPolicy {POLICY_NAME} belongs to EmergencyIsolation {owners[0]['name']}",
+            retry_after=5,
         )
-        self.audit("isolation_applied", "admitted", reason=spec.reason)
+    if owners and current.get("spec") == desired["spec"]:
+        return False
+    # A hand-made emergency-isolate (the runbook's script) is adopted; a drifted one is put back.
+    metadata = desired["metadata"]
+    patch = {
+        "metadata": {"labels": metadata["labels"], "ownerReferences": metadata["ownerReferences"]},
+        "spec": merge_diff(current.get("spec") or {}, desired["spec"]),
+    }
+    ctx.api.patch(kube.NETWORK_POLICIES, ctx.namespace, POLICY_NAME, patch)
+    ctx.event("Normal", "NetworkContained", f"NetworkPolicy {POLICY_NAME} set to deny all traffic")
+    return True
 
-    def existing_policies(self, network: NetworkIsolation) -> None:
-        """Other policies still allow what they allow (policies are additive): warn, or save and remove them."""
-        api = kube.networking()
-        others = [p for p in api.list_namespaced_network_policy(self.namespace).items if p.metadata.name != POLICY_NAME]
-        names = sorted(p.metadata.name for p in others)
-        if network.override_existing_policies and others:
-            self.save_policies([kube.api_client().sanitize_for_serialization(p) for p in others])
-            for name in names:
-                try:
-                    api.delete_namespaced_network_policy(name, self.namespace)
-                except ApiException as error:
-                    if error.status != 404:
-                        raise
-            removed = sorted({*self.status.get("removedPolicies", []), *names})
-            self.status.set(removedPolicies=removed)
-            self.flush()
-            self.event("PoliciesRemoved", f"removed NetworkPolicies {', '.join(names)}; recreated on release")
-            self.audit("isolation_applied", "policies_removed", policies=names)
-            names = []
-        if names and names != self.status.get("existingPolicies"):
-            self.event("ExistingPoliciesAllow", f"NetworkPolicies {', '.join(names)} still allow traffic", warning=True)
-        self.status.set(existingPolicies=names)
-        if names:
-            message = (
-                f"NetworkPolicies {', '.join(names)} still allow the traffic they select (policies are additive); "
-                "set spec.network.overrideExistingPolicies to remove them for the isolation"
-            )
-            self.status.condition("ExistingPoliciesAllow", "True", "ExistingPolicies", message)
-        else:
-            self.status.condition("ExistingPoliciesAllow", "False", "NoOtherPolicies", "")
 
-    def save_policies(self, policies: list[dict[str, Any]]) -> None:
-        """Store the full manifests before deleting anything: release recreates them from here."""
-        manifest = build_saved_policies(self.name, namespace=self.namespace, policies=policies)
-        api = kube.core()
-        try:
-            api.create_namespaced_config_map(self.namespace, manifest, field_manager=FIELD_MANAGER)
-        except ApiException as error:
-            if error.status != 409:
-                raise
-            # Only add: a manifest saved by an earlier pass is the original and is never overwritten.
-            current = api.read_namespaced_config_map(manifest["metadata"]["name"], self.namespace).data or {}
-            new = {k: v for k, v in manifest["data"].items() if k not in current}
-            if new:
-                api.patch_namespaced_config_map(
-                    manifest["metadata"]["name"], self.namespace, {"data": new}, field_manager=FIELD_MANAGER
-                )
+def admit(ctx: Ctx, spec: EmergencyIsolationSpec) -> None:
+    if ctx.status.requested_by is not None:
+        return
+    requester = requested_by(dict(ctx.body["metadata"]))
+    ctx.status.requested_by = requester
+    ctx.status.phase = Phase.ISOLATING
+    ctx.condition("Ready", "False", "Isolating", "isolation in progress")
+    ctx.checkpoint()
+    ctx.event(
+        "Normal", "Admitted", f"incident {spec.incident_id} ({spec.severity}) requested by {requester}: {spec.reason}"
+    )
+    _audit(ctx, "isolation_applied", "admitted", reason=spec.reason)
 
-    def snapshot(self, spec: EmergencyIsolationSpec) -> list[WorkloadSnapshot]:
-        """Record every workload's replicas, HPA bounds and CronJob suspend, on the workload and in status."""
-        workloads = _workloads(self.namespace)
-        hpas = kube.api_client().sanitize_for_serialization(
-            kube.autoscaling().list_namespaced_horizontal_pod_autoscaler(self.namespace).items
-        )
-        previous = [WorkloadSnapshot.model_validate(s) for s in self.status.get("snapshot", [])]
-        entries = snapshot_workloads(workloads, hpas, spec.scale_to_zero.keep_running, uid=self.uid, previous=previous)
-        by_key = {(w["kind"], w["metadata"]["name"]): w for w in workloads}
-        # Only workloads this isolation will stop carry the annotation: the others are not touched at all.
-        for entry in entries if spec.scale_to_zero.enabled else []:
-            workload = by_key.get((entry.kind, entry.name))
-            if workload is not None and not entry.kept and recorded_snapshot(workload, uid=self.uid) is None:
-                _patch_workload(
-                    entry.kind, entry.name, self.namespace, annotate_patch(entry, isolation=self.name, uid=self.uid)
-                )
-        snapshot = [e.to_api() for e in entries]
-        if snapshot != self.status.get("snapshot"):
-            self.status.set(snapshot=snapshot, scaled=scaled_summary(entries, scaled=False))
-            self.flush()
-            stopped = sum(1 for e in entries if not e.kept)
-            self.event("SnapshotRecorded", f"recorded {len(entries)} workloads ({stopped} to stop)")
-            self.audit("isolation_applied", "snapshot_recorded", workloads=len(entries))
-        return entries
 
-    def preserve_evidence(self, spec: EmergencyIsolationSpec) -> None:
-        """Capture evidence once; fail closed (no scaling) when it is required and cannot be captured."""
-        if (self.status.get("evidence") or {}).get("key"):
-            return
-        self.status.set(phase=CONTAINED)
-        self.flush()
-        try:
-            record = evidence.capture(
-                self.body,
-                spec.evidence,
-                requester=str(self.status.get("requestedBy")),
-                on_collected=lambda: self.event("EvidenceCollected", "evidence read; encrypting and uploading"),
-            )
-        except RunbookError as error:
-            self.status.condition("EvidencePreserved", "False", error.reason, error.message)
-            if spec.evidence.required:
-                raise RunbookError(
-                    error.reason,
-                    f"{error.message} (evidence is required: nothing is scaled)",
-                    # Soon: a release waits for this retry (kopf finishes the pending handler first).
-                    retry_after=None if error.retry_after is None else EVIDENCE_RETRY,
-                ) from None
-            self.event(error.reason, f"{error.message}; continuing (evidence.required is false)", warning=True)
-            return
-        self.status.set(evidence=record.to_api())
-        self.status.condition(
-            "EvidencePreserved", "True", "Uploaded", f"{record.files} files, manifest {record.manifest_key}"
-        )
-        self.flush()
-        self.event("EvidencePreserved", f"encrypted archive {record.key} (sha256 {record.sha256})")
-        self.audit("isolation_applied", "evidence_preserved", key=record.key, sha256=record.sha256)
-
-    def scale_to_zero(self, snapshot: list[WorkloadSnapshot]) -> None:
-        current = {(w["kind"], w["metadata"]["name"]): w for w in _workloads(self.namespace)}
-        stopped = []
-        for entry in snapshot:
-            workload = current.get((entry.kind, entry.name))
-            if entry.kept or workload is None or is_stopped(entry, workload):
-                continue
-            _patch_workload(entry.kind, entry.name, self.namespace, stop_patch(entry))
-            stopped.append(f"{entry.kind}/{entry.name}")
-        self.status.set(scaled=scaled_summary(snapshot, scaled=True))
-        if not snapshot:
-            self.status.condition(
-                "WorkloadsStopped", "False", "NoWorkloads", "the namespace has no Deployments, StatefulSets or CronJobs"
-            )
-            if self.status.get("phase") != ISOLATED:
-                self.event("NoWorkloads", "the namespace has no workloads to stop", warning=True)
-        else:
-            self.status.condition("WorkloadsStopped", "True", "ScaledToZero", f"{len(snapshot)} workloads recorded")
-        if stopped:
-            self.event("ScaledToZero", f"stopped {', '.join(stopped)}")
-            self.audit("isolation_applied", "scaled_to_zero", workloads=stopped)
-
-    # --- release ---------------------------------------------------------------------------------------
-
-    def release(self) -> None:
-        """Recreate removed policies, restore each workload exactly (unless changed by hand), drop the policy."""
-        phase = self.status.get("phase")
-        if phase in (RELEASED, REJECTED):
-            return
-        self.status.set(phase="Releasing")
-        self.flush()
-        recreated = self.recreate_policies()
-        warnings = self.restore_workloads()
-        self.remove_policy()
-        self.status.set(
-            phase=RELEASED,
-            releasedAt=now_rfc3339(),
-            scaled=scaled_summary(
-                [WorkloadSnapshot.model_validate(s) for s in self.status.get("snapshot", [])], scaled=False
-            ),
-        )
-        if warnings:
-            self.status.condition("Restored", "False", "ChangedDuringIsolation", "; ".join(warnings))
-            self.event("ChangedDuringIsolation", "; ".join(warnings), warning=True)
-        else:
-            self.status.condition("Restored", "True", "Exact", "every workload is back to its recorded state")
-        self.status.condition("Ready", "True", "Released", "the namespace is released")
-        self.flush()
-        self.event("Released", f"released; recreated policies: {', '.join(recreated) or 'none'}")
-        self.audit("isolation_released", "released", recreatedPolicies=recreated, warnings=warnings)
-        metrics.ISOLATIONS_ACTIVE.labels(self.namespace).set(0)
-        spec = self.body.get("spec") or {}
-        metrics.ISOLATION_INFO.remove(self.namespace, self.name, spec.get("incidentId", ""), spec.get("severity", "P1"))
-
-    def recreate_policies(self) -> list[str]:
-        api, name = kube.core(), saved_policies_name(self.name)
-        try:
-            data = api.read_namespaced_config_map(name, self.namespace).data
-        except ApiException as error:
-            if error.status != 404:
-                raise
-            return []
+def existing_policies(ctx: Ctx, network: NetworkIsolation) -> None:
+    """Other policies still allow what they allow (policies are additive): warn, or save and remove them."""
+    others = [p for p in ctx.api.list(kube.NETWORK_POLICIES, ctx.namespace) if p["metadata"]["name"] != POLICY_NAME]
+    names = sorted(p["metadata"]["name"] for p in others)
+    if network.override_existing_policies and others:
+        save_policies(ctx, others)
+        for name in names:
+            ctx.api.delete(kube.NETWORK_POLICIES, ctx.namespace, name)
+        ctx.status.removed_policies = sorted({*ctx.status.removed_policies, *names})
+        ctx.checkpoint()
+        ctx.event("Normal", "PoliciesRemoved", f"removed NetworkPolicies {', '.join(names)}; recreated on release")
+        _audit(ctx, "isolation_applied", "policies_removed", policies=names)
         names = []
-        for manifest in saved_policies(data):
-            try:
-                kube.networking().create_namespaced_network_policy(
-                    self.namespace, manifest, field_manager=FIELD_MANAGER
-                )
-            except ApiException as error:
-                if error.status != 409:  # recreated by an earlier pass
-                    raise
-            names.append(manifest["metadata"]["name"])
-        api.delete_namespaced_config_map(name, self.namespace)
-        return names
-
-    def restore_workloads(self) -> list[str]:
-        """Each workload still carrying this isolation's annotation gets its recorded state back."""
-        warnings = []
-        current = {(w["kind"], w["metadata"]["name"]): w for w in _workloads(self.namespace)}
-        for entry in self.status.get("snapshot", []):
-            if not entry.get("kept") and (entry["kind"], entry["name"]) not in current:
-                warnings.append(f"{entry['kind']} {entry['name']} was deleted during the isolation")
-        restored = []
-        for (kind, name), workload in sorted(current.items()):
-            entry = recorded_snapshot(workload, uid=self.uid)
-            if entry is None:
-                continue  # not ours, kept running, or restored by an earlier pass
-            untouched = is_stopped(entry, workload)
-            now = workload_state(entry, workload)
-            if not untouched and now != recorded_state(entry):  # (equal: never stopped, e.g. evidence failed)
-                warnings.append(f"{kind} {name} was changed by hand during the isolation (now {now}); left as is")
-            _patch_workload(kind, name, self.namespace, restore_patch(entry, restore_spec=untouched))
-            restored.append(f"{kind}/{name}")
-        if restored:
-            self.event("WorkloadsRestored", f"restored {', '.join(restored)}")
-            self.audit("isolation_released", "workloads_restored", workloads=restored)
-        return warnings
-
-    def remove_policy(self) -> None:
-        api = kube.networking()
-        try:
-            current = api.read_namespaced_network_policy(POLICY_NAME, self.namespace)
-        except ApiException as error:
-            if error.status != 404:
-                raise
-            return
-        if any(o.uid == self.uid for o in current.metadata.owner_references or []):
-            api.delete_namespaced_network_policy(POLICY_NAME, self.namespace)
-            self.audit("isolation_released", "network_released", policy=POLICY_NAME)
+    if names and names != ctx.status.existing_policies:
+        ctx.event("Warning", "ExistingPoliciesAllow", f"NetworkPolicies {', '.join(names)} still allow traffic")
+    ctx.status.existing_policies = names
+    if names:
+        message = (
+            f"NetworkPolicies {', '.join(names)} still allow the traffic they select (policies are additive); "
+            "set spec.network.overrideExistingPolicies to remove them for the isolation"
+        )
+        ctx.condition("ExistingPoliciesAllow", "True", "ExistingPolicies", message)
+    else:
+        ctx.condition("ExistingPoliciesAllow", "False", "NoOtherPolicies", "")
 
 
-@contextmanager
-def _reported(isolation: Isolation) -> Iterator[None]:
-    """Any failure of a pass (an API refusal nobody foresaw too) as Ready=False and a retry with backoff."""
+def save_policies(ctx: Ctx, policies: list[dict[str, Any]]) -> None:
+    """Store the full manifests before deleting anything: release recreates them from here."""
+    manifest = build_saved_policies(ctx.name, namespace=ctx.namespace, policies=policies)
+    if ctx.api.create(kube.CONFIG_MAPS, ctx.namespace, manifest):
+        return
+    # Only add: a manifest saved by an earlier pass is the original and is never overwritten.
+    name = manifest["metadata"]["name"]
+    current = (ctx.api.get(kube.CONFIG_MAPS, ctx.namespace, name) or {}).get("data") or {}
+    new = {k: v for k, v in manifest["data"].items() if k not in current}
+    if new:
+        ctx.api.patch(kube.CONFIG_MAPS, ctx.namespace, name, {"data": new})
+
+
+def take_snapshot(ctx: Ctx, spec: EmergencyIsolationSpec) -> list[WorkloadSnapshot]:
+    """Record every workload's replicas, HPA bounds and CronJob suspend, on the workload and in status."""
+    uid = str(ctx.body["metadata"]["uid"])
+    workloads = _workloads(ctx.api, ctx.namespace)
+    hpas = ctx.api.list(kube.HPAS, ctx.namespace)
+    previous = [entry.model_copy() for entry in ctx.status.snapshot]
+    entries = snapshot_workloads(
+        list(workloads.values()), hpas, spec.scale_to_zero.keep_running, uid=uid, previous=previous
+    )
+    # Only workloads this isolation will stop carry the annotation: the others are not touched at all.
+    for entry in entries if spec.scale_to_zero.enabled else []:
+        workload = workloads.get((entry.kind, entry.name))
+        if workload is not None and not entry.kept and recorded_snapshot(workload, uid=uid) is None:
+            patch = annotate_patch(entry, isolation=ctx.name, uid=uid)
+            _patch_workload(ctx.api, ctx.namespace, entry.kind, entry.name, patch)
+    if [e.to_api() for e in entries] != [e.to_api() for e in ctx.status.snapshot]:
+        ctx.status.snapshot = entries
+        ctx.status.scaled = scaled_summary(entries, scaled=False)
+        ctx.checkpoint()
+        stopped = sum(1 for e in entries if not e.kept)
+        ctx.event("Normal", "SnapshotRecorded", f"recorded {len(entries)} workloads ({stopped} to stop)")
+        _audit(ctx, "isolation_applied", "snapshot_recorded", workloads=len(entries))
+    return entries
+
+
+def preserve_evidence(ctx: Ctx, spec: EmergencyIsolationSpec) -> None:
+    """Capture evidence once; fail closed (no scaling) when it is required and cannot be captured."""
+    if ctx.status.evidence is not None and ctx.status.evidence.key:
+        return
+    ctx.status.phase = Phase.CONTAINED
+    ctx.checkpoint()
     try:
-        yield
-    except (kopf.TemporaryError, kopf.PermanentError):
-        raise
-    except Exception as raised:
-        raise isolation.fail(raised) from None
+        record = evidence.capture(
+            ctx.api,
+            ctx.body,
+            spec.evidence,
+            requester=str(ctx.status.requested_by),
+            on_collected=lambda: ctx.event("Normal", "EvidenceCollected", "evidence read; encrypting and uploading"),
+        )
+    except RunbookError as error:
+        ctx.condition("EvidencePreserved", "False", error.reason, error.message)
+        if spec.evidence.required:
+            raise RunbookError(
+                error.reason,
+                f"{error.message} (evidence is required: nothing is scaled)",
+                # Soon: a release waits for this retry (kopf finishes the pending handler first).
+                retry_after=None if error.retry_after is None else EVIDENCE_RETRY,
+            ) from None
+        ctx.event("Warning", error.reason, f"{error.message}; continuing (evidence.required is false)")
+        return
+    ctx.status.evidence = record
+    ctx.condition("EvidencePreserved", "True", "Uploaded", f"{record.files} files, manifest {record.manifest_key}")
+    ctx.checkpoint()
+    ctx.event("Normal", "EvidencePreserved", f"encrypted archive {record.key} (sha256 {record.sha256})")
+    _audit(ctx, "isolation_applied", "evidence_preserved", key=record.key, sha256=record.sha256)
+
+
+def scale_to_zero(ctx: Ctx, snapshot: list[WorkloadSnapshot]) -> None:
+    current = _workloads(ctx.api, ctx.namespace)
+    stopped = []
+    for entry in snapshot:
+        workload = current.get((entry.kind, entry.name))
+        if entry.kept or workload is None or is_stopped(entry, workload):
+            continue
+        _patch_workload(ctx.api, ctx.namespace, entry.kind, entry.name, stop_patch(entry))
+        stopped.append(f"{entry.kind}/{entry.name}")
+    ctx.status.scaled = scaled_summary(snapshot, scaled=True)
+    if not snapshot:
+        ctx.condition(
+            "WorkloadsStopped", "False", "NoWorkloads", "the namespace has no Deployments, StatefulSets or CronJobs"
+        )
+        if ctx.status.phase != Phase.ISOLATED:
+            ctx.event("Warning", "NoWorkloads", "the namespace has no workloads to stop")
+    else:
+        ctx.condition("WorkloadsStopped", "True", "ScaledToZero", f"{len(snapshot)} workloads recorded")
+    if stopped:
+        ctx.event("Normal", "ScaledToZero", f"stopped {', '.join(stopped)}")
+        _audit(ctx, "isolation_applied", "scaled_to_zero", workloads=stopped)
+
+
+# --- release ---------------------------------------------------------------------------------------------------
+def release(ctx: Ctx) -> None:
+    """Recreate removed policies, restore each workload exactly (unless changed by hand), drop the policy."""
+    if ctx.status.phase in (Phase.RELEASED, Phase.REJECTED):
+        return
+    ctx.status.phase = Phase.RELEASING
+    ctx.checkpoint()
+    recreated = recreate_policies(ctx)
+    warnings = restore_workloads(ctx)
+    remove_policy(ctx)
+    ctx.status.phase = Phase.RELEASED
+    ctx.status.released_at = now_rfc3339()
+    ctx.status.scaled = scaled_summary(ctx.status.snapshot, scaled=False)
+    if warnings:
+        ctx.condition("Restored", "False", "ChangedDuringIsolation", "; ".join(warnings))
+        ctx.event("Warning", "ChangedDuringIsolation", "; ".join(warnings))
+    else:
+        ctx.condition("Restored", "True", "Exact", "every workload is back to its recorded state")
+    ctx.condition("Ready", "True", "Released", "the namespace is released")
+    ctx.checkpoint()
+    ctx.event("Normal", "Released", f"released; recreated policies: {', '.join(recreated) or 'none'}")
+    _audit(ctx, "isolation_released", "released", recreatedPolicies=recreated, warnings=warnings)
+    metrics.ISOLATIONS_ACTIVE.labels(ctx.namespace).set(0)
+    spec = ctx.body.get("spec") or {}
+    metrics.ISOLATION_INFO.remove(ctx.namespace, ctx.name, spec.get("incidentId", ""), spec.get("severity", "P1"))
+
+
+def recreate_policies(ctx: Ctx) -> list[str]:
+    name = saved_policies_name(ctx.name)
+    saved = ctx.api.get(kube.CONFIG_MAPS, ctx.namespace, name)
+    if saved is None:
+        return []
+    names = []
+    for manifest in saved_policies(saved.get("data")):
+        ctx.api.create(kube.NETWORK_POLICIES, ctx.namespace, manifest)  # False: recreated by an earlier pass
+        names.append(manifest["metadata"]["name"])
+    ctx.api.delete(kube.CONFIG_MAPS, ctx.namespace, name)
+    return names
+
+
+def restore_workloads(ctx: Ctx) -> list[str]:
+    """Each workload still carrying this isolation's annotation gets its recorded state back."""
+    uid = str(ctx.body["metadata"]["uid"])
+    warnings = []
+    current = _workloads(ctx.api, ctx.namespace)
+    for recorded in ctx.status.snapshot:
+        if not recorded.kept and (recorded.kind, recorded.name) not in current:
+            warnings.append(f"{recorded.kind} {recorded.name} was deleted during the isolation")
+    restored = []
+    for (kind, name), workload in sorted(current.items()):
+        entry = recorded_snapshot(workload, uid=uid)
+        if entry is None:
+            continue  # not ours, kept running, or restored by an earlier pass
+        untouched = is_stopped(entry, workload)
+        now = workload_state(entry, workload)
+        if not untouched and now != recorded_state(entry):  # (equal: never stopped, e.g. evidence failed)
+            warnings.append(f"{kind} {name} was changed by hand during the isolation (now {now}); left as is")
+        _patch_workload(ctx.api, ctx.namespace, kind, name, restore_patch(entry, restore_spec=untouched))
+        restored.append(f"{kind}/{name}")
+    if restored:
+        ctx.event("Normal", "WorkloadsRestored", f"restored {', '.join(restored)}")
+        _audit(ctx, "isolation_released", "workloads_restored", workloads=restored)
+    return warnings
+
+
+def remove_policy(ctx: Ctx) -> None:
+    current = ctx.api.get(kube.NETWORK_POLICIES, ctx.namespace, POLICY_NAME)
+    if current is None:
+        return
+    uid = ctx.body["metadata"]["uid"]
+    if any(o.get("uid") == uid for o in current["metadata"].get("ownerReferences") or []):
+        ctx.api.delete(kube.NETWORK_POLICIES, ctx.namespace, POLICY_NAME)
+        _audit(ctx, "isolation_released", "network_released", policy=POLICY_NAME)
 
 
 def time_to_contain(creation_timestamp: str, *, seen: float, contained: float) -> float:
@@ -470,42 +417,54 @@ def time_to_contain(creation_timestamp: str, *, seen: float, contained: float) -
     return max(0.0, contained - start)
 
 
-def reconcile(body: kopf.Body, *, retry: int = 0) -> None:
+# --- the passes ------------------------------------------------------------------------------------------------
+def reconcile(ctx: Ctx) -> Result:
     """Create, resume and spec changes: isolate, or release when spec.released is true."""
-    isolation = Isolation(body, retry=retry)
-    with _reported(isolation):
-        if isolation.body["spec"].get("released"):
-            isolation.release()
+    seen = time.time()  # when this pass got the object: sub-second, unlike creationTimestamp
+    try:
+        if (ctx.body.get("spec") or {}).get("released"):
+            release(ctx)
         else:
-            isolation.isolate()
+            isolate(ctx, seen=seen)
+    except RunbookError as error:
+        return _foreseen(ctx, error)
+    return Result.done()
 
 
-def guard(body: kopf.Body) -> None:
-    """Periodically, while isolated: put the deny-all policy back if someone removed or changed it."""
-    isolation = Isolation(body)
-    with _reported(isolation):
-        _guard(isolation)
+def finalize(ctx: Ctx) -> Result:
+    """Deletion: release (the finalizer holds the object until this is done, also across operator downtime)."""
+    try:
+        release(ctx)
+    except RunbookError as error:
+        return _foreseen(ctx, error)
+    return Result.done()
 
 
-def _guard(isolation: Isolation) -> None:
-    if isolation.status.get("phase") != ISOLATED or isolation.body["spec"].get("released"):
-        return
-    spec = parse_spec(EmergencyIsolationSpec, isolation.body["spec"])
-    if spec.network.isolate and isolation.contain(spec.network):
-        # Timers run beside the change handlers: if a release began meanwhile, it may already have removed
-        # the policy this just wrote. Release marks itself before removing, so checking after writing closes
-        # the race.
-        fresh = kube.custom().get_namespaced_custom_object(GROUP, VERSION, isolation.namespace, PLURAL, isolation.name)
-        if (
-            fresh.get("status", {}).get("phase") != ISOLATED
-            or fresh.get("spec", {}).get("released")
-            or fresh["metadata"].get("deletionTimestamp")
-        ):
-            isolation.remove_policy()
+def guard(ctx: Ctx) -> Result:
+    """Periodically, while isolated: put the deny-all policy back if someone removed or changed it (a read,
+    and no write while it is as it should be)."""
+    spec = ctx.body.get("spec") or {}
+    if ctx.status.phase != Phase.ISOLATED or spec.get("released"):
+        return Result.done()
+    try:
+        network = ctx.spec.network
+        if network.isolate and contain(ctx, network):
+            # Timers run beside the change handlers: if a release began meanwhile, it may already have removed
+            # the policy this just wrote. Release marks itself before removing, so checking after writing
+            # closes the race.
+            fresh = ctx.api.get(EMERGENCY_ISOLATIONS, ctx.namespace, ctx.name) or {
+                "metadata": {"deletionTimestamp": "gone"}
+            }
+            if (
+                (fresh.get("status") or {}).get("phase") != Phase.ISOLATED
+                or (fresh.get("spec") or {}).get("released")
+                or fresh["metadata"].get("deletionTimestamp")
+            ):
+                remove_policy(ctx)
+    except RunbookError as error:
+        return _foreseen(ctx, error)
+    return Result.done()
 
 
-def release_deleted(body: kopf.Body, *, retry: int = 0) -> None:
-    """Deletion: release (the finalizer holds the object until this returns, also across operator downtime)."""
-    isolation = Isolation(body, retry=retry)
-    with _reported(isolation):
-        isolation.release()
+ISOLATION = Reconciler(EMERGENCY_ISOLATIONS, EmergencyIsolationSpec, EmergencyIsolationStatus, reconcile, finalize)
+GUARD = dataclasses.replace(ISOLATION, reconcile=guard, finalize=None)

@@ -1,0 +1,239 @@
+"""EmergencyIsolation's transitions against the in-memory Api: isolate, release from the annotations, the
+guard. No server; each test is one or two passes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from runbook_operator.builders.isolation import POLICY_NAME, SNAPSHOT_ANNOTATION, saved_policies_name
+from runbook_operator.clients import kube
+from runbook_operator.reconcilers import isolation
+from runbook_operator.reconcilers.interlock import holder_from_index, index_entry
+from runbook_operator.reconcilers.runtime import Context, Reconciler, Result, run_pass
+from tests.fake_api import FakeApi
+
+NS = "hungryhippaahneties"
+ALLOW_ALL = {"podSelector": {}, "ingress": [{}], "egress": [{}], "policyTypes": ["Ingress", "Egress"]}
+
+
+def namespace(api: FakeApi) -> None:
+    """The runbook's namespace in small: a Deployment with an HPA, the database, a CronJob, an allow-all."""
+    api.put(kube.DEPLOYMENTS, NS, {"metadata": {"name": "api", "labels": {"app": "api"}}, "spec": {"replicas": 4}})
+    api.put(kube.DEPLOYMENTS, NS, {"metadata": {"name": "frontend", "labels": {"app": "web"}}, "spec": {"replicas": 3}})
+    api.put(
+        kube.STATEFUL_SETS,
+        NS,
+        {"metadata": {"name": "postgresql", "labels": {"app": "postgresql"}}, "spec": {"replicas": 1}},
+    )
+    api.put(kube.CRON_JOBS, NS, {"metadata": {"name": "report"}, "spec": {"schedule": "0 3 * * *", "suspend": False}})
+    api.put(
+        kube.HPAS,
+        NS,
+        {
+            "metadata": {"name": "api"},
+            "spec": {"scaleTargetRef": {"kind": "Deployment", "name": "api"}, "minReplicas": 2, "maxReplicas": 10},
+        },
+    )
+    api.put(kube.NETWORK_POLICIES, NS, {"metadata": {"name": "allow-all"}, "spec": ALLOW_ALL})
+
+
+def create(api: FakeApi, name: str = "breach", **network: Any) -> dict[str, Any]:
+    spec = {
+        "reason": "Suspected exfiltration",
+        "incidentId": "INC-2026-0042",
+        "network": {"isolate": True, **network},
+        "evidence": {"capture": False},
+    }
+    return api.put(
+        isolation.EMERGENCY_ISOLATIONS,
+        NS,
+        {"apiVersion": "runbook.dev/v1alpha1", "kind": "EmergencyIsolation", "metadata": {"name": name}, "spec": spec},
+    )
+
+
+def run(api: FakeApi, body: dict[str, Any], reconciler: Reconciler[Any, Any] = isolation.ISOLATION) -> Result:
+    """One pass, the interlock answered from an index built from what the API holds."""
+    stored = [index_entry(b) for (plural, _, _), b in api.objects.items() if plural == "emergencyisolations"]
+    ctx = Context.of(reconciler, body, api, isolation=holder_from_index({NS: stored}))
+    return run_pass(ctx, reconciler.reconcile)
+
+
+def fresh(api: FakeApi, name: str = "breach") -> dict[str, Any]:
+    found = api.stored(isolation.EMERGENCY_ISOLATIONS, NS, name)
+    assert found is not None
+    return found
+
+
+def workload(api: FakeApi, resource: kube.Resource, name: str) -> dict[str, Any]:
+    found = api.stored(resource, NS, name)
+    assert found is not None
+    return found
+
+
+def release(api: FakeApi, name: str = "breach") -> Result:
+    api.patch(isolation.EMERGENCY_ISOLATIONS, NS, name, {"spec": {"released": True}})
+    return run(api, fresh(api, name))
+
+
+def isolated(api: FakeApi, **network: Any) -> dict[str, Any]:
+    namespace(api)
+    create(api, **network)
+    assert run(api, fresh(api)) == Result.done()
+    return fresh(api)
+
+
+def test_isolate_creates_the_policy_and_scales_to_zero_recording_the_snapshot() -> None:
+    api = FakeApi()
+    body = isolated(api, overrideExistingPolicies=True)
+
+    assert body["status"]["phase"] == "Isolated"
+    assert set(p for (plural, _, p) in api.objects if plural == "networkpolicies") == {POLICY_NAME}
+    policy = workload(api, kube.NETWORK_POLICIES, POLICY_NAME)
+    assert policy["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
+    saved = workload(api, kube.CONFIG_MAPS, saved_policies_name("breach"))
+    assert json.loads(saved["data"]["allow-all.json"])["spec"] == ALLOW_ALL
+    # the network is contained first: the policy is the first write after the admission
+    writes = [(c.verb, c.plural) for c in api.writes() if c.plural != "events" and c.subresource != "status"]
+    assert writes[0] == ("create", "networkpolicies")
+
+    assert workload(api, kube.DEPLOYMENTS, "api")["spec"]["replicas"] == 0
+    assert workload(api, kube.DEPLOYMENTS, "frontend")["spec"]["replicas"] == 0
+    assert workload(api, kube.STATEFUL_SETS, "postgresql")["spec"]["replicas"] == 1  # the database keeps running
+    assert workload(api, kube.CRON_JOBS, "report")["spec"]["suspend"] is True
+    scaled = {c.name for c in api.calls if c.verb == "patch" and c.subresource == "scale"}
+    assert scaled == {"api", "frontend"}  # replicas change only through /scale
+
+    recorded = {s["name"]: s for s in body["status"]["snapshot"]}
+    assert (recorded["api"]["replicas"], recorded["api"]["hpaMinReplicas"], recorded["api"]["hpaMaxReplicas"]) == (
+        4,
+        2,
+        10,
+    )
+    assert recorded["report"]["suspend"] is False and recorded["postgresql"]["kept"]
+    assert body["status"]["scaled"] == "2/3" and body["status"]["removedPolicies"] == ["allow-all"]
+    annotation = json.loads(workload(api, kube.DEPLOYMENTS, "api")["metadata"]["annotations"][SNAPSHOT_ANNOTATION])
+    assert annotation["uid"] == body["metadata"]["uid"] and annotation["snapshot"]["replicas"] == 4
+    assert SNAPSHOT_ANNOTATION not in (
+        workload(api, kube.STATEFUL_SETS, "postgresql")["metadata"].get("annotations") or {}
+    )
+
+
+def test_release_from_the_annotations_restores_exact_counts_and_suspend_flags() -> None:
+    api = FakeApi()
+    isolated(api, overrideExistingPolicies=True)
+    # status lost but for its phase: release works from what the workloads carry
+    api.patch(isolation.EMERGENCY_ISOLATIONS, NS, "breach", {"status": None}, subresource="status")
+    api.patch(isolation.EMERGENCY_ISOLATIONS, NS, "breach", {"status": {"phase": "Isolated"}}, subresource="status")
+
+    assert release(api) == Result.done()
+
+    assert workload(api, kube.DEPLOYMENTS, "api")["spec"]["replicas"] == 4
+    assert workload(api, kube.DEPLOYMENTS, "frontend")["spec"]["replicas"] == 3
+    assert workload(api, kube.STATEFUL_SETS, "postgresql")["spec"]["replicas"] == 1
+    assert workload(api, kube.CRON_JOBS, "report")["spec"]["suspend"] is False
+    for resource, name in ((kube.DEPLOYMENTS, "api"), (kube.DEPLOYMENTS, "frontend"), (kube.CRON_JOBS, "report")):
+        assert SNAPSHOT_ANNOTATION not in (workload(api, resource, name)["metadata"].get("annotations") or {})
+    assert workload(api, kube.NETWORK_POLICIES, "allow-all")["spec"] == ALLOW_ALL
+    assert api.stored(kube.NETWORK_POLICIES, NS, POLICY_NAME) is None
+    assert api.stored(kube.CONFIG_MAPS, NS, saved_policies_name("breach")) is None
+    status = fresh(api)["status"]
+    assert status["phase"] == "Released"
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Restored"] == "True"
+
+    # a second release pass (a resync) changes nothing
+    api.calls.clear()
+    assert run(api, fresh(api)) == Result.done()
+    assert api.writes() == []
+
+
+def test_a_saved_policy_that_cannot_be_recreated_stops_the_release_today() -> None:
+    """Today's behaviour: release recreates the saved policies before it restores the workloads, and a
+    refused recreation fails the pass, so the workloads stay at zero until it succeeds. Issue 13 changes this
+    (the workloads come back and the refusal becomes a condition)."""
+    api = FakeApi()
+    isolated(api, overrideExistingPolicies=True)
+    api.fail_on("create", "networkpolicies", status=422)
+
+    result = release(api)
+
+    assert result.error is not None and result.error.reason == "Invalid"
+    assert workload(api, kube.DEPLOYMENTS, "api")["spec"]["replicas"] == 0
+    assert workload(api, kube.CRON_JOBS, "report")["spec"]["suspend"] is True
+    status = fresh(api)["status"]
+    assert status["phase"] == "Releasing"
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "False"
+    # the next attempt, once the policy can be created, brings everything back
+    assert run(api, fresh(api)) == Result.done()
+    assert workload(api, kube.DEPLOYMENTS, "api")["spec"]["replicas"] == 4
+    assert workload(api, kube.CRON_JOBS, "report")["spec"]["suspend"] is False
+
+
+def test_the_guard_with_the_policy_in_place_reads_and_writes_nothing() -> None:
+    api = FakeApi()
+    body = isolated(api, allowDNS=True, allowEgressTo=["10.20.0.0/16"])
+    api.calls.clear()
+
+    assert run(api, body, isolation.GUARD) == Result.done()
+
+    assert [(c.verb, c.plural, c.name) for c in api.calls] == [("get", "networkpolicies", POLICY_NAME)]
+    assert api.writes() == []
+
+
+def test_the_guard_puts_back_a_policy_deleted_by_hand() -> None:
+    api = FakeApi()
+    body = isolated(api)
+    desired = workload(api, kube.NETWORK_POLICIES, POLICY_NAME)
+    api.delete(kube.NETWORK_POLICIES, NS, POLICY_NAME)
+    api.calls.clear()
+
+    assert run(api, body, isolation.GUARD) == Result.done()
+
+    assert workload(api, kube.NETWORK_POLICIES, POLICY_NAME)["spec"] == desired["spec"]
+    writes = [(c.verb, c.plural) for c in api.writes()]
+    assert writes == [("create", "networkpolicies"), ("create", "events")]
+    (event,) = [c.body for c in api.writes() if c.plural == "events"]
+    assert (event["type"], event["reason"]) == ("Warning", "NetworkContained")
+
+
+def test_the_guard_puts_back_a_drifted_policy_with_one_patch() -> None:
+    api = FakeApi()
+    body = isolated(api)
+    api.patch(kube.NETWORK_POLICIES, NS, POLICY_NAME, {"spec": {"ingress": [{}]}})
+    api.calls.clear()
+
+    assert run(api, body, isolation.GUARD) == Result.done()
+
+    assert workload(api, kube.NETWORK_POLICIES, POLICY_NAME)["spec"] == {
+        "podSelector": {},
+        "policyTypes": ["Ingress", "Egress"],
+    }
+    assert [(c.verb, c.plural) for c in api.writes()] == [("patch", "networkpolicies"), ("create", "events")]
+
+
+def test_a_second_isolation_is_rejected_by_the_index_and_touches_nothing() -> None:
+    api = FakeApi()
+    isolated(api)
+    create(api, "second")
+    api.calls.clear()
+
+    result = run(api, fresh(api, "second"))
+
+    assert result.error is not None and result.error.reason == "AlreadyIsolated"
+    assert result.requeue_after is None  # waits for a change
+    assert fresh(api, "second")["status"]["phase"] == "Rejected"
+    assert {c.plural for c in api.writes()} == {"emergencyisolations", "events"}
+    assert not [c for c in api.calls if c.verb == "list" and c.plural == "emergencyisolations"]  # no LIST
+
+
+def test_holder_from_index_answers_like_holding_isolation() -> None:
+    def entry(name: str, created: str, **status: Any) -> dict[str, Any]:
+        return index_entry({"metadata": {"name": name, "creationTimestamp": created}, "spec": {}, "status": status})
+
+    holder = holder_from_index(
+        {NS: [entry("late", "2026-01-02T00:00:00Z"), entry("early", "2026-01-01T00:00:00Z")], "other": []}
+    )
+    assert holder(NS) == "early" and holder("other") is None and holder("unknown") is None
+    released = holder_from_index({NS: [entry("done", "2026-01-01T00:00:00Z", phase="Released")]})
+    assert released(NS) is None
