@@ -5,6 +5,9 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 RECONCILE_ERRORS = Counter("runbook_reconcile_errors_total", "Reconciles that ended in an error.", ["kind"])
+RECONCILE_PASSES = Counter(
+    "runbook_reconcile_passes_total", "Reconcile passes run to their end (status written), by kind.", ["kind"]
+)
 
 
 def serve(port: int) -> None:
@@ -13,7 +16,7 @@ def serve(port: int) -> None:
         start_http_server(port)
 
 
-__all__ = ["RECONCILE_ERRORS", "Counter", "Gauge", "Histogram", "serve"]
+__all__ = ["RECONCILE_ERRORS", "RECONCILE_PASSES", "Counter", "Gauge", "Histogram", "serve"]
 
 # EmergencyIsolation
 ISOLATIONS_ACTIVE = Gauge(

@@ -11,6 +11,7 @@ from typing import Any
 import kopf.testing
 import kubernetes
 import pytest
+from prometheus_client import REGISTRY
 
 from runbook_operator.models.common import parse_quantity
 
@@ -159,6 +160,11 @@ def _with_api(cluster: Cluster) -> Cluster:
 
 def _replica_sets(cluster: Cluster) -> list[Any]:
     return list(cluster.apps.list_namespaced_replica_set(cluster.namespace, label_selector="app=api").items)
+
+
+def _passes() -> float:
+    """ScalingProfile passes the in-process operator ran to their end (each one's writes done)."""
+    return REGISTRY.get_sample_value("runbook_reconcile_passes_total", {"kind": "ScalingProfile"}) or 0.0
 
 
 def _same_quantities(actual: dict[str, Any], expected: dict[str, Any]) -> bool:
@@ -600,9 +606,10 @@ def test_a_restarted_operator_keeps_the_true_originals_and_writes_nothing(cluste
     generation = cluster.apps.read_namespaced_deployment("api", cluster.namespace).metadata.generation
     writes = cluster.event_counts()
     status = cluster.profile()["status"]
+    passes = _passes()
 
     with kopf.testing.KopfRunner(args, timeout=60):
-        time.sleep(3)  # the resumed daemon has reconciled
+        cluster.wait_for(lambda: _passes() > passes, timeout=60, what="the resumed daemon's first pass to end")
         assert cluster.profile()["status"] == status
         assert cluster.apps.read_namespaced_deployment("api", cluster.namespace).metadata.generation == generation
         assert cluster.event_counts() == writes
