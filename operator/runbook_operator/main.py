@@ -93,14 +93,16 @@ async def emergency_isolation_deleted(body: kopf.Body, retry: int, **_: Any) -> 
 
 
 # --- SecretRotation ---
-# One clock per resource sleeps until the next rotation is due; spec changes (rotateNow) and changes of an
-# EmergencyIsolation in the namespace (the interlock) wake it.
+# One clock per resource (``rotation.ROTATION`` driven by ``runtime.Clocks``) sleeps until the next rotation
+# is due or a rollout is looked at again; spec changes (rotateNow) and changes of an EmergencyIsolation in the
+# namespace (the interlock) wake it. Deletion settles a rotation in flight through the same runtime.
 SECRET_ROTATIONS = (GROUP, VERSION, "secretrotations")
 
 
 @kopf.daemon(*SECRET_ROTATIONS, cancellation_timeout=60)
-async def secret_rotation_clock(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any) -> None:
-    await rotation.run_clock(body, stopped=stopped, logger=logger)
+async def secret_rotation_clock(body: kopf.Body, stopped: kopf.DaemonStopped, **kwargs: Any) -> None:
+    isolation = interlock.holder_from_index(kwargs["isolations_by_namespace"])
+    await rotation.run_clock(body, stopped=stopped, isolation=isolation)
 
 
 @kopf.on.update(*SECRET_ROTATIONS, field="spec")
@@ -109,8 +111,8 @@ async def secret_rotation_changed(body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.delete(*SECRET_ROTATIONS)
-def secret_rotation_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-    rotation.settle_before_deletion(body, logger=logger)
+async def secret_rotation_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
+    await rotation.settle_before_deletion(body, retry=retry)
 
 
 @kopf.on.event(*SECRET_ROTATIONS)

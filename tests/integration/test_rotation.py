@@ -25,8 +25,9 @@ from tests.services import CertificateAuthority, Postgres, Redis, RunbookRedis, 
 
 from runbook_operator.builders.rotation import ROTATION_ID, fingerprint, pending_secret_name
 from runbook_operator.clients.postgres import set_password
+from runbook_operator.models.rotation import RotationStep
 from runbook_operator.reconcilers import rotation as rotation_reconciler
-from runbook_operator.reconcilers.rotation import CRASH_AFTER_ENV, STEPS
+from runbook_operator.reconcilers.rotation import CRASH_AFTER_ENV
 
 GROUP, VERSION, PLURAL = "runbook.dev", "v1alpha1", "secretrotations"
 SECRET = "db-credentials"
@@ -35,6 +36,7 @@ WaitFor = Callable[..., Any]
 # The fake nodes' lease heartbeat is not under test: a control plane whose node lifecycle controller has
 # tainted them not-ready (a lapsed kwok lease) still schedules these pods, which kwok then runs and readies.
 NODE_NOT_READY = [{"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoSchedule"}]
+STEPS = tuple(RotationStep)
 
 
 def b64(value: str) -> str:
@@ -224,6 +226,11 @@ def admin_secret(cluster: Cluster, server: Postgres) -> None:
     cluster.create_secret(ADMIN, {"username": server.superuser, "password": server.password})
 
 
+def reconcile_passes() -> float:
+    """SecretRotation passes the in-process operator ran to their end (status written or found unchanged)."""
+    return REGISTRY.get_sample_value("runbook_reconcile_passes_total", {"kind": "SecretRotation"}) or 0.0
+
+
 def leaks(values: list[str], texts: list[str]) -> list[str]:
     return [value for value in values for text in texts if value in text]
 
@@ -240,8 +247,10 @@ def test_single_postgres_rotation_rolls_the_deployment_and_leaks_nothing(
     postgres: Postgres,
     operator_runner: kopf.testing.KopfRunner,
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     caplog.set_level(logging.INFO)
+    monkeypatch.setattr(rotation_reconciler, "RESYNC", 1.0)  # resyncs every second instead of every 5 minutes
     role = PgRole(postgres)
     admin_secret(cluster, postgres)
     cluster.create_secret(SECRET, {"POSTGRES_PASSWORD": role.password, "POSTGRES_DB": "app"})
@@ -302,9 +311,10 @@ def test_single_postgres_rotation_rolls_the_deployment_and_leaks_nothing(
     cluster.wait_for(lambda: any(m.startswith(finished) for m in messages()), timeout=20, what="the Event")
     assert "Restarting Deployment api" in messages()
 
-    # A resync with nothing to do writes nothing.
+    # A resync with nothing to do writes nothing: two passes end (so one began after the version was read).
     version = cluster.rotation("app")["metadata"]["resourceVersion"]
-    time.sleep(3)
+    passes = reconcile_passes()
+    cluster.wait_for(lambda: reconcile_passes() >= passes + 2, timeout=20, what="two resync passes")
     assert cluster.rotation("app")["metadata"]["resourceVersion"] == version
 
     # Leak scan: operator logs, Events, the resource (status, annotations), the workloads, the server log.
@@ -351,18 +361,23 @@ def test_dual_strategy_never_fails_a_login(
     stop = threading.Event()
 
     def client_loop() -> None:
+        """Records what it sees; the main thread asserts (an assert here would only end this thread)."""
         nonlocal attempts
         while not stop.is_set():
-            creds = cluster.secret()
-            assert creds is not None
             attempts += 1
             try:
-                with psycopg.connect(
-                    postgres.dsn(user=creds["USERNAME"], password=creds["PASSWORD"]), connect_timeout=5
-                ) as conn:
-                    conn.execute(f"SELECT count(*) FROM {group}_data").fetchone()
+                creds = cluster.secret()
+                if creds is None:
+                    failures.append("the Secret is gone")
+                else:
+                    with psycopg.connect(
+                        postgres.dsn(user=creds["USERNAME"], password=creds["PASSWORD"]), connect_timeout=5
+                    ) as conn:
+                        conn.execute(f"SELECT count(*) FROM {group}_data").fetchone()
             except psycopg.Error as error:
                 failures.append(f"{creds['USERNAME']}: {type(error).__name__}")
+            except Exception as error:  # anything else the client met (a KeyError, an API refusal)
+                failures.append(f"client: {type(error).__name__}: {error}")
             time.sleep(0.02)
 
     client = threading.Thread(target=client_loop)
@@ -856,7 +871,7 @@ def test_a_new_rotation_posts_an_event_and_a_quiet_resync_posts_none(
 ) -> None:
     """`kubectl describe sr` of a fresh SecretRotation shows it was accepted and when it rotates; resyncs
     that find nothing changed write and post nothing; a reference that breaks later is found by a resync."""
-    monkeypatch.setattr(rotation_reconciler, "RESYNC", 1.0, raising=False)  # instead of minutes
+    monkeypatch.setattr(rotation_reconciler, "RESYNC", 1.0)  # instead of minutes
     name = f"token-{uuid.uuid4().hex[:8]}"
     cluster.create_secret(SECRET, {"token": "initial-token-value"})
     cluster.create_deployment("api")
@@ -873,7 +888,8 @@ def test_a_new_rotation_posts_an_event_and_a_quiet_resync_posts_none(
 
     # Resyncs (every second here) with nothing changed: no status write, no further Event.
     version = cluster.rotation(name)["metadata"]["resourceVersion"]
-    time.sleep(4)
+    passes = reconcile_passes()
+    cluster.wait_for(lambda: reconcile_passes() >= passes + 3, timeout=20, what="three resync passes")
     assert cluster.rotation(name)["metadata"]["resourceVersion"] == version
     assert [e.reason for e in cluster.events_of(name)] == ["Scheduled"]
 

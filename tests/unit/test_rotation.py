@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import base64
-import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import kopf
 import pytest
 
 from runbook_operator.builders import rotation as build
-from runbook_operator.errors import RunbookError
+from runbook_operator.errors import RunbookError, parse_spec
 from runbook_operator.models.rotation import Generator, SecretRotationSpec
 from runbook_operator.reconcilers import rotation
-from runbook_operator.reconcilers.base import parse_spec
+from runbook_operator.reconcilers.rotation_targets import SecretOnly
+from runbook_operator.reconcilers.runtime import Context
+from tests.fake_api import FakeApi
 
 CREATED = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 CREATED_AT = "2026-03-01T12:00:00Z"
@@ -146,10 +146,11 @@ def test_fingerprint_is_short_and_stable() -> None:
     assert len(build.fingerprint("a")) == 12
 
 
-def rotation_body(conditions: list[dict[str, Any]] | None = None) -> kopf.Body:
-    metadata = {"name": "app", "namespace": "ns", "uid": "u-1", "generation": 1, "creationTimestamp": CREATED_AT}
-    raw: Any = {"metadata": metadata, "status": {"conditions": conditions} if conditions is not None else None}
-    return kopf.Body(raw)
+def rotation_body(api: FakeApi, conditions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    metadata = {"name": "app", "uid": "u-1", "generation": 1, "creationTimestamp": CREATED_AT}
+    status = {"conditions": conditions} if conditions is not None else {}
+    spec = {"secretRef": {"name": "db-credentials", "key": "password"}, "interval": "30d"}
+    return api.put(rotation.RESOURCE, "ns", {"metadata": metadata, "spec": spec, "status": status})
 
 
 def condition(type: str, status: str, reason: str) -> dict[str, Any]:
@@ -168,8 +169,9 @@ def condition(type: str, status: str, reason: str) -> dict[str, Any]:
 def test_the_schedule_is_announced_when_ready_begins_not_on_every_resync(
     conditions: list[dict[str, Any]] | None, announced: bool
 ) -> None:
-    checked = rotation._Rotation(rotation_body(conditions), lambda: False, logging.getLogger("test"))
-    due = checked._schedule(spec(interval="30d"))
+    api = FakeApi()
+    checked = rotation.Rotation(Context.of(rotation.ROTATION, rotation_body(api, conditions), api), SecretOnly())
+    due = checked._schedule()
     assert due == CREATED + timedelta(days=30)
     expected = [("Scheduled", "next rotation at 2026-03-31T12:00:00Z")] if announced else []
     assert checked.announcements == expected

@@ -12,12 +12,12 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import kopf
 from croniter import croniter
 
 from ..models.common import parse_duration
 from ..models.rotation import SecretRotationSpec
 from ..settings import MANAGED_BY, PREFIX
+from .common import owner_reference
 
 ROTATION_ID = f"{PREFIX}/rotation-id"  # on the pending Secret and on restarted pod templates
 OWNER_LABEL = f"{PREFIX}/secretrotation"
@@ -48,7 +48,7 @@ def build_pending_secret(
     data = {PENDING_PASSWORD: encode(password)}
     if username is not None:
         data[PENDING_USERNAME] = encode(username)
-    secret: dict[str, Any] = {
+    return {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {
@@ -56,12 +56,19 @@ def build_pending_secret(
             "namespace": owner["metadata"]["namespace"],
             "labels": {**MANAGED_BY, OWNER_LABEL: owner["metadata"]["name"]},
             "annotations": {ROTATION_ID: rotation_id},
+            "ownerReferences": [owner_reference(owner, block_owner_deletion=False)],
         },
         "type": "Opaque",
         "data": data,
     }
-    kopf.append_owner_reference(secret, owner=owner, block_owner_deletion=False)  # type: ignore[arg-type]
-    return secret
+
+
+def refill_pending_secret(*, rotation_id: str, password: str, username: str | None) -> dict[str, Any]:
+    """A merge patch that turns an older rotation's pending Secret (of the same owner) into this one's."""
+    return {
+        "metadata": {"annotations": {ROTATION_ID: rotation_id}},
+        "data": {PENDING_PASSWORD: encode(password), PENDING_USERNAME: None if username is None else encode(username)},
+    }
 
 
 def publish_patch(spec: SecretRotationSpec, *, password: str, username: str | None) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
@@ -151,13 +152,40 @@ class RolloutRecord(StatusModel):
     message: str | None = Field(None, description="Why not, when it did not.")
 
 
+class RotationStep(enum.StrEnum):
+    """The steps of one rotation, in order; ``status.step`` names the last one completed."""
+
+    STARTED = "Started"  # rotationId recorded, before any side effect
+    GENERATED = "Generated"  # the new value is in the pending Secret
+    APPLIED = "Applied"  # the target accepts it (the old one still works where the target allows)
+    VERIFIED = "Verified"  # a login with it works
+    PUBLISHED = "Published"  # the rotated Secret holds it
+    RESTARTED = "Restarted"  # the restart targets rolled out (or rolloutTimeout passed: Degraded)
+    DONE = "Done"  # the old Redis password and the pending Secret are gone
+
+
+class RotationPhase(enum.StrEnum):
+    """A SecretRotation's one-word state."""
+
+    READY = "Ready"
+    ROTATING = "Rotating"
+    DEGRADED = "Degraded"
+    PAUSED = "Paused"
+    FAILED = "Failed"
+
+
 class SecretRotationStatus(StatusBase):
     """Observed state of a SecretRotation. Holds fingerprints only, never values."""
 
+    phase: RotationPhase | None = Field(None, description="A one-word summary of the state.")
     target_kind: str | None = Field(None, description="postgresql, redis or secret-only.")
     rotation_id: str | None = Field(None, description="The rotation in flight (or last finished).")
-    step: str | None = Field(None, description="The last step the rotation in flight completed.")
-    step_time: str | None = Field(None, description="When that step was completed.")
+    step: RotationStep | None = Field(None, description="The last step the rotation in flight completed.")
+    step_time: str | None = Field(
+        None,
+        description="When that step was completed (after Published: when the wait for the rollouts began, "
+        "which rolloutTimeout counts from).",
+    )
     last_rotation_time: str | None = Field(None, description="When the last rotation finished.")
     next_rotation_time: str | None = Field(None, description="When the next rotation is due.")
     fingerprint: str | None = Field(None, description="Short hash of the current value.")

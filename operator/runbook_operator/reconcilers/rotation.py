@@ -1,69 +1,67 @@
 """SecretRotation: a persisted state machine that rotates one password and can be interrupted anywhere.
 
-Each SecretRotation has one clock (a kopf daemon running ``run_clock``): it reconciles, then sleeps until
-the next rotation is due, a retry time, the next resync (at most ``RESYNC``), or a wake-up (the spec
-changed, or an EmergencyIsolation in the namespace changed). Every reconcile reads the resource fresh: the
-API server holds all state. Between rotations each reconcile checks every reference the next rotation
-needs (read-only: the Secrets, the restart targets, an admin login and the role), so a broken one shows as
-``Ready=False`` now rather than when the rotation is due.
+``ROTATION`` is the kind's ``Reconciler``. Each SecretRotation has one clock (``run_clock``, a kopf daemon
+looping in ``runtime.Clocks``): a pass reads the resource fresh (the API server holds all state), then
+sleeps for the ``Result``'s requeue: until the next rotation is due, a retry, the next resync (at most
+``RESYNC``), a rollout check, or a wake-up (the spec changed, or an EmergencyIsolation in the namespace
+changed). Between rotations each pass checks every reference the next rotation needs (read-only: the
+Secrets, the restart targets, an admin login and the role), so a broken one shows as ``Ready=False`` now
+rather than when the rotation is due.
 
-A rotation writes its ``rotationId`` to status before any side effect, then records each completed step:
+A rotation writes its ``rotationId`` to status before any side effect, then walks ``STEP_TABLE``, writing
+each completed step (``models.rotation.RotationStep``) to ``status.step``:
 
     Started -> Generated -> Applied -> Verified -> Published -> Restarted -> Done
 
 Generated: the new password is in an operator-owned pending Secret (retries reuse it). Applied/Verified:
-the target accepts it (PostgreSQL ALTER ROLE with a client-side SCRAM verifier; Redis ACL SETUSER adding
-it next to the old one) and a login with it works; a resumed rotation re-applies until verified.
-Published: one write of the rotated Secret. Restarted: the restart targets' pod templates carry the
-rotationId and their rollouts finished (or timed out: Degraded). Done: the old Redis password is removed,
-the pending Secret deleted. Every step is idempotent, so a crash before a step is recorded repeats it; at
-every moment the Secret's password or the pending one logs in.
+the target accepts it (``rotation_targets.Target``) and a login with it works; a resumed rotation re-applies
+until verified. Published: one write of the rotated Secret. Restarted: the restart targets' pod templates
+carry the rotationId and their rollouts finished, or ``rolloutTimeout`` (from the Published step's
+``stepTime``) passed: Degraded; the wait is a pass that checks once and requeues, never a sleep. Done: the
+old Redis password is removed, the pending Secret deleted. Every step is idempotent, so a crash before a
+step is recorded repeats it; at every moment the Secret's password or the pending one logs in. No step
+needs a clean-up after a failure: a failed step is retried (with backoff) from the recorded one.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import logging
 import os
 import secrets
 import string
-import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import kopf
-import psycopg
-import redis
-from kubernetes.client import ApiException
 
 from .. import metrics
 from ..builders import rotation as build
-from ..clients import kube, postgres
-from ..clients import redis as redis_client
-from ..conditions import get_condition, now_rfc3339
+from ..clients import kube
 from ..errors import RunbookError
 from ..logs import REDACTOR, audit
-from ..models import GROUP, VERSION
-from ..models.common import CredentialsSecretRef, WorkloadRef, parse_duration
-from ..models.rotation import Generator, RedisRotationTarget, RolloutRecord, SecretRotationSpec
-from ..models.sources import TLS_CERT_KEY, TLS_KEY_KEY, RedisTLS
-from .base import MERGE_PATCH, Clocks, StatusPatch, parse_spec, report_failure, retry_or_stop
-from .interlock import active_isolation
+from ..models.common import Condition, parse_duration, parse_time, rfc3339
+from ..models.rotation import (
+    Generator,
+    RolloutRecord,
+    RotationPhase,
+    RotationStep,
+    SecretRotationSpec,
+    SecretRotationStatus,
+)
+from . import runtime
+from .rotation_targets import MISSING_RETRY, REFUSED_RETRY, Pending, Target, target_for
+from .runtime import Context, Reconciler, Result
 
+LOG = logging.getLogger(__name__)
 KIND = "SecretRotation"
-PLURAL = "secretrotations"
-STEPS = ("Started", "Generated", "Applied", "Verified", "Published", "Restarted", "Done")
+RESOURCE = kube.custom_resource("secretrotations", KIND)
 # Test hook: raise right after the side effects of this step, before it is recorded (crash-safety tests).
 CRASH_AFTER_ENV = "RUNBOOK_TEST_CRASH_AFTER"
-UNREACHABLE_RETRY = 10.0  # first retry while a server is down; doubles per failure
-MISSING_RETRY = 30.0  # a Secret, role or workload that may appear
-REFUSED_RETRY = 60.0  # a refusal that needs a person (privileges, a failing verification)
-ROLLOUT_POLL = 2.0
+ROLLOUT_POLL = 2.0  # how often a pass looks at rollouts in progress
 # Between rotations the references are checked again this often (a Secret read or two, one admin login):
 # a reference broken later shows within minutes; one that is fixed is found by the retry's backoff.
 RESYNC = 300.0
@@ -72,21 +70,11 @@ ALPHABETS = {
     "base64url": string.ascii_letters + string.digits + "-_",
     "hex": string.digits + "abcdef",
 }
+ORDER = tuple(RotationStep)
 
-CLOCKS = Clocks()
-_LOCKS: dict[tuple[str, str], threading.Lock] = {}  # the clock and the deletion handler take turns
-
-
-class Stopped(Exception):
-    """kopf is stopping the daemon: leave the rotation where it is, the next run resumes it."""
-
-
-@dataclass(frozen=True)
-class Pending:
-    """The rotation's new value, as stored in the pending Secret."""
-
-    password: str
-    username: str | None  # the dual strategy's login role
+CLOCKS = runtime.Clocks()
+RotationContext = Context[SecretRotationSpec, SecretRotationStatus]
+TargetFor = Callable[[kube.Api, str, SecretRotationSpec], Target]
 
 
 def generate_password(generator: Generator) -> str:
@@ -94,420 +82,254 @@ def generate_password(generator: Generator) -> str:
     return "".join(secrets.choice(alphabet) for _ in range(generator.length))
 
 
-def _before(step: str | None, other: str) -> bool:
-    return STEPS.index(step or "Started") < STEPS.index(other)
-
-
-def _time(value: str) -> datetime:
-    return datetime.fromisoformat(value)
-
-
-def _rfc3339(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _crash_hook(step: str) -> None:
+def _crash_hook(step: RotationStep) -> None:
     if os.environ.get(CRASH_AFTER_ENV) == step:
         raise RuntimeError(f"{CRASH_AFTER_ENV}={step}: interrupted after the step, before recording it")
 
 
-def _one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return REDACTOR.scrub(lines[0]) if lines else type(error).__name__
+def _condition(status: SecretRotationStatus, type: str) -> Condition | None:
+    return next((c for c in status.conditions if c.type == type), None)
 
 
-@contextmanager
-def _server_errors(field: str, server: str, tls: RedisTLS | None = None, server_name: str = "") -> Iterator[None]:
-    """PostgreSQL and Redis failures as RunbookErrors naming the spec field (never a value); a Redis TLS
-    failure names the TLS setting to fix."""
-    try:
-        yield
-    except redis_client.TLSFault as fault:
-        raise RunbookError("TLSFailed", f"{field}.tls.{fault}", retry_after=REFUSED_RETRY) from None
-    except (psycopg.OperationalError, redis.AuthenticationError) as error:
-        if isinstance(error, redis.AuthenticationError) or postgres.refused(error):
-            raise RunbookError(
-                "LoginRefused",
-                f"{field}.adminSecretRef: {server} refused the admin login: {_one_line(error)}",
-                retry_after=REFUSED_RETRY,
-            ) from None
-        raise RunbookError(
-            "DatabaseUnavailable", f"{field}: cannot reach {server}: {_one_line(error)}", retry_after=UNREACHABLE_RETRY
-        ) from None
-    except (redis.ConnectionError, redis.TimeoutError) as error:
-        cause = redis_client.tls_fault(error, tls, server_name=server_name)
-        if cause is not None:
-            raise RunbookError("TLSFailed", f"{field}.tls.{cause}", retry_after=REFUSED_RETRY) from None
-        raise RunbookError(
-            "DatabaseUnavailable", f"{field}: cannot reach {server}: {_one_line(error)}", retry_after=UNREACHABLE_RETRY
-        ) from None
-    except (psycopg.Error, redis.RedisError) as error:
-        raise RunbookError(
-            "TargetRefused", f"{field}: {server}: {_one_line(error)}", retry_after=REFUSED_RETRY
-        ) from None
+def _in_flight(status: SecretRotationStatus) -> bool:
+    return status.step not in (None, RotationStep.DONE)
 
 
-# ------------------------------------------------------------------------------------------------ the clock
+@dataclass(frozen=True)
+class Step:
+    """One row of the step table. ``run`` makes the step's side effects (idempotent) and returns None once the
+    step is complete, or a Result to be passed again (a wait); ``record`` sets the status facts written with
+    the step; ``resume_from``: a resumed rotation repeats that earlier step before this one (verification
+    re-applies)."""
+
+    name: RotationStep
+    run: Callable[[Rotation], Result | None]
+    record: Callable[[Rotation], None] | None = None
+    resume_from: RotationStep | None = None
 
 
-async def run_clock(body: kopf.Body, *, stopped: kopf.DaemonStopped, logger: kopf.Logger) -> None:
-    """Reconcile, sleep until due, retry with backoff, until kopf stops the daemon."""
-    namespace, name = str(body.metadata.namespace), str(body.metadata.name)
+@dataclass
+class Rotation:
+    """One pass over one SecretRotation."""
 
-    async def once() -> float | None:
-        try:
-            return await asyncio.to_thread(reconcile, namespace, name, lambda: bool(stopped), logger)
-        except Stopped:
-            return None
-
-    await CLOCKS.run(namespace=namespace, name=name, stopped=stopped, reconcile=once)
-
-
-# --------------------------------------------------------------------------------------------- reconcile
-
-
-def _read(namespace: str, name: str) -> kopf.Body | None:
-    try:
-        raw = kube.custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    except ApiException as error:
-        if error.status == 404:
-            return None
-        raise
-    return kopf.Body(raw)
-
-
-def reconcile(namespace: str, name: str, stopped: Callable[[], bool], logger: kopf.Logger) -> float | None:
-    """Resume or start a rotation when one is in flight or due; return the seconds until the next is due."""
-    with _LOCKS.setdefault((namespace, name), threading.Lock()):
-        body = _read(namespace, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return None
-        rotation = _Rotation(body, stopped, logger)
-        try:
-            return rotation.converge()
-        except Stopped:
-            raise
-        except Exception as raised:  # reported, then retried with backoff by the clock
-            error = report_failure(body, rotation.status, raised, phase=None if rotation.in_flight else "Failed")
-            rotation.commit()
-            raise error from None
-
-
-def settle_before_deletion(body: kopf.Body, *, logger: kopf.Logger) -> None:
-    """The deletion handler: a rotation in flight is carried through publishing first, so the Secret's
-    password works once the pending Secret is garbage-collected with the resource."""
-    namespace, name = str(body.metadata.namespace), str(body.metadata.name)
-    with _LOCKS.setdefault((namespace, name), threading.Lock()):
-        fresh = _read(namespace, name)
-        if fresh is None:
-            return
-        rotation = _Rotation(fresh, lambda: False, logger)
-        if rotation.in_flight:
-            try:
-                rotation.finish(parse_spec(SecretRotationSpec, fresh.get("spec")), publish_only=True)
-            except RunbookError as error:
-                report_failure(fresh, rotation.status, error)
-                rotation.commit()
-                raise retry_or_stop(error) from None
-    _LOCKS.pop((namespace, name), None)
-
-
-class _Rotation:
-    """One reconcile of one SecretRotation."""
-
-    def __init__(self, body: kopf.Body, stopped: Callable[[], bool], logger: kopf.Logger) -> None:
-        self.body = body
-        self.namespace: str = body["metadata"]["namespace"]
-        self.name: str = body["metadata"]["name"]
-        self.status = StatusPatch(body.get("status"), body["metadata"].get("generation"))
-        self.stopped = stopped
-        self.logger = logger
-        self.announcements: list[tuple[str, str]] = []  # Normal Events to post once the status is written
-
-    def _tell(self, reason: str, message: str) -> None:
-        """A log line and an Event (kopf does not post a daemon's log lines as Events)."""
-        self.logger.info(message)
-        kopf.info(self.body, reason=reason, message=message)
+    ctx: RotationContext
+    target: Target
+    pending: Pending | None = None
+    announcements: list[tuple[str, str]] = field(default_factory=list)  # Normal Events to post once written
 
     @property
-    def in_flight(self) -> bool:
-        return self.status.get("step") not in (None, "Done")
+    def spec(self) -> SecretRotationSpec:
+        return self.ctx.spec
 
-    def commit(self) -> None:
-        """Write the collected status changes now (nothing when there are none), then post the Events
-        that announce them (none when the write failed: the next reconcile announces them again)."""
+    @property
+    def status(self) -> SecretRotationStatus:
+        return self.ctx.status
+
+    def _tell(self, reason: str, message: str) -> None:
+        LOG.info("%s %s/%s: %s", KIND, self.ctx.namespace, self.ctx.name, message)
+        self.ctx.event("Normal", reason, message)
+
+    def _commit(self) -> None:
+        """Write the status changes now (nothing when there are none), then post the Events that announce them
+        (none when the write failed: the next pass announces them again)."""
+        self.ctx.checkpoint()
         announcements, self.announcements = self.announcements, []
-        self.status.write(plural=PLURAL, namespace=self.namespace, name=self.name)
         for reason, message in announcements:
             self._tell(reason, message)
 
-    def converge(self) -> float | None:
-        spec = parse_spec(SecretRotationSpec, self.body.get("spec"))
-        self.status.set(targetKind=_target_kind(spec))
-        if not self.in_flight:
-            if not self._due(spec):
-                self._preflight(spec)  # read-only: a broken reference shows now, not when the rotation is due
-                return self._idle(spec)
-            isolation = active_isolation(self.namespace)
-            if isolation is not None:
-                self._pause(isolation)
-                return None
-            self.status.condition("Paused", "False", "NotIsolated")
-            self._preflight(spec)
-            self._start(spec)
-        self.finish(spec)
-        return self._idle(spec)
+    def converge(self) -> Result:
+        self.status.target_kind = self.target.kind
+        if not _in_flight(self.status):
+            if not self._due():
+                self._preflight()  # read-only: a broken reference shows now, not when the rotation is due
+                return self._idle()
+            holder = self.ctx.isolation(self.ctx.namespace)
+            if holder is not None:
+                return self._pause(holder)
+            self.ctx.condition("Paused", "False", "NotIsolated")
+            self._preflight()
+            self._start()
+        waiting = self.advance()
+        return waiting if waiting is not None else self._idle()
+
+    def advance(self, *, through: RotationStep = RotationStep.DONE) -> Result | None:
+        """Carry the rotation in flight on from its recorded step through ``through`` (deletion: Published);
+        a Result when a step waits."""
+        assert self.status.rotation_id is not None  # in flight
+        self.pending = self._read_pending(self.status.rotation_id)
+        done = self.status.step or RotationStep.STARTED
+        if ORDER.index(done) < ORDER.index(RotationStep.PUBLISHED) and self.pending is None:
+            done = RotationStep.STARTED  # not generated yet, or lost: start over from a new value
+        upcoming = [s for s in STEP_TABLE if ORDER.index(done) < ORDER.index(s.name) <= ORDER.index(through)]
+        if upcoming and upcoming[0].resume_from is not None:
+            upcoming = [s for s in STEP_TABLE if s.name == upcoming[0].resume_from] + upcoming
+        for step in upcoming:
+            waiting = step.run(self)
+            if waiting is not None:
+                return waiting
+            _crash_hook(step.name)
+            self.status.step, self.status.step_time = step.name, rfc3339(self.ctx.now())
+            if step.record is not None:
+                step.record(self)
+            self._commit()
+        return None
 
     # ------------------------------------------------------------------------------------ schedule
 
-    def _next_due(self, spec: SecretRotationSpec) -> datetime | None:
-        last = self.status.get("lastRotationTime")
-        created = _time(self.body["metadata"]["creationTimestamp"])
-        return build.next_rotation(spec, last=_time(last) if last else None, created=created)
+    def _next_due(self) -> datetime | None:
+        created = parse_time(self.ctx.body["metadata"]["creationTimestamp"])
+        assert created is not None
+        return build.next_rotation(self.spec, last=parse_time(self.status.last_rotation_time), created=created)
 
-    def _due(self, spec: SecretRotationSpec) -> bool:
-        if spec.rotate_now is not None and spec.rotate_now != self.status.get("rotateNow"):
+    def _due(self) -> bool:
+        if self.spec.rotate_now is not None and self.spec.rotate_now != self.status.rotate_now:
             return True
-        due = self._next_due(spec)
-        return due is not None and due <= datetime.now(UTC)
+        due = self._next_due()
+        return due is not None and due <= self.ctx.now()
 
-    def _idle(self, spec: SecretRotationSpec) -> float:
-        """Status between rotations; the seconds until the next one is due or the next resync."""
-        due = self._schedule(spec)
-        self.commit()
-        return RESYNC if due is None else min(RESYNC, max(0.0, (due - datetime.now(UTC)).total_seconds()))
+    def _idle(self) -> Result:
+        """Status between rotations; a pass again when the next one is due or at the next resync."""
+        due = self._schedule()
+        self._commit()
+        return Result.after(RESYNC if due is None else min(RESYNC, (due - self.ctx.now()).total_seconds()))
 
-    def _schedule(self, spec: SecretRotationSpec) -> datetime | None:
+    def _schedule(self) -> datetime | None:
         """The next rotation time, Ready and the metric, as they stand between rotations (not yet written)."""
-        due = self._next_due(spec)
-        last = self.status.get("lastRotationTime")
-        if last:
-            metrics.SECRET_LAST_ROTATION.labels(self.namespace, self.name).set(_time(last).timestamp())
-        self.status.set(nextRotationTime=_rfc3339(due) if due else None)
+        namespace, name = self.ctx.namespace, self.ctx.name
+        due = self._next_due()
+        last = parse_time(self.status.last_rotation_time)
+        if last is not None:
+            metrics.SECRET_LAST_ROTATION.labels(namespace, name).set(last.timestamp())
+        self.status.next_rotation_time = rfc3339(due) if due else None
         if due:
-            metrics.SECRET_NEXT_ROTATION.labels(self.namespace, self.name).set(due.timestamp())
+            metrics.SECRET_NEXT_ROTATION.labels(namespace, name).set(due.timestamp())
         else:
-            metrics.SECRET_NEXT_ROTATION.remove(self.namespace, self.name)
-        degraded = get_condition(self.status.get("conditions"), "Degraded")
-        if degraded is not None and degraded["status"] == "True":
-            self.status.condition("Ready", "False", degraded["reason"], degraded["message"])
-            self.status.set(phase="Degraded")
+            metrics.SECRET_NEXT_ROTATION.remove(namespace, name)
+        degraded = _condition(self.status, "Degraded")
+        if degraded is not None and degraded.status == "True":
+            self.ctx.condition("Ready", "False", degraded.reason, degraded.message)
+            self.status.phase = RotationPhase.DEGRADED
         else:
-            when = f"next rotation at {_rfc3339(due)}" if due else "rotates when spec.rotateNow changes"
-            ready = get_condition(self.status.get("conditions"), "Ready")
-            if ready is None or ready["status"] != "True":  # accepted, or every reference works again
+            when = f"next rotation at {rfc3339(due)}" if due else "rotates when spec.rotateNow changes"
+            ready = _condition(self.status, "Ready")
+            if ready is None or ready.status != "True":  # accepted, or every reference works again
                 self.announcements.append(("Scheduled", when))
-            self.status.condition("Ready", "True", "Scheduled", when)
-            self.status.set(phase="Ready")
+            self.ctx.condition("Ready", "True", "Scheduled", when)
+            self.status.phase = RotationPhase.READY
         return due
 
-    def _pause(self, isolation: str) -> None:
+    def _pause(self, isolation: str) -> Result:
         """Paused until the isolation ends (its changes wake the clock); a rotation in flight is not paused."""
         message = f"EmergencyIsolation {isolation} is active in the namespace: no rotation starts until it is released"
-        if self.status.get("phase") != "Paused":
-            kopf.warn(self.body, reason="NamespaceIsolated", message=message)
-        self.status.condition("Paused", "True", "NamespaceIsolated", message)
-        self.status.set(phase="Paused")
-        self.commit()
+        if self.status.phase != RotationPhase.PAUSED:
+            self.ctx.event("Warning", "NamespaceIsolated", message)
+        self.ctx.condition("Paused", "True", "NamespaceIsolated", message)
+        self.status.phase = RotationPhase.PAUSED
+        return Result.done()
 
     # ------------------------------------------------------------------------------------ the steps
 
-    def _preflight(self, spec: SecretRotationSpec) -> None:
+    def _preflight(self) -> None:
         """Every input a rotation needs, checked before it starts: a bad one leaves nothing half-done."""
-        kube.read_secret_value(self.namespace, spec.secret_ref.name, spec.secret_ref.key, field="spec.secretRef")
+        api, namespace, spec = self.ctx.api, self.ctx.namespace, self.spec
+        kube.secret_value(api, namespace, spec.secret_ref.name, spec.secret_ref.key, field="spec.secretRef")
         self._pending_secret()
         for index, ref in enumerate(spec.restart_targets):
-            if self._read_workload(ref) is None:
+            if api.get(kube.workload(ref.kind), namespace, ref.name) is None:
                 raise RunbookError(
                     "RestartTargetNotFound",
                     f"spec.restartTargets[{index}]: {ref.kind} {ref.name} not found",
                     retry_after=MISSING_RETRY,
                 )
-        target = spec.target
-        if target is not None and target.postgresql is not None:
-            pg = target.postgresql
-            with self._postgres(spec) as conn:
-                exists = postgres.role_exists(conn, pg.user)
-            if not exists:
-                raise RunbookError(
-                    "RoleNotFound",
-                    f"spec.target.postgresql.user: role {pg.user} does not exist in {pg.host}:{pg.port}",
-                    retry_after=MISSING_RETRY,
-                )
-        elif target is not None and target.redis is not None:
-            with self._redis(spec) as client:
-                exists = redis_client.user_exists(client, target.redis.user)
-            if not exists:
-                raise RunbookError(
-                    "RoleNotFound",
-                    f"spec.target.redis.user: ACL user {target.redis.user} does not exist",
-                    retry_after=MISSING_RETRY,
-                )
+        self.target.check()
 
-    def _start(self, spec: SecretRotationSpec) -> None:
+    def _start(self) -> None:
         rotation_id = uuid.uuid4().hex[:16]
-        self.status.set(
-            rotationId=rotation_id,
-            step="Started",
-            stepTime=now_rfc3339(),
-            rotateNow=spec.rotate_now,
-            targets=[],
-            phase="Rotating",
-        )
-        self.status.condition("Rotated", "Unknown", "InProgress", f"rotation {rotation_id} started")
-        self.commit()
+        status = self.status
+        status.rotation_id, status.step, status.step_time = rotation_id, RotationStep.STARTED, rfc3339(self.ctx.now())
+        status.rotate_now, status.targets, status.phase = self.spec.rotate_now, [], RotationPhase.ROTATING
+        self.ctx.condition("Rotated", "Unknown", "InProgress", f"rotation {rotation_id} started")
+        self._commit()
         self._tell("RotationStarted", f"Rotation {rotation_id} started")
 
-    def _done(self, step: str, **fields: Any) -> str:
-        """Record a completed step (after the test hook, which simulates a crash just before this write)."""
-        _crash_hook(step)
-        self.status.set(step=step, stepTime=now_rfc3339(), **fields)
-        self.commit()
-        return step
-
-    def finish(self, spec: SecretRotationSpec, *, publish_only: bool = False) -> None:
-        """Carry the rotation in flight on from its last recorded step (only through publishing: deletion)."""
-        rotation_id: str = self.status.get("rotationId")
-        step: str = self.status.get("step")
-        pending = self._read_pending(rotation_id)
-        if _before(step, "Published"):
-            if pending is None:  # not generated yet, or lost: start over from a new value
-                pending, step = self._generate(spec, rotation_id), "Started"
-            if _before(step, "Generated"):
-                step = self._done("Generated")
-            if _before(step, "Verified"):
-                self._apply(spec, pending)
-                step = self._done("Applied")
-                self._verify(spec, pending)
-                step = self._done("Verified")
-            self._publish(spec, pending)
-            step = self._done("Published", fingerprint=build.fingerprint(pending.password), activeRole=pending.username)
-        if publish_only:
+    def _generate(self) -> None:
+        """(a) A new value, stored in the pending Secret before it is used anywhere (kept when stored already)."""
+        assert self.status.rotation_id is not None
+        if self.pending is not None:
             return
-        if _before(step, "Restarted"):
-            self._restart(spec, rotation_id)
-            step = self._done("Restarted")
-        self._retire(spec, pending, rotation_id)
-
-    def _generate(self, spec: SecretRotationSpec, rotation_id: str) -> Pending:
-        """(a) A new value, stored in the pending Secret before it is used anywhere."""
-        password = generate_password(spec.generator)
+        password = generate_password(self.spec.generator)
         REDACTOR.register(password)
-        username = None
-        if spec.strategy == "dual" and spec.target is not None and spec.target.postgresql is not None:
-            username = build.idle_role(spec.target.postgresql.user, self._secret_username(spec))
-        manifest = build.build_pending_secret(self.body, rotation_id=rotation_id, password=password, username=username)
-        core = kube.core()
-        try:
-            core.create_namespaced_secret(self.namespace, manifest)
-        except ApiException as error:
-            if error.status != 409:
-                raise
-            # A pending Secret of an older rotation (ownership checked by _read_pending): replace it.
-            core.replace_namespaced_secret(manifest["metadata"]["name"], self.namespace, manifest)
+        username = self.target.login_role(self._secret_username() if self.spec.strategy == "dual" else None)
+        rotation_id = self.status.rotation_id
+        manifest = build.build_pending_secret(
+            self.ctx.body, rotation_id=rotation_id, password=password, username=username
+        )
+        if not self.ctx.api.create(kube.SECRETS, self.ctx.namespace, manifest):
+            # A pending Secret of an older rotation (ownership checked by _read_pending): refill it.
+            refill = build.refill_pending_secret(rotation_id=rotation_id, password=password, username=username)
+            self.ctx.api.patch(kube.SECRETS, self.ctx.namespace, manifest["metadata"]["name"], refill)
         self._tell("Generated", f"Rotation {rotation_id}: new value generated (pending Secret)")
-        return Pending(password, username)
+        self.pending = Pending(password, username)
 
-    def _apply(self, spec: SecretRotationSpec, pending: Pending) -> None:
+    def _apply(self) -> None:
         """(b) The target accepts the new value; the old one keeps working where the target allows it."""
-        target = spec.target
-        if target is not None and target.postgresql is not None:
-            with self._postgres(spec) as conn:
-                if pending.username is not None:
-                    postgres.set_member_password(conn, pending.username, target.postgresql.user, pending.password)
-                else:
-                    postgres.set_password(conn, target.postgresql.user, pending.password)
-        elif target is not None and target.redis is not None:
-            with self._redis(spec) as client:
-                redis_client.add_password(client, target.redis.user, pending.password)
+        assert self.pending is not None
+        self.target.apply(self.pending)
 
-    def _verify(self, spec: SecretRotationSpec, pending: Pending) -> None:
+    def _verify(self) -> None:
         """(c) A login with the new value works."""
-        target = spec.target
-        if target is not None and target.postgresql is not None:
-            pg = target.postgresql
-            user = pending.username or pg.user
-            with _server_errors("spec.target.postgresql", f"PostgreSQL {pg.host}:{pg.port}"):
-                ok = postgres.login_works(
-                    host=pg.host, port=pg.port, database=pg.database, user=user, password=pending.password
-                )
-            field = "spec.target.postgresql"
-        elif target is not None and target.redis is not None:
-            rd = target.redis
-            user = rd.user
-            material = self._redis_tls(spec)
-            with _server_errors(*_redis_where(rd)):
-                ok = redis_client.login_works(
-                    host=rd.host, port=rd.port, tls=rd.tls, material=material, user=user, password=pending.password
-                )
-            field = "spec.target.redis"
-        else:
-            return
-        if not ok:
-            raise RunbookError(
-                "VerificationFailed",
-                f"{field}: a login as {user} with the new password was refused; it will be applied again",
-                retry_after=REFUSED_RETRY,
-            )
+        assert self.pending is not None
+        self.target.verify(self.pending)
 
-    def _publish(self, spec: SecretRotationSpec, pending: Pending) -> None:
+    def _publish(self) -> None:
         """(d) The rotated Secret gets the new value (and dual's user name) in one write."""
-        ref = spec.secret_ref
-        try:
-            secret = kube.core().read_namespaced_secret(ref.name, self.namespace)
-        except ApiException as error:
-            if error.status == 404:
-                raise RunbookError(
-                    "SecretNotFound", f"spec.secretRef: Secret {ref.name} not found", retry_after=MISSING_RETRY
-                ) from None
-            raise
-        patch = build.publish_patch(spec, password=pending.password, username=pending.username)
-        data = secret.data or {}
+        assert self.pending is not None
+        ref, pending = self.spec.secret_ref, self.pending
+        secret = self.ctx.api.get(kube.SECRETS, self.ctx.namespace, ref.name)
+        if secret is None:
+            raise RunbookError(
+                "SecretNotFound", f"spec.secretRef: Secret {ref.name} not found", retry_after=MISSING_RETRY
+            )
+        patch = build.publish_patch(self.spec, password=pending.password, username=pending.username)
+        data = secret.get("data") or {}
         if any(data.get(key) != value for key, value in patch["data"].items()):
-            kube.core().patch_namespaced_secret(ref.name, self.namespace, patch, _content_type=MERGE_PATCH)
+            self.ctx.api.patch(kube.SECRETS, self.ctx.namespace, ref.name, patch)
         self._tell(
             "Published",
             f"Published to Secret {ref.name} key {ref.key} (fingerprint {build.fingerprint(pending.password)})"
             + (f" for login role {pending.username}" if pending.username else ""),
         )
 
-    def _restart(self, spec: SecretRotationSpec, rotation_id: str) -> None:
-        """(e) Stamp the rotation on each target's pod template, then wait for all rollouts (one deadline)."""
+    def _record_published(self) -> None:
+        assert self.pending is not None
+        self.status.fingerprint = build.fingerprint(self.pending.password)
+        self.status.active_role = self.pending.username
+
+    def _restart(self) -> Result | None:
+        """(e) Stamp the rotation on each target's pod template, then look at the rollouts once: a Result to
+        look again while one rolls and ``rolloutTimeout`` (from the Published step's stepTime) has not passed."""
+        api, namespace, spec = self.ctx.api, self.ctx.namespace, self.spec
+        rotation_id = self.status.rotation_id
+        assert rotation_id is not None
         waiting: dict[int, str] = {}
         for index, ref in enumerate(spec.restart_targets):
-            workload = self._read_workload(ref)
-            if workload is None:
-                waiting[index] = "not found"
-                continue
-            annotations = workload.get("spec", {}).get("template", {}).get("metadata", {}).get("annotations") or {}
-            if annotations.get(build.ROTATION_ID) != rotation_id:
-                patch = build.restart_patch(rotation_id)
-                if ref.kind == "Deployment":
-                    kube.apps().patch_namespaced_deployment(ref.name, self.namespace, patch, _content_type=MERGE_PATCH)
-                else:
-                    kube.apps().patch_namespaced_stateful_set(
-                        ref.name, self.namespace, patch, _content_type=MERGE_PATCH
-                    )
+            resource = kube.workload(ref.kind)
+            workload = api.get(resource, namespace, ref.name)
+            template = (workload or {}).get("spec", {}).get("template", {})
+            if (
+                workload is not None
+                and (template.get("metadata", {}).get("annotations") or {}).get(build.ROTATION_ID) != rotation_id
+            ):
+                workload = api.patch(resource, namespace, ref.name, build.restart_patch(rotation_id))
                 self._tell("Restarting", f"Restarting {ref.kind} {ref.name}")
-            waiting[index] = "rollout not observed yet"
-        deadline = _time(self.status.get("stepTime")).timestamp() + parse_duration(spec.rollout_timeout).total_seconds()
-        while True:
-            for index in [i for i, reason in waiting.items() if reason != "not found"]:
-                workload = self._read_workload(spec.restart_targets[index])
-                reason = (
-                    "not found"
-                    if workload is None
-                    else build.rollout_pending(spec.restart_targets[index].kind, workload)
-                )
-                if reason is None:
-                    del waiting[index]
-                else:
-                    waiting[index] = reason
-            if all(reason == "not found" for reason in waiting.values()) or time.time() >= deadline:
-                break
-            if self.stopped():
-                raise Stopped
-            time.sleep(ROLLOUT_POLL)
+            reason = "not found" if workload is None else build.rollout_pending(ref.kind, workload)
+            if reason is not None:
+                waiting[index] = reason
+        started = parse_time(self.status.step_time)
+        assert started is not None
+        left = (started + parse_duration(spec.rollout_timeout) - self.ctx.now()).total_seconds()
+        if any(reason != "not found" for reason in waiting.values()) and left > 0:
+            return Result.after(min(ROLLOUT_POLL, left))
         records = [
             RolloutRecord(
                 kind=ref.kind,
@@ -519,68 +341,62 @@ class _Rotation:
             )
             for index, ref in enumerate(spec.restart_targets)
         ]
-        self.status.set(targets=[r.to_api() for r in records])
+        self.status.targets = records
         stuck = [r for r in records if not r.ready]
         if stuck:
             message = "; ".join(f"{r.kind} {r.name} {r.message}" for r in stuck)
-            self.status.condition("Degraded", "True", "RolloutIncomplete", message)
-            kopf.warn(self.body, reason="RolloutIncomplete", message=message)
+            self.ctx.condition("Degraded", "True", "RolloutIncomplete", message)
+            self.ctx.event("Warning", "RolloutIncomplete", message)
         else:
             rolled = ", ".join(f"{r.kind} {r.name}" for r in records) or "no restart targets"
-            self.status.condition("Degraded", "False", "RolledOut", f"rolled out: {rolled}")
+            self.ctx.condition("Degraded", "False", "RolledOut", f"rolled out: {rolled}")
+        return None
 
-    def _retire(self, spec: SecretRotationSpec, pending: Pending | None, rotation_id: str) -> None:
-        """(f) Only the new Redis password remains; the pending Secret goes; the rotation is recorded."""
-        target = spec.target
-        if pending is not None and target is not None and target.redis is not None:
-            with self._redis(spec) as client:
-                redis_client.keep_only_password(client, target.redis.user, pending.password)
-        try:
-            kube.core().delete_namespaced_secret(build.pending_secret_name(self.name), self.namespace)
-        except ApiException as error:
-            if error.status != 404:
-                raise
-        _crash_hook("Done")
-        now = datetime.now(UTC)
-        fingerprint = self.status.get("fingerprint")
-        self.status.set(step="Done", stepTime=_rfc3339(now), lastRotationTime=_rfc3339(now))
-        self.status.condition(
-            "Rotated", "True", "Rotated", f"rotation {rotation_id} finished (fingerprint {fingerprint})"
+    def _retire(self) -> None:
+        """(f) Only the new password works where the target kept the old one; the pending Secret goes."""
+        if self.pending is not None:
+            self.target.retire(self.pending)
+        self.ctx.api.delete(kube.SECRETS, self.ctx.namespace, build.pending_secret_name(self.ctx.name))
+
+    def _record_done(self) -> None:
+        """The rotation recorded with the next rotation time and Ready (one write), then the audit line and the
+        Event."""
+        status, spec = self.status, self.spec
+        status.last_rotation_time = status.step_time
+        self.ctx.condition(
+            "Rotated", "True", "Rotated", f"rotation {status.rotation_id} finished (fingerprint {status.fingerprint})"
         )
-        self._schedule(spec)  # one write: Done together with the next rotation time and Ready
-        self.commit()
-        records = [RolloutRecord.model_validate(r) for r in self.status.get("targets") or []]
+        self._schedule()
+        self._commit()
         audit(
             "secret_rotated",
-            namespace=self.namespace,
-            name=self.name,
+            namespace=self.ctx.namespace,
+            name=self.ctx.name,
             kind=KIND,
-            rotationId=rotation_id,
+            rotationId=status.rotation_id,
             secret=spec.secret_ref.name,
             key=spec.secret_ref.key,
-            fingerprint=fingerprint,
-            target=_target_kind(spec),
-            activeRole=self.status.get("activeRole"),
-            restarted=[f"{r.kind}/{r.name}" for r in records if r.ready],
-            notRolledOut=[f"{r.kind}/{r.name}" for r in records if not r.ready],
+            fingerprint=status.fingerprint,
+            target=self.target.kind,
+            activeRole=status.active_role,
+            restarted=[f"{r.kind}/{r.name}" for r in status.targets if r.ready],
+            notRolledOut=[f"{r.kind}/{r.name}" for r in status.targets if not r.ready],
         )
         self._tell(
-            "Rotated", f"Rotation {rotation_id} finished: Secret {spec.secret_ref.name} fingerprint {fingerprint}"
+            "Rotated",
+            f"Rotation {status.rotation_id} finished: Secret {spec.secret_ref.name} fingerprint {status.fingerprint}",
         )
 
     # ------------------------------------------------------------------------------------ reading
 
-    def _pending_secret(self) -> Any:
-        """The pending Secret (a V1Secret) if it exists; one this resource does not own is a conflict."""
-        name = build.pending_secret_name(self.name)
-        try:
-            secret = kube.core().read_namespaced_secret(name, self.namespace)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        owners = secret.metadata.owner_references or []
-        if not any(ref.uid == self.body["metadata"]["uid"] for ref in owners):
+    def _pending_secret(self) -> dict[str, Any] | None:
+        """The pending Secret if it exists; one this resource does not own is a conflict."""
+        name = build.pending_secret_name(self.ctx.name)
+        secret = self.ctx.api.get(kube.SECRETS, self.ctx.namespace, name)
+        if secret is None:
+            return None
+        owners = secret["metadata"].get("ownerReferences") or []
+        if not any(ref.get("uid") == self.ctx.body["metadata"]["uid"] for ref in owners):
             raise RunbookError(
                 "PendingSecretConflict",
                 f"Secret {name} exists and is not owned by this SecretRotation: rename or delete it",
@@ -591,99 +407,93 @@ class _Rotation:
     def _read_pending(self, rotation_id: str) -> Pending | None:
         """The pending value of this rotation, if stored; a pending Secret of another rotation counts as none."""
         secret = self._pending_secret()
-        if secret is None or (secret.metadata.annotations or {}).get(build.ROTATION_ID) != rotation_id:
+        if secret is None or (secret["metadata"].get("annotations") or {}).get(build.ROTATION_ID) != rotation_id:
             return None
-        data = secret.data or {}
+        data = secret.get("data") or {}
         password = base64.b64decode(data[build.PENDING_PASSWORD]).decode()
         REDACTOR.register(password)
         username = data.get(build.PENDING_USERNAME)
         return Pending(password, base64.b64decode(username).decode() if username else None)
 
-    def _secret_username(self, spec: SecretRotationSpec) -> str | None:
+    def _secret_username(self) -> str | None:
         """The login role the rotated Secret names now (dual), if any."""
-        ref = spec.secret_ref
+        ref = self.spec.secret_ref
         if ref.username_key is None:
             return None
         try:
-            return kube.read_secret_value(
-                self.namespace, ref.name, ref.username_key, field="spec.secretRef.usernameKey", redact=False
+            return kube.secret_value(
+                self.ctx.api,
+                self.ctx.namespace,
+                ref.name,
+                ref.username_key,
+                field="spec.secretRef.usernameKey",
+                redact=False,
             )
         except RunbookError as error:
             if error.reason == "SecretKeyMissing":
                 return None
             raise
 
-    def _read_workload(self, ref: WorkloadRef) -> dict[str, Any] | None:
+
+STEP_TABLE = (
+    Step(RotationStep.GENERATED, Rotation._generate),
+    Step(RotationStep.APPLIED, Rotation._apply),
+    Step(RotationStep.VERIFIED, Rotation._verify, resume_from=RotationStep.APPLIED),
+    Step(RotationStep.PUBLISHED, Rotation._publish, record=Rotation._record_published),
+    Step(RotationStep.RESTARTED, Rotation._restart),
+    Step(RotationStep.DONE, Rotation._retire, record=Rotation._record_done),
+)
+
+
+def reconciler(targets: TargetFor = target_for) -> Reconciler[SecretRotationSpec, SecretRotationStatus]:
+    """The kind, its targets given by ``targets`` (tests pass a fake)."""
+
+    def reconcile(ctx: RotationContext) -> Result:
+        """Resume or start a rotation when one is in flight or due; else check the references and wait."""
         try:
-            if ref.kind == "Deployment":
-                workload = kube.apps().read_namespaced_deployment(ref.name, self.namespace)
-            else:
-                workload = kube.apps().read_namespaced_stateful_set(ref.name, self.namespace)
-        except ApiException as error:
-            if error.status == 404:
-                return None
+            return Rotation(ctx, targets(ctx.api, ctx.namespace, ctx.spec)).converge()
+        except Exception:
+            if not _in_flight(ctx.status):
+                ctx.status.phase = RotationPhase.FAILED
             raise
-        serialized: dict[str, Any] = kube.api_client().sanitize_for_serialization(workload)
-        return serialized
 
-    def _admin(self, ref: CredentialsSecretRef, field: str) -> tuple[str, str]:
-        user = kube.read_secret_value(self.namespace, ref.name, ref.username_key, field=field, redact=False)
-        password = kube.read_secret_value(self.namespace, ref.name, ref.password_key, field=field)
-        return user, password
+    def settle(ctx: RotationContext) -> Result:
+        """Deletion: a rotation in flight is carried through publishing first, so the Secret's password works
+        once the pending Secret is garbage-collected with the resource."""
+        if _in_flight(ctx.status):
+            Rotation(ctx, targets(ctx.api, ctx.namespace, ctx.spec)).advance(through=RotationStep.PUBLISHED)
+        return Result.done()
 
-    @contextmanager
-    def _postgres(self, spec: SecretRotationSpec) -> Iterator[psycopg.Connection[Any]]:
-        assert spec.target is not None and spec.target.postgresql is not None  # callers check
-        pg = spec.target.postgresql
-        user, password = self._admin(pg.admin_secret_ref, "spec.target.postgresql.adminSecretRef")
-        with (
-            _server_errors("spec.target.postgresql", f"PostgreSQL {pg.host}:{pg.port}"),
-            postgres.connect(host=pg.host, port=pg.port, database=pg.database, user=user, password=password) as conn,
-        ):
-            yield conn
-
-    def _redis_tls(self, spec: SecretRotationSpec) -> redis_client.TLSMaterial | None:
-        """The CA and the client pair from their Secrets (the key registered with the redactor)."""
-        assert spec.target is not None and spec.target.redis is not None  # callers check
-        tls = spec.target.redis.tls
-        if tls is None or not tls.enabled:
-            return None
-        field = "spec.target.redis.tls"
-        ca = certificate = key = None
-        if tls.ca_secret_ref is not None:
-            ref = tls.ca_secret_ref
-            ca = kube.read_secret_value(self.namespace, ref.name, ref.key, field=f"{field}.caSecretRef", redact=False)
-        if tls.client_certificate_secret_ref is not None:
-            name, pair = tls.client_certificate_secret_ref.name, f"{field}.clientCertificateSecretRef"
-            certificate = kube.read_secret_value(self.namespace, name, TLS_CERT_KEY, field=pair, redact=False)
-            key = kube.read_secret_value(self.namespace, name, TLS_KEY_KEY, field=pair)
-        return redis_client.TLSMaterial(ca=ca, certificate=certificate, key=key)
-
-    @contextmanager
-    def _redis(self, spec: SecretRotationSpec) -> Iterator[redis.Redis]:
-        assert spec.target is not None and spec.target.redis is not None  # callers check
-        rd = spec.target.redis
-        user, password = self._admin(rd.admin_secret_ref, "spec.target.redis.adminSecretRef")
-        material = self._redis_tls(spec)
-        with _server_errors(*_redis_where(rd)):
-            client = redis_client.connect(
-                host=rd.host, port=rd.port, tls=rd.tls, material=material, user=user, password=password
-            )
-            try:
-                yield client
-            finally:
-                client.close()
+    return Reconciler(RESOURCE, SecretRotationSpec, SecretRotationStatus, reconcile, finalize=settle)
 
 
-def _redis_where(target: RedisRotationTarget) -> tuple[str, str, RedisTLS | None, str]:
-    """``_server_errors``' arguments for a Redis target: its field, its address, its TLS and checked name."""
-    server_name = (target.tls.server_name if target.tls is not None else None) or target.host
-    return "spec.target.redis", f"Redis {target.host}:{target.port}", target.tls, server_name
+ROTATION = reconciler()
+Isolation = Callable[[str], str | None]
 
 
-def _target_kind(spec: SecretRotationSpec) -> str:
-    if spec.target is not None and spec.target.postgresql is not None:
-        return "postgresql"
-    if spec.target is not None and spec.target.redis is not None:
-        return "redis"
-    return "secret-only"
+async def run_clock(
+    body: Mapping[str, Any], *, stopped: kopf.DaemonStopped, isolation: Isolation | None = None
+) -> None:
+    """The object's clock: a pass on the fresh object, then sleep for its requeue, until kopf stops it."""
+    namespace, name = str(body["metadata"]["namespace"]), str(body["metadata"]["name"])
+    api = kube.KubeApi()
+
+    async def once(failures: int) -> Result:
+        fresh = await runtime.blocking(api.get, RESOURCE, namespace, name)
+        if fresh is None or fresh["metadata"].get("deletionTimestamp"):
+            return Result.stop()
+        return await runtime.drive(ROTATION, fresh, api=api, failures=failures, isolation=isolation)
+
+    await CLOCKS.run(namespace=namespace, name=name, stopped=stopped, reconcile=once)
+
+
+async def settle_before_deletion(body: Mapping[str, Any], *, retry: int, isolation: Isolation | None = None) -> None:
+    """The deletion handler: ``ROTATION.finalize`` on the fresh object, never beside a pass of its clock."""
+    namespace, name = str(body["metadata"]["namespace"]), str(body["metadata"]["name"])
+    api = kube.KubeApi()
+    async with CLOCKS.lock(namespace, name):
+        fresh = await runtime.blocking(api.get, RESOURCE, namespace, name)
+        if fresh is None:
+            return
+        result = await runtime.drive(ROTATION, fresh, api=api, finalizing=True, isolation=isolation)
+    runtime.as_kopf(result, retry=retry)
