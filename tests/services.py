@@ -12,13 +12,15 @@ import os
 import pwd
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 import redis
@@ -51,12 +53,18 @@ def require(binary: str, package: str) -> str:
 
 
 class Postgres:
-    """A PostgreSQL cluster (initdb) with password auth; as root it runs as the ``postgres`` system user."""
+    """A PostgreSQL cluster (initdb) with password auth; as root it runs as the ``postgres`` system user.
+
+    With ``tls=True`` it also accepts TLS (plain connections too), with a server certificate for ``localhost``
+    only (``TLS_NAME``: no IP address SAN, so verify-full to 127.0.0.1 fails) signed by ``self.ca``, and logs
+    every connection (``log_connections``: a login that reached the server names its user in the log)."""
 
     superuser = "postgres"
     password = "test-superuser-pw"
+    TLS_NAME = "localhost"
 
-    def __init__(self, directory: Path | None = None) -> None:
+    def __init__(self, directory: Path | None = None, *, tls: bool = False) -> None:
+        self.tls = tls
         bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]))
         if not bins:
             raise RuntimeError("PostgreSQL server not found: install the Debian package postgresql")
@@ -100,6 +108,8 @@ class Postgres:
             f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off "
             "-c full_page_writes=off -c log_statement=all -c synchronous_commit=off"
         )
+        if self.tls:
+            options += " " + self._tls_options()
         subprocess.run(
             self._as_owner(
                 str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start"
@@ -108,6 +118,14 @@ class Postgres:
             capture_output=True,
         )
         return self
+
+    def _tls_options(self) -> str:
+        self.ca = CertificateAuthority(self.directory / "pki", name="test postgres CA")
+        cert, key = self.ca.issue("server", dns=(self.TLS_NAME,))
+        if os.geteuid() == 0:  # the server reads its key only when it owns it (0600)
+            owner = pwd.getpwnam("postgres")
+            os.chown(key, owner.pw_uid, owner.pw_gid)
+        return f"-c ssl=on -c ssl_cert_file={cert} -c ssl_key_file={key} -c log_connections=on"
 
     def stop(self) -> None:
         subprocess.run(
@@ -416,3 +434,104 @@ class GpgKeyring:
         """Decrypt with stock gpg, as a person restoring by hand would."""
         args = ["--decrypt"] if passphrase is None else ["--passphrase", passphrase, "--decrypt"]
         return self.run(*args, stdin=data).stdout
+
+
+class CleartextTrap:
+    """A PostgreSQL an attacker runs, on 127.0.0.1: it refuses TLS (``N`` to SSLRequest and GSSENCRequest) and
+    answers the StartupMessage by asking for the password in cleartext (AuthenticationCleartextPassword) or, with
+    ``method="md5"``, as an MD5 hash of it and a salt (AuthenticationMD5Password). It records every byte a client
+    sends after that request, and answers a password with a FATAL error so the client does not wait."""
+
+    SSL_REQUEST, GSSENC_REQUEST = 80877103, 80877104
+    _FATAL = b"SFATAL\0VFATAL\0C28P01\0Mpassword authentication failed\0\0"
+
+    def __init__(self, method: Literal["cleartext", "md5"] = "cleartext") -> None:
+        self.method = method
+        self.host = "127.0.0.1"
+        self._listener = socket.create_server((self.host, 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.startups: list[bytes] = []  # each connection's StartupMessage body (protocol, user, database)
+        self._received: list[bytearray] = []  # per connection: what came after the password request
+        self._handlers: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> CleartextTrap:
+        threading.Thread(target=self._serve, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._listener.close()
+
+    def __enter__(self) -> CleartextTrap:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            handler = threading.Thread(target=self._handle, args=(conn,), daemon=True)
+            with self._lock:
+                self._handlers.append(handler)
+            handler.start()
+
+    @staticmethod
+    def _read(conn: socket.socket, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = conn.recv(size - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            try:
+                while True:
+                    length, code = struct.unpack("!ii", self._read(conn, 8))
+                    body = self._read(conn, length - 8)
+                    if code not in (self.SSL_REQUEST, self.GSSENC_REQUEST):
+                        break
+                    conn.sendall(b"N")
+                received = bytearray()
+                with self._lock:
+                    self.startups.append(struct.pack("!i", code) + body)
+                    self._received.append(received)
+                if self.method == "cleartext":
+                    conn.sendall(b"R" + struct.pack("!ii", 8, 3))
+                else:
+                    conn.sendall(b"R" + struct.pack("!ii", 12, 5) + os.urandom(4))
+                while chunk := conn.recv(65536):
+                    with self._lock:
+                        received += chunk
+                    if received[:1] == b"p" and len(received) >= 5 and len(received) > int.from_bytes(received[1:5]):
+                        conn.sendall(b"E" + struct.pack("!i", 4 + len(self._FATAL)) + self._FATAL)
+                        break
+            except OSError:
+                pass
+
+    def _settled(self) -> None:
+        """Wait until every client that connected has closed (what it sent is then all recorded)."""
+        with self._lock:
+            handlers = list(self._handlers)
+        for handler in handlers:
+            handler.join(15)
+
+    @property
+    def received(self) -> bytes:
+        """Every byte clients sent after the password request, over all connections."""
+        self._settled()
+        with self._lock:
+            return b"".join(bytes(r) for r in self._received)
+
+    def received_password(self) -> bool:
+        """Whether any client answered the request with a PasswordMessage (cleartext or MD5)."""
+        self._settled()
+        with self._lock:
+            return any(r.startswith(b"p") for r in self._received)

@@ -10,6 +10,7 @@ never include a password: they are read from ``pg_roles``, whose password column
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from typing import Any
 
@@ -27,17 +28,56 @@ def refused(error: psycopg.OperationalError) -> bool:
     return "FATAL:" in str(error)
 
 
-def connect(*, host: str, port: int, database: str, user: str, password: str) -> psycopg.Connection[Any]:
-    """An autocommit connection; raises ``psycopg.OperationalError`` when the server is unreachable."""
-    return psycopg.connect(
-        host=host,
-        port=port,
-        dbname=database,
-        user=user,
-        password=password,
-        connect_timeout=CONNECT_TIMEOUT,
-        autocommit=True,
-    )
+def connect(
+    *, host: str, port: int, database: str, user: str, password: str, ca: str | None = None
+) -> psycopg.Connection[Any]:
+    """An autocommit connection; raises ``psycopg.OperationalError`` when the server is unreachable, its
+    certificate fails verification (see ``tls_problem``) or it asks for anything but SCRAM-SHA-256.
+
+    With ``ca`` (the PEM text of ``PostgresTLS.caSecretRef``): ``sslmode=verify-full``, the server's
+    certificate must chain to that CA and name ``host``; without it ``sslmode=prefer`` (encrypted only when the
+    server offers TLS, the server unverified: the ``insecurePlaintext`` opt-out). Always
+    ``require_auth=scram-sha-256``: a server asking for a cleartext or MD5 password gets none (libpq fails
+    before answering), and ``gssencmode=disable``, as GSSAPI encryption would be used instead of TLS whatever
+    sslmode says. libpq reads the CA from a file path: it is given an anonymous memory file
+    (``/proc/self/fd/<n>``), closed as soon as the connection is made, so nothing is left in any directory.
+    """
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "dbname": database,
+        "user": user,
+        "password": password,
+        "connect_timeout": CONNECT_TIMEOUT,
+        "require_auth": "scram-sha-256",
+        "gssencmode": "disable",
+        "sslmode": "prefer",
+    }
+    if ca is None:
+        return psycopg.connect(**options, autocommit=True)
+    fd = os.memfd_create("postgres-ca", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, ca.encode())
+        return psycopg.connect(
+            **options | {"sslmode": "verify-full", "sslrootcert": f"/proc/self/fd/{fd}"}, autocommit=True
+        )
+    finally:
+        os.close(fd)
+
+
+def tls_problem(error: psycopg.OperationalError) -> str | None:
+    """The TLS setting a failed connection points at, as ``<field>: <sentence>`` (fields of
+    ``PostgresConnection``, no value in it), or None when the failure is not about TLS."""
+    text = str(error)
+    if "does not match host name" in text:
+        return "host: the server's certificate does not name this host"
+    if "certificate verify failed" in text:
+        return "tls.caSecretRef: the server's certificate is not signed by this CA"
+    if "could not read root certificate" in text:
+        return "tls.caSecretRef: not a PEM certificate"
+    if "server does not support SSL" in text:
+        return "tls: the server does not offer TLS"
+    return None
 
 
 def role_exists(conn: psycopg.Connection[Any], role: str) -> bool:
@@ -80,10 +120,11 @@ def set_member_password(conn: psycopg.Connection[Any], role: str, group: str, pa
         conn.execute(sql.SQL("ALTER ROLE {} SET role = {}").format(sql.Identifier(role), sql.Literal(group)))
 
 
-def login_works(*, host: str, port: int, database: str, user: str, password: str) -> bool:
-    """Whether this login is accepted; raises ``psycopg.OperationalError`` when the server is unreachable."""
+def login_works(*, host: str, port: int, database: str, user: str, password: str, ca: str | None = None) -> bool:
+    """Whether this login is accepted (``connect``'s TLS and SCRAM rules); raises ``psycopg.OperationalError``
+    when the server is unreachable, fails TLS verification or does not offer SCRAM-SHA-256."""
     try:
-        with connect(host=host, port=port, database=database, user=user, password=password) as conn:
+        with connect(host=host, port=port, database=database, user=user, password=password, ca=ca) as conn:
             conn.execute("SELECT 1")
     except psycopg.OperationalError as error:
         if refused(error):

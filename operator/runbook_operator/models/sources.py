@@ -59,6 +59,23 @@ class RedisCommands(CamelModel):
     info: str = Field("INFO", description="INFO.", min_length=1, max_length=128, pattern=REDIS_COMMAND)
 
 
+# Every PostgreSQL login of the operator and its agents: libpq's require_auth=scram-sha-256.
+SCRAM_ONLY = (
+    "Every login requires SCRAM-SHA-256 (libpq require_auth=scram-sha-256), with or without TLS: a server that "
+    "asks for a cleartext or MD5 password gets no password and the connection fails."
+)
+
+
+class PostgresTLS(CamelModel):
+    """Verified TLS towards PostgreSQL (libpq ``sslmode=verify-full``)."""
+
+    ca_secret_ref: SecretKeyRef = Field(
+        description="Secret key holding the CA certificate (PEM) the server's certificate must chain to; the "
+        "certificate must also name the connection's host (a DNS name, or an IP address SAN when host is an "
+        "address), as libpq's sslmode=verify-full checks."
+    )
+
+
 class PostgresConnection(CamelModel):
     """A PostgreSQL server, database and login."""
 
@@ -68,6 +85,17 @@ class PostgresConnection(CamelModel):
     port: Port = Field(5432, description="Server port.")
     database: str = Field(description="Database name.", min_length=1, max_length=63)
     credentials_secret_ref: CredentialsSecretRef = Field(description="Secret with the login's user name and password.")
+    tls: PostgresTLS | None = Field(
+        None,
+        description="Verified TLS: the server must present a certificate for host signed by this CA "
+        "(sslmode=verify-full). Required unless insecurePlaintext is true. " + SCRAM_ONLY,
+    )
+    insecure_plaintext: bool = Field(
+        False,
+        description="Connect without verified TLS (the server is not authenticated; the connection is encrypted "
+        "only when the server offers TLS): an explicit opt-out, shown as a Warning condition. Ignored when tls "
+        "is set. " + SCRAM_ONLY,
+    )
 
 
 class RedisConnection(CamelModel):
@@ -80,6 +108,32 @@ class RedisConnection(CamelModel):
     password_secret_ref: SecretKeyRef | None = Field(None, description="Secret key holding the password.")
     commands: RedisCommands = Field(
         default_factory=RedisCommands, description="Command names, when the server renames them."
+    )
+    insecure_plaintext: bool = Field(
+        False,
+        description="Send the password (AUTH) over plain TCP, without TLS: an explicit opt-out, shown as a "
+        "Warning condition. Without it, a password needs tls. Ignored when tls is enabled.",
+    )
+
+
+def plaintext_problem(connection: PostgresConnection | RedisConnection, field: str) -> str | None:
+    """The one-line reason this connection may not be used as configured, naming ``field`` (the connection's
+    path in the spec, e.g. ``spec.source.postgresql``), or None: a login without TLS needs the explicit
+    ``insecurePlaintext`` opt-out. A PostgreSQL connection always logs in; a Redis one when it has a password."""
+    if connection.insecure_plaintext:
+        return None
+    if isinstance(connection, PostgresConnection):
+        if connection.tls is not None:
+            return None
+        return (
+            f"{field}: the login would cross the network without verified TLS: set {field}.tls.caSecretRef, "
+            f"or {field}.insecurePlaintext: true to accept that"
+        )
+    if connection.password_secret_ref is None or (connection.tls is not None and connection.tls.enabled):
+        return None
+    return (
+        f"{field}: the password would be sent over plain TCP: set {field}.tls, "
+        f"or {field}.insecurePlaintext: true to accept that"
     )
 
 
