@@ -91,14 +91,14 @@ class FakeApi:
         self._record(Call("get", resource.plural, namespace, name))
         return self.stored(resource, namespace, name)
 
-    def list(self, resource: Resource, namespace: str, *, labels: str | None = None) -> list[dict[str, Any]]:
-        self._record(Call("list", resource.plural, namespace, None, body=labels))
+    def list(self, resource: Resource, namespace: str | None, *, labels: str | None = None) -> list[dict[str, Any]]:
+        self._record(Call("list", resource.plural, namespace or "", None, body=labels))
         wanted = dict(part.split("=", 1) for part in labels.split(",")) if labels else {}
         found = []
         for (plural, ns, _), body in sorted(self.objects.items()):
             object_labels = body["metadata"].get("labels") or {}
             matches = all(object_labels.get(k) == v for k, v in wanted.items())
-            if plural == resource.plural and ns == namespace and matches:
+            if plural == resource.plural and namespace in (None, ns) and matches:
                 found.append(copy.deepcopy(body))
         return found
 

@@ -9,11 +9,13 @@ import kopf
 
 from . import metrics
 from .builders.backup import POLICY_LABEL as BACKUP_POLICY_LABEL
+from .clients.kube import KubeApi
 from .logs import install_redactor
 from .models import GROUP, VERSION
 from .models.backup import BACKUP_NOW
 from .reconcilers import backup, interlock, isolation, restore, rotation, scaling
 from .reconcilers.runtime import as_kopf, blocking, drive
+from .reconcilers.tenancy import Grant, index_entries
 from .settings import Settings, configure_kopf
 
 SETTINGS = Settings.from_env()
@@ -127,26 +129,29 @@ async def secret_rotations_follow_isolation(body: kopf.Body, **_: Any) -> None:
 
 
 # --- BackupPolicy ---
-# Spec and annotation changes (backup-now) converge the CronJob; the Jobs it starts are watched and their
-# outcome checked against the bucket; a timer re-checks both, so status heals after any missed event.
+# Spec changes converge the CronJob; the backup-now annotation (on any event: kopf ignores annotations under
+# its own prefix) and the Jobs the CronJob starts run their one step over the policy as it is now; a timer
+# re-checks everything, so status heals after any missed event.
 BACKUP_POLICIES = (GROUP, VERSION, "backuppolicies")
+BACKUP_DELETION_ATTEMPTS = 6  # then the policy goes, and its backups stay (the last Warning says why)
+backup.AGENT_IMAGE = SETTINGS.agent_image
 
 
 @kopf.on.resume(*BACKUP_POLICIES)
 @kopf.on.create(*BACKUP_POLICIES)
 @kopf.on.update(*BACKUP_POLICIES)
-def backup_policy(body: kopf.Body, retry: int, **_: Any) -> None:
-    backup.reconcile(body, image=SETTINGS.agent_image, retry=retry)
+async def backup_policy(body: kopf.Body, retry: int, **_: Any) -> None:
+    as_kopf(await drive(backup.POLICY, body, failures=retry), retry=retry)
 
 
 @kopf.timer(*BACKUP_POLICIES, interval=300, initial_delay=300, idle=60)
-def backup_policy_resync(body: kopf.Body, **_: Any) -> None:
-    backup.reconcile(body, image=SETTINGS.agent_image)
+async def backup_policy_resync(body: kopf.Body, **_: Any) -> None:
+    as_kopf(await drive(backup.POLICY, body))
 
 
 @kopf.on.event(*BACKUP_POLICIES, annotations={BACKUP_NOW: kopf.PRESENT})
-def backup_policy_now(body: kopf.Body, **_: Any) -> None:
-    backup.backup_now(body)
+async def backup_policy_now(body: kopf.Body, **_: Any) -> None:
+    await blocking(backup.pass_named, KubeApi(), body.metadata.namespace, body.metadata.name, backup.backup_now)
 
 
 @kopf.on.event(*BACKUP_POLICIES)
@@ -156,13 +161,18 @@ def backup_policy_gone(type: str, body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={BACKUP_POLICY_LABEL: kopf.PRESENT})
-def backup_job(body: kopf.Body, **_: Any) -> None:
-    backup.observe(body["metadata"]["namespace"], body["metadata"]["labels"][BACKUP_POLICY_LABEL])
+async def backup_job(body: kopf.Body, **_: Any) -> None:
+    policy = body.metadata.labels[BACKUP_POLICY_LABEL]
+    await blocking(backup.pass_named, KubeApi(), body.metadata.namespace, policy, backup.observe)
 
 
-@kopf.on.delete(*BACKUP_POLICIES, when=lambda spec, namespace, **_: backup.needs_finalizer(spec, namespace))
-def backup_policy_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
-    backup.finalize(body, retry=retry)
+@kopf.on.delete(
+    *BACKUP_POLICIES,
+    when=lambda spec, namespace, **_: backup.needs_finalizer(spec, namespace),
+    retries=BACKUP_DELETION_ATTEMPTS,
+)
+async def backup_policy_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
+    as_kopf(await drive(backup.POLICY, body, finalizing=True, failures=retry), retry=retry)
 
 
 # --- BackupRestore ---
@@ -185,3 +195,12 @@ def backup_restore_deleted(body: kopf.Body, **_: Any) -> None:
 @kopf.daemon(GROUP, VERSION, "backuppolicies", id="drills", when=restore.drills_enabled, cancellation_timeout=30)
 async def backup_policy_drills(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
     await restore.run_drills(body, stopped=stopped)
+
+
+# --- RunbookGrant ---
+# Cluster-scoped and written by cluster administrators only (the operator's RBAC on them is get/list/watch):
+# an index namespace -> the grants that list it. Reconcilers ask ``tenancy.grants_for(
+# kwargs["grants_by_namespace"], namespace)`` and pass the answer to ``tenancy.check_*``; nothing writes a grant.
+@kopf.index(GROUP, VERSION, "runbookgrants")
+def grants_by_namespace(name: str, spec: kopf.Spec, **_: Any) -> dict[str, Grant]:
+    return index_entries(name, spec)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
-import kopf
 from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    import kopf
 
 PREFIX = "runbook.dev"
 FINALIZER = f"{PREFIX}/finalizer"
@@ -43,6 +46,8 @@ class Settings(BaseModel):
 
 def configure_kopf(settings: kopf.OperatorSettings, ours: Settings) -> None:
     """Our prefixes for finalizers and bookkeeping annotations, bounded workers, watch timeouts, Events."""
+    import kopf  # here, not at the top: builders import this module's constants and must not load kopf
+
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(

@@ -24,11 +24,12 @@ from tests.backup_support import AGENT, bucket_keys, new_bucket, policy_spec
 from tests.helpers import token_kubeconfig
 from tests.services import GpgKeyring, Postgres, S3Server
 
-import runbook_operator.main
 from runbook_operator import metrics
 from runbook_operator.builders.backup import POLICY_LABEL, cronjob_name
+from runbook_operator.clients.kube import KubeApi
 from runbook_operator.models.plans import format_timestamp
 from runbook_operator.reconcilers import backup
+from runbook_operator.reconcilers.runtime import Context, run_pass
 
 pytestmark = pytest.mark.integration
 
@@ -325,8 +326,8 @@ def test_cronjob_accepted_with_expected_spec(
     wait_for(lambda: cluster.condition("Ready").get("reason") == "Suspended", timeout=30, what="Ready: Suspended")
     version = cluster.cronjob()["metadata"]["resourceVersion"]  # type: ignore[index]
     status_version = cluster.policy()["metadata"]["resourceVersion"]
-    backup.reconcile(kopf.Body(cluster.policy()), image=runbook_operator.main.SETTINGS.agent_image)
-    backup.observe(cluster.namespace, POLICY)
+    run_pass(Context.of(backup.POLICY, cluster.policy(), KubeApi()), backup.reconcile)
+    backup.pass_named(KubeApi(), cluster.namespace, POLICY, backup.observe)
     assert cluster.cronjob()["metadata"]["resourceVersion"] == version  # type: ignore[index]
     assert cluster.policy()["metadata"]["resourceVersion"] == status_version
 

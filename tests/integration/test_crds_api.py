@@ -16,11 +16,16 @@ SAMPLES = load_samples()
 
 
 def create(api: kubernetes.client.ApiClient, namespace: str, obj: dict[str, Any]) -> dict[str, Any]:
+    kind = KINDS_BY_NAME[obj["kind"]]
+    objects = kubernetes.client.CustomObjectsApi(api)
+    created: dict[str, Any]
+    if kind.scope == "Cluster":  # named after the test's namespace, so that no two tests share one
+        created = objects.create_cluster_custom_object(
+            GROUP, VERSION, kind.plural, with_change(obj, "metadata.name", namespace)
+        )
+        return created
     obj = with_change(obj, "metadata.namespace", namespace)
-    plural = KINDS_BY_NAME[obj["kind"]].plural
-    created: dict[str, Any] = kubernetes.client.CustomObjectsApi(api).create_namespaced_custom_object(
-        GROUP, VERSION, namespace, plural, obj
-    )
+    created = objects.create_namespaced_custom_object(GROUP, VERSION, namespace, kind.plural, obj)
     return created
 
 
@@ -66,6 +71,10 @@ REJECTED: list[tuple[str, str, Any, str]] = [
     ("scalingprofile", "spec.autoscaling.cpuUtilization", -5, "spec.autoscaling.cpuUtilization"),
     ("scalingprofile", "spec.resources.0.limits.memory", "1 gigabyte", "spec.resources[0].limits.memory"),
     ("scalingprofile", "spec.windows.0.minReplicas", 20, "minReplicas must not exceed maxReplicas"),
+    ("runbookgrant", "spec.hosts.0.port", 0, "spec.hosts[0].port"),
+    ("runbookgrant", "spec.hosts.0.host", "127.1", "non-standard form"),
+    ("runbookgrant", "spec.s3.0", {"ambientCredentials": True}, "ambientCredentials needs buckets"),
+    ("runbookgrant", "spec.s3.0.endpoint", "https://minio/path", "spec.s3[0].endpoint"),
 ]
 
 

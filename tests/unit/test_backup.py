@@ -9,12 +9,9 @@ from typing import Any
 import pytest
 
 from runbook_operator.agent.backup import AgentConfig, clean_object, one_line
-from runbook_operator.builders.backup import (
-    build_backup_now_job,
-    build_cronjob,
-    build_export_rbac,
-    cronjob_name,
-)
+from runbook_operator.builders.backup import build_backup_now_job, cronjob_name
+from runbook_operator.builders.backup import build_cronjob as cronjob_for
+from runbook_operator.builders.backup import build_export_rbac as rbac_for
 from runbook_operator.errors import RunbookError
 from runbook_operator.logs import REDACTOR
 from runbook_operator.models.backup import BackupPolicySpec
@@ -40,6 +37,24 @@ def body(sample: str, namespace: str = "hungryhippaahneties") -> dict[str, Any]:
 
 def spec_of(obj: dict[str, Any]) -> BackupPolicySpec:
     return BackupPolicySpec.model_validate(obj["spec"])
+
+
+def build_cronjob(obj: dict[str, Any], spec: BackupPolicySpec, *, image: str) -> dict[str, Any]:
+    """The CronJob for the policy ``obj``."""
+    metadata = obj["metadata"]
+    return cronjob_for(
+        spec,
+        namespace=metadata["namespace"],
+        policy=metadata["name"],
+        uid=metadata["uid"],
+        generation=metadata["generation"],
+        image=image,
+    )
+
+
+def build_export_rbac(obj: dict[str, Any], spec: BackupPolicySpec) -> list[dict[str, Any]]:
+    metadata = obj["metadata"]
+    return rbac_for(spec, namespace=metadata["namespace"], policy=metadata["name"], uid=metadata["uid"])
 
 
 def container(cronjob: dict[str, Any]) -> dict[str, Any]:

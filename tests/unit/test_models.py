@@ -70,6 +70,12 @@ BAD_INPUTS: list[tuple[str, str, Any, str]] = [
     ("scalingprofile", "spec.windows.0.duration", "10x", "windows.0.duration"),
     ("scalingprofile", "spec.windows.0.start", "0 25 * * *", "invalid cron expression"),
     ("scalingprofile", "spec.targetRef.kind", "Pod", "targetRef.kind"),
+    # RunbookGrant (more in tests/unit/test_tenancy_rules.py)
+    ("runbookgrant", "spec.namespaces", [], "namespaces"),
+    ("runbookgrant", "spec.hosts.0.port", 0, "hosts.0.port"),
+    ("runbookgrant", "spec.hosts.0.host", "127.1", "non-standard form"),
+    ("runbookgrant", "spec.s3.0.endpoint", "https://minio/path", "s3.0.endpoint"),
+    ("runbookgrant", "spec.s3.0", {"ambientCredentials": True}, "ambientCredentials needs buckets"),
 ]
 
 

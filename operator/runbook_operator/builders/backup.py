@@ -8,6 +8,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..models import GROUP, VERSION
 from ..models.backup import BACKUP_NOW, KUBERNETES_RESOURCES, BackupPolicySpec
 from ..models.plans import (
     GPG_PASSPHRASE_ENV,
@@ -209,10 +210,17 @@ def build_job_spec(
     }
 
 
-def build_cronjob(body: Mapping[str, Any], spec: BackupPolicySpec, *, image: str) -> dict[str, Any]:
+def policy_owner(policy: str, uid: str) -> dict[str, Any]:
+    """The owner reference to the BackupPolicy ``policy`` (its ``uid``)."""
+    return owner_reference(
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "BackupPolicy", "metadata": {"name": policy, "uid": uid}}
+    )
+
+
+def build_cronjob(
+    spec: BackupPolicySpec, *, namespace: str, policy: str, uid: str, generation: int, image: str
+) -> dict[str, Any]:
     """The owned CronJob that runs the agent on the policy's schedule."""
-    metadata = body["metadata"]
-    policy, namespace = metadata["name"], metadata["namespace"]
     return {
         "apiVersion": "batch/v1",
         "kind": "CronJob",
@@ -220,7 +228,7 @@ def build_cronjob(body: Mapping[str, Any], spec: BackupPolicySpec, *, image: str
             "name": cronjob_name(policy),
             "namespace": namespace,
             "labels": labels(policy),
-            "ownerReferences": [owner_reference(body)],
+            "ownerReferences": [policy_owner(policy, uid)],
         },
         "spec": {
             "schedule": spec.schedule,
@@ -233,9 +241,7 @@ def build_cronjob(body: Mapping[str, Any], spec: BackupPolicySpec, *, image: str
             "failedJobsHistoryLimit": 3,
             "jobTemplate": {
                 "metadata": {"labels": labels(policy)},
-                "spec": build_job_spec(
-                    spec, namespace=namespace, policy=policy, generation=metadata.get("generation") or 1, image=image
-                ),
+                "spec": build_job_spec(spec, namespace=namespace, policy=policy, generation=generation, image=image),
             },
         },
     }
@@ -261,17 +267,15 @@ def build_backup_now_job(cronjob: Mapping[str, Any], token: str) -> dict[str, An
     }
 
 
-def build_export_rbac(body: Mapping[str, Any], spec: BackupPolicySpec) -> list[dict[str, Any]]:
+def build_export_rbac(spec: BackupPolicySpec, *, namespace: str, policy: str, uid: str) -> list[dict[str, Any]]:
     """For a Kubernetes export: a ServiceAccount, and in each exported namespace a Role that can get and list
     exactly the named resources plus a RoleBinding to it. Objects in the policy's namespace are owned by it;
     owner references cannot cross namespaces, so the others are found by label and removed on deletion."""
     source = spec.source.kubernetes
     if source is None:
         return []
-    metadata = body["metadata"]
-    policy, namespace = metadata["name"], metadata["namespace"]
     name = cronjob_name(policy)
-    owned: dict[str, Any] = {"ownerReferences": [owner_reference(body)]}
+    owned: dict[str, Any] = {"ownerReferences": [policy_owner(policy, uid)]}
     rules: dict[str, list[str]] = {}
     for plural in source.exported:
         rules.setdefault(KUBERNETES_RESOURCES[plural][0], []).append(plural)

@@ -120,14 +120,17 @@ class Resource:
     def api_version(self) -> str:
         return f"{self.group}/{self.version}" if self.group else self.version
 
-    def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+    def path(self, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
+        """The URL path (``namespace`` None: the type across every namespace, for a list)."""
         root = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
-        parts = [root, "namespaces", namespace, self.plural, *(p for p in (name, subresource) if p)]
+        where = ["namespaces", namespace] if namespace is not None else []
+        parts = [root, *where, self.plural, *(p for p in (name, subresource) if p)]
         return "/".join(parts)
 
 
 SECRETS = Resource("", "v1", "secrets", "Secret")
 CONFIG_MAPS = Resource("", "v1", "configmaps", "ConfigMap")
+SERVICES = Resource("", "v1", "services", "Service")
 SERVICE_ACCOUNTS = Resource("", "v1", "serviceaccounts", "ServiceAccount")
 PODS = Resource("", "v1", "pods", "Pod")
 EVENTS = Resource("", "v1", "events", "Event")
@@ -158,9 +161,9 @@ class Api(Protocol):
     def get(self, resource: Resource, namespace: str, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
 
-    def list(self, resource: Resource, namespace: str, *, labels: str | None = None) -> list[dict[str, Any]]:
-        """The namespace's objects of that type (``labels``: a label selector); none when the server does not
-        serve the type (a CRD that is not installed)."""
+    def list(self, resource: Resource, namespace: str | None, *, labels: str | None = None) -> list[dict[str, Any]]:
+        """The namespace's objects of that type (None: of every namespace; ``labels``: a label selector);
+        none when the server does not serve the type (a CRD that is not installed)."""
 
     def create(self, resource: Resource, namespace: str, body: Mapping[str, Any]) -> bool:
         """Create the object; False when one of that name exists already."""
@@ -240,7 +243,7 @@ class KubeApi:
             raise
         return found
 
-    def list(self, resource: Resource, namespace: str, *, labels: str | None = None) -> list[dict[str, Any]]:
+    def list(self, resource: Resource, namespace: str | None, *, labels: str | None = None) -> list[dict[str, Any]]:
         query = [("labelSelector", labels)] if labels else []
         try:
             listing = self._call("GET", resource.path(namespace), query=query)

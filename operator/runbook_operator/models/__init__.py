@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from .backup import BackupPolicySpec, BackupPolicyStatus, BackupRestoreSpec, BackupRestoreStatus
 from .common import CamelModel, Condition, StatusBase
+from .grants import RunbookGrantSpec, RunbookGrantStatus
 from .isolation import EmergencyIsolationSpec, EmergencyIsolationStatus
 from .rotation import SecretRotationSpec, SecretRotationStatus
 from .scaling import ScalingProfileSpec, ScalingProfileStatus
@@ -42,6 +44,7 @@ class Kind:
     spec: type[CamelModel]
     status: type[StatusBase]
     columns: tuple[PrinterColumn, ...] = field(default=())
+    scope: Literal["Namespaced", "Cluster"] = "Namespaced"
 
     @property
     def singular(self) -> str:
@@ -131,6 +134,24 @@ KINDS: tuple[Kind, ...] = (
             READY,
             AGE,
         ),
+    ),
+    Kind(
+        "RunbookGrant",
+        "runbookgrants",
+        "rgrant",
+        "A cluster administrator's grant: what the runbook.dev objects of some namespaces may reach beyond their "
+        "own namespace (S3 endpoints and buckets, ambient S3 credentials, hosts, exported namespaces, plaintext).",
+        RunbookGrantSpec,
+        RunbookGrantStatus,
+        (
+            PrinterColumn("Namespaces", ".spec.namespaces", description="The tenant namespaces it applies to"),
+            PrinterColumn("Hosts", ".spec.hosts[*].host", description="Servers allowed beyond own Services"),
+            PrinterColumn("S3", ".spec.s3[*].endpoint", description="Custom S3 endpoints allowed"),
+            PrinterColumn("Exports", ".spec.exportNamespaces", description="Other namespaces that may be exported"),
+            PrinterColumn("Plaintext", ".spec.plaintextConnections", "boolean", "Connections without TLS allowed"),
+            AGE,
+        ),
+        scope="Cluster",
     ),
 )
 

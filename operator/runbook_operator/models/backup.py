@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, model_validator
@@ -299,9 +300,19 @@ class VerifiedBackup(StatusModel):
     keys: int | None = Field(None, description="Redis: keys restored, as the manifest's keyspace recorded.")
 
 
+class BackupPolicyPhase(enum.StrEnum):
+    """A BackupPolicy's phase."""
+
+    SCHEDULED = "Scheduled"  # the CronJob runs on the schedule
+    SUSPENDED = "Suspended"  # the CronJob exists, scheduled runs are paused
+    BLOCKED = "Blocked"  # a reference, the bucket or the API server stands in the way (Ready says which)
+    INVALID = "Invalid"  # the spec is invalid (Ready names the field)
+
+
 class BackupPolicyStatus(StatusBase):
     """Observed state of a BackupPolicy."""
 
+    phase: BackupPolicyPhase | None = Field(None, description="Scheduled, Suspended, Blocked or Invalid.")
     source_kind: str | None = Field(None, description="postgresql, redis or kubernetes.")
     cron_job_name: str | None = Field(None, description="The owned CronJob.")
     last_schedule_time: str | None = Field(None, description="When a run was last started.")

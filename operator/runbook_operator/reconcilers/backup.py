@@ -1,10 +1,11 @@
 """BackupPolicy: converge the CronJob (and an export's RBAC), and derive status from facts.
 
 ``reconcile`` checks what the pods will need (the referenced Secret keys, the recipients' public keys, the
-bucket), installs the bucket's lifecycle rule for abandoned multipart uploads, applies the children and
-starts a backup-now Job. ``observe`` reads the policy's Jobs: a Job that succeeded counts only when its
-manifest is in the bucket and matches (then expired backups are pruned); a Job that failed is recorded with
-the agent's one-line reason. Both are level-based: running them again changes nothing.
+bucket), installs the bucket's lifecycle rule for abandoned multipart uploads, applies the children, then
+``observe``s the policy's Jobs and acts on a ``backup_now`` request. ``observe``: a Job that succeeded
+counts only when its manifest is in the bucket and matches (then expired backups are pruned); a Job that
+failed is recorded with the agent's one-line reason. Each step is level-based: running it again changes
+nothing. The Job watcher and the backup-now annotation run their one step through ``pass_named``.
 """
 
 from __future__ import annotations
@@ -12,14 +13,12 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import botocore.exceptions
-import kopf
 from croniter import croniter
-from kubernetes.client import ApiException
 
 from .. import metrics
 from ..builders.backup import (
@@ -32,19 +31,22 @@ from ..builders.backup import (
 from ..builders.common import contains
 from ..clients import kube
 from ..clients.gpg import GPG
-from ..clients.s3 import (
-    ensure_abort_incomplete_uploads,
-)
-from ..conditions import get_condition
 from ..errors import RunbookError
-from ..models import GROUP, VERSION
-from ..models.backup import BACKUP_NOW, BackupPolicySpec
+from ..models.backup import (
+    BACKUP_NOW,
+    BackupPolicyPhase,
+    BackupPolicySpec,
+    BackupPolicyStatus,
+    BackupRecord,
+    FailureRecord,
+)
+from ..models.common import parse_time, rfc3339
 from ..models.plans import policy_folder
 from ..models.sources import TLS_CERT_KEY, TLS_KEY_KEY
-from ..settings import FIELD_MANAGER
-from .base import StatusPatch, parse_spec, report_failure, retry_or_stop
+from ..settings import Settings
 from .catalog import (
     S3_CREDENTIALS_FIELD,
+    check_bucket,
     delete_backups,
     find_manifest,
     prune,
@@ -54,84 +56,54 @@ from .catalog import (
     verify_manifest,
 )
 from .jobs import failure_reason, job_outcome, job_pods
-
-if TYPE_CHECKING:
-    pass
+from .runtime import Context, Reconciler, Result, run_pass
 
 LOG = logging.getLogger(__name__)
-PLURAL = "backuppolicies"
-APPLY = "application/apply-patch+yaml"
 SCHEDULED_AT = "batch.kubernetes.io/cronjob-scheduled-timestamp"
+# The agent's image in the CronJob's pods; main.py sets the operator's setting (RUNBOOK_AGENT_IMAGE).
+AGENT_IMAGE = Settings().agent_image
 
-
-# --- S3: credentials, bucket checks, the backups of a policy, retention ---------------------------------
+PolicyContext = Context[BackupPolicySpec, BackupPolicyStatus]
+Step = Callable[[PolicyContext], Result]
 
 
 # --- the policy's children ------------------------------------------------------------------------------
 
-_Read = Callable[[str, str], Any]
-_Patch = Callable[..., Any]
+CHILDREN = {r.kind: r for r in (kube.CRON_JOBS, kube.SERVICE_ACCOUNTS, kube.ROLES, kube.ROLE_BINDINGS)}
 
 
-def _handles(kind: str) -> tuple[_Read, _Patch]:
-    if kind == "CronJob":
-        return kube.batch().read_namespaced_cron_job, kube.batch().patch_namespaced_cron_job
-    if kind == "ServiceAccount":
-        return kube.core().read_namespaced_service_account, kube.core().patch_namespaced_service_account
-    if kind == "Role":
-        return kube.rbac().read_namespaced_role, kube.rbac().patch_namespaced_role
-    return kube.rbac().read_namespaced_role_binding, kube.rbac().patch_namespaced_role_binding
-
-
-def apply_child(desired: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """Server-side apply unless the live object already has every desired value; (live object, changed)."""
-    read, patch = _handles(desired["kind"])
-    name, namespace = desired["metadata"]["name"], desired["metadata"]["namespace"]
-    try:
-        current = kube.api_client().sanitize_for_serialization(read(name, namespace))
-    except ApiException as error:
-        if error.status != 404:
-            raise
-        current = None
+def apply_child(api: kube.Api, desired: dict[str, Any]) -> bool:
+    """Server-side apply unless the live object already has every desired value; whether it applied."""
+    resource = CHILDREN[desired["kind"]]
+    namespace, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+    current = api.get(resource, namespace, name)
     if current is not None and contains(current, desired):
-        return current, False
-    result = patch(name, namespace, desired, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY)
-    return kube.api_client().sanitize_for_serialization(result), True
+        return False
+    api.apply(resource, namespace, desired)
+    return True
 
 
-def remove_stale_rbac(namespace: str, policy: str, keep: Iterable[dict[str, Any]]) -> None:
+def remove_stale_rbac(api: kube.Api, namespace: str, policy: str, keep: Iterable[dict[str, Any]]) -> None:
     """Delete the export's Roles, RoleBindings and ServiceAccount that are no longer desired (all of them
     when ``keep`` is empty): those in other namespaces have no owner to garbage-collect them."""
     wanted = {(o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]) for o in keep}
     selector = f"{POLICY_LABEL}={policy},{POLICY_LABEL}-namespace={namespace}"
-    rbac, core = kube.rbac(), kube.core()
-    listings: list[tuple[str, Any, Callable[[str, str], Any]]] = [
-        ("Role", rbac.list_role_for_all_namespaces(label_selector=selector), rbac.delete_namespaced_role),
-        (
-            "RoleBinding",
-            rbac.list_role_binding_for_all_namespaces(label_selector=selector),
-            rbac.delete_namespaced_role_binding,
-        ),
-        (
-            "ServiceAccount",
-            core.list_namespaced_service_account(namespace, label_selector=f"{POLICY_LABEL}={policy}"),
-            core.delete_namespaced_service_account,
-        ),
+    listings = [
+        (kube.ROLES, api.list(kube.ROLES, None, labels=selector)),
+        (kube.ROLE_BINDINGS, api.list(kube.ROLE_BINDINGS, None, labels=selector)),
+        (kube.SERVICE_ACCOUNTS, api.list(kube.SERVICE_ACCOUNTS, namespace, labels=f"{POLICY_LABEL}={policy}")),
     ]
-    for kind, listing, delete in listings:
-        for item in listing.items:
-            if (kind, item.metadata.namespace, item.metadata.name) not in wanted:
-                try:
-                    delete(item.metadata.name, item.metadata.namespace)
-                except ApiException as error:
-                    if error.status != 404:
-                        raise
+    for resource, items in listings:
+        for item in items:
+            where, name = item["metadata"]["namespace"], item["metadata"]["name"]
+            if (resource.kind, where, name) not in wanted:
+                api.delete(resource, where, name)
 
 
 # --- reconcile ------------------------------------------------------------------------------------------
 
 
-def check_references(namespace: str, spec: BackupPolicySpec) -> None:
+def check_references(api: kube.Api, namespace: str, spec: BackupPolicySpec) -> None:
     """Every Secret key and the recipients' keys the pod will need exist and are usable."""
     secret_refs: list[tuple[str, str, str]] = []
     source = spec.source
@@ -156,60 +128,54 @@ def check_references(namespace: str, spec: BackupPolicySpec) -> None:
             (gpg.passphrase_secret_ref.name, gpg.passphrase_secret_ref.key, "spec.encryption.gpg.passphraseSecretRef")
         )
     for secret, key, field in secret_refs:
-        kube.read_secret_value(namespace, secret, key, field=field)
+        kube.secret_value(api, namespace, secret, key, field=field)
     if gpg.recipients_config_map_ref is not None:
         ref_cm = gpg.recipients_config_map_ref
         field = "spec.encryption.gpg.recipientsConfigMapRef"
-        armored = kube.read_config_map_value(namespace, ref_cm.name, ref_cm.key, field=field)
+        armored = kube.config_map_value(api, namespace, ref_cm.name, ref_cm.key, field=field)
         with GPG() as keyring:
             keyring.import_public_keys(armored, field=field)
 
 
-def reconcile(body: kopf.Body, *, image: str, retry: int = 0) -> None:
-    """Converge the children and the Ready condition, then status from the Jobs and a backup-now request;
-    any failure becomes Ready=False and the kopf error that retries with backoff (``retry``: kopf's count
-    of earlier attempts) or waits for a spec change."""
-    metadata = body["metadata"]
-    namespace, name = metadata["namespace"], metadata["name"]
-    status = StatusPatch(body.get("status"), metadata.get("generation"))
+def reconcile(ctx: PolicyContext) -> Result:
+    """Converge the children and the Ready condition, then status from the Jobs and a backup-now request.
+    A failure leaves phase Invalid (the spec) or Blocked (anything after it)."""
     try:
-        spec = parse_spec(BackupPolicySpec, body.get("spec"))
-        status.set(sourceKind=spec.source.kind, cronJobName=cronjob_name(name))
-        check_references(namespace, spec)
-        location = spec.destination.s3
-        client = s3_client(kube.KubeApi(), namespace, location, field=S3_CREDENTIALS_FIELD)
-        try:
-            client.head_bucket(Bucket=location.bucket)
-            ensure_abort_incomplete_uploads(client, location)
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
-            raise s3_error(error, location) from None
-        rbac_objects = build_export_rbac(body, spec)
-        for child in rbac_objects:
-            apply_child(child)
-        remove_stale_rbac(namespace, name, rbac_objects)
-        _, changed = apply_child(build_cronjob(body, spec, image=image))
-        if changed:
-            kopf.info(body, reason="CronJobApplied", message=f"CronJob {cronjob_name(name)}: {spec.schedule}")
-        where = f"s3://{location.bucket}/{policy_folder(location, namespace, name)}"
-        if spec.suspend:
-            status.condition("Ready", "True", "Suspended", f"scheduled backups are suspended; backups go to {where}")
-        else:
-            status.condition(
-                "Ready", "True", "Scheduled", f"backs up on '{spec.schedule}' ({spec.time_zone}) to {where}"
-            )
-        status.set(phase="Suspended" if spec.suspend else "Scheduled")
-        status.write(plural=PLURAL, namespace=namespace, name=name)
-        series = (namespace, name, spec.source.kind)
-        if spec.suspend:
-            metrics.BACKUP_SCHEDULE_INTERVAL.remove(*series)  # a suspended policy is never overdue
-        else:
-            metrics.BACKUP_SCHEDULE_INTERVAL.labels(*series).set(schedule_interval(spec.schedule, spec.time_zone))
-        observe(namespace, name)
-        backup_now(body)
-    except Exception as raised:
-        failure = report_failure(body, status, raised, phase="Invalid" if _is_invalid(raised) else "Blocked")
-        status.write(plural=PLURAL, namespace=namespace, name=name)
-        raise retry_or_stop(failure, retry=retry) from None
+        spec = ctx.spec
+    except RunbookError:
+        ctx.status.phase = BackupPolicyPhase.INVALID
+        raise
+    ctx.status.phase = BackupPolicyPhase.BLOCKED  # until this pass gets through
+    namespace, name = ctx.namespace, ctx.name
+    ctx.status.source_kind = spec.source.kind
+    ctx.status.cron_job_name = cronjob_name(name)
+    check_references(ctx.api, namespace, spec)
+    location = spec.destination.s3
+    check_bucket(s3_client(ctx.api, namespace, location, field=S3_CREDENTIALS_FIELD), location)
+    uid = str(ctx.body["metadata"]["uid"])
+    rbac_objects = build_export_rbac(spec, namespace=namespace, policy=name, uid=uid)
+    for child in rbac_objects:
+        apply_child(ctx.api, child)
+    remove_stale_rbac(ctx.api, namespace, name, rbac_objects)
+    cronjob = build_cronjob(
+        spec, namespace=namespace, policy=name, uid=uid, generation=ctx.generation or 1, image=AGENT_IMAGE
+    )
+    if apply_child(ctx.api, cronjob):
+        ctx.event("Normal", "CronJobApplied", f"CronJob {cronjob_name(name)}: {spec.schedule}")
+    where = f"s3://{location.bucket}/{policy_folder(location, namespace, name)}"
+    if spec.suspend:
+        ctx.condition("Ready", "True", "Suspended", f"scheduled backups are suspended; backups go to {where}")
+    else:
+        ctx.condition("Ready", "True", "Scheduled", f"backs up on '{spec.schedule}' ({spec.time_zone}) to {where}")
+    series = (namespace, name, spec.source.kind)
+    if spec.suspend:
+        metrics.BACKUP_SCHEDULE_INTERVAL.remove(*series)  # a suspended policy is never overdue
+    else:
+        metrics.BACKUP_SCHEDULE_INTERVAL.labels(*series).set(schedule_interval(spec.schedule, spec.time_zone))
+    observe(ctx)
+    backup_now(ctx)
+    ctx.status.phase = BackupPolicyPhase.SUSPENDED if spec.suspend else BackupPolicyPhase.SCHEDULED
+    return Result.done()
 
 
 def schedule_interval(schedule: str, time_zone: str, *, runs: int = 64) -> float:
@@ -220,128 +186,95 @@ def schedule_interval(schedule: str, time_zone: str, *, runs: int = 64) -> float
     return max((b - a).total_seconds() for a, b in itertools.pairwise(times))
 
 
-def _is_invalid(error: Exception) -> bool:
-    return isinstance(error, RunbookError) and error.reason == "InvalidSpec"
-
-
-def backup_now(body: kopf.Body) -> None:
+def backup_now(ctx: PolicyContext) -> Result:
     """A new value of the backup-now annotation starts one Job from the CronJob's template. (kopf ignores
-    annotations under its own prefix, so this runs on every event rather than as a change handler.)"""
-    metadata = body["metadata"]
-    token = (metadata.get("annotations") or {}).get(BACKUP_NOW)
-    if not token or token == (body.get("status") or {}).get("backupNow"):
-        return
-    namespace, name = metadata["namespace"], metadata["name"]
-    try:
-        cronjob = kube.batch().read_namespaced_cron_job(cronjob_name(name), namespace)
-    except ApiException as error:
-        if error.status == 404:
-            return  # not reconciled yet (or blocked): the next event or the timer comes back
-        raise
-    job = build_backup_now_job(kube.api_client().sanitize_for_serialization(cronjob), token)
-    try:
-        kube.batch().create_namespaced_job(namespace, job, field_manager=FIELD_MANAGER)
-    except ApiException as error:
-        if error.status != 409:  # 409: already started by an earlier pass
-            raise
-    status = StatusPatch(body.get("status"), None)
-    status.set(backupNow=token)
-    status.write(plural=PLURAL, namespace=namespace, name=name)
-    kopf.info(body, reason="BackupRequested", message=f"Job {job['metadata']['name']} started on request")
+    annotations under its own prefix, so main.py runs this on every event rather than as a change handler.)"""
+    token = (ctx.body["metadata"].get("annotations") or {}).get(BACKUP_NOW)
+    if not token or token == ctx.status.backup_now:
+        return Result.done()
+    cronjob = ctx.api.get(kube.CRON_JOBS, ctx.namespace, cronjob_name(ctx.name))
+    if cronjob is None:
+        return Result.done()  # not reconciled yet (or blocked): the next event or the timer comes back
+    job = build_backup_now_job(cronjob, token)
+    ctx.api.create(kube.JOBS, ctx.namespace, job)  # False: already started by an earlier pass
+    ctx.status.backup_now = token
+    ctx.event("Normal", "BackupRequested", f"Job {job['metadata']['name']} started on request")
+    return Result.done()
+
+
+def pass_named(api: kube.Api, namespace: str, name: str, step: Step) -> Result:
+    """One pass of ``step`` over the policy as it is now (the Job watcher and backup-now know only its
+    name, or hold an older copy); nothing when it is gone or being deleted."""
+    body = api.get(POLICY.resource, namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return Result.done()
+    return run_pass(Context.of(POLICY, body, api), step)
 
 
 # --- observe: status from the Jobs and the bucket -------------------------------------------------------
 
 
-def _time(value: Any) -> datetime | None:
-    if isinstance(value, datetime):
-        return value.astimezone(UTC)
-    if isinstance(value, str) and value:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return None
-
-
-def _rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _policy_jobs(namespace: str, policy: str) -> list[dict[str, Any]]:
-    """The Jobs of the policy's CronJob (scheduled and backup-now), as plain dicts."""
+def _policy_jobs(api: kube.Api, namespace: str, policy: str) -> list[dict[str, Any]]:
+    """The Jobs of the policy's CronJob (scheduled and backup-now)."""
     owner = cronjob_name(policy)
-    jobs = kube.batch().list_namespaced_job(namespace, label_selector=f"{POLICY_LABEL}={policy}").items
-    serialize = kube.api_client().sanitize_for_serialization
     return [
         job
-        for job in map(serialize, jobs)
+        for job in api.list(kube.JOBS, namespace, labels=f"{POLICY_LABEL}={policy}")
         if any(
             r.get("kind") == "CronJob" and r.get("name") == owner for r in job["metadata"].get("ownerReferences", [])
         )
     ]
 
 
-def observe(namespace: str, name: str) -> None:
+def observe(ctx: PolicyContext) -> Result:
     """Derive lastScheduleTime, lastSuccessfulBackup, lastFailure and LastBackupSucceeded from the Jobs."""
+    if ctx.body["metadata"].get("deletionTimestamp"):
+        return Result.done()
     try:
-        policy = kopf.Body(kube.custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
-    except ApiException as error:
-        if error.status == 404:
-            return
-        raise
-    if policy["metadata"].get("deletionTimestamp"):
-        return
-    try:
-        spec = parse_spec(BackupPolicySpec, policy.get("spec"))
+        spec = ctx.spec
     except RunbookError:
-        return  # reconcile reports it
-    current = policy.get("status") or {}
-    status = StatusPatch(current, current.get("observedGeneration"))
-    labels = {"namespace": namespace, "policy": name, "source": spec.source.kind}
-    jobs = _policy_jobs(namespace, name)
+        return Result.done()  # reconcile reports it
+    namespace, status = ctx.namespace, ctx.status
+    labels = {"namespace": namespace, "policy": ctx.name, "source": spec.source.kind}
+    jobs = _policy_jobs(ctx.api, namespace, ctx.name)
     if jobs:
         newest = max(jobs, key=lambda j: j["metadata"]["creationTimestamp"])
         scheduled = (newest["metadata"].get("annotations") or {}).get(SCHEDULED_AT)
-        started = _rfc3339(_time(scheduled or newest["metadata"]["creationTimestamp"]) or datetime.now(UTC))
-        if started != current.get("lastScheduleTime"):
-            status.set(lastScheduleTime=started)
-            kopf.info(policy, reason="BackupStarted", message=f"Job {newest['metadata']['name']} started")
-    success = current.get("lastSuccessfulBackup") or {}
-    failure = current.get("lastFailure") or {}
+        started = rfc3339(parse_time(scheduled or newest["metadata"]["creationTimestamp"]) or ctx.now())
+        if started != status.last_schedule_time:
+            status.last_schedule_time = started
+            ctx.event("Normal", "BackupStarted", f"Job {newest['metadata']['name']} started")
+    success, failure = status.last_successful_backup, status.last_failure
     finished = sorted(((job, *outcome) for job in jobs if (outcome := job_outcome(job))), key=lambda t: t[2])
     for job, state, when in finished:
         job_name = job["metadata"]["name"]
-        latest = max((t for t in (_time(success.get("time")), _time(failure.get("time"))) if t), default=None)
-        if job_name in (success.get("job"), failure.get("job")) or (latest is not None and when < latest):
+        seen = [r for r in (success, failure) if r is not None]
+        latest = max((t for r in seen if (t := parse_time(r.time))), default=None)
+        if job_name in [r.job for r in seen] or (latest is not None and when < latest):
             continue
         if state == "Complete":
-            recorded = _record_success(policy, spec, job, status, labels)
+            recorded = _record_success(ctx, spec, job, labels)
             if recorded is not None:
                 success = recorded
                 continue
-            failure = status.get("lastFailure")
+            failure = status.last_failure
         else:
-            reason, message = failure_reason(job, job_pods(kube.KubeApi(), namespace, job_name))
-            failure = _record_failure(
-                policy, status, job=job_name, when=when, reason=reason, message=message, labels=labels
-            )
+            reason, message = failure_reason(job, job_pods(ctx.api, namespace, job_name))
+            failure = _record_failure(ctx, job=job_name, when=when, reason=reason, message=message, labels=labels)
     _set_metrics(labels, status)
-    status.write(plural=PLURAL, namespace=namespace, name=name)
+    return Result.done()
 
 
 def _record_success(
-    policy: kopf.Body,
-    spec: BackupPolicySpec,
-    job: dict[str, Any],
-    status: StatusPatch,
-    labels: dict[str, str],
-) -> dict[str, Any] | None:
+    ctx: PolicyContext, spec: BackupPolicySpec, job: Mapping[str, Any], labels: dict[str, str]
+) -> BackupRecord | None:
     """Count a Complete Job when its manifest is in the bucket and matches; else record why it does not."""
-    namespace, name = policy["metadata"]["namespace"], policy["metadata"]["name"]
+    namespace, name = ctx.namespace, ctx.name
     job_name = job["metadata"]["name"]
     location = spec.destination.s3
-    manifest: dict[str, Any] | None = None
     try:
-        client = s3_client(kube.KubeApi(), namespace, location, field=S3_CREDENTIALS_FIELD)
-        created = _time(job["metadata"]["creationTimestamp"]) or datetime.now(UTC)
+        client = s3_client(ctx.api, namespace, location, field=S3_CREDENTIALS_FIELD)
+        created = parse_time(job["metadata"]["creationTimestamp"]) or ctx.now()
         manifest = find_manifest(client, location, namespace=namespace, policy=name, job=job_name, created=created)
         problem = "no manifest.json was written" if manifest is None else verify_manifest(client, location, manifest)
     except (RunbookError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
@@ -353,8 +286,7 @@ def _record_success(
     assert outcome is not None
     if manifest is None or problem is not None:
         _record_failure(
-            policy,
-            status,
+            ctx,
             job=job_name,
             when=outcome[1],
             reason="ManifestMissing",
@@ -363,77 +295,63 @@ def _record_success(
         )
         return None
     data = manifest["data"]
-    record = {
-        "time": manifest["endTime"],
-        "key": data["key"].rsplit("/", 1)[0] + "/",
-        "sizeBytes": data["sizeBytes"],
-        "sha256": data["sha256"],
-        "job": job_name,
-    }
-    status.set(lastSuccessfulBackup=record)
-    status.condition("LastBackupSucceeded", "True", "BackupComplete", f"backup {record['key']} is complete")
-    kopf.info(
-        policy,
-        reason="BackupSucceeded",
-        message=f"backup {record['key']} complete: {data['sizeBytes']} bytes, sha256 {data['sha256'][:16]}",
+    record = BackupRecord(
+        time=manifest["endTime"],
+        key=data["key"].rsplit("/", 1)[0] + "/",
+        size_bytes=data["sizeBytes"],
+        sha256=data["sha256"],
+        job=job_name,
+    )
+    ctx.status.last_successful_backup = record
+    ctx.condition("LastBackupSucceeded", "True", "BackupComplete", f"backup {record.key} is complete")
+    ctx.event(
+        "Normal",
+        "BackupSucceeded",
+        f"backup {record.key} complete: {data['sizeBytes']} bytes, sha256 {data['sha256'][:16]}",
     )
     metrics.BACKUP_DURATION.labels(**labels).set(float(manifest.get("durationSeconds") or 0))
-    verified = ((policy.get("status") or {}).get("lastVerifiedBackup") or {}).get("key")
+    verified = ctx.status.last_verified_backup.key if ctx.status.last_verified_backup is not None else None
     pruned = prune(
-        client,
-        location,
-        namespace=namespace,
-        policy=name,
-        retention=spec.retention,
-        now=datetime.now(UTC),
-        verified=verified,
+        client, location, namespace=namespace, policy=name, retention=spec.retention, now=ctx.now(), verified=verified
     )
     if pruned:
-        kopf.info(
-            policy,
-            reason="BackupsPruned",
-            message=f"deleted {len(pruned)} backup(s) older than {spec.retention.max_age}: {', '.join(pruned)}"[:1000],
+        ctx.event(
+            "Normal",
+            "BackupsPruned",
+            f"deleted {len(pruned)} backup(s) older than {spec.retention.max_age}: {', '.join(pruned)}"[:1000],
         )
     return record
 
 
 def _record_failure(
-    policy: kopf.Body,
-    status: StatusPatch,
-    *,
-    job: str,
-    when: datetime,
-    reason: str,
-    message: str,
-    labels: dict[str, str],
-) -> dict[str, Any]:
-    record = {"time": _rfc3339(when), "reason": reason, "message": message, "job": job}
-    status.set(lastFailure=record)
-    status.condition("LastBackupSucceeded", "False", reason, f"Job {job}: {message}")
-    kopf.warn(policy, reason="BackupFailed", message=f"Job {job}: {reason}: {message}")
+    ctx: PolicyContext, *, job: str, when: datetime, reason: str, message: str, labels: dict[str, str]
+) -> FailureRecord:
+    record = FailureRecord(time=rfc3339(when), reason=reason, message=message, job=job)
+    ctx.status.last_failure = record
+    ctx.condition("LastBackupSucceeded", "False", reason, f"Job {job}: {message}")
+    ctx.event("Warning", "BackupFailed", f"Job {job}: {reason}: {message}")
     metrics.BACKUP_FAILURES.labels(**labels).inc()
     return record
 
 
-def _set_metrics(labels: dict[str, str], status: StatusPatch) -> None:
+def _set_metrics(labels: dict[str, str], status: BackupPolicyStatus) -> None:
     """The policy's gauges from its status, so they are right again after the operator restarts."""
     metrics.BACKUP_FAILURES.labels(**labels)  # the series exists at 0 before the first failure
-    success = status.get("lastSuccessfulBackup") or {}
-    when = _time(success.get("time"))
-    if when is not None:
+    success = status.last_successful_backup
+    when = parse_time(success.time) if success is not None else None
+    if success is not None and when is not None:
         metrics.BACKUP_LAST_SUCCESS.labels(**labels).set(when.timestamp())
-        metrics.BACKUP_SIZE.labels(**labels).set(float(success.get("sizeBytes") or 0))
-    failed = _time((status.get("lastFailure") or {}).get("time"))
+        metrics.BACKUP_SIZE.labels(**labels).set(float(success.size_bytes or 0))
+    failed = parse_time(status.last_failure.time) if status.last_failure is not None else None
     if failed is not None:
         metrics.BACKUP_LAST_FAILURE.labels(**labels).set(failed.timestamp())
-    verified = _time((status.get("lastVerifiedBackup") or {}).get("verifiedTime"))
+    verified_backup = status.last_verified_backup
+    verified = parse_time(verified_backup.verified_time) if verified_backup is not None else None
     if verified is not None:
         metrics.BACKUP_LAST_VERIFIED.labels(labels["namespace"], labels["policy"]).set(verified.timestamp())
-    drill = get_condition(status.get("conditions"), "Verified")
+    drill = next((c for c in status.conditions if c.type == "Verified"), None)
     if drill is not None:
-        metrics.BACKUP_LAST_DRILL_PASSED.labels(labels["namespace"], labels["policy"]).set(
-            int(drill["status"] == "True")
-        )
+        metrics.BACKUP_LAST_DRILL_PASSED.labels(labels["namespace"], labels["policy"]).set(int(drill.status == "True"))
 
 
 # --- deletion -------------------------------------------------------------------------------------------
@@ -446,23 +364,24 @@ def needs_finalizer(spec: Mapping[str, Any], namespace: str | None) -> bool:
     return spec.get("deletionPolicy") == "Delete" or any(n != namespace for n in exported)
 
 
-def finalize(body: kopf.Body, *, retry: int) -> None:
-    """Remove what garbage collection cannot; with deletionPolicy Delete, the backups too."""
-    metadata = body["metadata"]
-    namespace, name = metadata["namespace"], metadata["name"]
-    remove_stale_rbac(namespace, name, [])
-    if (body.get("spec") or {}).get("deletionPolicy") != "Delete":
-        return
+def finalize(ctx: PolicyContext) -> Result:
+    """Remove what garbage collection cannot; with deletionPolicy Delete, the backups too (main.py gives up
+    after a few attempts, so an unreachable bucket does not hold the policy forever)."""
+    remove_stale_rbac(ctx.api, ctx.namespace, ctx.name, [])
+    if (ctx.body.get("spec") or {}).get("deletionPolicy") != "Delete":
+        return Result.done()
     try:
-        spec = parse_spec(BackupPolicySpec, body.get("spec"))
-        location = spec.destination.s3
-        client = s3_client(kube.KubeApi(), namespace, location, field=S3_CREDENTIALS_FIELD)
-        folders = [b.folder for b in stored_backups(client, location, namespace, name)]
+        location = ctx.spec.destination.s3
+        client = s3_client(ctx.api, ctx.namespace, location, field=S3_CREDENTIALS_FIELD)
+        folders = [b.folder for b in stored_backups(client, location, ctx.namespace, ctx.name)]
         delete_backups(client, location, folders)
     except (RunbookError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
         message = error.message if isinstance(error, RunbookError) else type(error).__name__
-        if retry < 5:
-            raise kopf.TemporaryError(f"deleting the backups: {message}", delay=30) from None
-        kopf.warn(body, reason="BackupsNotDeleted", message=f"gave up deleting the backups: {message}")
-        return
-    kopf.info(body, reason="BackupsDeleted", message=f"deleted {len(folders)} backup(s) (deletionPolicy Delete)")
+        raise RunbookError("BackupsNotDeleted", f"deleting the backups: {message}", retry_after=30) from None
+    ctx.event("Normal", "BackupsDeleted", f"deleted {len(folders)} backup(s) (deletionPolicy Delete)")
+    return Result.done()
+
+
+POLICY = Reconciler(
+    kube.custom_resource("backuppolicies", "BackupPolicy"), BackupPolicySpec, BackupPolicyStatus, reconcile, finalize
+)

@@ -54,6 +54,16 @@ def s3_error(error: Exception, location: S3Location) -> RunbookError:
     return RunbookError("S3Unreachable", f"spec.destination.s3: {type(error).__name__}", retry_after=60)
 
 
+def check_bucket(client: S3Client, location: S3Location) -> None:
+    """The bucket exists and is ours to write, with the lifecycle rule that aborts abandoned multipart
+    uploads under the location's prefix (installed when missing)."""
+    try:
+        client.head_bucket(Bucket=location.bucket)
+        s3.ensure_abort_incomplete_uploads(client, location)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+        raise s3_error(error, location) from None
+
+
 def expired_backups(
     backups: Iterable[StoredBackup],
     *,

@@ -170,7 +170,7 @@ class KubernetesSteps:
             self.fail(error)
             return 0
         for child in build_restore_rbac(restore.body, plan):
-            apply_child(child)
+            apply_child(kube.KubeApi(), child)
         job = build_kubernetes_job(restore.body, plan, policy=policy, spec=spec, image=restore.image)
         try:
             kube.batch().create_namespaced_job(restore.namespace, job, field_manager=FIELD_MANAGER)

@@ -1,0 +1,307 @@
+"""BackupPolicy's decisions, one pass at a time: FakeApi for the API server, FakeS3 for the bucket."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
+
+from runbook_operator.builders.backup import POLICY_LABEL, cronjob_name
+from runbook_operator.clients import kube
+from runbook_operator.models.backup import BACKUP_NOW
+from runbook_operator.models.plans import format_timestamp
+from runbook_operator.reconcilers import backup, catalog
+from runbook_operator.reconcilers.runtime import Context, Result, run_pass
+from tests.fake_api import Call, FakeApi
+from tests.helpers import load_samples
+
+NS, NAME, BUCKET = "hungryhippaahneties", "db", "hungryhippaahneties-backups"
+POLICIES = backup.POLICY.resource
+SAMPLE = load_samples()["backuppolicy-postgresql"]["spec"]
+
+
+class FakeS3:
+    """The calls the bucket catalog makes, over one bucket's keys in memory."""
+
+    exceptions = type("Exceptions", (), {"ClientError": ClientError})
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.rules: list[dict[str, Any]] | None = None
+        self.writes: list[str] = []
+
+    @staticmethod
+    def _error(code: str, operation: str) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": code}}, operation)
+
+    def _bucket(self, name: str, operation: str) -> None:
+        if name != BUCKET:
+            raise self._error("404", operation)
+
+    def head_bucket(self, *, Bucket: str) -> dict[str, Any]:
+        self._bucket(Bucket, "HeadBucket")
+        return {}
+
+    def get_bucket_lifecycle_configuration(self, *, Bucket: str) -> dict[str, Any]:
+        if self.rules is None:
+            raise self._error("NoSuchLifecycleConfiguration", "GetBucketLifecycleConfiguration")
+        return {"Rules": copy.deepcopy(self.rules)}
+
+    def put_bucket_lifecycle_configuration(self, *, Bucket: str, LifecycleConfiguration: dict[str, Any]) -> None:
+        self.writes.append("lifecycle")
+        self.rules = copy.deepcopy(LifecycleConfiguration["Rules"])
+
+    def get_paginator(self, name: str) -> FakeS3:
+        assert name == "list_objects_v2"
+        return self
+
+    def paginate(self, *, Bucket: str, Prefix: str, StartAfter: str = "") -> list[dict[str, Any]]:
+        keys = [k for k in sorted(self.objects) if k.startswith(Prefix) and k > StartAfter]
+        return [{"Contents": [{"Key": k} for k in keys]}]
+
+    def get_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
+        return {"Body": io.BytesIO(self.objects[Key])}
+
+    def head_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
+        if Key not in self.objects:
+            raise self._error("404", "HeadObject")
+        return {"ContentLength": len(self.objects[Key])}
+
+    def delete_objects(self, *, Bucket: str, Delete: dict[str, Any]) -> None:
+        self.writes.append("delete")
+        for item in Delete["Objects"]:
+            self.objects.pop(item["Key"], None)
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> FakeS3:
+    """Every S3 client the catalog makes is this one (the integration tests keep the real S3 API server)."""
+    fake = FakeS3()
+    monkeypatch.setattr(catalog.s3, "make_client", lambda location, *keys: fake)
+    return fake
+
+
+def secret(api: FakeApi, name: str, data: dict[str, str]) -> None:
+    encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+    api.put(kube.SECRETS, NS, {"metadata": {"name": name}, "data": encoded})
+
+
+@pytest.fixture
+def api() -> FakeApi:
+    fake = FakeApi()
+    secret(fake, "db-credentials", {"POSTGRES_USER": "reader", "POSTGRES_PASSWORD": "pw-1"})
+    secret(fake, "backup-s3-credentials", {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "key-1"})
+    secret(fake, "backup-gpg-passphrase", {"passphrase": "a-long-passphrase"})
+    return fake
+
+
+def policy(api: FakeApi, **changes: Any) -> dict[str, Any]:
+    spec = copy.deepcopy(SAMPLE)
+    spec["encryption"] = {"gpg": {"passphraseSecretRef": {"name": "backup-gpg-passphrase", "key": "passphrase"}}}
+    spec.update(changes)
+    return api.put(POLICIES, NS, {"metadata": {"name": NAME}, "spec": spec})
+
+
+def run(api: FakeApi, step: backup.Step = backup.reconcile, body: dict[str, Any] | None = None) -> Result:
+    current = body or api.stored(POLICIES, NS, NAME)
+    assert current is not None
+    return run_pass(Context.of(backup.POLICY, current, api), step)
+
+
+def status(api: FakeApi) -> dict[str, Any]:
+    stored = api.stored(POLICIES, NS, NAME)
+    assert stored is not None
+    found: dict[str, Any] = stored.get("status") or {}
+    return found
+
+
+def condition(api: FakeApi, type_: str) -> dict[str, Any]:
+    return next(c for c in status(api)["conditions"] if c["type"] == type_)
+
+
+def writes(api: FakeApi, plural: str, verb: str | None = None) -> list[Call]:
+    return [c for c in api.writes() if c.plural == plural and verb in (None, c.verb)]
+
+
+def events(api: FakeApi) -> list[tuple[str, str]]:
+    return [(c.body["type"], c.body["reason"]) for c in writes(api, "events", "create")]
+
+
+def test_creation_applies_the_cronjob_and_writes_status_once(api: FakeApi, s3: FakeS3) -> None:
+    policy(api)
+    assert run(api) == Result.done()
+    (applied,) = writes(api, "cronjobs")
+    assert applied.verb == "apply" and applied.name == cronjob_name(NAME)
+    (written,) = writes(api, "backuppolicies")
+    assert written.subresource == "status"
+    assert status(api)["phase"] == "Scheduled" and status(api)["cronJobName"] == cronjob_name(NAME)
+    assert status(api)["sourceKind"] == "postgresql" and status(api)["observedGeneration"] == 1
+    assert condition(api, "Ready")["status"] == "True" and condition(api, "Ready")["reason"] == "Scheduled"
+    assert events(api) == [("Normal", "CronJobApplied")]
+    cronjob = api.stored(kube.CRON_JOBS, NS, cronjob_name(NAME))
+    assert cronjob is not None and cronjob["metadata"]["ownerReferences"][0]["kind"] == "BackupPolicy"
+    assert s3.rules is not None and s3.rules[0]["Filter"] == {"Prefix": "postgresql/"}
+
+
+def test_a_resync_with_nothing_changed_writes_nothing(api: FakeApi, s3: FakeS3) -> None:
+    policy(api)
+    run(api)
+    api.calls.clear()
+    s3.writes.clear()
+    assert run(api) == Result.done()
+    # the pass went all the way (it read the CronJob and listed the Jobs), and wrote nothing anywhere
+    assert Call("get", "cronjobs", NS, cronjob_name(NAME)) in api.calls
+    assert any(c.verb == "list" and c.plural == "jobs" for c in api.calls)
+    assert api.writes() == [] and s3.writes == []
+
+
+def test_a_missing_secret_key_is_ready_false_naming_the_field_with_one_event(api: FakeApi, s3: FakeS3) -> None:
+    secret(api, "db-credentials", {"POSTGRES_USER": "reader"})  # no password key
+    policy(api)
+    result = run(api)
+    assert result.error is not None and result.error.reason == "SecretKeyMissing"
+    assert result.requeue_after == 30  # the Secret may appear: retried
+    ready = condition(api, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "SecretKeyMissing")
+    assert ready["message"].startswith("spec.source.postgresql.credentialsSecretRef: Secret db-credentials")
+    assert status(api)["phase"] == "Blocked"
+    assert events(api) == [("Warning", "SecretKeyMissing")]
+    assert writes(api, "cronjobs") == [] and len(writes(api, "backuppolicies")) == 1
+    assert "pw-1" not in json.dumps([c.body for c in api.writes()])
+
+
+def test_an_invalid_spec_is_ready_false_naming_the_field_and_waits_for_a_change(api: FakeApi, s3: FakeS3) -> None:
+    policy(api, schedule="never")
+    result = run(api)
+    assert result.error is not None and result.error.reason == "InvalidSpec" and result.requeue_after is None
+    ready = condition(api, "Ready")
+    assert ready["status"] == "False" and ready["message"].startswith("spec.schedule")
+    assert status(api)["phase"] == "Invalid" and "cronJobName" not in status(api)
+    assert events(api) == [("Warning", "InvalidSpec")]
+    assert writes(api, "cronjobs") == []
+
+
+def test_a_missing_bucket_names_the_bucket(api: FakeApi, s3: FakeS3) -> None:
+    policy(api, destination={"s3": {**SAMPLE["destination"]["s3"], "bucket": "no-such-bucket"}})
+    result = run(api)
+    assert result.error is not None and result.error.reason == "BucketNotFound"
+    assert condition(api, "Ready")["message"].startswith("spec.destination.s3.bucket: bucket no-such-bucket")
+    assert writes(api, "cronjobs") == []
+
+
+def test_backup_now_creates_one_job_once(api: FakeApi, s3: FakeS3) -> None:
+    body = policy(api)
+    run(api)
+    body = api.patch(POLICIES, NS, NAME, {"metadata": {"annotations": {BACKUP_NOW: "2026-11-26T03:00"}}}) or body
+    api.calls.clear()
+    run(api, backup.backup_now)  # the backup-now event
+    (created,) = writes(api, "jobs")
+    assert created.verb == "create" and created.body["metadata"]["annotations"][BACKUP_NOW] == "2026-11-26T03:00"
+    assert status(api)["backupNow"] == "2026-11-26T03:00"
+    assert events(api) == [("Normal", "BackupRequested")]
+
+    run(api)  # the next full pass sees the Job started
+    assert status(api)["lastScheduleTime"]
+
+    # the same value again, by the event (it reads the policy anew: the event's copy may predate the status
+    # write) and by a full pass: nothing new
+    api.calls.clear()
+    assert backup.pass_named(api, NS, NAME, backup.backup_now) == Result.done()
+    run(api)
+    assert Call("get", "cronjobs", NS, cronjob_name(NAME)) in api.calls
+    assert api.writes() == []
+    assert len(api.list(kube.JOBS, NS)) == 1
+
+
+def _job(
+    api: FakeApi, name: str, *, state: str, when: datetime, message: str | None = None, created: datetime | None = None
+) -> None:
+    cronjob = api.stored(kube.CRON_JOBS, NS, cronjob_name(NAME))
+    assert cronjob is not None
+    owner = {"apiVersion": "batch/v1", "kind": "CronJob", "name": cronjob_name(NAME), "uid": "cj", "controller": True}
+    stamp = (created or when - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    condition = {"type": state, "status": "True", "lastTransitionTime": when.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    metadata = {"name": name, "labels": {POLICY_LABEL: NAME}, "ownerReferences": [owner], "creationTimestamp": stamp}
+    api.put(kube.JOBS, NS, {"metadata": metadata, "status": {"conditions": [condition]}})
+    if message is not None:
+        terminated = {"state": {"terminated": {"message": message}}}
+        pod = {"metadata": {"name": f"{name}-pod", "labels": {"batch.kubernetes.io/job-name": name}}}
+        api.put(kube.PODS, NS, {**pod, "status": {"containerStatuses": [terminated]}})
+
+
+def _manifest(s3: FakeS3, job: str, when: datetime, size: int = 42) -> str:
+    folder = f"postgresql/{NS}/{NAME}/{format_timestamp(when)}/"
+    s3.objects[f"{folder}postgresql.dump.gpg"] = b"x" * size
+    manifest = {
+        "job": job,
+        "endTime": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "data": {"key": f"{folder}postgresql.dump.gpg", "sizeBytes": size, "sha256": "ab" * 32},
+    }
+    s3.objects[f"{folder}manifest.json"] = json.dumps(manifest).encode()
+    return folder
+
+
+def test_job_outcomes_update_last_successful_backup_and_last_failure(api: FakeApi, s3: FakeS3) -> None:
+    policy(api)
+    run(api)
+    now = datetime.now(UTC).replace(microsecond=0)
+
+    # a Job that completed and whose manifest is in the bucket counts
+    _job(api, "backup-db-1", state="Complete", when=now - timedelta(minutes=30))
+    folder = _manifest(s3, "backup-db-1", now - timedelta(minutes=31))
+    api.calls.clear()
+    backup.pass_named(api, NS, NAME, backup.observe)  # the Job watcher
+    success = status(api)["lastSuccessfulBackup"]
+    assert success == {
+        "time": success["time"],
+        "key": folder,
+        "sizeBytes": 42,
+        "sha256": "ab" * 32,
+        "job": "backup-db-1",
+    }
+    assert condition(api, "LastBackupSucceeded")["status"] == "True"
+    assert status(api)["lastScheduleTime"] == (now - timedelta(minutes=35)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert events(api) == [("Normal", "BackupStarted"), ("Normal", "BackupSucceeded")]
+    assert len(writes(api, "backuppolicies")) == 1
+
+    # a failed Job: the agent's one-line reason from its pod's termination message
+    line = "INFO: dumping\nbackup failed: SourceUnavailable: password authentication failed"
+    _job(api, "backup-db-2", state="Failed", when=now - timedelta(minutes=10), message=line)
+    backup.pass_named(api, NS, NAME, backup.observe)
+    failure = status(api)["lastFailure"]
+    assert (failure["job"], failure["reason"]) == ("backup-db-2", "SourceUnavailable")
+    assert failure["message"] == "password authentication failed"
+    assert condition(api, "LastBackupSucceeded")["status"] == "False"
+    assert status(api)["lastSuccessfulBackup"] == success
+
+    # a Job that claims success without a manifest does not count
+    _job(api, "backup-db-3", state="Complete", when=now - timedelta(minutes=5))
+    backup.pass_named(api, NS, NAME, backup.observe)
+    assert (status(api)["lastFailure"]["job"], status(api)["lastFailure"]["reason"]) == (
+        "backup-db-3",
+        "ManifestMissing",
+    )
+    assert status(api)["lastSuccessfulBackup"] == success
+
+    # nothing new: nothing written
+    api.calls.clear()
+    backup.pass_named(api, NS, NAME, backup.observe)
+    run(api)
+    assert api.writes() == []
+
+
+def test_deletion_with_deletion_policy_delete_removes_only_its_backups(api: FakeApi, s3: FakeS3) -> None:
+    policy(api, deletionPolicy="Delete")
+    run(api)
+    ours = _manifest(s3, "backup-db-1", datetime(2026, 1, 1, tzinfo=UTC))
+    other = "postgresql/hungryhippaahneties/other/20260101T000000Z/manifest.json"
+    s3.objects[other] = b"{}"
+    assert run(api, backup.finalize) == Result.done()
+    assert sorted(s3.objects) == [other] and not any(k.startswith(ours) for k in s3.objects)
+    assert ("Normal", "BackupsDeleted") in events(api)
