@@ -13,7 +13,7 @@ from .clients.kube import KubeApi
 from .logs import install_redactor
 from .models import GROUP, VERSION
 from .models.backup import BACKUP_NOW
-from .reconcilers import backup, interlock, isolation, restore, rotation, scaling
+from .reconcilers import backup, drills, interlock, isolation, restore, rotation, scaling
 from .reconcilers.runtime import as_kopf, blocking, drive
 from .reconcilers.tenancy import Grant, index_entries
 from .settings import Settings, configure_kopf
@@ -176,25 +176,25 @@ async def backup_policy_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
 
 
 # --- BackupRestore ---
-# One daemon per BackupRestore walks its steps (status holds the state, so a restart resumes); it returns
-# once the restore has finished; deleting one mid-way brings the workloads back. One daemon per BackupPolicy
-# with verification creates the drills.
+# One clock per BackupRestore walks its step table (status holds the state, so a restart resumes); it ends
+# once the restore has finished; deleting one mid-way brings the workloads back (the finalizer). One clock
+# per BackupPolicy with verification creates the drills.
 BACKUP_RESTORES = (GROUP, VERSION, "backuprestores")
 
 
 @kopf.daemon(*BACKUP_RESTORES, cancellation_timeout=60)
 async def backup_restore(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
-    await restore.run(body, stopped=stopped, image=SETTINGS.agent_image)
+    await restore.run(body, stopped=stopped)
 
 
 @kopf.on.delete(*BACKUP_RESTORES)
-def backup_restore_deleted(body: kopf.Body, **_: Any) -> None:
-    restore.abort_deleted(body)
+async def backup_restore_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
+    await restore.deleted(body, retry=retry)
 
 
-@kopf.daemon(GROUP, VERSION, "backuppolicies", id="drills", when=restore.drills_enabled, cancellation_timeout=30)
+@kopf.daemon(GROUP, VERSION, "backuppolicies", id="drills", when=drills.drills_enabled, cancellation_timeout=30)
 async def backup_policy_drills(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
-    await restore.run_drills(body, stopped=stopped)
+    await drills.run(body, stopped=stopped)
 
 
 # --- RunbookGrant ---

@@ -1,5 +1,5 @@
 """BackupRestore without a cluster: the model's rules, the Job and plan builders, the workload patches and
-readiness checks, the timeline, drills, retention's protection of the verified backup, and the checksummed
+readiness checks, drills, retention's protection of the verified backup, and the checksummed
 reader that holds back the end of a stored object until it matched."""
 
 from __future__ import annotations
@@ -22,14 +22,11 @@ from runbook_operator.builders.restore import (
     build_job,
     build_plan,
     drill_name,
-    end_step,
     is_available,
     is_stopped,
     job_name,
     resolve_target,
     start_patch,
-    start_step,
-    step_started,
     stop_patch,
 )
 from runbook_operator.clients.postgres import parse_qualified_name, qualified_name
@@ -171,22 +168,6 @@ def test_stopped_and_available() -> None:
     assert not is_available(workload(3, observedGeneration=2, availableReplicas=2, updatedReplicas=3), 3)
     assert not is_available(workload(2, observedGeneration=2, availableReplicas=2, updatedReplicas=2), 3)
     assert is_available(workload(0, observedGeneration=2), 0)
-
-
-def test_timeline_steps() -> None:
-    steps = start_step([], "Preflight", "2026-01-01T00:00:00Z")
-    assert step_started(steps, "Preflight") == "2026-01-01T00:00:00Z"
-    steps = end_step(steps, "Preflight", "Succeeded", "ok", "2026-01-01T00:01:00Z")
-    assert steps == [
-        {
-            "name": "Preflight",
-            "phase": "Succeeded",
-            "startTime": "2026-01-01T00:00:00Z",
-            "endTime": "2026-01-01T00:01:00Z",
-            "message": "ok",
-        }
-    ]
-    assert step_started(steps, "Preflight") is None
 
 
 def test_drill_is_owned_by_the_policy_and_named_by_its_slot() -> None:

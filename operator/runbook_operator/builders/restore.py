@@ -1,5 +1,5 @@
 """BackupRestore's manifests and records, as pure functions: the restore plan, the Job that runs the agent,
-the workload patches that stop and restart, the timeline, and the drills a policy's verification creates."""
+the workload patches that stop and restart, and the drills a policy's verification creates."""
 
 from __future__ import annotations
 
@@ -185,29 +185,6 @@ def is_available(workload: Mapping[str, Any], replicas: int) -> bool:
     return (status.get("availableReplicas") or 0) >= replicas and (status.get("updatedReplicas") or 0) >= replicas
 
 
-# --- timeline -----------------------------------------------------------------------------------------
-
-
-def start_step(steps: list[dict[str, Any]], name: str, now: str) -> list[dict[str, Any]]:
-    return [*steps, {"name": name, "phase": "Running", "startTime": now}]
-
-
-def end_step(steps: list[dict[str, Any]], name: str, phase: str, message: str, now: str) -> list[dict[str, Any]]:
-    """The timeline with the running step ``name`` ended (the last one of that name)."""
-    ended = list(steps)
-    for index in range(len(ended) - 1, -1, -1):
-        if ended[index]["name"] == name and ended[index]["phase"] == "Running":
-            ended[index] = {**ended[index], "phase": phase, "endTime": now, "message": message[:1024]}
-            break
-    return ended
-
-
-def step_started(steps: list[dict[str, Any]], name: str) -> str | None:
-    """When the running step ``name`` started."""
-    running = [s for s in steps if s["name"] == name and s["phase"] == "Running"]
-    return running[-1].get("startTime") if running else None
-
-
 # --- drills -------------------------------------------------------------------------------------------
 
 
@@ -228,16 +205,7 @@ def build_drill(policy_body: Mapping[str, Any], verification: Verification, slot
             "namespace": metadata["namespace"],
             "labels": {**MANAGED_BY, DRILL_LABEL: policy},
             "annotations": {f"{PREFIX}/drill-slot": slot.isoformat()},
-            "ownerReferences": [
-                {
-                    "apiVersion": API_VERSION,
-                    "kind": "BackupPolicy",
-                    "name": policy,
-                    "uid": metadata["uid"],
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
+            "ownerReferences": [owner_reference({"apiVersion": API_VERSION, "kind": "BackupPolicy", **policy_body})],
         },
         "spec": {
             "policyRef": policy,

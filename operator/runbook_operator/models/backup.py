@@ -419,11 +419,45 @@ class BackupRestoreSpec(CamelModel):
     )
 
 
+class RestorePhase(enum.StrEnum):
+    """A BackupRestore's phase: the step running (Preflight ... ScalingUp), or how it ended."""
+
+    PREFLIGHT = "Preflight"
+    SCALING_DOWN = "ScalingDown"
+    RESTORING = "Restoring"
+    CHECKING = "Checking"
+    SCALING_UP = "ScalingUp"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    DRY_RUN_SUCCEEDED = "DryRunSucceeded"
+
+
+RESTORE_ENDED = (RestorePhase.SUCCEEDED, RestorePhase.FAILED, RestorePhase.DRY_RUN_SUCCEEDED)
+
+
+class RestoreStepName(enum.StrEnum):
+    """The steps of a restore, in their order."""
+
+    PREFLIGHT = "Preflight"
+    SCALE_DOWN = "ScaleDown"
+    RESTORE = "Restore"
+    CHECK = "Check"
+    SCALE_UP = "ScaleUp"
+
+
+class StepPhase(enum.StrEnum):
+    """Where one step of a restore is."""
+
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
 class RestoreStep(StatusModel):
     """One step of a restore."""
 
-    name: str = Field(description="Preflight, ScaleDown, Restore, Check or ScaleUp.")
-    phase: str = Field(description="Running, Succeeded or Failed.")
+    name: RestoreStepName = Field(description="Preflight, ScaleDown, Restore, Check or ScaleUp.")
+    phase: StepPhase = Field(description="Running, Succeeded or Failed.")
     start_time: str | None = Field(None, description="When the step started.")
     end_time: str | None = Field(None, description="When the step ended.")
     message: str | None = Field(None, description="What happened.")
@@ -492,6 +526,7 @@ class KubernetesRestoreSummary(StatusModel):
 class BackupRestoreStatus(StatusBase):
     """Observed state of a BackupRestore."""
 
+    phase: RestorePhase | None = Field(None, description="The step running, or how the restore ended.")
     backup_key: str | None = Field(None, description="The data object being restored.")
     backup_time: str | None = Field(None, description="When that backup finished (RFC 3339).")
     target: str | None = Field(None, description="host:port/database restored into.")

@@ -1,66 +1,70 @@
-"""BackupRestore: preflight, record, scale down, restore Job, check, scale back up — a state machine in status.
+"""BackupRestore: preflight, record, scale down, restore Job, check, scale back up — a step table in status.
 
-Each pass reads the object and performs the next step of its ``phase``, writing status before acting, so
-the operator can stop at any point and the next pass resumes:
+``RESTORE`` is the kind's ``Reconciler``. Each pass resumes at the step that status records as running and
+walks the table (``STEPS``) until a step waits (``Result.after``) or the restore ends (``Result.stop()``);
+status is written when a step begins and ends, so the operator can stop at any point and the next pass
+resumes. What differs per source is a ``Target`` (PostgreSQL here, Redis and Kubernetes in their modules):
 
 - **Preflight** (in the operator, read-only): the policy, the backup and its manifest, every referenced
   Secret, the scaleDown workloads and the target login are checked, and the whole stored object is
   streamed through the agent's ``verify`` (SHA-256 while streaming, full decryption, ``pg_restore
   --list``). Any failure ends the restore here: nothing was changed. ``dryRun`` ends here too.
-- **ScalingDown**: the replica counts are recorded in status, then each workload is scaled to zero with
+- **ScaleDown**: the replica counts are recorded in status, then each workload is scaled to zero with
   the count annotated on it, and the pass waits until they have no pods.
-- **Restoring**: the Job runs the agent's ``restore`` (one transaction: all or nothing); the pass
+- **Restore**: the Job runs the agent's ``restore`` (one transaction: all or nothing); the pass
   watches the Job and reads a failure's reason from its pod's termination message.
-- **Checking**: the restored tables' row counts, sequence values and large objects (count and digest) must
+- **Check**: the restored tables' row counts, sequence values and large objects (count and digest) must
   equal those the manifest recorded at backup time.
-- **ScalingUp**: always reached once anything was scaled down, also after a failure: the workloads
-  get their recorded counts back and the pass waits until they are available.
+- **ScaleUp**: always runs once ScaleDown has begun, also after a failure: the workloads get their
+  recorded counts back and the pass waits until they are available.
 
-A drill is a BackupRestore that a policy's ``verification`` creates (labelled with the policy): when it
-ends, the policy's ``lastVerifiedBackup`` and ``Verified`` condition record the outcome.
+A drill is a BackupRestore that a policy's ``verification`` creates (``drills.py``): when it ends, the
+policy's ``lastVerifiedBackup`` and ``Verified`` condition record the outcome.
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
 import os
-import zoneinfo
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, Protocol
 
 import botocore.exceptions
 import kopf
-from croniter import croniter
-from kubernetes.client import ApiException
 
 from .. import metrics
 from ..agent.restore import check_contents, connect_target, verify
 from ..builders.restore import (
-    DRILL_HISTORY,
     DRILL_LABEL,
     REPLICAS_ANNOTATION,
-    build_drill,
     build_job,
     build_plan,
-    end_step,
     is_available,
     is_stopped,
     job_name,
     resolve_target,
     start_patch,
-    start_step,
-    step_started,
     stop_patch,
 )
 from ..clients import kube
 from ..clients.s3 import get_json
-from ..conditions import now_rfc3339
-from ..errors import RunbookError
+from ..errors import RunbookError, parse_spec
 from ..logs import audit
-from ..models import GROUP, VERSION
-from ..models.backup import BackupPolicySpec, BackupRestoreSpec
+from ..models.backup import (
+    RESTORE_ENDED,
+    BackupPolicySpec,
+    BackupRestoreSpec,
+    BackupRestoreStatus,
+    ReplicaRecord,
+    RestoreChecks,
+    RestorePhase,
+    RestoreStep,
+    RestoreStepName,
+    StepPhase,
+)
+from ..models.common import parse_time, rfc3339
 from ..models.plans import (
     GPG_PASSPHRASE_ENV,
     GPG_PRIVATE_KEY_ENV,
@@ -74,193 +78,156 @@ from ..models.plans import (
     policy_folder,
 )
 from ..models.sources import PostgresConnection
-from ..settings import FIELD_MANAGER
-from .base import StatusPatch, as_failure, backoff, parse_spec, report_failure
+from ..settings import Settings
+from . import runtime
 from .catalog import S3_CREDENTIALS_FIELD, s3_client, stored_backups
 from .jobs import failure_reason, job_outcome, job_pods, read_job
+from .runtime import Context, Reconciler, Result
 
 LOG = logging.getLogger(__name__)
-KIND = "BackupRestore"
-PLURAL = "backuprestores"
-POLICIES = "backuppolicies"
-PREFLIGHT, SCALING_DOWN, RESTORING, CHECKING, SCALING_UP = (
-    "Preflight",
-    "ScalingDown",
-    "Restoring",
-    "Checking",
-    "ScalingUp",
-)
-SUCCEEDED, FAILED, DRY_RUN = "Succeeded", "Failed", "DryRunSucceeded"
-TERMINAL = (SUCCEEDED, FAILED, DRY_RUN)
+RESTORES = kube.custom_resource("backuprestores", "BackupRestore")
+POLICIES = kube.custom_resource("backuppolicies", "BackupPolicy")
 POLL_SECONDS = 2.0
 RESTORE_FAILURE_PREFIX = "restore failed: "
 # What the operator passes on to pg_restore --list besides the credentials it read.
 _TOOL_ENV = ("PATH", "LANG", "LC_ALL", "TMPDIR")
+ALL_STEPS = tuple(RestoreStepName)
+
+Ctx = Context[BackupRestoreSpec, BackupRestoreStatus]
+# A step's end (its message), or how long to wait before it is looked at again.
+Outcome = str | Result
+
+
+class Target(Protocol):
+    """What restoring one source kind takes beyond the shared steps. A failure raises ``RunbookError``."""
+
+    def steps(self, dry_run: bool) -> tuple[RestoreStepName, ...]:
+        """The steps of the table this source goes through."""
+
+    def preflight(self) -> str:
+        """Verify everything without changing anything (sets backupKey, backupTime, target, checks)."""
+
+    def job(self) -> tuple[dict[str, Any], list[tuple[kube.Resource, dict[str, Any]]], str]:
+        """The restore Job, the objects applied before it, and the Event message."""
+
+    def job_done(self, name: str, pods: list[dict[str, Any]]) -> str:
+        """The completed Job's figures into status; the Restore step's message."""
+
+    def job_ended(self) -> None:
+        """The Restore step ended, whichever way."""
+
+    def check(self) -> str:
+        """The restored contents against the manifest; the Check step's message."""
+
+    def restored(self) -> str:
+        """Ready's message once the restore succeeded."""
 
 
 @dataclass(frozen=True)
-class Context:
-    """The restore's spec and what it refers to."""
+class Step:
+    """One row of the table: ``cleanup_after``: the step always runs once that step has begun, also after a
+    failure; ``ended``: runs whenever the step ends."""
 
-    spec: BackupRestoreSpec
-    policy: BackupPolicySpec
-    target: PostgresConnection
+    name: RestoreStepName
+    phase: RestorePhase
+    run: Callable[[Restore], Outcome]
+    cleanup_after: RestoreStepName | None = None
+    ended: Callable[[Restore], None] | None = None
 
 
-def _seconds_since(rfc3339: str | None) -> float:
-    if not rfc3339:
-        return 0.0
-    return (datetime.now(UTC) - datetime.fromisoformat(rfc3339.replace("Z", "+00:00"))).total_seconds()
+def agent_image() -> str:
+    """The agent image, as main.SETTINGS reads it."""
+    return Settings.from_env().agent_image
 
 
 class Restore:
-    """One pass over one BackupRestore."""
+    """One pass over one BackupRestore: the shared steps' helpers and its source's ``Target``."""
 
-    def __init__(self, body: dict[str, Any], *, image: str) -> None:
-        self.body = body
-        self.kopf_body = kopf.Body(cast(kopf.RawBody, body))
-        self.namespace: str = body["metadata"]["namespace"]
-        self.name: str = body["metadata"]["name"]
-        self.uid: str = body["metadata"]["uid"]
-        self.image = image
-        self.status = StatusPatch(body.get("status"), body["metadata"].get("generation"))
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+        self.api = ctx.api
+        self.status = ctx.status
+        self.namespace = ctx.namespace
+        self.name = ctx.name
+        self.target = self._target()
 
-    # --- status, Events, audit -------------------------------------------------------------------------
+    @property
+    def spec(self) -> BackupRestoreSpec:
+        return self.ctx.spec
 
-    def flush(self) -> None:
-        self.status.write(plural=PLURAL, namespace=self.namespace, name=self.name)
-
-    def event(self, reason: str, message: str, *, warning: bool = False) -> None:
-        (kopf.warn if warning else kopf.info)(self.kopf_body, reason=reason, message=message)
-
-    def audit(self, event: str, **fields: Any) -> None:
-        audit(
-            event,
-            namespace=self.namespace,
-            name=self.name,
-            kind=KIND,
-            policy=(self.body.get("spec") or {}).get("policyRef"),
-            backup=self.status.get("backupKey"),
-            target=self.status.get("target"),
-            **fields,
-        )
-
-    def begin(self, step: str, phase: str) -> None:
-        self.status.set(phase=phase, steps=start_step(self.status.get("steps", []), step, now_rfc3339()))
-
-    def end(self, step: str, outcome: str, message: str) -> None:
-        self.status.set(steps=end_step(self.status.get("steps", []), step, outcome, message, now_rfc3339()))
+    @property
+    def raw_spec(self) -> Mapping[str, Any]:
+        return self.ctx.body.get("spec") or {}
 
     # --- what the spec refers to -----------------------------------------------------------------------
 
-    def context(self) -> Context:
-        spec = parse_spec(BackupRestoreSpec, self.body.get("spec"))
-        policy = self.policy_spec(spec)
-        source = policy.source.postgresql
-        if source is None:
-            raise RunbookError(
-                "NotRestorable",
-                f"spec.policyRef: BackupPolicy {spec.policy_ref} backs up {policy.source.kind}; only PostgreSQL "
-                "backups are restored by a BackupRestore",
-            )
-        if policy.encryption.gpg.passphrase_secret_ref is None and spec.decryption_secret_ref is None:
+    def _target(self) -> Target:
+        """The one dispatch on the policy's source (PostgreSQL when the policy cannot be read: its preflight
+        says why). Imported here: those modules build on this one."""
+        try:
+            kind = self.policy.source.kind
+        except RunbookError:
+            kind = "postgresql"
+        if kind == "kubernetes":
+            from .restore_kubernetes import KubernetesTarget
+
+            return KubernetesTarget(self)
+        if kind == "redis":
+            from .restore_redis import RedisTarget
+
+            return RedisTarget(self)
+        return PostgresTarget(self)
+
+    @functools.cached_property
+    def policy(self) -> BackupPolicySpec:
+        """The referenced BackupPolicy's spec, or why there is none."""
+        ref = str(self.raw_spec.get("policyRef") or "")
+        body = self.api.get(POLICIES, self.namespace, ref)
+        if body is None:
+            raise RunbookError("PolicyNotFound", f"spec.policyRef: BackupPolicy {ref} not found")
+        try:
+            return parse_spec(BackupPolicySpec, body.get("spec"))
+        except RunbookError as error:
+            raise RunbookError("PolicyInvalid", f"spec.policyRef: BackupPolicy {ref}: {error.message}") from None
+
+    def decryptable(self) -> None:
+        if self.policy.encryption.gpg.passphrase_secret_ref is None and self.spec.decryption_secret_ref is None:
             raise RunbookError(
                 "DecryptionKeyMissing",
-                f"spec.decryptionSecretRef: BackupPolicy {spec.policy_ref} encrypts to public keys; name the Secret "
-                "key holding the private key",
+                f"spec.decryptionSecretRef: BackupPolicy {self.spec.policy_ref} encrypts to public keys; name the "
+                "Secret key holding the private key",
             )
-        if spec.target is not None and spec.target.redis is not None:
-            raise RunbookError(
-                "TargetMismatch",
-                f"spec.target.redis: BackupPolicy {spec.policy_ref} backs up PostgreSQL; a PostgreSQL backup is "
-                "restored into a database (spec.target host, port, database), not a Redis",
-            )
-        return Context(spec, policy, resolve_target(spec, source))
 
-    def policy_spec(self, spec: BackupRestoreSpec) -> BackupPolicySpec:
-        """The referenced BackupPolicy's spec, or why there is none."""
-        try:
-            policy_body = kube.custom().get_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, POLICIES, spec.policy_ref
-            )
-        except ApiException as error:
-            if error.status == 404:
-                raise RunbookError(
-                    "PolicyNotFound", f"spec.policyRef: BackupPolicy {spec.policy_ref} not found"
-                ) from None
-            raise
-        try:
-            policy = parse_spec(BackupPolicySpec, policy_body.get("spec"))
-        except RunbookError as error:
-            raise RunbookError(
-                "PolicyInvalid", f"spec.policyRef: BackupPolicy {spec.policy_ref}: {error.message}"
-            ) from None
-        return policy
+    def secret(self, name: str, key: str, *, field: str) -> str:
+        return kube.secret_value(self.api, self.namespace, name, key, field=field)
 
-    def source_kind(self) -> str | None:
-        """The referenced policy's source kind; None when it cannot be read (the preflight says why)."""
-        try:
-            return self.policy_spec(parse_spec(BackupRestoreSpec, self.body.get("spec"))).source.kind
-        except RunbookError:
-            return None
-
-    def source_steps(self) -> Any:
-        """The one dispatch on the policy's source: the steps of a source other than PostgreSQL (whose steps
-        are this class's own), or None. Imported here: those modules build on this one."""
-        kind = self.source_kind()
-        if kind == "kubernetes":
-            from .restore_kubernetes import KubernetesSteps
-
-            return KubernetesSteps(self)
-        if kind == "redis":
-            from .restore_redis import RedisSteps
-
-            return RedisSteps(self)
-        return None
-
-    def credentials(self, ctx: Context) -> dict[str, str]:
-        """The agent's environment as the Job's pod gets it, read from the same Secrets (for the preflight
-        and the checks, which run here)."""
-        env = {name: os.environ[name] for name in _TOOL_ENV if name in os.environ}
-        login = ctx.target.credentials_secret_ref
-        field = "spec.target.credentialsSecretRef"
-        env[PG_USER_ENV] = kube.read_secret_value(self.namespace, login.name, login.username_key, field=field)
-        env[PG_PASSWORD_ENV] = kube.read_secret_value(self.namespace, login.name, login.password_key, field=field)
-        return {**env, **self.storage_credentials(ctx.spec, ctx.policy)}
-
-    def storage_credentials(self, spec: BackupRestoreSpec, policy: BackupPolicySpec) -> dict[str, str]:
-        """The S3 keys and the decryption key, as every source's Job gets them."""
+    def storage_credentials(self) -> dict[str, str]:
+        """The S3 keys and the decryption key, as every source's Job gets them (for the preflight and the
+        checks, which run here)."""
+        spec, policy = self.spec, self.policy
         env = {name: os.environ[name] for name in _TOOL_ENV if name in os.environ}
         s3 = policy.destination.s3.credentials_secret_ref
         if s3 is not None:
             field = f"BackupPolicy {spec.policy_ref} spec.destination.s3.credentialsSecretRef"
-            env[S3_ACCESS_KEY_ENV] = kube.read_secret_value(self.namespace, s3.name, s3.access_key_id_key, field=field)
-            env[S3_SECRET_KEY_ENV] = kube.read_secret_value(
-                self.namespace, s3.name, s3.secret_access_key_key, field=field
-            )
+            env[S3_ACCESS_KEY_ENV] = self.secret(s3.name, s3.access_key_id_key, field=field)
+            env[S3_SECRET_KEY_ENV] = self.secret(s3.name, s3.secret_access_key_key, field=field)
         passphrase = policy.encryption.gpg.passphrase_secret_ref
         if passphrase is not None:
             field = f"BackupPolicy {spec.policy_ref} spec.encryption.gpg.passphraseSecretRef"
-            env[GPG_PASSPHRASE_ENV] = kube.read_secret_value(
-                self.namespace, passphrase.name, passphrase.key, field=field
-            )
+            env[GPG_PASSPHRASE_ENV] = self.secret(passphrase.name, passphrase.key, field=field)
         if spec.decryption_secret_ref is not None:
             ref = spec.decryption_secret_ref
-            env[GPG_PRIVATE_KEY_ENV] = kube.read_secret_value(
-                self.namespace, ref.name, ref.key, field="spec.decryptionSecretRef"
-            )
+            env[GPG_PRIVATE_KEY_ENV] = self.secret(ref.name, ref.key, field="spec.decryptionSecretRef")
         return env
 
-    def manifest(self, ctx: Context) -> dict[str, Any]:
-        return self.stored_manifest(ctx.spec, ctx.policy)
-
-    def stored_manifest(self, spec: BackupRestoreSpec, policy: BackupPolicySpec) -> dict[str, Any]:
+    def manifest(self) -> dict[str, Any]:
         """The manifest of the backup to restore: the one preflight chose, else as ``spec.backup`` says; it
         must describe a backup of the policy's source kind."""
+        spec, policy = self.spec, self.policy
         location = policy.destination.s3
-        client = s3_client(kube.KubeApi(), self.namespace, location, field=S3_CREDENTIALS_FIELD)
+        client = s3_client(self.api, self.namespace, location, field=S3_CREDENTIALS_FIELD)
         base = policy_folder(location, self.namespace, spec.policy_ref)
-        chosen = self.status.get("backupKey") or spec.backup
+        chosen = self.status.backup_key or spec.backup
         try:
             if chosen == "latest":
                 complete = [b for b in stored_backups(client, location, self.namespace, spec.policy_ref) if b.complete]
@@ -293,479 +260,444 @@ class Restore:
             raise RunbookError("ManifestInvalid", f"{folder}{MANIFEST} does not describe a {kind} backup")
         return manifest
 
-    def plan(self, ctx: Context) -> tuple[RestorePlan, dict[str, Any]]:
-        manifest = self.manifest(ctx)
-        return build_plan(ctx.policy, manifest, ctx.target, roles=ctx.spec.roles), manifest
+    def chosen(self, key: str, manifest: Mapping[str, Any], target: str) -> None:
+        self.status.backup_key = key
+        self.status.backup_time = manifest.get("endTime")
+        self.status.target = target
+
+    def add_checks(self, figures: Mapping[str, Any]) -> None:
+        current = self.status.checks.to_api() if self.status.checks is not None else {}
+        self.status.checks = RestoreChecks.model_validate({**current, **figures})
+
+    def audit(self, event: str, **fields: Any) -> None:
+        audit(
+            event,
+            namespace=self.namespace,
+            name=self.name,
+            kind=RESTORES.kind,
+            policy=self.raw_spec.get("policyRef"),
+            backup=self.status.backup_key,
+            target=self.status.target,
+            **fields,
+        )
 
     # --- workloads -------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _api(kind: str) -> tuple[Any, Any]:
-        apps = kube.apps()
-        if kind == "StatefulSet":
-            return apps.read_namespaced_stateful_set, apps.patch_namespaced_stateful_set
-        return apps.read_namespaced_deployment, apps.patch_namespaced_deployment
-
     def workload(self, kind: str, name: str) -> dict[str, Any] | None:
-        read, _ = self._api(kind)
-        try:
-            found: dict[str, Any] = kube.api_client().sanitize_for_serialization(read(name, self.namespace))
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        return found
+        return self.api.get(kube.workload(kind), self.namespace, name)
 
-    def patch_workload(self, kind: str, name: str, patch: dict[str, Any]) -> None:
-        _, write = self._api(kind)
-        write(name, self.namespace, patch, field_manager=FIELD_MANAGER)
+    def set_workload(self, record: ReplicaRecord, patch: Mapping[str, Any]) -> None:
+        """A stop/start patch: the annotation as a merge patch, the replicas through ``/scale`` (stopping
+        records the count first, starting removes the record last)."""
+        resource = kube.workload(record.kind)
+        replicas = {"spec": {"replicas": patch["spec"]["replicas"]}}
+        metadata = {"metadata": patch["metadata"]}
+        if patch["spec"]["replicas"] == 0:
+            self.api.patch(resource, self.namespace, record.name, metadata)
+            self.api.patch(resource, self.namespace, record.name, replicas, subresource="scale")
+        else:
+            self.api.patch(resource, self.namespace, record.name, replicas, subresource="scale")
+            self.api.patch(resource, self.namespace, record.name, metadata)
 
-    # --- the steps -------------------------------------------------------------------------------------
+    def workloads_found(self) -> None:
+        for index, ref in enumerate(self.spec.scale_down):
+            if self.workload(ref.kind, ref.name) is None:
+                raise RunbookError("WorkloadNotFound", f"spec.scaleDown[{index}]: {ref.kind} {ref.name} not found")
 
-    def advance(self) -> float | None:
-        """Do the next step; return the seconds until the next pass (0: at once, None: finished)."""
-        phase = self.status.get("phase")
-        if phase in TERMINAL:
-            return None
-        if phase is None:
+    def counts(self) -> str:
+        return ", ".join(f"{r.name}={r.replicas}" for r in self.status.scaled_down or []) or "none"
+
+    # --- the timeline ----------------------------------------------------------------------------------
+
+    def now(self) -> str:
+        return rfc3339(self.ctx.now())
+
+    def running(self) -> RestoreStep | None:
+        running = [s for s in self.status.steps if s.phase == StepPhase.RUNNING]
+        return running[-1] if running else None
+
+    def running_for(self) -> float:
+        """Seconds since the running step began."""
+        step = self.running()
+        started = parse_time(step.start_time if step is not None else None)
+        return 0.0 if started is None else (self.ctx.now() - started).total_seconds()
+
+    def begin(self, step: Step) -> None:
+        self.status.steps = [
+            *self.status.steps,
+            RestoreStep(name=step.name, phase=StepPhase.RUNNING, start_time=self.now()),
+        ]
+        self.status.phase = step.phase
+
+    def end(self, phase: StepPhase, message: str) -> None:
+        step = self.running()
+        assert step is not None
+        step.phase, step.end_time, step.message = phase, self.now(), message[:1024]
+        self.status.steps = list(self.status.steps)  # marks the list as changed for the status writer
+
+    def failed(self) -> bool:
+        return any(s.phase == StepPhase.FAILED for s in self.status.steps)
+
+    def table(self) -> list[Step]:
+        chosen = self.target.steps(bool(self.raw_spec.get("dryRun")))
+        return [step for step in STEPS if step.name in chosen]
+
+    def next_step(self) -> Step | None:
+        """After a failure: a clean-up step whose step has begun and that has not run yet; otherwise the step
+        after the last one recorded; None when the restore has ended."""
+        begun = {s.name for s in self.status.steps}
+        table = self.table()
+        if self.failed():
+            return next((s for s in table if s.cleanup_after in begun and s.name not in begun), None)
+        return next((s for s in table if s.name not in begun), None)
+
+    # --- the one loop ----------------------------------------------------------------------------------
+
+    def advance(self) -> Result:
+        """Run the recorded step, then the next ones, until one waits or the restore has ended."""
+        if self.status.phase in RESTORE_ENDED:
+            return Result.stop()
+        if not self.status.steps:
             self.start()
-        elif (steps := self.source_steps()) is not None:
-            delay: float | None = steps.advance(phase)
-            return delay
-        elif phase == PREFLIGHT:
-            self.preflight()
-        elif phase == SCALING_DOWN:
-            return self.scale_down()
-        elif phase == RESTORING:
-            return self.watch_job()
-        elif phase == CHECKING:
-            self.check()
-        elif phase == SCALING_UP:
-            return self.scale_up()
-        return None if self.status.get("phase") in TERMINAL else 0
+        while True:
+            record = self.running()
+            if record is None:
+                upcoming = self.next_step()
+                if upcoming is None:
+                    self.finish(self.outcome())
+                    return Result.stop()
+                self.begin(upcoming)
+                self.ctx.checkpoint()
+                continue
+            step = BY_NAME[record.name]
+            try:
+                outcome = step.run(self)
+            except RunbookError as error:
+                self.end(StepPhase.FAILED, f"{error.reason}: {error.message}")
+                if step.ended is not None:
+                    step.ended(self)
+                self.step_failed(step, error)
+                continue
+            if isinstance(outcome, Result):
+                return outcome
+            self.end(StepPhase.SUCCEEDED, outcome)
+            if step.ended is not None:
+                step.ended(self)
 
     def start(self) -> None:
-        self.status.set(startTime=now_rfc3339())
-        self.begin("Preflight", PREFLIGHT)
-        self.status.condition("Ready", "False", "Preflight", "verifying the backup before changing anything")
-        self.flush()
-        metrics.RESTORES.labels(self.namespace, FAILED)  # the series exists at 0 before the first failure
-        spec = self.body.get("spec") or {}
-        self.event(
-            "RestoreStarted", f"restoring {spec.get('backup', 'latest')} of BackupPolicy {spec.get('policyRef')}"
+        self.status.start_time = self.now()
+        self.begin(STEPS[0])
+        self.ctx.condition("Ready", "False", "Preflight", "verifying the backup before changing anything")
+        self.ctx.checkpoint()
+        metrics.RESTORES.labels(self.namespace, RestorePhase.FAILED)  # the series exists at 0 before a failure
+        spec = self.raw_spec
+        self.ctx.event(
+            "Normal",
+            "RestoreStarted",
+            f"restoring {spec.get('backup', 'latest')} of BackupPolicy {spec.get('policyRef')}",
         )
         self.audit("restore_started", dryRun=bool(spec.get("dryRun")), scaleDown=spec.get("scaleDown") or [])
 
-    def preflight(self) -> None:
-        try:
-            ctx = self.context()
-            env = self.credentials(ctx)
-            plan, manifest = self.plan(ctx)
-            self.status.set(
-                backupKey=plan.key,
-                backupTime=manifest.get("endTime"),
-                target=f"{plan.target.host}:{plan.target.port}/{plan.target.database}",
+    def step_failed(self, step: Step, error: RunbookError) -> None:
+        """Ready says why, with a Warning Event; a clean-up step's failure does not hide the failure that led
+        to it (nor repeats it as an Event: the restore's end says it)."""
+        if step.cleanup_after is not None:
+            if not any(s.phase == StepPhase.FAILED for s in self.status.steps if s.name != step.name):
+                self.ctx.condition("Ready", "False", error.reason, error.message)
+            return
+        self.ctx.condition("Ready", "False", error.reason, error.message)
+        self.ctx.event("Warning", error.reason, error.message)
+
+    def outcome(self) -> RestorePhase:
+        if self.failed():
+            return RestorePhase.FAILED
+        return RestorePhase.DRY_RUN_SUCCEEDED if self.raw_spec.get("dryRun") else RestorePhase.SUCCEEDED
+
+    def finish(self, phase: RestorePhase) -> None:
+        self.status.phase = phase
+        self.status.completion_time = self.now()
+        if phase == RestorePhase.DRY_RUN_SUCCEEDED:
+            self.ctx.condition(
+                "Ready", "True", "DryRunSucceeded", "the backup is intact and restorable; nothing was changed"
             )
-            for index, ref in enumerate(ctx.spec.scale_down):
-                if self.workload(ref.kind, ref.name) is None:
-                    raise RunbookError("WorkloadNotFound", f"spec.scaleDown[{index}]: {ref.kind} {ref.name} not found")
-            connect_target(plan.target, env).close()
-            figures = verify(plan, env)
-        except RunbookError as error:
-            self.end("Preflight", "Failed", f"{error.reason}: {error.message}")
-            self.finish(FAILED, error)
-            return
-        self.status.set(checks={**(self.status.get("checks") or {}), **figures})
-        message = (
-            f"{plan.key}: SHA-256 matches the manifest ({plan.size_bytes} bytes), decrypts, "
-            f"pg_restore lists {figures['archiveEntries']} entries; target {self.status.get('target')} reachable"
+        elif phase == RestorePhase.SUCCEEDED:
+            self.ctx.condition("Ready", "True", "Restored", self.target.restored())
+        self.ctx.checkpoint()
+        ready = next(c for c in self.status.conditions if c.type == "Ready")
+        failed = phase == RestorePhase.FAILED
+        self.ctx.event("Warning" if failed else "Normal", f"Restore{phase}", ready.message or "")
+        started = parse_time(self.status.start_time)
+        duration = 0.0 if started is None else (self.ctx.now() - started).total_seconds()
+        checks = self.status.checks
+        self.audit(
+            "restore_completed",
+            outcome=str(phase),
+            reason=ready.reason,
+            durationSeconds=round(duration, 1),
+            rows=checks.rows if checks is not None else None,
         )
-        self.end("Preflight", "Succeeded", message)
-        self.event("PreflightPassed", message)
-        if ctx.spec.dry_run:
-            self.finish(DRY_RUN)
-            return
-        self.begin("ScaleDown", SCALING_DOWN)
-        self.flush()
+        metrics.RESTORES.labels(self.namespace, phase).inc()
+        metrics.RESTORE_DURATION.labels(self.namespace, phase).observe(duration)
+        drill_of = (self.ctx.body["metadata"].get("labels") or {}).get(DRILL_LABEL)
+        if drill_of:
+            from .drills import record_drill
 
-    def fail_midway(self, step: str, error: RunbookError) -> None:
-        """A step after the scale-down failed: record it, then bring the workloads back regardless."""
-        self.end(step, "Failed", f"{error.reason}: {error.message}")
-        self.status.condition("Ready", "False", error.reason, error.message)
-        self.event(error.reason, error.message, warning=True)
-        self.begin("ScaleUp", SCALING_UP)
-        self.flush()
+            record_drill(self.api, self.namespace, drill_of, restore=self.name, status=self.status, ready=ready)
 
-    def scale_down(self) -> float:
-        spec = parse_spec(BackupRestoreSpec, self.body.get("spec"))
-        if self.status.get("scaledDown") is None:
-            records = []
-            for index, ref in enumerate(spec.scale_down):
-                workload = self.workload(ref.kind, ref.name)
-                if workload is None:
-                    self.fail_midway(
-                        "ScaleDown",
-                        RunbookError("WorkloadNotFound", f"spec.scaleDown[{index}]: {ref.kind} {ref.name} not found"),
-                    )
-                    return 0
-                replicas = (workload.get("spec") or {}).get("replicas", 1)
-                records.append({"kind": ref.kind, "name": ref.name, "replicas": replicas})
-            self.status.set(scaledDown=records)
-            self.flush()  # recorded before anything is scaled
-            if records:
-                counts = ", ".join(f"{r['kind']} {r['name']}={r['replicas']}" for r in records)
-                self.event("ReplicasRecorded", f"recorded {counts}; scaling to 0")
-        stopped = True
-        for record in self.status.get("scaledDown") or []:
-            workload = self.workload(record["kind"], record["name"])
+
+# --- the shared steps -------------------------------------------------------------------------------------
+
+
+def preflight(restore: Restore) -> Outcome:
+    message = restore.target.preflight()
+    restore.ctx.event("Normal", "PreflightPassed", message)
+    return message
+
+
+def scale_down(restore: Restore) -> Outcome:
+    spec, status = restore.spec, restore.status
+    if status.scaled_down is None:
+        records = []
+        for index, ref in enumerate(spec.scale_down):
+            workload = restore.workload(ref.kind, ref.name)
             if workload is None:
-                continue
-            annotations = workload["metadata"].get("annotations") or {}
-            if (workload.get("spec") or {}).get("replicas") != 0 or REPLICAS_ANNOTATION not in annotations:
-                self.patch_workload(record["kind"], record["name"], stop_patch(self.uid, record["replicas"]))
-                stopped = False
-            else:
-                stopped = stopped and is_stopped(workload)
-        if stopped:
-            names = ", ".join(r["name"] for r in self.status.get("scaledDown") or []) or "none"
-            self.end("ScaleDown", "Succeeded", f"stopped: {names}")
-            self.begin("Restore", RESTORING)
-            self.flush()
-            return 0
-        if _seconds_since(step_started(self.status.get("steps", []), "ScaleDown")) > spec.scale_timeout_seconds:
-            self.fail_midway(
-                "ScaleDown",
-                RunbookError("ScaleDownTimeout", f"workloads still had pods after {spec.scale_timeout_seconds}s"),
+                raise RunbookError("WorkloadNotFound", f"spec.scaleDown[{index}]: {ref.kind} {ref.name} not found")
+            replicas = int((workload.get("spec") or {}).get("replicas", 1))
+            records.append(ReplicaRecord(kind=ref.kind, name=ref.name, replicas=replicas))
+        status.scaled_down = records
+        restore.ctx.checkpoint()  # recorded before anything is scaled
+        if records:
+            counts = ", ".join(f"{r.kind} {r.name}={r.replicas}" for r in records)
+            restore.ctx.event("Normal", "ReplicasRecorded", f"recorded {counts}; scaling to 0")
+    stopped = True
+    uid = str(restore.ctx.body["metadata"]["uid"])
+    for record in status.scaled_down:
+        workload = restore.workload(record.kind, record.name)
+        if workload is None:
+            continue
+        annotations = workload["metadata"].get("annotations") or {}
+        if (workload.get("spec") or {}).get("replicas") != 0 or REPLICAS_ANNOTATION not in annotations:
+            restore.set_workload(record, stop_patch(uid, record.replicas))
+            stopped = False
+        else:
+            stopped = stopped and is_stopped(workload)
+    if stopped:
+        return f"stopped: {', '.join(r.name for r in status.scaled_down) or 'none'}"
+    if restore.running_for() > spec.scale_timeout_seconds:
+        raise RunbookError("ScaleDownTimeout", f"workloads still had pods after {spec.scale_timeout_seconds}s")
+    return Result.after(POLL_SECONDS)
+
+
+def run_job(restore: Restore) -> Outcome:
+    api, namespace, name = restore.api, restore.namespace, job_name(restore.name)
+    job = read_job(api, namespace, name)
+    if job is None:
+        if restore.status.job_name:
+            raise RunbookError("JobMissing", f"Job {name} was deleted before it finished")
+        body, children, message = restore.target.job()
+        for resource, child in children:
+            api.apply(resource, child["metadata"]["namespace"], child)
+        api.create(kube.JOBS, namespace, body)
+        restore.status.job_name = body["metadata"]["name"]
+        restore.ctx.checkpoint()
+        restore.ctx.event("Normal", "RestoreJobCreated", message)
+        return Result.after(POLL_SECONDS)
+    restore.status.job_name = name  # also when a crash came between creating it and recording it
+    outcome = job_outcome(job)
+    if outcome is None:
+        return Result.after(POLL_SECONDS)
+    pods = job_pods(api, namespace, name)
+    if outcome[0] != "Complete":
+        reason, message = failure_reason(job, pods, prefix=RESTORE_FAILURE_PREFIX)
+        raise RunbookError(reason, f"Job {name}: {message}")
+    return restore.target.job_done(name, pods)
+
+
+def check(restore: Restore) -> Outcome:
+    return restore.target.check()
+
+
+def scale_up(restore: Restore) -> Outcome:
+    spec = restore.spec
+    waiting: list[str] = []
+    for record in restore.status.scaled_down or []:
+        workload = restore.workload(record.kind, record.name)
+        if workload is None:
+            continue  # deleted meanwhile: nothing to bring back
+        annotations = workload["metadata"].get("annotations") or {}
+        if (workload.get("spec") or {}).get("replicas") != record.replicas or REPLICAS_ANNOTATION in annotations:
+            restore.set_workload(record, start_patch(record.replicas))
+            waiting.append(record.name)
+        elif not is_available(workload, record.replicas):
+            waiting.append(record.name)
+    if not waiting:
+        return f"back at the recorded counts and available: {restore.counts()}"
+    if restore.running_for() > spec.scale_timeout_seconds:
+        late = ", ".join(waiting)
+        raise RunbookError(
+            "WorkloadsNotAvailable",
+            f"replicas set back ({restore.counts()}) but not available after {spec.scale_timeout_seconds}s: {late}",
+        )
+    return Result.after(POLL_SECONDS)
+
+
+STEPS = (
+    Step(RestoreStepName.PREFLIGHT, RestorePhase.PREFLIGHT, preflight),
+    Step(RestoreStepName.SCALE_DOWN, RestorePhase.SCALING_DOWN, scale_down),
+    Step(RestoreStepName.RESTORE, RestorePhase.RESTORING, run_job, ended=lambda r: r.target.job_ended()),
+    Step(RestoreStepName.CHECK, RestorePhase.CHECKING, check),
+    Step(RestoreStepName.SCALE_UP, RestorePhase.SCALING_UP, scale_up, cleanup_after=RestoreStepName.SCALE_DOWN),
+)
+BY_NAME = {step.name: step for step in STEPS}
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------------------
+
+
+class PostgresTarget:
+    """A PostgreSQL backup, restored into a database (spec.target over the policy's source)."""
+
+    def __init__(self, restore: Restore) -> None:
+        self.restore = restore
+
+    def steps(self, dry_run: bool) -> tuple[RestoreStepName, ...]:
+        return (RestoreStepName.PREFLIGHT,) if dry_run else ALL_STEPS
+
+    def connection(self) -> PostgresConnection:
+        restore = self.restore
+        spec, policy = restore.spec, restore.policy
+        source = policy.source.postgresql
+        if source is None:
+            raise RunbookError(
+                "NotRestorable",
+                f"spec.policyRef: BackupPolicy {spec.policy_ref} backs up {policy.source.kind}; only PostgreSQL "
+                "backups are restored by a BackupRestore",
             )
-            return 0
-        return POLL_SECONDS
+        restore.decryptable()
+        if spec.target is not None and spec.target.redis is not None:
+            raise RunbookError(
+                "TargetMismatch",
+                f"spec.target.redis: BackupPolicy {spec.policy_ref} backs up PostgreSQL; a PostgreSQL backup is "
+                "restored into a database (spec.target host, port, database), not a Redis",
+            )
+        return resolve_target(spec, source)
 
-    def watch_job(self) -> float:
-        name = job_name(self.name)
-        job = read_job(kube.KubeApi(), self.namespace, name)
-        if job is None:
-            if self.status.get("jobName"):
-                self.fail_midway("Restore", RunbookError("JobMissing", f"Job {name} was deleted before it finished"))
-                return 0
-            return self.create_job()
-        outcome = job_outcome(job)
-        if outcome is None:
-            return POLL_SECONDS
-        if outcome[0] == "Complete":
-            self.end("Restore", "Succeeded", f"Job {name} restored {self.status.get('backupKey')} in one transaction")
-            self.begin("Check", CHECKING)
-            self.flush()
-            return 0
-        reason, message = failure_reason(
-            job, job_pods(kube.KubeApi(), self.namespace, name), prefix=RESTORE_FAILURE_PREFIX
+    def credentials(self, target: PostgresConnection) -> dict[str, str]:
+        """The agent's environment as the Job's pod gets it, read from the same Secrets."""
+        login, field = target.credentials_secret_ref, "spec.target.credentialsSecretRef"
+        env = self.restore.storage_credentials()
+        env[PG_USER_ENV] = self.restore.secret(login.name, login.username_key, field=field)
+        env[PG_PASSWORD_ENV] = self.restore.secret(login.name, login.password_key, field=field)
+        return env
+
+    def plan(self) -> tuple[RestorePlan, dict[str, Any]]:
+        target = self.connection()
+        manifest = self.restore.manifest()
+        return build_plan(self.restore.policy, manifest, target, roles=self.restore.spec.roles), manifest
+
+    def preflight(self) -> str:
+        restore = self.restore
+        target = self.connection()
+        env = self.credentials(target)
+        plan, manifest = self.plan()
+        restore.chosen(plan.key, manifest, f"{plan.target.host}:{plan.target.port}/{plan.target.database}")
+        restore.workloads_found()
+        connect_target(plan.target, env).close()
+        figures = verify(plan, env)
+        restore.add_checks(figures)
+        return (
+            f"{plan.key}: SHA-256 matches the manifest ({plan.size_bytes} bytes), decrypts, "
+            f"pg_restore lists {figures['archiveEntries']} entries; target {restore.status.target} reachable"
         )
-        self.fail_midway("Restore", RunbookError(reason, f"Job {name}: {message}"))
-        return 0
 
-    def create_job(self) -> float:
-        try:
-            ctx = self.context()
-            plan, _ = self.plan(ctx)
-        except RunbookError as error:
-            self.fail_midway("Restore", error)
-            return 0
-        job = build_job(self.body, plan, policy=ctx.policy, spec=ctx.spec, target=ctx.target, image=self.image)
-        try:
-            kube.batch().create_namespaced_job(self.namespace, job, field_manager=FIELD_MANAGER)
-        except ApiException as error:
-            if error.status != 409:
-                raise
-        self.status.set(jobName=job["metadata"]["name"])
-        self.flush()
-        self.event(
-            "RestoreJobCreated", f"Job {job['metadata']['name']} restores {plan.key} into {self.status.get('target')}"
+    def job(self) -> tuple[dict[str, Any], list[tuple[kube.Resource, dict[str, Any]]], str]:
+        restore = self.restore
+        plan, _ = self.plan()
+        job = build_job(
+            restore.ctx.body, plan, policy=restore.policy, spec=restore.spec, target=plan.target, image=agent_image()
         )
-        return POLL_SECONDS
+        return job, [], f"Job {job['metadata']['name']} restores {plan.key} into {restore.status.target}"
 
-    def check(self) -> None:
-        try:
-            ctx = self.context()
-            env = self.credentials(ctx)
-            plan, manifest = self.plan(ctx)
-            figures = check_contents(plan.target, env, manifest.get("source") or {})
-        except RunbookError as error:
-            self.fail_midway("Check", error)
-            return
-        self.status.set(checks={**(self.status.get("checks") or {}), **figures})
+    def job_done(self, name: str, pods: list[dict[str, Any]]) -> str:
+        return f"Job {name} restored {self.restore.status.backup_key} in one transaction"
+
+    def job_ended(self) -> None:
+        pass
+
+    def check(self) -> str:
+        target = self.connection()
+        env = self.credentials(target)
+        plan, manifest = self.plan()
+        figures = check_contents(plan.target, env, manifest.get("source") or {})
+        self.restore.add_checks(figures)
         found = f"{figures['tables']} tables, {figures['rows']} rows, {figures['sequences']} sequences"
         if figures["largeObjects"] is not None:
             found += f", {figures['largeObjects']} large objects"
-        self.end("Check", "Succeeded", f"{found}: as the manifest recorded at backup time")
-        self.begin("ScaleUp", SCALING_UP)
-        self.flush()
+        return f"{found}: as the manifest recorded at backup time"
 
-    def scale_up(self) -> float:
-        spec = parse_spec(BackupRestoreSpec, self.body.get("spec"))
-        waiting: list[str] = []
-        for record in self.status.get("scaledDown") or []:
-            workload = self.workload(record["kind"], record["name"])
-            if workload is None:
-                continue  # deleted meanwhile: nothing to bring back
-            annotations = workload["metadata"].get("annotations") or {}
-            if (workload.get("spec") or {}).get("replicas") != record["replicas"] or REPLICAS_ANNOTATION in annotations:
-                self.patch_workload(record["kind"], record["name"], start_patch(record["replicas"]))
-                waiting.append(record["name"])
-            elif not is_available(workload, record["replicas"]):
-                waiting.append(record["name"])
-        counts = ", ".join(f"{r['name']}={r['replicas']}" for r in self.status.get("scaledDown") or []) or "none"
-        if not waiting:
-            self.end("ScaleUp", "Succeeded", f"back at the recorded counts and available: {counts}")
-            self.finish(self.outcome())
-            return 0
-        if _seconds_since(step_started(self.status.get("steps", []), "ScaleUp")) > spec.scale_timeout_seconds:
-            late = ", ".join(waiting)
-            message = f"replicas set back ({counts}) but not available after {spec.scale_timeout_seconds}s: {late}"
-            self.end("ScaleUp", "Failed", f"WorkloadsNotAvailable: {message}")
-            if self.outcome() == SUCCEEDED:
-                self.status.condition("Ready", "False", "WorkloadsNotAvailable", message)
-            self.finish(FAILED)
-            return 0
-        return POLL_SECONDS
-
-    def outcome(self) -> str:
-        failed = any(step["phase"] == "Failed" for step in self.status.get("steps", []))
-        return FAILED if failed else SUCCEEDED
-
-    def finish(self, phase: str, error: RunbookError | None = None, *, restored: str | None = None) -> None:
-        """End the restore; ``restored`` says what a source other than PostgreSQL restored."""
-        self.status.set(phase=phase, completionTime=now_rfc3339())
-        checks = self.status.get("checks") or {}
-        if error is not None:
-            self.status.condition("Ready", "False", error.reason, error.message)
-            self.event(error.reason, error.message, warning=True)
-        elif phase == DRY_RUN:
-            self.status.condition(
-                "Ready", "True", "DryRunSucceeded", "the backup is intact and restorable; nothing was changed"
-            )
-        elif phase == SUCCEEDED and restored is not None:
-            self.status.condition("Ready", "True", "Restored", restored)
-        elif phase == SUCCEEDED and checks.get("keys") is not None:  # a Redis backup
-            message = (
-                f"restored {self.status.get('backupKey')} into {self.status.get('target')}: {checks['keys']} keys "
-                "as recorded; workloads back at their recorded counts"
-            )
-            self.status.condition("Ready", "True", "Restored", message)
-        elif phase == SUCCEEDED:
-            message = (
-                f"restored {self.status.get('backupKey')} into {self.status.get('target')}: {checks.get('tables')} "
-                f"tables, {checks.get('rows')} rows as recorded; workloads back at their recorded counts"
-            )
-            self.status.condition("Ready", "True", "Restored", message)
-        self.flush()
-        ready = next(c for c in self.status.get("conditions", []) if c["type"] == "Ready")
-        self.event(f"Restore{phase}", ready["message"], warning=phase == FAILED)
-        self.audit(
-            "restore_completed",
-            outcome=phase,
-            reason=ready["reason"],
-            durationSeconds=round(_seconds_since(self.status.get("startTime")), 1),
-            rows=checks.get("rows"),
+    def restored(self) -> str:
+        status = self.restore.status
+        checks = status.checks or RestoreChecks()
+        return (
+            f"restored {status.backup_key} into {status.target}: {checks.tables} tables, {checks.rows} rows as "
+            "recorded; workloads back at their recorded counts"
         )
-        metrics.RESTORES.labels(self.namespace, phase).inc()
-        metrics.RESTORE_DURATION.labels(self.namespace, phase).observe(_seconds_since(self.status.get("startTime")))
-        drill_of = (self.body["metadata"].get("labels") or {}).get(DRILL_LABEL)
-        if drill_of:
-            record_drill(self.namespace, drill_of, self.name, self.status.current, ready)
 
 
-def advance(namespace: str, name: str, *, image: str) -> float | None:
-    """One pass over the current state of the object; the seconds until the next (None: finished)."""
-    try:
-        body = kube.custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    except ApiException as error:
-        if error.status == 404:
-            return None
-        raise
-    if body["metadata"].get("deletionTimestamp"):
-        return None
-    return Restore(body, image=image).advance()
+# --- the kind ---------------------------------------------------------------------------------------------
 
 
-def abort_deleted(body: kopf.Body) -> None:
+def reconcile(ctx: Ctx) -> Result:
+    return Restore(ctx).advance()
+
+
+def finalize(ctx: Ctx) -> Result:
     """Deleted before it finished: the Job goes (its transaction rolls back) and the workloads get their
     recorded counts back at once; the application is never left down by a deletion either."""
-    status = body.get("status") or {}
-    if status.get("phase") in TERMINAL or not status.get("scaledDown"):
-        return
-    restore = Restore(dict(body), image="")
-    try:
-        kube.batch().delete_namespaced_job(job_name(restore.name), restore.namespace, propagation_policy="Background")
-    except ApiException as error:
-        if error.status != 404:
-            raise
-    for record in status["scaledDown"]:
-        workload = restore.workload(record["kind"], record["name"])
+    status = ctx.status
+    if status.phase in RESTORE_ENDED or not status.scaled_down:
+        return Result.done()
+    restore = Restore(ctx)
+    ctx.api.delete(kube.JOBS, ctx.namespace, job_name(ctx.name))
+    for record in status.scaled_down:
+        workload = restore.workload(record.kind, record.name)
         annotations = (workload or {}).get("metadata", {}).get("annotations") or {}
         if workload is not None and (
-            workload["spec"].get("replicas") != record["replicas"] or REPLICAS_ANNOTATION in annotations
+            (workload.get("spec") or {}).get("replicas") != record.replicas or REPLICAS_ANNOTATION in annotations
         ):
-            restore.patch_workload(record["kind"], record["name"], start_patch(record["replicas"]))
-    counts = ", ".join(f"{r['name']}={r['replicas']}" for r in status["scaledDown"])
-    restore.event(
-        "RestoreAborted",
-        f"deleted during {status.get('phase')}: Job removed, workloads set back to {counts}",
-        warning=True,
+            restore.set_workload(record, start_patch(record.replicas))
+    counts = ", ".join(f"{r.name}={r.replicas}" for r in status.scaled_down)
+    ctx.event(
+        "Warning", "RestoreAborted", f"deleted during {status.phase}: Job removed, workloads set back to {counts}"
     )
-    restore.audit("restore_completed", outcome="Aborted", reason="Deleted", phase=status.get("phase"))
-    metrics.RESTORES.labels(restore.namespace, "Aborted").inc()
+    restore.audit("restore_completed", outcome="Aborted", reason="Deleted", phase=status.phase)
+    metrics.RESTORES.labels(ctx.namespace, "Aborted").inc()
+    return Result.done()
 
 
-async def run(body: kopf.Body, *, stopped: kopf.DaemonStopped, image: str) -> None:
-    """The daemon of one BackupRestore: pass after pass until it has finished."""
+RESTORE = Reconciler(RESTORES, BackupRestoreSpec, BackupRestoreStatus, reconcile, finalize)
+CLOCKS = runtime.Clocks()
+
+
+async def run(body: kopf.Body, *, stopped: kopf.DaemonStopped, api: kube.Api | None = None) -> None:
+    """The clock of one BackupRestore: pass after pass on the current object until it has finished."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    failures = 0
-    while not stopped:
-        try:
-            delay = await asyncio.to_thread(advance, namespace, name, image=image)
-            failures = 0
-        except Exception as error:  # the step is retried where it stands, with backoff
-            failures += 1
-            delay = backoff(POLL_SECONDS * 5, failures)
-            await asyncio.to_thread(_report_stalled, namespace, name, error)
-        if delay is None:
-            return
-        if delay:
-            await stopped.wait(delay)
+    client = api or kube.KubeApi()
+
+    async def one(failures: int) -> Result:
+        current = await runtime.blocking(client.get, RESTORES, namespace, name)
+        if current is None or current["metadata"].get("deletionTimestamp"):
+            return Result.stop()
+        return await runtime.drive(RESTORE, current, api=client, failures=failures)
+
+    await CLOCKS.run(namespace=namespace, name=name, stopped=stopped, reconcile=one)
 
 
-def _report_stalled(namespace: str, name: str, raised: Exception) -> None:
-    """A pass that failed unforeseen (an API refusal, S3 down): Ready=False with why, one Event, the phase
-    kept (the step is retried as it stands)."""
-    try:
-        body = kube.custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        restore = Restore(body, image="")
-        report_failure(restore.kopf_body, restore.status, raised)
-        restore.flush()
-    except Exception as error:
-        LOG.warning(
-            "BackupRestore %s/%s: %s (%s)", namespace, name, as_failure(raised).message, as_failure(error).message
-        )
-
-
-# --- drills: the policy side ----------------------------------------------------------------------------
-
-
-def record_drill(namespace: str, policy: str, restore: str, status: dict[str, Any], ready: dict[str, Any]) -> None:
-    """The drill's outcome on its policy: Verified, and lastVerifiedBackup when it passed (optimistic
-    concurrency: the policy's own reconciler writes the same status)."""
-    api = kube.custom()
-    for _ in range(5):
-        try:
-            current = api.get_namespaced_custom_object(GROUP, VERSION, namespace, POLICIES, policy)
-        except ApiException as error:
-            if error.status == 404:
-                return
-            raise
-        patch = StatusPatch(current.get("status"), (current.get("status") or {}).get("observedGeneration"))
-        checks = status.get("checks") or {}
-        if status.get("phase") == SUCCEEDED:
-            key = str(status.get("backupKey") or "")
-            verified = {
-                "key": key.rsplit("/", 1)[0] + "/",
-                "backupTime": status.get("backupTime"),
-                "verifiedTime": status.get("completionTime"),
-                "restore": restore,
-                "tables": checks.get("tables"),
-                "rows": checks.get("rows"),
-                "keys": checks.get("keys"),
-            }
-            patch.set(lastVerifiedBackup={k: v for k, v in verified.items() if v is not None})
-            found = f"{verified['tables']} tables, {verified['rows']} rows"
-            if verified["keys"] is not None:
-                found = f"{verified['keys']} keys"
-            target = status.get("target")
-            message = f"drill {restore} restored {verified['key']} into {target}: {found} match the manifest"
-            patch.condition("Verified", "True", "DrillPassed", message)
-        else:
-            patch.condition("Verified", "False", ready["reason"], f"drill {restore}: {ready['message']}")
-        changes = dict(patch.changes)
-        changes.pop("observedGeneration", None)
-        if not changes:
-            return
-        body = {"metadata": {"resourceVersion": current["metadata"]["resourceVersion"]}, "status": changes}
-        try:
-            api.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, POLICIES, policy, body)
-        except ApiException as error:
-            if error.status == 409:
-                continue
-            raise
-        if status.get("phase") == SUCCEEDED:
-            when = datetime.fromisoformat(str(status.get("completionTime")).replace("Z", "+00:00"))
-            metrics.BACKUP_LAST_VERIFIED.labels(namespace, policy).set(when.timestamp())
-        metrics.BACKUP_LAST_DRILL_PASSED.labels(namespace, policy).set(int(status.get("phase") == SUCCEEDED))
-        condition = next(c for c in patch.get("conditions") if c["type"] == "Verified")
-        post = kopf.info if condition["status"] == "True" else kopf.warn
-        post(
-            kopf.Body(current),
-            reason="Verified" if condition["status"] == "True" else "DrillFailed",
-            message=condition["message"],
-        )
-        return
-
-
-def drills_enabled(spec: kopf.Spec, **_: Any) -> bool:
-    return bool(spec.get("verification"))
-
-
-def schedule_drills(namespace: str, name: str) -> float:
-    """Create the drill of the newest scheduled time that has none yet; the seconds until the next one."""
-    try:
-        body = kube.custom().get_namespaced_custom_object(GROUP, VERSION, namespace, POLICIES, name)
-    except ApiException as error:
-        if error.status == 404:
-            return 3600.0
-        raise
-    try:
-        spec = parse_spec(BackupPolicySpec, body.get("spec"))
-    except RunbookError:
-        return 300.0  # the policy's reconciler reports it
-    if spec.verification is None:
-        return 3600.0
-    now = datetime.now(zoneinfo.ZoneInfo(spec.verification.time_zone))
-    schedule = croniter(spec.verification.schedule, now)
-    previous: datetime = schedule.get_prev(datetime)
-    upcoming: datetime = croniter(spec.verification.schedule, now).get_next(datetime)
-    created = datetime.fromisoformat(body["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
-    api = kube.custom()
-    if previous >= created:
-        drill = build_drill(body, spec.verification, previous)
-        try:
-            api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, drill)
-            kopf.info(kopf.Body(body), reason="DrillStarted", message=f"BackupRestore {drill['metadata']['name']}")
-        except ApiException as error:
-            if error.status != 409:
-                raise
-    drills = api.list_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, label_selector=f"{DRILL_LABEL}={name}"
-    )["items"]
-    finished = sorted(
-        (d for d in drills if (d.get("status") or {}).get("phase") in TERMINAL),
-        key=lambda d: d["metadata"]["creationTimestamp"],
-    )
-    for old in finished[:-DRILL_HISTORY]:
-        try:
-            api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, old["metadata"]["name"])
-        except ApiException as error:
-            if error.status != 404:
-                raise
-    return max(1.0, (upcoming - now).total_seconds())
-
-
-async def run_drills(body: kopf.Body, *, stopped: kopf.DaemonStopped) -> None:
-    """The drill clock of one policy with ``verification``."""
+async def deleted(body: kopf.Body, *, retry: int, api: kube.Api | None = None) -> None:
+    """kopf's deletion handler: after any pass in progress, ``finalize`` on the object as it is now."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    failures = 0
-    while not stopped:
-        try:
-            delay = await asyncio.to_thread(schedule_drills, namespace, name)
-            failures = 0
-        except Exception as error:
-            failures += 1
-            delay = backoff(30.0, failures)
-            LOG.warning("BackupPolicy %s/%s drills: %s; trying again", namespace, name, as_failure(error).message)
-        await stopped.wait(delay)
+    client = api or kube.KubeApi()
+    async with CLOCKS.lock(namespace, name):
+        current = await runtime.blocking(client.get, RESTORES, namespace, name)
+        result = await runtime.drive(RESTORE, current or dict(body), api=client, finalizing=True)
+    runtime.as_kopf(result, retry=retry)
