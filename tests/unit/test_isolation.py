@@ -29,9 +29,8 @@ from runbook_operator.builders.isolation import (
     snapshot_workloads,
     stop_patch,
 )
-from runbook_operator.errors import RunbookError
+from runbook_operator.errors import RunbookError, parse_spec
 from runbook_operator.models.isolation import EmergencyIsolationSpec, NetworkIsolation, WorkloadSnapshot
-from runbook_operator.reconcilers.base import parse_spec
 from runbook_operator.reconcilers.isolation import time_to_contain
 
 OWNER = {"apiVersion": "runbook.dev/v1alpha1", "kind": "EmergencyIsolation", "name": "breach", "uid": "u-1"}
