@@ -34,7 +34,7 @@ import yaml
 from kubernetes.client import ApiException
 from pydantic import BaseModel, ValidationError
 
-from .clients import s3
+from .clients import kube, s3
 from .errors import describe_validation_error
 from .models import GROUP, VERSION
 from .models.backup import BACKUP_NOW, BackupPolicySpec, BackupRestoreSpec
@@ -59,6 +59,7 @@ KIND_OF = {
     ISOLATIONS: "EmergencyIsolation",
     PROFILES: "ScalingProfile",
 }
+RESOURCES = {plural: kube.custom_resource(plural, kind) for plural, kind in KIND_OF.items()}
 FIELD_MANAGER = "kubectl-runbook"
 # Phases the operator writes (reconcilers/restore.py, isolation.py, rotation.py): what a wait ends on.
 RESTORE_DONE = {"Succeeded": OK, "DryRunSucceeded": OK, "Failed": FAILED}
@@ -93,7 +94,7 @@ def _server_message(error: ApiException) -> str:
 class Cluster:
     """The user's API access in one namespace."""
 
-    api: Any
+    api: kube.KubeApi
     namespace: str
 
     @classmethod
@@ -118,75 +119,51 @@ class Cluster:
             kubernetes.config.load_incluster_config(client_configuration=configuration)
             default_namespace = account.read_text().strip()
         configuration.retries = 1  # an unreachable server fails in seconds, not after urllib3's backoff
-        return cls(kubernetes.client.ApiClient(configuration), namespace or default_namespace)
+        api = kube.KubeApi(kubernetes.client.ApiClient(configuration), field_manager=FIELD_MANAGER)
+        return cls(api, namespace or default_namespace)
 
-    @property
-    def custom(self) -> Any:
-        return kubernetes.client.CustomObjectsApi(self.api)
-
-    @property
-    def core(self) -> Any:
-        return kubernetes.client.CoreV1Api(self.api)
+    def _not_found(self, plural: str, name: str) -> PluginError:
+        return PluginError(f"{KIND_OF[plural]} {name!r} not found in namespace {self.namespace}", NOT_FOUND)
 
     def get(self, plural: str, name: str) -> dict[str, Any]:
-        try:
-            found: dict[str, Any] = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, plural, name
-            )
-        except ApiException as error:
-            if error.status == 404:
-                raise PluginError(
-                    f"{KIND_OF[plural]} {name!r} not found in namespace {self.namespace}", NOT_FOUND
-                ) from None
-            raise
+        found = self.api.get(RESOURCES[plural], self.namespace, name)
+        if found is None:
+            raise self._not_found(plural, name)
         return found
 
     def list(self, plural: str) -> list[dict[str, Any]]:
-        listing = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, plural)
-        items: list[dict[str, Any]] = listing.get("items", [])
-        return items
+        return self.api.list(RESOURCES[plural], self.namespace)
 
-    def create(self, plural: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    def create(self, plural: str, name: str, spec: dict[str, Any]) -> None:
         body = {"apiVersion": API_VERSION, "kind": KIND_OF[plural], "metadata": {"name": name}, "spec": spec}
         try:
-            created: dict[str, Any] = self.custom.create_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, plural, body, field_manager=FIELD_MANAGER
-            )
+            created = self.api.create(RESOURCES[plural], self.namespace, body)
         except ApiException as error:
-            if error.status == 409:
-                raise PluginError(
-                    f"{KIND_OF[plural]} {name!r} already exists in namespace {self.namespace} (give another --name)",
-                    CONFLICT,
-                ) from None
             if error.status == 422:
                 raise PluginError(f"the API server refused it: {_server_message(error)}", USAGE) from None
             raise
-        return created
+        if not created:
+            raise PluginError(
+                f"{KIND_OF[plural]} {name!r} already exists in namespace {self.namespace} (give another --name)",
+                CONFLICT,
+            )
 
     def patch(self, plural: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         try:
-            patched: dict[str, Any] = self.custom.patch_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, plural, name, patch, field_manager=FIELD_MANAGER
-            )
+            patched = self.api.patch(RESOURCES[plural], self.namespace, name, patch)
         except ApiException as error:
-            if error.status == 404:
-                raise PluginError(
-                    f"{KIND_OF[plural]} {name!r} not found in namespace {self.namespace}", NOT_FOUND
-                ) from None
             if error.status == 422:
                 raise PluginError(f"the API server refused it: {_server_message(error)}", USAGE) from None
             raise
+        if patched is None:
+            raise self._not_found(plural, name)
         return patched
 
     def secret_value(self, name: str, key: str, *, field: str) -> str:
         """One key of a Secret (read with the user's credentials), for a client; never printed."""
         try:
-            secret = self.core.read_namespaced_secret(name, self.namespace)
+            secret = self.api.get(kube.SECRETS, self.namespace, name)
         except ApiException as error:
-            if error.status == 404:
-                raise PluginError(
-                    f"{field}: Secret {name} not found in namespace {self.namespace}", NOT_FOUND
-                ) from None
             if error.status == 403:
                 raise PluginError(
                     f"reading the bucket needs get on Secret {name} ({field}) in namespace {self.namespace}: "
@@ -194,7 +171,9 @@ class Cluster:
                     API_ERROR,
                 ) from None
             raise
-        data = secret.data or {}
+        if secret is None:
+            raise PluginError(f"{field}: Secret {name} not found in namespace {self.namespace}", NOT_FOUND)
+        data = secret.get("data") or {}
         if key not in data:
             raise PluginError(f"{field}: Secret {name} has no key {key!r}", NOT_FOUND)
         return base64.b64decode(data[key]).decode()
