@@ -5,19 +5,23 @@ them; the schema (OpenAPI and CEL) rejects bad input with a message naming the f
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import kopf.testing
 import kubernetes
 import pytest
 from tests.helpers import load_samples, token_kubeconfig, with_change
 
+import runbook_operator.main
 from runbook_operator.models import GROUP, VERSION
+from runbook_operator.reconcilers import tenancy
 
 pytestmark = pytest.mark.integration
 PLURAL = "runbookgrants"
 OPERATOR = "system:serviceaccount:runbook-system:runbook-operator"
+OPERATOR_ARGS = ["run", "--standalone", "-m", "runbook_operator.main"]
 SAMPLE = load_samples()["runbookgrant"]
 
 
@@ -238,3 +242,58 @@ def test_valid_addresses_and_endpoints_are_accepted(
     grants.append(name)
     assert created["spec"]["hosts"] == spec["hosts"] and created["spec"]["plaintextConnections"] is False
     assert created["spec"]["s3"][0]["ambientCredentials"] is False
+
+
+def test_the_operator_indexes_grants_and_still_serves_every_kind(
+    api: kubernetes.client.ApiClient,
+    namespace: str,
+    grants: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    wait_for: Callable[..., Any],
+) -> None:
+    """main.py's index over the cluster-scoped grants with the shipped RBAC, the operator serving one namespace:
+    kopf holds every handler until its indexes are filled, so a handled EmergencyIsolation shows it was."""
+    seen: dict[str, tenancy.Grant] = {}
+
+    def recording(name: str, spec: Any) -> dict[str, tenancy.Grant]:
+        entries = tenancy.index_entries(name, spec)
+        seen.update(entries)
+        return entries
+
+    monkeypatch.setattr(runbook_operator.main, "index_entries", recording)
+    name = f"{namespace}-indexed"
+    kubernetes.client.CustomObjectsApi(api).create_cluster_custom_object(
+        GROUP, VERSION, PLURAL, grant(name, {"namespaces": [namespace], "exportNamespaces": ["team-a-jobs"]})
+    )
+    grants.append(name)
+    isolation = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "EmergencyIsolation",
+        "metadata": {"name": "probe", "namespace": namespace},
+        "spec": {
+            "reason": "index probe",
+            "incidentId": "INC-1",
+            "scaleToZero": {"keepRunning": {"matchLabels": {"app name": "x"}}},  # Invalid: nothing acts
+        },
+    }
+    objects = kubernetes.client.CustomObjectsApi(api)
+    with kopf.testing.KopfRunner([*OPERATOR_ARGS, "--namespace", namespace], timeout=60) as runner:
+        wait_for(lambda: namespace in seen, timeout=30, what="the grant in the operator's index")
+        objects.create_namespaced_custom_object(GROUP, VERSION, namespace, "emergencyisolations", isolation)
+        wait_for(
+            lambda: (
+                (
+                    objects.get_namespaced_custom_object(GROUP, VERSION, namespace, "emergencyisolations", "probe").get(
+                        "status"
+                    )
+                    or {}
+                ).get("phase")
+                == "Invalid"
+            ),
+            timeout=60,
+            what="the EmergencyIsolation handled",
+        )
+        objects.delete_namespaced_custom_object(GROUP, VERSION, namespace, "emergencyisolations", "probe")
+    assert seen[namespace].name == name and seen[namespace].spec.export_namespaces == ["team-a-jobs"]
+    refused = [line for line in runner.output.splitlines() if "runbookgrants" in line and "403" in line]
+    assert refused == [], runner.output
