@@ -10,10 +10,14 @@ from pydantic import ValidationError
 
 from runbook_operator.clients.kube import SERVICES
 from runbook_operator.errors import RunbookError
+from runbook_operator.models.backup import BackupPolicySpec, BackupRestoreSpec
 from runbook_operator.models.grants import RunbookGrantSpec, normal_endpoint, normal_host
+from runbook_operator.models.isolation import EmergencyIsolationSpec
+from runbook_operator.models.rotation import SecretRotationSpec
 from runbook_operator.models.sources import S3Location
 from runbook_operator.reconcilers import tenancy
 from tests.fake_api import FakeApi
+from tests.helpers import DELETE, load_samples, with_change
 
 NS = "team-a"
 FIELD = "spec.target.host"
@@ -360,3 +364,172 @@ def test_normal_host_is_one_reading_for_grants_and_objects() -> None:
     with pytest.raises(ValueError, match="canonical form fd00::1"):
         normal_host("FD00:0::1")
     assert normal_host("10.0.0.5.") == "10.0.0.5"
+
+
+# --- one call per kind ---------------------------------------------------------------------------------
+
+RUNBOOK = "hungryhippaahneties"
+SAMPLES = load_samples()
+
+
+def runbook_api() -> FakeApi:
+    api = FakeApi()
+    for name in ("postgresql", "redis", "postgresql-scratch"):
+        api.put(SERVICES, RUNBOOK, {"metadata": {"name": name}, "spec": {"selector": {"app": name}}})
+    return api
+
+
+PLAINTEXT = [tenancy.Grant("p", RunbookGrantSpec(namespaces=[RUNBOOK], plaintext_connections=True))]
+
+
+def test_the_runbook_samples_pass_with_canonical_hosts_and_plaintext_needs_a_grant() -> None:
+    policy = BackupPolicySpec.model_validate(SAMPLES["backuppolicy-postgresql"]["spec"])
+    error = refused(tenancy.confine_backup_policy, runbook_api(), (), RUNBOOK, policy)
+    assert error.message.startswith("spec.source.postgresql.tls: a connection without TLS is not allowed")
+    confined = tenancy.confine_backup_policy(runbook_api(), PLAINTEXT, RUNBOOK, policy)
+    assert confined.source.postgresql is not None
+    assert confined.source.postgresql.host == "postgresql.hungryhippaahneties.svc"
+    assert confined.destination == policy.destination
+
+    redis = BackupPolicySpec.model_validate(SAMPLES["backuppolicy-redis"]["spec"])
+    assert tenancy.confine_backup_policy(runbook_api(), (), RUNBOOK, redis).source.redis is not None
+    export = BackupPolicySpec.model_validate(SAMPLES["backuppolicy-kubernetes"]["spec"])
+    assert tenancy.confine_backup_policy(runbook_api(), (), RUNBOOK, export) == export
+
+    rotation = SecretRotationSpec.model_validate(SAMPLES["secretrotation"]["spec"])
+    error = refused(tenancy.confine_secret_rotation, runbook_api(), (), RUNBOOK, rotation)
+    assert error.message.startswith("spec.target.postgresql.tls: ")
+    assert tenancy.confine_secret_rotation(runbook_api(), PLAINTEXT, RUNBOOK, rotation).target is not None
+
+    restore = BackupRestoreSpec.model_validate(SAMPLES["backuprestore"]["spec"])
+    assert tenancy.confine_backup_restore(runbook_api(), (), RUNBOOK, restore, confined) == restore
+
+
+def test_every_host_field_is_checked_and_replaced() -> None:
+    base = SAMPLES["backuppolicy-postgresql"]["spec"]
+    short = BackupPolicySpec.model_validate(
+        with_change({"spec": base}, "spec.source.postgresql.host", "postgresql")["spec"]
+    )
+    confined = tenancy.confine_backup_policy(runbook_api(), PLAINTEXT, RUNBOOK, short)
+    assert (
+        confined.source.postgresql is not None
+        and confined.source.postgresql.host == "postgresql.hungryhippaahneties.svc"
+    )
+    drills = {
+        "schedule": "0 4 * * 0",
+        "target": {"host": "postgresql-scratch", "database": "scratch"},
+        "decryptionSecretRef": {"name": "k", "key": "k"},
+    }
+    with_drills = BackupPolicySpec.model_validate({**base, "verification": drills})
+    confined = tenancy.confine_backup_policy(runbook_api(), PLAINTEXT, RUNBOOK, with_drills)
+    assert confined.verification is not None
+    assert confined.verification.target.host == "postgresql-scratch.hungryhippaahneties.svc"
+    cases: list[tuple[Any, dict[str, Any], str]] = [
+        (
+            BackupPolicySpec,
+            with_change({"spec": base}, "spec.source.postgresql.host", "db.evil.example")["spec"],
+            "spec.source.postgresql.host: db.evil.example is not a Service",
+        ),
+        (
+            BackupPolicySpec,
+            with_change({"spec": base}, "spec.source.postgresql.database", "dbname=prod")["spec"],
+            "spec.source.postgresql.database: not a database name",
+        ),
+        (
+            BackupPolicySpec,
+            {**base, "verification": {**drills, "target": {"host": "10.0.0.9"}}},
+            "spec.verification.target.host: 10.0.0.9 is an IP address",
+        ),
+        (
+            BackupPolicySpec,
+            {**base, "verification": {**drills, "target": {"database": "dbname=prod host=x"}}},
+            "spec.verification.target.database: ",
+        ),
+        (
+            BackupPolicySpec,
+            with_change({"spec": base}, "spec.destination.s3.endpoint", "https://s3.evil.example")["spec"],
+            "spec.destination.s3.endpoint: https://s3.evil.example is not AWS S3",
+        ),
+        (
+            BackupPolicySpec,
+            with_change({"spec": base}, "spec.destination.s3.credentialsSecretRef", DELETE)["spec"],
+            "spec.destination.s3.credentialsSecretRef: required",
+        ),
+        (
+            BackupPolicySpec,
+            with_change(
+                {"spec": SAMPLES["backuppolicy-kubernetes"]["spec"]},
+                "spec.source.kubernetes.namespaces",
+                [RUNBOOK, "kube-system"],
+            )["spec"],
+            "spec.source.kubernetes.namespaces[1]: kube-system",
+        ),
+        (
+            BackupPolicySpec,
+            with_change(
+                {"spec": SAMPLES["backuppolicy-redis"]["spec"]}, "spec.source.redis.host", "redis.runbook-system.svc"
+            )["spec"],
+            "spec.source.redis.host: redis.runbook-system.svc is a Service of namespace runbook-system",
+        ),
+        (
+            SecretRotationSpec,
+            with_change({"spec": SAMPLES["secretrotation"]["spec"]}, "spec.target.postgresql.host", "127.0.0.1")[
+                "spec"
+            ],
+            "spec.target.postgresql.host: 127.0.0.1 is an IP address",
+        ),
+        (
+            SecretRotationSpec,
+            with_change(
+                {"spec": SAMPLES["secretrotation"]["spec"]}, "spec.target.postgresql.database", "postgres host=evil"
+            )["spec"],
+            "spec.target.postgresql.database: ",
+        ),
+    ]
+    for model, spec, expected in cases:
+        parsed = model.model_validate(spec)
+        check = tenancy.confine_backup_policy if model is BackupPolicySpec else tenancy.confine_secret_rotation
+        error = refused(check, runbook_api(), PLAINTEXT, RUNBOOK, parsed)
+        assert error.message.startswith(expected), (expected, error.message)
+
+
+def test_redis_without_tls_needs_the_plaintext_grant() -> None:
+    spec = with_change({"spec": SAMPLES["backuppolicy-redis"]["spec"]}, "spec.source.redis.tls", DELETE)["spec"]
+    parsed = BackupPolicySpec.model_validate(spec)
+    error = refused(tenancy.confine_backup_policy, runbook_api(), (), RUNBOOK, parsed)
+    assert error.message.startswith("spec.source.redis.tls: a connection without TLS")
+    assert tenancy.confine_backup_policy(runbook_api(), PLAINTEXT, RUNBOOK, parsed).source.redis is not None
+
+
+def test_a_restore_target_is_checked_over_the_policy_source() -> None:
+    policy = tenancy.confine_backup_policy(
+        runbook_api(), PLAINTEXT, RUNBOOK, BackupPolicySpec.model_validate(SAMPLES["backuppolicy-postgresql"]["spec"])
+    )
+    restore = SAMPLES["backuprestore"]["spec"]
+    for target, expected in [
+        ({"host": "db.evil.example"}, "spec.target.host: db.evil.example is not a Service"),
+        ({"port": 5433, "host": "postgresql.team-b.svc"}, "spec.target.host: postgresql.team-b.svc is a Service of"),
+        ({"database": "dbname=prod"}, "spec.target.database: not a database name"),
+    ]:
+        spec = BackupRestoreSpec.model_validate({**restore, "target": target})
+        error = refused(tenancy.confine_backup_restore, runbook_api(), PLAINTEXT, RUNBOOK, spec, policy)
+        assert error.message.startswith(expected), error.message
+    moved = BackupRestoreSpec.model_validate({**restore, "target": {"port": 5433}})
+    confined = tenancy.confine_backup_restore(runbook_api(), (), RUNBOOK, moved, policy)
+    assert confined.target is not None and confined.target.host == "postgresql.hungryhippaahneties.svc"
+    elsewhere = BackupRestoreSpec.model_validate({**restore, "kubernetes": {"targetNamespace": "kube-system"}})
+    error = refused(tenancy.confine_backup_restore, runbook_api(), (), RUNBOOK, elsewhere, policy)
+    assert error.message.startswith("spec.kubernetes.targetNamespace: kube-system is not namespace")
+
+
+def test_the_evidence_bucket_follows_the_s3_rules() -> None:
+    spec = EmergencyIsolationSpec.model_validate(
+        {
+            "reason": "r",
+            "incidentId": "INC-1",
+            "evidence": {"destination": {"bucket": "evidence", "endpoint": "https://x.example"}},
+        }
+    )
+    error = refused(tenancy.confine_emergency_isolation, (), RUNBOOK, spec)
+    assert error.message.startswith("spec.evidence.destination.endpoint: ")
+    tenancy.confine_emergency_isolation((), RUNBOOK, EmergencyIsolationSpec(reason="r", incident_id="INC-1"))

@@ -23,8 +23,11 @@ from pydantic import ValidationError
 
 from ..clients import kube
 from ..errors import RunbookError, describe_validation_error
+from ..models.backup import BackupPolicySpec, BackupRestoreSpec, BackupSource, RestoreTarget
 from ..models.grants import RunbookGrantSpec, normal_endpoint, normal_host
-from ..models.sources import S3Location
+from ..models.isolation import EmergencyIsolationSpec
+from ..models.rotation import SecretRotationSpec
+from ..models.sources import PostgresConnection, RedisConnection, S3Location
 
 LOG = logging.getLogger(__name__)
 NOT_PERMITTED = "NotPermitted"
@@ -215,3 +218,121 @@ def check_database_name(field: str, name: str) -> str:
             "with '-'; never '=' or spaces, which libpq reads as a connection string)",
         )
     return name
+
+
+# --- every field of each kind --------------------------------------------------------------------------
+# One call per kind checks every field of its spec that reaches beyond the namespace and returns the spec
+# with each host replaced by the one to connect to (check_host); reconcilers use the returned spec only.
+
+
+def _postgres(
+    api: kube.Api, grants: Grants, namespace: str, field: str, connection: PostgresConnection
+) -> PostgresConnection:
+    host = check_host(api, grants, namespace, f"{field}.host", host=connection.host, port=connection.port)
+    check_database_name(f"{field}.database", connection.database)
+    if connection.tls is None:
+        check_plaintext(grants, namespace, f"{field}.tls")
+    return connection.model_copy(update={"host": host})
+
+
+def _redis(api: kube.Api, grants: Grants, namespace: str, field: str, connection: RedisConnection) -> RedisConnection:
+    host = check_host(api, grants, namespace, f"{field}.host", host=connection.host, port=connection.port)
+    if connection.tls is None or not connection.tls.enabled:
+        check_plaintext(grants, namespace, f"{field}.tls")
+    return connection.model_copy(update={"host": host})
+
+
+def confine_backup_policy(api: kube.Api, grants: Grants, namespace: str, spec: BackupPolicySpec) -> BackupPolicySpec:
+    """``spec.source`` (hosts, database, TLS, exported namespaces), ``spec.destination.s3`` and the drills'
+    ``spec.verification.target`` (each field over the source's, as drills resolve it)."""
+    source = spec.source
+    update: dict[str, Any] = {}
+    if source.postgresql is not None:
+        update["postgresql"] = _postgres(api, grants, namespace, "spec.source.postgresql", source.postgresql)
+    if source.redis is not None:
+        update["redis"] = _redis(api, grants, namespace, "spec.source.redis", source.redis)
+    confined = source.model_copy(update=update)
+    if source.kubernetes is not None:
+        check_export_namespaces(grants, namespace, "spec.source.kubernetes.namespaces", source.kubernetes.namespaces)
+    check_s3(grants, namespace, "spec.destination.s3", spec.destination.s3)
+    verification = spec.verification
+    if verification is not None:
+        target = _restore_target(
+            api, grants, namespace, "spec.verification.target", target=verification.target, source=source
+        )
+        verification = verification.model_copy(update={"target": target})
+    return spec.model_copy(update={"source": confined, "verification": verification})
+
+
+def _restore_target(
+    api: kube.Api, grants: Grants, namespace: str, field: str, *, target: RestoreTarget, source: BackupSource
+) -> RestoreTarget:
+    """A restore or drill target: the fields it sets, each over the policy's source (checked with the policy)."""
+    update: dict[str, Any] = {}
+    if source.postgresql is not None and (target.host is not None or target.port is not None):
+        port = target.port or source.postgresql.port
+        update["host"] = check_host(
+            api, grants, namespace, f"{field}.host", host=target.host or source.postgresql.host, port=port
+        )
+    if target.database is not None:
+        check_database_name(f"{field}.database", target.database)
+    scratch = target.redis
+    if source.redis is not None and scratch is not None and (scratch.host is not None or scratch.port is not None):
+        port = scratch.port or source.redis.port
+        host = check_host(
+            api, grants, namespace, f"{field}.redis.host", host=scratch.host or source.redis.host, port=port
+        )
+        resolved = scratch.resolve(source.redis)
+        if resolved.tls is None or not resolved.tls.enabled:
+            check_plaintext(grants, namespace, f"{field}.redis.tls")
+        update["redis"] = scratch.model_copy(update={"host": host})
+    return target.model_copy(update=update)
+
+
+def confine_backup_restore(
+    api: kube.Api, grants: Grants, namespace: str, spec: BackupRestoreSpec, policy: BackupPolicySpec
+) -> BackupRestoreSpec:
+    """``spec.target`` (over ``policy``'s source: pass the policy as ``confine_backup_policy`` returned it, so
+    that fields left out resolve to its checked hosts) and ``spec.kubernetes.targetNamespace`` (the restore's
+    own namespace only)."""
+    kubernetes = spec.kubernetes
+    if kubernetes is not None and kubernetes.target_namespace not in (None, namespace):
+        raise _refused(
+            "spec.kubernetes.targetNamespace",
+            f"{kubernetes.target_namespace} is not namespace {namespace}: a restore applies only into its own",
+        )
+    if spec.target is None:
+        return spec
+    target = _restore_target(api, grants, namespace, "spec.target", target=spec.target, source=policy.source)
+    return spec.model_copy(update={"target": target})
+
+
+def confine_secret_rotation(
+    api: kube.Api, grants: Grants, namespace: str, spec: SecretRotationSpec
+) -> SecretRotationSpec:
+    """``spec.target.postgresql`` or ``spec.target.redis``: host, database name, TLS."""
+    target = spec.target
+    if target is None:
+        return spec
+    update: dict[str, Any] = {}
+    if target.postgresql is not None:
+        pg = target.postgresql
+        field = "spec.target.postgresql"
+        host = check_host(api, grants, namespace, f"{field}.host", host=pg.host, port=pg.port)
+        check_database_name(f"{field}.database", pg.database)
+        check_plaintext(grants, namespace, f"{field}.tls")  # the rotation target has no TLS settings yet
+        update["postgresql"] = pg.model_copy(update={"host": host})
+    if target.redis is not None:
+        redis = target.redis
+        field = "spec.target.redis"
+        host = check_host(api, grants, namespace, f"{field}.host", host=redis.host, port=redis.port)
+        if redis.tls is None or not redis.tls.enabled:
+            check_plaintext(grants, namespace, f"{field}.tls")
+        update["redis"] = redis.model_copy(update={"host": host})
+    return spec.model_copy(update={"target": target.model_copy(update=update)})
+
+
+def confine_emergency_isolation(grants: Grants, namespace: str, spec: EmergencyIsolationSpec) -> None:
+    """``spec.evidence.destination``: the evidence bucket."""
+    if spec.evidence.destination is not None:
+        check_s3(grants, namespace, "spec.evidence.destination", spec.evidence.destination)
