@@ -8,6 +8,8 @@ that namespace, S3 is AWS with keys from the namespace's own Secret, and every c
 that would allow it; the reconcilers call them before any credential, byte or connection leaves.
 
 The grants come from kopf's index ``grants_by_namespace`` (main.py): ``grants_for(index, namespace)``.
+Reconcilers call one ``confine_*`` per kind, which checks every such field of the spec and returns the spec
+with the hosts to connect to; they then use only the returned spec.
 """
 
 from __future__ import annotations
