@@ -92,11 +92,13 @@ def make_backup(
     *,
     namespace: str = "hungryhippaahneties",
     policy: str = "db",
+    **extra: str,
 ) -> Backup:
-    """One backup by the BackupPolicy agent (as its CronJob pod runs it), encrypted to the keyring's key."""
+    """One backup by the BackupPolicy agent (as its CronJob pod runs it), encrypted to the keyring's key;
+    ``extra``: more of the pod's environment (e.g. the manifest signing key)."""
     bucket = new_bucket(s3)
     spec = policy_spec(pg_source(postgres, database), s3, bucket)
-    env = agent_env(spec, s3, keyring, PGUSER=OWNER, PGPASSWORD=OWNER_PASSWORD)
+    env = agent_env(spec, s3, keyring, PGUSER=OWNER, PGPASSWORD=OWNER_PASSWORD, **extra)
     result = run_agent(env, namespace=namespace, policy=policy)
     assert result.returncode == 0, result.stderr
     return Backup(bucket, spec, manifest_of(s3, bucket))
@@ -152,3 +154,20 @@ def tamper(s3: S3Server, bucket: str, key: str, offset: int | None = None) -> No
     index = len(data) // 2 if offset is None else offset
     data[index] ^= 0x01
     client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+
+
+def database_text(postgres: Postgres, database: str) -> str:
+    """The whole database as pg_dump prints it (schema, rows, large objects, owners, privileges): equal text
+    is an unchanged database. The random ``\\restrict`` key lines are left out."""
+    dump = subprocess.run(
+        ["pg_dump", "--no-password", "--dbname", postgres.dsn(database)], capture_output=True, text=True, check=True
+    ).stdout
+    return "\n".join(line for line in dump.splitlines() if not line.startswith(("\\restrict", "\\unrestrict")))
+
+
+def swap_object(s3: S3Server, backup: Backup, other: Backup, padding: int) -> None:
+    """What a bucket writer can do: store another backup's data object (a valid archive) under this backup's
+    key, with ``padding`` zero bytes after it."""
+    client = s3.client()
+    archive = client.get_object(Bucket=other.bucket, Key=other.manifest["data"]["key"])["Body"].read()
+    client.put_object(Bucket=backup.bucket, Key=backup.manifest["data"]["key"], Body=archive + bytes(padding))

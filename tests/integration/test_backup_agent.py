@@ -41,7 +41,13 @@ from tests.services import (
     wait_port,
 )
 
-from runbook_operator.models.plans import GPG_PASSPHRASE_ENV, REDIS_PASSWORD_ENV, SPEC_ENV
+from runbook_operator.models.plans import (
+    GPG_PASSPHRASE_ENV,
+    MANIFEST_KEY_ENV,
+    REDIS_PASSWORD_ENV,
+    SPEC_ENV,
+    manifest_signed,
+)
 
 BACKUP_USER = "backup_reader"
 BACKUP_PASSWORD = "backup-reader-pw-1"
@@ -608,3 +614,24 @@ def test_runbook_redis_failures_name_the_field(
         line = assert_failed(run_agent(env), "SourceUnavailable", *secrets)
         assert line.startswith(f"backup failed: SourceUnavailable: {message}"), line
         assert_nothing_stored(s3_server, bucket)
+
+
+def test_the_manifest_is_signed_with_the_namespaces_key(
+    postgres: Postgres, small_database: str, s3_server: S3Server, gpg_keyring: GpgKeyring, bucket: str
+) -> None:
+    """With RUNBOOK_MANIFEST_KEY the manifest carries an HMAC-SHA256 signature of its other fields; without it,
+    none (unsigned manifests are refused wherever the key is given)."""
+    key = "3e7a" * 16
+    spec = policy_spec(pg_source(postgres, small_database), s3_server, bucket)
+    result = run_agent(agent_env(spec, s3_server, gpg_keyring, **pg_env(), **{MANIFEST_KEY_ENV: key}))
+    assert result.returncode == 0, result.stderr
+    assert key not in result.stdout + result.stderr
+    manifest = manifest_of(s3_server, bucket)
+    assert manifest_signed(manifest, key) and not manifest_signed(manifest, "another key")
+    assert not manifest_signed({**manifest, "data": {**manifest["data"], "sha256": "0" * 64}}, key)
+
+    unsigned_bucket = new_bucket(s3_server)
+    spec = policy_spec(pg_source(postgres, small_database), s3_server, unsigned_bucket)
+    result = run_agent(agent_env(spec, s3_server, gpg_keyring, **pg_env()))
+    assert result.returncode == 0, result.stderr
+    assert "signature" not in manifest_of(s3_server, unsigned_bucket)

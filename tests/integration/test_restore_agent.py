@@ -17,6 +17,7 @@ from tests.restore_support import (
     create_empty_database,
     create_shop,
     damage,
+    database_text,
     fingerprint,
     make_backup,
     pg_source,
@@ -24,9 +25,12 @@ from tests.restore_support import (
     private_key,
     restore_env,
     run_restore_agent,
+    swap_object,
     tamper,
 )
 from tests.services import GpgKeyring, Postgres, S3Server
+
+from runbook_operator.models.plans import manifest_signed, sign_manifest
 
 
 @pytest.fixture
@@ -333,3 +337,113 @@ def test_check_compares_sequences_and_large_objects(
     with pytest.raises(RunbookError) as info:
         check_contents(connection, env, source)
     assert "2 large objects, manifest 3" in info.value.message
+
+
+# --- restore integrity (issue 13, item 5) ----------------------------------------------------------------
+
+ATTACKER_ROW = "ATTACKER ROW"
+MANIFEST_KEY = "5f0c3c0e9a7d4b8e8c1f2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f"
+# The restore agent used to hold back the object's last MiB until the digest matched: twice that in padding
+# puts the whole swapped archive before the held-back end, so holding back did not keep it from pg_restore.
+PADDING = 2 * 1024 * 1024
+
+
+def attacker_backup(postgres: Postgres, s3_server: S3Server, gpg_keyring: GpgKeyring) -> Backup:
+    """A valid backup, made by the real agent and encrypted to the same (public) key, of a database of the same
+    shape holding ``ATTACKER ROW``."""
+    database = create_shop(postgres)
+    with postgres.connect(database, user=OWNER, password=OWNER_PASSWORD) as conn:
+        conn.execute("INSERT INTO customers VALUES (0, %s)", (ATTACKER_ROW,))
+    return make_backup(postgres, database, s3_server, gpg_keyring)
+
+
+def test_a_swapped_archive_is_never_committed(
+    postgres: Postgres, shop: str, backup: Backup, s3_server: S3Server, gpg_keyring: GpgKeyring
+) -> None:
+    """A bucket writer stores a valid archive inserting ATTACKER ROW over the backup's data object, padded past
+    the old held-back tail, under the manifest whose sha256 is the original's: the restore fails with
+    ChecksumMismatch and the target database is exactly as it was."""
+    swap_object(s3_server, backup, attacker_backup(postgres, s3_server, gpg_keyring), PADDING)
+    damage(postgres, shop)
+    before = database_text(postgres, shop)
+    env = restore_env(plan_for(backup, target(postgres, shop)), s3_server, private_key(gpg_keyring))
+
+    line = failure(run_restore_agent("restore", env), "restore", "ChecksumMismatch")
+    assert "does not match the manifest" in line
+    assert database_text(postgres, shop) == before
+    with postgres.connect(shop) as conn:
+        assert conn.execute("SELECT count(*) FROM customers WHERE email = %s", (ATTACKER_ROW,)).fetchone() == (0,)
+
+
+def test_an_object_changed_after_the_preflight_is_not_even_read(
+    postgres: Postgres, shop: str, backup: Backup, s3_server: S3Server, gpg_keyring: GpgKeyring
+) -> None:
+    """With the ETag the preflight read pinned into the plan, S3 refuses to serve a swapped object."""
+    plan = plan_for(backup, target(postgres, shop))
+    verified = run_restore_agent("verify", restore_env(plan, s3_server, private_key(gpg_keyring)))
+    assert verified.returncode == 0, verified.stderr
+    etag = json.loads(verified.stdout)["etag"]
+    assert etag
+    swap_object(s3_server, backup, attacker_backup(postgres, s3_server, gpg_keyring), PADDING)
+    damage(postgres, shop)
+    before = database_text(postgres, shop)
+    env = restore_env({**plan, "etag": etag}, s3_server, private_key(gpg_keyring))
+    line = failure(run_restore_agent("restore", env), "restore", "ChecksumMismatch")
+    assert "changed since the preflight" in line
+    assert database_text(postgres, shop) == before
+
+
+def test_signed_manifests_verify_and_restore(
+    postgres: Postgres, shop: str, s3_server: S3Server, gpg_keyring: GpgKeyring
+) -> None:
+    signed = make_backup(postgres, shop, s3_server, gpg_keyring, RUNBOOK_MANIFEST_KEY=MANIFEST_KEY)
+    assert manifest_signed(signed.manifest, MANIFEST_KEY)
+    before = fingerprint(postgres, shop)
+    damage(postgres, shop)
+    plan = {**plan_for(signed, target(postgres, shop)), "manifest": signed.manifest}
+    env = restore_env(plan, s3_server, private_key(gpg_keyring), RUNBOOK_MANIFEST_KEY=MANIFEST_KEY)
+    verified = run_restore_agent("verify", env)
+    assert verified.returncode == 0, verified.stderr
+    # The Job reads the object the preflight verified: its ETag pinned into the plan (If-Match).
+    pinned = {**plan, "etag": json.loads(verified.stdout)["etag"]}
+    env = restore_env(pinned, s3_server, private_key(gpg_keyring), RUNBOOK_MANIFEST_KEY=MANIFEST_KEY)
+    restored = run_restore_agent("restore", env)
+    assert restored.returncode == 0, restored.stderr
+    assert fingerprint(postgres, shop) == before
+    assert MANIFEST_KEY not in verified.stdout + verified.stderr + restored.stdout + restored.stderr
+
+
+@pytest.mark.parametrize("forgery", ["unsigned", "signature kept", "other key", "plan not the manifest's"])
+def test_forged_manifests_are_refused_by_verify_and_restore(
+    postgres: Postgres, shop: str, s3_server: S3Server, gpg_keyring: GpgKeyring, forgery: str
+) -> None:
+    """A bucket writer without the key swaps the data object and rewrites the manifest's sha256 and size for
+    it: without a signature, with the original signature kept, or signed with a key of its own; or the plan
+    names the swapped object beside the genuine signed manifest. verify (the preflight's and a drill's) and
+    restore refuse it before reading any data, and the target is untouched."""
+    signed = make_backup(postgres, shop, s3_server, gpg_keyring, RUNBOOK_MANIFEST_KEY=MANIFEST_KEY)
+    swapped = attacker_backup(postgres, s3_server, gpg_keyring)
+    swap_object(s3_server, signed, swapped, 0)
+    unsigned = {key: value for key, value in signed.manifest.items() if key != "signature"}
+    forged = {
+        **unsigned,
+        "data": {**signed.manifest["data"], **{k: swapped.manifest["data"][k] for k in ("sha256", "sizeBytes")}},
+    }
+    carried = {
+        "unsigned": forged,
+        "signature kept": {**forged, "signature": signed.manifest["signature"]},
+        "other key": {**forged, "signature": sign_manifest(forged, "a key of the bucket writer's own")},
+        "plan not the manifest's": signed.manifest,
+    }[forgery]
+    plan = plan_for(Backup(signed.bucket, signed.spec, forged), target(postgres, shop))  # as the operator builds it
+    env = restore_env(
+        {**plan, "manifest": carried}, s3_server, private_key(gpg_keyring), RUNBOOK_MANIFEST_KEY=MANIFEST_KEY
+    )
+    damage(postgres, shop)
+    before = database_text(postgres, shop)
+
+    reason = "ManifestUnsigned" if forgery == "unsigned" else "ManifestForged"
+    for command in ("verify", "restore"):
+        line = failure(run_restore_agent(command, env), command, reason)
+        assert "RUNBOOK_MANIFEST_KEY" in line and MANIFEST_KEY not in line
+    assert database_text(postgres, shop) == before

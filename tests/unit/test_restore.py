@@ -14,7 +14,13 @@ import pytest
 from pydantic import ValidationError
 
 from runbook_operator.agent.backup import record_sequences_after_dump
-from runbook_operator.agent.restore import ChecksummedReader, missing_table_data, pg_restore_args, sequence_mismatches
+from runbook_operator.agent.restore import (
+    ChecksummedReader,
+    missing_table_data,
+    pg_restore_args,
+    require_signed,
+    sequence_mismatches,
+)
 from runbook_operator.builders.restore import (
     DRILL_LABEL,
     REPLICAS_ANNOTATION,
@@ -30,8 +36,20 @@ from runbook_operator.builders.restore import (
     stop_patch,
 )
 from runbook_operator.clients.postgres import parse_qualified_name, qualified_name
+from runbook_operator.errors import RunbookError
 from runbook_operator.models.backup import BackupPolicySpec, BackupRestoreSpec
-from runbook_operator.models.plans import GPG_PASSPHRASE_ENV, GPG_PRIVATE_KEY_ENV, RESTORE_PLAN_ENV, RestorePlan
+from runbook_operator.models.plans import (
+    GPG_PASSPHRASE_ENV,
+    GPG_PRIVATE_KEY_ENV,
+    MANIFEST_KEY_ENV,
+    RESTORE_PLAN_ENV,
+    KubernetesRestorePlan,
+    RedisRestorePlan,
+    RestorePlan,
+    canonical_manifest,
+    manifest_signed,
+    sign_manifest,
+)
 from runbook_operator.reconcilers.catalog import StoredBackup, expired_backups
 
 SOURCE = {"host": "postgresql.shop.svc", "database": "shop", "credentialsSecretRef": {"name": "db-backup"}}
@@ -208,10 +226,10 @@ class Body(io.BytesIO):
     pass
 
 
-def reader(data: bytes, *, expected: bytes | None = None, hold_back: int = 0) -> ChecksummedReader:
+def reader(data: bytes, *, expected: bytes | None = None) -> ChecksummedReader:
     digest = hashlib.sha256(expected if expected is not None else data).hexdigest()
     size = len(expected if expected is not None else data)
-    return ChecksummedReader(Body(data), sha256=digest, size=size, hold_back=hold_back)
+    return ChecksummedReader(Body(data), sha256=digest, size=size)
 
 
 def read_all(source: ChecksummedReader) -> bytes:
@@ -223,19 +241,17 @@ def read_all(source: ChecksummedReader) -> bytes:
 
 def test_reader_passes_a_matching_object_through() -> None:
     data = bytes(range(256)) * 1000
-    source = reader(data, hold_back=4096)
+    source = reader(data)
     assert read_all(source) == data and source.matches
 
 
-def test_reader_never_releases_the_end_of_a_changed_object() -> None:
+def test_reader_tells_a_changed_object_once_all_was_read() -> None:
+    """What a changed object released reaches only an uncommitted transaction (TransactionSink)."""
     data = bytes(range(256)) * 1000
     changed = data[:-1] + b"\x00"
-    source = reader(changed, expected=data, hold_back=4096)
-    released = read_all(source)
-    assert not source.matches
-    assert len(released) <= len(data) - 4096
-    source.drain()
-    assert source.size == len(data)
+    source = reader(changed, expected=data)
+    assert read_all(source) == changed
+    assert not source.matches and source.size == len(data)
 
 
 def test_reader_drain_finishes_the_digest_after_an_early_stop() -> None:
@@ -327,3 +343,99 @@ def test_sequences_match_exactly_or_within_what_moved_during_the_dump() -> None:
     descending = {"public.ids": {"lastValue": -5, "isCalled": True, "afterDump": {"lastValue": -9, "isCalled": True}}}
     assert sequence_mismatches(descending, found(-7, increment=-1)) == []
     assert sequence_mismatches(descending, found(-3, increment=-1))
+
+
+# --- signed manifests (issue 13, item 5) ------------------------------------------------------------------
+
+KEY = "9c1d" * 16
+SIGNED_MANIFEST: dict[str, Any] = {
+    "formatVersion": 1,
+    "policy": {"namespace": "ns", "name": "db", "generation": 3},
+    "job": None,
+    "durationSeconds": 12.345,
+    **MANIFEST,
+    "agent": {"version": "0.1.0"},
+}
+
+
+def _leaves(document: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    if isinstance(document, dict) and document:
+        return [leaf for key, value in document.items() for leaf in _leaves(value, (*path, key))]
+    return [path]
+
+
+def _changed(document: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    copy = json.loads(json.dumps(document))
+    holder = copy
+    for key in path[:-1]:
+        holder = holder[key]
+    value = holder[path[-1]]
+    holder[path[-1]] = value + 1 if isinstance(value, int | float) and not isinstance(value, bool) else f"{value}x"
+    return copy
+
+
+def test_a_signature_covers_every_field_and_only_the_key_makes_it() -> None:
+    signed = {**SIGNED_MANIFEST, "signature": sign_manifest(SIGNED_MANIFEST, KEY)}
+    assert manifest_signed(signed, KEY)
+    # As stored (indented, other key order) and read back, it still verifies.
+    assert manifest_signed(json.loads(json.dumps(dict(reversed(signed.items())), indent=2)), KEY)
+    leaves = _leaves(SIGNED_MANIFEST)
+    assert ("data", "sha256") in leaves and ("job",) in leaves
+    for path in leaves:
+        assert not manifest_signed(_changed(signed, path), KEY), path
+    assert not manifest_signed({**signed, "extra": True}, KEY)
+    assert not manifest_signed({k: v for k, v in signed.items() if k != "policy"}, KEY)
+    assert not manifest_signed(signed, KEY[:-1] + "0")
+    assert not manifest_signed(SIGNED_MANIFEST, KEY)  # no signature
+    assert not manifest_signed({**SIGNED_MANIFEST, "signature": None}, KEY)
+    assert not manifest_signed({**SIGNED_MANIFEST, "signature": {"value": signed["signature"]}}, KEY)
+    assert not manifest_signed({**SIGNED_MANIFEST, "signature": ""}, KEY)
+    assert not manifest_signed({**signed, "durationSeconds": float("nan")}, KEY)
+    assert canonical_manifest(signed) == canonical_manifest(SIGNED_MANIFEST)  # the signature is not signed
+
+
+def _plans(manifest: dict[str, Any] | None) -> list[Any]:
+    data = MANIFEST["data"]
+    common = {
+        "location": {"bucket": "backups"},
+        "key": data["key"],
+        "sha256": data["sha256"],
+        "sizeBytes": data["sizeBytes"],
+        "symmetric": False,
+        "manifest": manifest,
+    }
+    return [
+        RestorePlan.model_validate({**common, "target": SOURCE}),
+        RedisRestorePlan.model_validate({**common, "target": {"host": "redis", "port": 6379}}),
+        KubernetesRestorePlan.model_validate({**common, "section": "ns", "namespace": "ns"}),
+    ]
+
+
+def test_every_kind_of_plan_is_refused_unless_its_manifest_is_signed_with_the_key() -> None:
+    signed = {**SIGNED_MANIFEST, "signature": sign_manifest(SIGNED_MANIFEST, KEY)}
+    env = {MANIFEST_KEY_ENV: KEY}
+    for plan in _plans(signed):
+        require_signed(plan, env)
+        require_signed(plan, {})  # without a key (not wired yet) nothing is checked
+        # The plan survives the Job's environment: JSON with sorted keys, parsed again.
+        require_signed(type(plan).model_validate(json.loads(json.dumps(plan.to_api(), sort_keys=True))), env)
+    cases = {
+        "ManifestUnsigned": [_plans(None), _plans(SIGNED_MANIFEST)],
+        "ManifestForged": [
+            _plans(_changed(signed, ("data", "sha256"))),
+            _plans({**SIGNED_MANIFEST, "signature": sign_manifest(SIGNED_MANIFEST, "another key")}),
+        ],
+    }
+    for reason, groups in cases.items():
+        for plans in groups:
+            for plan in plans:
+                with pytest.raises(RunbookError) as info:
+                    require_signed(plan, env)
+                assert info.value.reason == reason
+                assert MANIFEST_KEY_ENV in info.value.message and KEY not in info.value.message
+    # A genuine signed manifest does not vouch for a plan reading another object, digest or size.
+    for field, value in (("key", "ns/db/other/postgresql.dump.gpg"), ("sha256", "cd" * 32), ("size_bytes", 1)):
+        for plan in _plans(signed):
+            with pytest.raises(RunbookError) as info:
+                require_signed(plan.model_copy(update={field: value}), env)
+            assert info.value.reason == "ManifestForged"

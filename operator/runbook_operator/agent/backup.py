@@ -4,7 +4,8 @@ Nothing of the backup touches the local disk and memory stays bounded: the sourc
 gpg's stdin in small chunks, gpg's output reaches ``MultipartUpload.write`` through python-gnupg's
 ``on_data`` callback, and the upload holds at most one part. The upload is completed only when the source
 and gpg both exited 0 (otherwise it is aborted), and ``manifest.json`` is written only after that: a
-backup exists exactly when its manifest does.
+backup exists exactly when its manifest does. With the namespace's key in ``RUNBOOK_MANIFEST_KEY`` the
+manifest carries ``signature``, an HMAC-SHA256 of its other fields (``models.plans.sign_manifest``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from ..models.plans import (
     GPG_RECIPIENTS_ENV,
     JOB_NAME_ENV,
     MANIFEST,
+    MANIFEST_KEY_ENV,
     PG_PASSWORD_ENV,
     PG_USER_ENV,
     REDIS_CA_FILE_ENV,
@@ -48,9 +50,11 @@ from ..models.plans import (
     REDIS_PASSWORD_ENV,
     S3_ACCESS_KEY_ENV,
     S3_SECRET_KEY_ENV,
+    SIGNATURE,
     SPEC_ENV,
     format_timestamp,
     object_key,
+    sign_manifest,
 )
 from ..models.sources import GPGEncryption, PostgresConnection, RedisConnection
 
@@ -59,7 +63,7 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger(__name__)
 MANIFEST_FORMAT = 1
-SECRET_ENVS = (PG_PASSWORD_ENV, REDIS_PASSWORD_ENV, S3_SECRET_KEY_ENV, GPG_PASSPHRASE_ENV)
+SECRET_ENVS = (PG_PASSWORD_ENV, REDIS_PASSWORD_ENV, S3_SECRET_KEY_ENV, GPG_PASSPHRASE_ENV, MANIFEST_KEY_ENV)
 # Metadata that describes one live object, not its configuration; re-applying it elsewhere would fail or lie.
 _STRIPPED_METADATA = ("uid", "resourceVersion", "managedFields", "creationTimestamp", "generation", "selfLink")
 _STRIPPED_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration", "deployment.kubernetes.io/revision")
@@ -599,6 +603,9 @@ def run_backup(config: AgentConfig, env: Mapping[str, str]) -> dict[str, Any]:
         "encryption": keys.manifest,
         "agent": {"version": package_version("runbook-operator")},
     }
+    key = env.get(MANIFEST_KEY_ENV)
+    if key:  # the namespace's signing key: restores and drills refuse a manifest it did not sign
+        manifest[SIGNATURE] = sign_manifest(manifest, key)
     put_json(upload.client, spec.destination.s3, f"{folder}/{MANIFEST}", manifest)
     return manifest
 

@@ -5,13 +5,19 @@ streaming and must match the manifest, gpg must decrypt it completely, and ``pg_
 its table of contents and find the data of every table the manifest recorded (by the table's OID: names are
 printed unquoted and may hold spaces). It writes nothing anywhere.
 
-``restore`` streams the same way into ``pg_restore --clean --if-exists --single-transaction --exit-on-error``
-(with ``--no-owner``/``--no-privileges`` as ``spec.roles`` says), after creating the backed-up roles the
-server lacks when asked to.
-The object's last bytes are held back until its SHA-256 matched the manifest, so pg_restore never receives
-the whole archive of an object that changed after the preflight: its transaction fails on the truncated
-archive and rolls back. Any failure halfway rolls back the same way: the database is either restored
-completely or left as it was.
+``restore`` streams the same way into ``pg_restore --clean --if-exists --single-transaction --exit-on-error
+--file -`` (with ``--no-owner``/``--no-privileges`` as ``spec.roles`` says), after creating the backed-up
+roles the server lacks when asked to. pg_restore has no connection of its own: it writes the restore as SQL
+into ``psql`` (``ON_ERROR_STOP``), inside a transaction the agent opened with ``BEGIN`` before the first
+byte. The script's closing ``COMMIT`` is held back and released only once the whole stored object was read
+and its size and SHA-256 matched the digest pinned in the plan, gpg decrypted it completely and pg_restore
+exited 0; otherwise psql's input ends without it and the server rolls the transaction back. An object
+swapped after the preflight, a failure halfway: the database is either restored completely or left as it
+was.
+
+With ``RUNBOOK_MANIFEST_KEY`` set, every run first checks the plan's manifest: its HMAC signature must verify
+with that key and it must name the object, digest and size the plan reads (``ManifestUnsigned`` /
+``ManifestForged`` otherwise), before anything is read or written.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
 import botocore.exceptions
@@ -39,21 +46,24 @@ from ..logs import REDACTOR
 from ..models.plans import (
     GPG_PASSPHRASE_ENV,
     GPG_PRIVATE_KEY_ENV,
+    MANIFEST_KEY_ENV,
+    MANIFEST_KEY_SECRET,
     PG_PASSWORD_ENV,
     PG_USER_ENV,
     RESTORE_PLAN_ENV,
     S3_ACCESS_KEY_ENV,
     S3_SECRET_KEY_ENV,
     RestorePlan,
+    manifest_signed,
 )
 from ..models.sources import PostgresConnection, S3Location
 from .backup import one_line, require_env
 
-SECRET_ENVS = (PG_PASSWORD_ENV, S3_SECRET_KEY_ENV, GPG_PASSPHRASE_ENV, GPG_PRIVATE_KEY_ENV)
-# Ciphertext held back until the whole object's SHA-256 matched: far more than gpg's closing packets, so
-# without it the archive pg_restore receives is always incomplete.
-HOLD_BACK = 1024 * 1024
+SECRET_ENVS = (PG_PASSWORD_ENV, S3_SECRET_KEY_ENV, GPG_PASSPHRASE_ENV, GPG_PRIVATE_KEY_ENV, MANIFEST_KEY_ENV)
 _READ_SIZE = 64 * 1024
+# pg_restore's script, held back at its end until the object matched: the closing COMMIT is in its last bytes.
+_SCRIPT_TAIL = 4096
+_COMMIT = b"COMMIT;\n"
 _TARGET_FIELD = "spec.target.credentialsSecretRef"
 # A pg_restore --list entry: "<dump id>; <catalog oid> <object oid> <type> <schema> <name> <owner>", where the
 # type may hold spaces (TABLE DATA) and schema, name and owner are printed unquoted.
@@ -75,6 +85,10 @@ class StoredObject(Protocol):
     def size_bytes(self) -> int: ...
     @property
     def symmetric(self) -> bool: ...
+    @property
+    def manifest(self) -> dict[str, Any] | None: ...
+    @property
+    def etag(self) -> str | None: ...
 
 
 class Sink(Protocol):
@@ -86,15 +100,12 @@ class Sink(Protocol):
 
 
 class ChecksummedReader:
-    """The stored object as a file: size and SHA-256 computed on the way. With ``hold_back``, the last bytes
-    are released only once the whole object has matched the expected size and digest."""
+    """The stored object as a file: size and SHA-256 computed on the way; ``matches`` once all was read."""
 
-    def __init__(self, body: Any, *, sha256: str, size: int, hold_back: int = 0) -> None:
+    def __init__(self, body: Any, *, sha256: str, size: int) -> None:
         self._body = body
         self._expected = (sha256, size)
-        self._hold_back = hold_back
         self._digest = hashlib.sha256()
-        self._pending = bytearray()
         self._eof = False
         self.size = 0
 
@@ -107,33 +118,20 @@ class ChecksummedReader:
         """Whether everything was read and it is the expected object."""
         return self._eof and (self.sha256, self.size) == self._expected
 
-    def _fill(self, wanted: int) -> None:
-        while not self._eof and len(self._pending) < wanted:
-            chunk = self._body.read(_READ_SIZE)
-            if not chunk:
-                self._eof = True
-                break
-            self._digest.update(chunk)
-            self.size += len(chunk)
-            self._pending += chunk
-
     def read(self, size: int = -1) -> bytes:
-        wanted = _READ_SIZE if size is None or size < 0 else size
-        self._fill(wanted + self._hold_back)
-        if self._eof and not self.matches:
-            return b""  # the held-back end of a changed object is never released
-        releasable = len(self._pending) - (0 if self._eof else self._hold_back)
-        count = max(0, min(wanted, releasable))
-        chunk = bytes(self._pending[:count])
-        del self._pending[:count]
+        if self._eof:
+            return b""
+        chunk: bytes = self._body.read(_READ_SIZE if size is None or size < 0 else size)
+        if not chunk:
+            self._eof = True
+        self._digest.update(chunk)
+        self.size += len(chunk)
         return chunk
 
     def drain(self) -> None:
         """Read (and digest) the rest, e.g. after gpg stopped early, so ``matches`` is known."""
-        while not self._eof:
-            self._pending.clear()
-            self._fill(_READ_SIZE)
-        self._pending.clear()
+        while self.read(_READ_SIZE):
+            pass
 
     def close(self) -> None:
         self._body.close()
@@ -141,9 +139,17 @@ class ChecksummedReader:
 
 class ToolSink:
     """A tool reading the plaintext on its stdin. Once it exited, further chunks are dropped (``pg_restore
-    --list`` stops after the table of contents); each stdout line goes to ``on_line``."""
+    --list`` stops after the table of contents); each stdout line goes to ``on_line``, or the raw output,
+    chunk by chunk, to ``on_output``."""
 
-    def __init__(self, args: list[str], env: Mapping[str, str], on_line: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: Mapping[str, str],
+        on_line: Callable[[str], None] | None = None,
+        *,
+        on_output: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.tool = args[0]
         self._process = subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(env)
@@ -152,9 +158,16 @@ class ToolSink:
         self._on_line = on_line or (lambda _line: None)
         self._closed = False
         self._readers = [
-            threading.Thread(target=self._read, args=(self._process.stdout, self._on_line), daemon=True),
-            threading.Thread(target=self._read, args=(self._process.stderr, self._stderr.append), daemon=True),
+            threading.Thread(target=self._read, args=(self._process.stderr, self._stderr.append), daemon=True)
         ]
+        if on_output is None:
+            self._readers.append(
+                threading.Thread(target=self._read, args=(self._process.stdout, self._on_line), daemon=True)
+            )
+            self._output: threading.Thread | None = None
+        else:
+            self._output = threading.Thread(target=self._copy, args=(self._process.stdout, on_output), daemon=True)
+            self._output.start()
         for reader in self._readers:
             reader.start()
 
@@ -163,6 +176,12 @@ class ToolSink:
         assert pipe is not None
         for raw in pipe:
             consume(raw.decode(errors="replace").rstrip("\n"))
+
+    @staticmethod
+    def _copy(pipe: IO[bytes] | None, consume: Callable[[bytes], None]) -> None:
+        assert pipe is not None
+        while chunk := pipe.read1(_READ_SIZE):  # type: ignore[attr-defined]
+            consume(chunk)
 
     def write(self, chunk: bytes) -> None:
         if self._closed:
@@ -173,14 +192,23 @@ class ToolSink:
         except (BrokenPipeError, ValueError):
             self._closed = True
 
+    def send(self, text: bytes) -> None:
+        """Write and flush at once."""
+        self.write(text)
+        assert self._process.stdin is not None
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            self._process.stdin.flush()
+
     def finish(self) -> int:
-        """Close stdin and wait for the tool's exit code."""
+        """Close stdin and wait for the tool's exit code (and for all of its raw output to be consumed)."""
         assert self._process.stdin is not None
         with contextlib.suppress(BrokenPipeError):
             self._process.stdin.close()
         code = self._process.wait()
         for reader in self._readers:
             reader.join(5)
+        if self._output is not None:
+            self._output.join()
         return code
 
     @property
@@ -195,15 +223,106 @@ class ToolSink:
         self.finish()
 
 
-def open_object(plan: StoredObject, env: Mapping[str, str]) -> Any:
-    """The body of the stored object, streaming."""
+class TransactionSink:
+    """The restore's sink: ``pg_restore --single-transaction --file -`` (no connection of its own) turns the
+    archive into SQL, which goes on into psql, after a ``BEGIN`` the agent sent first. The script's own
+    closing ``COMMIT`` (always its last statement, followed only by comments and ``\\unrestrict``) is held
+    back with the script's last bytes; ``commit()`` releases it and is the only way anything is committed.
+    ``close()`` without it ends psql's input inside the transaction, so the server rolls it back."""
+
+    def __init__(self, restore_args: list[str], env: Mapping[str, str]) -> None:
+        psql = ["psql", "--no-psqlrc", "--quiet", "--no-password", "--set", "ON_ERROR_STOP=1"]
+        self.psql = ToolSink(psql, env)
+        self.psql.send(b"BEGIN;\n")
+        self._held = bytearray()
+        self._tail: bytes | None = None
+        self.pg_restore = ToolSink(["pg_restore", *restore_args, "--file", "-"], env, on_output=self._forward)
+
+    def _forward(self, chunk: bytes) -> None:
+        self._held += chunk
+        cut = len(self._held) - _SCRIPT_TAIL
+        if cut > 0:
+            self.psql.write(bytes(self._held[:cut]))
+            del self._held[:cut]
+
+    def write(self, chunk: bytes) -> None:
+        self.pg_restore.write(chunk)
+
+    def finish(self) -> int:
+        """pg_restore's exit code once all of its script but the closing COMMIT went to psql."""
+        code = self.pg_restore.finish()
+        at = self._held.rfind(b"\n" + _COMMIT) + 1
+        if code == 0 and at > 0:
+            self.psql.write(bytes(self._held[:at]))
+            self._tail = bytes(self._held[at:])
+        self._held.clear()
+        return code
+
+    def kill(self) -> None:
+        self.pg_restore.kill()
+        self.psql.kill()
+
+    def commit(self) -> int:
+        """Release the script's COMMIT (only once the object's digest matched); psql's exit code."""
+        if self._tail is None:
+            raise RunbookError("RestoreFailed", "pg_restore's script did not end in its COMMIT: nothing was committed")
+        self.psql.send(self._tail)
+        return self.close()
+
+    def close(self) -> int:
+        """End psql's input (a transaction not committed by now is rolled back); psql's exit code."""
+        return self.psql.finish()
+
+
+def require_signed(plan: StoredObject, env: Mapping[str, str]) -> None:
+    """With the namespace's manifest key, the plan's manifest must carry a signature made with it and name
+    exactly the object, digest and size the plan reads; checked before anything is read or written."""
+    key = env.get(MANIFEST_KEY_ENV)
+    if not key:
+        return
+    manifest = plan.manifest
+    where = f"{MANIFEST_KEY_ENV} (Secret {MANIFEST_KEY_SECRET})"
+    if manifest is None or not manifest.get("signature"):
+        raise RunbookError("ManifestUnsigned", f"{plan.key}: the backup's manifest is not signed; {where} requires it")
+    data = manifest.get("data") or {}
+    if not manifest_signed(manifest, key) or (data.get("key"), data.get("sha256"), data.get("sizeBytes")) != (
+        plan.key,
+        plan.sha256,
+        plan.size_bytes,
+    ):
+        raise RunbookError(
+            "ManifestForged",
+            f"{plan.key}: the manifest's signature does not verify with {where}: not written by this namespace's "
+            "backups, or changed since",
+        )
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """A stream that checked out: the tool's exit code and the ETag of the object read (a preflight pins it)."""
+
+    code: int
+    etag: str
+
+
+def open_object(plan: StoredObject, env: Mapping[str, str]) -> tuple[Any, str]:
+    """The body of the stored object, streaming, and its ETag; with the plan's ``etag``, only that object."""
     client = make_client(plan.location, env.get(S3_ACCESS_KEY_ENV), env.get(S3_SECRET_KEY_ENV))
     try:
-        return client.get_object(Bucket=plan.location.bucket, Key=plan.key)["Body"]
+        if plan.etag:
+            response = client.get_object(Bucket=plan.location.bucket, Key=plan.key, IfMatch=plan.etag)
+        else:
+            response = client.get_object(Bucket=plan.location.bucket, Key=plan.key)
+        return response["Body"], str(response.get("ETag") or "")
     except botocore.exceptions.ClientError as error:
         code = str(error.response.get("Error", {}).get("Code", "Error"))
         if code in ("NoSuchKey", "404"):
             raise RunbookError("BackupNotFound", f"spec.backup: the data object {plan.key} is missing") from None
+        if code in ("PreconditionFailed", "412"):
+            raise RunbookError(
+                "ChecksumMismatch",
+                f"{plan.key}: the stored object was changed since the preflight (its ETag is no longer {plan.etag})",
+            ) from None
         raise RunbookError("DownloadFailed", f"S3: {code}") from None
     except botocore.exceptions.BotoCoreError as error:
         raise RunbookError("DownloadFailed", f"S3: {one_line(error)}") from None
@@ -219,24 +338,27 @@ def decryption_key(gpg: GPG, plan: StoredObject, env: Mapping[str, str]) -> str 
     return None
 
 
-def stream(plan: StoredObject, env: Mapping[str, str], sink: Sink, *, hold_back: int) -> int:
+def stream(plan: StoredObject, env: Mapping[str, str], sink: Sink) -> Streamed:
     """Object -> gpg -> the tool; the tool's exit code once size, digest and decryption all checked out."""
     REDACTOR.register(env.get(GPG_PRIVATE_KEY_ENV))
     with GPG() as gpg:
         try:
+            require_signed(plan, env)
             passphrase = decryption_key(gpg, plan, env)
-            body = open_object(plan, env)
+            body, etag = open_object(plan, env)
         except BaseException:
             sink.kill()
             raise
-        reader = ChecksummedReader(body, sha256=plan.sha256, size=plan.size_bytes, hold_back=hold_back)
+        reader = ChecksummedReader(body, sha256=plan.sha256, size=plan.size_bytes)
         decrypt_error: GPGError | None = None
         try:
             gpg.decrypt_stream(reader, sink.write, passphrase=passphrase)  # type: ignore[arg-type]
         except GPGError as error:
             decrypt_error = error
+        except BrokenPipeError:  # gpg exited before the object's end (e.g. bytes after its message)
+            decrypt_error = GPGError("gpg decrypt failed: it stopped reading before the end of the object")
         finally:
-            code = sink.finish()  # EOF: a pg_restore that did not get the whole archive fails and rolls back
+            code = sink.finish()
             try:
                 reader.drain()
             except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
@@ -252,7 +374,7 @@ def stream(plan: StoredObject, env: Mapping[str, str], sink: Sink, *, hold_back:
     if decrypt_error is not None:
         key = "the passphrase" if plan.symmetric else "the private key in spec.decryptionSecretRef"
         raise RunbookError("DecryptionFailed", f"{one_line(decrypt_error)} with {key}")
-    return code
+    return Streamed(code, etag)
 
 
 def missing_table_data(plan: RestorePlan, data_entries: Mapping[int, str]) -> list[str]:
@@ -286,13 +408,13 @@ def verify(plan: RestorePlan, env: Mapping[str, str]) -> dict[str, Any]:
                 data_entries[int(entry.group(3))] = entry.group(4).removeprefix(_TABLE_DATA)
 
     sink = ToolSink(["pg_restore", "--list"], env, listed)
-    code = stream(plan, env, sink, hold_back=0)
-    if code != 0 or not entries:
+    streamed = stream(plan, env, sink)
+    if streamed.code != 0 or not entries:
         raise RunbookError("ArchiveUnreadable", f"pg_restore --list cannot read {plan.key}: {sink.error}")
     missing = missing_table_data(plan, data_entries)
     if missing:
         raise RunbookError("ArchiveIncomplete", f"{plan.key} has no data for {', '.join(missing)[:300]}")
-    return {"sha256": plan.sha256, "sizeBytes": plan.size_bytes, "archiveEntries": entries}
+    return {"sha256": plan.sha256, "sizeBytes": plan.size_bytes, "etag": streamed.etag, "archiveEntries": entries}
 
 
 def _target_login(env: Mapping[str, str]) -> tuple[str, str]:
@@ -390,8 +512,9 @@ def check_contents(target: PostgresConnection, env: Mapping[str, str], recorded:
 
 
 def pg_restore_args(plan: RestorePlan) -> list[str]:
-    """pg_restore's options: all or nothing in one transaction, owners and privileges as ``spec.roles`` says."""
-    args = ["--clean", "--if-exists", "--single-transaction", "--exit-on-error", "--no-password"]
+    """pg_restore's options: all or nothing in one transaction (committed by the agent: ``TransactionSink``),
+    owners and privileges as ``spec.roles`` says."""
+    args = ["--clean", "--if-exists", "--single-transaction", "--exit-on-error"]
     if plan.roles.owners == "Skip":
         args.append("--no-owner")
     if plan.roles.privileges == "Skip":
@@ -420,19 +543,33 @@ def restore(plan: RestorePlan, env: Mapping[str, str]) -> dict[str, Any]:
     """Restore into the target in one transaction; returns the figures."""
     user, _ = _target_login(env)
     target = plan.target
+    require_signed(plan, env)  # before create_roles writes anything
     created = create_roles(plan, env)
-    child_env = {**env, "PGHOST": target.host, "PGPORT": str(target.port), "PGCONNECT_TIMEOUT": "15"}
-    sink = ToolSink(["pg_restore", *pg_restore_args(plan), "--dbname", target.database], child_env)
-    code = stream(plan, env, sink, hold_back=HOLD_BACK)
+    # The database by name only (PGDATABASE is never read as a connection string).
+    child_env = {
+        **env,
+        "PGHOST": target.host,
+        "PGPORT": str(target.port),
+        "PGDATABASE": target.database,
+        "PGCONNECT_TIMEOUT": "15",
+    }
+    sink = TransactionSink(pg_restore_args(plan), child_env)
+    try:
+        restored = stream(plan, env, sink).code
+    except BaseException:
+        sink.kill()  # psql never got the COMMIT: the server rolls the transaction back
+        raise
+    executed = sink.commit() if restored == 0 else sink.close()
+    failed, code = (sink.psql, executed) if executed != 0 else (sink.pg_restore, restored)
     if code != 0:
-        error = sink.error
+        error = failed.error
         hint = ""
         if _MISSING_ROLE.search(error):
             hint = " (spec.roles: createMissing creates the backed-up roles; owners or privileges Skip ignores them)"
         elif plan.roles.owners == "Keep" and "permission denied for schema" in error:
             hint = " (spec.roles.owners Keep: each owner role needs CREATE on the schema, e.g. by owning the database)"
         raise RunbookError(
-            "RestoreFailed", f"pg_restore into {_where(target)} as {user} rolled back (exit {code}): {error}{hint}"
+            "RestoreFailed", f"{failed.tool} into {_where(target)} as {user} rolled back (exit {code}): {error}{hint}"
         )
     return {"key": plan.key, "sizeBytes": plan.size_bytes, "target": _where(target), "rolesCreated": created}
 

@@ -111,23 +111,24 @@ class SectionSink:
         self.objects = []
 
 
-def read_section(plan: KubernetesRestorePlan, env: Mapping[str, str], *, keep: bool) -> SectionSink:
-    """The stored export streamed through gpg; the section's objects only once everything checked out."""
+def read_section(plan: KubernetesRestorePlan, env: Mapping[str, str], *, keep: bool) -> tuple[SectionSink, str]:
+    """The stored export streamed through gpg; the section's objects only once everything checked out, and the
+    object's ETag."""
     sink = SectionSink(plan.section, keep=keep)
-    stream(plan, env, sink, hold_back=0)
+    streamed = stream(plan, env, sink)
     if not sink.found:
         raise RunbookError(
             "SectionNotFound", f"spec.kubernetes.namespace: {plan.key} has no section for namespace {plan.section}"
         )
     if sink.error is not None:
         raise RunbookError("ArchiveUnreadable", f"{plan.key}: {sink.error}")
-    return sink
+    return sink, streamed.etag
 
 
 def verify_kubernetes(plan: KubernetesRestorePlan, env: Mapping[str, str]) -> dict[str, Any]:
     """The preflight: checksum, decryption and the section's objects; returns the figures."""
-    sink = read_section(plan, env, keep=False)
-    return {"sha256": plan.sha256, "sizeBytes": plan.size_bytes, "archiveEntries": sink.count}
+    sink, etag = read_section(plan, env, keep=False)
+    return {"sha256": plan.sha256, "sizeBytes": plan.size_bytes, "etag": etag, "archiveEntries": sink.count}
 
 
 def identity(obj: Mapping[str, Any]) -> str:
@@ -255,7 +256,7 @@ def fitted(summary: dict[str, Any], limit: int = _SUMMARY_LIMIT) -> dict[str, An
 
 def restore_kubernetes(plan: KubernetesRestorePlan, env: Mapping[str, str]) -> dict[str, Any]:
     """Read the section (whole object verified first), then apply it; the summary."""
-    sink = read_section(plan, env, keep=True)
+    sink, _ = read_section(plan, env, keep=True)
     return fitted(apply_section(plan, sink.objects, Applier(plan.namespace)))
 
 

@@ -159,11 +159,11 @@ class RdbProbe:
 def verify_redis(plan: RedisRestorePlan, env: Mapping[str, str]) -> dict[str, Any]:
     """The preflight's reading of the object: SHA-256, full decryption, an RDB file; nothing written."""
     probe = RdbProbe()
-    stream(plan, env, probe, hold_back=0)
+    streamed = stream(plan, env, probe)
     problem = probe.problem()
     if problem is not None:
         raise RunbookError("ArchiveUnreadable", f"{plan.key}: {problem}")
-    return {"sha256": plan.sha256, "sizeBytes": plan.size_bytes, "rdbVersion": probe.version}
+    return {"sha256": plan.sha256, "sizeBytes": plan.size_bytes, "etag": streamed.etag, "rdbVersion": probe.version}
 
 
 # --- the scratch server ---------------------------------------------------------------------------------
@@ -302,7 +302,7 @@ def restore_redis(plan: RedisRestorePlan, env: Mapping[str, str]) -> dict[str, A
     target = connect_target(plan.target, env)
     probe = RdbProbe(directory / RDB_FILE)
     try:
-        stream(plan, env, probe, hold_back=0)
+        stream(plan, env, probe)
     except BaseException:
         (directory / RDB_FILE).unlink(missing_ok=True)
         raise

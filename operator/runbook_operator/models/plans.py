@@ -10,9 +10,13 @@ through it.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -36,6 +40,12 @@ GPG_PASSPHRASE_ENV = "RUNBOOK_GPG_PASSPHRASE"
 # Restores: the plan (what to restore where, references only) and the private key for public-key backups.
 RESTORE_PLAN_ENV = "RUNBOOK_RESTORE_PLAN"
 GPG_PRIVATE_KEY_ENV = "RUNBOOK_GPG_PRIVATE_KEY"
+# The namespace's manifest signing key (HMAC-SHA256): backup pods sign each manifest with it, restore and
+# verify runs refuse a manifest whose signature does not verify. From the Secret below, by secretKeyRef.
+MANIFEST_KEY_ENV = "RUNBOOK_MANIFEST_KEY"
+MANIFEST_KEY_SECRET = "runbook-manifest-key"
+MANIFEST_KEY_SECRET_KEY = "key"
+SIGNATURE = "signature"
 
 # Bucket layout: <prefix>/<namespace>/<policy>/<UTC timestamp>/{<source>.<ext>.gpg, manifest.json}.
 MANIFEST = "manifest.json"
@@ -75,8 +85,37 @@ def object_key(location: S3Location, *parts: str) -> str:
     return "/".join(p for p in (location.prefix, *parts) if p)
 
 
+# --- manifest signatures ---------------------------------------------------------------------------------
+
+
+def canonical_manifest(manifest: Mapping[str, Any]) -> bytes:
+    """What a signature covers: the manifest without its ``signature``, as JSON with sorted keys and no
+    whitespace (ASCII only, so the bytes do not depend on how the document travelled)."""
+    unsigned = {name: value for name, value in manifest.items() if name != SIGNATURE}
+    return json.dumps(unsigned, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def sign_manifest(manifest: Mapping[str, Any], key: str) -> str:
+    """The manifest's signature: HMAC-SHA256 of its canonical JSON under ``key``, hex."""
+    return hmac.new(key.encode(), canonical_manifest(manifest), hashlib.sha256).hexdigest()
+
+
+def manifest_signed(manifest: Mapping[str, Any], key: str) -> bool:
+    """Whether the manifest carries a signature made with ``key`` over exactly its other fields."""
+    signature = manifest.get(SIGNATURE)
+    if not isinstance(signature, str):
+        return False
+    try:
+        expected = sign_manifest(manifest, key)
+    except (TypeError, ValueError):
+        return False  # not JSON-serialisable as written: not a manifest any backup signed
+    return hmac.compare_digest(signature.encode(), expected.encode())
+
+
 # --- restore plans: what one restore or drill Job reads and where it writes -----------------------------
 SCRATCH_DIR_ENV = "RUNBOOK_SCRATCH_DIR"
+_MANIFEST_DESCRIPTION = "The backup's manifest as stored, signature included (checked when the run has the key)."
+_ETAG_DESCRIPTION = "The object's ETag as the preflight read it: later reads get that object only (If-Match)."
 
 
 class RoleRecord(CamelModel):
@@ -109,6 +148,8 @@ class RestorePlan(CamelModel):
     backup_roles: list[RoleRecord] = Field(
         default_factory=list, description="The roles the manifest recorded (created when missing, if asked)."
     )
+    manifest: dict[str, Any] | None = Field(None, description=_MANIFEST_DESCRIPTION)
+    etag: str | None = Field(None, description=_ETAG_DESCRIPTION)
 
 
 class RedisRestorePlan(CamelModel):
@@ -123,6 +164,8 @@ class RedisRestorePlan(CamelModel):
     keyspace: dict[str, int] = Field(default_factory=dict, description="Keys per db at backup time (db0: n).")
     target: RedisConnection = Field(description="The Redis restored into.")
     sample_every: int = Field(50, description="One key in this many is compared value by value.", ge=1)
+    manifest: dict[str, Any] | None = Field(None, description=_MANIFEST_DESCRIPTION)
+    etag: str | None = Field(None, description=_ETAG_DESCRIPTION)
 
 
 class KubernetesRestorePlan(CamelModel):
@@ -138,3 +181,5 @@ class KubernetesRestorePlan(CamelModel):
     include_secrets: bool = Field(False, description="Apply the section's Secrets too.")
     conflicts: Literal["Skip", "Replace"] = Field("Skip", description="Objects that exist and differ.")
     dry_run: bool = Field(False, description="The API server's dry run only.")
+    manifest: dict[str, Any] | None = Field(None, description=_MANIFEST_DESCRIPTION)
+    etag: str | None = Field(None, description=_ETAG_DESCRIPTION)
