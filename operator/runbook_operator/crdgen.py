@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from .models import CATEGORY, GROUP, KINDS, VERSION, Kind
+from .models import GROUP, KINDS, VERSION, Kind
 
 _DROP = {"title", "additionalProperties", "$defs", "discriminator"}
 
@@ -85,7 +85,7 @@ def build_crd(kind: Kind) -> dict[str, Any]:
                 "plural": kind.plural,
                 "singular": kind.singular,
                 "shortNames": [kind.short_name],
-                "categories": [CATEGORY],
+                **({"categories": list(kind.categories)} if kind.categories else {}),
             },
             "versions": [
                 {

@@ -5,6 +5,7 @@ them; the schema (OpenAPI and CEL) rejects bad input with a message naming the f
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,7 @@ def test_a_tenant_may_not_create_change_or_read_a_grant(
     tenant: kubernetes.client.ApiClient,
     namespace: str,
     grants: list[str],
+    tmp_path: Path,
 ) -> None:
     mine = kubernetes.client.CustomObjectsApi(tenant)
     # The tenant's rights on runbook.dev objects of its namespace are real: it may create a BackupRestore.
@@ -127,6 +129,14 @@ def test_a_tenant_may_not_create_change_or_read_a_grant(
         assert refused.value.status == 403, verb
     stored = kubernetes.client.CustomObjectsApi(api).get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
     assert stored["spec"] == {"namespaces": [namespace], "plaintextConnections": False}
+    # The kind is not in the runbook category, so the tenant's `kubectl get runbook` still works.
+    listed = subprocess.run(
+        ["kubectl", "--kubeconfig", str(tmp_path / "tenant-kubeconfig"), "get", "runbook", "-n", namespace],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert listed.returncode == 0 and "restore-latest" in listed.stdout, listed.stderr
 
 
 def allowed(api: kubernetes.client.ApiClient, user: str, verb: str, *, subresource: str = "") -> bool:

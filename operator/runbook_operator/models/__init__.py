@@ -45,6 +45,9 @@ class Kind:
     status: type[StatusBase]
     columns: tuple[PrinterColumn, ...] = field(default=())
     scope: Literal["Namespaced", "Cluster"] = "Namespaced"
+    # `kubectl get runbook` lists every kind of the category: a kind namespace users may not list stays out,
+    # or their `kubectl get runbook -n NS` fails with Forbidden.
+    categories: tuple[str, ...] = (CATEGORY,)
 
     @property
     def singular(self) -> str:
@@ -152,6 +155,7 @@ KINDS: tuple[Kind, ...] = (
             AGE,
         ),
         scope="Cluster",
+        categories=(),
     ),
 )
 
