@@ -196,7 +196,9 @@ def test_the_index_keeps_a_grant_under_each_namespace_and_drops_an_invalid_one()
 def test_plaintext_needs_a_grant() -> None:
     error = refused(tenancy.check_plaintext, [grant()], NS, "spec.source.redis.tls")
     assert error.reason == tenancy.NOT_PERMITTED
-    assert error.message.startswith("spec.source.redis.tls: a connection without TLS is not allowed in namespace")
+    assert error.message.startswith(
+        "spec.source.redis.tls: a connection without verified TLS is not allowed in namespace"
+    )
     assert "plaintextConnections" in error.message
     tenancy.check_plaintext([grant(), grant("p", plaintextConnections=True)], NS, "spec.source.redis.tls")
 
@@ -385,7 +387,7 @@ PLAINTEXT = [tenancy.Grant("p", RunbookGrantSpec(namespaces=[RUNBOOK], plaintext
 def test_the_runbook_samples_pass_with_canonical_hosts_and_plaintext_needs_a_grant() -> None:
     policy = BackupPolicySpec.model_validate(SAMPLES["backuppolicy-postgresql"]["spec"])
     error = refused(tenancy.confine_backup_policy, runbook_api(), (), RUNBOOK, policy)
-    assert error.message.startswith("spec.source.postgresql.tls: a connection without TLS is not allowed")
+    assert error.message.startswith("spec.source.postgresql.tls: a connection without verified TLS is not allowed")
     confined = tenancy.confine_backup_policy(runbook_api(), PLAINTEXT, RUNBOOK, policy)
     assert confined.source.postgresql is not None
     assert confined.source.postgresql.host == "postgresql.hungryhippaahneties.svc"
@@ -497,8 +499,15 @@ def test_redis_without_tls_needs_the_plaintext_grant() -> None:
     spec = with_change({"spec": SAMPLES["backuppolicy-redis"]["spec"]}, "spec.source.redis.tls", DELETE)["spec"]
     parsed = BackupPolicySpec.model_validate(spec)
     error = refused(tenancy.confine_backup_policy, runbook_api(), (), RUNBOOK, parsed)
-    assert error.message.startswith("spec.source.redis.tls: a connection without TLS")
+    assert error.message.startswith("spec.source.redis.tls: a connection without verified TLS")
     assert tenancy.confine_backup_policy(runbook_api(), PLAINTEXT, RUNBOOK, parsed).source.redis is not None
+    unverified = with_change(
+        {"spec": SAMPLES["backuppolicy-redis"]["spec"]}, "spec.source.redis.tls.insecureSkipVerify", True
+    )
+    error = refused(
+        tenancy.confine_backup_policy, runbook_api(), (), RUNBOOK, BackupPolicySpec.model_validate(unverified["spec"])
+    )
+    assert error.message.startswith("spec.source.redis.tls: a connection without verified TLS")
 
 
 def test_a_restore_target_is_checked_over_the_policy_source() -> None:

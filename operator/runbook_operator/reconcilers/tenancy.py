@@ -29,7 +29,7 @@ from ..models.backup import BackupPolicySpec, BackupRestoreSpec, BackupSource, R
 from ..models.grants import RunbookGrantSpec, normal_endpoint, normal_host
 from ..models.isolation import EmergencyIsolationSpec
 from ..models.rotation import SecretRotationSpec
-from ..models.sources import PostgresConnection, RedisConnection, S3Location
+from ..models.sources import PostgresConnection, RedisConnection, RedisTLS, S3Location
 
 LOG = logging.getLogger(__name__)
 NOT_PERMITTED = "NotPermitted"
@@ -149,7 +149,7 @@ def check_plaintext(grants: Grants, namespace: str, field: str) -> None:
     if not any(grant.spec.plaintext_connections for grant in grants):
         raise _refused(
             field,
-            f"a connection without TLS is not allowed in namespace {namespace}: configure TLS, or a cluster "
+            f"a connection without verified TLS is not allowed in namespace {namespace}: configure TLS, or a cluster "
             "administrator sets plaintextConnections in a RunbookGrant for it",
         )
 
@@ -227,6 +227,11 @@ def check_database_name(field: str, name: str) -> str:
 # with each host replaced by the one to connect to (check_host); reconcilers use the returned spec only.
 
 
+def _verified(tls: RedisTLS | None) -> bool:
+    """Whether a Redis connection uses TLS that authenticates the server (insecureSkipVerify does not)."""
+    return tls is not None and tls.enabled and not tls.insecure_skip_verify
+
+
 def _postgres(
     api: kube.Api, grants: Grants, namespace: str, field: str, connection: PostgresConnection
 ) -> PostgresConnection:
@@ -239,7 +244,7 @@ def _postgres(
 
 def _redis(api: kube.Api, grants: Grants, namespace: str, field: str, connection: RedisConnection) -> RedisConnection:
     host = check_host(api, grants, namespace, f"{field}.host", host=connection.host, port=connection.port)
-    if connection.tls is None or not connection.tls.enabled:
+    if not _verified(connection.tls):
         check_plaintext(grants, namespace, f"{field}.tls")
     return connection.model_copy(update={"host": host})
 
@@ -285,7 +290,7 @@ def _restore_target(
             api, grants, namespace, f"{field}.redis.host", host=scratch.host or source.redis.host, port=port
         )
         resolved = scratch.resolve(source.redis)
-        if resolved.tls is None or not resolved.tls.enabled:
+        if not _verified(resolved.tls):
             check_plaintext(grants, namespace, f"{field}.redis.tls")
         update["redis"] = scratch.model_copy(update={"host": host})
     return target.model_copy(update=update)
@@ -328,7 +333,7 @@ def confine_secret_rotation(
         redis = target.redis
         field = "spec.target.redis"
         host = check_host(api, grants, namespace, f"{field}.host", host=redis.host, port=redis.port)
-        if redis.tls is None or not redis.tls.enabled:
+        if not _verified(redis.tls):
             check_plaintext(grants, namespace, f"{field}.tls")
         update["redis"] = redis.model_copy(update={"host": host})
     return spec.model_copy(update={"target": target.model_copy(update=update)})
