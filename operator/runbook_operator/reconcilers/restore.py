@@ -25,7 +25,6 @@ policy's ``lastVerifiedBackup`` and ``Verified`` condition record the outcome.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -84,7 +83,6 @@ from .catalog import S3_CREDENTIALS_FIELD, s3_client, stored_backups
 from .jobs import failure_reason, job_outcome, job_pods, read_job
 from .runtime import Context, Reconciler, Result
 
-LOG = logging.getLogger(__name__)
 RESTORES = kube.custom_resource("backuprestores", "BackupRestore")
 POLICIES = kube.custom_resource("backuppolicies", "BackupPolicy")
 POLL_SECONDS = 2.0
