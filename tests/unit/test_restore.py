@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from pydantic import ValidationError
 from runbook_operator.agent.backup import record_sequences_after_dump
 from runbook_operator.agent.restore import (
     ChecksummedReader,
+    TransactionSink,
     missing_table_data,
     pg_restore_args,
     require_signed,
@@ -439,3 +442,51 @@ def test_every_kind_of_plan_is_refused_unless_its_manifest_is_signed_with_the_ke
             with pytest.raises(RunbookError) as info:
                 require_signed(plan.model_copy(update={field: value}), env)
             assert info.value.reason == "ManifestForged"
+
+
+# --- the restore's transaction: what psql receives (fake pg_restore and psql on PATH) ---------------------
+
+SCRIPT_HEAD = b"--\n-- PostgreSQL database dump\n--\n\n\\restrict K3y\n\nSET statement_timeout = 0;\n\nBEGIN;\n\n"
+SCRIPT_BODY = b"".join(b"INSERT INTO t VALUES (%d);\n" % n for n in range(2000))
+SCRIPT_END = b"\nCOMMIT;\n\n--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict K3y\n\n"
+
+
+def fake_tools(tmp_path: Path, script: bytes) -> tuple[dict[str, str], Path]:
+    """pg_restore reads its stdin and prints ``script``; psql writes what it receives to a file."""
+    (tmp_path / "script.sql").write_bytes(script)
+    received = tmp_path / "received.sql"
+    tools = {
+        "pg_restore": f"#!/bin/sh\ncat > /dev/null\ncat '{tmp_path}/script.sql'\n",
+        "psql": f"#!/bin/sh\ncat > '{received}'\n",
+    }
+    for name, text in tools.items():
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    return {"PATH": f"{tmp_path}:{os.environ['PATH']}"}, received
+
+
+def test_the_scripts_commit_reaches_psql_only_through_commit(tmp_path: Path) -> None:
+    env, received = fake_tools(tmp_path, SCRIPT_HEAD + SCRIPT_BODY + SCRIPT_END)
+    rolled_back = TransactionSink(["--single-transaction"], env)
+    rolled_back.write(b"the archive")
+    assert rolled_back.finish() == 0
+    assert rolled_back.close() == 0  # e.g. the digest did not match: psql's input ends without COMMIT
+    assert received.read_bytes() == b"BEGIN;\n" + SCRIPT_HEAD + SCRIPT_BODY + b"\n"
+
+    committed = TransactionSink(["--single-transaction"], env)
+    committed.write(b"the archive")
+    assert committed.finish() == 0
+    assert committed.commit() == 0
+    assert received.read_bytes() == b"BEGIN;\n" + SCRIPT_HEAD + SCRIPT_BODY + SCRIPT_END
+
+
+def test_a_script_without_restricted_mode_never_reaches_psql(tmp_path: Path) -> None:
+    """An older pg_restore: a crafted archive's psql meta-commands (\\!) would run in the agent's pod."""
+    env, received = fake_tools(tmp_path, SCRIPT_HEAD.replace(b"\\restrict K3y\n", b"") + SCRIPT_BODY + SCRIPT_END)
+    sink = TransactionSink(["--single-transaction"], env)
+    sink.write(b"the archive")
+    assert sink.finish() == 0
+    with pytest.raises(RunbookError) as info:
+        sink.commit()
+    assert info.value.reason == "RestoreFailed" and "restricted mode" in info.value.message
+    assert received.read_bytes() == b"BEGIN;\n"

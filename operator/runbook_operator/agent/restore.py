@@ -64,6 +64,9 @@ _READ_SIZE = 64 * 1024
 # pg_restore's script, held back at its end until the object matched: the closing COMMIT is in its last bytes.
 _SCRIPT_TAIL = 4096
 _COMMIT = b"COMMIT;\n"
+# pg_restore's scripts (13.22, 14.19, 15.14, 16.10, 17.6 and later) begin by putting psql in restricted mode,
+# where it refuses the meta-commands (\! and the like) a crafted archive could carry.
+_RESTRICT = b"\n\\restrict "
 _TARGET_FIELD = "spec.target.credentialsSecretRef"
 # A pg_restore --list entry: "<dump id>; <catalog oid> <object oid> <type> <schema> <name> <owner>", where the
 # type may hold spaces (TABLE DATA) and schema, name and owner are printed unquoted.
@@ -228,7 +231,8 @@ class TransactionSink:
     archive into SQL, which goes on into psql, after a ``BEGIN`` the agent sent first. The script's own
     closing ``COMMIT`` (always its last statement, followed only by comments and ``\\unrestrict``) is held
     back with the script's last bytes; ``commit()`` releases it and is the only way anything is committed.
-    ``close()`` without it ends psql's input inside the transaction, so the server rolls it back."""
+    ``close()`` without it ends psql's input inside the transaction, so the server rolls it back. A script
+    that does not begin with ``\\restrict`` (an older pg_restore) is not given to psql at all."""
 
     def __init__(self, restore_args: list[str], env: Mapping[str, str]) -> None:
         psql = ["psql", "--no-psqlrc", "--quiet", "--no-password", "--set", "ON_ERROR_STOP=1"]
@@ -236,13 +240,27 @@ class TransactionSink:
         self.psql.send(b"BEGIN;\n")
         self._held = bytearray()
         self._tail: bytes | None = None
+        self.refusal: str | None = None
+        self._head_checked = False
         self.pg_restore = ToolSink(["pg_restore", *restore_args, "--file", "-"], env, on_output=self._forward)
+
+    def _restricted(self) -> bool:
+        """Checked once, on the script's first bytes: whether it puts psql in restricted mode."""
+        if not self._head_checked:
+            self._head_checked = True
+            if _RESTRICT not in self._held[:_SCRIPT_TAIL]:
+                self.refusal = (
+                    "pg_restore's script does not put psql in restricted mode (\\restrict): the agent's "
+                    "postgresql-client is older than 15.14 (or 13.22, 14.19, 16.10, 17.6); nothing was run"
+                )
+        return self.refusal is None
 
     def _forward(self, chunk: bytes) -> None:
         self._held += chunk
         cut = len(self._held) - _SCRIPT_TAIL
-        if cut > 0:
+        if cut > 0 and self._restricted():
             self.psql.write(bytes(self._held[:cut]))
+        if cut > 0:
             del self._held[:cut]
 
     def write(self, chunk: bytes) -> None:
@@ -252,7 +270,7 @@ class TransactionSink:
         """pg_restore's exit code once all of its script but the closing COMMIT went to psql."""
         code = self.pg_restore.finish()
         at = self._held.rfind(b"\n" + _COMMIT) + 1
-        if code == 0 and at > 0:
+        if code == 0 and at > 0 and self._restricted():
             self.psql.write(bytes(self._held[:at]))
             self._tail = bytes(self._held[at:])
         self._held.clear()
@@ -265,7 +283,9 @@ class TransactionSink:
     def commit(self) -> int:
         """Release the script's COMMIT (only once the object's digest matched); psql's exit code."""
         if self._tail is None:
-            raise RunbookError("RestoreFailed", "pg_restore's script did not end in its COMMIT: nothing was committed")
+            reason = self.refusal or "pg_restore's script did not end in its COMMIT: nothing was committed"
+            self.close()
+            raise RunbookError("RestoreFailed", reason)
         self.psql.send(self._tail)
         return self.close()
 
