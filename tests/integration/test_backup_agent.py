@@ -287,14 +287,14 @@ def test_missing_bucket(postgres: Postgres, small_database: str, s3_server: S3Se
 def test_gpg_fails_on_a_bad_recipient(
     postgres: Postgres, small_database: str, s3_server: S3Server, tmp_path: Path, bucket: str
 ) -> None:
-    """A key that imports but cannot encrypt (sign-only): gpg exits non-zero and the upload is aborted."""
+    """A key that imports but cannot encrypt (sign-only) is refused before anything is dumped or uploaded."""
     signer = GpgKeyring(tmp_path / "signer", email="signer@example.com")
     signer.home.mkdir(mode=0o700)
     signer.run("--quick-generate-key", "Signer <signer@example.com>", "ed25519", "sign", "never")
     sign_only = signer.run("--armor", "--export", "signer@example.com").stdout.decode()
     spec = policy_spec(pg_source(postgres, small_database), s3_server, bucket)
     env = agent_env(spec, s3_server, None, **pg_env(), RUNBOOK_GPG_RECIPIENTS=sign_only)
-    assert_failed(run_agent(env), "EncryptionFailed")
+    assert_failed(run_agent(env), "RecipientCannotEncrypt")
     assert_nothing_stored(s3_server, bucket)
 
 
