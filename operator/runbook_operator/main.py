@@ -14,7 +14,7 @@ from .logs import install_redactor
 from .models import GROUP, VERSION
 from .models.backup import BACKUP_NOW
 from .reconcilers import backup, drills, interlock, isolation, restore, rotation, scaling
-from .reconcilers.runtime import as_kopf, blocking, drive
+from .reconcilers.runtime import as_kopf, blocking, drive, finalize_current, run_clock
 from .reconcilers.tenancy import Grant, index_entries
 from .settings import Settings, configure_kopf
 
@@ -50,7 +50,7 @@ SCALING_PROFILES = (GROUP, VERSION, "scalingprofiles")
 @kopf.daemon(*SCALING_PROFILES, cancellation_timeout=60)
 async def scaling_profile_clock(body: kopf.Body, stopped: kopf.DaemonStopped, **kwargs: Any) -> None:
     isolation = interlock.holder_from_index(kwargs["isolations_by_namespace"])
-    await scaling.run_clock(body, stopped=stopped, isolation=isolation)
+    await run_clock(scaling.CLOCKS, scaling.PROFILE, body, stopped=stopped, isolation=isolation)
 
 
 @kopf.on.update(*SCALING_PROFILES, field="spec")
@@ -60,7 +60,7 @@ async def scaling_profile_changed(body: kopf.Body, **_: Any) -> None:
 
 @kopf.on.delete(*SCALING_PROFILES)
 async def scaling_profile_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
-    await scaling.finalize(body, retry=retry)
+    await finalize_current(scaling.CLOCKS, scaling.PROFILE, body, retry=retry)
 
 
 @kopf.on.event(GROUP, VERSION, "emergencyisolations")
@@ -104,7 +104,7 @@ SECRET_ROTATIONS = (GROUP, VERSION, "secretrotations")
 @kopf.daemon(*SECRET_ROTATIONS, cancellation_timeout=60)
 async def secret_rotation_clock(body: kopf.Body, stopped: kopf.DaemonStopped, **kwargs: Any) -> None:
     isolation = interlock.holder_from_index(kwargs["isolations_by_namespace"])
-    await rotation.run_clock(body, stopped=stopped, isolation=isolation)
+    await run_clock(rotation.CLOCKS, rotation.ROTATION, body, stopped=stopped, isolation=isolation)
 
 
 @kopf.on.update(*SECRET_ROTATIONS, field="spec")
@@ -114,7 +114,7 @@ async def secret_rotation_changed(body: kopf.Body, **_: Any) -> None:
 
 @kopf.on.delete(*SECRET_ROTATIONS)
 async def secret_rotation_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
-    await rotation.settle_before_deletion(body, retry=retry)
+    await finalize_current(rotation.CLOCKS, rotation.ROTATION, body, retry=retry)
 
 
 @kopf.on.event(*SECRET_ROTATIONS)
@@ -184,12 +184,12 @@ BACKUP_RESTORES = (GROUP, VERSION, "backuprestores")
 
 @kopf.daemon(*BACKUP_RESTORES, cancellation_timeout=60)
 async def backup_restore(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
-    await restore.run(body, stopped=stopped)
+    await run_clock(restore.CLOCKS, restore.RESTORE, body, stopped=stopped)
 
 
 @kopf.on.delete(*BACKUP_RESTORES)
 async def backup_restore_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
-    await restore.deleted(body, retry=retry)
+    await finalize_current(restore.CLOCKS, restore.RESTORE, body, retry=retry)
 
 
 @kopf.daemon(GROUP, VERSION, "backuppolicies", id="drills", when=drills.drills_enabled, cancellation_timeout=30)

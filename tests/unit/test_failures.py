@@ -1,4 +1,4 @@
-"""Any failure as the user sees it (reconcilers/base.py ``as_failure``) and the retry schedule."""
+"""Any failure as the user sees it (reconcilers/runtime.py ``as_failure``) and the retry schedule."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from kubernetes.client import ApiException
 
 from runbook_operator.errors import RunbookError
 from runbook_operator.logs import REDACTOR
-from runbook_operator.reconcilers.base import MAX_BACKOFF, UNEXPECTED_RETRY, as_failure, backoff
+from runbook_operator.reconcilers.runtime import MAX_BACKOFF, UNEXPECTED_RETRY, as_failure, backoff
 
 
 def api_error(status: int, message: str) -> ApiException:

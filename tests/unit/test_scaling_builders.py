@@ -9,10 +9,9 @@ from pydantic import ValidationError
 
 from runbook_operator.builders import scaling as build
 from runbook_operator.builders.common import owner_reference
-from runbook_operator.errors import RunbookError
+from runbook_operator.errors import RunbookError, parse_spec
 from runbook_operator.models.common import WorkloadRef
 from runbook_operator.models.scaling import Autoscaling, ContainerResources, OriginalResources, ScalingProfileSpec
-from runbook_operator.reconcilers.base import parse_spec
 
 API = WorkloadRef(kind="Deployment", name="api")
 

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import botocore.exceptions
-import kopf
 
 from .. import metrics
 from ..agent.restore import check_contents, connect_target, verify
@@ -675,27 +674,3 @@ def finalize(ctx: Ctx) -> Result:
 
 RESTORE = Reconciler(RESTORES, BackupRestoreSpec, BackupRestoreStatus, reconcile, finalize)
 CLOCKS = runtime.Clocks()
-
-
-async def run(body: kopf.Body, *, stopped: kopf.DaemonStopped, api: kube.Api | None = None) -> None:
-    """The clock of one BackupRestore: pass after pass on the current object until it has finished."""
-    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    client = api or kube.KubeApi()
-
-    async def one(failures: int) -> Result:
-        current = await runtime.blocking(client.get, RESTORES, namespace, name)
-        if current is None or current["metadata"].get("deletionTimestamp"):
-            return Result.stop()
-        return await runtime.drive(RESTORE, current, api=client, failures=failures)
-
-    await CLOCKS.run(namespace=namespace, name=name, stopped=stopped, reconcile=one)
-
-
-async def deleted(body: kopf.Body, *, retry: int, api: kube.Api | None = None) -> None:
-    """kopf's deletion handler: after any pass in progress, ``finalize`` on the object as it is now."""
-    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    client = api or kube.KubeApi()
-    async with CLOCKS.lock(namespace, name):
-        current = await runtime.blocking(client.get, RESTORES, namespace, name)
-        result = await runtime.drive(RESTORE, current or dict(body), api=client, finalizing=True)
-    runtime.as_kopf(result, retry=retry)

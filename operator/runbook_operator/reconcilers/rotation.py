@@ -31,12 +31,10 @@ import os
 import secrets
 import string
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-
-import kopf
 
 from .. import metrics
 from ..builders import rotation as build
@@ -468,32 +466,3 @@ def reconciler(targets: TargetFor = target_for) -> Reconciler[SecretRotationSpec
 
 
 ROTATION = reconciler()
-Isolation = Callable[[str], str | None]
-
-
-async def run_clock(
-    body: Mapping[str, Any], *, stopped: kopf.DaemonStopped, isolation: Isolation | None = None
-) -> None:
-    """The object's clock: a pass on the fresh object, then sleep for its requeue, until kopf stops it."""
-    namespace, name = str(body["metadata"]["namespace"]), str(body["metadata"]["name"])
-    api = kube.KubeApi()
-
-    async def once(failures: int) -> Result:
-        fresh = await runtime.blocking(api.get, RESOURCE, namespace, name)
-        if fresh is None or fresh["metadata"].get("deletionTimestamp"):
-            return Result.stop()
-        return await runtime.drive(ROTATION, fresh, api=api, failures=failures, isolation=isolation)
-
-    await CLOCKS.run(namespace=namespace, name=name, stopped=stopped, reconcile=once)
-
-
-async def settle_before_deletion(body: Mapping[str, Any], *, retry: int, isolation: Isolation | None = None) -> None:
-    """The deletion handler: ``ROTATION.finalize`` on the fresh object, never beside a pass of its clock."""
-    namespace, name = str(body["metadata"]["namespace"]), str(body["metadata"]["name"])
-    api = kube.KubeApi()
-    async with CLOCKS.lock(namespace, name):
-        fresh = await runtime.blocking(api.get, RESOURCE, namespace, name)
-        if fresh is None:
-            return
-        result = await runtime.drive(ROTATION, fresh, api=api, finalizing=True, isolation=isolation)
-    runtime.as_kopf(result, retry=retry)

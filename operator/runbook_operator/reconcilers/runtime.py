@@ -157,7 +157,10 @@ def merge_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]
     return patch
 
 
-def holder_by_listing(api: kube.Api) -> Callable[[str], str | None]:
+Isolation = Callable[[str], str | None]  # the EmergencyIsolation holding a namespace, or None
+
+
+def holder_by_listing(api: kube.Api) -> Isolation:
     """``Context.isolation`` without kopf's index (tools, tests): one LIST per question."""
     from ..models.isolation import holding_isolation
 
@@ -180,7 +183,7 @@ class Context(Generic[S, T]):
     resource: kube.Resource
     spec_model: type[S]
     status: T
-    isolation: Callable[[str], str | None]
+    isolation: Isolation
     now: Callable[[], datetime] = utc_now
     _written: dict[str, Any] = field(default_factory=dict)
     _spec: S | None = None
@@ -192,7 +195,7 @@ class Context(Generic[S, T]):
         body: Mapping[str, Any],
         api: kube.Api,
         *,
-        isolation: Callable[[str], str | None] | None = None,
+        isolation: Isolation | None = None,
         now: Callable[[], datetime] = utc_now,
     ) -> Context[S, T]:
         status = reconciler.status.model_validate(dict(body.get("status") or {}))
@@ -304,7 +307,7 @@ async def drive(
     api: kube.Api | None = None,
     finalizing: bool = False,
     failures: int = 0,
-    isolation: Callable[[str], str | None] | None = None,
+    isolation: Isolation | None = None,
 ) -> Result:
     """One pass over ``body`` in the executor (``finalizing``: the kind's finalizer instead)."""
     step = reconciler.finalize if finalizing else reconciler.reconcile
@@ -315,6 +318,61 @@ async def drive(
         return run_pass(ctx, step, failures=failures)
 
     return await blocking(work)
+
+
+async def drive_current(
+    reconciler: Reconciler[S, T],
+    namespace: str,
+    name: str,
+    *,
+    api: kube.Api | None = None,
+    failures: int = 0,
+    isolation: Isolation | None = None,
+) -> Result:
+    """One pass over the object as the API server has it now (a daemon's copy lags behind our own status
+    writes); ``stop`` once it is gone or being deleted (its finalizer takes over)."""
+    client = api or kube.KubeApi()
+    body = await blocking(client.get, reconciler.resource, namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return Result.stop()
+    return await drive(reconciler, body, api=client, failures=failures, isolation=isolation)
+
+
+async def run_clock(
+    clocks: Clocks,
+    reconciler: Reconciler[S, T],
+    body: Mapping[str, Any],
+    *,
+    stopped: kopf.DaemonStopped,
+    api: kube.Api | None = None,
+    isolation: Isolation | None = None,
+) -> None:
+    """The object's clock (a kopf daemon): ``drive_current`` pass after pass, each when the last asked."""
+    namespace, name = str(body["metadata"]["namespace"]), str(body["metadata"]["name"])
+
+    async def once(failures: int) -> Result:
+        return await drive_current(reconciler, namespace, name, api=api, failures=failures, isolation=isolation)
+
+    await clocks.run(namespace=namespace, name=name, stopped=stopped, reconcile=once)
+
+
+async def finalize_current(
+    clocks: Clocks,
+    reconciler: Reconciler[S, T],
+    body: Mapping[str, Any],
+    *,
+    retry: int,
+    api: kube.Api | None = None,
+    isolation: Isolation | None = None,
+) -> None:
+    """kopf's deletion handler: after any pass of the object's clock, the finalizer on the object as it is now,
+    ended as kopf expects (``as_kopf``)."""
+    namespace, name = str(body["metadata"]["namespace"]), str(body["metadata"]["name"])
+    client = api or kube.KubeApi()
+    async with clocks.lock(namespace, name):
+        current = await blocking(client.get, reconciler.resource, namespace, name)
+        result = await drive(reconciler, current or body, api=client, finalizing=True, isolation=isolation)
+    as_kopf(result, retry=retry)
 
 
 class Clocks:

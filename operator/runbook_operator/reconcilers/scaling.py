@@ -11,10 +11,8 @@ status (``Context.checkpoint``) before the operator changes them.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
-import kopf
 from kubernetes.client import ApiException
 
 from ..builders import scaling as build
@@ -33,42 +31,11 @@ TARGET_RETRY = 10.0  # a missing workload may be created any moment
 CONFLICT_RETRY = 60.0  # a conflicting HPA or VPA, or an unknown container, needs a person
 CONFLICT_REASONS = {"HPAConflict", "VPAConflict"}
 Ctx = Context[ScalingProfileSpec, ScalingProfileStatus]
-Isolation = Callable[[str], str | None]
 
 
 # ------------------------------------------------------------------------------------------------ the clock
 
 CLOCKS = runtime.Clocks()
-
-
-async def run_clock(body: kopf.Body, *, stopped: kopf.DaemonStopped, isolation: Isolation | None = None) -> None:
-    """The daemon: a pass, sleep until the next transition, a retry or a wake-up, until kopf stops it."""
-    namespace, name = str(body.metadata.namespace), str(body.metadata.name)
-
-    async def once(failures: int) -> Result:
-        return await _pass(namespace, name, failures=failures, isolation=isolation)
-
-    await CLOCKS.run(namespace=namespace, name=name, stopped=stopped, reconcile=once)
-
-
-async def finalize(body: kopf.Body, *, retry: int = 0) -> None:
-    """The deletion handler: Restore or Keep, after any running pass of the profile has finished."""
-    namespace, name = str(body.metadata.namespace), str(body.metadata.name)
-    async with CLOCKS.lock(namespace, name):
-        result = await _pass(namespace, name, finalizing=True)
-    runtime.as_kopf(result, retry=retry)
-
-
-async def _pass(
-    namespace: str, name: str, *, finalizing: bool = False, failures: int = 0, isolation: Isolation | None = None
-) -> Result:
-    """One pass over the profile as the API server has it now (the daemon's body may lag behind our own
-    status writes, and the originals must never be recorded twice)."""
-    api = kube.KubeApi()
-    body = await runtime.blocking(api.get, PROFILES, namespace, name)
-    if body is None:
-        return Result.done()
-    return await runtime.drive(PROFILE, body, api=api, finalizing=finalizing, failures=failures, isolation=isolation)
 
 
 # --------------------------------------------------------------------------------------------- reconcile
