@@ -14,7 +14,7 @@ from .logs import install_redactor
 from .models import GROUP, VERSION
 from .models.backup import BACKUP_NOW
 from .reconcilers import backup, drills, interlock, isolation, restore, rotation, scaling
-from .reconcilers.runtime import as_kopf, blocking, drive, finalize_current, run_clock
+from .reconcilers.runtime import EXECUTOR, as_kopf, blocking, drive, finalize_current, run_clock
 from .reconcilers.tenancy import Grant, index_entries
 from .settings import Settings, configure_kopf
 
@@ -23,7 +23,8 @@ SETTINGS = Settings.from_env()
 
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-    configure_kopf(settings, SETTINGS)
+    settings.execution.executor = EXECUTOR  # kopf's sync handlers and every blocking call share one pool
+    configure_kopf(settings, SETTINGS)  # sized by RUNBOOK_MAX_WORKERS
     install_redactor()
     metrics.serve(SETTINGS.metrics_port)
 

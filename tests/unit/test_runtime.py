@@ -144,3 +144,20 @@ def test_builders_import_nothing_that_does_io() -> None:
     listed = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     loaded = set(listed.split())
     assert loaded & {"boto3", "botocore", "gnupg", "psycopg", "redis", "kopf"} == set()
+
+
+def test_kopf_runs_sync_handlers_in_the_operators_executor_sized_by_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import kopf
+
+    from runbook_operator import main
+
+    monkeypatch.setattr(main.metrics, "serve", lambda port: None)
+    monkeypatch.setattr(main, "install_redactor", lambda: None)
+    monkeypatch.setattr(main.SETTINGS, "max_workers", 7)
+    monkeypatch.setattr(runtime.EXECUTOR, "_max_workers", runtime.EXECUTOR._max_workers)  # put back afterwards
+    settings = kopf.OperatorSettings()
+    main.startup(settings=settings)
+    assert settings.execution.executor is runtime.EXECUTOR
+    assert runtime.EXECUTOR._max_workers == 7

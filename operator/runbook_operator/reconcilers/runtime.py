@@ -56,13 +56,10 @@ def utc_now() -> datetime:
 
 # --- the executor -----------------------------------------------------------------------------------------
 # Every blocking call (the Kubernetes client, S3, PostgreSQL, Redis, gpg) runs here, never on asyncio's
-# default executor, which kopf does not size. kopf's own sync handlers use the same pool (settings.py).
+# default executor, which kopf does not size. kopf's own sync handlers use the same pool, sized by
+# RUNBOOK_MAX_WORKERS (main.py startup).
 # Nothing sleeps in it: a step that waits returns ``Result.after`` instead.
 EXECUTOR = ThreadPoolExecutor(max_workers=20, thread_name_prefix="runbook")
-
-
-def size_executor(workers: int) -> None:
-    EXECUTOR._max_workers = workers  # grows lazily; threads already started are kept
 
 
 async def blocking(function: Callable[..., R], *args: Any) -> R:
