@@ -54,9 +54,10 @@ from ..models.plans import (
     S3_ACCESS_KEY_ENV,
     S3_SECRET_KEY_ENV,
     RestorePlan,
+    StoredObjectPlan,
     manifest_signed,
 )
-from ..models.sources import PostgresConnection, S3Location
+from ..models.sources import PostgresConnection
 from .backup import one_line, require_env
 
 SECRET_ENVS = (PG_PASSWORD_ENV, S3_SECRET_KEY_ENV, GPG_PASSPHRASE_ENV, GPG_PRIVATE_KEY_ENV, MANIFEST_KEY_ENV)
@@ -73,25 +74,6 @@ _TARGET_FIELD = "spec.target.credentialsSecretRef"
 _TOC_ENTRY = re.compile(r"(\d+); (\d+) (\d+) (.*)")
 _TABLE_DATA = "TABLE DATA "
 _MISSING_ROLE = re.compile(r'role ".*" does not exist')
-
-
-class StoredObject(Protocol):
-    """What streaming a stored object needs to know of it (a PostgreSQL plan, or another source's)."""
-
-    @property
-    def location(self) -> S3Location: ...
-    @property
-    def key(self) -> str: ...
-    @property
-    def sha256(self) -> str: ...
-    @property
-    def size_bytes(self) -> int: ...
-    @property
-    def symmetric(self) -> bool: ...
-    @property
-    def manifest(self) -> dict[str, Any] | None: ...
-    @property
-    def etag(self) -> str | None: ...
 
 
 class Sink(Protocol):
@@ -294,7 +276,7 @@ class TransactionSink:
         return self.psql.finish()
 
 
-def require_signed(plan: StoredObject, env: Mapping[str, str]) -> None:
+def require_signed(plan: StoredObjectPlan, env: Mapping[str, str]) -> None:
     """With the namespace's manifest key, the plan's manifest must carry a signature made with it and name
     exactly the object, digest and size the plan reads; checked before anything is read or written."""
     key = env.get(MANIFEST_KEY_ENV)
@@ -325,7 +307,7 @@ class Streamed:
     etag: str
 
 
-def open_object(plan: StoredObject, env: Mapping[str, str]) -> tuple[Any, str]:
+def open_object(plan: StoredObjectPlan, env: Mapping[str, str]) -> tuple[Any, str]:
     """The body of the stored object, streaming, and its ETag; with the plan's ``etag``, only that object."""
     client = make_client(plan.location, env.get(S3_ACCESS_KEY_ENV), env.get(S3_SECRET_KEY_ENV))
     try:
@@ -348,7 +330,7 @@ def open_object(plan: StoredObject, env: Mapping[str, str]) -> tuple[Any, str]:
         raise RunbookError("DownloadFailed", f"S3: {one_line(error)}") from None
 
 
-def decryption_key(gpg: GPG, plan: StoredObject, env: Mapping[str, str]) -> str | None:
+def decryption_key(gpg: GPG, plan: StoredObjectPlan, env: Mapping[str, str]) -> str | None:
     """Import the private key (public-key backups), or return the passphrase (symmetric backups)."""
     if plan.symmetric:
         return require_env(env, GPG_PASSPHRASE_ENV, field="spec.encryption.gpg.passphraseSecretRef")
@@ -358,7 +340,7 @@ def decryption_key(gpg: GPG, plan: StoredObject, env: Mapping[str, str]) -> str 
     return None
 
 
-def stream(plan: StoredObject, env: Mapping[str, str], sink: Sink) -> Streamed:
+def stream(plan: StoredObjectPlan, env: Mapping[str, str], sink: Sink) -> Streamed:
     """Object -> gpg -> the tool; the tool's exit code once size, digest and decryption all checked out."""
     REDACTOR.register(env.get(GPG_PRIVATE_KEY_ENV))
     with GPG() as gpg:

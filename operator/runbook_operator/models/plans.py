@@ -131,14 +131,21 @@ class RoleRecord(CamelModel):
     member_of: list[str] = Field(default_factory=list, description="Recorded roles this one is a member of.")
 
 
-class RestorePlan(CamelModel):
-    """What one restore or verify run reads and where it writes (references only, never a secret)."""
+class StoredObjectPlan(CamelModel):
+    """The stored object every restore plan reads: where it is, what the preflight pinned, how it is encrypted."""
 
     location: S3Location = Field(description="The policy's bucket.")
     key: str = Field(description="Key of the encrypted data object.")
     sha256: str = Field(description="SHA-256 of the object, from the manifest.")
     size_bytes: int = Field(description="Size of the object, from the manifest.")
     symmetric: bool = Field(description="Encrypted with a passphrase (else to public keys).")
+    manifest: dict[str, Any] | None = Field(None, description=_MANIFEST_DESCRIPTION)
+    etag: str | None = Field(None, description=_ETAG_DESCRIPTION)
+
+
+class RestorePlan(StoredObjectPlan):
+    """What one restore or verify run reads and where it writes (references only, never a secret)."""
+
     tables: list[str] = Field(default_factory=list, description="Tables the manifest recorded (schema.table).")
     table_oids: dict[str, int] = Field(
         default_factory=dict, description="Each table's OID in the source (older manifests have none)."
@@ -148,38 +155,22 @@ class RestorePlan(CamelModel):
     backup_roles: list[RoleRecord] = Field(
         default_factory=list, description="The roles the manifest recorded (created when missing, if asked)."
     )
-    manifest: dict[str, Any] | None = Field(None, description=_MANIFEST_DESCRIPTION)
-    etag: str | None = Field(None, description=_ETAG_DESCRIPTION)
 
 
-class RedisRestorePlan(CamelModel):
+class RedisRestorePlan(StoredObjectPlan):
     """What one Redis restore reads and where it writes (references only, never a secret)."""
 
     kind: Literal["redis"] = Field("redis", description="The source kind of the backup.")
-    location: S3Location = Field(description="The policy's bucket.")
-    key: str = Field(description="Key of the encrypted RDB.")
-    sha256: str = Field(description="SHA-256 of the object, from the manifest.")
-    size_bytes: int = Field(description="Size of the object, from the manifest.")
-    symmetric: bool = Field(description="Encrypted with a passphrase (else to public keys).")
     keyspace: dict[str, int] = Field(default_factory=dict, description="Keys per db at backup time (db0: n).")
     target: RedisConnection = Field(description="The Redis restored into.")
     sample_every: int = Field(50, description="One key in this many is compared value by value.", ge=1)
-    manifest: dict[str, Any] | None = Field(None, description=_MANIFEST_DESCRIPTION)
-    etag: str | None = Field(None, description=_ETAG_DESCRIPTION)
 
 
-class KubernetesRestorePlan(CamelModel):
+class KubernetesRestorePlan(StoredObjectPlan):
     """What one Kubernetes restore reads and where it applies (references only, never a secret)."""
 
-    location: S3Location = Field(description="The policy's bucket.")
-    key: str = Field(description="Key of the encrypted export.")
-    sha256: str = Field(description="SHA-256 of the object, from the manifest.")
-    size_bytes: int = Field(description="Size of the object, from the manifest.")
-    symmetric: bool = Field(description="Encrypted with a passphrase (else to public keys).")
     section: str = Field(description="The exported namespace whose section is applied.")
     namespace: str = Field(description="The namespace applied into.")
     include_secrets: bool = Field(False, description="Apply the section's Secrets too.")
     conflicts: Literal["Skip", "Replace"] = Field("Skip", description="Objects that exist and differ.")
     dry_run: bool = Field(False, description="The API server's dry run only.")
-    manifest: dict[str, Any] | None = Field(None, description=_MANIFEST_DESCRIPTION)
-    etag: str | None = Field(None, description=_ETAG_DESCRIPTION)
