@@ -20,6 +20,7 @@ from runbook_operator.reconcilers import backup, catalog
 from runbook_operator.reconcilers.runtime import Context, Result, run_pass
 from tests.fake_api import Call, FakeApi
 from tests.helpers import load_samples
+from tests.services import GpgKeyring
 
 NS, NAME, BUCKET = "hungryhippaahneties", "db", "hungryhippaahneties-backups"
 POLICIES = backup.POLICY.resource
@@ -305,3 +306,45 @@ def test_deletion_with_deletion_policy_delete_removes_only_its_backups(api: Fake
     assert run(api, backup.finalize) == Result.done()
     assert sorted(s3.objects) == [other] and not any(k.startswith(ours) for k in s3.objects)
     assert ("Normal", "BackupsDeleted") in events(api)
+
+
+def recipients(api: FakeApi, public_key: str, *pins: str) -> dict[str, Any]:
+    """A policy encrypting to the public keys in ConfigMap backup-recipients, pinned to ``pins``."""
+    api.put(kube.CONFIG_MAPS, NS, {"metadata": {"name": "backup-recipients"}, "data": {"keys.asc": public_key}})
+    gpg: dict[str, Any] = {"recipientsConfigMapRef": {"name": "backup-recipients", "key": "keys.asc"}}
+    if pins:
+        gpg["fingerprints"] = list(pins)
+    body = policy(api)
+    return api.put(POLICIES, NS, {**body, "spec": {**body["spec"], "encryption": {"gpg": gpg}}})
+
+
+def test_pinned_recipients_are_ready_and_say_so(api: FakeApi, s3: FakeS3, gpg_keyring: GpgKeyring) -> None:
+    recipients(api, gpg_keyring.public_key, gpg_keyring.fingerprint)
+    assert run(api) == Result.done()
+    assert condition(api, "Ready")["status"] == "True"
+    pinned = condition(api, "RecipientsPinned")
+    assert (pinned["status"], pinned["reason"]) == ("True", "Pinned")
+
+
+def test_unpinned_recipients_stay_ready_with_a_condition_that_says_how_to_pin(
+    api: FakeApi, s3: FakeS3, gpg_keyring: GpgKeyring
+) -> None:
+    recipients(api, gpg_keyring.public_key)
+    assert run(api) == Result.done()
+    assert condition(api, "Ready")["status"] == "True"
+    pinned = condition(api, "RecipientsPinned")
+    assert (pinned["status"], pinned["reason"]) == ("False", "NotPinned")
+    assert "spec.encryption.gpg.fingerprints" in pinned["message"] and "backup-recipients" in pinned["message"]
+
+
+def test_a_key_swapped_into_the_config_map_is_ready_false_naming_the_field(
+    api: FakeApi, s3: FakeS3, gpg_keyring: GpgKeyring
+) -> None:
+    recipients(api, gpg_keyring.public_key, "AB" * 20)  # pinned to another key than the ConfigMap holds
+    result = run(api)
+    assert result.error is not None and result.error.reason == "RecipientNotPinned"
+    ready = condition(api, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "RecipientNotPinned")
+    assert ready["message"].startswith("spec.encryption.gpg.recipientsConfigMapRef: key " + gpg_keyring.fingerprint)
+    assert "spec.encryption.gpg.fingerprints" in ready["message"]
+    assert writes(api, "cronjobs") == [] and status(api)["phase"] == "Blocked"

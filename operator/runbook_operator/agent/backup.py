@@ -512,7 +512,8 @@ def encryption_keys(gpg: GPG, settings: GPGEncryption, env: Mapping[str, str]) -
     if settings.recipients_config_map_ref is not None:
         field_ref = "spec.encryption.gpg.recipientsConfigMapRef"
         armored = require_env(env, GPG_RECIPIENTS_ENV, field=field_ref)
-        fingerprints = gpg.import_public_keys(armored, field=field_ref)
+        # The pins come with the spec: a ConfigMap edited after the reconcile is refused here too.
+        fingerprints = gpg.import_public_keys(armored, field=field_ref, fingerprints=settings.fingerprints)
         return EncryptionKeys(fingerprints, None, {**described, "mode": "publicKey", "recipients": fingerprints})
     passphrase = require_env(env, GPG_PASSPHRASE_ENV, field="spec.encryption.gpg.passphraseSecretRef")
     return EncryptionKeys(None, passphrase, {**described, "mode": "symmetric"})

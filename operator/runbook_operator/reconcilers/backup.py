@@ -42,7 +42,7 @@ from ..models.backup import (
 )
 from ..models.common import parse_time, rfc3339
 from ..models.plans import policy_folder
-from ..models.sources import TLS_CERT_KEY, TLS_KEY_KEY
+from ..models.sources import TLS_CERT_KEY, TLS_KEY_KEY, GPGEncryption
 from ..settings import Settings
 from .catalog import (
     S3_CREDENTIALS_FIELD,
@@ -134,7 +134,25 @@ def check_references(api: kube.Api, namespace: str, spec: BackupPolicySpec) -> N
         field = "spec.encryption.gpg.recipientsConfigMapRef"
         armored = kube.config_map_value(api, namespace, ref_cm.name, ref_cm.key, field=field)
         with GPG() as keyring:
-            keyring.import_public_keys(armored, field=field)
+            keyring.import_public_keys(armored, field=field, fingerprints=gpg.fingerprints)
+
+
+def recipients_pinned(ctx: Context[Any, Any], gpg: GPGEncryption, field: str) -> None:
+    """The RecipientsPinned condition of public-key encryption (``field`` names the gpg settings): False,
+    reason NotPinned, when the keys are used as the ConfigMap holds them (not a failure: Ready stays True)."""
+    if gpg.recipients_config_map_ref is None:
+        return
+    if gpg.fingerprints:
+        ctx.condition("RecipientsPinned", "True", "Pinned", f"the recipients' keys are exactly {field}.fingerprints")
+        return
+    ctx.condition(
+        "RecipientsPinned",
+        "False",
+        "NotPinned",
+        f"{field}.fingerprints is empty: whoever may edit ConfigMap {gpg.recipients_config_map_ref.name} can "
+        f"swap in another key; list the recipients' fingerprints (gpg --with-colons --fingerprint) in "
+        f"{field}.fingerprints to pin them",
+    )
 
 
 def reconcile(ctx: PolicyContext) -> Result:
@@ -150,6 +168,7 @@ def reconcile(ctx: PolicyContext) -> Result:
     ctx.status.source_kind = spec.source.kind
     ctx.status.cron_job_name = cronjob_name(name)
     check_references(ctx.api, namespace, spec)
+    recipients_pinned(ctx, spec.encryption.gpg, "spec.encryption.gpg")
     location = spec.destination.s3
     check_bucket(s3_client(ctx.api, namespace, location, field=S3_CREDENTIALS_FIELD), location)
     uid = str(ctx.body["metadata"]["uid"])

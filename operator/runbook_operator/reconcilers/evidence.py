@@ -124,7 +124,9 @@ def _encryptor(
             settings.recipients_config_map_ref.key,
             field=f"{FIELD}.encryption.gpg.recipientsConfigMapRef",
         )
-        fingerprints = gpg.import_public_keys(armored, field=f"{FIELD}.encryption.gpg.recipientsConfigMapRef")
+        fingerprints = gpg.import_public_keys(
+            armored, field=f"{FIELD}.encryption.gpg.recipientsConfigMapRef", fingerprints=settings.fingerprints
+        )
         return {"recipients": fingerprints}, {"method": "public-key", "recipients": fingerprints}
     assert settings.passphrase_secret_ref is not None  # the model guarantees exactly one
     ref = settings.passphrase_secret_ref
