@@ -21,24 +21,19 @@ app.kubernetes.io/name: runbook-operator
 {{- end -}}
 
 {{/*
-The rules of the ClusterRole in a file of files/ (symlinks to deploy/'s RBAC manifests, which hold the
+The rules of the ClusterRole .name in a file of files/ (symlinks to deploy/'s RBAC manifests, which hold the
 reason of each rule as a comment): one source for the rules, whichever way the operator is installed.
 */}}
 {{- define "runbook-operator.clusterRoleRules" -}}
 {{- $rules := list -}}
 {{- range $document := regexSplit "(?m)^---[ \\t]*$" (.root.Files.Get .path) -1 -}}
 {{- $object := fromYaml $document -}}
-{{- if eq ($object.kind | default "") "ClusterRole" -}}
+{{- if and (eq ($object.kind | default "") "ClusterRole") (eq $object.metadata.name $.name) -}}
 {{- $rules = $object.rules -}}
 {{- end -}}
 {{- end -}}
 {{- if not $rules -}}
-{{- fail (printf "%s has no ClusterRole with rules" .path) -}}
+{{- fail (printf "%s has no ClusterRole %s with rules" .path .name) -}}
 {{- end -}}
 {{- toYaml $rules -}}
-{{- end -}}
-
-{{/* Where rbac.scope=namespaced grants the operator's ClusterRole: rbac.namespaces, else watchNamespaces. */}}
-{{- define "runbook-operator.rbacNamespaces" -}}
-{{- toJson (.Values.rbac.namespaces | default .Values.watchNamespaces | uniq) -}}
 {{- end -}}
