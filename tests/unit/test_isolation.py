@@ -16,7 +16,7 @@ from runbook_operator.builders.isolation import (
     SNAPSHOT_ANNOTATION,
     annotate_patch,
     build_network_policy,
-    build_saved_policies,
+    checked_policy,
     custody_manifest,
     is_stopped,
     pack_archive,
@@ -24,13 +24,13 @@ from runbook_operator.builders.isolation import (
     recorded_snapshot,
     requested_by,
     restore_patch,
-    saved_policies,
+    save_policy,
     scaled_summary,
     snapshot_workloads,
     stop_patch,
 )
 from runbook_operator.errors import RunbookError, parse_spec
-from runbook_operator.models.isolation import EmergencyIsolationSpec, NetworkIsolation, WorkloadSnapshot
+from runbook_operator.models.isolation import EmergencyIsolationSpec, NetworkIsolation, SavedPolicy, WorkloadSnapshot
 from runbook_operator.reconcilers.isolation import time_to_contain
 
 OWNER = {"apiVersion": "runbook.dev/v1alpha1", "kind": "EmergencyIsolation", "name": "breach", "uid": "u-1"}
@@ -140,14 +140,57 @@ def test_saved_policies_round_trip_without_server_fields() -> None:
             "creationTimestamp": "2026-01-01T00:00:00Z",
             "generation": 1,
             "labels": {"team": "web"},
+            "ownerReferences": [{"kind": "Thing", "name": "x", "uid": "y"}],
+            "finalizers": ["example.com/x"],
         },
         "spec": {"podSelector": {}, "ingress": [{}]},
     }
-    config_map = build_saved_policies("breach", namespace="ns", policies=[policy])
-    assert "ownerReferences" not in config_map["metadata"]  # must outlive the isolation
-    (restored,) = saved_policies(config_map["data"])
+    saved = save_policy(policy)
+    assert saved.name == "allow-all"
+    restored = checked_policy(saved, namespace="ns")
     assert restored == policy_for_recreation(policy)
     assert restored["metadata"] == {"name": "allow-all", "namespace": "ns", "labels": {"team": "web"}}
+
+
+ALLOW_FROM_WEB = {
+    "apiVersion": "networking.k8s.io/v1",
+    "kind": "NetworkPolicy",
+    "metadata": {"name": "allow-web", "namespace": "ns"},
+    "spec": {
+        "podSelector": {"matchLabels": {"app": "api"}},
+        "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": 8080}]}],
+    },
+}
+
+
+def test_a_saved_policy_is_checked_strictly_before_it_is_recreated() -> None:
+    def problem(name: str = "allow-web", **changes: Any) -> str:
+        document = {**ALLOW_FROM_WEB, **changes}
+        with pytest.raises(ValueError) as refused:
+            checked_policy(SavedPolicy(name=name, manifest=json.dumps(document)), namespace="ns")
+        return str(refused.value)
+
+    assert checked_policy(SavedPolicy(name="allow-web", manifest=json.dumps(ALLOW_FROM_WEB)), namespace="ns") == (
+        ALLOW_FROM_WEB
+    )
+    assert problem(name="other") == "metadata.name is not other"
+    assert problem(metadata={"name": "allow-web", "namespace": "kube-system"}) == "metadata.namespace is not ns"
+    assert problem(kind="ClusterRoleBinding") == "not a networking.k8s.io/v1 NetworkPolicy"
+    assert problem(metadata={"name": "allow-web", "ownerReferences": []}) == (
+        "metadata.ownerReferences is not a field it may have"
+    )
+    assert problem(spec={"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "x": 1}]}) == (
+        "spec.egress[0].x is not a field it may have"
+    )
+    assert problem(spec={"podSelector": {}, "ingress": [{"from": [{"serviceAccount": "a"}]}]}) == (
+        "spec.ingress[0].from[0].serviceAccount is not a field it may have"
+    )
+    assert problem(spec={"podSelector": {}, "policyTypes": ["Everything"]}).startswith("spec.policyTypes")
+    assert problem(spec={"ingress": []}) == "spec.podSelector is missing"
+    assert problem(status={}) == "manifest.status is not a field it may have"
+    with pytest.raises(ValueError, match="not JSON"):
+        checked_policy(SavedPolicy(name="allow-web", manifest="{"), namespace="ns")
 
 
 def test_requested_by_is_the_first_manager_of_the_spec() -> None:

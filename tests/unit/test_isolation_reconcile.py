@@ -92,8 +92,10 @@ def test_isolate_creates_the_policy_and_scales_to_zero_recording_the_snapshot() 
     policy = workload(api, kube.NETWORK_POLICIES, POLICY_NAME)
     assert policy["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
     assert policy["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
-    saved = workload(api, kube.CONFIG_MAPS, saved_policies_name("breach"))
-    assert json.loads(saved["data"]["allow-all.json"])["spec"] == ALLOW_ALL
+    # the removed policy is saved in status (the status subresource: only the operator writes it), no ConfigMap
+    (saved,) = body["status"]["savedPolicies"]
+    assert saved["name"] == "allow-all" and json.loads(saved["manifest"])["spec"] == ALLOW_ALL
+    assert not [c for c in api.writes() if c.plural == "configmaps"]
     # the network is contained first: the policy is the first write after the admission
     writes = [(c.verb, c.plural) for c in api.writes() if c.plural != "events" and c.subresource != "status"]
     assert writes[0] == ("create", "networkpolicies")
@@ -123,9 +125,10 @@ def test_isolate_creates_the_policy_and_scales_to_zero_recording_the_snapshot() 
 def test_release_from_the_annotations_restores_exact_counts_and_suspend_flags() -> None:
     api = FakeApi()
     isolated(api, overrideExistingPolicies=True)
-    # status lost but for its phase: release works from what the workloads carry
+    # status lost but for its phase and the saved policies: release works from what the workloads carry
+    kept = {k: fresh(api)["status"][k] for k in ("phase", "removedPolicies", "savedPolicies")}
     api.patch(isolation.EMERGENCY_ISOLATIONS, NS, "breach", {"status": None}, subresource="status")
-    api.patch(isolation.EMERGENCY_ISOLATIONS, NS, "breach", {"status": {"phase": "Isolated"}}, subresource="status")
+    api.patch(isolation.EMERGENCY_ISOLATIONS, NS, "breach", {"status": kept}, subresource="status")
 
     assert release(api) == Result.done()
 
@@ -141,6 +144,8 @@ def test_release_from_the_annotations_restores_exact_counts_and_suspend_flags() 
     status = fresh(api)["status"]
     assert status["phase"] == "Released"
     assert {c["type"]: c["status"] for c in status["conditions"]}["Restored"] == "True"
+    assert {c["type"]: c["status"] for c in status["conditions"]}["PoliciesRestored"] == "True"
+    assert status.get("savedPolicies", []) == []
 
     # a second release pass (a resync) changes nothing
     api.calls.clear()
@@ -148,26 +153,108 @@ def test_release_from_the_annotations_restores_exact_counts_and_suspend_flags() 
     assert api.writes() == []
 
 
-def test_a_saved_policy_that_cannot_be_recreated_stops_the_release_today() -> None:
-    """Today's behaviour: release recreates the saved policies before it restores the workloads, and a
-    refused recreation fails the pass, so the workloads stay at zero until it succeeds. Issue 13 changes this
-    (the workloads come back and the refusal becomes a condition)."""
+def conditions(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in body["status"]["conditions"]}
+
+
+def assert_workloads_back(api: FakeApi) -> None:
+    assert workload(api, kube.DEPLOYMENTS, "api")["spec"]["replicas"] == 4
+    assert workload(api, kube.DEPLOYMENTS, "frontend")["spec"]["replicas"] == 3
+    assert workload(api, kube.CRON_JOBS, "report")["spec"]["suspend"] is False
+    assert api.stored(kube.NETWORK_POLICIES, NS, POLICY_NAME) is None
+
+
+def test_a_saved_policy_the_api_server_refuses_is_a_condition_and_the_release_completes() -> None:
+    """Issue 13: the workloads come back first; a policy that cannot be recreated is named in
+    PoliciesRestored=False and a Warning, kept in status for a person, and the release completes."""
     api = FakeApi()
     isolated(api, overrideExistingPolicies=True)
     api.fail_on("create", "networkpolicies", status=422)
 
+    assert release(api) == Result.done()
+
+    assert_workloads_back(api)
+    assert api.stored(kube.NETWORK_POLICIES, NS, "allow-all") is None
+    body = fresh(api)
+    assert body["status"]["phase"] == "Released"
+    found = conditions(body)
+    assert found["Ready"]["status"] == "True" and "PoliciesRestored" in found["Ready"]["message"]
+    assert (found["PoliciesRestored"]["status"], found["PoliciesRestored"]["reason"]) == ("False", "NotRecreated")
+    assert found["PoliciesRestored"]["message"].startswith("NetworkPolicies not recreated")
+    assert "allow-all: Kubernetes API: HTTP 422" in found["PoliciesRestored"]["message"]
+    assert [p["name"] for p in body["status"]["savedPolicies"]] == ["allow-all"]  # for a person to apply
+    warnings = [c.body["reason"] for c in api.writes() if c.plural == "events" and c.body["type"] == "Warning"]
+    assert warnings == ["PoliciesNotRestored"]
+
+
+def test_a_server_error_recreating_a_policy_retries_after_the_workloads_are_back() -> None:
+    api = FakeApi()
+    isolated(api, overrideExistingPolicies=True)
+    api.fail_on("create", "networkpolicies", status=503)
+
     result = release(api)
 
-    assert result.error is not None and result.error.reason == "Invalid"
-    assert workload(api, kube.DEPLOYMENTS, "api")["spec"]["replicas"] == 0
-    assert workload(api, kube.CRON_JOBS, "report")["spec"]["suspend"] is True
-    status = fresh(api)["status"]
-    assert status["phase"] == "Releasing"
-    assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "False"
-    # the next attempt, once the policy can be created, brings everything back
+    assert result.error is not None and result.requeue_after is not None  # retried
+    assert workload(api, kube.DEPLOYMENTS, "api")["spec"]["replicas"] == 4  # already back
+    assert fresh(api)["status"]["phase"] == "Releasing"
     assert run(api, fresh(api)) == Result.done()
-    assert workload(api, kube.DEPLOYMENTS, "api")["spec"]["replicas"] == 4
-    assert workload(api, kube.CRON_JOBS, "report")["spec"]["suspend"] is False
+    assert_workloads_back(api)
+    assert workload(api, kube.NETWORK_POLICIES, "allow-all")["spec"] == ALLOW_ALL
+    assert conditions(fresh(api))["PoliciesRestored"]["status"] == "True"
+
+
+def test_a_tampered_saved_policy_is_refused_and_the_others_are_recreated() -> None:
+    api = FakeApi()
+    namespace(api)
+    api.put(kube.NETWORK_POLICIES, NS, {"metadata": {"name": "allow-dns"}, "spec": {"podSelector": {}}})
+    create(api, overrideExistingPolicies=True)
+    assert run(api, fresh(api)) == Result.done()
+    saved = fresh(api)["status"]["savedPolicies"]
+    manifest = json.loads(saved[0]["manifest"])
+    manifest["metadata"]["namespace"] = "kube-system"
+    saved[0]["manifest"] = json.dumps(manifest)
+    api.patch(isolation.EMERGENCY_ISOLATIONS, NS, "breach", {"status": {"savedPolicies": saved}}, subresource="status")
+
+    assert release(api) == Result.done()
+
+    assert_workloads_back(api)
+    assert api.stored(kube.NETWORK_POLICIES, "kube-system", "allow-all") is None
+    assert api.stored(kube.NETWORK_POLICIES, NS, "allow-all") is None
+    assert api.stored(kube.NETWORK_POLICIES, NS, "allow-dns") is not None
+    message = conditions(fresh(api))["PoliciesRestored"]["message"]
+    assert "allow-all: the saved manifest is refused: metadata.namespace is not" in message
+
+
+def test_a_planted_config_map_is_never_read_and_an_older_operators_isolation_still_releases() -> None:
+    """Before issue 13 the manifests were in ConfigMap <name>-saved-policies, which any namespace user who may
+    write ConfigMaps could have planted or edited: it is not read. An isolation made then (removedPolicies,
+    no savedPolicies) releases its workloads and names each policy for a person to review and apply."""
+    api = FakeApi()
+    isolated(api, overrideExistingPolicies=True)
+    planted = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "allow-all"}}
+    uid = fresh(api)["metadata"]["uid"]
+    api.put(
+        kube.CONFIG_MAPS,
+        NS,
+        {
+            "metadata": {
+                "name": saved_policies_name("breach"),
+                # even with the isolation's own uid: anyone who may create the ConfigMap can write that
+                "ownerReferences": [{"kind": "EmergencyIsolation", "name": "breach", "uid": uid}],
+            },
+            "data": {"allow-all.json": json.dumps({**planted, "spec": ALLOW_ALL})},
+        },
+    )
+    api.patch(isolation.EMERGENCY_ISOLATIONS, NS, "breach", {"status": {"savedPolicies": None}}, subresource="status")
+    api.calls.clear()
+
+    assert release(api) == Result.done()
+
+    assert_workloads_back(api)
+    assert api.stored(kube.NETWORK_POLICIES, NS, "allow-all") is None
+    assert not [c for c in api.calls if c.plural == "configmaps"]
+    message = conditions(fresh(api))["PoliciesRestored"]["message"]
+    assert f"allow-all: saved by an older operator in ConfigMap {saved_policies_name('breach')}" in message
 
 
 def test_the_guard_with_the_policy_in_place_reads_and_writes_nothing() -> None:

@@ -11,15 +11,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..models.common import LabelSelector
-from ..models.isolation import NetworkIsolation, WorkloadSnapshot
+from ..models.isolation import NetworkIsolation, SavedPolicy, WorkloadSnapshot
 from ..settings import MANAGED_BY, PREFIX
 
 POLICY_NAME = "emergency-isolate"  # the runbook's name, so its hand-run "Restore Service" still finds it
 SNAPSHOT_ANNOTATION = f"{PREFIX}/isolation-snapshot"
 ISOLATION_LABEL = f"{PREFIX}/isolation"
 SCALABLE = ("Deployment", "StatefulSet")
-# Fields the API server owns; a manifest saved for recreation must not carry them.
-_SERVER_METADATA = ("uid", "resourceVersion", "creationTimestamp", "generation", "managedFields", "selfLink")
+# What a manifest saved for recreation keeps of the metadata (not the API server's fields, owners, finalizers).
+_SAVED_METADATA = frozenset({"name", "namespace", "labels", "annotations"})
+_PEER = frozenset({"podSelector", "namespaceSelector", "ipBlock"})
+_PORT = frozenset({"protocol", "port", "endPort"})
 
 
 def build_network_policy(network: NetworkIsolation, *, namespace: str, owner: dict[str, Any]) -> dict[str, Any]:
@@ -51,38 +53,73 @@ def build_network_policy(network: NetworkIsolation, *, namespace: str, owner: di
 
 
 def policy_for_recreation(policy: dict[str, Any]) -> dict[str, Any]:
-    """A NetworkPolicy as it can be created again: without the fields the API server fills in."""
-    metadata = {k: v for k, v in policy["metadata"].items() if k not in _SERVER_METADATA}
+    """A NetworkPolicy as it can be created again: its name, namespace, labels, annotations and spec (not the
+    fields the API server fills in, nor owners or finalizers)."""
+    metadata = {k: v for k, v in policy["metadata"].items() if k in _SAVED_METADATA}
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": metadata, "spec": policy["spec"]}
 
 
+def save_policy(policy: dict[str, Any]) -> SavedPolicy:
+    """What status keeps of a NetworkPolicy the isolation removes."""
+    manifest = policy_for_recreation(policy)
+    return SavedPolicy(name=manifest["metadata"]["name"], manifest=json.dumps(manifest, sort_keys=True))
+
+
 def saved_policies_name(isolation: str) -> str:
+    """The ConfigMap in which operators before issue 13 kept the removed policies (never read: see README)."""
     return f"{isolation}-saved-policies"[:253]
 
 
-def build_saved_policies(isolation: str, *, namespace: str, policies: list[dict[str, Any]]) -> dict[str, Any]:
-    """A ConfigMap holding the full manifests of removed policies.
-
-    Deliberately without an ownerReference: it must outlive the EmergencyIsolation (deleting it releases the
-    namespace, which needs these manifests), so the garbage collector may not remove it first.
-    """
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": saved_policies_name(isolation),
-            "namespace": namespace,
-            "labels": {**MANAGED_BY, ISOLATION_LABEL: isolation},
-        },
-        "data": {
-            f"{p['metadata']['name']}.json": json.dumps(policy_for_recreation(p), sort_keys=True) for p in policies
-        },
-    }
+def _only(value: Any, where: str, keys: frozenset[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} is not an object")
+    unknown = sorted(set(value) - keys)
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]} is not a field it may have")
+    return value
 
 
-def saved_policies(config_map_data: dict[str, str] | None) -> list[dict[str, Any]]:
-    """The manifests stored by ``build_saved_policies``."""
-    return [json.loads(text) for _, text in sorted((config_map_data or {}).items())]
+def _rules(value: Any, where: str, peers: str) -> None:
+    if not isinstance(value, list):
+        raise ValueError(f"{where} is not a list")
+    for index, item in enumerate(value):
+        rule = _only(item, f"{where}[{index}]", frozenset({peers, "ports"}))
+        for name, item_keys in ((peers, _PEER), ("ports", _PORT)):
+            items = rule.get(name, [])
+            if not isinstance(items, list):
+                raise ValueError(f"{where}[{index}].{name} is not a list")
+            for position, entry in enumerate(items):
+                _only(entry, f"{where}[{index}].{name}[{position}]", item_keys)
+
+
+def checked_policy(saved: SavedPolicy, *, namespace: str) -> dict[str, Any]:
+    """The manifest to recreate, if it is a NetworkPolicy of ``namespace`` named ``saved.name`` with only the
+    fields a NetworkPolicy has (the API server checks the values); otherwise ValueError saying what is wrong."""
+    try:
+        document = json.loads(saved.manifest)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not JSON ({error.msg})") from None
+    document = _only(document, "manifest", frozenset({"apiVersion", "kind", "metadata", "spec"}))
+    if (document.get("apiVersion"), document.get("kind")) != ("networking.k8s.io/v1", "NetworkPolicy"):
+        raise ValueError("not a networking.k8s.io/v1 NetworkPolicy")
+    metadata = _only(document.get("metadata"), "metadata", _SAVED_METADATA)
+    if metadata.get("name") != saved.name:
+        raise ValueError(f"metadata.name is not {saved.name}")
+    if metadata.get("namespace", namespace) != namespace:
+        raise ValueError(f"metadata.namespace is not {namespace}")
+    for name in ("labels", "annotations"):
+        values = metadata.get(name, {})
+        if not isinstance(values, dict) or not all(isinstance(v, str) for v in values.values()):
+            raise ValueError(f"metadata.{name} is not a map of strings")
+    spec = _only(document.get("spec"), "spec", frozenset({"podSelector", "policyTypes", "ingress", "egress"}))
+    if not isinstance(spec.get("podSelector"), dict):
+        raise ValueError("spec.podSelector is missing")
+    types = spec.get("policyTypes", [])
+    if not isinstance(types, list) or not set(types) <= {"Ingress", "Egress"}:
+        raise ValueError("spec.policyTypes may hold only Ingress and Egress")
+    _rules(spec.get("ingress", []), "spec.ingress", "from")
+    _rules(spec.get("egress", []), "spec.egress", "to")
+    return {**document, "metadata": {**metadata, "namespace": namespace}}
 
 
 def _hpa_for(hpas: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any] | None:

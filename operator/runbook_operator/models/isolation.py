@@ -138,6 +138,15 @@ class EvidenceRecord(StatusModel):
     captured_at: str | None = Field(None, description="When the archive was committed (manifest written).")
 
 
+class SavedPolicy(StatusModel):
+    """A NetworkPolicy removed for the isolation, as it was; in status, which only the operator writes."""
+
+    name: str = Field(description="The NetworkPolicy's name.")
+    manifest: str = Field(
+        description="Its manifest as JSON: name, namespace, labels, annotations and spec (checked again on release)."
+    )
+
+
 class IsolationPhase(enum.StrEnum):
     """Where an EmergencyIsolation is: admitted, contained (evidence next), isolated; releasing, released; or
     refused (a second one in the namespace) or invalid (never acted on)."""
@@ -166,6 +175,11 @@ class EmergencyIsolationStatus(StatusBase):
     )
     removed_policies: list[str] = Field(
         default_factory=list, description="NetworkPolicies removed (overrideExistingPolicies); recreated on release."
+    )
+    saved_policies: list[SavedPolicy] = Field(
+        default_factory=list,
+        description="The removed NetworkPolicies' manifests, saved before removal; after release, those that "
+        "could not be recreated (PoliciesRestored=False names them).",
     )
     evidence: EvidenceRecord | None = Field(None, description="The preserved evidence.")
 

@@ -14,19 +14,21 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from kubernetes.client import ApiException
+
 from .. import metrics
 from ..builders.common import owner_reference
 from ..builders.isolation import (
     POLICY_NAME,
     annotate_patch,
     build_network_policy,
-    build_saved_policies,
+    checked_policy,
     is_stopped,
     recorded_snapshot,
     recorded_state,
     requested_by,
     restore_patch,
-    saved_policies,
+    save_policy,
     saved_policies_name,
     scaled_summary,
     snapshot_workloads,
@@ -44,8 +46,8 @@ from ..models.isolation import (
     NetworkIsolation,
     WorkloadSnapshot,
 )
-from . import evidence
-from .runtime import Context, Reconciler, Result, merge_diff
+from . import evidence, tenancy
+from .runtime import Context, Reconciler, Result, as_failure, merge_diff
 
 KIND = "EmergencyIsolation"
 EMERGENCY_ISOLATIONS = kube.custom_resource("emergencyisolations", KIND)
@@ -113,6 +115,8 @@ def isolate(ctx: Ctx, *, seen: float) -> None:
         if not (ctx.status.isolated_at or ctx.status.snapshot):
             ctx.status.phase = Phase.INVALID
         raise
+    # the evidence bucket as the tenancy rules allow it, before anything is created or uploaded
+    tenancy.confine_emergency_isolation(ctx.grants(ctx.namespace), ctx.namespace, spec)
     holder = ctx.isolation(ctx.namespace)
     if holder not in (None, ctx.name):
         _audit(ctx, "isolation_rejected", "rejected", holder=holder)
@@ -237,16 +241,13 @@ def existing_policies(ctx: Ctx, network: NetworkIsolation) -> None:
 
 
 def save_policies(ctx: Ctx, policies: list[dict[str, Any]]) -> None:
-    """Store the full manifests before deleting anything: release recreates them from here."""
-    manifest = build_saved_policies(ctx.name, namespace=ctx.namespace, policies=policies)
-    if ctx.api.create(kube.CONFIG_MAPS, ctx.namespace, manifest):
-        return
-    # Only add: a manifest saved by an earlier pass is the original and is never overwritten.
-    name = manifest["metadata"]["name"]
-    current = (ctx.api.get(kube.CONFIG_MAPS, ctx.namespace, name) or {}).get("data") or {}
-    new = {k: v for k, v in manifest["data"].items() if k not in current}
+    """Store the manifests in status (only the operator writes it) before deleting anything: release recreates
+    them from there. Only add: a manifest saved by an earlier pass is the original and is never overwritten."""
+    saved = {p.name for p in ctx.status.saved_policies}
+    new = [save_policy(p) for p in policies if p["metadata"]["name"] not in saved]
     if new:
-        ctx.api.patch(kube.CONFIG_MAPS, ctx.namespace, name, {"data": new})
+        ctx.status.saved_policies = sorted([*ctx.status.saved_policies, *new], key=lambda p: p.name)
+        ctx.checkpoint()
 
 
 def take_snapshot(ctx: Ctx, spec: EmergencyIsolationSpec) -> list[WorkloadSnapshot]:
@@ -331,13 +332,14 @@ def scale_to_zero(ctx: Ctx, snapshot: list[WorkloadSnapshot]) -> None:
 
 # --- release ---------------------------------------------------------------------------------------------------
 def release(ctx: Ctx) -> None:
-    """Recreate removed policies, restore each workload exactly (unless changed by hand), drop the policy."""
+    """Restore each workload exactly (unless changed by hand), recreate the removed policies it can (those it
+    cannot are a condition, never a stop), drop the deny-all policy."""
     if ctx.status.phase in (Phase.RELEASED, Phase.REJECTED):
         return
     ctx.status.phase = Phase.RELEASING
     ctx.checkpoint()
-    recreated = recreate_policies(ctx)
     warnings = restore_workloads(ctx)
+    recreated, refused = recreate_policies(ctx)
     remove_policy(ctx)
     ctx.status.phase = Phase.RELEASED
     ctx.status.released_at = now_rfc3339()
@@ -347,26 +349,53 @@ def release(ctx: Ctx) -> None:
         ctx.event("Warning", "ChangedDuringIsolation", "; ".join(warnings))
     else:
         ctx.condition("Restored", "True", "Exact", "every workload is back to its recorded state")
-    ctx.condition("Ready", "True", "Released", "the namespace is released")
+    if refused:
+        message = "NetworkPolicies not recreated (the namespace is without them): " + "; ".join(refused)
+        ctx.condition("PoliciesRestored", "False", "NotRecreated", message[:1024])
+        ctx.event("Warning", "PoliciesNotRestored", message[:1024])
+    elif ctx.status.removed_policies:
+        ctx.condition("PoliciesRestored", "True", "Recreated", f"recreated {', '.join(recreated)}")
+    released = "the namespace is released" + (" (see PoliciesRestored)" if refused else "")
+    ctx.condition("Ready", "True", "Released", released)
     ctx.checkpoint()
     ctx.event("Normal", "Released", f"released; recreated policies: {', '.join(recreated) or 'none'}")
-    _audit(ctx, "isolation_released", "released", recreatedPolicies=recreated, warnings=warnings)
+    _audit(ctx, "isolation_released", "released", recreatedPolicies=recreated, notRecreated=refused, warnings=warnings)
     metrics.ISOLATIONS_ACTIVE.labels(ctx.namespace).set(0)
     spec = ctx.body.get("spec") or {}
     metrics.ISOLATION_INFO.remove(ctx.namespace, ctx.name, spec.get("incidentId", ""), spec.get("severity", "P1"))
 
 
-def recreate_policies(ctx: Ctx) -> list[str]:
-    name = saved_policies_name(ctx.name)
-    saved = ctx.api.get(kube.CONFIG_MAPS, ctx.namespace, name)
-    if saved is None:
-        return []
-    names = []
-    for manifest in saved_policies(saved.get("data")):
-        ctx.api.create(kube.NETWORK_POLICIES, ctx.namespace, manifest)  # False: recreated by an earlier pass
-        names.append(manifest["metadata"]["name"])
-    ctx.api.delete(kube.CONFIG_MAPS, ctx.namespace, name)
-    return names
+def recreate_policies(ctx: Ctx) -> tuple[list[str], list[str]]:
+    """Recreate each policy saved in status that passes ``checked_policy``; return the names recreated and,
+    for each one that is not, its name and why. The API server refusing one (4xx) is such a reason; an
+    unreachable or failing server (5xx, 429) fails the pass, which is retried (workloads already restored stay
+    so, policies already recreated are a 409). Status keeps the saved manifests of those not recreated."""
+    recreated, refused, kept = [], [], []
+    for saved in ctx.status.saved_policies:
+        try:
+            manifest = checked_policy(saved, namespace=ctx.namespace)
+            ctx.api.create(kube.NETWORK_POLICIES, ctx.namespace, manifest)  # False: recreated by an earlier pass
+        except ValueError as error:
+            refused.append(f"{saved.name}: the saved manifest is refused: {error}")
+        except ApiException as error:
+            if error.status is None or error.status >= 500 or error.status == 429:
+                raise
+            refused.append(f"{saved.name}: {as_failure(error).message}")
+        else:
+            recreated.append(saved.name)
+            continue
+        kept.append(saved)
+    saved_names = {p.name for p in ctx.status.saved_policies}
+    for name in ctx.status.removed_policies:
+        if name not in saved_names:
+            # Removed by an operator before issue 13, which kept the manifest in a ConfigMap any namespace
+            # user could have written: it is not read (README, Upgrade notes).
+            refused.append(
+                f"{name}: saved by an older operator in ConfigMap {saved_policies_name(ctx.name)}, which is not "
+                "trusted: review its entry and apply it by hand"
+            )
+    ctx.status.saved_policies = kept
+    return recreated, refused
 
 
 def restore_workloads(ctx: Ctx) -> list[str]:
