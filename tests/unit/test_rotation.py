@@ -175,3 +175,41 @@ def test_the_schedule_is_announced_when_ready_begins_not_on_every_resync(
     assert due == CREATED + timedelta(days=30)
     expected = [("Scheduled", "next rotation at 2026-03-31T12:00:00Z")] if announced else []
     assert checked.announcements == expected
+
+
+@pytest.mark.parametrize(
+    ("secret", "why"),
+    [
+        ({"type": "Opaque"}, None),
+        ({}, None),  # no type: Opaque
+        ({"type": "kubernetes.io/basic-auth"}, None),
+        ({"metadata": {"annotations": {build.ROTATED_BY: "app"}}}, None),  # this rotation's own
+        ({"metadata": {"ownerReferences": [{"uid": "u-1", "kind": "SecretRotation", "name": "app"}]}}, None),
+        ({"type": "kubernetes.io/tls"}, "its type is kubernetes.io/tls"),
+        ({"type": "kubernetes.io/service-account-token"}, "its type is kubernetes.io/service-account-token"),
+        ({"type": "kubernetes.io/dockerconfigjson"}, "its type is kubernetes.io/dockerconfigjson"),
+        ({"type": "kubernetes.io/dockercfg"}, "its type is kubernetes.io/dockercfg"),
+        ({"type": "helm.sh/release.v1"}, "its type is helm.sh/release.v1"),
+        (
+            {"metadata": {"ownerReferences": [{"uid": "u-9", "kind": "Certificate", "name": "web"}]}},
+            "it is owned by Certificate web (ownerReferences)",
+        ),
+        ({"metadata": {"annotations": {build.ROTATED_BY: "other"}}}, "SecretRotation other rotates it already"),
+    ],
+)
+def test_a_rotation_writes_only_a_secret_it_may_own(secret: dict[str, Any], why: str | None) -> None:
+    owner = {"metadata": {"name": "app", "uid": "u-1"}}
+    found = build.rotated_secret_refusal(spec(), {"metadata": {}, **secret}, owner=owner)
+    assert found == why or (why is not None and found is not None and found.startswith(why))
+
+
+def test_a_rotation_never_writes_its_own_admin_secret() -> None:
+    admin = spec(
+        secretRef={"name": "db-admin", "key": "password"},
+        target={"postgresql": {"host": "h", "user": "app", "adminSecretRef": {"name": "db-admin"}}},
+    )
+    owner = {"metadata": {"name": "app", "uid": "u-1"}}
+    assert build.rotated_secret_refusal(admin, {"metadata": {}}, owner=owner) == (
+        "it is the target's adminSecretRef, the login that rotates"
+    )
+    assert build.claim_patch("app") == {"metadata": {"annotations": {build.ROTATED_BY: "app"}}}

@@ -89,3 +89,55 @@ def test_redis_unreachable_raises_instead_of_answering() -> None:
 
     with pytest.raises(redis.ConnectionError):
         redis_client.login_works(host="127.0.0.1", port=free_port(), tls=None, material=None, user="x", password="y")
+
+
+def test_postgres_refuses_the_admin_login_and_privileged_roles(postgres: Postgres) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    plain, group, member = f"plain_{suffix}", f"grp_{suffix}", f"mem_{suffix}"
+    with postgres.connect() as admin:
+        admin.execute(f"CREATE ROLE {plain} LOGIN")
+        admin.execute(f"CREATE ROLE {group} NOLOGIN")
+        admin.execute(f"GRANT pg_read_all_settings TO {group}")  # a harmless predefined role
+        admin.execute(f"CREATE ROLE {member} LOGIN IN ROLE {group}")
+        assert pg.rotation_refusal(admin, plain) is None
+        assert pg.rotation_refusal(admin, member) is None
+        assert pg.rotation_refusal(admin, postgres.superuser) == "it is the admin login (adminSecretRef) itself"
+        for attribute in ("SUPERUSER", "CREATEROLE", "REPLICATION", "BYPASSRLS"):
+            role = f"{attribute.lower()}_{suffix}"
+            admin.execute(f"CREATE ROLE {role} LOGIN {attribute}")
+            assert pg.rotation_refusal(admin, role) == f"it has {attribute}"
+        admin.execute(f"GRANT createrole_{suffix} TO {group}")  # the member inherits through the group
+        assert pg.rotation_refusal(admin, member) == f"it is a member of role createrole_{suffix}, which has CREATEROLE"
+        admin.execute(f"REVOKE createrole_{suffix} FROM {group}")
+        admin.execute(f"GRANT pg_execute_server_program TO {group}")
+        assert pg.rotation_refusal(admin, member) == (
+            "it is a member of role pg_execute_server_program, which has access to the server's files"
+        )
+
+
+def test_postgres_dual_login_role_is_created_without_privileges(postgres: Postgres) -> None:
+    group = f"grp_{uuid.uuid4().hex[:8]}"
+    with postgres.connect() as admin:
+        admin.execute(f"CREATE ROLE {group} NOLOGIN")
+        pg.set_member_password(admin, f"{group}_a", group, "first-password-1")
+        row = admin.execute(
+            "SELECT rolsuper, rolcreaterole, rolcreatedb, rolreplication, rolbypassrls FROM pg_roles"
+            " WHERE rolname = %s",
+            (f"{group}_a",),
+        ).fetchone()
+        assert row == (False, False, False, False, False)
+        assert pg.rotation_refusal(admin, f"{group}_a") is None
+
+
+def test_redis_names_a_user_that_may_administer_the_server(redis_server: Redis) -> None:
+    admin = redis_server.client()
+    suffix = uuid.uuid4().hex[:8]
+    admin.execute_command("ACL", "SETUSER", f"app-{suffix}", "on", ">pw-1", "~*", "+@all", "-@admin")
+    admin.execute_command("ACL", "SETUSER", f"all-{suffix}", "on", ">pw-1", "~*", "+@all")
+    admin.execute_command("ACL", "SETUSER", f"acl-{suffix}", "on", ">pw-1", "~*", "+get", "+acl")
+    admin.execute_command("ACL", "SETUSER", f"cfg-{suffix}", "on", ">pw-1", "~*", "+@admin", "-acl")
+    assert redis_client.admin_command(admin, f"app-{suffix}") is None
+    assert redis_client.admin_command(admin, f"all-{suffix}") == "acl setuser"
+    assert redis_client.admin_command(admin, f"acl-{suffix}") == "acl setuser"
+    assert redis_client.admin_command(admin, f"cfg-{suffix}") == "config set"
+    assert redis_client.admin_command(admin, "default") == "acl setuser"

@@ -20,6 +20,10 @@ from ..settings import MANAGED_BY, PREFIX
 from .common import owner_reference
 
 ROTATION_ID = f"{PREFIX}/rotation-id"  # on the pending Secret and on restarted pod templates
+ROTATED_BY = f"{PREFIX}/rotated-by"  # on the rotated Secret: the one SecretRotation that writes it
+# The Secret types a rotation writes a password into; the others hold what a password must not replace
+# (TLS keys, ServiceAccount or bootstrap tokens, registry credentials, SSH keys, Helm releases, ...).
+ROTATABLE_TYPES = ("Opaque", "kubernetes.io/basic-auth")
 OWNER_LABEL = f"{PREFIX}/secretrotation"
 PENDING_PASSWORD = "password"
 PENDING_USERNAME = "username"
@@ -69,6 +73,34 @@ def refill_pending_secret(*, rotation_id: str, password: str, username: str | No
         "metadata": {"annotations": {ROTATION_ID: rotation_id}},
         "data": {PENDING_PASSWORD: encode(password), PENDING_USERNAME: None if username is None else encode(username)},
     }
+
+
+def rotated_secret_refusal(
+    spec: SecretRotationSpec, secret: Mapping[str, Any], *, owner: Mapping[str, Any]
+) -> str | None:
+    """Why the SecretRotation ``owner`` must not write ``secret`` (its ``spec.secretRef``), or None: a type
+    other than ``ROTATABLE_TYPES``, owned by another object, managed by another SecretRotation
+    (``ROTATED_BY``), or the target's admin Secret."""
+    metadata = secret.get("metadata") or {}
+    kind = secret.get("type") or "Opaque"
+    if kind not in ROTATABLE_TYPES:
+        return f"its type is {kind}; a rotation writes only a Secret of type {' or '.join(ROTATABLE_TYPES)}"
+    uid = owner["metadata"].get("uid")
+    for ref in metadata.get("ownerReferences") or []:
+        if ref.get("uid") != uid:
+            return f"it is owned by {ref.get('kind')} {ref.get('name')} (ownerReferences), which manages it"
+    managed_by = (metadata.get("annotations") or {}).get(ROTATED_BY)
+    if managed_by not in (None, owner["metadata"]["name"]):
+        return f"SecretRotation {managed_by} rotates it already (annotation {ROTATED_BY})"
+    target = (spec.target.postgresql or spec.target.redis) if spec.target is not None else None
+    if target is not None and target.admin_secret_ref.name == spec.secret_ref.name:
+        return "it is the target's adminSecretRef, the login that rotates"
+    return None
+
+
+def claim_patch(name: str | None) -> dict[str, Any]:
+    """Marks the rotated Secret as written by SecretRotation ``name`` (None: no longer)."""
+    return {"metadata": {"annotations": {ROTATED_BY: name}}}
 
 
 def publish_patch(spec: SecretRotationSpec, *, password: str, username: str | None) -> dict[str, Any]:

@@ -84,6 +84,34 @@ def role_exists(conn: psycopg.Connection[Any], role: str) -> bool:
     return conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is not None
 
 
+# Predefined roles that read or write the server's files or run programs as its OS user: as good as SUPERUSER.
+SERVER_ACCESS_ROLES = ("pg_execute_server_program", "pg_read_server_files", "pg_write_server_files")
+
+
+def rotation_refusal(conn: psycopg.Connection[Any], role: str) -> str | None:
+    """Why the password of ``role`` (an existing role) must not be rotated by this connection's login, or None.
+
+    Refused: the login itself (``current_user``/``session_user``), and a role that has SUPERUSER, CREATEROLE,
+    REPLICATION or BYPASSRLS, or is a member (directly or through other roles) of a role that has one of them
+    or of a predefined role with access to the server's files or programs (``SERVER_ACCESS_ROLES``): a
+    rotation would put a password with those powers into a namespace's Secret."""
+    row = conn.execute("SELECT %s IN (current_user, session_user)", (role,)).fetchone()
+    if row and row[0]:
+        return "it is the admin login (adminSecretRef) itself"
+    rows = conn.execute(
+        "SELECT r.rolname, r.rolsuper, r.rolcreaterole, r.rolreplication, r.rolbypassrls FROM pg_roles r"
+        " WHERE pg_has_role(%s, r.oid, 'MEMBER') AND (r.rolsuper OR r.rolcreaterole OR r.rolreplication"
+        " OR r.rolbypassrls OR r.rolname = ANY(%s)) ORDER BY r.rolname = %s DESC, 1",
+        (role, list(SERVER_ACCESS_ROLES), role),
+    ).fetchall()
+    if not rows:
+        return None
+    name, *flags = rows[0]
+    attributes = ("SUPERUSER", "CREATEROLE", "REPLICATION", "BYPASSRLS")
+    held = ", ".join(a for a, on in zip(attributes, flags, strict=True) if on) or "access to the server's files"
+    return f"it has {held}" if name == role else f"it is a member of role {name}, which has {held}"
+
+
 def _verifier(conn: psycopg.Connection[Any], role: str, password: str) -> sql.Literal:
     return sql.Literal(conn.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256").decode())
 
@@ -99,14 +127,16 @@ def set_member_password(conn: psycopg.Connection[Any], role: str, group: str, pa
     """Make ``role`` a login member of ``group`` with this password, creating it when missing.
 
     Its sessions act as the group (``SET role``), so objects it creates belong to the group and stay
-    usable by the other member after the next switch.
+    usable by the other member after the next switch. It is created with none of the attributes
+    ``rotation_refusal`` refuses (the caller checks an existing one and the group with it).
     """
     with conn.transaction():
         if not role_exists(conn, role):
             conn.execute(
-                sql.SQL("CREATE ROLE {} WITH LOGIN INHERIT IN ROLE {} PASSWORD {}").format(
-                    sql.Identifier(role), sql.Identifier(group), _verifier(conn, role, password)
-                )
+                sql.SQL(
+                    "CREATE ROLE {} WITH LOGIN INHERIT NOSUPERUSER NOCREATEROLE NOCREATEDB NOREPLICATION NOBYPASSRLS "
+                    "IN ROLE {} PASSWORD {}"
+                ).format(sql.Identifier(role), sql.Identifier(group), _verifier(conn, role, password))
             )
         else:
             conn.execute(

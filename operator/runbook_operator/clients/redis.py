@@ -174,6 +174,20 @@ def user_exists(client: redis.Redis, user: str) -> bool:
     return client.acl_getuser(user) is not None
 
 
+# Commands that administer the server (other users' passwords, its configuration, code it loads), as
+# ACL DRYRUN tries them: a user allowed one of them (e.g. +@all, +@admin, allcommands) is an administrator.
+ADMIN_COMMANDS = (("ACL", "SETUSER", "x"), ("CONFIG", "SET", "x", "y"), ("MODULE", "LOAD", "x"))
+
+
+def admin_command(client: redis.Redis, user: str) -> str | None:
+    """The first of ``ADMIN_COMMANDS`` that ``user`` may run (``acl setuser``), or None (ACL DRYRUN, Redis 7)."""
+    for command in ADMIN_COMMANDS:
+        answer = client.execute_command("ACL", "DRYRUN", user, *command)  # type: ignore[no-untyped-call]
+        if answer in (b"OK", "OK"):
+            return f"{command[0]} {command[1]}".lower()
+    return None
+
+
 def add_password(client: redis.Redis, user: str, password: str) -> None:
     """Let ``user`` log in with this password too; its other passwords keep working."""
     client.execute_command("ACL", "SETUSER", user, _hashed(password))  # type: ignore[no-untyped-call]

@@ -166,10 +166,27 @@ class PostgresTarget:
         ):
             yield conn
 
+    def _refuse_privileged(self, conn: psycopg.Connection[Any]) -> None:
+        """``RoleNotRotatable`` when the role (dual: the group and each login role that exists) is the admin login
+        or has, or inherits from a role with, more than its own objects' powers (``postgres.rotation_refusal``)."""
+        pg = self.target
+        roles = [pg.user, *build.dual_roles(pg.user)] if self.dual else [pg.user]
+        for role in roles:
+            why = postgres.rotation_refusal(conn, role) if postgres.role_exists(conn, role) else None
+            if why is not None:
+                login = "" if role == pg.user else f" (the dual strategy's login role {role})"
+                raise RunbookError(
+                    "RoleNotRotatable",
+                    f"{self.field}.user: role {role}{login} is not rotated: {why}",
+                    retry_after=REFUSED_RETRY,
+                )
+
     def check(self) -> None:
         pg = self.target
         with self._admin_connection() as conn:
             exists = postgres.role_exists(conn, pg.user)
+            if exists:
+                self._refuse_privileged(conn)
         if not exists:
             raise RunbookError(
                 "RoleNotFound",
@@ -182,6 +199,7 @@ class PostgresTarget:
 
     def apply(self, pending: Pending) -> None:
         with self._admin_connection() as conn:
+            self._refuse_privileged(conn)  # again: a resumed rotation did not pass check(), roles may have changed
             if pending.username is not None:
                 postgres.set_member_password(conn, pending.username, self.target.user, pending.password)
             else:
@@ -248,9 +266,34 @@ class RedisTarget:
             finally:
                 client.close()
 
+    def _refuse_privileged(self, client: redis.Redis) -> None:
+        """``RoleNotRotatable`` when the user is the admin login or may administer the server (ACL DRYRUN)."""
+        user = self.target.user
+        admin_user = kube.secret_value(
+            self.api,
+            self.namespace,
+            self.target.admin_secret_ref.name,
+            self.target.admin_secret_ref.username_key,
+            field=f"{self.field}.adminSecretRef",
+            redact=False,
+        )
+        why = None
+        if user == admin_user:
+            why = "it is the admin login (adminSecretRef) itself"
+        elif (command := redis_client.admin_command(client, user)) is not None:
+            why = f"it may run {command} (an administrator: e.g. +@all or +@admin; grant it -@admin)"
+        if why is not None:
+            raise RunbookError(
+                "RoleNotRotatable",
+                f"{self.field}.user: ACL user {user} is not rotated: {why}",
+                retry_after=REFUSED_RETRY,
+            )
+
     def check(self) -> None:
         with self._admin_client() as client:
             exists = redis_client.user_exists(client, self.target.user)
+            if exists:
+                self._refuse_privileged(client)
         if not exists:
             raise RunbookError(
                 "RoleNotFound",
@@ -263,6 +306,7 @@ class RedisTarget:
 
     def apply(self, pending: Pending) -> None:
         with self._admin_client() as client:
+            self._refuse_privileged(client)  # again: a resumed rotation did not pass check()
             redis_client.add_password(client, self.target.user, pending.password)
 
     def verify(self, pending: Pending) -> None:
