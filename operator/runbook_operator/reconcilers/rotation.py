@@ -231,6 +231,7 @@ class Rotation:
         """Every input a rotation needs, checked before it starts: a bad one leaves nothing half-done."""
         api, namespace, spec = self.ctx.api, self.ctx.namespace, self.spec
         kube.secret_value(api, namespace, spec.secret_ref.name, spec.secret_ref.key, field="spec.secretRef")
+        self._rotated_secret()
         self._pending_secret()
         for index, ref in enumerate(spec.restart_targets):
             if api.get(kube.workload(ref.kind), namespace, ref.name) is None:
@@ -283,14 +284,15 @@ class Rotation:
         """(d) The rotated Secret gets the new value (and dual's user name) in one write."""
         assert self.pending is not None
         ref, pending = self.spec.secret_ref, self.pending
-        secret = self.ctx.api.get(kube.SECRETS, self.ctx.namespace, ref.name)
-        if secret is None:
-            raise RunbookError(
-                "SecretNotFound", f"spec.secretRef: Secret {ref.name} not found", retry_after=MISSING_RETRY
-            )
-        patch = build.publish_patch(self.spec, password=pending.password, username=pending.username)
-        data = secret.get("data") or {}
-        if any(data.get(key) != value for key, value in patch["data"].items()):
+        secret = self._rotated_secret()
+        patch = {
+            **build.claim_patch(self.ctx.name),
+            **build.publish_patch(self.spec, password=pending.password, username=pending.username),
+        }
+        data, annotations = secret.get("data") or {}, secret["metadata"].get("annotations") or {}
+        if annotations.get(build.ROTATED_BY) != self.ctx.name or any(
+            data.get(key) != value for key, value in patch["data"].items()
+        ):
             self.ctx.api.patch(kube.SECRETS, self.ctx.namespace, ref.name, patch)
         self._tell(
             "Published",
@@ -387,6 +389,24 @@ class Rotation:
 
     # ------------------------------------------------------------------------------------ reading
 
+    def _rotated_secret(self) -> dict[str, Any]:
+        """The Secret ``spec.secretRef`` names, when this rotation may write it (else ``SecretNotRotatable``
+        naming the field); publishing marks it as this rotation's (``build.ROTATED_BY``)."""
+        ref = self.spec.secret_ref
+        secret = self.ctx.api.get(kube.SECRETS, self.ctx.namespace, ref.name)
+        if secret is None:
+            raise RunbookError(
+                "SecretNotFound", f"spec.secretRef: Secret {ref.name} not found", retry_after=MISSING_RETRY
+            )
+        why = build.rotated_secret_refusal(self.spec, secret, owner=self.ctx.body)
+        if why is not None:
+            raise RunbookError(
+                "SecretNotRotatable",
+                f"spec.secretRef.name: Secret {ref.name} is not rotated: {why}",
+                retry_after=REFUSED_RETRY,
+            )
+        return secret
+
     def _pending_secret(self) -> dict[str, Any] | None:
         """The pending Secret if it exists; one this resource does not own is a conflict."""
         name = build.pending_secret_name(self.ctx.name)
@@ -460,6 +480,10 @@ def reconciler(targets: TargetFor = target_for) -> Reconciler[SecretRotationSpec
         once the pending Secret is garbage-collected with the resource."""
         if _in_flight(ctx.status):
             Rotation(ctx, targets(ctx.api, ctx.namespace, ctx.spec)).advance(through=RotationStep.PUBLISHED)
+        rotated = str(((ctx.body.get("spec") or {}).get("secretRef") or {}).get("name") or "")
+        secret = ctx.api.get(kube.SECRETS, ctx.namespace, rotated) if rotated else None
+        if secret is not None and (secret["metadata"].get("annotations") or {}).get(build.ROTATED_BY) == ctx.name:
+            ctx.api.patch(kube.SECRETS, ctx.namespace, rotated, build.claim_patch(None))  # another may rotate it now
         return Result.done()
 
     return Reconciler(RESOURCE, SecretRotationSpec, SecretRotationStatus, reconcile, finalize=settle)
