@@ -1,4 +1,4 @@
-"""BackupPolicy without a cluster: the CronJob and RBAC builders, retention's choice, the agent's pure parts."""
+"""BackupPolicy without a cluster: the CronJob builders, retention's choice, the agent's pure parts."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 from runbook_operator.agent.backup import AgentConfig, clean_object, one_line
 from runbook_operator.builders.backup import build_backup_now_job, cronjob_name
 from runbook_operator.builders.backup import build_cronjob as cronjob_for
-from runbook_operator.builders.backup import build_export_rbac as rbac_for
 from runbook_operator.errors import RunbookError
 from runbook_operator.logs import REDACTOR
 from runbook_operator.models.backup import BackupPolicySpec
@@ -50,11 +49,6 @@ def build_cronjob(obj: dict[str, Any], spec: BackupPolicySpec, *, image: str) ->
         generation=metadata["generation"],
         image=image,
     )
-
-
-def build_export_rbac(obj: dict[str, Any], spec: BackupPolicySpec) -> list[dict[str, Any]]:
-    metadata = obj["metadata"]
-    return rbac_for(spec, namespace=metadata["namespace"], policy=metadata["name"], uid=metadata["uid"])
 
 
 def container(cronjob: dict[str, Any]) -> dict[str, Any]:
@@ -133,44 +127,22 @@ def test_redis_client_pair_is_mounted_from_its_tls_secret_never_put_in_the_envir
     assert all(ref["name"] != "redis-tls" for ref in refs)
 
 
-def test_kubernetes_export_gets_read_access_to_exactly_the_named_resources() -> None:
+def test_kubernetes_export_runs_as_the_administrators_service_account() -> None:
+    """The export's pods run as the enabling bundle's ServiceAccount (runbook-export, or runbook-export-secrets
+    with includeSecrets); the operator makes no ServiceAccount, Role or RoleBinding, so deletion has nothing
+    to remove beyond the backups."""
     obj = body("backuppolicy-kubernetes")
     obj["spec"]["source"]["kubernetes"]["namespaces"] = ["hungryhippaahneties", "other"]
-    spec = spec_of(obj)
-    objects = build_export_rbac(obj, spec)
-    kinds = [(o["kind"], o["metadata"]["namespace"]) for o in objects]
-    assert kinds == [
-        ("ServiceAccount", "hungryhippaahneties"),
-        ("Role", "hungryhippaahneties"),
-        ("RoleBinding", "hungryhippaahneties"),
-        ("Role", "other"),
-        ("RoleBinding", "other"),
-    ]
-    role = objects[1]
-    granted = {(r["apiGroups"][0], p) for r in role["rules"] for p in r["resources"]}
-    assert granted == {
-        ("apps", "deployments"),
-        ("apps", "statefulsets"),
-        ("", "services"),
-        ("", "configmaps"),
-        ("networking.k8s.io", "ingresses"),
-        ("networking.k8s.io", "networkpolicies"),
-        ("autoscaling", "horizontalpodautoscalers"),
-        ("batch", "cronjobs"),
-    }
-    assert all(r["verbs"] == ["get", "list"] for r in role["rules"])
-    assert "ownerReferences" in role["metadata"] and "ownerReferences" not in objects[3]["metadata"]
-    assert objects[4]["subjects"] == [
-        {"kind": "ServiceAccount", "name": "backup-kubernetes-configs", "namespace": "hungryhippaahneties"}
-    ]
-    pod = build_cronjob(obj, spec, image=IMAGE)["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    assert pod["serviceAccountName"] == "backup-kubernetes-configs" and pod["automountServiceAccountToken"] is True
-    assert needs_finalizer(obj["spec"], "hungryhippaahneties")  # the Role in "other" has no owner
-
+    pod = build_cronjob(obj, spec_of(obj), image=IMAGE)["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "runbook-export" and pod["automountServiceAccountToken"] is True
+    assert not needs_finalizer(obj["spec"])
+    assert needs_finalizer({**obj["spec"], "deletionPolicy": "Delete"})
     obj["spec"]["source"]["kubernetes"]["includeSecrets"] = True
-    granted = {p for r in build_export_rbac(obj, spec_of(obj))[1]["rules"] for p in r["resources"]}
-    assert "secrets" in granted
-    assert build_export_rbac(body("backuppolicy-postgresql"), spec_of(body("backuppolicy-postgresql"))) == []
+    pod = build_cronjob(obj, spec_of(obj), image=IMAGE)["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "runbook-export-secrets"
+    postgres = build_cronjob(body("backuppolicy-postgresql"), spec_of(body("backuppolicy-postgresql")), image=IMAGE)
+    postgres_pod = postgres["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert "serviceAccountName" not in postgres_pod and postgres_pod["automountServiceAccountToken"] is False
 
 
 def test_names_fit_the_cronjob_limit_and_backup_now_jobs_are_owned_by_it() -> None:

@@ -6,7 +6,8 @@ from typing import Any
 
 import yaml
 
-from runbook_operator.builders.backup import agent_pod_spec
+from runbook_operator.builders.backup import EXPORT_SECRETS_SERVICE_ACCOUNT, EXPORT_SERVICE_ACCOUNT, agent_pod_spec
+from runbook_operator.builders.restore_kubernetes import RESTORE_SECRETS_SERVICE_ACCOUNT, RESTORE_SERVICE_ACCOUNT
 from runbook_operator.models.backup import KUBERNETES_RESOURCES
 from tests.helpers import ROOT
 
@@ -17,41 +18,120 @@ def documents(name: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all((DEPLOY / name).read_text()) if d]
 
 
-def cluster_role() -> dict[str, Any]:
-    return next(d for d in documents("rbac.yaml") if d["kind"] == "ClusterRole")
+OPERATOR_ROLES = ("runbook-operator", "runbook-operator-namespace")
+FORBIDDEN_VERBS = {"update", "escalate", "bind", "impersonate", "*"}
 
 
-def test_export_rules_grant_exact_group_resource_pairs() -> None:
-    """The read access a Kubernetes export needs, rule by rule, is exactly KUBERNETES_RESOURCES: no rule
-    crosses several groups (which granted meaningless pairs such as `secrets` in `apps`)."""
-    exportable = {(group, plural) for plural, (group, _, _) in KUBERNETES_RESOURCES.items()}
-    readable = {
-        (group, resource)
-        for rule in cluster_role()["rules"]
-        if sorted(rule["verbs"]) == ["get", "list"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-    }
-    assert exportable <= readable
-    for rule in cluster_role()["rules"]:
-        assert len(rule["apiGroups"]) == 1 or rule["resources"] == ["events"], rule
+def cluster_roles(name: str) -> dict[str, list[dict[str, Any]]]:
+    return {d["metadata"]["name"]: d["rules"] for d in documents(name) if d["kind"] == "ClusterRole"}
 
 
-def test_server_side_applied_kinds_may_be_created() -> None:
-    """An apply that creates the object needs `create`: the reconcilers apply CronJobs, ServiceAccounts,
-    Roles and RoleBindings."""
+def cluster_role(name: str = "runbook-operator-namespace") -> dict[str, Any]:
+    return {"rules": cluster_roles("rbac.yaml")[name]}
+
+
+def grants(rules: list[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
     granted: dict[tuple[str, str], set[str]] = {}
-    for rule in cluster_role()["rules"]:
+    for rule in rules:
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 granted.setdefault((group, resource), set()).update(rule["verbs"])
-    for pair in [
-        ("batch", "cronjobs"),
-        ("", "serviceaccounts"),
-        ("rbac.authorization.k8s.io", "roles"),
-        ("rbac.authorization.k8s.io", "rolebindings"),
-    ]:
+    return granted
+
+
+def test_operator_roles_are_split_and_every_rule_has_its_reason() -> None:
+    """Two ClusterRoles: the cluster-wide one and the namespaced one; every rule below a comment giving its
+    reason; no rule crosses several groups (which granted meaningless pairs such as `secrets` in `apps`)."""
+    assert sorted(cluster_roles("rbac.yaml")) == sorted(OPERATOR_ROLES)
+    text = (DEPLOY / "rbac.yaml").read_text().splitlines()
+    rule_lines = [i for i, line in enumerate(text) if line.startswith("  - apiGroups:")]
+    assert len(rule_lines) == sum(len(r) for r in cluster_roles("rbac.yaml").values())
+    for index in rule_lines:
+        assert text[index - 1].strip().startswith("#"), f"deploy/base/rbac.yaml line {index + 1} has no reason"
+    for rules in cluster_roles("rbac.yaml").values():
+        for rule in rules:
+            assert len(rule["apiGroups"]) == 1 or rule["resources"] == ["events"], rule
+
+
+def test_operator_holds_no_secret_list_no_update_and_nothing_that_escalates() -> None:
+    """No `list`/`watch` of Secrets, no `update` (the code only patches), no escalate/bind/impersonate, no
+    pods/exec; replicas only through /scale; the fixed names by resourceNames."""
+    for name, rules in cluster_roles("rbac.yaml").items():
+        granted = grants(rules)
+        assert not ({"list", "watch"} & granted.get(("", "secrets"), set())), name
+        assert all(not (FORBIDDEN_VERBS & set(r["verbs"])) for r in rules), name
+        assert not {("", "pods/exec"), ("", "pods/attach"), ("", "serviceaccounts/token")} & set(granted), name
+        assert not any(group == "rbac.authorization.k8s.io" for group, _ in granted), name
+    namespaced = cluster_roles("rbac.yaml")["runbook-operator-namespace"]
+    fixed = {
+        (r["resources"][0], tuple(r["resourceNames"])): sorted(r["verbs"]) for r in namespaced if "resourceNames" in r
+    }
+    assert fixed[("networkpolicies", ("emergency-isolate",))] == ["get", "patch"]
+    assert {"deployments/scale", "statefulsets/scale"} <= {p for (_, p) in grants(namespaced)}
+    cluster_wide = grants(cluster_roles("rbac.yaml")["runbook-operator"])
+    assert all(
+        group in {"", "apiextensions.k8s.io", "events.k8s.io", "runbook.dev", "batch"} for group, _ in cluster_wide
+    )
+    assert cluster_wide[("batch", "jobs")] == {"list", "watch"}
+    assert not {("", "secrets"), ("", "configmaps"), ("apps", "deployments")} & set(cluster_wide)
+
+
+def test_agent_roles_cover_exactly_the_exportable_resources() -> None:
+    """The export's read and the restore's apply access, rule by rule, is exactly KUBERNETES_RESOURCES,
+    Secrets in ClusterRoles of their own."""
+    exportable = {(group, plural) for plural, (group, _, _) in KUBERNETES_RESOURCES.items()}
+    roles = cluster_roles("agent-rbac.yaml")
+    granted = {name: grants(rules) for name, rules in roles.items()}
+    secrets = {("", "secrets")}
+    assert {name: set(pairs) for name, pairs in granted.items()} == {
+        "runbook-operator-export": exportable - secrets,
+        "runbook-operator-export-secrets": secrets,
+        "runbook-operator-restore-kubernetes": exportable - secrets,
+        "runbook-operator-restore-kubernetes-secrets": secrets,
+    }
+    for name, rules in roles.items():
+        verbs = ["get", "list"] if "export" in name else ["create", "get", "patch"]
+        assert all(sorted(rule["verbs"]) == verbs and len(rule["apiGroups"]) == 1 for rule in rules), name
+
+
+def test_server_side_applied_kinds_may_be_created() -> None:
+    """An apply that creates the object needs `create`: the reconcilers apply CronJobs and HPAs."""
+    granted = grants(cluster_role()["rules"])
+    for pair in [("batch", "cronjobs"), ("autoscaling", "horizontalpodautoscalers")]:
         assert {"create", "patch"} <= granted[pair], pair
+
+
+def test_enabling_bundle_binds_the_operator_and_names_the_agents_service_accounts() -> None:
+    """deploy/base/namespace-enable/: the operator's RoleBinding to its namespaced role, and each agent
+    ServiceAccount the reconcilers name bound to its ClusterRoles (the -secrets ones to the Secrets role too);
+    the operator's namespaced role may read exactly those ServiceAccounts."""
+    docs = documents("namespace-enable/enable.yaml")
+    accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
+    assert accounts == {
+        EXPORT_SERVICE_ACCOUNT,
+        EXPORT_SECRETS_SERVICE_ACCOUNT,
+        RESTORE_SERVICE_ACCOUNT,
+        RESTORE_SECRETS_SERVICE_ACCOUNT,
+    }
+    bound: dict[str, set[str]] = {}
+    for d in docs:
+        if d["kind"] == "RoleBinding":
+            for subject in d["subjects"]:
+                bound.setdefault(subject["name"], set()).add(d["roleRef"]["name"])
+    assert bound == {
+        "runbook-operator": {"runbook-operator-namespace"},
+        EXPORT_SERVICE_ACCOUNT: {"runbook-operator-export"},
+        EXPORT_SECRETS_SERVICE_ACCOUNT: {"runbook-operator-export", "runbook-operator-export-secrets"},
+        RESTORE_SERVICE_ACCOUNT: {"runbook-operator-restore-kubernetes"},
+        RESTORE_SECRETS_SERVICE_ACCOUNT: {
+            "runbook-operator-restore-kubernetes",
+            "runbook-operator-restore-kubernetes-secrets",
+        },
+    }
+    readable = [r for r in cluster_role()["rules"] if r["resources"] == ["serviceaccounts"]]
+    assert readable == [
+        {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get"], "resourceNames": sorted(accounts)}
+    ]
 
 
 def test_operator_deployment_has_readiness_and_liveness_probes_and_limits() -> None:
@@ -76,31 +156,3 @@ def test_the_quick_start_apply_does_not_isolate_the_namespace() -> None:
     kinds = {yaml.safe_load(p.read_text())["kind"] for p in (ROOT / "deploy" / "samples").glob("*.yaml")}
     assert "EmergencyIsolation" not in kinds
     assert (ROOT / "deploy/samples/incident/emergencyisolation.yaml").is_file()
-
-
-def test_restore_cluster_roles_grant_apply_on_exactly_the_exportable_resources() -> None:
-    """The Kubernetes restore Job's ClusterRoles: get/create/patch on exactly KUBERNETES_RESOURCES, Secrets
-    only in the second; the operator may bind exactly these two and holds no write access of its own."""
-    roles = {d["metadata"]["name"]: d["rules"] for d in documents("restore-rbac.yaml") if d["kind"] == "ClusterRole"}
-    granted = {
-        name: {(group, resource) for rule in rules for group in rule["apiGroups"] for resource in rule["resources"]}
-        for name, rules in roles.items()
-    }
-    exportable = {(group, plural) for plural, (group, _, _) in KUBERNETES_RESOURCES.items()}
-    assert granted == {
-        "runbook-operator-restore-kubernetes": exportable - {("", "secrets")},
-        "runbook-operator-restore-kubernetes-secrets": {("", "secrets")},
-    }
-    for rules in roles.values():
-        assert all(
-            sorted(rule["verbs"]) == ["create", "get", "patch"] and len(rule["apiGroups"]) == 1 for rule in rules
-        )
-    binds = [r for r in cluster_role()["rules"] if "bind" in r["verbs"]]
-    assert binds == [
-        {
-            "apiGroups": ["rbac.authorization.k8s.io"],
-            "resources": ["clusterroles"],
-            "verbs": ["bind"],
-            "resourceNames": sorted(roles),
-        }
-    ]

@@ -1,19 +1,24 @@
-"""BackupPolicy manifests: the owned CronJob that runs the agent, and for a Kubernetes export its own
-ServiceAccount with read access to exactly the named resources. Pure: no I/O."""
+"""BackupPolicy manifests: the owned CronJob that runs the agent (for a Kubernetes export, as the
+ServiceAccount an administrator created when enabling the namespace). Pure: no I/O."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..models import GROUP, VERSION
-from ..models.backup import BACKUP_NOW, KUBERNETES_RESOURCES, BackupPolicySpec
+from ..models.backup import BACKUP_NOW, BackupPolicySpec
 from ..models.plans import (
     GPG_PASSPHRASE_ENV,
     GPG_RECIPIENTS_ENV,
     JOB_NAME_ENV,
+    MANIFEST_KEY_ENV,
+    MANIFEST_KEY_SECRET,
+    MANIFEST_KEY_SECRET_KEY,
+    PG_CA_FILE_ENV,
     PG_PASSWORD_ENV,
     PG_USER_ENV,
     REDIS_CA_FILE_ENV,
@@ -24,7 +29,7 @@ from ..models.plans import (
     S3_SECRET_KEY_ENV,
     SPEC_ENV,
 )
-from ..models.sources import TLS_CERT_KEY, TLS_KEY_KEY, RedisTLS
+from ..models.sources import TLS_CERT_KEY, TLS_KEY_KEY, PostgresTLS, RedisTLS
 from ..settings import MANAGED_BY, PREFIX
 from .common import owner_reference
 
@@ -32,6 +37,7 @@ POLICY_LABEL = f"{PREFIX}/backup-policy"
 CONTAINER = "backup"
 AGENT_UID = 10001  # the image's non-root user
 REDIS_CA_DIR = "/etc/runbook/redis-ca"
+POSTGRES_CA_DIR = "/etc/runbook/postgres-ca"
 REDIS_CLIENT_DIR = "/etc/runbook/redis-client"
 # gpg needs a home for its keyring and agent socket; a small memory-backed /tmp is the only writable path.
 # It is far too small to hold a dump: the data only ever streams through pipes.
@@ -45,6 +51,10 @@ AGENT_RESOURCES: dict[str, dict[str, str]] = {
     "limits": {"cpu": "1", "memory": "256Mi", "ephemeral-storage": "64Mi"},
 }
 _MAX_CRONJOB_NAME = 52  # the CronJob controller appends an 11-character suffix to name its Jobs
+# A Kubernetes export's pods run as one of these, created with the namespace's enabling bundle
+# (deploy/base/namespace-enable/): read access to the exportable resources, Secrets for the second only.
+EXPORT_SERVICE_ACCOUNT = "runbook-export"
+EXPORT_SECRETS_SERVICE_ACCOUNT = "runbook-export-secrets"
 
 
 def cronjob_name(policy: str) -> str:
@@ -54,6 +64,14 @@ def cronjob_name(policy: str) -> str:
         return name
     digest = hashlib.sha256(policy.encode()).hexdigest()[:8]
     return f"{name[: _MAX_CRONJOB_NAME - 9].rstrip('-.')}-{digest}"
+
+
+def export_service_account(spec: BackupPolicySpec) -> str | None:
+    """The ServiceAccount a Kubernetes export's pods run as (None: other sources mount no token)."""
+    source = spec.source.kubernetes
+    if source is None:
+        return None
+    return EXPORT_SECRETS_SERVICE_ACCOUNT if source.include_secrets else EXPORT_SERVICE_ACCOUNT
 
 
 def labels(policy: str) -> dict[str, str]:
@@ -73,6 +91,8 @@ def agent_env(spec: BackupPolicySpec) -> list[dict[str, Any]]:
             "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}},
         },
         {"name": "HOME", "value": TMP_DIR},
+        # The namespace's manifest signing key: the agent signs each manifest (restores and drills verify it).
+        secret_env(MANIFEST_KEY_ENV, MANIFEST_KEY_SECRET, MANIFEST_KEY_SECRET_KEY),
     ]
     source = spec.source
     if source.postgresql is not None:
@@ -81,6 +101,7 @@ def agent_env(spec: BackupPolicySpec) -> list[dict[str, Any]]:
             secret_env(PG_USER_ENV, ref.name, ref.username_key),
             secret_env(PG_PASSWORD_ENV, ref.name, ref.password_key),
         ]
+        env += postgres_tls_files(source.postgresql.tls)[0]
     if source.redis is not None:
         if source.redis.password_secret_ref is not None:
             ref_key = source.redis.password_secret_ref
@@ -101,6 +122,18 @@ def agent_env(spec: BackupPolicySpec) -> list[dict[str, Any]]:
     if gpg.passphrase_secret_ref is not None:
         env.append(secret_env(GPG_PASSPHRASE_ENV, gpg.passphrase_secret_ref.name, gpg.passphrase_secret_ref.key))
     return env
+
+
+def build_manifest_key(namespace: str, value: str) -> dict[str, Any]:
+    """The namespace's manifest signing key (created once, never overwritten; no owner, so it outlives every
+    policy and the backups it signed stay restorable)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": MANIFEST_KEY_SECRET, "namespace": namespace, "labels": dict(MANAGED_BY)},
+        "type": "Opaque",
+        "data": {MANIFEST_KEY_SECRET_KEY: base64.b64encode(value.encode()).decode()},
+    }
 
 
 def agent_pod_spec(
@@ -182,9 +215,31 @@ def redis_tls_files(tls: RedisTLS | None) -> tuple[Parts, Parts, Parts]:
     return env, volumes, mounts
 
 
+def postgres_tls_files(tls: PostgresTLS | None) -> tuple[Parts, Parts, Parts]:
+    """(env, volumes, mounts) that give an agent a PostgreSQL connection's CA as a file of a Secret volume, and
+    libpq's settings for every client in the pod (pg_dump, pg_restore, psql, the agent's own connections):
+    verify-full against that CA, SCRAM-SHA-256 only, no GSSAPI encryption. Nothing without TLS."""
+    if tls is None:
+        return [], [], []
+    ca = tls.ca_secret_ref
+    env: Parts = [
+        {"name": "PGSSLMODE", "value": "verify-full"},
+        {"name": PG_CA_FILE_ENV, "value": f"{POSTGRES_CA_DIR}/ca.crt"},
+        {"name": "PGREQUIREAUTH", "value": "scram-sha-256"},
+        {"name": "PGGSSENCMODE", "value": "disable"},
+    ]
+    volumes: Parts = [
+        {"name": "postgres-ca", "secret": {"secretName": ca.name, "items": [{"key": ca.key, "path": "ca.crt"}]}}
+    ]
+    mounts: Parts = [{"name": "postgres-ca", "mountPath": POSTGRES_CA_DIR, "readOnly": True}]
+    return env, volumes, mounts
+
+
 def _pod_spec(spec: BackupPolicySpec, *, namespace: str, policy: str, generation: int, image: str) -> dict[str, Any]:
-    redis = spec.source.redis
+    redis, postgresql = spec.source.redis, spec.source.postgresql
     _, volumes, mounts = redis_tls_files(redis.tls if redis is not None else None)
+    _, pg_volumes, pg_mounts = postgres_tls_files(postgresql.tls if postgresql is not None else None)
+    volumes, mounts = [*volumes, *pg_volumes], [*mounts, *pg_mounts]
     return agent_pod_spec(
         container=CONTAINER,
         image=image,
@@ -192,7 +247,7 @@ def _pod_spec(spec: BackupPolicySpec, *, namespace: str, policy: str, generation
         env=agent_env(spec),
         volumes=volumes,
         mounts=mounts,
-        service_account=cronjob_name(policy) if spec.source.kubernetes is not None else None,
+        service_account=export_service_account(spec),
     )
 
 
@@ -265,53 +320,3 @@ def build_backup_now_job(cronjob: Mapping[str, Any], token: str) -> dict[str, An
         },
         "spec": template["spec"],
     }
-
-
-def build_export_rbac(spec: BackupPolicySpec, *, namespace: str, policy: str, uid: str) -> list[dict[str, Any]]:
-    """For a Kubernetes export: a ServiceAccount, and in each exported namespace a Role that can get and list
-    exactly the named resources plus a RoleBinding to it. Objects in the policy's namespace are owned by it;
-    owner references cannot cross namespaces, so the others are found by label and removed on deletion."""
-    source = spec.source.kubernetes
-    if source is None:
-        return []
-    name = cronjob_name(policy)
-    owned: dict[str, Any] = {"ownerReferences": [policy_owner(policy, uid)]}
-    rules: dict[str, list[str]] = {}
-    for plural in source.exported:
-        rules.setdefault(KUBERNETES_RESOURCES[plural][0], []).append(plural)
-    objects: list[dict[str, Any]] = [
-        {
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": {"name": name, "namespace": namespace, "labels": labels(policy), **owned},
-            "automountServiceAccountToken": False,
-        }
-    ]
-    for target in source.namespaces:
-        target_meta = {
-            "name": name if target == namespace else f"{name}-{namespace}"[:253],
-            "namespace": target,
-            "labels": {**labels(policy), f"{PREFIX}/backup-policy-namespace": namespace},
-            **(owned if target == namespace else {}),
-        }
-        objects.append(
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "Role",
-                "metadata": target_meta,
-                "rules": [
-                    {"apiGroups": [group], "resources": sorted(plurals), "verbs": ["get", "list"]}
-                    for group, plurals in sorted(rules.items())
-                ],
-            }
-        )
-        objects.append(
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "RoleBinding",
-                "metadata": target_meta,
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": target_meta["name"]},
-                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
-            }
-        )
-    return objects

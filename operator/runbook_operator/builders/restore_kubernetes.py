@@ -1,12 +1,10 @@
-"""A Kubernetes export's restore as manifests, pure: the plan, the Job that applies the section, and that Job's
-ServiceAccount with write access to the exportable resources in the target namespace only.
+"""A Kubernetes export's restore as manifests, pure: the plan and the Job that applies the section.
 
-The write access is not a Role the operator writes: the API server lets a subject grant only what it holds,
-so a Role would need the operator itself to hold create/patch on every exportable resource in every
-namespace. Instead an administrator installs two ClusterRoles with exactly those verbs on exactly those
-resources (deploy/base/restore-rbac.yaml: one without Secrets, one with Secrets only), and the operator may
-only ``bind`` them (by name): a RoleBinding in the target namespace gives the Job's ServiceAccount that
-access there and nowhere else, Secrets only when the restore asks for them."""
+The Job's write access is not the operator's: it runs as a ServiceAccount a cluster administrator created
+when enabling the namespace (deploy/base/namespace-enable/), bound there to a ClusterRole with exactly
+get/create/patch on exactly the exportable resources (deploy/base/agent-rbac.yaml); with includeSecrets as
+the one whose binding adds Secrets. The operator holds none of that access, binds nothing, and only names
+the ServiceAccount."""
 
 from __future__ import annotations
 
@@ -21,9 +19,9 @@ from .backup import TMP_DIR, agent_pod_spec
 from .common import owner_reference
 from .restore import CONTAINER, RESTORE_LABEL, job_name, storage_env
 
-# The administrator-installed ClusterRoles the restore Job is bound to (deploy/base/restore-rbac.yaml).
-APPLY_CLUSTER_ROLE = "runbook-operator-restore-kubernetes"
-SECRETS_CLUSTER_ROLE = "runbook-operator-restore-kubernetes-secrets"
+# The restore Job's ServiceAccounts, created with the namespace's enabling bundle.
+RESTORE_SERVICE_ACCOUNT = "runbook-restore-kubernetes"
+RESTORE_SECRETS_SERVICE_ACCOUNT = "runbook-restore-kubernetes-secrets"
 
 
 def build_kubernetes_plan(
@@ -33,8 +31,10 @@ def build_kubernetes_plan(
     *,
     namespace: str,
     dry_run: bool,
+    etag: str | None = None,
 ) -> KubernetesRestorePlan:
-    """What the Job needs: the backup's object from the manifest, the section, where and how to apply it."""
+    """What the Job needs: the backup's object from the manifest (carried as read) and the preflight's ETag,
+    the section, where and how to apply it."""
     data = manifest["data"]
     return KubernetesRestorePlan(
         location=policy.destination.s3,
@@ -47,6 +47,8 @@ def build_kubernetes_plan(
         include_secrets=choice.include_secrets,
         conflicts=choice.conflicts,
         dry_run=dry_run,
+        manifest=dict(manifest),
+        etag=etag,
     )
 
 
@@ -54,34 +56,9 @@ def _labels(name: str) -> dict[str, str]:
     return {**MANAGED_BY, RESTORE_LABEL: name, "app.kubernetes.io/component": "restore"}
 
 
-def build_restore_rbac(body: Mapping[str, Any], plan: KubernetesRestorePlan) -> list[dict[str, Any]]:
-    """The Job's ServiceAccount and, in the target namespace, its RoleBindings to the ClusterRoles (the
-    Secrets one only with includeSecrets); all owned by the BackupRestore."""
-    metadata = body["metadata"]
-    name, namespace = metadata["name"], metadata["namespace"]
-    account = job_name(name)
-    owned = {"labels": _labels(name), "ownerReferences": [owner_reference(body)]}
-    objects: list[dict[str, Any]] = [
-        {
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": {"name": account, "namespace": namespace, **owned},
-            "automountServiceAccountToken": False,
-        }
-    ]
-    roles = [APPLY_CLUSTER_ROLE] + ([SECRETS_CLUSTER_ROLE] if plan.include_secrets else [])
-    for role in roles:
-        suffix = "-secrets" if role == SECRETS_CLUSTER_ROLE else ""
-        objects.append(
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "RoleBinding",
-                "metadata": {"name": f"{account}{suffix}", "namespace": plan.namespace, **owned},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
-                "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
-            }
-        )
-    return objects
+def restore_service_account(plan: KubernetesRestorePlan) -> str:
+    """The ServiceAccount the Job runs as: the one whose access includes Secrets only with includeSecrets."""
+    return RESTORE_SECRETS_SERVICE_ACCOUNT if plan.include_secrets else RESTORE_SERVICE_ACCOUNT
 
 
 def build_kubernetes_job(
@@ -92,13 +69,13 @@ def build_kubernetes_job(
     spec: BackupRestoreSpec,
     image: str,
 ) -> dict[str, Any]:
-    """The Job that runs ``runbook-operator restore-kubernetes`` once, as the restore's own ServiceAccount."""
+    """The Job that runs ``runbook-operator restore-kubernetes`` once, as the administrator's ServiceAccount."""
     metadata = body["metadata"]
     name, namespace = metadata["name"], metadata["namespace"]
     env: list[dict[str, Any]] = [
         {"name": RESTORE_PLAN_ENV, "value": json.dumps(plan.to_api(), sort_keys=True, separators=(",", ":"))},
         {"name": "HOME", "value": TMP_DIR},
-        *storage_env(policy=policy, spec=spec, symmetric=plan.symmetric),
+        *storage_env(policy=policy, spec=spec, symmetric=plan.symmetric, manifest=plan.manifest),
     ]
     return {
         "apiVersion": "batch/v1",
@@ -119,7 +96,7 @@ def build_kubernetes_job(
                     image=image,
                     args=["restore-kubernetes", "--namespace", namespace, "--name", name],
                     env=env,
-                    service_account=job_name(name),
+                    service_account=restore_service_account(plan),
                 ),
             },
         },

@@ -1,4 +1,4 @@
-"""BackupPolicy: converge the CronJob (and an export's RBAC), and derive status from facts.
+"""BackupPolicy: converge the CronJob, and derive status from facts.
 
 ``reconcile`` checks what the pods will need (the referenced Secret keys, the recipients' public keys, the
 bucket), installs the bucket's lifecycle rule for abandoned multipart uploads, applies the children, then
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Mapping
+import secrets
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -25,13 +26,15 @@ from ..builders.backup import (
     POLICY_LABEL,
     build_backup_now_job,
     build_cronjob,
-    build_export_rbac,
+    build_manifest_key,
     cronjob_name,
+    export_service_account,
 )
 from ..builders.common import contains
 from ..clients import kube
 from ..clients.gpg import GPG
 from ..errors import RunbookError
+from ..logs import REDACTOR
 from ..models.backup import (
     BACKUP_NOW,
     BackupPolicyPhase,
@@ -41,9 +44,10 @@ from ..models.backup import (
     FailureRecord,
 )
 from ..models.common import parse_time, rfc3339
-from ..models.plans import policy_folder
+from ..models.plans import MANIFEST_KEY_SECRET, MANIFEST_KEY_SECRET_KEY, policy_folder
 from ..models.sources import TLS_CERT_KEY, TLS_KEY_KEY, GPGEncryption
 from ..settings import Settings
+from . import tenancy
 from .catalog import (
     S3_CREDENTIALS_FIELD,
     check_bucket,
@@ -56,7 +60,7 @@ from .catalog import (
     verify_manifest,
 )
 from .jobs import failure_reason, job_outcome, job_pods
-from .runtime import Context, Reconciler, Result, run_pass
+from .runtime import Context, GrantsOf, Reconciler, Result, run_pass
 
 LOG = logging.getLogger(__name__)
 SCHEDULED_AT = "batch.kubernetes.io/cronjob-scheduled-timestamp"
@@ -69,7 +73,7 @@ Step = Callable[[PolicyContext], Result]
 
 # --- the policy's children ------------------------------------------------------------------------------
 
-CHILDREN = {r.kind: r for r in (kube.CRON_JOBS, kube.SERVICE_ACCOUNTS, kube.ROLES, kube.ROLE_BINDINGS)}
+CHILDREN = {r.kind: r for r in (kube.CRON_JOBS,)}
 
 
 def apply_child(api: kube.Api, desired: dict[str, Any]) -> bool:
@@ -81,23 +85,6 @@ def apply_child(api: kube.Api, desired: dict[str, Any]) -> bool:
         return False
     api.apply(resource, namespace, desired)
     return True
-
-
-def remove_stale_rbac(api: kube.Api, namespace: str, policy: str, keep: Iterable[dict[str, Any]]) -> None:
-    """Delete the export's Roles, RoleBindings and ServiceAccount that are no longer desired (all of them
-    when ``keep`` is empty): those in other namespaces have no owner to garbage-collect them."""
-    wanted = {(o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]) for o in keep}
-    selector = f"{POLICY_LABEL}={policy},{POLICY_LABEL}-namespace={namespace}"
-    listings = [
-        (kube.ROLES, api.list(kube.ROLES, None, labels=selector)),
-        (kube.ROLE_BINDINGS, api.list(kube.ROLE_BINDINGS, None, labels=selector)),
-        (kube.SERVICE_ACCOUNTS, api.list(kube.SERVICE_ACCOUNTS, namespace, labels=f"{POLICY_LABEL}={policy}")),
-    ]
-    for resource, items in listings:
-        for item in items:
-            where, name = item["metadata"]["namespace"], item["metadata"]["name"]
-            if (resource.kind, where, name) not in wanted:
-                api.delete(resource, where, name)
 
 
 # --- reconcile ------------------------------------------------------------------------------------------
@@ -155,6 +142,30 @@ def recipients_pinned(ctx: Context[Any, Any], gpg: GPGEncryption, field: str) ->
     )
 
 
+def ensure_manifest_key(api: kube.Api, namespace: str) -> None:
+    """The namespace's manifest signing key exists (created when absent, never overwritten: a 409 means
+    another pass made it) and its value is one the log redactor scrubs."""
+    field = f"Secret {MANIFEST_KEY_SECRET} (the namespace's manifest signing key)"
+    if api.get(kube.SECRETS, namespace, MANIFEST_KEY_SECRET) is None:
+        value = secrets.token_hex(32)
+        REDACTOR.register(value)
+        api.create(kube.SECRETS, namespace, build_manifest_key(namespace, value))
+    kube.secret_value(api, namespace, MANIFEST_KEY_SECRET, MANIFEST_KEY_SECRET_KEY, field=field)
+
+
+def check_export_account(api: kube.Api, namespace: str, spec: BackupPolicySpec) -> None:
+    """A Kubernetes export's pods run as the ServiceAccount a cluster administrator created when enabling
+    the namespace (the operator makes none): it must exist."""
+    account = export_service_account(spec)
+    if account is not None and api.get(kube.SERVICE_ACCOUNTS, namespace, account) is None:
+        raise RunbookError(
+            "ServiceAccountMissing",
+            f"spec.source.kubernetes: ServiceAccount {account} not found in namespace {namespace}; a cluster "
+            "administrator creates it when enabling the namespace (deploy/base/namespace-enable/)",
+            retry_after=60,
+        )
+
+
 def reconcile(ctx: PolicyContext) -> Result:
     """Converge the children and the Ready condition, then status from the Jobs and a backup-now request.
     A failure leaves phase Invalid (the spec) or Blocked (anything after it)."""
@@ -165,17 +176,20 @@ def reconcile(ctx: PolicyContext) -> Result:
         raise
     ctx.status.phase = BackupPolicyPhase.BLOCKED  # until this pass gets through
     namespace, name = ctx.namespace, ctx.name
+    spec = confine(ctx, spec)
+    source = spec.source
+    ctx.plaintext(
+        tenancy.plaintext_fields(("spec.source.postgresql", source.postgresql), ("spec.source.redis", source.redis))
+    )
     ctx.status.source_kind = spec.source.kind
     ctx.status.cron_job_name = cronjob_name(name)
     check_references(ctx.api, namespace, spec)
+    check_export_account(ctx.api, namespace, spec)
+    ensure_manifest_key(ctx.api, namespace)
     recipients_pinned(ctx, spec.encryption.gpg, "spec.encryption.gpg")
     location = spec.destination.s3
     check_bucket(s3_client(ctx.api, namespace, location, field=S3_CREDENTIALS_FIELD), location)
     uid = str(ctx.body["metadata"]["uid"])
-    rbac_objects = build_export_rbac(spec, namespace=namespace, policy=name, uid=uid)
-    for child in rbac_objects:
-        apply_child(ctx.api, child)
-    remove_stale_rbac(ctx.api, namespace, name, rbac_objects)
     cronjob = build_cronjob(
         spec, namespace=namespace, policy=name, uid=uid, generation=ctx.generation or 1, image=AGENT_IMAGE
     )
@@ -195,6 +209,12 @@ def reconcile(ctx: PolicyContext) -> Result:
     backup_now(ctx)
     ctx.status.phase = BackupPolicyPhase.SUSPENDED if spec.suspend else BackupPolicyPhase.SCHEDULED
     return Result.done()
+
+
+def confine(ctx: PolicyContext, spec: BackupPolicySpec) -> BackupPolicySpec:
+    """``spec`` (the pass's) as the tenancy rules allow it (``tenancy.confine_backup_policy``): every later
+    ``ctx.spec`` of the pass is that one. Before any Secret is read, any connection made or any child applied."""
+    return ctx.confine(tenancy.confine_backup_policy(ctx.api, ctx.grants(ctx.namespace), ctx.namespace, spec))
 
 
 def schedule_interval(schedule: str, time_zone: str, *, runs: int = 64) -> float:
@@ -221,13 +241,22 @@ def backup_now(ctx: PolicyContext) -> Result:
     return Result.done()
 
 
-def pass_named(api: kube.Api, namespace: str, name: str, step: Step) -> Result:
+def pass_named(api: kube.Api, namespace: str, name: str, step: Step, grants: GrantsOf | None = None) -> Result:
     """One pass of ``step`` over the policy as it is now (the Job watcher and backup-now know only its
     name, or hold an older copy); nothing when it is gone or being deleted."""
     body = api.get(POLICY.resource, namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return Result.done()
-    return run_pass(Context.of(POLICY, body, api), step)
+
+    def confined(ctx: PolicyContext) -> Result:
+        try:
+            spec = ctx.spec
+        except RunbookError:
+            return step(ctx)  # reconcile reports an invalid spec
+        confine(ctx, spec)
+        return step(ctx)
+
+    return run_pass(Context.of(POLICY, body, api, grants=grants), confined)
 
 
 # --- observe: status from the Jobs and the bucket -------------------------------------------------------
@@ -376,21 +405,18 @@ def _set_metrics(labels: dict[str, str], status: BackupPolicyStatus) -> None:
 # --- deletion -------------------------------------------------------------------------------------------
 
 
-def needs_finalizer(spec: Mapping[str, Any], namespace: str | None) -> bool:
-    """Deletion has work to do: delete the backups (deletionPolicy: Delete), or remove an export's RBAC in
-    other namespaces (no owner reference can reach them)."""
-    exported = ((spec.get("source") or {}).get("kubernetes") or {}).get("namespaces") or []
-    return spec.get("deletionPolicy") == "Delete" or any(n != namespace for n in exported)
+def needs_finalizer(spec: Mapping[str, Any]) -> bool:
+    """Deletion has work to do: delete the backups (deletionPolicy: Delete)."""
+    return spec.get("deletionPolicy") == "Delete"
 
 
 def finalize(ctx: PolicyContext) -> Result:
-    """Remove what garbage collection cannot; with deletionPolicy Delete, the backups too (main.py gives up
-    after a few attempts, so an unreachable bucket does not hold the policy forever)."""
-    remove_stale_rbac(ctx.api, ctx.namespace, ctx.name, [])
+    """With deletionPolicy Delete, delete the backups (main.py gives up after a few attempts, so an
+    unreachable bucket does not hold the policy forever)."""
     if (ctx.body.get("spec") or {}).get("deletionPolicy") != "Delete":
         return Result.done()
     try:
-        location = ctx.spec.destination.s3
+        location = confine(ctx, ctx.spec).destination.s3
         client = s3_client(ctx.api, ctx.namespace, location, field=S3_CREDENTIALS_FIELD)
         folders = [b.folder for b in stored_backups(client, location, ctx.namespace, ctx.name)]
         delete_backups(client, location, folders)

@@ -6,10 +6,10 @@ section (in a dry run too: the dry run is the API server's), then the summary fr
   user can make, and the operator has no such grant to check), the manifest must list the chosen section
   and, with ``includeSecrets``, Secrets; the stored object is streamed through gpg (SHA-256, full
   decryption, the section's objects parse). Any failure ends the restore here, nothing changed.
-- **Restore**: the Job's ServiceAccount and RoleBindings are applied, then the Job; when it completes its
-  summary (termination message) becomes ``status.kubernetes``. Objects the API server refused fail the
-  restore (``ApplyFailed``); objects that differ and were left alone (``conflicts: Skip``) are reported.
-  When the step ends, whichever way, the Job's RoleBindings go.
+  The Job's ServiceAccount (the enabling bundle's, an administrator's) must exist (``ServiceAccountMissing``).
+- **Restore**: the Job, run as that ServiceAccount; when it completes its summary (termination message)
+  becomes ``status.kubernetes``. Objects the API server refused fail the restore (``ApplyFailed``); objects
+  that differ and were left alone (``conflicts: Skip``) are reported.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..agent.restore_kubernetes import verify_kubernetes
-from ..builders.restore import job_name
-from ..builders.restore_kubernetes import build_kubernetes_job, build_kubernetes_plan, build_restore_rbac
+from ..builders.restore_kubernetes import build_kubernetes_job, build_kubernetes_plan, restore_service_account
 from ..clients import kube
 from ..errors import RunbookError
 from ..models.backup import KubernetesRestore, KubernetesRestoreSummary, RestoreStepName
@@ -27,7 +26,6 @@ from .jobs import job_summary
 from .restore import Restore, agent_image
 
 _SUMMARY_KEYS = ("created", "replaced", "skipped", "unchanged", "failed")
-_CHILDREN = {"ServiceAccount": kube.SERVICE_ACCOUNTS, "RoleBinding": kube.ROLE_BINDINGS}
 
 
 class KubernetesTarget:
@@ -62,7 +60,9 @@ class KubernetesTarget:
                 f"{restore.namespace}, not {choice.target_namespace}",
             )
         manifest = restore.manifest()
-        plan = build_kubernetes_plan(policy, manifest, choice, namespace=restore.namespace, dry_run=spec.dry_run)
+        plan = build_kubernetes_plan(
+            policy, manifest, choice, namespace=restore.namespace, dry_run=spec.dry_run, etag=restore.etag
+        )
         recorded = manifest.get("source") or {}
         sections = [str(n) for n in recorded.get("namespaces") or []]
         if plan.section not in sections:
@@ -84,7 +84,15 @@ class KubernetesTarget:
         restore = self.restore
         plan, manifest = self.plan()
         restore.chosen(plan.key, manifest, f"namespace {plan.namespace}")
-        figures = verify_kubernetes(plan, restore.storage_credentials())
+        account = restore_service_account(plan)
+        if restore.api.get(kube.SERVICE_ACCOUNTS, restore.namespace, account) is None:
+            raise RunbookError(
+                "ServiceAccountMissing",
+                f"ServiceAccount {account} not found in namespace {restore.namespace}: the restore Job runs as it; "
+                "a cluster administrator creates it when enabling the namespace (deploy/base/namespace-enable/)",
+            )
+        figures = verify_kubernetes(plan, {**restore.storage_credentials(), **restore.signing_env(manifest)})
+        restore.pin(manifest, figures)
         restore.add_checks(figures)
         return (
             f"{plan.key}: SHA-256 matches the manifest ({plan.size_bytes} bytes), decrypts; section {plan.section} "
@@ -94,7 +102,6 @@ class KubernetesTarget:
     def job(self) -> tuple[dict[str, Any], list[tuple[kube.Resource, dict[str, Any]]], str]:
         restore = self.restore
         plan, _ = self.plan()
-        children = [(_CHILDREN[child["kind"]], child) for child in build_restore_rbac(restore.ctx.body, plan)]
         job = build_kubernetes_job(
             restore.ctx.body, plan, policy=restore.policy, spec=restore.spec, image=agent_image()
         )
@@ -102,7 +109,7 @@ class KubernetesTarget:
         message = (
             f"Job {job['metadata']['name']} applies section {plan.section} of {plan.key} into {plan.namespace}{dry}"
         )
-        return job, children, message
+        return job, [], message
 
     def job_done(self, name: str, pods: list[dict[str, Any]]) -> str:
         summary = job_summary(pods, "kubernetes")
@@ -119,10 +126,7 @@ class KubernetesTarget:
         return message
 
     def job_ended(self) -> None:
-        """The Job has ended: its write access goes (the ServiceAccount stays with the restore, owned by it)."""
-        restore = self.restore
-        for binding in (job_name(restore.name), f"{job_name(restore.name)}-secrets"):
-            restore.api.delete(kube.ROLE_BINDINGS, restore.namespace, binding)
+        pass
 
     def check(self) -> str:
         raise RunbookError("InvalidPhase", "status.phase Checking is not a step of a Kubernetes export's restore")
