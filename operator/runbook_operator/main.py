@@ -169,7 +169,7 @@ async def backup_job(body: kopf.Body, **_: Any) -> None:
 
 @kopf.on.delete(
     *BACKUP_POLICIES,
-    when=lambda spec, namespace, **_: backup.needs_finalizer(spec, namespace),
+    when=lambda spec, **_: backup.needs_finalizer(spec),
     retries=BACKUP_DELETION_ATTEMPTS,
 )
 async def backup_policy_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
