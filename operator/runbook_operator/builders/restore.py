@@ -14,17 +14,21 @@ from ..models.backup import BackupPolicySpec, BackupRestoreSpec, RestoreRoles, V
 from ..models.plans import (
     GPG_PASSPHRASE_ENV,
     GPG_PRIVATE_KEY_ENV,
+    MANIFEST_KEY_ENV,
+    MANIFEST_KEY_SECRET,
+    MANIFEST_KEY_SECRET_KEY,
     PG_PASSWORD_ENV,
     PG_USER_ENV,
     RESTORE_PLAN_ENV,
     S3_ACCESS_KEY_ENV,
     S3_SECRET_KEY_ENV,
+    SIGNATURE,
     RestorePlan,
     RoleRecord,
 )
 from ..models.sources import PostgresConnection
 from ..settings import MANAGED_BY, PREFIX
-from .backup import TMP_DIR, agent_pod_spec, secret_env
+from .backup import TMP_DIR, agent_pod_spec, postgres_tls_files, secret_env
 from .common import owner_reference
 
 RESTORE_LABEL = f"{PREFIX}/backup-restore"
@@ -58,9 +62,11 @@ def build_plan(
     target: PostgresConnection,
     *,
     roles: RestoreRoles | None = None,
+    etag: str | None = None,
 ) -> RestorePlan:
-    """What the agent needs, from the policy's bucket, the backup's manifest and the restore's ``spec.roles``
-    (the backed-up roles travel only when they are to be created)."""
+    """What the agent needs, from the policy's bucket, the backup's manifest (carried as read, for the agent
+    to verify its signature), the preflight's ``etag`` and the restore's ``spec.roles`` (the backed-up roles
+    travel only when they are to be created)."""
     data = manifest["data"]
     source = manifest.get("source") or {}
     choices = roles or RestoreRoles()
@@ -77,6 +83,8 @@ def build_plan(
         backup_roles=[RoleRecord.model_validate(r) for r in source.get("roles") or []]
         if choices.create_missing
         else [],
+        manifest=dict(manifest),
+        etag=etag,
     )
 
 
@@ -90,14 +98,20 @@ def agent_env(
         {"name": "HOME", "value": TMP_DIR},
         secret_env(PG_USER_ENV, login.name, login.username_key),
         secret_env(PG_PASSWORD_ENV, login.name, login.password_key),
-        *storage_env(policy=policy, spec=spec, symmetric=plan.symmetric),
+        *postgres_tls_files(target.tls)[0],
+        *storage_env(policy=policy, spec=spec, symmetric=plan.symmetric, manifest=plan.manifest),
     ]
 
 
-def storage_env(*, policy: BackupPolicySpec, spec: BackupRestoreSpec, symmetric: bool) -> list[dict[str, Any]]:
-    """What every source's restore Job reads the backup with: the S3 keys and the decryption key (Secret
-    references)."""
+def storage_env(
+    *, policy: BackupPolicySpec, spec: BackupRestoreSpec, symmetric: bool, manifest: Mapping[str, Any] | None
+) -> list[dict[str, Any]]:
+    """What every source's restore Job reads the backup with: the S3 keys, the decryption key and the
+    namespace's manifest signing key (Secret references). The signing key is left out only for an unsigned
+    manifest that ``spec.allowUnsignedBackup`` accepts (the agent would refuse it, as it should any other)."""
     env: list[dict[str, Any]] = []
+    if not (spec.allow_unsigned_backup and not (manifest or {}).get(SIGNATURE)):
+        env.append(secret_env(MANIFEST_KEY_ENV, MANIFEST_KEY_SECRET, MANIFEST_KEY_SECRET_KEY))
     s3 = policy.destination.s3.credentials_secret_ref
     if s3 is not None:
         env += [
@@ -125,6 +139,7 @@ def build_job(
     metadata = body["metadata"]
     name, namespace = metadata["name"], metadata["namespace"]
     labels = {**MANAGED_BY, RESTORE_LABEL: name, "app.kubernetes.io/component": "restore"}
+    _, volumes, mounts = postgres_tls_files(target.tls)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -144,6 +159,8 @@ def build_job(
                     image=image,
                     args=["restore", "--namespace", namespace, "--name", name],
                     env=agent_env(plan, policy=policy, spec=spec, target=target),
+                    volumes=volumes,
+                    mounts=mounts,
                 ),
             },
         },

@@ -26,8 +26,9 @@ _HEADROOM = 256 * _MI  # the agent, gpg, redis-server itself
 
 
 def build_redis_plan(
-    policy: BackupPolicySpec, manifest: Mapping[str, Any], target: RedisConnection
+    policy: BackupPolicySpec, manifest: Mapping[str, Any], target: RedisConnection, *, etag: str | None = None
 ) -> RedisRestorePlan:
+    """What the Job needs: the backup's object from the manifest (carried as read) and the preflight's ETag."""
     data = manifest["data"]
     return RedisRestorePlan(
         location=policy.destination.s3,
@@ -37,6 +38,8 @@ def build_redis_plan(
         symmetric=(manifest.get("encryption") or {}).get("mode") == "symmetric",
         keyspace={str(db): int(n) for db, n in ((manifest.get("source") or {}).get("keyspace") or {}).items()},
         target=target,
+        manifest=dict(manifest),
+        etag=etag,
     )
 
 
@@ -67,7 +70,7 @@ def build_redis_job(
         {"name": RESTORE_PLAN_ENV, "value": json.dumps(plan.to_api(), sort_keys=True, separators=(",", ":"))},
         {"name": "HOME", "value": TMP_DIR},
         {"name": SCRATCH_DIR_ENV, "value": SCRATCH_DIR},
-        *storage_env(policy=policy, spec=spec, symmetric=plan.symmetric),
+        *storage_env(policy=policy, spec=spec, symmetric=plan.symmetric, manifest=plan.manifest),
     ]
     if target.password_secret_ref is not None:
         env.append(secret_env(REDIS_PASSWORD_ENV, target.password_secret_ref.name, target.password_secret_ref.key))

@@ -417,6 +417,12 @@ class BackupRestoreSpec(CamelModel):
     scale_timeout_seconds: int = Field(
         300, description="How long to wait for the workloads to stop, and to be available again.", ge=10, le=3600
     )
+    allow_unsigned_backup: bool = Field(
+        False,
+        description="Restore a backup whose manifest has no signature (one made before the operator signed "
+        "manifests): the condition ManifestVerified=False (UnsignedBackupAllowed) and a Warning Event say so. "
+        "A signed manifest is always verified, and a drill never accepts an unsigned one.",
+    )
 
 
 class RestorePhase(enum.StrEnum):
@@ -499,6 +505,16 @@ class RestoreChecks(StatusModel):
     )
 
 
+class PinnedBackup(StatusModel):
+    """The backup the preflight verified: the restore Job and the checks use exactly this, never a re-read."""
+
+    folder: str = Field(description="The backup's folder, where the manifest was read.")
+    manifest: str = Field(description="The manifest as the preflight read it (JSON), signature included.")
+    etag: str | None = Field(
+        None, description="The data object's ETag as the preflight read it: the Job reads only that object."
+    )
+
+
 class KubernetesRestoreSummary(StatusModel):
     """What re-applying a Kubernetes export did, or would do in a dry run (object names only, never data)."""
 
@@ -538,6 +554,7 @@ class BackupRestoreStatus(StatusBase):
     )
     job_name: str | None = Field(None, description="The restore Job.")
     checks: RestoreChecks | None = Field(None, description="What was verified, with figures.")
+    pinned: PinnedBackup | None = Field(None, description="The backup the preflight verified, pinned for the Job.")
     kubernetes: KubernetesRestoreSummary | None = Field(
         None, description="A Kubernetes export's restore: what was (or would be) created, replaced or left alone."
     )

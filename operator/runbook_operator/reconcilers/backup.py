@@ -179,7 +179,7 @@ def reconcile(ctx: PolicyContext) -> Result:
     spec = confine(ctx, spec)
     source = spec.source
     ctx.plaintext(
-        tenancy.plaintext_fields(("spec.source.postgresql", source.postgresql), ("spec.source.redis", source.redis))
+        tenancy.plaintext_in_use(("spec.source.postgresql", source.postgresql), ("spec.source.redis", source.redis))
     )
     ctx.status.source_kind = spec.source.kind
     ctx.status.cron_job_name = cronjob_name(name)

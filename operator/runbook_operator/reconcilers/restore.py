@@ -25,12 +25,14 @@ policy's ``lastVerifiedBackup`` and ``Verified`` condition record the outcome.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import botocore.exceptions
+import psycopg
 
 from .. import metrics
 from ..agent.restore import check_contents, connect_target, verify
@@ -55,6 +57,7 @@ from ..models.backup import (
     BackupPolicySpec,
     BackupRestoreSpec,
     BackupRestoreStatus,
+    PinnedBackup,
     ReplicaRecord,
     RestoreChecks,
     RestorePhase,
@@ -67,17 +70,22 @@ from ..models.plans import (
     GPG_PASSPHRASE_ENV,
     GPG_PRIVATE_KEY_ENV,
     MANIFEST,
+    MANIFEST_KEY_ENV,
+    MANIFEST_KEY_SECRET,
+    MANIFEST_KEY_SECRET_KEY,
     PG_PASSWORD_ENV,
     PG_USER_ENV,
     S3_ACCESS_KEY_ENV,
     S3_SECRET_KEY_ENV,
+    SIGNATURE,
     RestorePlan,
     backup_folder,
+    manifest_signed,
     policy_folder,
 )
 from ..models.sources import PostgresConnection
 from ..settings import Settings
-from . import runtime
+from . import runtime, tenancy
 from .catalog import S3_CREDENTIALS_FIELD, s3_client, stored_backups
 from .jobs import failure_reason, job_outcome, job_pods, read_job
 from .runtime import Context, Reconciler, Result
@@ -146,11 +154,17 @@ class Restore:
         self.status = ctx.status
         self.namespace = ctx.namespace
         self.name = ctx.name
+        self.folder = ""  # the backup's folder, once manifest() read or found it pinned
         self.target = self._target()
 
-    @property
+    @functools.cached_property
     def spec(self) -> BackupRestoreSpec:
-        return self.ctx.spec
+        """The spec as the tenancy rules allow it over the confined policy (``tenancy.confine_backup_restore``):
+        the steps read it before any Secret is read or anything is contacted, so a refusal fails the step."""
+        grants = self.ctx.grants(self.namespace)
+        return self.ctx.confine(
+            tenancy.confine_backup_restore(self.api, grants, self.namespace, self.ctx.spec, self.policy)
+        )
 
     @property
     def raw_spec(self) -> Mapping[str, Any]:
@@ -162,7 +176,7 @@ class Restore:
         """The one dispatch on the policy's source (PostgreSQL when the policy cannot be read: its preflight
         says why). Imported here: those modules build on this one."""
         try:
-            kind = self.policy.source.kind
+            kind = self.parsed_policy.source.kind
         except RunbookError:
             kind = "postgresql"
         if kind == "kubernetes":
@@ -176,8 +190,8 @@ class Restore:
         return PostgresTarget(self)
 
     @functools.cached_property
-    def policy(self) -> BackupPolicySpec:
-        """The referenced BackupPolicy's spec, or why there is none."""
+    def parsed_policy(self) -> BackupPolicySpec:
+        """The referenced BackupPolicy's spec as written, or why there is none."""
         ref = str(self.raw_spec.get("policyRef") or "")
         body = self.api.get(POLICIES, self.namespace, ref)
         if body is None:
@@ -186,6 +200,17 @@ class Restore:
             return parse_spec(BackupPolicySpec, body.get("spec"))
         except RunbookError as error:
             raise RunbookError("PolicyInvalid", f"spec.policyRef: BackupPolicy {ref}: {error.message}") from None
+
+    @functools.cached_property
+    def policy(self) -> BackupPolicySpec:
+        """The referenced BackupPolicy's spec as the tenancy rules allow it (``tenancy.confine_backup_policy``)."""
+        policy = self.parsed_policy
+        try:
+            return tenancy.confine_backup_policy(self.api, self.ctx.grants(self.namespace), self.namespace, policy)
+        except RunbookError as error:
+            ref = self.raw_spec.get("policyRef")
+            message = f"spec.policyRef: BackupPolicy {ref}: {error.message}"
+            raise RunbookError(error.reason, message, retry_after=error.retry_after) from None
 
     def decryptable(self) -> None:
         if self.policy.encryption.gpg.passphrase_secret_ref is None and self.spec.decryption_secret_ref is None:
@@ -218,8 +243,13 @@ class Restore:
         return env
 
     def manifest(self) -> dict[str, Any]:
-        """The manifest of the backup to restore: the one preflight chose, else as ``spec.backup`` says; it
-        must describe a backup of the policy's source kind."""
+        """The manifest of the backup to restore: the one the preflight pinned (never read again), else read
+        as ``spec.backup`` says; it must describe a backup of the policy's source kind and be ``authentic``."""
+        pinned = self.status.pinned
+        if pinned is not None:
+            self.folder = pinned.folder
+            stored: dict[str, Any] = json.loads(pinned.manifest)
+            return stored
         spec, policy = self.spec, self.policy
         location = policy.destination.s3
         client = s3_client(self.api, self.namespace, location, field=S3_CREDENTIALS_FIELD)
@@ -255,7 +285,74 @@ class Restore:
         kind = policy.source.kind
         if (manifest.get("source") or {}).get("kind") != kind or not (manifest.get("data") or {}).get("sha256"):
             raise RunbookError("ManifestInvalid", f"{folder}{MANIFEST} does not describe a {kind} backup")
+        self.authentic(folder, manifest)
+        self.folder = folder
         return manifest
+
+    @property
+    def drill(self) -> bool:
+        return bool((self.ctx.body["metadata"].get("labels") or {}).get(DRILL_LABEL))
+
+    @functools.cached_property
+    def manifest_key(self) -> str:
+        """The namespace's manifest signing key (the BackupPolicy reconcile creates it)."""
+        field = f"Secret {MANIFEST_KEY_SECRET} (the namespace's manifest signing key)"
+        return self.secret(MANIFEST_KEY_SECRET, MANIFEST_KEY_SECRET_KEY, field=field)
+
+    def authentic(self, folder: str, manifest: Mapping[str, Any]) -> None:
+        """Refused before anything is touched: a manifest without a signature (unless
+        ``spec.allowUnsignedBackup``, never in a drill), one whose signature the namespace's key does not
+        verify, one written for another policy, or one whose data object is not in the manifest's folder."""
+        where = f"{folder}{MANIFEST}"
+        if not manifest.get(SIGNATURE):
+            if self.drill:
+                raise RunbookError(
+                    "ManifestUnsigned", f"{where} is not signed: a drill never restores an unsigned backup"
+                )
+            if not self.spec.allow_unsigned_backup:
+                raise RunbookError(
+                    "ManifestUnsigned",
+                    f"{where} is not signed; a backup made before manifests were signed is restored only with "
+                    "spec.allowUnsignedBackup: true",
+                )
+            message = f"spec.allowUnsignedBackup: {where} is not signed; restoring it without proof of who wrote it"
+            self.ctx.condition("ManifestVerified", "False", "UnsignedBackupAllowed", message)
+            self.ctx.event("Warning", "UnsignedBackupAllowed", message)
+        elif not manifest_signed(manifest, self.manifest_key):
+            raise RunbookError(
+                "ManifestForged",
+                f"{where}: its signature does not verify with Secret {MANIFEST_KEY_SECRET}: not written by this "
+                "namespace's backups, or changed since",
+            )
+        recorded = manifest.get("policy") or {}
+        if (recorded.get("namespace"), recorded.get("name")) != (self.namespace, self.spec.policy_ref):
+            raise RunbookError(
+                "ManifestForged",
+                f"{where} was written for BackupPolicy {recorded.get('namespace')}/{recorded.get('name')}, not "
+                f"{self.namespace}/{self.spec.policy_ref}",
+            )
+        data_key = str((manifest.get("data") or {}).get("key") or "")
+        name = data_key.removeprefix(folder)
+        if name == data_key or not name or "/" in name:
+            raise RunbookError("ManifestForged", f"{where}: its data object {data_key} is not in the folder {folder}")
+        if manifest.get(SIGNATURE):
+            self.ctx.condition(
+                "ManifestVerified", "True", "Signed", f"{where}: signed with Secret {MANIFEST_KEY_SECRET}"
+            )
+
+    def signing_env(self, manifest: Mapping[str, Any]) -> dict[str, str]:
+        """The agent's key to check a signed manifest with (an unsigned one got here only by the opt-out)."""
+        return {MANIFEST_KEY_ENV: self.manifest_key} if manifest.get(SIGNATURE) else {}
+
+    @property
+    def etag(self) -> str | None:
+        """The data object's ETag the preflight pinned (None until then)."""
+        return self.status.pinned.etag if self.status.pinned is not None else None
+
+    def pin(self, manifest: Mapping[str, Any], figures: Mapping[str, Any]) -> None:
+        """What the preflight verified, kept for the Job and the checks: the manifest as read and the ETag."""
+        etag = str(figures.get("etag") or "") or None
+        self.status.pinned = PinnedBackup(folder=self.folder, manifest=json.dumps(manifest), etag=etag)
 
     def chosen(self, key: str, manifest: Mapping[str, Any], target: str) -> None:
         self.status.backup_key = key
@@ -515,7 +612,7 @@ def check(restore: Restore) -> Outcome:
 
 
 def scale_up(restore: Restore) -> Outcome:
-    spec = restore.spec
+    spec = restore.ctx.spec  # as written: bringing the workloads back needs no tenancy check
     waiting: list[str] = []
     for record in restore.status.scaled_down or []:
         workload = restore.workload(record.kind, record.name)
@@ -577,7 +674,18 @@ class PostgresTarget:
                 f"spec.target.redis: BackupPolicy {spec.policy_ref} backs up PostgreSQL; a PostgreSQL backup is "
                 "restored into a database (spec.target host, port, database), not a Redis",
             )
-        return resolve_target(spec, source)
+        target = resolve_target(spec, source)
+        restore.ctx.plaintext(tenancy.plaintext_in_use(("spec.target", target)))
+        return target
+
+    def ca(self, target: PostgresConnection) -> str | None:
+        """The PEM text of the target's ``tls.caSecretRef`` (the policy's source's: a target inherits it), which
+        the Job's pod gets as a file; None without TLS."""
+        if target.tls is None:
+            return None
+        ref, policy = target.tls.ca_secret_ref, self.restore.spec.policy_ref
+        field = f"BackupPolicy {policy} spec.source.postgresql.tls.caSecretRef"
+        return kube.secret_value(self.restore.api, self.restore.namespace, ref.name, ref.key, field=field, redact=False)
 
     def credentials(self, target: PostgresConnection) -> dict[str, str]:
         """The agent's environment as the Job's pod gets it, read from the same Secrets."""
@@ -589,8 +697,10 @@ class PostgresTarget:
 
     def plan(self) -> tuple[RestorePlan, dict[str, Any]]:
         target = self.connection()
-        manifest = self.restore.manifest()
-        return build_plan(self.restore.policy, manifest, target, roles=self.restore.spec.roles), manifest
+        restore = self.restore
+        manifest = restore.manifest()
+        plan = build_plan(restore.policy, manifest, target, roles=restore.spec.roles, etag=restore.etag)
+        return plan, manifest
 
     def preflight(self) -> str:
         restore = self.restore
@@ -599,12 +709,41 @@ class PostgresTarget:
         plan, manifest = self.plan()
         restore.chosen(plan.key, manifest, f"{plan.target.host}:{plan.target.port}/{plan.target.database}")
         restore.workloads_found()
-        connect_target(plan.target, env).close()
-        figures = verify(plan, env)
+        with connect_target(plan.target, env, self.ca(plan.target)) as conn:
+            if restore.drill:
+                self.not_the_source(plan.target, conn)
+        figures = verify(plan, {**env, **restore.signing_env(manifest)})
+        restore.pin(manifest, figures)
         restore.add_checks(figures)
         return (
             f"{plan.key}: SHA-256 matches the manifest ({plan.size_bytes} bytes), decrypts, "
             f"pg_restore lists {figures['archiveEntries']} entries; target {restore.status.target} reachable"
+        )
+
+    def not_the_source(self, target: PostgresConnection, conn: psycopg.Connection[Any]) -> None:
+        """A drill's target, proven not to be the policy's source by where both resolve and what both servers
+        are (``drills.refuse_source``), before anything is restored."""
+        from .drills import Endpoint, postgres_identity, refuse_source, resolved
+
+        restore = self.restore
+        source = restore.policy.source.postgresql
+        assert source is not None  # connection() checked it
+        login = source.credentials_secret_ref
+        field = f"BackupPolicy {restore.spec.policy_ref} spec.source.postgresql.credentialsSecretRef"
+        login_env = {
+            PG_USER_ENV: restore.secret(login.name, login.username_key, field=field),
+            PG_PASSWORD_ENV: restore.secret(login.name, login.password_key, field=field),
+        }
+        with connect_target(source, login_env, self.ca(source)) as source_conn:
+            source_identity = postgres_identity(source_conn)
+
+        def endpoint(at: PostgresConnection, identity: tuple[str, ...]) -> Endpoint:
+            return Endpoint(f"{at.host}:{at.port}/{at.database}", resolved(at.host, at.port), at.database, identity)
+
+        refuse_source(
+            restore.spec.policy_ref,
+            target=endpoint(target, postgres_identity(conn)),
+            source=endpoint(source, source_identity),
         )
 
     def job(self) -> tuple[dict[str, Any], list[tuple[kube.Resource, dict[str, Any]]], str]:
@@ -625,7 +764,7 @@ class PostgresTarget:
         target = self.connection()
         env = self.credentials(target)
         plan, manifest = self.plan()
-        figures = check_contents(plan.target, env, manifest.get("source") or {})
+        figures = check_contents(plan.target, env, manifest.get("source") or {}, self.ca(plan.target))
         self.restore.add_checks(figures)
         found = f"{figures['tables']} tables, {figures['rows']} rows, {figures['sequences']} sequences"
         if figures["largeObjects"] is not None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
+
 from ..agent.restore_redis import connect_target, keyspace, verify_redis, where
 from ..builders.restore import job_name
 from ..builders.restore_redis import build_redis_job, build_redis_plan
@@ -25,6 +27,7 @@ from ..errors import RunbookError
 from ..models.backup import RestoreStepName
 from ..models.plans import REDIS_PASSWORD_ENV, RedisRestorePlan
 from ..models.sources import RedisConnection
+from . import tenancy
 from .jobs import job_pods, job_summary
 from .restore import ALL_STEPS, Restore, agent_image
 
@@ -56,8 +59,9 @@ class RedisTarget:
         restore.decryptable()
         scratch = spec.target.redis if spec.target is not None else None
         target = scratch.resolve(source) if scratch is not None else source
+        restore.ctx.plaintext(tenancy.plaintext_in_use((_FIELD, target)))
         manifest = restore.manifest()
-        return build_redis_plan(policy, manifest, target), manifest
+        return build_redis_plan(policy, manifest, target, etag=restore.etag), manifest
 
     def credentials(self, target: RedisConnection) -> dict[str, str]:
         env = self.restore.storage_credentials()
@@ -89,13 +93,39 @@ class RedisTarget:
         restore.chosen(plan.key, manifest, where(plan.target))
         restore.workloads_found()
         env = self.credentials(plan.target)
-        connect_target(plan.target, env, self.material(plan.target)).close()
-        figures = verify_redis(plan, env)
+        client = connect_target(plan.target, env, self.material(plan.target))
+        try:
+            if restore.drill:
+                self.not_the_source(plan.target, client)
+        finally:
+            client.close()
+        figures = verify_redis(plan, {**env, **restore.signing_env(manifest)})
+        restore.pin(manifest, figures)
         restore.add_checks(figures)
         return (
             f"{plan.key}: SHA-256 matches the manifest ({plan.size_bytes} bytes), decrypts to an RDB file (version "
             f"{figures['rdbVersion']}) of {sum(plan.keyspace.values())} keys; target {where(plan.target)} reachable"
         )
+
+    def not_the_source(self, target: RedisConnection, client: redis.Redis) -> None:
+        """A drill's scratch Redis, proven not to be the policy's source by where both resolve and the servers'
+        run_id (``drills.refuse_source``), before anything is flushed."""
+        from .drills import Endpoint, redis_identity, refuse_source, resolved
+
+        restore = self.restore
+        source = restore.policy.source.redis
+        assert source is not None  # dispatched on it
+
+        def endpoint(at: RedisConnection, connected: redis.Redis) -> Endpoint:
+            info = at.commands.info if at.commands is not None else "INFO"
+            return Endpoint(where(at), resolved(at.host, at.port), None, redis_identity(connected, info))
+
+        source_client = connect_target(source, self.credentials(source), self.material(source))
+        try:
+            theirs = endpoint(source, source_client)
+        finally:
+            source_client.close()
+        refuse_source(restore.spec.policy_ref, target=endpoint(target, client), source=theirs)
 
     def job(self) -> tuple[dict[str, Any], list[tuple[kube.Resource, dict[str, Any]]], str]:
         restore = self.restore
