@@ -64,6 +64,31 @@ def server_side_apply(api: kubernetes.client.ApiClient, documents: list[dict[str
         resource.server_side_apply(body=doc, namespace=namespace, field_manager="runbook-tests", force_conflicts=True)
 
 
+NAMESPACE_ENABLE = ROOT / "deploy" / "base" / "namespace-enable" / "enable.yaml"
+
+
+def enabling_bundle(namespace: str) -> list[dict[str, Any]]:
+    """deploy/base/namespace-enable/'s objects for ``namespace``, as kustomize's ``namespace:`` makes them:
+    every object there, every ServiceAccount subject without a namespace pointed there."""
+    documents = [doc for doc in yaml.safe_load_all(NAMESPACE_ENABLE.read_text()) if doc]
+    for doc in documents:
+        doc["metadata"]["namespace"] = namespace
+        for subject in doc.get("subjects") or []:
+            subject.setdefault("namespace", namespace)
+    return documents
+
+
+def enable_namespace(api: kubernetes.client.ApiClient, namespace: str) -> None:
+    """What a cluster administrator does to let the operator act in ``namespace``: create the enabling bundle
+    there (the operator's RoleBinding, the export and restore agents' ServiceAccounts and RoleBindings)."""
+    core, rbac = kubernetes.client.CoreV1Api(api), kubernetes.client.RbacAuthorizationV1Api(api)
+    for doc in enabling_bundle(namespace):
+        if doc["kind"] == "ServiceAccount":
+            core.create_namespaced_service_account(namespace, doc)
+        else:
+            rbac.create_namespaced_role_binding(namespace, doc)
+
+
 def token_kubeconfig(kubeconfig: Path, token: str, path: Path) -> Path:
     """A copy of ``kubeconfig`` whose current context authenticates with the bearer ``token`` only."""
     config = yaml.safe_load(kubeconfig.read_text())
@@ -118,3 +143,25 @@ class OperatorProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def grants_for_test(
+    namespace: str, *, hosts: list[tuple[str, int]] | None = None, plaintext: bool = True, **spec: Any
+) -> Any:
+    """``Context.grants`` for unit specification tests: one RunbookGrant ``test`` for ``namespace`` allowing
+    ``hosts`` ((host, port) pairs), connections without TLS (``plaintext``) and any other RunbookGrant fields."""
+    from runbook_operator.models.grants import RunbookGrantSpec
+    from runbook_operator.reconcilers.tenancy import Grant
+
+    grant = Grant(
+        "test",
+        RunbookGrantSpec.model_validate(
+            {
+                "namespaces": [namespace],
+                "hosts": [{"host": host, "port": port} for host, port in hosts or []],
+                "plaintextConnections": plaintext,
+                **spec,
+            }
+        ),
+    )
+    return lambda asked: (grant,) if asked == namespace else ()

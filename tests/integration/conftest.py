@@ -21,7 +21,7 @@ import kopf.testing
 import kubernetes
 import pytest
 import yaml
-from tests.helpers import server_side_apply, token_kubeconfig
+from tests.helpers import enable_namespace, server_side_apply, token_kubeconfig
 
 import runbook_operator.main
 
@@ -124,10 +124,11 @@ def crds_installed(api: kubernetes.client.ApiClient) -> list[str]:
 
 @pytest.fixture
 def namespace(api: kubernetes.client.ApiClient) -> Iterator[str]:
-    """A fresh namespace for one test, deleted afterwards."""
+    """A fresh namespace for one test, enabled for the operator as an administrator would, deleted afterwards."""
     core = kubernetes.client.CoreV1Api(api)
     name = f"rb-test-{uuid.uuid4().hex[:8]}"
     core.create_namespace({"metadata": {"name": name, "labels": {"runbook.dev/test": "true"}}})
+    enable_namespace(api, name)
     try:
         yield name
     finally:
@@ -146,11 +147,12 @@ def operator_kubeconfig(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Path:
     """A kubeconfig that authenticates as deploy/'s ServiceAccount with a real token (TokenRequest), after
-    installing deploy/base's namespace, ServiceAccount, ClusterRole and binding as `kubectl apply -k deploy/`
-    would: every operator the tests run holds exactly the shipped RBAC, never the admin's."""
+    installing deploy/base's namespace, ServiceAccount, ClusterRoles and binding as `kubectl apply -k deploy/`
+    would: every operator the tests run holds exactly the shipped RBAC, never the admin's (its namespaced
+    permissions only where the ``namespace`` fixture enabled it)."""
     documents = [
         doc
-        for name in ("namespace.yaml", "rbac.yaml")
+        for name in ("namespace.yaml", "rbac.yaml", "agent-rbac.yaml")
         for doc in yaml.safe_load_all((REPO_ROOT / "deploy" / "base" / name).read_text())
         if doc
     ]
