@@ -14,8 +14,8 @@ from .logs import install_redactor
 from .models import GROUP, VERSION
 from .models.backup import BACKUP_NOW
 from .reconcilers import backup, drills, interlock, isolation, restore, rotation, scaling
-from .reconcilers.runtime import EXECUTOR, as_kopf, blocking, drive, finalize_current, run_clock
-from .reconcilers.tenancy import Grant, index_entries
+from .reconcilers.runtime import EXECUTOR, GrantsOf, as_kopf, blocking, drive, finalize_current, run_clock
+from .reconcilers.tenancy import Grant, grants_from_index, index_entries
 from .settings import Settings, configure_kopf
 
 SETTINGS = Settings.from_env()
@@ -44,6 +44,11 @@ def isolations_by_namespace(body: kopf.Body, **_: Any) -> dict[str, dict[str, An
     return {str(body["metadata"]["namespace"]): interlock.index_entry(body)}
 
 
+def _grants(kwargs: dict[str, Any]) -> GrantsOf:
+    """``runtime.drive(..., grants=...)`` from kopf's index ``grants_by_namespace`` (the RunbookGrant section)."""
+    return grants_from_index(kwargs["grants_by_namespace"])
+
+
 # --- ScalingProfile ---
 SCALING_PROFILES = (GROUP, VERSION, "scalingprofiles")
 
@@ -51,7 +56,7 @@ SCALING_PROFILES = (GROUP, VERSION, "scalingprofiles")
 @kopf.daemon(*SCALING_PROFILES, cancellation_timeout=60)
 async def scaling_profile_clock(body: kopf.Body, stopped: kopf.DaemonStopped, **kwargs: Any) -> None:
     isolation = interlock.holder_from_index(kwargs["isolations_by_namespace"])
-    await run_clock(scaling.CLOCKS, scaling.PROFILE, body, stopped=stopped, isolation=isolation)
+    await run_clock(scaling.CLOCKS, scaling.PROFILE, body, stopped=stopped, isolation=isolation, grants=_grants(kwargs))
 
 
 @kopf.on.update(*SCALING_PROFILES, field="spec")
@@ -60,8 +65,8 @@ async def scaling_profile_changed(body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.delete(*SCALING_PROFILES)
-async def scaling_profile_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
-    await finalize_current(scaling.CLOCKS, scaling.PROFILE, body, retry=retry)
+async def scaling_profile_deleted(body: kopf.Body, retry: int, **kwargs: Any) -> None:
+    await finalize_current(scaling.CLOCKS, scaling.PROFILE, body, retry=retry, grants=_grants(kwargs))
 
 
 @kopf.on.event(GROUP, VERSION, "emergencyisolations")
@@ -82,17 +87,17 @@ EMERGENCY_ISOLATIONS = (GROUP, VERSION, "emergencyisolations")
 @kopf.on.update(*EMERGENCY_ISOLATIONS, field="spec")
 async def emergency_isolation(body: kopf.Body, retry: int, **kwargs: Any) -> None:
     holder = interlock.holder_from_index(kwargs["isolations_by_namespace"])
-    as_kopf(await drive(isolation.ISOLATION, body, isolation=holder), retry=retry)
+    as_kopf(await drive(isolation.ISOLATION, body, isolation=holder, grants=_grants(kwargs)), retry=retry)
 
 
 @kopf.timer(*EMERGENCY_ISOLATIONS, interval=10, idle=5)
-async def emergency_isolation_guard(body: kopf.Body, **_: Any) -> None:
-    as_kopf(await drive(isolation.GUARD, body))
+async def emergency_isolation_guard(body: kopf.Body, **kwargs: Any) -> None:
+    as_kopf(await drive(isolation.GUARD, body, grants=_grants(kwargs)))
 
 
 @kopf.on.delete(*EMERGENCY_ISOLATIONS)
-async def emergency_isolation_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
-    as_kopf(await drive(isolation.ISOLATION, body, finalizing=True), retry=retry)
+async def emergency_isolation_deleted(body: kopf.Body, retry: int, **kwargs: Any) -> None:
+    as_kopf(await drive(isolation.ISOLATION, body, finalizing=True, grants=_grants(kwargs)), retry=retry)
 
 
 # --- SecretRotation ---
@@ -105,7 +110,9 @@ SECRET_ROTATIONS = (GROUP, VERSION, "secretrotations")
 @kopf.daemon(*SECRET_ROTATIONS, cancellation_timeout=60)
 async def secret_rotation_clock(body: kopf.Body, stopped: kopf.DaemonStopped, **kwargs: Any) -> None:
     isolation = interlock.holder_from_index(kwargs["isolations_by_namespace"])
-    await run_clock(rotation.CLOCKS, rotation.ROTATION, body, stopped=stopped, isolation=isolation)
+    await run_clock(
+        rotation.CLOCKS, rotation.ROTATION, body, stopped=stopped, isolation=isolation, grants=_grants(kwargs)
+    )
 
 
 @kopf.on.update(*SECRET_ROTATIONS, field="spec")
@@ -114,8 +121,8 @@ async def secret_rotation_changed(body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.delete(*SECRET_ROTATIONS)
-async def secret_rotation_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
-    await finalize_current(rotation.CLOCKS, rotation.ROTATION, body, retry=retry)
+async def secret_rotation_deleted(body: kopf.Body, retry: int, **kwargs: Any) -> None:
+    await finalize_current(rotation.CLOCKS, rotation.ROTATION, body, retry=retry, grants=_grants(kwargs))
 
 
 @kopf.on.event(*SECRET_ROTATIONS)
@@ -141,18 +148,19 @@ backup.AGENT_IMAGE = SETTINGS.agent_image
 @kopf.on.resume(*BACKUP_POLICIES)
 @kopf.on.create(*BACKUP_POLICIES)
 @kopf.on.update(*BACKUP_POLICIES)
-async def backup_policy(body: kopf.Body, retry: int, **_: Any) -> None:
-    as_kopf(await drive(backup.POLICY, body, failures=retry), retry=retry)
+async def backup_policy(body: kopf.Body, retry: int, **kwargs: Any) -> None:
+    as_kopf(await drive(backup.POLICY, body, failures=retry, grants=_grants(kwargs)), retry=retry)
 
 
 @kopf.timer(*BACKUP_POLICIES, interval=300, initial_delay=300, idle=60)
-async def backup_policy_resync(body: kopf.Body, **_: Any) -> None:
-    as_kopf(await drive(backup.POLICY, body))
+async def backup_policy_resync(body: kopf.Body, **kwargs: Any) -> None:
+    as_kopf(await drive(backup.POLICY, body, grants=_grants(kwargs)))
 
 
 @kopf.on.event(*BACKUP_POLICIES, annotations={BACKUP_NOW: kopf.PRESENT})
-async def backup_policy_now(body: kopf.Body, **_: Any) -> None:
-    await blocking(backup.pass_named, KubeApi(), body.metadata.namespace, body.metadata.name, backup.backup_now)
+async def backup_policy_now(body: kopf.Body, **kwargs: Any) -> None:
+    name = body.metadata.name
+    await blocking(backup.pass_named, KubeApi(), body.metadata.namespace, name, backup.backup_now, _grants(kwargs))
 
 
 @kopf.on.event(*BACKUP_POLICIES)
@@ -162,9 +170,9 @@ def backup_policy_gone(type: str, body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={BACKUP_POLICY_LABEL: kopf.PRESENT})
-async def backup_job(body: kopf.Body, **_: Any) -> None:
+async def backup_job(body: kopf.Body, **kwargs: Any) -> None:
     policy = body.metadata.labels[BACKUP_POLICY_LABEL]
-    await blocking(backup.pass_named, KubeApi(), body.metadata.namespace, policy, backup.observe)
+    await blocking(backup.pass_named, KubeApi(), body.metadata.namespace, policy, backup.observe, _grants(kwargs))
 
 
 @kopf.on.delete(
@@ -172,8 +180,8 @@ async def backup_job(body: kopf.Body, **_: Any) -> None:
     when=lambda spec, **_: backup.needs_finalizer(spec),
     retries=BACKUP_DELETION_ATTEMPTS,
 )
-async def backup_policy_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
-    as_kopf(await drive(backup.POLICY, body, finalizing=True, failures=retry), retry=retry)
+async def backup_policy_deleted(body: kopf.Body, retry: int, **kwargs: Any) -> None:
+    as_kopf(await drive(backup.POLICY, body, finalizing=True, failures=retry, grants=_grants(kwargs)), retry=retry)
 
 
 # --- BackupRestore ---
@@ -184,24 +192,24 @@ BACKUP_RESTORES = (GROUP, VERSION, "backuprestores")
 
 
 @kopf.daemon(*BACKUP_RESTORES, cancellation_timeout=60)
-async def backup_restore(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
-    await run_clock(restore.CLOCKS, restore.RESTORE, body, stopped=stopped)
+async def backup_restore(body: kopf.Body, stopped: kopf.DaemonStopped, **kwargs: Any) -> None:
+    await run_clock(restore.CLOCKS, restore.RESTORE, body, stopped=stopped, grants=_grants(kwargs))
 
 
 @kopf.on.delete(*BACKUP_RESTORES)
-async def backup_restore_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
-    await finalize_current(restore.CLOCKS, restore.RESTORE, body, retry=retry)
+async def backup_restore_deleted(body: kopf.Body, retry: int, **kwargs: Any) -> None:
+    await finalize_current(restore.CLOCKS, restore.RESTORE, body, retry=retry, grants=_grants(kwargs))
 
 
 @kopf.daemon(GROUP, VERSION, "backuppolicies", id="drills", when=drills.drills_enabled, cancellation_timeout=30)
-async def backup_policy_drills(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
-    await drills.run(body, stopped=stopped)
+async def backup_policy_drills(body: kopf.Body, stopped: kopf.DaemonStopped, **kwargs: Any) -> None:
+    await drills.run(body, stopped=stopped, grants=_grants(kwargs))
 
 
 # --- RunbookGrant ---
 # Cluster-scoped and written by cluster administrators only (the operator's RBAC on them is get/list/watch):
-# an index namespace -> the grants that list it. Reconcilers ask ``tenancy.grants_for(
-# kwargs["grants_by_namespace"], namespace)`` and pass the answer to ``tenancy.check_*``; nothing writes a grant.
+# an index namespace -> the grants that list it. Every handler above passes ``_grants(kwargs)`` to the runtime,
+# and each pass confines its spec with ``ctx.grants(namespace)`` (``tenancy.confine_*``); nothing writes a grant.
 @kopf.index(GROUP, VERSION, "runbookgrants")
 def grants_by_namespace(name: str, spec: kopf.Spec, **_: Any) -> dict[str, Grant]:
     return index_entries(name, spec)

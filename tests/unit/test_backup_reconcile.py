@@ -19,12 +19,14 @@ from runbook_operator.models.plans import format_timestamp
 from runbook_operator.reconcilers import backup, catalog
 from runbook_operator.reconcilers.runtime import Context, Result, run_pass
 from tests.fake_api import Call, FakeApi
-from tests.helpers import load_samples
+from tests.helpers import grants_for_test, load_samples
 from tests.services import GpgKeyring
 
 NS, NAME, BUCKET = "hungryhippaahneties", "db", "hungryhippaahneties-backups"
 POLICIES = backup.POLICY.resource
 SAMPLE = load_samples()["backuppolicy-postgresql"]["spec"]
+# the sample's host as a cluster administrator's grant allows it (and its plaintext connection)
+GRANTS = grants_for_test(NS, hosts=[(SAMPLE["source"]["postgresql"]["host"], 5432)])
 
 
 class FakeS3:
@@ -112,7 +114,7 @@ def policy(api: FakeApi, **changes: Any) -> dict[str, Any]:
 def run(api: FakeApi, step: backup.Step = backup.reconcile, body: dict[str, Any] | None = None) -> Result:
     current = body or api.stored(POLICIES, NS, NAME)
     assert current is not None
-    return run_pass(Context.of(backup.POLICY, current, api), step)
+    return run_pass(Context.of(backup.POLICY, current, api, grants=GRANTS), step)
 
 
 def status(api: FakeApi) -> dict[str, Any]:
@@ -213,7 +215,7 @@ def test_backup_now_creates_one_job_once(api: FakeApi, s3: FakeS3) -> None:
     # the same value again, by the event (it reads the policy anew: the event's copy may predate the status
     # write) and by a full pass: nothing new
     api.calls.clear()
-    assert backup.pass_named(api, NS, NAME, backup.backup_now) == Result.done()
+    assert backup.pass_named(api, NS, NAME, backup.backup_now, GRANTS) == Result.done()
     run(api)
     assert Call("get", "cronjobs", NS, cronjob_name(NAME)) in api.calls
     assert api.writes() == []
@@ -257,7 +259,7 @@ def test_job_outcomes_update_last_successful_backup_and_last_failure(api: FakeAp
     _job(api, "backup-db-1", state="Complete", when=now - timedelta(minutes=30))
     folder = _manifest(s3, "backup-db-1", now - timedelta(minutes=31))
     api.calls.clear()
-    backup.pass_named(api, NS, NAME, backup.observe)  # the Job watcher
+    backup.pass_named(api, NS, NAME, backup.observe, GRANTS)  # the Job watcher
     success = status(api)["lastSuccessfulBackup"]
     assert success == {
         "time": success["time"],
@@ -274,7 +276,7 @@ def test_job_outcomes_update_last_successful_backup_and_last_failure(api: FakeAp
     # a failed Job: the agent's one-line reason from its pod's termination message
     line = "INFO: dumping\nbackup failed: SourceUnavailable: password authentication failed"
     _job(api, "backup-db-2", state="Failed", when=now - timedelta(minutes=10), message=line)
-    backup.pass_named(api, NS, NAME, backup.observe)
+    backup.pass_named(api, NS, NAME, backup.observe, GRANTS)
     failure = status(api)["lastFailure"]
     assert (failure["job"], failure["reason"]) == ("backup-db-2", "SourceUnavailable")
     assert failure["message"] == "password authentication failed"
@@ -283,7 +285,7 @@ def test_job_outcomes_update_last_successful_backup_and_last_failure(api: FakeAp
 
     # a Job that claims success without a manifest does not count
     _job(api, "backup-db-3", state="Complete", when=now - timedelta(minutes=5))
-    backup.pass_named(api, NS, NAME, backup.observe)
+    backup.pass_named(api, NS, NAME, backup.observe, GRANTS)
     assert (status(api)["lastFailure"]["job"], status(api)["lastFailure"]["reason"]) == (
         "backup-db-3",
         "ManifestMissing",
@@ -292,7 +294,7 @@ def test_job_outcomes_update_last_successful_backup_and_last_failure(api: FakeAp
 
     # nothing new: nothing written
     api.calls.clear()
-    backup.pass_named(api, NS, NAME, backup.observe)
+    backup.pass_named(api, NS, NAME, backup.observe, GRANTS)
     run(api)
     assert api.writes() == []
 

@@ -27,6 +27,7 @@ from runbook_operator.reconcilers import drills, restore
 from runbook_operator.reconcilers.restore import RESTORE, RESTORES, Restore
 from runbook_operator.reconcilers.runtime import Context, Result, run_pass
 from tests.fake_api import FakeApi
+from tests.helpers import grants_for_test
 
 NS = "shop"
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -39,6 +40,8 @@ POLICY: dict[str, Any] = {
         "encryption": {"gpg": {"passphraseSecretRef": {"name": "pass", "key": "p"}}},
     },
 }
+# the policy's host and its bucket (with the operator's own credentials) as an administrator's grant allows them
+GRANTS = grants_for_test(NS, hosts=[("pg", 5432)], s3=[{"buckets": ["backups"], "ambientCredentials": True}])
 WORKLOADS = {("Deployment", "web"): 3, ("StatefulSet", "cache"): 2}
 ALL_STEPS = ["Preflight", "ScaleDown", "Restore", "Check", "ScaleUp"]
 
@@ -142,7 +145,7 @@ class World:
     def context(self) -> Context[Any, BackupRestoreStatus]:
         body = self.api.stored(RESTORES, NS, "r1")
         assert body is not None
-        return Context.of(RESTORE, body, self.api, now=lambda: self.now)
+        return Context.of(RESTORE, body, self.api, grants=GRANTS, now=lambda: self.now)
 
     def one_pass(self) -> Result:
         result = run_pass(self.context(), RESTORE.reconcile)
@@ -544,7 +547,7 @@ def test_drills_are_created_once_per_slot_and_old_ones_pruned() -> None:
     now = datetime(2026, 3, 1, 5, 0, tzinfo=UTC)
 
     def one() -> Result:
-        return drills.schedule_drills(Context.of(drills.DRILLS, body, api, now=lambda: now))
+        return drills.schedule_drills(Context.of(drills.DRILLS, body, api, grants=GRANTS, now=lambda: now))
 
     result = one()
     assert result.requeue_after == 23 * 3600

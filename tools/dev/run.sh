@@ -32,5 +32,7 @@ for plural in $plurals; do
   done
 done
 tools/dev/prerequisites.sh hungryhippaahneties
+# What the samples of hungryhippaahneties may reach beyond the namespace (a cluster administrator's grant).
+kubectl apply --server-side -f deploy/samples/admin/runbookgrant.yaml >/dev/null
 
 .venv/bin/runbook-operator run --log-format "${LOG_FORMAT:-full}"

@@ -42,6 +42,7 @@ from ..models.plans import (
     JOB_NAME_ENV,
     MANIFEST,
     MANIFEST_KEY_ENV,
+    PG_CA_FILE_ENV,
     PG_PASSWORD_ENV,
     PG_USER_ENV,
     REDIS_CA_FILE_ENV,
@@ -238,10 +239,16 @@ def postgres_source(conn: PostgresConnection, env: Mapping[str, str]) -> Iterato
     password = require_env(env, PG_PASSWORD_ENV, field=field_ref)
     target = {"PGHOST": conn.host, "PGPORT": str(conn.port), "PGDATABASE": conn.database, "PGCONNECT_TIMEOUT": "15"}
     child_env = {**env, **target}
+    ca = postgres_ca(conn, env, field="spec.source.postgresql")
     try:
         database = postgres.connect(
-            host=conn.host, port=conn.port, database=conn.database, user=user, password=password
+            host=conn.host, port=conn.port, database=conn.database, user=user, password=password, ca=ca
         )
+    except psycopg.OperationalError as error:
+        problem = postgres.tls_problem(error)
+        if problem is not None:
+            raise RunbookError("TLSFailed", f"spec.source.postgresql.{problem}") from None
+        raise RunbookError("SourceUnavailable", f"postgresql: {one_line(error)}") from None
     except psycopg.Error as error:
         raise RunbookError("SourceUnavailable", f"postgresql: {one_line(error)}") from None
     database.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -297,6 +304,14 @@ def _read_mounted(env: Mapping[str, str], name: str, *, field: str) -> tuple[str
         return path, Path(path).read_text()
     except OSError as error:
         raise RunbookError("CredentialsMissing", f"{field}: cannot read {path} ({error.strerror})") from None
+
+
+def postgres_ca(conn: PostgresConnection, env: Mapping[str, str], *, field: str) -> str | None:
+    """In an agent pod, the CA of ``conn.tls`` (``field``: the connection's path in the spec): the Secret volume
+    file ``PG_CA_FILE_ENV`` names, as ``builders.backup.postgres_tls_files`` mounts it; None without TLS."""
+    if conn.tls is None:
+        return None
+    return _read_mounted(env, PG_CA_FILE_ENV, field=f"{field}.tls.caSecretRef")[1]
 
 
 def redis_tls(conn: RedisConnection, env: Mapping[str, str]) -> tuple[list[str], TLSMaterial | None]:

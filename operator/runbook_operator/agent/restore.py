@@ -58,7 +58,7 @@ from ..models.plans import (
     manifest_signed,
 )
 from ..models.sources import PostgresConnection
-from .backup import one_line, require_env
+from .backup import one_line, postgres_ca, require_env
 
 SECRET_ENVS = (PG_PASSWORD_ENV, S3_SECRET_KEY_ENV, GPG_PASSPHRASE_ENV, GPG_PRIVATE_KEY_ENV, MANIFEST_KEY_ENV)
 _READ_SIZE = 64 * 1024
@@ -427,14 +427,22 @@ def _where(target: PostgresConnection) -> str:
     return f"{target.host}:{target.port}/{target.database}"
 
 
-def connect_target(target: PostgresConnection, env: Mapping[str, str]) -> psycopg.Connection[Any]:
-    """A connection to the target, or a RunbookError saying why there is none."""
+def connect_target(
+    target: PostgresConnection, env: Mapping[str, str], ca: str | None = None
+) -> psycopg.Connection[Any]:
+    """A connection to the target, or a RunbookError saying why there is none. ``ca``: the PEM text of
+    ``target.tls`` as the operator read it; an agent pod reads its mounted file (``postgres_ca``)."""
     user, password = _target_login(env)
+    if ca is None:
+        ca = postgres_ca(target, env, field="spec.target")
     try:
         return postgres.connect(
-            host=target.host, port=target.port, database=target.database, user=user, password=password
+            host=target.host, port=target.port, database=target.database, user=user, password=password, ca=ca
         )
     except psycopg.OperationalError as error:
+        problem = postgres.tls_problem(error)
+        if problem is not None:
+            raise RunbookError("TLSFailed", f"spec.target.{problem} ({_where(target)})") from None
         if postgres.refused(error):
             raise RunbookError(
                 "TargetLoginRefused", f"{_TARGET_FIELD}: {_where(target)} refused the login {user}"
@@ -472,7 +480,9 @@ def sequence_mismatches(expected: Mapping[str, Mapping[str, Any]], found: Mappin
     return wrong
 
 
-def check_contents(target: PostgresConnection, env: Mapping[str, str], recorded: Mapping[str, Any]) -> dict[str, Any]:
+def check_contents(
+    target: PostgresConnection, env: Mapping[str, str], recorded: Mapping[str, Any], ca: str | None = None
+) -> dict[str, Any]:
     """The restored database against the manifest's ``source``: every table's exact rows, every sequence's value
     and the large objects' count and digest (what older manifests did not record is not checked). Returns the
     figures; a ``ContentMismatch`` unless everything matches. Counting and hashing run in the server."""
@@ -480,7 +490,7 @@ def check_contents(target: PostgresConnection, env: Mapping[str, str], recorded:
     expected_sequences: Mapping[str, Mapping[str, Any]] = recorded.get("sequences") or {}
     expected_objects: Mapping[str, Any] | None = recorded.get("largeObjects")
     try:
-        with connect_target(target, env) as conn:
+        with connect_target(target, env, ca) as conn:
             counts = {postgres.parse_qualified_name(k): n for k, n in postgres.table_row_counts(conn).items()}
             sequences = postgres.sequence_values(conn) if expected_sequences else {}
             objects = postgres.large_objects_digest(conn) if expected_objects is not None else None

@@ -28,6 +28,7 @@ SPEC_ENV = "RUNBOOK_BACKUP_SPEC"
 JOB_NAME_ENV = "RUNBOOK_JOB_NAME"
 PG_USER_ENV = "PGUSER"
 PG_PASSWORD_ENV = "PGPASSWORD"
+PG_CA_FILE_ENV = "PGSSLROOTCERT"  # the CA file of PostgresTLS.caSecretRef in an agent pod (libpq reads it too)
 REDIS_PASSWORD_ENV = "REDISCLI_AUTH"
 REDIS_CA_FILE_ENV = "RUNBOOK_REDIS_CA_FILE"
 # The client certificate and key for mutual TLS: paths of files on a Secret volume (the key never in env).

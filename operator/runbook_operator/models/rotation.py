@@ -21,7 +21,7 @@ from .common import (
     WorkloadRef,
     cel,
 )
-from .sources import RedisTLS
+from .sources import SCRAM_ONLY, PostgresTLS, RedisTLS
 
 # PostgreSQL names are at most 63 bytes; the dual login roles append "_a" / "_b" to the group role.
 DUAL_GROUP_MAX_LENGTH = 61
@@ -56,6 +56,16 @@ class PostgresRotationTarget(CamelModel):
         description="Role to rotate (single) or the NOLOGIN group role (dual).", min_length=1, max_length=63
     )
     admin_secret_ref: CredentialsSecretRef = Field(description="Secret with a login allowed to ALTER ROLE.")
+    tls: PostgresTLS | None = Field(
+        None,
+        description="Verified TLS: the server must present a certificate for host signed by this CA "
+        "(sslmode=verify-full). Required unless insecurePlaintext is true. " + SCRAM_ONLY,
+    )
+    insecure_plaintext: bool = Field(
+        False,
+        description="Connect without verified TLS (the admin login then goes to a server that is not "
+        "authenticated): an explicit opt-out, shown as a Warning condition. Ignored when tls is set. " + SCRAM_ONLY,
+    )
 
 
 class RedisRotationTarget(CamelModel):
@@ -66,6 +76,11 @@ class RedisRotationTarget(CamelModel):
     tls: RedisTLS | None = Field(None, description="TLS settings.")
     user: str = Field("default", description="ACL user to rotate.", min_length=1)
     admin_secret_ref: CredentialsSecretRef = Field(description="Secret with an ACL admin login.")
+    insecure_plaintext: bool = Field(
+        False,
+        description="Send the admin login (AUTH) over plain TCP, without TLS: an explicit opt-out, shown as a "
+        "Warning condition. Without it, the target needs tls. Ignored when tls is enabled.",
+    )
 
 
 class RotationTarget(CamelModel):

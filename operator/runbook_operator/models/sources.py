@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import ConfigDict, Field, StringConstraints, model_validator
 
 from .common import CamelModel, ConfigMapKeyRef, CredentialsSecretRef, ObjectName, Port, SecretKeyRef, cel
+
+if TYPE_CHECKING:
+    from .rotation import PostgresRotationTarget, RedisRotationTarget
 
 # The keys of a kubernetes.io/tls Secret.
 TLS_CERT_KEY = "tls.crt"
@@ -116,20 +119,26 @@ class RedisConnection(CamelModel):
     )
 
 
-def plaintext_problem(connection: PostgresConnection | RedisConnection, field: str) -> str | None:
+def plaintext_problem(
+    connection: PostgresConnection | RedisConnection | PostgresRotationTarget | RedisRotationTarget, field: str
+) -> str | None:
     """The one-line reason this connection may not be used as configured, naming ``field`` (the connection's
     path in the spec, e.g. ``spec.source.postgresql``), or None: a login without TLS needs the explicit
-    ``insecurePlaintext`` opt-out. A PostgreSQL connection always logs in; a Redis one when it has a password."""
+    ``insecurePlaintext`` opt-out. A PostgreSQL connection always logs in; a Redis one when it has a password
+    (a rotation's Redis target always: its admin login)."""
+    from .rotation import PostgresRotationTarget  # that module builds on this one
+
     if connection.insecure_plaintext:
         return None
-    if isinstance(connection, PostgresConnection):
+    if isinstance(connection, PostgresConnection | PostgresRotationTarget):
         if connection.tls is not None:
             return None
         return (
             f"{field}: the login would cross the network without verified TLS: set {field}.tls.caSecretRef, "
             f"or {field}.insecurePlaintext: true to accept that"
         )
-    if connection.password_secret_ref is None or (connection.tls is not None and connection.tls.enabled):
+    logs_in = connection.password_secret_ref is not None if isinstance(connection, RedisConnection) else True
+    if not logs_in or (connection.tls is not None and connection.tls.enabled):
         return None
     return (
         f"{field}: the password would be sent over plain TCP: set {field}.tls, "

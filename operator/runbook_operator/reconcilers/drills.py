@@ -6,9 +6,12 @@ the policy's own reconciler writing other fields does not conflict with."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import zoneinfo
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -29,7 +32,7 @@ from ..models.backup import (
     VerifiedBackup,
 )
 from ..models.common import Condition, parse_time
-from . import runtime
+from . import runtime, tenancy
 from .restore import POLICIES, RESTORES
 from .runtime import Context, Reconciler, Result
 
@@ -42,9 +45,11 @@ def schedule_drills(ctx: PolicyCtx) -> Result:
     """Create the drill of the newest scheduled time that has none yet; wait until the next one. Writes no
     status: the policy's reconciler owns it."""
     try:
-        spec = ctx.spec
+        written = ctx.spec
     except RunbookError:
         return Result.after(300)  # the policy's reconciler reports it
+    # the drill's target as the tenancy rules allow it (a refusal: the policy's reconciler reports it too)
+    spec = tenancy.confine_backup_policy(ctx.api, ctx.grants(ctx.namespace), ctx.namespace, written)
     if spec.verification is None:
         return Result.after(3600)
     now = ctx.now().astimezone(zoneinfo.ZoneInfo(spec.verification.time_zone))
@@ -122,24 +127,109 @@ def drills_enabled(spec: kopf.Spec, **_: Any) -> bool:
     return bool(spec.get("verification"))
 
 
-def _pass(api: kube.Api, namespace: str, name: str, failures: int) -> Result:
+def _pass(api: kube.Api, namespace: str, name: str, failures: int, grants: runtime.GrantsOf | None) -> Result:
     try:
         body = api.get(POLICIES, namespace, name)
         if body is None:
             return Result.after(3600)
-        return schedule_drills(Context.of(DRILLS, body, api))
+        return schedule_drills(Context.of(DRILLS, body, api, grants=grants))
     except Exception as raised:  # the policy's Ready is its reconciler's: only logged, retried with backoff
         error = runtime.as_failure(raised)
         LOG.warning("BackupPolicy %s/%s drills: %s; trying again", namespace, name, error.message)
         return Result(requeue_after=runtime.backoff(FAILURE_RETRY, failures + 1), error=error)
 
 
-async def run(body: kopf.Body, *, stopped: kopf.DaemonStopped, api: kube.Api | None = None) -> None:
+async def run(
+    body: kopf.Body,
+    *,
+    stopped: kopf.DaemonStopped,
+    api: kube.Api | None = None,
+    grants: runtime.GrantsOf | None = None,
+) -> None:
     """The drill clock of one policy with ``verification``."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     client = api or kube.KubeApi()
 
     async def one(failures: int) -> Result:
-        return await runtime.blocking(_pass, client, namespace, name, failures)
+        return await runtime.blocking(_pass, client, namespace, name, failures, grants)
 
     await CLOCKS.run(namespace=namespace, name=name, stopped=stopped, reconcile=one)
+
+
+# --- a drill's target is never its source ---------------------------------------------------------------
+# Names prove nothing (a Service's FQDN, its short name, an IP, localhost): the operator compares where both
+# resolve and what the servers say they are, and refuses before anything is restored.
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A server as a drill's preflight saw it: ``where`` as configured, the addresses it resolves to here,
+    the database name (PostgreSQL; None for Redis, whose restore flushes the whole server) and what the server
+    says it is (PostgreSQL: system_identifier and the database's OID; Redis: INFO's run_id)."""
+
+    where: str
+    addresses: frozenset[tuple[str, int]]
+    database: str | None
+    identity: tuple[str, ...]
+
+
+def resolved(host: str, port: int) -> frozenset[tuple[str, int]]:
+    """The (address, port) pairs ``host`` resolves to from the operator (none when it does not resolve; the
+    identity comparison still applies). IPv4-mapped IPv6 addresses count as IPv4, the unspecified address as
+    the loopback it reaches."""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return frozenset()
+    pairs = set()
+    for *_, sockaddr in found:
+        address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if address.is_unspecified:
+            address = ipaddress.ip_address("127.0.0.1" if address.version == 4 else "::1")
+        pairs.add((address.compressed, port))
+    return frozenset(pairs)
+
+
+def postgres_identity(conn: Any) -> tuple[str, ...]:
+    """``(system_identifier, database OID)`` of a PostgreSQL connection: ``pg_control_system()`` is granted to
+    PUBLIC (PostgreSQL 10 and later), so any login reads it."""
+    row = conn.execute(
+        "SELECT (SELECT system_identifier FROM pg_control_system()),"
+        " (SELECT oid FROM pg_database WHERE datname = current_database())"
+    ).fetchone()
+    return (str(row[0]), str(row[1]))
+
+
+def redis_identity(client: Any, info: str = "INFO") -> tuple[str, ...]:
+    """``(run_id,)`` of a Redis server (``INFO server``, sent as ``info``: the server may rename INFO)."""
+    answer = client.execute_command(info, "server")
+    if isinstance(answer, dict):
+        return (str(answer.get("run_id")),)
+    text = answer.decode() if isinstance(answer, bytes) else str(answer)
+    run_id = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("run_id:")), "")
+    return (run_id,)
+
+
+def refuse_source(policy: str, *, target: Endpoint, source: Endpoint) -> None:
+    """``TargetIsSource`` naming the policy's ``spec.verification.target`` when the drill's target is the source:
+    the same address and port with the same database (or any database of a Redis), or a server that says it is
+    the same one (the same PostgreSQL cluster and database, the same Redis process)."""
+    shared = sorted(target.addresses & source.addresses)
+    if shared and target.database == source.database:
+        address, port = shared[0]
+        why = f"both reach {address}:{port}" + (f" and database {target.database}" if target.database else "")
+    elif target.identity == source.identity and all(target.identity):
+        why = (
+            "the server there is the source's (the same system_identifier and database OID)"
+            if target.database is not None
+            else "the server there is the source's (the same run_id)"
+        )
+    else:
+        return
+    raise RunbookError(
+        "TargetIsSource",
+        f"BackupPolicy {policy} spec.verification.target: {target.where} is the source {source.where} ({why}); "
+        "a drill restores only into a scratch database, never the source",
+    )

@@ -675,7 +675,9 @@ class PostgresTarget:
                 "restored into a database (spec.target host, port, database), not a Redis",
             )
         target = resolve_target(spec, source)
-        restore.ctx.plaintext(tenancy.plaintext_in_use(("spec.target", target)))
+        # the target inherits the source's TLS settings and opt-out: the message names where they are set
+        opt_out = f"BackupPolicy {spec.policy_ref} spec.source.postgresql"
+        restore.ctx.plaintext(tenancy.plaintext_in_use((opt_out, target)))
         return target
 
     def ca(self, target: PostgresConnection) -> str | None:

@@ -59,7 +59,9 @@ class RedisTarget:
         restore.decryptable()
         scratch = spec.target.redis if spec.target is not None else None
         target = scratch.resolve(source) if scratch is not None else source
-        restore.ctx.plaintext(tenancy.plaintext_in_use((_FIELD, target)))
+        # the opt-out is the source's (a target inherits it): the message names where it is set
+        opt_out = f"BackupPolicy {spec.policy_ref} spec.source.redis"
+        restore.ctx.plaintext(tenancy.plaintext_in_use((opt_out, target)))
         manifest = restore.manifest()
         return build_redis_plan(policy, manifest, target, etag=restore.etag), manifest
 
@@ -117,8 +119,8 @@ class RedisTarget:
         assert source is not None  # dispatched on it
 
         def endpoint(at: RedisConnection, connected: redis.Redis) -> Endpoint:
-            info = at.commands.info if at.commands is not None else "INFO"
-            return Endpoint(where(at), resolved(at.host, at.port), None, redis_identity(connected, info))
+            identity = redis_identity(connected, at.commands.info)
+            return Endpoint(where(at), resolved(at.host, at.port), None, identity)
 
         source_client = connect_target(source, self.credentials(source), self.material(source))
         try:

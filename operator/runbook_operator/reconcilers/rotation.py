@@ -50,7 +50,7 @@ from ..models.rotation import (
     SecretRotationSpec,
     SecretRotationStatus,
 )
-from . import runtime
+from . import runtime, tenancy
 from .rotation_targets import MISSING_RETRY, REFUSED_RETRY, Pending, Target, target_for
 from .runtime import Context, Reconciler, Result
 
@@ -463,13 +463,27 @@ STEP_TABLE = (
 )
 
 
+def confine(ctx: RotationContext) -> SecretRotationSpec:
+    """The spec as the tenancy rules allow it (``tenancy.confine_secret_rotation``), before any Secret is read
+    or the target contacted; the SecureConnections condition names a target used without verified TLS."""
+    grants = ctx.grants(ctx.namespace)
+    spec = ctx.confine(tenancy.confine_secret_rotation(ctx.api, grants, ctx.namespace, ctx.spec))
+    target = spec.target
+    if target is not None:
+        ctx.plaintext(
+            tenancy.plaintext_in_use(("spec.target.postgresql", target.postgresql), ("spec.target.redis", target.redis))
+        )
+    return spec
+
+
 def reconciler(targets: TargetFor = target_for) -> Reconciler[SecretRotationSpec, SecretRotationStatus]:
     """The kind, its targets given by ``targets`` (tests pass a fake)."""
 
     def reconcile(ctx: RotationContext) -> Result:
         """Resume or start a rotation when one is in flight or due; else check the references and wait."""
         try:
-            return Rotation(ctx, targets(ctx.api, ctx.namespace, ctx.spec)).converge()
+            spec = confine(ctx)
+            return Rotation(ctx, targets(ctx.api, ctx.namespace, spec)).converge()
         except Exception:
             if not _in_flight(ctx.status):
                 ctx.status.phase = RotationPhase.FAILED
@@ -479,7 +493,7 @@ def reconciler(targets: TargetFor = target_for) -> Reconciler[SecretRotationSpec
         """Deletion: a rotation in flight is carried through publishing first, so the Secret's password works
         once the pending Secret is garbage-collected with the resource."""
         if _in_flight(ctx.status):
-            Rotation(ctx, targets(ctx.api, ctx.namespace, ctx.spec)).advance(through=RotationStep.PUBLISHED)
+            Rotation(ctx, targets(ctx.api, ctx.namespace, confine(ctx))).advance(through=RotationStep.PUBLISHED)
         rotated = str(((ctx.body.get("spec") or {}).get("secretRef") or {}).get("name") or "")
         secret = ctx.api.get(kube.SECRETS, ctx.namespace, rotated) if rotated else None
         if secret is not None and (secret["metadata"].get("annotations") or {}).get(build.ROTATED_BY) == ctx.name:

@@ -105,6 +105,9 @@ def _server_errors(field: str, server: str, tls: RedisTLS | None = None, server_
     except redis_client.TLSFault as fault:
         raise RunbookError("TLSFailed", f"{field}.tls.{fault}", retry_after=REFUSED_RETRY) from None
     except (psycopg.OperationalError, redis.AuthenticationError) as error:
+        problem = postgres.tls_problem(error) if isinstance(error, psycopg.OperationalError) else None
+        if problem is not None:
+            raise RunbookError("TLSFailed", f"{field}.{problem} ({server})", retry_after=REFUSED_RETRY) from None
         if isinstance(error, redis.AuthenticationError) or postgres.refused(error):
             raise RunbookError(
                 "LoginRefused",
@@ -160,11 +163,22 @@ class PostgresTarget:
     def _admin_connection(self) -> Iterator[psycopg.Connection[Any]]:
         pg = self.target
         user, password = _admin(self.api, self.namespace, pg.admin_secret_ref, f"{self.field}.adminSecretRef")
+        ca = self._ca()
         with (
             _server_errors(self.field, self._server),
-            postgres.connect(host=pg.host, port=pg.port, database=pg.database, user=user, password=password) as conn,
+            postgres.connect(
+                host=pg.host, port=pg.port, database=pg.database, user=user, password=password, ca=ca
+            ) as conn,
         ):
             yield conn
+
+    def _ca(self) -> str | None:
+        """The PEM text of ``tls.caSecretRef`` (verify-full), None without TLS."""
+        tls = self.target.tls
+        if tls is None:
+            return None
+        ref, field = tls.ca_secret_ref, f"{self.field}.tls.caSecretRef"
+        return kube.secret_value(self.api, self.namespace, ref.name, ref.key, field=field, redact=False)
 
     def _refuse_privileged(self, conn: psycopg.Connection[Any]) -> None:
         """``RoleNotRotatable`` when the role (dual: the group and each login role that exists) is the admin login
@@ -210,7 +224,7 @@ class PostgresTarget:
         user = pending.username or pg.user
         with _server_errors(self.field, self._server):
             ok = postgres.login_works(
-                host=pg.host, port=pg.port, database=pg.database, user=user, password=pending.password
+                host=pg.host, port=pg.port, database=pg.database, user=user, password=pending.password, ca=self._ca()
             )
         if not ok:
             raise _refused(self.field, user)

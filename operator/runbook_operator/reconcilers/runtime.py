@@ -39,6 +39,7 @@ from ..conditions import ConditionStatus, set_condition
 from ..errors import RunbookError, parse_spec
 from ..logs import REDACTOR
 from ..models.common import CamelModel, Condition, StatusBase
+from .tenancy import Grant, index_entries
 
 LOG = logging.getLogger(__name__)
 S = TypeVar("S", bound=CamelModel)
@@ -170,6 +171,25 @@ def holder_by_listing(api: kube.Api) -> Isolation:
     return holder
 
 
+GrantsOf = Callable[[str], tuple[Grant, ...]]  # the RunbookGrants that apply to a namespace
+GRANTS = kube.custom_resource("runbookgrants", "RunbookGrant")
+
+
+def grants_by_listing(api: kube.Api) -> GrantsOf:
+    """``Context.grants`` without kopf's index (tools, tests): one LIST per question."""
+
+    def grants(namespace: str) -> tuple[Grant, ...]:
+        found = [
+            grant
+            for item in api.list(GRANTS, None)
+            for listed, grant in index_entries(str(item["metadata"]["name"]), item.get("spec") or {}).items()
+            if listed == namespace
+        ]
+        return tuple(sorted(found, key=lambda grant: grant.name))
+
+    return grants
+
+
 @dataclass
 class Context(Generic[S, T]):
     """One pass over one object: the API, the object as read, its spec (parsed on first use, so an invalid
@@ -181,6 +201,7 @@ class Context(Generic[S, T]):
     spec_model: type[S]
     status: T
     isolation: Isolation
+    grants: GrantsOf
     now: Callable[[], datetime] = utc_now
     _written: dict[str, Any] = field(default_factory=dict)
     _spec: S | None = None
@@ -193,6 +214,7 @@ class Context(Generic[S, T]):
         api: kube.Api,
         *,
         isolation: Isolation | None = None,
+        grants: GrantsOf | None = None,
         now: Callable[[], datetime] = utc_now,
     ) -> Context[S, T]:
         status = reconciler.status.model_validate(dict(body.get("status") or {}))
@@ -203,6 +225,7 @@ class Context(Generic[S, T]):
             spec_model=reconciler.spec,
             status=status,
             isolation=isolation or holder_by_listing(api),
+            grants=grants or grants_by_listing(api),
             now=now,
             _written=_wire(status),
         )
@@ -225,6 +248,25 @@ class Context(Generic[S, T]):
         if self._spec is None:
             self._spec = parse_spec(self.spec_model, self.body.get("spec"))
         return self._spec
+
+    def confine(self, confined: S) -> S:
+        """The spec as a ``tenancy.confine_*`` call returned it: every later ``ctx.spec`` of the pass is that
+        one, so the pass connects only to the hosts the tenancy rules returned."""
+        self._spec = confined
+        return confined
+
+    def plaintext(self, fields: list[str]) -> None:
+        """The ``SecureConnections`` condition: False (reason ``Plaintext``, a Warning) naming each connection
+        of ``fields`` that runs without verified TLS (its ``insecurePlaintext`` opt-out), True when none."""
+        if fields:
+            self.condition(
+                "SecureConnections",
+                "False",
+                "Plaintext",
+                f"without verified TLS (insecurePlaintext): {', '.join(fields)}",
+            )
+        else:
+            self.condition("SecureConnections", "True", "Verified", "every connection uses verified TLS")
 
     def condition(self, type: str, status: ConditionStatus, reason: str, message: str = "") -> None:
         """Set one condition; ``lastTransitionTime`` moves only when its status changes."""
@@ -305,13 +347,14 @@ async def drive(
     finalizing: bool = False,
     failures: int = 0,
     isolation: Isolation | None = None,
+    grants: GrantsOf | None = None,
 ) -> Result:
     """One pass over ``body`` in the executor (``finalizing``: the kind's finalizer instead)."""
     step = reconciler.finalize if finalizing else reconciler.reconcile
     assert step is not None, f"{reconciler.resource.kind} has no finalizer"
 
     def work() -> Result:
-        ctx = Context.of(reconciler, body, api or kube.KubeApi(), isolation=isolation)
+        ctx = Context.of(reconciler, body, api or kube.KubeApi(), isolation=isolation, grants=grants)
         return run_pass(ctx, step, failures=failures)
 
     return await blocking(work)
@@ -325,6 +368,7 @@ async def drive_current(
     api: kube.Api | None = None,
     failures: int = 0,
     isolation: Isolation | None = None,
+    grants: GrantsOf | None = None,
 ) -> Result:
     """One pass over the object as the API server has it now (a daemon's copy lags behind our own status
     writes); ``stop`` once it is gone or being deleted (its finalizer takes over)."""
@@ -332,7 +376,7 @@ async def drive_current(
     body = await blocking(client.get, reconciler.resource, namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return Result.stop()
-    return await drive(reconciler, body, api=client, failures=failures, isolation=isolation)
+    return await drive(reconciler, body, api=client, failures=failures, isolation=isolation, grants=grants)
 
 
 async def run_clock(
@@ -343,12 +387,15 @@ async def run_clock(
     stopped: kopf.DaemonStopped,
     api: kube.Api | None = None,
     isolation: Isolation | None = None,
+    grants: GrantsOf | None = None,
 ) -> None:
     """The object's clock (a kopf daemon): ``drive_current`` pass after pass, each when the last asked."""
     namespace, name = str(body["metadata"]["namespace"]), str(body["metadata"]["name"])
 
     async def once(failures: int) -> Result:
-        return await drive_current(reconciler, namespace, name, api=api, failures=failures, isolation=isolation)
+        return await drive_current(
+            reconciler, namespace, name, api=api, failures=failures, isolation=isolation, grants=grants
+        )
 
     await clocks.run(namespace=namespace, name=name, stopped=stopped, reconcile=once)
 
@@ -361,6 +408,7 @@ async def finalize_current(
     retry: int,
     api: kube.Api | None = None,
     isolation: Isolation | None = None,
+    grants: GrantsOf | None = None,
 ) -> None:
     """kopf's deletion handler: after any pass of the object's clock, the finalizer on the object as it is now,
     ended as kopf expects (``as_kopf``)."""
@@ -368,7 +416,9 @@ async def finalize_current(
     client = api or kube.KubeApi()
     async with clocks.lock(namespace, name):
         current = await blocking(client.get, reconciler.resource, namespace, name)
-        result = await drive(reconciler, current or body, api=client, finalizing=True, isolation=isolation)
+        result = await drive(
+            reconciler, current or body, api=client, finalizing=True, isolation=isolation, grants=grants
+        )
     as_kopf(result, retry=retry)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +28,11 @@ from ..errors import RunbookError, describe_validation_error
 from ..models.backup import BackupPolicySpec, BackupRestoreSpec, BackupSource, RestoreTarget
 from ..models.grants import RunbookGrantSpec, normal_endpoint, normal_host
 from ..models.isolation import EmergencyIsolationSpec
-from ..models.rotation import SecretRotationSpec
-from ..models.sources import PostgresConnection, RedisConnection, RedisTLS, S3Location
+from ..models.rotation import PostgresRotationTarget, RedisRotationTarget, SecretRotationSpec
+from ..models.sources import PostgresConnection, RedisConnection, RedisTLS, S3Location, plaintext_problem
 
 LOG = logging.getLogger(__name__)
+Connection = PostgresConnection | RedisConnection | PostgresRotationTarget | RedisRotationTarget
 NOT_PERMITTED = "NotPermitted"
 CLUSTER_DOMAIN = "cluster.local"
 # A PostgreSQL database name as the operator accepts it: never '=' or spaces (libpq would read
@@ -232,20 +233,36 @@ def _verified(tls: RedisTLS | None) -> bool:
     return tls is not None and tls.enabled and not tls.insecure_skip_verify
 
 
+def _unverified(connection: Connection) -> bool:
+    if isinstance(connection, PostgresConnection | PostgresRotationTarget):
+        return connection.tls is None
+    return not _verified(connection.tls)
+
+
+def check_connection_tls(
+    grants: Grants,
+    namespace: str,
+    field: str,
+    connection: Connection,
+) -> None:
+    """A connection without verified TLS needs a grant's ``plaintextConnections`` (and the object's own
+    ``insecurePlaintext`` opt-out: ``plaintext_in_use``, which the reconcilers call after ``confine_*``)."""
+    if _unverified(connection):
+        check_plaintext(grants, namespace, f"{field}.tls")
+
+
 def _postgres(
     api: kube.Api, grants: Grants, namespace: str, field: str, connection: PostgresConnection
 ) -> PostgresConnection:
     host = check_host(api, grants, namespace, f"{field}.host", host=connection.host, port=connection.port)
     check_database_name(f"{field}.database", connection.database)
-    if connection.tls is None:
-        check_plaintext(grants, namespace, f"{field}.tls")
+    check_connection_tls(grants, namespace, field, connection)
     return connection.model_copy(update={"host": host})
 
 
 def _redis(api: kube.Api, grants: Grants, namespace: str, field: str, connection: RedisConnection) -> RedisConnection:
     host = check_host(api, grants, namespace, f"{field}.host", host=connection.host, port=connection.port)
-    if not _verified(connection.tls):
-        check_plaintext(grants, namespace, f"{field}.tls")
+    check_connection_tls(grants, namespace, field, connection)
     return connection.model_copy(update={"host": host})
 
 
@@ -289,9 +306,7 @@ def _restore_target(
         host = check_host(
             api, grants, namespace, f"{field}.redis.host", host=scratch.host or source.redis.host, port=port
         )
-        resolved = scratch.resolve(source.redis)
-        if not _verified(resolved.tls):
-            check_plaintext(grants, namespace, f"{field}.redis.tls")
+        check_connection_tls(grants, namespace, f"{field}.redis", scratch.resolve(source.redis))
         update["redis"] = scratch.model_copy(update={"host": host})
     return target.model_copy(update=update)
 
@@ -327,14 +342,13 @@ def confine_secret_rotation(
         field = "spec.target.postgresql"
         host = check_host(api, grants, namespace, f"{field}.host", host=pg.host, port=pg.port)
         check_database_name(f"{field}.database", pg.database)
-        check_plaintext(grants, namespace, f"{field}.tls")  # the rotation target has no TLS settings yet
+        check_connection_tls(grants, namespace, field, pg)
         update["postgresql"] = pg.model_copy(update={"host": host})
     if target.redis is not None:
         redis = target.redis
         field = "spec.target.redis"
         host = check_host(api, grants, namespace, f"{field}.host", host=redis.host, port=redis.port)
-        if not _verified(redis.tls):
-            check_plaintext(grants, namespace, f"{field}.tls")
+        check_connection_tls(grants, namespace, field, redis)
         update["redis"] = redis.model_copy(update={"host": host})
     return spec.model_copy(update={"target": target.model_copy(update=update)})
 
@@ -343,3 +357,27 @@ def confine_emergency_isolation(grants: Grants, namespace: str, spec: EmergencyI
     """``spec.evidence.destination``: the evidence bucket."""
     if spec.evidence.destination is not None:
         check_s3(grants, namespace, "spec.evidence.destination", spec.evidence.destination)
+
+
+# --- what runs without verified TLS (the SecureConnections condition) ----------------------------------
+
+
+def plaintext_in_use(*connections: tuple[str, Connection | None]) -> list[str]:
+    """The object's side of a connection without verified TLS, after ``confine_*`` checked the grant's: the
+    fields of the (field, connection) pairs that run without verified TLS (for the ``SecureConnections``
+    Warning condition), or ``NotPermitted`` naming the field of one whose login has no ``insecurePlaintext``
+    opt-out (``sources.plaintext_problem``). Called before any Secret of those connections is read."""
+    for field, connection in connections:
+        problem = None if connection is None else plaintext_problem(connection, field)
+        if problem is not None:
+            raise RunbookError(NOT_PERMITTED, problem)
+    return [field for field, connection in connections if connection is not None and _unverified(connection)]
+
+
+def grants_from_index(index: Mapping[str, Iterable[Grant]]) -> Callable[[str], tuple[Grant, ...]]:
+    """``Context.grants`` (``runtime.drive(..., grants=...)``) answered from kopf's index ``grants_by_namespace``."""
+
+    def grants(namespace: str) -> tuple[Grant, ...]:
+        return grants_for(index, namespace)
+
+    return grants
