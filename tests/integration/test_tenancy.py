@@ -40,7 +40,7 @@ from tests.restore_support import (
 )
 from tests.services import CleartextTrap, GpgKeyring, Postgres, S3Server
 
-from runbook_operator.builders.restore import DRILL_LABEL, job_name
+from runbook_operator.builders.restore import DRILL_LABEL
 from runbook_operator.models.plans import MANIFEST_KEY_ENV, MANIFEST_KEY_SECRET, MANIFEST_KEY_SECRET_KEY
 
 pytestmark = pytest.mark.integration
@@ -631,11 +631,11 @@ def drill_of(platform: Platform, policy: str) -> str:
 
 
 @pytest.mark.parametrize(
-    ("target", "field", "reasons"),
+    ("target", "field", "reason"),
     [
-        ({"host": "localhost"}, "spec.target", ()),  # the same server by another (granted) name
-        ({"host": "2130706433"}, "spec.verification.target.host", ("NotPermitted",)),  # 127.0.0.1 as a number
-        ({"database": "dbname={shop}"}, "spec.verification.target.database", ("InvalidDatabaseName",)),
+        ({"host": "localhost"}, "spec.verification.target", "TargetIsSource"),  # the same server, another name
+        ({"host": "2130706433"}, "spec.verification.target.host", "NotPermitted"),  # 127.0.0.1 as a number
+        ({"database": "dbname={shop}"}, "spec.verification.target.database", "InvalidDatabaseName"),
     ],
     ids=["alias", "ip-as-number", "dbname-connstring"],
 )
@@ -648,7 +648,7 @@ def test_3_a_drill_never_restores_over_the_source(
     gpg_keyring: GpgKeyring,
     target: dict[str, Any],
     field: str,
-    reasons: tuple[str, ...],
+    reason: str,
 ) -> None:
     shop = create_shop(postgres)
     backup = signed_backup(postgres, shop, s3_server, gpg_keyring, team_a.namespace)
@@ -672,14 +672,23 @@ def test_3_a_drill_never_restores_over_the_source(
             },
         )
         tenant.create("backuppolicies", "db", spec)
-        if field.startswith("spec.verification"):  # refused on the policy itself
-            condition = team_a.refusal("backuppolicies", "db", field)
-            assert_refused(condition, *reasons)
-        else:  # the drill's restore refuses the target: it is the source by identity
-            drill = drill_of(team_a, "db")
-            condition = team_a.refusal("backuprestores", drill, field, timeout=90)
-            print("drill refusal:", condition)
-            assert job_name(drill) not in team_a.jobs()
+
+        def refused() -> dict[str, Any] | None:
+            """A False condition naming the field: on the policy (Ready, Verified) or on a drill it made."""
+            drills = team_a.custom.list_namespaced_custom_object(
+                GROUP, VERSION, team_a.namespace, "backuprestores", label_selector=f"{DRILL_LABEL}=db"
+            )["items"]
+            objects = [("backuppolicies", "db"), *(("backuprestores", d["metadata"]["name"]) for d in drills)]
+            for plural, name in objects:
+                for condition in team_a.conditions(plural, name):
+                    if condition.get("status") == "False" and field in (condition.get("message") or ""):
+                        return {**condition, "object": f"{plural}/{name}"}
+            return None
+
+        condition = team_a.wait_for(refused, timeout=150, what=f"a condition naming {field}")
+        print("drill refusal:", condition)
+        assert_refused(condition, reason)
+    assert team_a.jobs() == []  # no drill Job was ever made
     assert database_text(postgres, shop) == before
 
 
@@ -747,7 +756,7 @@ def test_4_rotation_of_a_privileged_role_is_refused(
         }
         tenant.create("secretrotations", "takeover", spec)
         condition = team_a.refusal("secretrotations", "takeover", "spec.target.postgresql.user")
-    print("rotation refusal:", condition)
+    assert_refused(condition, "RoleNotRotatable")
     assert logs_in(postgres, user, password)  # the password was not changed
     assert team_a.secret_data("app-login") == before
     with postgres.connect() as conn:
@@ -774,8 +783,8 @@ def test_4_secret_only_rotation_never_overwrites_a_secret_it_does_not_own(
     with operator(team_a.namespace):
         spec = {"secretRef": {"name": name, "key": key}, "interval": "30d", "rotateNow": "now"}
         tenant.create("secretrotations", "overwrite", spec)
-        condition = team_a.refusal("secretrotations", "overwrite", "spec.secretRef")
-    print("secret refusal:", condition)
+        condition = team_a.refusal("secretrotations", "overwrite", "spec.secretRef.name")
+    assert_refused(condition, "SecretNotRotatable")
     assert team_a.secret_data(name) == before
 
 
@@ -797,6 +806,29 @@ def forge(s3_server: S3Server, backup: Backup, how: str) -> None:
     client.put_object(Bucket=backup.bucket, Key=keys[0], Body=json.dumps(manifest).encode())
 
 
+def run_container(platform: Platform, container: Any) -> subprocess.CompletedProcess[str]:
+    """A pod's container as a process, with the environment the kubelet would give it (values, Secret and
+    ConfigMap keys as they are now)."""
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG")}
+    for item in container.env or []:
+        if item.value_from is None:
+            env[item.name] = item.value
+        elif item.value_from.secret_key_ref is not None:
+            ref = item.value_from.secret_key_ref
+            env[item.name] = base64.b64decode(platform.secret_data(ref.name)[ref.key]).decode()
+        else:
+            ref = item.value_from.config_map_key_ref
+            env[item.name] = platform.core.read_namespaced_config_map(ref.name, platform.namespace).data[ref.key]
+    return subprocess.run(
+        [sys.executable, "-m", "runbook_operator.cli", *container.args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
 def run_job_pod(platform: Platform, job: str) -> subprocess.CompletedProcess[str]:
     """The Job's container as a process with the pod's environment; its exit reported as the kubelet would."""
     pods = platform.wait_for(
@@ -810,21 +842,7 @@ def run_job_pod(platform: Platform, job: str) -> subprocess.CompletedProcess[str
     )
     pod = pods[0]
     container = pod.spec.containers[0]
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG")}
-    for item in container.env:
-        if item.value_from is None:
-            env[item.name] = item.value
-        else:
-            ref = item.value_from.secret_key_ref
-            env[item.name] = base64.b64decode(platform.secret_data(ref.name)[ref.key]).decode()
-    result = subprocess.run(
-        [sys.executable, "-m", "runbook_operator.cli", *container.args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    result = run_container(platform, container)
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     lines = (result.stderr if result.returncode else result.stdout).strip().splitlines()
     terminated = {
@@ -995,18 +1013,24 @@ def test_6_saved_policies_written_by_a_configmap_writer_are_never_created(
     with operator(team_a.namespace):
         tenant.create("emergencyisolations", "incident", spec)
         team_a.wait_for(lambda: phase() == "Isolated" and replicas() == 0, timeout=60, what="isolated")
-        if when == "during":
-            try:
-                tenant.core.patch_namespaced_config_map(saved, team_a.namespace, {"data": poisoned})
-            except kubernetes.client.ApiException as error:
-                assert error.status in (403, 404), error  # kept where the tenant cannot write: fine
+        if when == "during":  # the legacy ConfigMap planted mid-isolation, and the status the operator keeps
+            tenant.core.create_namespaced_config_map(team_a.namespace, {"metadata": {"name": saved}, "data": poisoned})
+            with pytest.raises(kubernetes.client.ApiException) as denied:
+                tenant.custom.patch_namespaced_custom_object_status(
+                    GROUP,
+                    VERSION,
+                    team_a.namespace,
+                    "emergencyisolations",
+                    "incident",
+                    {"status": {"savedPolicies": [ALLOW_ALL]}},
+                )
+            assert denied.value.status == 403
         tenant.patch_spec("emergencyisolations", "incident", {"released": True})
         team_a.wait_for(lambda: phase() == "Released", timeout=60, what="released")
-        print("release conditions:", team_a.conditions("emergencyisolations", "incident"))
     policies = [p.metadata.name for p in team_a.net.list_namespaced_network_policy(team_a.namespace).items]
     assert "attacker-allow-all" not in policies
-    assert "emergency-isolate" not in policies
-    assert replicas() == 2  # the workloads came back in spite of the malformed entry
+    assert sorted(policies) == ["allow-web"]  # the removed policy came back, emergency-isolate is gone
+    assert replicas() == 2  # the workloads came back
 
 
 # --- 7. gpg recipients ---------------------------------------------------------------------------------
@@ -1036,7 +1060,44 @@ def other_key(tmp_path: Path, kind: str) -> tuple[str, str]:
     return armored, fingerprint
 
 
-@pytest.mark.parametrize("kind", ["attacker", "expired", "sign-only"])
+REFUSED_KEYS = {"attacker": "RecipientNotPinned", "expired": "RecipientExpired", "sign-only": "RecipientCannotEncrypt"}
+
+
+def test_7_recipients_swapped_after_the_reconcile_are_refused_at_backup_time(
+    team_a: Platform,
+    make_tenant: Callable[..., Tenant],
+    grant: Callable[..., None],
+    postgres: Postgres,
+    s3_server: S3Server,
+    bucket: str,
+    gpg_keyring: GpgKeyring,
+    tmp_path: Path,
+) -> None:
+    """The policy is Ready with the team's pinned key; then a ConfigMap writer swaps in its own key. The next
+    backup (the CronJob's pod, run as a process with the ConfigMap as it is now) encrypts to nobody."""
+    tenant = make_tenant(configmaps=True)
+    shop = create_shop(postgres)
+    allow_database_and_bucket(grant, postgres, s3_server, bucket)
+    with operator(team_a.namespace):
+        spec = policy_spec(pg_source(postgres, shop), s3_destination(s3_server.endpoint, bucket))
+        spec["encryption"]["gpg"]["fingerprints"] = [gpg_keyring.fingerprint]
+        tenant.create("backuppolicies", "pinned", spec)
+
+        def ready() -> bool:
+            return any(
+                c["type"] == "Ready" and c["status"] == "True" for c in team_a.conditions("backuppolicies", "pinned")
+            )
+
+        team_a.wait_for(ready, timeout=60, what="the policy Ready with the pinned key")
+    armored, _ = other_key(tmp_path, "attacker")
+    tenant.core.patch_namespaced_config_map(RECIPIENTS, team_a.namespace, {"data": {"team.asc": armored}})
+    cron_job = team_a.batch.read_namespaced_cron_job(team_a.cron_jobs()[0], team_a.namespace)
+    result = run_container(team_a, cron_job.spec.job_template.spec.template.spec.containers[0])
+    assert result.returncode != 0 and "RecipientNotPinned" in result.stderr, result.stderr[-2000:]
+    assert s3_server.client().list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+@pytest.mark.parametrize("kind", list(REFUSED_KEYS))
 def test_7_recipients_are_pinned_and_must_encrypt(
     team_a: Platform,
     make_tenant: Callable[..., Tenant],
@@ -1065,8 +1126,8 @@ def test_7_recipients_are_pinned_and_must_encrypt(
         }
         tenant.create("backuppolicies", "pinned", spec)
         condition = team_a.refusal("backuppolicies", "pinned", "spec.encryption.gpg")
-    print("recipients refusal:", condition)
     assert condition["type"] == "Ready"
+    assert_refused(condition, REFUSED_KEYS[kind])
     assert team_a.cron_jobs() == []  # no backup would ever be encrypted to it
     assert s3_server.client().list_objects_v2(Bucket=bucket).get("KeyCount") == 0
 
