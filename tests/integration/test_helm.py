@@ -42,8 +42,9 @@ HELM_LABELS = {
     "app.kubernetes.io/instance": RELEASE,
     "app.kubernetes.io/version": CHART_META["appVersion"],
 }
-# The namespaced mode of deploy/overlays/namespaced/, in values.
-NAMESPACED = ["--set", "rbac.scope=namespaced", "--set", "watchNamespaces={hungryhippaahneties}"]
+# The cluster-wide mode of deploy/overlays/cluster-wide/, in values.
+CLUSTER_WIDE = ["--set", "rbac.scope=cluster"]
+ENABLED = "hungryhippaahneties"  # the namespace deploy/ enables (deploy/base/namespace-enable/)
 # Kinds whose CRDs (the Prometheus Operator's) the test API server does not have: not dry-run (see below).
 NO_CRD_HERE = {"ServiceMonitor", "PrometheusRule", "PodMonitor"}
 RBAC = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "RoleBinding"}
@@ -130,8 +131,8 @@ def monitoring_kustomization(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize(
     "values",
-    [[], NAMESPACED, ["--set", "monitoring.enabled=true"]],
-    ids=["default", "namespaced", "monitoring"],
+    [[], CLUSTER_WIDE, ["--set", "monitoring.enabled=true"]],
+    ids=["default", "cluster-wide", "monitoring"],
 )
 def test_helm_lint_passes(helm: Path, values: list[str]) -> None:
     output = run([helm, "lint", "--strict", CHART, *values])
@@ -150,18 +151,21 @@ def test_chart_crds_are_the_generated_crds() -> None:
 
 
 def test_chart_rbac_files_are_deploys() -> None:
-    """The chart's RBAC rules are read from deploy/'s manifests (which give each rule's reason)."""
+    """The chart's RBAC rules and enabling bundle are read from deploy/'s manifests (which give each rule's
+    reason)."""
     assert (CHART / "files" / "rbac.yaml").resolve() == ROOT / "deploy" / "base" / "rbac.yaml"
-    assert (CHART / "files" / "cluster-rbac.yaml").resolve() == ROOT / "deploy/overlays/namespaced/cluster-rbac.yaml"
+    assert (CHART / "files" / "agent-rbac.yaml").resolve() == ROOT / "deploy" / "base" / "agent-rbac.yaml"
+    enable = ROOT / "deploy" / "base" / "namespace-enable" / "enable.yaml"
+    assert (CHART / "files" / "namespace-enable.yaml").resolve() == enable
 
 
 def test_packaged_chart_is_self_contained(helm: Path, tmp_path: Path) -> None:
     """`helm package` stores the symlinked files' contents: the archive renders what the directory does."""
     run([helm, "package", CHART, "--destination", tmp_path])
     archive = tmp_path / f"runbook-operator-{CHART_META['version']}.tgz"
-    values = ["--include-crds", "--set", "monitoring.enabled=true", *NAMESPACED]
+    values = ["--include-crds", "--set", "monitoring.enabled=true", *CLUSTER_WIDE]
     packaged = documents(run([helm, "template", RELEASE, archive, *values]))
-    assert packaged == helm_template(helm, "--set", "monitoring.enabled=true", *NAMESPACED)
+    assert packaged == helm_template(helm, "--set", "monitoring.enabled=true", *CLUSTER_WIDE)
 
 
 # --- the chart renders what kustomize renders -------------------------------------------------------------
@@ -171,11 +175,34 @@ def test_default_values_render_deploy(helm: Path) -> None:
     assert_same_objects(helm_template(helm), kustomize(ROOT / "deploy"))
 
 
-def test_namespaced_rbac_renders_the_namespaced_overlay(helm: Path) -> None:
-    rendered = helm_template(helm, *NAMESPACED)
-    assert_same_objects(rendered, kustomize(ROOT / "deploy" / "overlays" / "namespaced"))
+ENABLING_BINDINGS = {
+    ("RoleBinding", name)
+    for name in (
+        "runbook-operator",
+        "runbook-export",
+        "runbook-export-secrets",
+        "runbook-restore-kubernetes",
+        "runbook-restore-kubernetes-secrets",
+    )
+}
+
+
+def test_default_values_bind_the_namespaced_role_in_the_enabled_namespace_only(helm: Path) -> None:
+    rendered = helm_template(helm)
     bindings = {(d["kind"], d["metadata"]["name"]) for d in rendered if d["kind"].endswith("Binding")}
-    assert bindings == {("ClusterRoleBinding", "runbook-operator-cluster"), ("RoleBinding", "runbook-operator")}
+    assert bindings == {("ClusterRoleBinding", "runbook-operator"), *ENABLING_BINDINGS}
+    assert {d["metadata"]["namespace"] for d in rendered if d["kind"] == "RoleBinding"} == {ENABLED}
+
+
+def test_cluster_scope_renders_the_cluster_wide_overlay(helm: Path) -> None:
+    rendered = helm_template(helm, *CLUSTER_WIDE)
+    assert_same_objects(rendered, kustomize(ROOT / "deploy" / "overlays" / "cluster-wide"))
+    bindings = {(d["kind"], d["metadata"]["name"]) for d in rendered if d["kind"].endswith("Binding")}
+    assert bindings == {
+        ("ClusterRoleBinding", "runbook-operator"),
+        ("ClusterRoleBinding", "runbook-operator-namespace"),
+        *ENABLING_BINDINGS,
+    }
 
 
 def test_monitoring_on_renders_deploy_with_the_monitoring_component(helm: Path, tmp_path: Path) -> None:
@@ -224,8 +251,11 @@ def test_values_reach_the_objects(helm: Path) -> None:
     service = next(d for d in docs if d["kind"] == "Service")
     assert service["spec"]["ports"][0]["port"] == 9191
     cluster_scoped = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
-    namespaced = [d for d in docs if d["kind"] not in cluster_scoped]
+    # The operator's own objects go to ops; the enabling bundle to the enabled namespace, naming ops' account.
+    namespaced = [d for d in docs if d["kind"] not in cluster_scoped and d["metadata"]["namespace"] != ENABLED]
     assert {d["metadata"]["namespace"] for d in namespaced} == {"ops"}
+    enabling = next(d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["name"] == "runbook-operator")
+    assert enabling["subjects"] == [{"kind": "ServiceAccount", "name": "runbook-operator", "namespace": "ops"}]
     binding = next(d for d in docs if d["kind"] == "ClusterRoleBinding")
     assert binding["subjects"][0]["namespace"] == "ops"
     monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
@@ -237,12 +267,18 @@ def test_namespace_not_created_and_rbac_left_to_the_admin(helm: Path) -> None:
     assert kinds == {"CustomResourceDefinition", "ServiceAccount", "Deployment", "Service"}
 
 
-def test_namespaced_rbac_grants_extra_namespaces(helm: Path) -> None:
-    docs = helm_template(helm, *NAMESPACED, "--set", "rbac.namespaces={hungryhippaahneties,exported}")
-    assert sorted(d["metadata"]["namespace"] for d in docs if d["kind"] == "RoleBinding") == [
-        "exported",
-        "hungryhippaahneties",
-    ]
+def test_every_enabled_namespace_gets_the_enabling_bundle(helm: Path) -> None:
+    docs = helm_template(helm, "--set", "rbac.enabledNamespaces={hungryhippaahneties,exported}")
+    bindings = [d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["name"] == "runbook-operator"]
+    assert sorted(d["metadata"]["namespace"] for d in bindings) == ["exported", "hungryhippaahneties"]
+    export = next(
+        d
+        for d in docs
+        if d["kind"] == "RoleBinding"
+        and (d["metadata"]["name"], d["metadata"]["namespace"]) == ("runbook-export", "exported")
+    )
+    assert {s["namespace"] for s in export["subjects"]} == {"exported"}
+    assert not [d for d in helm_template(helm, "--set-json", "rbac.enabledNamespaces=[]") if d["kind"] == "RoleBinding"]
 
 
 @pytest.mark.parametrize(
@@ -253,10 +289,10 @@ def test_namespaced_rbac_grants_extra_namespaces(helm: Path) -> None:
         (["--set", "image.pullPolicy=Sometimes"], "at '/image/pullPolicy'"),
         (["--set", "ports.metrics=0"], "at '/ports/metrics': minimum"),
         (["--set", "watchNamespaces={Not_A_Name}"], "at '/watchNamespaces/0'"),
-        (["--set", "rbac.scope=namespaced"], "at '/watchNamespaces': minItems"),
-        ([*NAMESPACED, "--set", "rbac.namespaces={other}"], "hungryhippaahneties is not in rbac.namespaces"),
+        (["--set", "rbac.enabledNamespaces={Not_A_Name}"], "at '/rbac/enabledNamespaces/0'"),
+        (["--set", "rbac.scope=namespaced"], "at '/rbac/scope': value must be one of"),
     ],
-    ids=["replicas", "scope", "pull-policy", "port", "namespace-name", "namespaced-all", "namespaced-subset"],
+    ids=["replicas", "scope", "pull-policy", "port", "namespace-name", "enabled-namespace-name", "old-scope"],
 )
 def test_bad_values_are_refused(helm: Path, values: list[str], message: str) -> None:
     result = subprocess.run(
@@ -290,7 +326,7 @@ def test_every_value_has_a_schema_and_a_readme_row() -> None:
 
 @pytest.mark.parametrize(
     "mode",
-    ["cluster", "namespaced"],
+    ["namespaces", "cluster"],
 )
 def test_rendered_manifests_pass_server_side_dry_run(
     helm: Path, api: kubernetes.client.ApiClient, namespace: str, mode: str
@@ -300,8 +336,7 @@ def test_rendered_manifests_pass_server_side_dry_run(
     Operator's kinds are left out (NO_CRD_HERE): the test API server has no CRDs for them, and a stand-in
     CRD would check nothing beyond what the kustomize comparison above already does."""
     values = ["--set", f"namespace.name={namespace}", "--set", "monitoring.enabled=true"]
-    if mode == "namespaced":
-        values += ["--set", "rbac.scope=namespaced", "--set", f"watchNamespaces={{{namespace}}}"]
+    values += ["--set", f"rbac.scope={mode}", "--set", f"rbac.enabledNamespaces={{{namespace}}}"]
     started = time.monotonic()
     docs = helm_template(helm, *values)
     print(f"helm template ({mode}, {len(docs)} objects): {time.monotonic() - started:.2f}s")
@@ -322,10 +357,10 @@ def test_rendered_manifests_pass_server_side_dry_run(
     assert {"Namespace", "CustomResourceDefinition", "ClusterRole", "Deployment", "Service"} <= set(checked)
 
 
-# --- the namespaced RBAC mode is enough for the operator --------------------------------------------------
+# --- the enabled-namespace RBAC is enough for the operator ------------------------------------------------
 
 
-def test_operator_works_with_the_namespaced_rbac_only(
+def test_operator_works_with_the_enabled_namespace_rbac_only(
     helm: Path,
     api: kubernetes.client.ApiClient,
     kubeconfig: Path,
@@ -334,24 +369,25 @@ def test_operator_works_with_the_namespaced_rbac_only(
     tmp_path: Path,
     wait_for: Any,
 ) -> None:
-    """The operator as a ServiceAccount holding only what rbac.scope=namespaced grants (RoleBinding in the
-    watched namespace, the cluster-wide rules of cluster-rbac.yaml) starts and isolates, then releases, an
-    empty namespace: the rules left cluster-wide are all kopf needs beyond the namespace."""
+    """The operator as a ServiceAccount holding only what the chart grants (the cluster-wide ClusterRole, the
+    namespaced one through the enabling bundle's RoleBinding in the watched namespace) starts and isolates,
+    then releases, an empty namespace."""
     core = kubernetes.client.CoreV1Api(api)
     home = f"rb-helm-{uuid.uuid4().hex[:8]}"  # where the operator's ServiceAccount lives
     core.create_namespace({"metadata": {"name": home, "labels": {"runbook.dev/test": "true"}}})
-    values = ["--set", f"namespace.name={home}", "--set", "namespace.create=false", "--set", "rbac.scope=namespaced"]
-    rbac = [d for d in helm_template(helm, *values, "--set", f"watchNamespaces={{{namespace}}}") if d["kind"] in RBAC]
+    values = ["--set", f"namespace.name={home}", "--set", "namespace.create=false"]
+    rbac = [
+        d for d in helm_template(helm, *values, "--set", f"rbac.enabledNamespaces={{{namespace}}}") if d["kind"] in RBAC
+    ]
     assert {d["kind"] for d in rbac} == RBAC
-    cluster_wide = [d for d in rbac if d["kind"] in {"ClusterRole", "ClusterRoleBinding"}]
+    # The ClusterRoles are the session's (conftest applies deploy/base's, which the chart's equal); the chart's
+    # ClusterRoleBinding is applied under a name of its own (the session's runbook-operator serves the others).
+    binding = next(d for d in rbac if d["kind"] == "ClusterRoleBinding")
+    binding["metadata"]["name"] = f"runbook-operator-{home}"
     custom = kubernetes.client.CustomObjectsApi(api)
     operator = None
     try:
-        # The ClusterRole runbook-operator is the session's (conftest applies deploy/base's, which the chart's
-        # equals): only the namespaced mode's own objects are applied.
-        server_side_apply(
-            api, [d for d in rbac if d["metadata"]["name"] != "runbook-operator" or d["kind"] != "ClusterRole"]
-        )
+        server_side_apply(api, [d for d in rbac if d["kind"] != "ClusterRole"])
         token = core.create_namespaced_service_account_token(
             "runbook-operator", home, {"spec": {"expirationSeconds": 3600}}
         ).status.token
@@ -364,7 +400,7 @@ def test_operator_works_with_the_namespaced_rbac_only(
             "kind": "EmergencyIsolation",
             "metadata": {"name": "breach"},
             "spec": {
-                "reason": "namespaced RBAC smoke test",
+                "reason": "enabled-namespace RBAC smoke test",
                 "incidentId": "INC-1",
                 "severity": "P1",
                 "network": {"isolate": True},
@@ -389,13 +425,5 @@ def test_operator_works_with_the_namespaced_rbac_only(
     finally:
         if operator is not None:
             operator.stop()
-        rbac_api = kubernetes.client.RbacAuthorizationV1Api(api)
-        for doc in cluster_wide:
-            if doc["metadata"]["name"] == "runbook-operator-cluster":  # runbook-operator is the session's too
-                delete = (
-                    rbac_api.delete_cluster_role
-                    if doc["kind"] == "ClusterRole"
-                    else rbac_api.delete_cluster_role_binding
-                )
-                delete(doc["metadata"]["name"])
+        kubernetes.client.RbacAuthorizationV1Api(api).delete_cluster_role_binding(binding["metadata"]["name"])
         core.delete_namespace(home)
