@@ -416,7 +416,7 @@ def test_redis_keeps_the_old_password_until_retired(
     user = f"app-{uuid.uuid4().hex[:8]}"
     old = f"old-{uuid.uuid4().hex}"
     admin = redis_server.client()
-    admin.execute_command("ACL", "SETUSER", user, "on", f">{old}", "~*", "+@all")
+    admin.execute_command("ACL", "SETUSER", user, "on", f">{old}", "~*", "+@all", "-@admin")
 
     def works(password: str) -> bool:
         client = redis.Redis(host=redis_server.host, port=redis_server.port, username=user, password=password)
@@ -507,7 +507,7 @@ def test_redis_rotation_over_mutual_tls_leaks_nothing(
     caplog.set_level(logging.INFO)
     user = f"app-{uuid.uuid4().hex[:8]}"
     old = f"old-{uuid.uuid4().hex}"
-    runbook_redis.client().execute_command("ACL", "SETUSER", user, "on", f">{old}", "~*", "+@all")
+    runbook_redis.client().execute_command("ACL", "SETUSER", user, "on", f">{old}", "~*", "+@all", "-@admin")
 
     def works(password: str) -> bool:
         client = runbook_redis.client(username=user, password=password)
@@ -775,7 +775,9 @@ def test_references_are_checked_long_before_a_rotation_is_due(
     cluster.create_secret("redis-wrong-admin", {"username": "default", "password": wrong_password})
     redis_user = f"app-{uuid.uuid4().hex[:8]}"
     redis_password = f"old-{uuid.uuid4().hex}"
-    redis_server.client().execute_command("ACL", "SETUSER", redis_user, "on", f">{redis_password}", "~*", "+@all")
+    redis_server.client().execute_command(
+        "ACL", "SETUSER", redis_user, "on", f">{redis_password}", "~*", "+@all", "-@admin"
+    )
     cluster.create_secret("redis-credentials", {"REDIS_PASSWORD": redis_password})
     missing = f"later-{uuid.uuid4().hex[:8]}"
     dead_port = free_port()
@@ -1067,3 +1069,107 @@ def test_deleted_mid_rotation_publishes_before_it_goes(
     secret = cluster.secret()
     assert secret is not None and role.login(secret["POSTGRES_PASSWORD"])
     cluster.wait_for(lambda: cluster.pending("app") is None, timeout=60, what="the pending Secret to be collected")
+
+
+# ------------------------------------------------------------------------------------------------- guards
+
+
+def test_guards_refuse_before_any_password_changes(
+    cluster: Cluster, postgres: Postgres, redis_server: Redis, operator_runner: kopf.testing.KopfRunner
+) -> None:
+    """The admin login, a CREATEROLE role, a member of one, a Redis administrator, a TLS Secret and a Secret
+    another rotation manages: each refused with Ready=False naming the field before anything changed (no
+    rotation started, no pending Secret, the old passwords still log in, the Secrets as they were)."""
+    role = PgRole(postgres)
+    admin_secret(cluster, postgres)
+    with postgres.connect() as admin:
+        creator = PgRole(postgres, prefix="creator")
+        admin.execute(f"ALTER ROLE {creator.name} CREATEROLE")
+        member = PgRole(postgres, prefix="member")
+        admin.execute(f"GRANT {creator.name} TO {member.name}")
+    original = {"POSTGRES_PASSWORD": role.password, "OTHER": "kept"}
+    cluster.create_secret(SECRET, original)
+    redis_user = f"app-{uuid.uuid4().hex[:8]}"
+    redis_password = f"old-{uuid.uuid4().hex}"
+    redis_server.client().execute_command("ACL", "SETUSER", redis_user, "on", f">{redis_password}", "~*", "+@all")
+    cluster.create_secret("redis-admin", {"username": "default", "password": redis_server.password})
+    tls = {"tls.crt": "-----BEGIN CERTIFICATE-----\nnot really\n", "tls.key": "-----BEGIN PRIVATE KEY-----\nx\n"}
+    cluster.core.create_namespaced_secret(
+        cluster.namespace,
+        {"metadata": {"name": "web-tls"}, "type": "kubernetes.io/tls", "data": {k: b64(v) for k, v in tls.items()}},
+    )
+    managed = {"API_TOKEN": "managed-elsewhere"}
+    cluster.core.create_namespaced_secret(
+        cluster.namespace,
+        {
+            "metadata": {"name": "managed", "annotations": {"runbook.dev/rotated-by": "billing"}},
+            "data": {k: b64(v) for k, v in managed.items()},
+        },
+    )
+
+    def redis_target(user: str) -> dict[str, Any]:
+        return {
+            "redis": {
+                "host": "127.0.0.1",
+                "port": redis_server.port,
+                "user": user,
+                "adminSecretRef": {"name": "redis-admin"},
+                "insecurePlaintext": True,
+            }
+        }
+
+    pg_secret = {"secretRef": {"name": SECRET, "key": "POSTGRES_PASSWORD"}, "rotateNow": "1"}
+    field = "spec.target.postgresql.user"
+    cases: dict[str, tuple[dict[str, Any], str, str]] = {
+        "admin-login": (
+            {**pg_secret, "target": pg_target(postgres, postgres.superuser)},
+            "RoleNotRotatable",
+            f"{field}: role {postgres.superuser} is not rotated: it is the admin login (adminSecretRef) itself",
+        ),
+        "createrole": (
+            {**pg_secret, "target": pg_target(postgres, creator.name)},
+            "RoleNotRotatable",
+            f"{field}: role {creator.name} is not rotated: it has CREATEROLE",
+        ),
+        "member": (
+            {**pg_secret, "target": pg_target(postgres, member.name)},
+            "RoleNotRotatable",
+            f"{field}: role {member.name} is not rotated: it is a member of role {creator.name}, which has CREATEROLE",
+        ),
+        "redis-default": (
+            {"secretRef": {"name": SECRET, "key": "OTHER"}, "target": redis_target("default"), "rotateNow": "1"},
+            "RoleNotRotatable",
+            "spec.target.redis.user: ACL user default is not rotated: it is the admin login (adminSecretRef) itself",
+        ),
+        "redis-admin-user": (
+            {"secretRef": {"name": SECRET, "key": "OTHER"}, "target": redis_target(redis_user), "rotateNow": "1"},
+            "RoleNotRotatable",
+            f"spec.target.redis.user: ACL user {redis_user} is not rotated: it may run acl setuser",
+        ),
+        "tls-key": (
+            {"secretRef": {"name": "web-tls", "key": "tls.key"}, "rotateNow": "1"},
+            "SecretNotRotatable",
+            "spec.secretRef.name: Secret web-tls is not rotated: its type is kubernetes.io/tls",
+        ),
+        "managed": (
+            {"secretRef": {"name": "managed", "key": "API_TOKEN"}, "rotateNow": "1"},
+            "SecretNotRotatable",
+            "spec.secretRef.name: Secret managed is not rotated: SecretRotation billing rotates it already",
+        ),
+    }
+    for name, (spec, _, _) in cases.items():
+        cluster.create_rotation(name, spec)
+    for name, (_, reason, message) in cases.items():
+        condition = cluster.wait_condition(name, "Ready", "False", reason)
+        assert condition["message"].startswith(message), (name, condition)
+        status = cluster.rotation(name)["status"]
+        assert "rotationId" not in status and "step" not in status, name
+        assert cluster.pending(name) is None, name
+    assert cluster.secret() == original
+    assert cluster.secret("web-tls") == tls and cluster.secret("managed") == managed
+    assert role.login(role.password) and creator.login(creator.password) and member.login(member.password)
+    with postgres.connect() as admin:  # the admin login still works with its password
+        assert admin.execute("SELECT current_user").fetchone() == (postgres.superuser,)
+    for user, password in ((redis_user, redis_password), ("default", redis_server.password)):
+        assert redis.Redis(host=redis_server.host, port=redis_server.port, username=user, password=password).ping()
+    cluster.delete_rotations()
