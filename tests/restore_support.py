@@ -73,6 +73,7 @@ def pg_source(postgres: Postgres, database: str) -> dict[str, Any]:
             "port": postgres.port,
             "database": database,
             "credentialsSecretRef": {"name": "db-credentials"},
+            "insecurePlaintext": True,
         }
     }
 

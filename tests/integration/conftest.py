@@ -13,7 +13,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,9 @@ import kopf.testing
 import kubernetes
 import pytest
 import yaml
+from tests.conftest import SHARED_SERVERS
 from tests.helpers import enable_namespace, server_side_apply, token_kubeconfig
+from tests.services import S3Server
 
 import runbook_operator.main
 
@@ -122,6 +124,52 @@ def crds_installed(api: kubernetes.client.ApiClient) -> list[str]:
     return names
 
 
+GRANTS = ("runbook.dev", "v1alpha1", "runbookgrants")
+
+
+def grant(
+    api: kubernetes.client.ApiClient,
+    namespace: str,
+    *,
+    name: str | None = None,
+    hosts: Sequence[tuple[str, int]] = (),
+    endpoints: Sequence[str] = (),
+    plaintext: bool = True,
+    **spec: Any,
+) -> str:
+    """A RunbookGrant (as a cluster administrator makes one) for ``namespace``: ``hosts`` ((host, port)),
+    S3 ``endpoints`` (any bucket, keys from the namespace's Secret), ``plaintextConnections`` and any other
+    field; owned by the Namespace, so it goes when the namespace does. Returns its name."""
+    ns = kubernetes.client.CoreV1Api(api).read_namespace(namespace)
+    grant_name = name or f"{namespace}-{uuid.uuid4().hex[:6]}"
+    body = {
+        "apiVersion": "runbook.dev/v1alpha1",
+        "kind": "RunbookGrant",
+        "metadata": {
+            "name": grant_name,
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Namespace", "name": namespace, "uid": ns.metadata.uid}],
+        },
+        "spec": {
+            "namespaces": [namespace],
+            "hosts": [{"host": host, "port": port} for host, port in hosts],
+            "s3": [{"endpoint": endpoint} for endpoint in endpoints],
+            "plaintextConnections": plaintext,
+            **spec,
+        },
+    }
+    kubernetes.client.CustomObjectsApi(api).create_cluster_custom_object(*GRANTS, body)
+    return grant_name
+
+
+def grant_test_services(api: kubernetes.client.ApiClient, namespace: str) -> str:
+    """The grant a test namespace needs for the session's shared servers (tests/conftest.py's PostgreSQL,
+    Redis and S3 server on 127.0.0.1, as far as this test's fixtures started them) and plaintext connections.
+    A test that starts a server of its own grants it with ``grant``."""
+    hosts = [(server.host, server.port) for server in SHARED_SERVERS if not isinstance(server, S3Server)]
+    endpoints = [server.endpoint for server in SHARED_SERVERS if isinstance(server, S3Server)]
+    return grant(api, namespace, name=f"{namespace}-shared", hosts=hosts, endpoints=endpoints)
+
+
 @pytest.fixture
 def namespace(api: kubernetes.client.ApiClient) -> Iterator[str]:
     """A fresh namespace for one test, enabled for the operator as an administrator would, deleted afterwards."""
@@ -129,6 +177,7 @@ def namespace(api: kubernetes.client.ApiClient) -> Iterator[str]:
     name = f"rb-test-{uuid.uuid4().hex[:8]}"
     core.create_namespace({"metadata": {"name": name, "labels": {"runbook.dev/test": "true"}}})
     enable_namespace(api, name)
+    grant_test_services(api, name)
     try:
         yield name
     finally:

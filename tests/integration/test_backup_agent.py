@@ -71,6 +71,7 @@ def pg_source(postgres: Postgres, database: str) -> dict[str, Any]:
             "port": postgres.port,
             "database": database,
             "credentialsSecretRef": {"name": "db-credentials"},
+            "insecurePlaintext": True,
         }
     }
 
@@ -228,6 +229,7 @@ def test_redis_round_trip(
             "host": redis_server.host,
             "port": redis_server.port,
             "passwordSecretRef": {"name": "redis-credentials", "key": "REDIS_PASSWORD"},
+            "insecurePlaintext": True,
         }
     }
     spec = policy_spec(source, s3_server, bucket)

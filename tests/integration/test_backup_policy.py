@@ -222,6 +222,7 @@ def pg_policy_spec(postgres: Postgres, database: str, s3: S3Server, bucket: str,
                 "port": postgres.port,
                 "database": database,
                 "credentialsSecretRef": {"name": "db-credentials"},
+                "insecurePlaintext": True,
             }
         },
         "schedule": "0 */6 * * *",

@@ -174,7 +174,14 @@ def test_backup_policy_without_cronjob_create_says_so_and_recovers_when_granted(
         "backuppolicies",
         "db",
         {
-            "source": {"postgresql": {"host": "127.0.0.1", "database": "app", "credentialsSecretRef": {"name": "db"}}},
+            "source": {
+                "postgresql": {
+                    "host": "127.0.0.1",
+                    "database": "app",
+                    "credentialsSecretRef": {"name": "db"},
+                    "insecurePlaintext": True,
+                }
+            },
             "schedule": "0 */6 * * *",
             "destination": {
                 "s3": {

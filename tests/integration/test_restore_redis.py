@@ -142,6 +142,7 @@ def redis_source(server: Redis) -> dict[str, Any]:
             "host": server.host,
             "port": server.port,
             "passwordSecretRef": {"name": "redis-credentials", "key": "password"},
+            "insecurePlaintext": True,
         }
     }
 

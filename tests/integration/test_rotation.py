@@ -218,6 +218,7 @@ def pg_target(server: Postgres, user: str, port: int | None = None) -> dict[str,
             "database": "postgres",
             "user": user,
             "adminSecretRef": {"name": ADMIN},
+            "insecurePlaintext": True,
         }
     }
 
@@ -439,6 +440,7 @@ def test_redis_keeps_the_old_password_until_retired(
                     "port": redis_server.port,
                     "user": user,
                     "adminSecretRef": {"name": "redis-admin"},
+                    "insecurePlaintext": True,
                 }
             },
             "rotateNow": "1",
@@ -820,6 +822,7 @@ def test_references_are_checked_long_before_a_rotation_is_due(
                         "port": redis_server.port,
                         "user": redis_user,
                         "adminSecretRef": {"name": "redis-wrong-admin"},
+                        "insecurePlaintext": True,
                     }
                 },
             },

@@ -137,6 +137,7 @@ def test_verbose_operator_log_holds_no_secret_in_any_encoding(
                     "port": 5432,
                     "database": "app",
                     "credentialsSecretRef": {"name": "db-credentials"},
+                    "insecurePlaintext": True,
                 }
             },
             "schedule": "0 3 * * *",
