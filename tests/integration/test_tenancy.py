@@ -597,12 +597,12 @@ def test_2_a_granted_host_asking_for_cleartext_gets_no_password(
             }
             spec = policy_spec(source, s3_destination(s3_server.endpoint, bucket))
         tenant.create(kind, "granted", spec)
-
-        def settled() -> bool:
-            conditions = team_a.conditions(kind, "granted")
-            return bool(trap.startups) or any(c["type"] == "Ready" for c in conditions)
-
-        team_a.wait_for(settled, timeout=60, what="the operator to act on the granted host")
+        if kind == "backuppolicies":  # the login is the backup agent's: run the CronJob's pod as a process
+            team_a.wait_for(team_a.cron_jobs, timeout=60, what="the backup CronJob")
+            cron_job = team_a.batch.read_namespaced_cron_job(team_a.cron_jobs()[0], team_a.namespace)
+            result = run_container(team_a, cron_job.spec.job_template.spec.template.spec.containers[0])
+            assert result.returncode != 0
+        team_a.wait_for(lambda: trap.startups, timeout=60, what="a login attempt at the granted host")
     assert not trap.received_password(), trap.received
     assert Postgres.password.encode() not in trap.received and OWNER_PASSWORD.encode() not in trap.received
 
