@@ -13,7 +13,7 @@ from typing import Any
 
 from runbook_operator.builders.restore import build_plan
 from runbook_operator.models.backup import BackupPolicySpec, RestoreRoles
-from runbook_operator.models.plans import GPG_PRIVATE_KEY_ENV, RESTORE_PLAN_ENV
+from runbook_operator.models.plans import GPG_PRIVATE_KEY_ENV, MANIFEST_KEY_ENV, RESTORE_PLAN_ENV
 from runbook_operator.models.sources import PostgresConnection
 from tests.backup_support import agent_env, manifest_of, new_bucket, policy_spec, run_agent
 from tests.services import GpgKeyring, Postgres, S3Server
@@ -21,6 +21,10 @@ from tests.services import GpgKeyring, Postgres, S3Server
 OWNER = "shop_owner"
 OWNER_PASSWORD = "shop-owner-pw-7f3a"
 TABLES = ("public.customers", "public.orders")
+# The test namespaces' manifest signing key (Secret runbook-manifest-key): backups made by the agent in the
+# tests are signed with it (``**SIGNED`` in their environment), as the CronJob's pods sign theirs.
+MANIFEST_KEY = "9c4d2f0e1b7a4c3d8e5f6a7b8c9d0e1f2a3b4c5d6e7f8091a2b3c4d5e6f70819"
+SIGNED = {MANIFEST_KEY_ENV: MANIFEST_KEY}
 
 
 def create_shop(postgres: Postgres) -> str:

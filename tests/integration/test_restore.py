@@ -21,22 +21,34 @@ import kopf.testing
 import kubernetes
 import pytest
 from tests import helpers
+from tests.integration.test_restore_agent import ATTACKER_ROW, PADDING, attacker_backup
 from tests.restore_support import (
+    MANIFEST_KEY,
     OWNER,
     OWNER_PASSWORD,
+    SIGNED,
     Backup,
     create_empty_database,
     create_shop,
     damage,
+    database_text,
     fingerprint,
     make_backup,
     private_key,
+    swap_object,
     tamper,
 )
 from tests.services import GpgKeyring, Postgres, S3Server, free_port
 
 from runbook_operator import metrics
 from runbook_operator.builders.restore import DRILL_LABEL, REPLICAS_ANNOTATION, job_name
+from runbook_operator.models.plans import (
+    MANIFEST_KEY_ENV,
+    MANIFEST_KEY_SECRET,
+    MANIFEST_KEY_SECRET_KEY,
+    RESTORE_PLAN_ENV,
+    sign_manifest,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +70,11 @@ class Cluster:
 
     def secret(self, name: str, data: dict[str, str]) -> None:
         self.core.create_namespaced_secret(self.namespace, {"metadata": {"name": name}, "stringData": data})
+
+    def signing_key(self) -> None:
+        """The namespace's manifest signing key, as the BackupPolicy reconcile creates it (the tests' agent runs
+        sign with it, as the CronJob's pods do)."""
+        self.secret(MANIFEST_KEY_SECRET, {MANIFEST_KEY_SECRET_KEY: MANIFEST_KEY})
 
     def create_workloads(self) -> None:
         for name, replicas in WORKLOADS.items():
@@ -195,7 +212,9 @@ class Cluster:
 def cluster(
     api: kubernetes.client.ApiClient, namespace: str, crds_installed: list[str], wait_for: Callable[..., Any]
 ) -> Cluster:
-    return Cluster(api, namespace, wait_for)
+    made = Cluster(api, namespace, wait_for)
+    made.signing_key()
+    return made
 
 
 @pytest.fixture
@@ -206,7 +225,7 @@ def shop(postgres: Postgres) -> str:
 @pytest.fixture
 def backup(cluster: Cluster, postgres: Postgres, shop: str, s3_server: S3Server, gpg_keyring: GpgKeyring) -> Backup:
     """A backup by the BackupPolicy agent, the BackupPolicy it belongs to, its Secrets, and the workloads."""
-    made = make_backup(postgres, shop, s3_server, gpg_keyring, namespace=cluster.namespace, policy=POLICY)
+    made = make_backup(postgres, shop, s3_server, gpg_keyring, namespace=cluster.namespace, policy=POLICY, **SIGNED)
     cluster.secret("db-credentials", {"username": OWNER, "password": OWNER_PASSWORD})
     cluster.secret(
         "backup-s3-credentials",
@@ -513,6 +532,172 @@ def test_drill_of_a_tampered_backup_sets_verified_false(
     )
     with postgres.connect(scratch) as conn:  # the scratch database was not touched either
         assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone() == (0,)
+
+
+# --- restore integrity: swapped archives and forged manifests (issue 13 item 5) ---------------------------
+
+
+def attacker_row_count(postgres: Postgres, database: str) -> Any:
+    with postgres.connect(database) as conn:
+        return conn.execute("SELECT count(*) FROM customers WHERE email = %s", (ATTACKER_ROW,)).fetchone()
+
+
+def write_manifest(s3: S3Server, backup: Backup, manifest: dict[str, Any]) -> None:
+    folder = backup.manifest["data"]["key"].rsplit("/", 1)[0]
+    s3.client().put_object(Bucket=backup.bucket, Key=f"{folder}/manifest.json", Body=json.dumps(manifest).encode())
+
+
+def forge(backup: Backup, swapped: Backup, forgery: str) -> dict[str, Any]:
+    """What a bucket writer without the namespace's key can write: the manifest naming the swapped object's
+    digest and size, without a signature, with the original one kept, or signed with a key of their own."""
+    data = {**backup.manifest["data"], **{k: swapped.manifest["data"][k] for k in ("sha256", "sizeBytes")}}
+    unsigned = {k: v for k, v in backup.manifest.items() if k != "signature"} | {"data": data}
+    return {
+        "unsigned": unsigned,
+        "signature kept": {**unsigned, "signature": backup.manifest["signature"]},
+        "other key": {**unsigned, "signature": sign_manifest(unsigned, "a key of the bucket writer's own")},
+    }[forgery]
+
+
+def enable_drills(cluster: Cluster, postgres: Postgres) -> str:
+    """The policy's verification every minute into a new scratch database; returns its name."""
+    scratch = create_empty_database(postgres)
+    verification = {
+        "schedule": "* * * * *",
+        "target": {"database": scratch},
+        "decryptionSecretRef": {"name": PRIVATE_KEY_SECRET, "key": "private.asc"},
+    }
+    cluster.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, cluster.namespace, "backuppolicies", POLICY, {"spec": {"verification": verification}}
+    )
+    return scratch
+
+
+@pytest.mark.parametrize("when", ["before the preflight", "after the preflight"])
+def test_a_swapped_archive_is_never_restored(
+    cluster: Cluster,
+    backup: Backup,
+    postgres: Postgres,
+    shop: str,
+    s3_server: S3Server,
+    gpg_keyring: GpgKeyring,
+    operator: Any,
+    when: str,
+) -> None:
+    """A bucket writer stores a valid archive that inserts ATTACKER ROW (padded) under the backup's data object
+    and keeps the signed manifest. Before the preflight, its digest refuses it; after, the Job reads only the
+    object the preflight verified (the plan pins the manifest as read and the ETag): Failed, ChecksumMismatch,
+    the target database exactly as it was and the workloads back."""
+    signed_manifest = backup.manifest
+    assert signed_manifest.get("signature")
+    swapped = attacker_backup(postgres, s3_server, gpg_keyring)
+    damage(postgres, shop)
+    before = database_text(postgres, shop)
+    if when == "before the preflight":
+        swap_object(s3_server, backup, swapped, PADDING)
+    cluster.create("backuprestores", "swapped", restore_spec())
+    if when == "after the preflight":
+        cluster.wait_for(lambda: cluster.restore("swapped").get("status", {}).get("jobName"), what="the Job")
+        pinned = cluster.restore("swapped")["status"]["pinned"]
+        assert json.loads(pinned["manifest"]) == signed_manifest and pinned["etag"]
+        container = cluster.job_pod(job_name("swapped")).spec.containers[0]
+        env = {item.name: item for item in container.env}
+        plan = json.loads(env[RESTORE_PLAN_ENV].value)
+        assert (plan["manifest"], plan["etag"]) == (signed_manifest, pinned["etag"])
+        key_ref = env[MANIFEST_KEY_ENV].value_from.secret_key_ref
+        assert (key_ref.name, key_ref.key) == (MANIFEST_KEY_SECRET, MANIFEST_KEY_SECRET_KEY)
+        swap_object(s3_server, backup, swapped, PADDING)
+        result = cluster.run_job_pod(job_name("swapped"))
+        assert result.returncode == 1 and "ChecksumMismatch" in result.stderr, result.stderr
+    done = cluster.wait_phase("swapped", "Failed", "Succeeded")
+    ready = cluster.condition(done, "Ready")
+    assert (done["status"]["phase"], ready["reason"]) == ("Failed", "ChecksumMismatch"), done["status"]
+    assert database_text(postgres, shop) == before
+    assert attacker_row_count(postgres, shop) == (0,)
+    assert cluster.replicas() == WORKLOADS
+
+
+@pytest.mark.parametrize("forgery", ["unsigned", "signature kept", "other key"])
+def test_a_forged_manifest_is_refused_before_anything_is_touched(
+    cluster: Cluster,
+    backup: Backup,
+    postgres: Postgres,
+    shop: str,
+    s3_server: S3Server,
+    gpg_keyring: GpgKeyring,
+    operator: Any,
+    forgery: str,
+) -> None:
+    """The swapped object under a manifest naming its digest and size: the preflight refuses the manifest
+    (ManifestUnsigned / ManifestForged naming it) before reading any data; nothing is scaled or restored."""
+    swapped = attacker_backup(postgres, s3_server, gpg_keyring)
+    swap_object(s3_server, backup, swapped, 0)
+    write_manifest(s3_server, backup, forge(backup, swapped, forgery))
+    damage(postgres, shop)
+    before = database_text(postgres, shop)
+    cluster.create("backuprestores", "forged", restore_spec())
+    done = cluster.wait_phase("forged", "Failed", "Succeeded")
+    ready = cluster.condition(done, "Ready")
+    reason = "ManifestUnsigned" if forgery == "unsigned" else "ManifestForged"
+    assert (done["status"]["phase"], ready["reason"]) == ("Failed", reason), done["status"]
+    assert "manifest.json" in ready["message"]
+    assert step_names(done) == [("Preflight", "Failed")]
+    assert "pinned" not in done["status"]
+    assert cluster.replicas() == WORKLOADS
+    assert all(REPLICAS_ANNOTATION not in a for a in cluster.annotations().values())
+    assert database_text(postgres, shop) == before
+    assert attacker_row_count(postgres, shop) == (0,)
+
+
+@pytest.mark.parametrize("forgery", ["unsigned", "other key"])
+def test_a_drill_refuses_a_forged_manifest(
+    cluster: Cluster,
+    backup: Backup,
+    postgres: Postgres,
+    s3_server: S3Server,
+    gpg_keyring: GpgKeyring,
+    operator: Any,
+    forgery: str,
+) -> None:
+    """The policy's drill of the same forgeries: Verified=False with the preflight's reason, the scratch database
+    untouched (a drill never accepts an unsigned manifest)."""
+    swapped = attacker_backup(postgres, s3_server, gpg_keyring)
+    swap_object(s3_server, backup, swapped, 0)
+    write_manifest(s3_server, backup, forge(backup, swapped, forgery))
+    scratch = enable_drills(cluster, postgres)
+
+    def refuted() -> dict[str, Any] | None:
+        policy = cluster.get("backuppolicies", POLICY)
+        return policy if cluster.condition(policy, "Verified").get("status") == "False" else None
+
+    policy = cluster.wait_for(refuted, timeout=120, what="Verified=False on the policy")
+    reason = "ManifestUnsigned" if forgery == "unsigned" else "ManifestForged"
+    assert cluster.condition(policy, "Verified")["reason"] == reason
+    assert "lastVerifiedBackup" not in policy["status"]
+    with postgres.connect(scratch) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone() == (0,)
+
+
+def test_an_unsigned_backup_is_restored_only_with_the_visible_opt_out(
+    cluster: Cluster, backup: Backup, s3_server: S3Server, operator: Any
+) -> None:
+    """A backup made before manifests were signed: refused (ManifestUnsigned) unless spec.allowUnsignedBackup,
+    which verifies it all the same and says so (ManifestVerified=False, UnsignedBackupAllowed, a Warning)."""
+    write_manifest(s3_server, backup, {k: v for k, v in backup.manifest.items() if k != "signature"})
+    cluster.create("backuprestores", "refused", restore_spec(dryRun=True))
+    refused = cluster.wait_phase("refused", "Failed", "DryRunSucceeded")
+    assert cluster.condition(refused, "Ready")["reason"] == "ManifestUnsigned"
+    assert "allowUnsignedBackup" in cluster.condition(refused, "Ready")["message"]
+    cluster.create("backuprestores", "allowed", restore_spec(dryRun=True, allowUnsignedBackup=True))
+    allowed = cluster.wait_phase("allowed", "Failed", "DryRunSucceeded")
+    assert allowed["status"]["phase"] == "DryRunSucceeded", allowed["status"]
+    verified = cluster.condition(allowed, "ManifestVerified")
+    assert (verified["status"], verified["reason"]) == ("False", "UnsignedBackupAllowed")
+    cluster.wait_for(
+        lambda: any(e.type == "Warning" and e.reason == "UnsignedBackupAllowed" for e in cluster.events("allowed")),
+        timeout=15,
+        what="the Warning Event",
+    )
 
 
 def test_api_server_refuses_spec_changes_and_drills_onto_the_source(

@@ -19,7 +19,7 @@ import yaml
 from tests.backup_support import agent_env, manifest_of, new_bucket, policy_spec, run_agent
 from tests.helpers import ROOT, token_kubeconfig
 from tests.integration.test_restore import Cluster
-from tests.restore_support import private_key
+from tests.restore_support import SIGNED, private_key
 from tests.services import GpgKeyring, S3Server
 
 from runbook_operator.agent.backup import clean_object
@@ -176,7 +176,9 @@ def objects(api: kubernetes.client.ApiClient) -> Objects:
 def cluster(
     api: kubernetes.client.ApiClient, namespace: str, crds_installed: list[str], wait_for: Callable[..., Any]
 ) -> Cluster:
-    return Cluster(api, namespace, wait_for)
+    made = Cluster(api, namespace, wait_for)
+    made.signing_key()
+    return made
 
 
 @pytest.fixture
@@ -221,7 +223,9 @@ def make_export(
     kubernetes_source = {"namespaces": [source], "resources": RESOURCES, "includeSecrets": include_secrets}
     spec = policy_spec({"kubernetes": kubernetes_source}, s3_server, bucket)
     result = run_agent(
-        agent_env(spec, s3_server, gpg_keyring, KUBECONFIG=str(kubeconfig)), namespace=cluster.namespace, policy=POLICY
+        agent_env(spec, s3_server, gpg_keyring, KUBECONFIG=str(kubeconfig), **SIGNED),
+        namespace=cluster.namespace,
+        policy=POLICY,
     )
     assert result.returncode == 0, result.stderr
     cluster.secret(

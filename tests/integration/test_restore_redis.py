@@ -20,6 +20,7 @@ from tests.integration.test_restore import WORKLOADS, Cluster
 from tests.restore_support import (
     OWNER,
     OWNER_PASSWORD,
+    SIGNED,
     create_shop,
     fingerprint,
     make_backup,
@@ -117,7 +118,9 @@ def keyspace(server: Redis) -> dict[str, int]:
 
 @pytest.fixture
 def cluster(api: kubernetes.client.ApiClient, namespace: str, crds_installed: list[str], wait_for: Any) -> Cluster:
-    return Cluster(api, namespace, wait_for)
+    made = Cluster(api, namespace, wait_for)
+    made.signing_key()
+    return made
 
 
 @pytest.fixture
@@ -163,7 +166,7 @@ def redis_backup(cluster: Cluster, server: Redis, s3: S3Server, keyring: GpgKeyr
     bucket = new_bucket(s3)
     spec = policy_spec(redis_source(server), s3, bucket)
     result = run_agent(
-        agent_env(spec, s3, keyring, **{REDIS_PASSWORD_ENV: server.password}),
+        agent_env(spec, s3, keyring, **{REDIS_PASSWORD_ENV: server.password}, **SIGNED),
         namespace=cluster.namespace,
         policy=POLICY,
     )
@@ -267,7 +270,7 @@ def test_restore_into_a_target_of_the_other_kind_is_refused_in_preflight(
     common_objects(cluster, s3_server, gpg_keyring)
     redis_backup(cluster, cache, s3_server, gpg_keyring)
     shop = create_shop(postgres)
-    pg = make_backup(postgres, shop, s3_server, gpg_keyring, namespace=cluster.namespace, policy="db")
+    pg = make_backup(postgres, shop, s3_server, gpg_keyring, namespace=cluster.namespace, policy="db", **SIGNED)
     cluster.secret("db-credentials", {"username": OWNER, "password": OWNER_PASSWORD})
     cluster.create("backuppolicies", "db", pg.spec)
     cluster.create_workloads()
