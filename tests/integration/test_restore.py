@@ -772,3 +772,69 @@ def test_operator_restart_midway_resumes_from_status(
     assert [s["name"] for s in done["status"]["steps"]] == ["Preflight", "ScaleDown", "Restore", "Check", "ScaleUp"]
     assert cluster.replicas() == WORKLOADS
     assert fingerprint(postgres, shop) == before
+
+
+# --- drill targets proven distinct, database names (issue 13 item 3) --------------------------------------
+
+
+def test_a_drill_onto_the_source_under_another_name_is_refused(
+    cluster: Cluster, backup: Backup, postgres: Postgres, shop: str, api: kubernetes.client.ApiClient, operator: Any
+) -> None:
+    """``localhost`` is not the policy's ``127.0.0.1`` as a string, but the same server and database: the drill
+    fails its preflight with TargetIsSource naming spec.verification.target, and nothing is restored."""
+    from tests.integration.conftest import grant
+
+    grant(api, cluster.namespace, hosts=[("localhost", postgres.port)])  # the other name may be reached
+    damage(postgres, shop)  # a restore of the backup would undo this
+    before = fingerprint(postgres, shop)
+    verification = {
+        "schedule": "* * * * *",
+        "target": {"host": "localhost", "database": shop},
+        "decryptionSecretRef": {"name": PRIVATE_KEY_SECRET, "key": "private.asc"},
+    }
+    cluster.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, cluster.namespace, "backuppolicies", POLICY, {"spec": {"verification": verification}}
+    )
+
+    def drill() -> str | None:
+        items = cluster.custom.list_namespaced_custom_object(
+            GROUP, VERSION, cluster.namespace, "backuprestores", label_selector=f"{DRILL_LABEL}={POLICY}"
+        )["items"]
+        return items[0]["metadata"]["name"] if items else None
+
+    name = cluster.wait_for(drill, timeout=90, what="a drill to be created")
+    done = cluster.wait_phase(name, "Failed", "Succeeded", "Restoring")
+    assert done["status"]["phase"] == "Failed", done["status"]
+    ready = cluster.condition(done, "Ready")
+    assert ready["reason"] == "TargetIsSource", ready
+    assert ready["message"].startswith(
+        f"BackupPolicy {POLICY} spec.verification.target: localhost:{postgres.port}/{shop} is the source "
+        f"{postgres.host}:{postgres.port}/{shop} (both reach 127.0.0.1:{postgres.port} and database {shop})"
+    ), ready
+    assert step_names(done) == [("Preflight", "Failed")] and "jobName" not in done["status"]
+
+    def refuted() -> dict[str, Any] | None:
+        policy = cluster.get("backuppolicies", POLICY)
+        return policy if cluster.condition(policy, "Verified").get("reason") == "TargetIsSource" else None
+
+    cluster.wait_for(refuted, timeout=30, what="Verified=False TargetIsSource on the policy")
+    assert fingerprint(postgres, shop) == before  # the source is as it was
+    assert cluster.replicas() == WORKLOADS
+
+
+def test_a_database_name_that_is_a_connection_string_is_refused(
+    cluster: Cluster, backup: Backup, postgres: Postgres, shop: str, operator: Any
+) -> None:
+    """``dbname=...`` would be expanded as a connection string by pg_restore: refused by its name's pattern
+    before anything is read or contacted."""
+    damage(postgres, shop)
+    before = fingerprint(postgres, shop)
+    cluster.create(
+        "backuprestores", "conninfo", restore_spec(target={"database": f"dbname={shop} host={postgres.host}"})
+    )
+    done = cluster.wait_phase("conninfo", "Failed", "Succeeded")
+    ready = cluster.condition(done, "Ready")
+    assert ready["reason"] == "InvalidDatabaseName", ready
+    assert ready["message"].startswith("spec.target.database: not a database name"), ready
+    assert step_names(done) == [("Preflight", "Failed")] and "scaledDown" not in done["status"]
+    assert fingerprint(postgres, shop) == before and cluster.replicas() == WORKLOADS

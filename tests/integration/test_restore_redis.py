@@ -368,3 +368,49 @@ def test_redis_drill_restores_into_a_scratch_redis_and_sets_verified(
         policy = cluster.wait_for(verified, timeout=30, what="Verified on the policy")
         assert policy["status"]["lastVerifiedBackup"]["keys"] == 1501
         assert "1501 keys" in cluster.condition(policy, "Verified")["message"]
+
+
+def test_a_redis_drill_onto_the_source_under_another_name_is_refused(
+    cluster: Cluster,
+    cache: Redis,
+    s3_server: S3Server,
+    gpg_keyring: GpgKeyring,
+    api: kubernetes.client.ApiClient,
+    operator_runner: kopf.testing.KopfRunner,
+) -> None:
+    """``localhost`` passes the API server's string comparison with the source's ``127.0.0.1``, but it is the
+    same server (the same address, the same run_id): the drill fails its preflight with TargetIsSource naming
+    spec.verification.target, and the source is not flushed."""
+    from tests.integration.conftest import grant
+
+    grant(api, cluster.namespace, hosts=[(cache.host, cache.port), ("localhost", cache.port)])
+    cache.client().mset({f"session:{i}": i for i in range(50)})
+    common_objects(cluster, s3_server, gpg_keyring)
+    redis_backup(cluster, cache, s3_server, gpg_keyring)
+    cache.client().set("written-after-the-backup", "kept")
+    cluster.create_workloads()
+    verification = {
+        "schedule": "* * * * *",
+        "target": {"redis": {"host": "localhost"}},
+        "decryptionSecretRef": {"name": PRIVATE_KEY_SECRET, "key": "private.asc"},
+    }
+    cluster.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, cluster.namespace, "backuppolicies", POLICY, {"spec": {"verification": verification}}
+    )
+
+    def drill() -> str | None:
+        items = cluster.custom.list_namespaced_custom_object(
+            GROUP, VERSION, cluster.namespace, "backuprestores", label_selector=f"{DRILL_LABEL}={POLICY}"
+        )["items"]
+        return items[0]["metadata"]["name"] if items else None
+
+    name = cluster.wait_for(drill, timeout=90, what="a drill to be created")
+    done = cluster.wait_phase(name, "Failed", "Succeeded", "Restoring")
+    ready = cluster.condition(done, "Ready")
+    assert (done["status"]["phase"], ready["reason"]) == ("Failed", "TargetIsSource"), done["status"]
+    assert ready["message"].startswith(
+        f"BackupPolicy {POLICY} spec.verification.target: localhost:{cache.port} is the source "
+        f"{cache.host}:{cache.port} (both reach 127.0.0.1:{cache.port})"
+    ), ready
+    assert "jobName" not in done["status"]
+    assert keyspace(cache) == {"db0": 51} and cache.client().get("written-after-the-backup") == b"kept"
