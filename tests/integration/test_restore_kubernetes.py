@@ -1,7 +1,8 @@
 """BackupRestore of a Kubernetes export against the real API server: the export made by the BackupPolicy agent
 (as its CronJob pod runs it), the restore driven by the operator, the restore Job's pod run as a process with
-its own ServiceAccount's token (so the shipped ClusterRoles of deploy/base/restore-rbac.yaml are what it may
-do), its exit reported as the kubelet would."""
+the token of the enabling bundle's ServiceAccount it names (so the shipped ClusterRoles of
+deploy/base/agent-rbac.yaml, bound by the administrator's RoleBindings, are what it may do), its exit reported
+as the kubelet would."""
 
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ import kubernetes
 import pytest
 import yaml
 from tests.backup_support import agent_env, manifest_of, new_bucket, policy_spec, run_agent
-from tests.helpers import ROOT, token_kubeconfig
+from tests.helpers import token_kubeconfig
 from tests.integration.test_restore import Cluster
 from tests.restore_support import SIGNED, private_key
 from tests.services import GpgKeyring, S3Server
 
 from runbook_operator.agent.backup import clean_object
 from runbook_operator.builders.restore import job_name
+from runbook_operator.builders.restore_kubernetes import RESTORE_SECRETS_SERVICE_ACCOUNT, RESTORE_SERVICE_ACCOUNT
 
 pytestmark = pytest.mark.integration
 
@@ -182,19 +184,6 @@ def cluster(
 
 
 @pytest.fixture
-def restore_roles(api: kubernetes.client.ApiClient) -> None:
-    """The shipped ClusterRoles the restore Job is bound to, as deploy/base/restore-rbac.yaml has them."""
-    rbac = kubernetes.client.RbacAuthorizationV1Api(api)
-    for document in yaml.safe_load_all((ROOT / "deploy/base/restore-rbac.yaml").read_text()):
-        try:
-            rbac.create_cluster_role(document)
-        except kubernetes.client.ApiException as error:
-            if error.status != 409:
-                raise
-            rbac.replace_cluster_role(document["metadata"]["name"], document)
-
-
-@pytest.fixture
 def source(api: kubernetes.client.ApiClient, objects: Objects) -> Iterator[str]:
     """The exported namespace, with one object of each kind."""
     core = kubernetes.client.CoreV1Api(api)
@@ -220,6 +209,25 @@ def make_export(
     """The BackupPolicy (in the test's namespace, exporting ``source``), its Secrets, and one export made by
     its agent; returns the manifest."""
     bucket = new_bucket(s3_server)
+    # Exporting another namespace is a cluster administrator's grant (README "Security model"); the agent
+    # runs here with the admin's kubeconfig, so no RoleBinding in ``source`` is needed.
+    namespace_uid = cluster.core.read_namespace(cluster.namespace).metadata.uid
+    cluster.custom.create_cluster_custom_object(
+        "runbook.dev",
+        "v1alpha1",
+        "runbookgrants",
+        {
+            "apiVersion": "runbook.dev/v1alpha1",
+            "kind": "RunbookGrant",
+            "metadata": {
+                "name": f"{cluster.namespace}-export",
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "Namespace", "name": cluster.namespace, "uid": namespace_uid}
+                ],
+            },
+            "spec": {"namespaces": [cluster.namespace], "exportNamespaces": [source]},
+        },
+    )
     kubernetes_source = {"namespaces": [source], "resources": RESOURCES, "includeSecrets": include_secrets}
     spec = policy_spec({"kubernetes": kubernetes_source}, s3_server, bucket)
     result = run_agent(
@@ -255,14 +263,17 @@ def restore_spec(**kubernetes_choice: Any) -> dict[str, Any]:
 
 
 def run_restore(cluster: Cluster, name: str, kubeconfig: Path, tmp_path: Path, spec: dict[str, Any]) -> dict[str, Any]:
-    """Create the BackupRestore, run its Job's pod with the Job's own ServiceAccount token, wait for the end."""
+    """Create the BackupRestore, run its Job's pod with the token of the ServiceAccount it names (the enabling
+    bundle's, -secrets with includeSecrets), wait for the end."""
     cluster.create("backuprestores", name, spec)
     job = job_name(name)
     cluster.wait_for(lambda: (cluster.restore(name).get("status") or {}).get("jobName"), what=f"the Job of {name}")
     pod = cluster.batch.read_namespaced_job(job, cluster.namespace).spec.template.spec
-    assert pod.service_account_name == job and pod.automount_service_account_token is True
+    secrets = (spec.get("kubernetes") or {}).get("includeSecrets")
+    account = RESTORE_SECRETS_SERVICE_ACCOUNT if secrets else RESTORE_SERVICE_ACCOUNT
+    assert pod.service_account_name == account and pod.automount_service_account_token is True
     token = cluster.core.create_namespaced_service_account_token(
-        job, cluster.namespace, {"spec": {"expirationSeconds": 600}}
+        account, cluster.namespace, {"spec": {"expirationSeconds": 600}}
     ).status.token
     config = token_kubeconfig(kubeconfig, token, tmp_path / f"{name}-kubeconfig")
     result = cluster.run_job_pod(job, KUBECONFIG=str(config))
@@ -310,7 +321,6 @@ def test_export_round_trip_into_a_fresh_namespace_and_dry_runs_change_nothing(
     s3_server: S3Server,
     gpg_keyring: GpgKeyring,
     kubeconfig: Path,
-    restore_roles: None,
     operator_runner: kopf.testing.KopfRunner,
     tmp_path: Path,
 ) -> None:
@@ -379,7 +389,6 @@ def test_objects_that_differ_are_skipped_or_replaced_as_conflicts_says(
     s3_server: S3Server,
     gpg_keyring: GpgKeyring,
     kubeconfig: Path,
-    restore_roles: None,
     operator_runner: kopf.testing.KopfRunner,
     tmp_path: Path,
 ) -> None:
@@ -426,7 +435,6 @@ def test_bad_inputs_stop_in_preflight_and_change_nothing(
     s3_server: S3Server,
     gpg_keyring: GpgKeyring,
     kubeconfig: Path,
-    restore_roles: None,
     operator_runner: kopf.testing.KopfRunner,
 ) -> None:
     make_export(cluster, source, s3_server, gpg_keyring, kubeconfig, include_secrets=False)
