@@ -664,9 +664,12 @@ def test_redis_client_certificate_secret_without_tls_key_is_not_ready(
     field, a Warning, and no CronJob; once the Secret has the key the policy is accepted."""
     cluster.secret("redis-credentials", {"REDIS_PASSWORD": "redis-pw"})
     cluster.secret("redis-tls", {"ca.crt": "CA", "tls.crt": "CERT"})  # no tls.key
+    # the runbook's Redis Service, here in the test's namespace (the tenancy rules: a Service of its own)
+    service = {"selector": {"app": "redis"}, "ports": [{"port": 6380}]}
+    cluster.core.create_namespaced_service(cluster.namespace, {"metadata": {"name": "redis"}, "spec": service})
     source = {
         "redis": {
-            "host": "redis.hungryhippaahneties.svc",
+            "host": f"redis.{cluster.namespace}.svc",
             "port": 6380,
             "tls": {
                 "caSecretRef": {"name": "redis-tls", "key": "ca.crt"},
