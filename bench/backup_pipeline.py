@@ -153,6 +153,7 @@ def bench_agent(server: Postgres, s3: S3Server, bucket: str, database: str) -> R
                 "port": server.port,
                 "database": database,
                 "credentialsSecretRef": {"name": "db"},
+                "insecurePlaintext": True,
             }
         },
         "schedule": "0 */6 * * *",

@@ -58,6 +58,7 @@ def bench_agent_command(command: str, server: Postgres, s3: S3Server, bucket: st
             "port": server.port,
             "database": database,
             "credentialsSecretRef": {"name": "db"},
+            "insecurePlaintext": True,
         },
     }
     env = {

@@ -51,6 +51,18 @@ def main() -> int:
         install_crds(api)
         namespace = f"bench-rotation-{uuid.uuid4().hex[:6]}"
         core.create_namespace({"metadata": {"name": namespace}})
+        # the local PostgreSQL (127.0.0.1, no TLS) as a cluster administrator's grant allows it
+        grant = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "RunbookGrant",
+            "metadata": {"name": namespace},
+            "spec": {
+                "namespaces": [namespace],
+                "hosts": [{"host": server.host, "port": server.port}],
+                "plaintextConnections": True,
+            },
+        }
+        custom.create_cluster_custom_object(GROUP, VERSION, "runbookgrants", grant)
         role, manual_role = "bench_app", "bench_manual"
         with server.connect() as admin:
             for name in (role, manual_role):
@@ -81,6 +93,7 @@ def main() -> int:
                         "database": "postgres",
                         "user": role,
                         "adminSecretRef": {"name": "admin"},
+                        "insecurePlaintext": True,
                     }
                 },
             },
@@ -126,6 +139,7 @@ def main() -> int:
             operator.terminate()
             operator.wait(30)
             core.delete_namespace(namespace)
+            custom.delete_cluster_custom_object(GROUP, VERSION, "runbookgrants", namespace)
 
     print(f"SecretRotation latency, {args.runs} runs (PostgreSQL, single strategy, no restart targets)")
     print(f"{'':34}{'p50':>10}{'p95':>10}{'max':>10}{'mean':>10}")
