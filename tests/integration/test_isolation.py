@@ -251,6 +251,7 @@ def test_isolates_the_runbook_namespace_and_releases_exactly(
 
     status = cluster.status("breach")
     assert status["scaled"] == "5/7" and status["removedPolicies"] == ["allow-all"]
+    assert [p["name"] for p in status["savedPolicies"]] == ["allow-all"]  # in status, which only the operator writes
     assert status["requestedBy"]  # the field manager that created it
     recorded = {s["name"]: s for s in status["snapshot"]}
     assert {n: recorded[n]["replicas"] for n in REPLICAS} == REPLICAS
@@ -312,6 +313,7 @@ def test_isolates_the_runbook_namespace_and_releases_exactly(
     assert cluster.policies()["allow-all"]["spec"] == allow_all_before["spec"]
     assert cluster.policies()["allow-all"]["metadata"]["labels"] == {"team": "web"}
     assert cluster.condition("breach", "Restored")["status"] == "True"
+    assert cluster.condition("breach", "PoliciesRestored")["status"] == "True"
     assert (
         cluster.core.list_namespaced_config_map(cluster.namespace, label_selector="runbook.dev/isolation").items == []
     )
