@@ -813,6 +813,8 @@ def run_container(platform: Platform, container: Any) -> subprocess.CompletedPro
     for item in container.env or []:
         if item.value_from is None:
             env[item.name] = item.value
+        elif item.value_from.field_ref is not None:  # the Job's name, from the pod's label
+            env[item.name] = "tenancy-test-run"
         elif item.value_from.secret_key_ref is not None:
             ref = item.value_from.secret_key_ref
             env[item.name] = base64.b64decode(platform.secret_data(ref.name)[ref.key]).decode()
