@@ -22,6 +22,7 @@ import yaml
 from prometheus_client import REGISTRY
 from tests import helpers
 from tests.helpers import OperatorProcess
+from tests.integration.conftest import grant
 from tests.services import GpgKeyring, S3Server, free_port
 
 from runbook_operator.builders.isolation import SNAPSHOT_ANNOTATION
@@ -712,6 +713,7 @@ def test_killed_after_snapshot_before_scaling_converges_and_releases_exactly(
     tarpit = Tarpit(s3_server.port)
     try:
         evidence_store["destination"]["endpoint"] = tarpit.endpoint
+        grant(cluster.api, cluster.namespace, endpoints=[tarpit.endpoint])  # the test's own S3 endpoint
         cluster.create_isolation("breach", breach_spec(evidence_store))
         operator_process.start()
 

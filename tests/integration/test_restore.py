@@ -373,6 +373,9 @@ def test_each_bad_input_stops_in_preflight_with_a_clear_condition(
     other = GpgKeyring(tmp_path / "other", email="not-the-team@example.com").start()
     cluster.secret("wrong-key", {"private.asc": private_key(other)})
     closed_port = free_port()
+    from tests.integration.conftest import grant
+
+    grant(cluster.api, cluster.namespace, hosts=[("127.0.0.1", closed_port)])  # a port nothing listens on
     cases = {
         "wrong-key": (
             restore_spec(decryptionSecretRef={"name": "wrong-key", "key": "private.asc"}),
