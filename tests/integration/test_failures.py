@@ -31,9 +31,17 @@ KINDS = {
     "emergencyisolations": "EmergencyIsolation",
     "scalingprofiles": "ScalingProfile",
 }
-SHIPPED_ROLE = next(
-    d for d in yaml.safe_load_all((ROOT / "deploy/base/rbac.yaml").read_text()) if d["kind"] == "ClusterRole"
-)
+# Everything deploy/ grants the operator in an enabled namespace: both ClusterRoles' rules, as one role.
+SHIPPED_ROLE = {
+    "apiVersion": "rbac.authorization.k8s.io/v1",
+    "kind": "ClusterRole",
+    "rules": [
+        rule
+        for d in yaml.safe_load_all((ROOT / "deploy/base/rbac.yaml").read_text())
+        if d["kind"] == "ClusterRole"
+        for rule in d["rules"]
+    ],
+}
 
 
 def without(role: dict[str, Any], group: str, resource: str, verb: str) -> dict[str, Any]:
