@@ -19,6 +19,7 @@ import pytest
 import yaml
 from tests.backup_support import new_bucket
 from tests.helpers import ROOT, OperatorProcess, token_kubeconfig
+from tests.integration.conftest import grant
 from tests.services import S3Server
 
 pytestmark = pytest.mark.integration
@@ -177,6 +178,7 @@ def test_backup_policy_without_cronjob_create_says_so_and_recovers_when_granted(
     )
     core.create_namespaced_secret(ns, {"metadata": {"name": "gpg"}, "stringData": {"passphrase": "a-passphrase-1"}})
     restricted.grant(without(SHIPPED_ROLE, "batch", "cronjobs", "create"))
+    grant(restricted.api, ns, hosts=[("127.0.0.1", 5432)])  # the policy's host (the tenancy rules)
     restricted.start()
     restricted.create(
         "backuppolicies",
