@@ -300,6 +300,29 @@ def test_gpg_fails_on_a_bad_recipient(
     assert_nothing_stored(s3_server, bucket)
 
 
+def test_a_key_swapped_into_the_config_map_after_the_reconcile_is_refused_by_the_agent(
+    postgres: Postgres, small_database: str, s3_server: S3Server, gpg_keyring: GpgKeyring, tmp_path: Path, bucket: str
+) -> None:
+    """The pins come with the spec: the recipients' ConfigMap edited after the reconcile checked it (another
+    encryption key in the pod's RUNBOOK_GPG_RECIPIENTS) stops the run before anything is dumped or uploaded."""
+    other = GpgKeyring(tmp_path / "other", email="other@example.com").start()
+    encryption = {
+        "gpg": {
+            "recipientsConfigMapRef": {"name": "backup-gpg-recipients", "key": "team.asc"},
+            "fingerprints": [gpg_keyring.fingerprint],
+        }
+    }
+    spec = policy_spec(pg_source(postgres, small_database), s3_server, bucket, encryption=encryption)
+    line = assert_failed(run_agent(agent_env(spec, s3_server, other, **pg_env())), "RecipientNotPinned")
+    assert f"spec.encryption.gpg.recipientsConfigMapRef: key {other.fingerprint}" in line
+    assert "spec.encryption.gpg.fingerprints" in line
+    assert_nothing_stored(s3_server, bucket)
+    # the pinned key itself is accepted
+    result = run_agent(agent_env(spec, s3_server, gpg_keyring, **pg_env()))
+    assert result.returncode == 0, result.stderr
+    assert manifest_of(s3_server, bucket)["encryption"]["recipients"] == [gpg_keyring.fingerprint]
+
+
 def _children(pid: int) -> Iterator[tuple[int, str]]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         for child in (task / "children").read_text().split():
