@@ -24,6 +24,7 @@ import kubernetes
 import pytest
 import yaml
 from tests.helpers import OperatorProcess
+from tests.integration.conftest import grant
 from tests.services import S3Server
 
 pytestmark = pytest.mark.integration
@@ -125,6 +126,7 @@ def test_verbose_operator_log_holds_no_secret_in_any_encoding(
     )
     create_secret("app-password", {"PASSWORD": secrets["rotated password (old)"]}, applied=True)
 
+    grant(api, namespace, hosts=[("127.0.0.1", 5432)])  # the policy's host (the tenancy rules)
     operator_process.start()
     policy = {
         "apiVersion": f"{GROUP}/{VERSION}",
