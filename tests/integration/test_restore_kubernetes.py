@@ -449,7 +449,7 @@ def test_bad_inputs_stop_in_preflight_and_change_nothing(
         ),
         "elsewhere": (
             restore_spec(namespace=source, targetNamespace=source),
-            "NamespaceNotAllowed",
+            "NotPermitted",
             "spec.kubernetes.targetNamespace",
         ),
         "no-secrets": (restore_spec(namespace=source, includeSecrets=True), "SecretsNotInBackup", "includeSecrets"),

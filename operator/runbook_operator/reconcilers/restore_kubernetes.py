@@ -52,13 +52,7 @@ class KubernetesTarget:
         if spec.scale_down:
             raise RunbookError("InvalidSpec", "spec.scaleDown: a Kubernetes export's restore scales nothing")
         restore.decryptable()
-        choice = spec.kubernetes or KubernetesRestore()
-        if choice.target_namespace not in (None, restore.namespace):
-            raise RunbookError(
-                "NamespaceNotAllowed",
-                f"spec.kubernetes.targetNamespace: a BackupRestore applies only into its own namespace "
-                f"{restore.namespace}, not {choice.target_namespace}",
-            )
+        choice = spec.kubernetes or KubernetesRestore()  # its targetNamespace: tenancy.confine_backup_restore
         manifest = restore.manifest()
         plan = build_kubernetes_plan(
             policy, manifest, choice, namespace=restore.namespace, dry_run=spec.dry_run, etag=restore.etag
