@@ -21,6 +21,7 @@ import kopf.testing
 import kubernetes
 import pytest
 from tests import helpers
+from tests.integration.conftest import grant
 from tests.integration.test_restore_agent import ATTACKER_ROW, PADDING, attacker_backup
 from tests.restore_support import (
     MANIFEST_KEY,
@@ -373,8 +374,6 @@ def test_each_bad_input_stops_in_preflight_with_a_clear_condition(
     other = GpgKeyring(tmp_path / "other", email="not-the-team@example.com").start()
     cluster.secret("wrong-key", {"private.asc": private_key(other)})
     closed_port = free_port()
-    from tests.integration.conftest import grant
-
     grant(cluster.api, cluster.namespace, hosts=[("127.0.0.1", closed_port)])  # a port nothing listens on
     cases = {
         "wrong-key": (
@@ -785,8 +784,6 @@ def test_a_drill_onto_the_source_under_another_name_is_refused(
 ) -> None:
     """``localhost`` is not the policy's ``127.0.0.1`` as a string, but the same server and database: the drill
     fails its preflight with TargetIsSource naming spec.verification.target, and nothing is restored."""
-    from tests.integration.conftest import grant
-
     grant(api, cluster.namespace, hosts=[("localhost", postgres.port)])  # the other name may be reached
     damage(postgres, shop)  # a restore of the backup would undo this
     before = fingerprint(postgres, shop)

@@ -16,6 +16,7 @@ import kubernetes
 import pytest
 import redis
 from tests.backup_support import agent_env, manifest_of, new_bucket, policy_spec, run_agent
+from tests.integration.conftest import grant
 from tests.integration.test_restore import WORKLOADS, Cluster
 from tests.restore_support import (
     OWNER,
@@ -124,9 +125,10 @@ def cluster(api: kubernetes.client.ApiClient, namespace: str, crds_installed: li
 
 
 @pytest.fixture
-def cache(tmp_path: Path) -> Iterator[Redis]:
-    """The runbook's Redis for one test (its own server: the restore flushes it)."""
+def cache(tmp_path: Path, api: kubernetes.client.ApiClient, namespace: str) -> Iterator[Redis]:
+    """The runbook's Redis for one test (its own server: the restore flushes it), granted to the namespace."""
     with Redis(tmp_path / "cache") as server:
+        grant(api, namespace, hosts=[(server.host, server.port)])
         yield server
 
 
@@ -332,6 +334,7 @@ def test_redis_drill_restores_into_a_scratch_redis_and_sets_verified(
         )
     assert "must name a scratch" in info.value.body
     with Redis(tmp_path / "scratch-redis") as drill_target:
+        grant(cluster.api, cluster.namespace, hosts=[(drill_target.host, drill_target.port)])
         drill_target.client().set("left-over", "from the last drill")
         verification = {
             "schedule": "* * * * *",
@@ -381,8 +384,6 @@ def test_a_redis_drill_onto_the_source_under_another_name_is_refused(
     """``localhost`` passes the API server's string comparison with the source's ``127.0.0.1``, but it is the
     same server (the same address, the same run_id): the drill fails its preflight with TargetIsSource naming
     spec.verification.target, and the source is not flushed."""
-    from tests.integration.conftest import grant
-
     grant(api, cluster.namespace, hosts=[(cache.host, cache.port), ("localhost", cache.port)])
     cache.client().mset({f"session:{i}": i for i in range(50)})
     common_objects(cluster, s3_server, gpg_keyring)

@@ -21,6 +21,7 @@ import psycopg
 import pytest
 import redis
 from prometheus_client import REGISTRY
+from tests.integration.conftest import grant
 from tests.services import CertificateAuthority, Postgres, Redis, RunbookRedis, free_port
 
 from runbook_operator.builders.rotation import ROTATION_ID, fingerprint, pending_secret_name
@@ -690,6 +691,7 @@ def test_bad_inputs_get_clear_conditions_and_nothing_half_done(
         "rotateNow": "1",
     }
     dead_port = free_port()
+    grant(cluster.api, cluster.namespace, hosts=[("127.0.0.1", dead_port)])
     cases = {
         "no-admin": (
             {
@@ -783,6 +785,7 @@ def test_references_are_checked_long_before_a_rotation_is_due(
     cluster.create_secret("redis-credentials", {"REDIS_PASSWORD": redis_password})
     missing = f"later-{uuid.uuid4().hex[:8]}"
     dead_port = free_port()
+    grant(cluster.api, cluster.namespace, hosts=[("127.0.0.1", dead_port)])
     good: dict[str, Any] = {
         "secretRef": {"name": SECRET, "key": "POSTGRES_PASSWORD"},
         "target": pg_target(postgres, role.name),
