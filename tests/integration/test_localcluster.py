@@ -206,13 +206,15 @@ def test_rbac_is_enforced_for_the_operator_service_account(
         configuration.api_key = {"authorization": f"Bearer {token}"}
         with kubernetes.client.ApiClient(configuration) as as_operator:
             operator_core = kubernetes.client.CoreV1Api(as_operator)
-            operator_apps = kubernetes.client.AppsV1Api(as_operator)
+            operator_custom = kubernetes.client.CustomObjectsApi(as_operator)
 
             def granted() -> bool:
-                """The role grants listing namespaces and getting deployments (absent: 404, not 403)."""
+                """The role grants listing namespaces and getting its own kinds (absent: 404, not 403)."""
                 try:
                     operator_core.list_namespace()
-                    operator_apps.read_namespaced_deployment("absent", namespace)
+                    operator_custom.get_namespaced_custom_object(
+                        "runbook.dev", "v1alpha1", namespace, "backuppolicies", "absent"
+                    )
                 except kubernetes.client.ApiException as error:
                     if error.status == 403:
                         return False  # the new binding has not reached the authorizer's cache yet

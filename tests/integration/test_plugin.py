@@ -16,8 +16,19 @@ import kopf.testing
 import kubernetes
 import pytest
 import yaml
-from tests.restore_support import OWNER, OWNER_PASSWORD, Backup, create_shop, make_backup, private_key
+from tests.restore_support import (
+    MANIFEST_KEY,
+    OWNER,
+    OWNER_PASSWORD,
+    SIGNED,
+    Backup,
+    create_shop,
+    make_backup,
+    private_key,
+)
 from tests.services import GpgKeyring, Postgres, S3Server, free_port
+
+from runbook_operator.models.plans import MANIFEST_KEY_SECRET, MANIFEST_KEY_SECRET_KEY
 
 pytestmark = pytest.mark.integration
 
@@ -205,9 +216,12 @@ def backup(
     gpg_keyring: GpgKeyring,
 ) -> Backup:
     """One backup by the agent, and its BackupPolicy with the Secrets and ConfigMap it names."""
-    made = make_backup(postgres, create_shop(postgres), s3_server, gpg_keyring, namespace=namespace, policy=POLICY)
+    made = make_backup(
+        postgres, create_shop(postgres), s3_server, gpg_keyring, namespace=namespace, policy=POLICY, **SIGNED
+    )
     core = kubernetes.client.CoreV1Api(api)
     for name, data in (
+        (MANIFEST_KEY_SECRET, {MANIFEST_KEY_SECRET_KEY: MANIFEST_KEY}),  # the namespace's key, that signed it
         ("db-credentials", {"username": OWNER, "password": OWNER_PASSWORD}),
         (
             "backup-s3-credentials",
@@ -311,6 +325,7 @@ def test_backup_list_now_and_restore(
         "dryRun": True,
         "decryptionSecretRef": {"name": "restore-gpg-private", "key": "private.asc"},
         "scaleTimeoutSeconds": 300,
+        "allowUnsignedBackup": False,
     }
     result = plugin("restore", POLICY, "--name", "check")
     assert result.returncode == CONFLICT and "BackupRestore 'check' already exists" in result.stderr
