@@ -220,8 +220,10 @@ class Restore:
                 "Secret key holding the private key",
             )
 
-    def secret(self, name: str, key: str, *, field: str) -> str:
-        return kube.secret_value(self.api, self.namespace, name, key, field=field)
+    def secret(self, name: str, key: str, *, field: str, redact: bool = True) -> str:
+        """A Secret value, registered with the redactor unless ``redact`` is False (a user name such as
+        ``postgres`` would scrub the word from every later log line and message)."""
+        return kube.secret_value(self.api, self.namespace, name, key, field=field, redact=redact)
 
     def storage_credentials(self) -> dict[str, str]:
         """The S3 keys and the decryption key, as every source's Job gets them (for the preflight and the
@@ -693,7 +695,7 @@ class PostgresTarget:
         """The agent's environment as the Job's pod gets it, read from the same Secrets."""
         login, field = target.credentials_secret_ref, "spec.target.credentialsSecretRef"
         env = self.restore.storage_credentials()
-        env[PG_USER_ENV] = self.restore.secret(login.name, login.username_key, field=field)
+        env[PG_USER_ENV] = self.restore.secret(login.name, login.username_key, field=field, redact=False)
         env[PG_PASSWORD_ENV] = self.restore.secret(login.name, login.password_key, field=field)
         return env
 
@@ -733,7 +735,7 @@ class PostgresTarget:
         login = source.credentials_secret_ref
         field = f"BackupPolicy {restore.spec.policy_ref} spec.source.postgresql.credentialsSecretRef"
         login_env = {
-            PG_USER_ENV: restore.secret(login.name, login.username_key, field=field),
+            PG_USER_ENV: restore.secret(login.name, login.username_key, field=field, redact=False),
             PG_PASSWORD_ENV: restore.secret(login.name, login.password_key, field=field),
         }
         with connect_target(source, login_env, self.ca(source)) as source_conn:
