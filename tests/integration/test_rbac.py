@@ -76,6 +76,7 @@ FORBIDDEN_EVERYWHERE = [
     ("create", "rolebindings.rbac.authorization.k8s.io", None),
     ("update", "secrets", None),
     ("update", "deployments.apps", None),
+    ("patch", "configmaps", None),  # saved policies are in status: ConfigMaps are only read
 ]
 # Writes of Secrets and of workloads: allowed only where an administrator enabled the namespace.
 WRITES = [
@@ -90,7 +91,7 @@ WRITES = [
     ("patch", "cronjobs.batch", None),
     ("create", "jobs.batch", None),
     ("create", "networkpolicies.networking.k8s.io", None),
-    ("patch", "configmaps", None),
+    ("get", "configmaps", None),
 ]
 
 

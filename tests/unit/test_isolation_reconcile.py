@@ -203,6 +203,20 @@ def test_a_server_error_recreating_a_policy_retries_after_the_workloads_are_back
     assert conditions(fresh(api))["PoliciesRestored"]["status"] == "True"
 
 
+def test_a_failed_removal_after_the_policies_came_back_still_reports_them_recreated() -> None:
+    """The saved entries leave status only once the release got past removing emergency-isolate: a retry
+    after that failed must not take a recreated policy for one an older operator saved."""
+    api = FakeApi()
+    isolated(api, overrideExistingPolicies=True)
+    api.fail_on("get", "networkpolicies", status=503)
+
+    assert release(api).error is not None  # the removal failed: retried
+    assert workload(api, kube.NETWORK_POLICIES, "allow-all")["spec"] == ALLOW_ALL
+    assert run(api, fresh(api)) == Result.done()
+    assert_workloads_back(api)
+    assert conditions(fresh(api))["PoliciesRestored"]["status"] == "True"
+
+
 def test_a_tampered_saved_policy_is_refused_and_the_others_are_recreated() -> None:
     api = FakeApi()
     namespace(api)

@@ -531,6 +531,28 @@ def test_a_restore_target_is_checked_over_the_policy_source() -> None:
     assert error.message.startswith("spec.kubernetes.targetNamespace: kube-system is not namespace")
 
 
+def test_a_restore_target_that_only_weakens_the_redis_tls_still_needs_the_grant() -> None:
+    """A Redis target setting only ``tls`` (no host or port) connects to the source's host without verified
+    TLS: the plaintext rule applies to it as to any connection."""
+    policy = tenancy.confine_backup_policy(
+        runbook_api(), (), RUNBOOK, BackupPolicySpec.model_validate(SAMPLES["backuppolicy-redis"]["spec"])
+    )
+    redis = SAMPLES["backuppolicy-redis"]["spec"]["source"]["redis"]
+    weakened = {**redis["tls"], "insecureSkipVerify": True}
+    spec = BackupRestoreSpec.model_validate({"policyRef": "cache", "target": {"redis": {"tls": weakened}}})
+    error = refused(tenancy.confine_backup_restore, runbook_api(), (), RUNBOOK, spec, policy)
+    assert error.message.startswith("spec.target.redis.tls: a connection without verified TLS"), error.message
+
+
+def test_a_kubernetes_restore_section_of_another_namespace_needs_the_export_grant() -> None:
+    policy = BackupPolicySpec.model_validate(SAMPLES["backuppolicy-kubernetes"]["spec"])
+    spec = BackupRestoreSpec.model_validate({"policyRef": "config", "kubernetes": {"namespace": "team-b"}})
+    error = refused(tenancy.confine_backup_restore, runbook_api(), (), RUNBOOK, spec, policy)
+    assert error.message.startswith("spec.kubernetes.namespace: "), error.message
+    own = BackupRestoreSpec.model_validate({"policyRef": "config", "kubernetes": {"namespace": RUNBOOK}})
+    assert tenancy.confine_backup_restore(runbook_api(), (), RUNBOOK, own, policy) == own
+
+
 def test_the_evidence_bucket_follows_the_s3_rules() -> None:
     spec = EmergencyIsolationSpec.model_validate(
         {

@@ -97,7 +97,12 @@ def check_references(api: kube.Api, namespace: str, spec: BackupPolicySpec) -> N
     if source.postgresql is not None:
         ref = source.postgresql.credentials_secret_ref
         field = "spec.source.postgresql.credentialsSecretRef"
-        secret_refs += [(ref.name, ref.username_key, field), (ref.name, ref.password_key, field)]
+        # the user name is read without registering it with the redactor: `postgres` would scrub the word
+        kube.secret_value(api, namespace, ref.name, ref.username_key, field=field, redact=False)
+        secret_refs.append((ref.name, ref.password_key, field))
+        if source.postgresql.tls is not None:
+            ca = source.postgresql.tls.ca_secret_ref
+            secret_refs.append((ca.name, ca.key, "spec.source.postgresql.tls.caSecretRef"))
     if source.redis is not None:
         if source.redis.password_secret_ref is not None:
             pw = source.redis.password_secret_ref

@@ -20,6 +20,7 @@ from ..clients import kube, s3
 from ..clients.gpg import GPG, GPGError
 from ..conditions import now_rfc3339
 from ..errors import RunbookError
+from ..logs import REDACTOR
 from ..models.isolation import EvidenceCapture, EvidenceRecord
 from ..models.plans import object_key
 from ..models.sources import Encryption, S3Location
@@ -56,8 +57,8 @@ def _why(error: Exception) -> str:
         detail = body if isinstance(body, str) else ""
         with contextlib.suppress(ValueError, AttributeError):  # not the API's JSON Status: keep the text
             detail = json.loads(detail).get("message", detail)
-        return f"HTTP {error.status}: {detail or error.reason}"[:512]
-    return f"{type(error).__name__}: {error}"[:512]
+        return REDACTOR.scrub(f"HTTP {error.status}: {detail or error.reason}")[:512]
+    return REDACTOR.scrub(f"{type(error).__name__}: {error}")[:512]
 
 
 def collect(api: kube.Api, namespace: str) -> tuple[dict[str, bytes], dict[str, str]]:

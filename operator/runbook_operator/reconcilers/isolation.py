@@ -44,6 +44,7 @@ from ..models.isolation import (
     EmergencyIsolationStatus,
     IsolationPhase,
     NetworkIsolation,
+    SavedPolicy,
     WorkloadSnapshot,
 )
 from . import evidence, tenancy
@@ -339,8 +340,9 @@ def release(ctx: Ctx) -> None:
     ctx.status.phase = Phase.RELEASING
     ctx.checkpoint()
     warnings = restore_workloads(ctx)
-    recreated, refused = recreate_policies(ctx)
+    recreated, refused, kept = recreate_policies(ctx)
     remove_policy(ctx)
+    ctx.status.saved_policies = kept  # only now: a retry after a failed removal still knows what it recreated
     ctx.status.phase = Phase.RELEASED
     ctx.status.released_at = now_rfc3339()
     ctx.status.scaled = scaled_summary(ctx.status.snapshot, scaled=False)
@@ -365,11 +367,11 @@ def release(ctx: Ctx) -> None:
     metrics.ISOLATION_INFO.remove(ctx.namespace, ctx.name, spec.get("incidentId", ""), spec.get("severity", "P1"))
 
 
-def recreate_policies(ctx: Ctx) -> tuple[list[str], list[str]]:
-    """Recreate each policy saved in status that passes ``checked_policy``; return the names recreated and,
-    for each one that is not, its name and why. The API server refusing one (4xx) is such a reason; an
-    unreachable or failing server (5xx, 429) fails the pass, which is retried (workloads already restored stay
-    so, policies already recreated are a 409). Status keeps the saved manifests of those not recreated."""
+def recreate_policies(ctx: Ctx) -> tuple[list[str], list[str], list[SavedPolicy]]:
+    """Recreate each policy saved in status that passes ``checked_policy``; return the names recreated, for
+    each one that is not its name and why, and the saved entries status keeps (those not recreated). The API
+    server refusing one (4xx) is such a reason; an unreachable or failing server (5xx, 429) fails the pass,
+    which is retried (workloads already restored stay so, policies already recreated are a 409)."""
     recreated, refused, kept = [], [], []
     for saved in ctx.status.saved_policies:
         try:
@@ -394,8 +396,7 @@ def recreate_policies(ctx: Ctx) -> tuple[list[str], list[str]]:
                 f"{name}: saved by an older operator in ConfigMap {saved_policies_name(ctx.name)}, which is not "
                 "trusted: review its entry and apply it by hand"
             )
-    ctx.status.saved_policies = kept
-    return recreated, refused
+    return recreated, refused, kept
 
 
 def restore_workloads(ctx: Ctx) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import psycopg
@@ -33,7 +33,7 @@ REFUSED_RETRY = 60.0  # a refusal that needs a person (privileges, a failing ver
 class Pending:
     """The rotation's new value, as stored in the pending Secret."""
 
-    password: str
+    password: str = field(repr=False)
     username: str | None  # the dual strategy's login role
 
 

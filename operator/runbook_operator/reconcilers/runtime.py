@@ -109,7 +109,10 @@ def as_failure(error: BaseException) -> RunbookError:
     and the API server's own one-line message (it names the verb, resource, namespace and user); anything
     else by its type and first line. Never a secret: every registered value is scrubbed."""
     if isinstance(error, RunbookError):
-        return error
+        scrubbed = REDACTOR.scrub(error.message)
+        if scrubbed == error.message:
+            return error
+        return RunbookError(error.reason, scrubbed, retry_after=error.retry_after)
     if isinstance(error, ApiException):
         try:
             said = str(json.loads(error.body or "{}").get("message") or error.reason)

@@ -19,7 +19,7 @@ import logging
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -33,6 +33,8 @@ from ..models.sources import PostgresConnection, RedisConnection, RedisTLS, S3Lo
 
 LOG = logging.getLogger(__name__)
 Connection = PostgresConnection | RedisConnection | PostgresRotationTarget | RedisRotationTarget
+PG = TypeVar("PG", PostgresConnection, PostgresRotationTarget)
+RD = TypeVar("RD", RedisConnection, RedisRotationTarget)
 NOT_PERMITTED = "NotPermitted"
 CLUSTER_DOMAIN = "cluster.local"
 # A PostgreSQL database name as the operator accepts it: never '=' or spaces (libpq would read
@@ -198,17 +200,22 @@ def check_s3(grants: Grants, namespace: str, field: str, location: S3Location) -
 # --- namespaces and names ------------------------------------------------------------------------------
 
 
+def check_export_namespace(grants: Grants, namespace: str, field: str, exported: str) -> None:
+    """A namespace exported (or restored from an export) by an object in ``namespace`` (``field``): its own
+    always, others only when a grant lists them."""
+    if exported != namespace and exported not in {n for grant in grants for n in grant.spec.export_namespaces}:
+        raise _refused(
+            field,
+            f"{_shown(exported)} is not namespace {namespace} and no RunbookGrant for {namespace} lists it "
+            "in spec.exportNamespaces",
+        )
+
+
 def check_export_namespaces(grants: Grants, namespace: str, field: str, namespaces: Iterable[str]) -> None:
     """The namespaces a BackupPolicy in ``namespace`` exports (``field``, e.g.
-    ``spec.source.kubernetes.namespaces``): its own always, others only when a grant lists them."""
-    allowed = {namespace} | {other for grant in grants for other in grant.spec.export_namespaces}
+    ``spec.source.kubernetes.namespaces``), each by ``check_export_namespace``."""
     for position, exported in enumerate(namespaces):
-        if exported not in allowed:
-            raise _refused(
-                f"{field}[{position}]",
-                f"{_shown(exported)} is not namespace {namespace} and no RunbookGrant for {namespace} lists it "
-                "in spec.exportNamespaces",
-            )
+        check_export_namespace(grants, namespace, f"{field}[{position}]", exported)
 
 
 def check_database_name(field: str, name: str) -> str:
@@ -251,16 +258,14 @@ def check_connection_tls(
         check_plaintext(grants, namespace, f"{field}.tls")
 
 
-def _postgres(
-    api: kube.Api, grants: Grants, namespace: str, field: str, connection: PostgresConnection
-) -> PostgresConnection:
+def _postgres(api: kube.Api, grants: Grants, namespace: str, field: str, connection: PG) -> PG:
     host = check_host(api, grants, namespace, f"{field}.host", host=connection.host, port=connection.port)
     check_database_name(f"{field}.database", connection.database)
     check_connection_tls(grants, namespace, field, connection)
     return connection.model_copy(update={"host": host})
 
 
-def _redis(api: kube.Api, grants: Grants, namespace: str, field: str, connection: RedisConnection) -> RedisConnection:
+def _redis(api: kube.Api, grants: Grants, namespace: str, field: str, connection: RD) -> RD:
     host = check_host(api, grants, namespace, f"{field}.host", host=connection.host, port=connection.port)
     check_connection_tls(grants, namespace, field, connection)
     return connection.model_copy(update={"host": host})
@@ -301,13 +306,14 @@ def _restore_target(
     if target.database is not None:
         check_database_name(f"{field}.database", target.database)
     scratch = target.redis
-    if source.redis is not None and scratch is not None and (scratch.host is not None or scratch.port is not None):
-        port = scratch.port or source.redis.port
-        host = check_host(
-            api, grants, namespace, f"{field}.redis.host", host=scratch.host or source.redis.host, port=port
-        )
-        check_connection_tls(grants, namespace, f"{field}.redis", scratch.resolve(source.redis))
-        update["redis"] = scratch.model_copy(update={"host": host})
+    if source.redis is not None and scratch is not None:
+        check_connection_tls(grants, namespace, f"{field}.redis", scratch.resolve(source.redis))  # tls alone too
+        if scratch.host is not None or scratch.port is not None:
+            port = scratch.port or source.redis.port
+            host = check_host(
+                api, grants, namespace, f"{field}.redis.host", host=scratch.host or source.redis.host, port=port
+            )
+            update["redis"] = scratch.model_copy(update={"host": host})
     return target.model_copy(update=update)
 
 
@@ -315,14 +321,16 @@ def confine_backup_restore(
     api: kube.Api, grants: Grants, namespace: str, spec: BackupRestoreSpec, policy: BackupPolicySpec
 ) -> BackupRestoreSpec:
     """``spec.target`` (over ``policy``'s source: pass the policy as ``confine_backup_policy`` returned it, so
-    that fields left out resolve to its checked hosts) and ``spec.kubernetes.targetNamespace`` (the restore's
-    own namespace only)."""
+    that fields left out resolve to its checked hosts), ``spec.kubernetes.targetNamespace`` (the restore's
+    own namespace only) and ``spec.kubernetes.namespace`` (a section the namespace may export today)."""
     kubernetes = spec.kubernetes
     if kubernetes is not None and kubernetes.target_namespace not in (None, namespace):
         raise _refused(
             "spec.kubernetes.targetNamespace",
             f"{kubernetes.target_namespace} is not namespace {namespace}: a restore applies only into its own",
         )
+    if kubernetes is not None and kubernetes.namespace is not None:
+        check_export_namespace(grants, namespace, "spec.kubernetes.namespace", kubernetes.namespace)
     if spec.target is None:
         return spec
     target = _restore_target(api, grants, namespace, "spec.target", target=spec.target, source=policy.source)
@@ -338,18 +346,9 @@ def confine_secret_rotation(
         return spec
     update: dict[str, Any] = {}
     if target.postgresql is not None:
-        pg = target.postgresql
-        field = "spec.target.postgresql"
-        host = check_host(api, grants, namespace, f"{field}.host", host=pg.host, port=pg.port)
-        check_database_name(f"{field}.database", pg.database)
-        check_connection_tls(grants, namespace, field, pg)
-        update["postgresql"] = pg.model_copy(update={"host": host})
+        update["postgresql"] = _postgres(api, grants, namespace, "spec.target.postgresql", target.postgresql)
     if target.redis is not None:
-        redis = target.redis
-        field = "spec.target.redis"
-        host = check_host(api, grants, namespace, f"{field}.host", host=redis.host, port=redis.port)
-        check_connection_tls(grants, namespace, field, redis)
-        update["redis"] = redis.model_copy(update={"host": host})
+        update["redis"] = _redis(api, grants, namespace, "spec.target.redis", target.redis)
     return spec.model_copy(update={"target": target.model_copy(update=update)})
 
 
