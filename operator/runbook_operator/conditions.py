@@ -5,12 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from .models.common import rfc3339
+
 ConditionStatus = Literal["True", "False", "Unknown"]
 
 
 def now_rfc3339() -> str:
     """The current UTC time as Kubernetes writes it (second precision, Z)."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339(datetime.now(UTC))
 
 
 def set_condition(

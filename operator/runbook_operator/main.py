@@ -142,7 +142,6 @@ async def secret_rotations_follow_isolation(body: kopf.Body, **_: Any) -> None:
 # re-checks everything, so status heals after any missed event.
 BACKUP_POLICIES = (GROUP, VERSION, "backuppolicies")
 BACKUP_DELETION_ATTEMPTS = 6  # then the policy goes, and its backups stay (the last Warning says why)
-backup.AGENT_IMAGE = SETTINGS.agent_image
 
 
 @kopf.on.resume(*BACKUP_POLICIES)

@@ -44,6 +44,11 @@ class Settings(BaseModel):
         return cls.model_validate(values)
 
 
+def agent_image() -> str:
+    """The image of the backup/restore agent pods (``RUNBOOK_AGENT_IMAGE``), as the environment says now."""
+    return Settings.from_env().agent_image
+
+
 def configure_kopf(settings: kopf.OperatorSettings, ours: Settings) -> None:
     """Our prefixes for finalizers and bookkeeping annotations, bounded workers, watch timeouts, Events."""
     import kopf  # here, not at the top: builders import this module's constants and must not load kopf

@@ -109,10 +109,10 @@ class FakeTarget:
         self.restore.add_checks({"sha256": "ab" * 32, "archiveEntries": 7})
         return "verified"
 
-    def job(self) -> tuple[dict[str, Any], list[tuple[kube.Resource, dict[str, Any]]], str]:
+    def job(self) -> tuple[dict[str, Any], str]:
         self._maybe_fail("job")
         name = job_name(self.restore.name)
-        return {"metadata": {"name": name}, "spec": {"backoffLimit": 0}}, [], f"Job {name}"
+        return {"metadata": {"name": name}, "spec": {"backoffLimit": 0}}, f"Job {name}"
 
     def job_done(self, name: str, pods: list[dict[str, Any]]) -> str:
         self._maybe_fail("job_done")

@@ -11,9 +11,9 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
+from ..conditions import now_rfc3339
 from ..logs import REDACTOR
 from . import kube
 
@@ -21,10 +21,6 @@ COMPONENT = "runbook-operator"
 _REMEMBERED = 4096  # counts of the most recent Events; an older one is read back before it is counted
 _COUNTS: OrderedDict[str, int] = OrderedDict()
 _LOCK = threading.Lock()
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def event_name(involved: Mapping[str, Any], type: str, reason: str, message: str) -> str:
@@ -49,7 +45,7 @@ def post(api: kube.Api, involved: Mapping[str, Any], *, type: str, reason: str, 
     metadata = involved["metadata"]
     namespace = metadata["namespace"]
     name = event_name(involved, type, reason, message)
-    now = _now()
+    now = now_rfc3339()
     with _LOCK:
         count = _COUNTS.get(name)
     if count is None:

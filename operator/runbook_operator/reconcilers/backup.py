@@ -46,7 +46,7 @@ from ..models.backup import (
 from ..models.common import parse_time, rfc3339
 from ..models.plans import MANIFEST_KEY_SECRET, MANIFEST_KEY_SECRET_KEY, policy_folder
 from ..models.sources import TLS_CERT_KEY, TLS_KEY_KEY, GPGEncryption
-from ..settings import Settings
+from ..settings import agent_image
 from . import tenancy
 from .catalog import (
     S3_CREDENTIALS_FIELD,
@@ -64,8 +64,6 @@ from .runtime import Context, GrantsOf, Reconciler, Result, run_pass
 
 LOG = logging.getLogger(__name__)
 SCHEDULED_AT = "batch.kubernetes.io/cronjob-scheduled-timestamp"
-# The agent's image in the CronJob's pods; main.py sets the operator's setting (RUNBOOK_AGENT_IMAGE).
-AGENT_IMAGE = Settings().agent_image
 
 PolicyContext = Context[BackupPolicySpec, BackupPolicyStatus]
 Step = Callable[[PolicyContext], Result]
@@ -151,11 +149,16 @@ def ensure_manifest_key(api: kube.Api, namespace: str) -> None:
     """The namespace's manifest signing key exists (created when absent, never overwritten: a 409 means
     another pass made it) and its value is one the log redactor scrubs."""
     field = f"Secret {MANIFEST_KEY_SECRET} (the namespace's manifest signing key)"
-    if api.get(kube.SECRETS, namespace, MANIFEST_KEY_SECRET) is None:
-        value = secrets.token_hex(32)
-        REDACTOR.register(value)
-        api.create(kube.SECRETS, namespace, build_manifest_key(namespace, value))
-    kube.secret_value(api, namespace, MANIFEST_KEY_SECRET, MANIFEST_KEY_SECRET_KEY, field=field)
+    try:
+        kube.secret_value(api, namespace, MANIFEST_KEY_SECRET, MANIFEST_KEY_SECRET_KEY, field=field)
+        return
+    except RunbookError as missing:
+        if missing.reason != "SecretNotFound":
+            raise
+    value = secrets.token_hex(32)
+    REDACTOR.register(value)
+    if not api.create(kube.SECRETS, namespace, build_manifest_key(namespace, value)):  # another pass made it
+        kube.secret_value(api, namespace, MANIFEST_KEY_SECRET, MANIFEST_KEY_SECRET_KEY, field=field)
 
 
 def check_export_account(api: kube.Api, namespace: str, spec: BackupPolicySpec) -> None:
@@ -196,7 +199,7 @@ def reconcile(ctx: PolicyContext) -> Result:
     check_bucket(s3_client(ctx.api, namespace, location, field=S3_CREDENTIALS_FIELD), location)
     uid = str(ctx.body["metadata"]["uid"])
     cronjob = build_cronjob(
-        spec, namespace=namespace, policy=name, uid=uid, generation=ctx.generation or 1, image=AGENT_IMAGE
+        spec, namespace=namespace, policy=name, uid=uid, generation=ctx.generation or 1, image=agent_image()
     )
     if apply_child(ctx.api, cronjob):
         ctx.event("Normal", "CronJobApplied", f"CronJob {cronjob_name(name)}: {spec.schedule}")

@@ -7,7 +7,7 @@ object on success; the operator reads it here and nowhere else.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -28,18 +28,23 @@ def job_outcome(job: Mapping[str, Any]) -> tuple[str, datetime] | None:
     return None
 
 
+def termination_messages(pods: Iterable[Mapping[str, Any]]) -> Iterator[str]:
+    """Each container's termination message (where an agent writes its last line)."""
+    for pod in pods:
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            yield ((container.get("state") or {}).get("terminated") or {}).get("message") or ""
+
+
 def failure_reason(
     job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]], *, prefix: str = FAILURE_PREFIX
 ) -> tuple[str, str]:
     """The agent's one-line reason (after ``prefix``) from its pods' termination messages, else the Job's
     own condition. Restores read their agent's ``restore failed: `` lines the same way."""
-    for pod in pods:
-        for container in (pod.get("status") or {}).get("containerStatuses") or []:
-            message = ((container.get("state") or {}).get("terminated") or {}).get("message") or ""
-            lines = [line for line in message.splitlines() if line.startswith(prefix)]
-            if lines:
-                reason, _, detail = lines[-1][len(prefix) :].partition(": ")
-                return reason or "BackupFailed", REDACTOR.scrub(detail)[:512]
+    for message in termination_messages(pods):
+        lines = [line for line in message.splitlines() if line.startswith(prefix)]
+        if lines:
+            reason, _, detail = lines[-1][len(prefix) :].partition(": ")
+            return reason or "BackupFailed", REDACTOR.scrub(detail)[:512]
     for condition in (job.get("status") or {}).get("conditions") or []:
         if condition.get("type") == "Failed":
             return condition.get("reason") or "JobFailed", REDACTOR.scrub(condition.get("message") or "")[:512]
@@ -53,17 +58,15 @@ def read_job(api: kube.Api, namespace: str, name: str) -> dict[str, Any] | None:
 
 def job_summary(pods: Iterable[Mapping[str, Any]], key: str) -> dict[str, Any] | None:
     """The agent's one-line JSON summary (the object under ``key``) from its pods' termination messages."""
-    for pod in pods:
-        for container in (pod.get("status") or {}).get("containerStatuses") or []:
-            message = ((container.get("state") or {}).get("terminated") or {}).get("message") or ""
-            for line in reversed(message.strip().splitlines()):
-                try:
-                    document = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(document, dict) and isinstance(document.get(key), dict):
-                    summary: dict[str, Any] = document[key]
-                    return summary
+    for message in termination_messages(pods):
+        for line in reversed(message.strip().splitlines()):
+            try:
+                document = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(document, dict) and isinstance(document.get(key), dict):
+                summary: dict[str, Any] = document[key]
+                return summary
     return None
 
 

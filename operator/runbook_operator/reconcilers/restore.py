@@ -84,7 +84,7 @@ from ..models.plans import (
     policy_folder,
 )
 from ..models.sources import PostgresConnection
-from ..settings import Settings
+from ..settings import agent_image
 from . import runtime, tenancy
 from .catalog import S3_CREDENTIALS_FIELD, s3_client, stored_backups
 from .jobs import failure_reason, job_outcome, job_pods, read_job
@@ -112,8 +112,8 @@ class Target(Protocol):
     def preflight(self) -> str:
         """Verify everything without changing anything (sets backupKey, backupTime, target, checks)."""
 
-    def job(self) -> tuple[dict[str, Any], list[tuple[kube.Resource, dict[str, Any]]], str]:
-        """The restore Job, the objects applied before it, and the Event message."""
+    def job(self) -> tuple[dict[str, Any], str]:
+        """The restore Job and the Event message."""
 
     def job_done(self, name: str, pods: list[dict[str, Any]]) -> str:
         """The completed Job's figures into status; the Restore step's message."""
@@ -138,11 +138,6 @@ class Step:
     run: Callable[[Restore], Outcome]
     cleanup_after: RestoreStepName | None = None
     ended: Callable[[Restore], None] | None = None
-
-
-def agent_image() -> str:
-    """The agent image, as main.SETTINGS reads it."""
-    return Settings.from_env().agent_image
 
 
 class Restore:
@@ -590,9 +585,7 @@ def run_job(restore: Restore) -> Outcome:
     if job is None:
         if restore.status.job_name:
             raise RunbookError("JobMissing", f"Job {name} was deleted before it finished")
-        body, children, message = restore.target.job()
-        for resource, child in children:
-            api.apply(resource, child["metadata"]["namespace"], child)
+        body, message = restore.target.job()
         api.create(kube.JOBS, namespace, body)
         restore.status.job_name = body["metadata"]["name"]
         restore.ctx.checkpoint()
@@ -750,13 +743,13 @@ class PostgresTarget:
             source=endpoint(source, source_identity),
         )
 
-    def job(self) -> tuple[dict[str, Any], list[tuple[kube.Resource, dict[str, Any]]], str]:
+    def job(self) -> tuple[dict[str, Any], str]:
         restore = self.restore
         plan, _ = self.plan()
         job = build_job(
             restore.ctx.body, plan, policy=restore.policy, spec=restore.spec, target=plan.target, image=agent_image()
         )
-        return job, [], f"Job {job['metadata']['name']} restores {plan.key} into {restore.status.target}"
+        return job, f"Job {job['metadata']['name']} restores {plan.key} into {restore.status.target}"
 
     def job_done(self, name: str, pods: list[dict[str, Any]]) -> str:
         return f"Job {name} restored {self.restore.status.backup_key} in one transaction"

@@ -22,8 +22,9 @@ from ..clients import kube
 from ..errors import RunbookError
 from ..models.backup import KubernetesRestore, KubernetesRestoreSummary, RestoreStepName
 from ..models.plans import KubernetesRestorePlan
+from ..settings import agent_image
 from .jobs import job_summary
-from .restore import Restore, agent_image
+from .restore import Restore
 
 _SUMMARY_KEYS = ("created", "replaced", "skipped", "unchanged", "failed")
 
@@ -93,7 +94,7 @@ class KubernetesTarget:
             f"has {figures['archiveEntries']} objects for namespace {plan.namespace}"
         )
 
-    def job(self) -> tuple[dict[str, Any], list[tuple[kube.Resource, dict[str, Any]]], str]:
+    def job(self) -> tuple[dict[str, Any], str]:
         restore = self.restore
         plan, _ = self.plan()
         job = build_kubernetes_job(
@@ -103,7 +104,7 @@ class KubernetesTarget:
         message = (
             f"Job {job['metadata']['name']} applies section {plan.section} of {plan.key} into {plan.namespace}{dry}"
         )
-        return job, [], message
+        return job, message
 
     def job_done(self, name: str, pods: list[dict[str, Any]]) -> str:
         summary = job_summary(pods, "kubernetes")

@@ -21,15 +21,15 @@ import redis
 from ..agent.restore_redis import connect_target, keyspace, verify_redis, where
 from ..builders.restore import job_name
 from ..builders.restore_redis import build_redis_job, build_redis_plan
-from ..clients import kube
 from ..clients.redis import TLS_CERT_KEY, TLS_KEY_KEY, TLSMaterial
 from ..errors import RunbookError
 from ..models.backup import RestoreStepName
 from ..models.plans import REDIS_PASSWORD_ENV, RedisRestorePlan
 from ..models.sources import RedisConnection
+from ..settings import agent_image
 from . import tenancy
 from .jobs import job_pods, job_summary
-from .restore import ALL_STEPS, Restore, agent_image
+from .restore import ALL_STEPS, Restore
 
 _FIELD = "spec.target.redis"
 
@@ -129,11 +129,11 @@ class RedisTarget:
             source_client.close()
         refuse_source(restore.spec.policy_ref, target=endpoint(target, client), source=theirs)
 
-    def job(self) -> tuple[dict[str, Any], list[tuple[kube.Resource, dict[str, Any]]], str]:
+    def job(self) -> tuple[dict[str, Any], str]:
         restore = self.restore
         plan, _ = self.plan()
         job = build_redis_job(restore.ctx.body, plan, policy=restore.policy, spec=restore.spec, image=agent_image())
-        return job, [], f"Job {job['metadata']['name']} restores {plan.key} into {where(plan.target)}"
+        return job, f"Job {job['metadata']['name']} restores {plan.key} into {where(plan.target)}"
 
     def job_done(self, name: str, pods: list[dict[str, Any]]) -> str:
         restore = self.restore

@@ -39,7 +39,8 @@ from ..conditions import ConditionStatus, set_condition
 from ..errors import RunbookError, parse_spec
 from ..logs import REDACTOR
 from ..models.common import CamelModel, Condition, StatusBase
-from .tenancy import Grant, index_entries
+from .interlock import holder_from_index
+from .tenancy import Grant, grants_for, index_entries
 
 LOG = logging.getLogger(__name__)
 S = TypeVar("S", bound=CamelModel)
@@ -162,16 +163,9 @@ Isolation = Callable[[str], str | None]  # the EmergencyIsolation holding a name
 
 
 def holder_by_listing(api: kube.Api) -> Isolation:
-    """``Context.isolation`` without kopf's index (tools, tests): one LIST per question."""
-    from ..models.isolation import holding_isolation
-
+    """``Context.isolation`` without kopf's index (tools, tests): the index's answer over one LIST."""
     isolations = kube.custom_resource("emergencyisolations", "EmergencyIsolation")
-
-    def holder(namespace: str) -> str | None:
-        found = holding_isolation(api.list(isolations, namespace))
-        return None if found is None else str(found["metadata"]["name"])
-
-    return holder
+    return lambda namespace: holder_from_index({namespace: api.list(isolations, namespace)})(namespace)
 
 
 GrantsOf = Callable[[str], tuple[Grant, ...]]  # the RunbookGrants that apply to a namespace
@@ -179,16 +173,14 @@ GRANTS = kube.custom_resource("runbookgrants", "RunbookGrant")
 
 
 def grants_by_listing(api: kube.Api) -> GrantsOf:
-    """``Context.grants`` without kopf's index (tools, tests): one LIST per question."""
+    """``Context.grants`` without kopf's index (tools, tests): the index's answer over one LIST."""
 
     def grants(namespace: str) -> tuple[Grant, ...]:
-        found = [
-            grant
-            for item in api.list(GRANTS, None)
-            for listed, grant in index_entries(str(item["metadata"]["name"]), item.get("spec") or {}).items()
-            if listed == namespace
-        ]
-        return tuple(sorted(found, key=lambda grant: grant.name))
+        index: dict[str, list[Grant]] = {}
+        for item in api.list(GRANTS, None):
+            for listed, grant in index_entries(str(item["metadata"]["name"]), item.get("spec") or {}).items():
+                index.setdefault(listed, []).append(grant)
+        return grants_for(index, namespace)
 
     return grants
 
@@ -299,7 +291,7 @@ class Context(Generic[S, T]):
         self.api.patch(self.resource, self.namespace, self.name, {"status": patch}, subresource="status")
         self._written = now
 
-    def fail(self, raised: BaseException, *, phase: str | None = None) -> RunbookError:
+    def fail(self, raised: BaseException) -> RunbookError:
         """Any failure (``as_failure``) as Ready=False with its reason and message, logged once, counted, and
         a Warning Event; returns the RunbookError. The caller's pass ends with the status write."""
         error = as_failure(raised)
@@ -307,8 +299,6 @@ class Context(Generic[S, T]):
         metrics.RECONCILE_ERRORS.labels(kind).inc()
         LOG.warning("%s %s/%s: %s: %s", kind, self.namespace, self.name, error.reason, error.message)
         self.condition("Ready", "False", error.reason, error.message)
-        if phase is not None:
-            self.status.phase = phase
         self.event("Warning", error.reason, error.message)
         return error
 
@@ -324,14 +314,12 @@ class Reconciler(Generic[S, T]):
     finalize: Callable[[Context[S, T]], Result] | None = None
 
 
-def run_pass(
-    ctx: Context[S, T], step: Callable[[Context[S, T]], Result], *, failures: int = 0, phase: str | None = None
-) -> Result:
+def run_pass(ctx: Context[S, T], step: Callable[[Context[S, T]], Result], *, failures: int = 0) -> Result:
     """One pass, blocking: ``step``, any failure reported (``Context.fail``), then the status write."""
     try:
         result = step(ctx)
     except Exception as raised:
-        result = Result.failed(ctx.fail(raised, phase=phase), failures + 1)
+        result = Result.failed(ctx.fail(raised), failures + 1)
     try:
         ctx.checkpoint()
     except ApiException as error:

@@ -14,6 +14,7 @@ with the hosts to connect to; they then use only the returned spec.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import re
@@ -375,8 +376,4 @@ def plaintext_in_use(*connections: tuple[str, Connection | None]) -> list[str]:
 
 def grants_from_index(index: Mapping[str, Iterable[Grant]]) -> Callable[[str], tuple[Grant, ...]]:
     """``Context.grants`` (``runtime.drive(..., grants=...)``) answered from kopf's index ``grants_by_namespace``."""
-
-    def grants(namespace: str) -> tuple[Grant, ...]:
-        return grants_for(index, namespace)
-
-    return grants
+    return functools.partial(grants_for, index)
