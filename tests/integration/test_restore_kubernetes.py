@@ -440,7 +440,8 @@ def test_bad_inputs_stop_in_preflight_and_change_nothing(
     make_export(cluster, source, s3_server, gpg_keyring, kubeconfig, include_secrets=False)
     before = objects.versions(cluster.namespace)
     cases = {
-        "no-section": (restore_spec(namespace="not-exported"), "SectionNotFound", "spec.kubernetes.namespace"),
+        # a namespace no grant lists is refused before the backup is read
+        "not-granted": (restore_spec(namespace="not-exported"), "NotPermitted", "spec.kubernetes.namespace"),
         "own-section": (restore_spec(), "SectionNotFound", cluster.namespace),
         "pg-target": (
             {**restore_spec(namespace=source), "target": {"database": "scratch"}},
