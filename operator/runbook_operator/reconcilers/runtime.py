@@ -24,7 +24,7 @@ import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -62,12 +62,16 @@ def utc_now() -> datetime:
 # RUNBOOK_MAX_WORKERS (main.py startup).
 # Nothing sleeps in it: a step that waits returns ``Result.after`` instead.
 EXECUTOR = ThreadPoolExecutor(max_workers=20, thread_name_prefix="runbook")
+# Containment's own pool (an EmergencyIsolation's deny-all policy: its first create and the guard that puts it
+# back): never behind other objects' passes, nor behind a slow S3 or database call filling EXECUTOR.
+CONTAINMENT = ThreadPoolExecutor(max_workers=8, thread_name_prefix="runbook-contain")
 
 
-async def blocking(function: Callable[..., R], *args: Any) -> R:
-    """``function(*args)`` in the operator's executor, with the caller's context variables (log context)."""
+async def blocking(function: Callable[..., R], *args: Any, executor: Executor = EXECUTOR) -> R:
+    """``function(*args)`` in the operator's executor (or ``executor``: ``CONTAINMENT``), with the caller's
+    context variables (log context)."""
     call = functools.partial(contextvars.copy_context().run, function, *args)
-    return await asyncio.get_running_loop().run_in_executor(EXECUTOR, call)
+    return await asyncio.get_running_loop().run_in_executor(executor, call)
 
 
 # --- results and failures -----------------------------------------------------------------------------------
