@@ -25,12 +25,27 @@ def _run(args: argparse.Namespace) -> int:
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
     install_redactor()  # again: kopf.configure replaced the root's handler and set the root to DEBUG
     namespaces, health_port = run_scope(args, handlers.SETTINGS)
-    kopf.run(
-        standalone=True,
-        clusterwide=not namespaces,
-        namespaces=namespaces,
-        liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
-    )
+    elector = None
+    if handlers.SETTINGS.leader_election:  # a hot standby until it holds the Lease: kopf not even started
+        from .clients.kube import KubeApi
+        from .leader import Elector
+
+        elector = Elector.from_settings(KubeApi(), handlers.SETTINGS)
+        elector.acquire(health_port=health_port)
+        elector.hold()  # from now on the process ends itself as soon as it cannot renew in time
+    try:
+        kopf.run(
+            standalone=True,  # no kopf peering: the Lease decides who acts (leader.py says why)
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
+        )
+    finally:
+        if elector is not None:
+            from .reconcilers.runtime import EXECUTOR
+
+            EXECUTOR.shutdown(cancel_futures=True)  # no blocking call may still act once the Lease is given up
+            elector.release()
     return 0
 
 

@@ -6,7 +6,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 if TYPE_CHECKING:
     import kopf
@@ -30,6 +30,28 @@ class Settings(BaseModel):
     max_workers: int = Field(20, description="Handlers run concurrently at most.")
     watch_timeout: int = Field(300, description="Server-side timeout of a watch request, seconds.")
     event_level: str = Field("INFO", description="Lowest log level posted as a Kubernetes Event.")
+    # Leader election (leader.py): with more than one replica, only the holder of the Lease runs handlers.
+    leader_election: bool = Field(False, description="Act only while holding the Lease (replicas > 1).")
+    lease_name: str = Field("runbook-operator", description="The Lease's name: one per shard of namespaces.")
+    lease_namespace: str = Field(
+        "", description="The Lease's namespace: the operator's own (POD_NAMESPACE, else the pod's service account's)."
+    )
+    lease_duration: float = Field(15.0, gt=0, description="Seconds a standby waits on an unrenewed Lease.")
+    lease_renew_deadline: float = Field(10.0, gt=0, description="Seconds the leader may fail to renew, then exits.")
+    lease_retry_period: float = Field(2.0, gt=0, description="Seconds between renewals and between standby polls.")
+
+    @model_validator(mode="after")
+    def _lease_timings(self) -> Settings:
+        # The leader must be gone before a standby can take the Lease: it exits once renewing failed for the
+        # renew deadline (checked every retry period at most), and a standby takes the Lease only after it saw
+        # no renewal for the whole duration.
+        retry, deadline, duration = self.lease_retry_period, self.lease_renew_deadline, self.lease_duration
+        if not (retry < deadline and deadline + retry <= duration):
+            raise ValueError(
+                "RUNBOOK_LEASE_RETRY_PERIOD < RUNBOOK_LEASE_RENEW_DEADLINE and RUNBOOK_LEASE_RENEW_DEADLINE + "
+                f"RUNBOOK_LEASE_RETRY_PERIOD <= RUNBOOK_LEASE_DURATION must hold (got {retry}, {deadline}, {duration})"
+            )
+        return self
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -37,7 +59,7 @@ class Settings(BaseModel):
         values: dict[str, object] = {}
         if env.get("RUNBOOK_NAMESPACES"):
             values["namespaces"] = [n.strip() for n in env["RUNBOOK_NAMESPACES"].split(",") if n.strip()]
-        for field in ("agent_image", "metrics_port", "health_port", "max_workers", "watch_timeout", "event_level"):
+        for field in cls.model_fields.keys() - {"namespaces"}:  # namespaces: comma-separated, above
             name = f"RUNBOOK_{field.upper()}"
             if name in env:
                 values[field] = env[name]

@@ -45,7 +45,8 @@ def test_operator_roles_are_split_and_every_rule_has_its_reason() -> None:
     assert sorted(cluster_roles("rbac.yaml")) == sorted(OPERATOR_ROLES)
     text = (DEPLOY / "rbac.yaml").read_text().splitlines()
     rule_lines = [i for i, line in enumerate(text) if line.startswith("  - apiGroups:")]
-    assert len(rule_lines) == sum(len(r) for r in cluster_roles("rbac.yaml").values())
+    leader = [d["rules"] for d in documents("rbac.yaml") if d["kind"] == "Role"]  # the Lease's (leader.py)
+    assert len(rule_lines) == sum(len(r) for r in [*cluster_roles("rbac.yaml").values(), *leader])
     for index in rule_lines:
         assert text[index - 1].strip().startswith("#"), f"deploy/base/rbac.yaml line {index + 1} has no reason"
     for rules in cluster_roles("rbac.yaml").values():
@@ -141,6 +142,37 @@ def test_operator_deployment_has_readiness_and_liveness_probes_and_limits() -> N
     assert container["livenessProbe"]["httpGet"]["port"] == "health"
     assert {"cpu", "memory", "ephemeral-storage"} <= set(container["resources"]["limits"])
     assert {"cpu", "memory", "ephemeral-storage"} <= set(container["resources"]["requests"])
+
+
+def test_leader_election_lease_only_in_the_operators_namespace_and_by_name() -> None:
+    """The one Role: create Leases (a create names no object), get/patch only the operator's own, in its
+    namespace; bound to the operator there. Two replicas, named holders, a budget of one eviction at a time."""
+    docs = documents("rbac.yaml")
+    [role] = [d for d in docs if d["kind"] == "Role"]
+    [binding] = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert role["metadata"] == {"name": "runbook-operator-leader", "namespace": "runbook-system"}
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["runbook-operator"],
+            "verbs": ["get", "patch"],
+        },
+    ]
+    assert binding["roleRef"]["name"] == "runbook-operator-leader"
+    assert binding["metadata"]["namespace"] == "runbook-system"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "runbook-operator", "namespace": "runbook-system"}]
+
+    deployment = next(d for d in documents("deployment.yaml") if d["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["RUNBOOK_LEADER_ELECTION"]["value"] == "true"
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    [budget] = documents("poddisruptionbudget.yaml")
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"] == deployment["spec"]["selector"]
 
 
 def test_agent_pods_have_cpu_memory_and_ephemeral_storage_limits() -> None:

@@ -21,19 +21,19 @@ app.kubernetes.io/name: runbook-operator
 {{- end -}}
 
 {{/*
-The rules of the ClusterRole .name in a file of files/ (symlinks to deploy/'s RBAC manifests, which hold the
+The rules of the ClusterRole (or the Role, with .kind) .name in a file of files/ (symlinks to deploy/'s RBAC manifests, which hold the
 reason of each rule as a comment): one source for the rules, whichever way the operator is installed.
 */}}
 {{- define "runbook-operator.clusterRoleRules" -}}
 {{- $rules := list -}}
 {{- range $document := regexSplit "(?m)^---[ \\t]*$" (.root.Files.Get .path) -1 -}}
 {{- $object := fromYaml $document -}}
-{{- if and (eq ($object.kind | default "") "ClusterRole") (eq $object.metadata.name $.name) -}}
+{{- if and (eq ($object.kind | default "") ($.kind | default "ClusterRole")) (eq $object.metadata.name $.name) -}}
 {{- $rules = $object.rules -}}
 {{- end -}}
 {{- end -}}
 {{- if not $rules -}}
-{{- fail (printf "%s has no ClusterRole %s with rules" .path .name) -}}
+{{- fail (printf "%s has no %s %s with rules" .path (.kind | default "ClusterRole") .name) -}}
 {{- end -}}
 {{- toYaml $rules -}}
 {{- end -}}
