@@ -484,6 +484,8 @@ class LocalCluster:
     ``attached=True`` (the default, for tests) ties the processes to this Python process: they are
     stopped on ``stop()``, on leaving the ``with`` block, at exit, on SIGTERM, and killed by the kernel
     if Python itself is killed. ``attached=False`` (the CLI's ``start``) leaves them running for ``stop``.
+    ``audit_policy`` (an audit.k8s.io/v1 Policy as YAML; default none: no audit log) turns on the API
+    server's audit log at ``audit_log``, as the benchmarks use it to count a client's requests.
     """
 
     def __init__(
@@ -493,9 +495,11 @@ class LocalCluster:
         attached: bool = True,
         ready_timeout: float = 90.0,
         port_picker: Callable[[], int] = free_port,
+        audit_policy: str | None = None,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.attached = attached
+        self.audit_policy = audit_policy
         self.ready_timeout = ready_timeout
         self.port_picker = port_picker
         self.pki = Pki(self.state_dir / "pki")
@@ -513,6 +517,11 @@ class LocalCluster:
     @property
     def pid_file(self) -> Path:
         return self.state_dir / "pids.json"
+
+    @property
+    def audit_log(self) -> Path:
+        """The API server's audit log (JSON lines), written only when ``audit_policy`` was given."""
+        return self.state_dir / "audit.log"
 
     @property
     def server(self) -> str:
@@ -623,9 +632,15 @@ class LocalCluster:
         self._wait("etcd", lambda: self._http_ok(f"http://127.0.0.1:{etcd_client}/health", '"health":"true"'))
 
         pki = self.pki.path
+        audit: list[str] = []
+        if self.audit_policy is not None:
+            policy = self.state_dir / "audit-policy.yaml"
+            policy.write_text(self.audit_policy)
+            audit = [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}", "--audit-log-format=json"]
         self._spawn(
             "kube-apiserver",
             [
+                *audit,
                 f"--etcd-servers=http://127.0.0.1:{etcd_client}",
                 "--bind-address=127.0.0.1",
                 "--advertise-address=127.0.0.1",
