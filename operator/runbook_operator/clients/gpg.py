@@ -1,8 +1,17 @@
-"""GnuPG through python-gnupg, streaming: output chunks go to a sink as gpg writes them."""
+"""GnuPG through python-gnupg, streaming: output chunks go to a sink as gpg writes them.
+
+gpg 2.2 runs without its agent (``--no-autostart``) for everything but secret keys: importing, listing and
+trusting public keys, encrypting to them, and symmetric encryption (given an S2K count) and decryption work
+without one. Only importing a secret key and decrypting with it need gpg-agent, which daemonizes: its parent is
+then the nearest subreaper, PID 1 in a container. The keyring that started it stops it and, where the agent was
+re-parented to this process (the operator as PID 1 or a subreaper), reaps it, so no zombie is left."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -15,6 +24,10 @@ from ..errors import RunbookError
 
 Sink = Callable[[bytes], None]
 CIPHER = "AES256"
+# Symmetric encryption asks gpg-agent for its calibrated S2K count unless given one; this is the largest count
+# OpenPGP encodes, which is what gpg clamps the agent's figure to on any recent CPU (measured: the same packets).
+S2K_COUNT = "65011712"
+AGENT_TIMEOUT = 30.0  # seconds for gpg-agent to start, or to exit once told to
 
 
 class GPG:
@@ -24,8 +37,10 @@ class GPG:
         self._owned = homedir is None
         self.homedir = Path(tempfile.mkdtemp(prefix="runbook-gpg-")) if homedir is None else homedir
         self.homedir.chmod(0o700)
-        self._gpg = gnupg.GPG(gnupghome=str(self.homedir))
+        self._gpg = gnupg.GPG(gnupghome=str(self.homedir), options=["--no-autostart"])
         self._gpg.encoding = "utf-8"
+        self._agent_started = False
+        self._agent_pid: int | None = None
         self._gpg.buffer_size = 64 * 1024  # pipe-sized chunks: fewer Python calls per GB streamed
 
     def __enter__(self) -> GPG:
@@ -35,8 +50,54 @@ class GPG:
         self.close()
 
     def close(self) -> None:
-        if self._owned:
-            shutil.rmtree(self.homedir, ignore_errors=True)
+        try:
+            if self._agent_started:
+                self._stop_agent()
+        finally:
+            if self._owned:
+                shutil.rmtree(self.homedir, ignore_errors=True)
+
+    def _start_agent(self) -> None:
+        """Start this home's gpg-agent (gpg itself never does: ``--no-autostart``) and learn its pid."""
+        if self._agent_started:
+            return
+        self._agent_started = True  # from here on close() stops it, even if the pid never arrives
+        started = subprocess.run(
+            ["gpg-connect-agent", "--homedir", str(self.homedir), "GETINFO pid", "/bye"],
+            capture_output=True,
+            timeout=AGENT_TIMEOUT,
+            check=False,
+        )
+        pids = [line[2:] for line in started.stdout.decode(errors="replace").splitlines() if line.startswith("D ")]
+        if started.returncode != 0 or len(pids) != 1 or not pids[0].isdigit():
+            raise GPGError(f"gpg-agent did not start (gpg-connect-agent exited {started.returncode})")
+        self._agent_pid = int(pids[0])
+
+    def _stop_agent(self) -> None:
+        """Stop the agent, and reap it if it was re-parented to this process (else its init reaps it)."""
+        subprocess.run(
+            ["gpgconf", "--homedir", str(self.homedir), "--kill", "gpg-agent"],
+            capture_output=True,
+            timeout=AGENT_TIMEOUT,
+            check=False,
+        )
+        self._agent_started = False
+        pid, self._agent_pid = self._agent_pid, None
+        if pid is None:
+            return
+        deadline = time.monotonic() + AGENT_TIMEOUT
+        while True:
+            try:
+                reaped, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                return  # not this process's child
+            if reaped:
+                return
+            if time.monotonic() > deadline:  # our own child, so the pid cannot have been reused
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return
+            time.sleep(0.01)
 
     @property
     def version(self) -> str:
@@ -82,7 +143,9 @@ class GPG:
             raise RunbookError("RecipientCannotEncrypt", f"{field}: key {fingerprint} has no valid encryption (sub)key")
 
     def import_secret_key(self, armored: str, passphrase: str | None = None) -> list[str]:
-        """Import a private key (restores and tests); return its fingerprints."""
+        """Import a private key (restores and tests); return its fingerprints. Secret keys live in gpg-agent, so
+        this starts the keyring's agent (``close`` stops it)."""
+        self._start_agent()
         result = self._gpg.import_keys(armored, passphrase=passphrase)
         return [f for f in result.fingerprints if f]
 
@@ -98,7 +161,13 @@ class GPG:
                 symmetric=CIPHER if passphrase is not None else False,
                 passphrase=passphrase,
                 armor=False,
-                extra_args=["--cipher-algo", CIPHER, "--compress-algo", "none"],
+                extra_args=[
+                    "--cipher-algo",
+                    CIPHER,
+                    "--compress-algo",
+                    "none",
+                    *(["--s2k-count", S2K_COUNT] if passphrase is not None else []),
+                ],
             ),
             "encrypt",
         )
