@@ -9,14 +9,16 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim-bookworm
 # pg_dump/pg_restore, redis-cli and gpg are what the agent streams through; redis-server is the Redis restore's
-# scratch server (in the Job's memory-backed volume); nothing else is added.
+# scratch server (in the Job's memory-backed volume); tini is PID 1 (below); nothing else is added.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends postgresql-client redis-tools redis-server gnupg ca-certificates \
+ && apt-get install -y --no-install-recommends postgresql-client redis-tools redis-server gnupg ca-certificates tini \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links /wheels runbook-operator && rm -rf /wheels
 RUN groupadd --gid 10001 runbook && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp runbook
 USER 10001:10001
 ENV HOME=/tmp GNUPGHOME=/tmp/gnupg PYTHONUNBUFFERED=1
-ENTRYPOINT ["runbook-operator"]
+# tini as PID 1 reaps every orphan (a daemonized gpg-agent, a tool's stray child), which the operator or agent would
+# leave as zombies, and forwards SIGTERM so shutdown stays graceful. Pods set only args, so it is always there.
+ENTRYPOINT ["/usr/bin/tini", "--", "runbook-operator"]
 CMD ["run"]
