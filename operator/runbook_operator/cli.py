@@ -73,7 +73,7 @@ def _backup(args: argparse.Namespace) -> int:
 def _restore(args: argparse.Namespace) -> int:
     from .agent.restore import main as restore
 
-    return restore(args.command)
+    return restore(args.command, source=args.source)
 
 
 def _restore_kubernetes(args: argparse.Namespace) -> int:
@@ -128,12 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command, purpose in (
         ("restore", "(In a BackupRestore's Job pod) stream a backup S3 -> gpg -> pg_restore into the target."),
-        ("verify", "Check a backup without writing anything: SHA-256, decryption, pg_restore --list."),
+        ("verify", "(In a BackupRestore's preflight Job) read a backup, writing nothing: digest, decryption, content."),
     ):
         agent = commands.add_parser(command, help=f"{purpose} The plan and credentials come from the environment.")
         agent.add_argument("--namespace", help="Namespace of the BackupRestore (for the logs).")
         agent.add_argument("--name", help="Name of the BackupRestore (for the logs).")
-        agent.set_defaults(func=_restore)
+        agent.set_defaults(func=_restore, source="postgresql")
+    agent.add_argument(  # verify's: the preflight's Job reads a backup of any source kind
+        "--source", choices=("postgresql", "redis", "kubernetes"), default="postgresql", help="The backup's kind."
+    )
     agent = commands.add_parser(
         "restore-kubernetes",
         help="(In a BackupRestore's Job pod) apply one namespace section of a Kubernetes export (server-side "

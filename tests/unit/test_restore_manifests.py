@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from runbook_operator.builders.backup import agent_env
-from runbook_operator.builders.restore import DRILL_LABEL, build_plan, storage_env
+from runbook_operator.builders.restore import DRILL_LABEL, build_plan, build_verify_job, storage_env
 from runbook_operator.clients import kube
 from runbook_operator.errors import RunbookError
 from runbook_operator.logs import REDACTOR
@@ -96,7 +96,6 @@ def test_a_manifest_signed_with_the_namespaces_key_is_authentic(api: FakeApi) ->
     manifest = signed()
     restore.authentic(FOLDER, manifest)
     assert condition(restore, "ManifestVerified") == ("True", "Signed")
-    assert restore.signing_env(manifest) == {MANIFEST_KEY_ENV: KEY}
 
 
 @pytest.mark.parametrize(
@@ -133,7 +132,6 @@ def test_the_opt_out_accepts_an_unsigned_manifest_visibly_and_still_checks_the_r
     assert [(c.verb, c.body["type"], c.body["reason"]) for c in api.writes() if c.plural == "events"] == [
         ("create", "Warning", "UnsignedBackupAllowed")
     ]
-    assert restore.signing_env(unsigned()) == {}
     # A signed manifest is verified all the same, and the folder and policy are checked either way.
     assert refusal(restore, signed("another key")).reason == "ManifestForged"
     assert refusal(restore, unsigned(policy={"namespace": NS, "name": "other"})).reason == "ManifestForged"
@@ -186,6 +184,37 @@ def test_every_backup_and_restore_pod_gets_the_key_by_reference() -> None:
     assert key_refs(storage_env(policy=policy, spec=allowing, symmetric=True, manifest=signed())) == [ref]
     # Only the opt-out's unsigned manifest goes without (the agent would refuse it with the key).
     assert key_refs(storage_env(policy=policy, spec=allowing, symmetric=True, manifest=unsigned())) == []
+
+
+def test_the_verify_job_reads_the_backup_with_the_storage_keys_and_nothing_of_the_target() -> None:
+    """The preflight's Job: the plan and what reading the backup takes, by reference; no login of the target,
+    no Kubernetes API token, the agent's hardened pod, owned by the BackupRestore, run once."""
+    policy = BackupPolicySpec.model_validate(POLICY_SPEC)
+    spec = BackupRestoreSpec.model_validate({"policyRef": "db", "decryptionSecretRef": {"name": "gpg", "key": "k"}})
+    target = policy.source.postgresql
+    assert target is not None
+    plan = build_plan(policy, signed(), target)
+    body = {"apiVersion": "runbook.dev/v1alpha1", "kind": "BackupRestore"}
+    body["metadata"] = {"name": "r1", "namespace": NS, "uid": "u1"}
+    job = build_verify_job(body, plan, source="postgresql", policy=policy, spec=spec, image="agent:1")
+    assert job["metadata"]["name"] == "verify-r1" and job["metadata"]["ownerReferences"][0]["uid"] == "u1"
+    assert job["spec"]["backoffLimit"] == 0
+    pod = job["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False and "serviceAccountName" not in pod
+    (container,) = pod["containers"]
+    assert container["args"] == ["verify", "--source", "postgresql", "--namespace", NS, "--name", "r1"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    env = {e["name"]: e for e in container["env"]}
+    assert json.loads(env["RUNBOOK_RESTORE_PLAN"]["value"]) == json.loads(json.dumps(plan.to_api()))
+    refs = {name: e["valueFrom"]["secretKeyRef"] for name, e in env.items() if "valueFrom" in e}
+    # symmetric: the passphrase, not the private key; and the manifest key: the agent checks the signature
+    assert refs == {
+        MANIFEST_KEY_ENV: {"name": MANIFEST_KEY_SECRET, "key": MANIFEST_KEY_SECRET_KEY},
+        "RUNBOOK_GPG_PASSPHRASE": {"name": "pass", "key": "p"},
+    }
+    assert not any(name.startswith("PG") for name in env)  # nothing of the target
+    assert {v["name"] for v in pod["volumes"]} == {"tmp"}  # no Secret volume (no TLS files of the target)
 
 
 def test_the_policy_reconcile_creates_the_key_once_and_never_overwrites_it() -> None:

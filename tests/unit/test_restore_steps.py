@@ -1,10 +1,12 @@
 """BackupRestore's step table, pass by pass, on an in-memory API with a fake source (no server, no bucket):
-every step, a crash after every write resuming from the stored object, failures mid-way that always bring
-the workloads back at their exact counts, deletion mid-way, and the drills' record on the policy."""
+every step (the preflight's verify Job read in a later pass), a crash after every write resuming from the
+stored object, failures mid-way that always bring the workloads back at their exact counts, deletion mid-way,
+and the drills' record on the policy."""
 
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -12,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from runbook_operator.builders.restore import DRILL_LABEL, REPLICAS_ANNOTATION, job_name
+from runbook_operator.builders.restore import DRILL_LABEL, REPLICAS_ANNOTATION, job_name, verify_job_name
 from runbook_operator.clients import kube
 from runbook_operator.errors import RunbookError
 from runbook_operator.models.backup import (
@@ -23,6 +25,7 @@ from runbook_operator.models.backup import (
     StepPhase,
 )
 from runbook_operator.models.common import Condition
+from runbook_operator.models.plans import StoredObjectPlan
 from runbook_operator.reconcilers import drills, restore
 from runbook_operator.reconcilers.restore import RESTORE, RESTORES, Restore
 from runbook_operator.reconcilers.runtime import Context, Result, run_pass
@@ -44,6 +47,13 @@ POLICY: dict[str, Any] = {
 GRANTS = grants_for_test(NS, hosts=[("pg", 5432)], s3=[{"buckets": ["backups"], "ambientCredentials": True}])
 WORKLOADS = {("Deployment", "web"): 3, ("StatefulSet", "cache"): 2}
 ALL_STEPS = ["Preflight", "ScaleDown", "Restore", "Check", "ScaleUp"]
+KEY = "shop/db/20260301T000000Z/postgresql.dump.gpg"
+MANIFEST: dict[str, Any] = {
+    "endTime": "2026-03-01T00:10:00Z",
+    "data": {"key": KEY, "sha256": "ab" * 32, "sizeBytes": 1 << 30},
+}
+# What the verify Job's agent reports in its termination message when the backup checked out.
+VERIFIED = {"sha256": "ab" * 32, "sizeBytes": 1 << 30, "etag": '"e1"', "archiveEntries": 7}
 
 
 class Crash(BaseException):
@@ -102,12 +112,24 @@ class FakeTarget:
             return self.only
         return (RestoreStepName.PREFLIGHT,) if dry_run else tuple(RestoreStepName)
 
-    def preflight(self) -> str:
-        self.restore.chosen("ns/db/20260301T000000Z/postgresql.dump.gpg", {"endTime": "2026-03-01T00:10:00Z"}, "pg/x")
+    source = "postgresql"
+
+    def plan(self) -> tuple[StoredObjectPlan, dict[str, Any]]:
+        data = MANIFEST["data"]
+        plan = StoredObjectPlan.model_validate(
+            {"location": {"bucket": "backups"}, "key": KEY, "sha256": data["sha256"], "sizeBytes": data["sizeBytes"]}
+            | {"symmetric": True, "manifest": MANIFEST, "etag": self.restore.etag}
+        )
+        return plan, MANIFEST
+
+    def preflight(self) -> tuple[StoredObjectPlan, dict[str, Any]]:
+        self.restore.chosen(KEY, MANIFEST, "pg/x")
         self.restore.workloads_found()
         self._maybe_fail("preflight")
-        self.restore.add_checks({"sha256": "ab" * 32, "archiveEntries": 7})
-        return "verified"
+        return self.plan()
+
+    def verified(self, plan: StoredObjectPlan, figures: Any) -> str:
+        return f"verified: {figures['archiveEntries']} entries"
 
     def job(self) -> tuple[dict[str, Any], str]:
         self._maybe_fail("job")
@@ -141,6 +163,8 @@ class World:
     targets: list[FakeTarget] = field(default_factory=list)
     controllers: bool = True  # workloads follow their spec and Jobs complete
     job_fails: bool = False
+    # the verify Job's pod's termination message (its agent's last line)
+    verify_says: str = json.dumps({"verify": "complete", "postgresql": VERIFIED})
 
     def context(self) -> Context[Any, BackupRestoreStatus]:
         body = self.api.stored(RESTORES, NS, "r1")
@@ -181,6 +205,9 @@ class World:
                 "availableReplicas": wanted,
                 "updatedReplicas": wanted,
             }
+        verify = self.api.objects.get((kube.JOBS.plural, NS, verify_job_name("r1")))
+        if verify is not None and not verify.get("status"):
+            self.finish_job(verify, self.verify_says)
         job = self.api.objects.get((kube.JOBS.plural, NS, job_name("r1")))
         if job is not None and not job.get("status"):
             condition = "Failed" if self.job_fails else "Complete"
@@ -195,6 +222,26 @@ class World:
                     "status": {"containerStatuses": [terminated]},
                 }
                 self.api.put(kube.PODS, NS, pod)
+
+    def finish_job(self, job: dict[str, Any], said: str) -> None:
+        """The Job's one pod ended as its agent said (``<command> failed: ...`` exits 1), and the Job with it."""
+        failed = " failed: " in said
+        transition = "2026-03-01T12:00:00Z"
+        job["status"] = {
+            "conditions": [
+                {"type": "Failed" if failed else "Complete", "status": "True", "lastTransitionTime": transition}
+            ]
+        }
+        name = job["metadata"]["name"]
+        pod = {
+            "metadata": {
+                "name": f"{name}-x",
+                "labels": {"batch.kubernetes.io/job-name": name},
+                "ownerReferences": [{"kind": "Job", "name": name, "uid": job["metadata"]["uid"]}],
+            },
+            "status": {"containerStatuses": [{"state": {"terminated": {"exitCode": int(failed), "message": said}}}]},
+        }
+        self.api.put(kube.PODS, NS, pod)
 
     def status(self) -> BackupRestoreStatus:
         body = self.api.stored(RESTORES, NS, "r1")
@@ -246,8 +293,23 @@ def new(world: World, **spec: Any) -> None:
 
 
 def test_every_step_in_order_to_succeeded(world: World) -> None:
+    verifying = world.one_pass()
+    # Checked what reads no backup byte, pinned the manifest and created the verify Job: nothing else yet.
+    assert verifying == Result.after(restore.POLL_SECONDS)
+    status = world.status()
+    assert status.phase == RestorePhase.PREFLIGHT and status.scaled_down is None
+    assert status.pinned is not None and json.loads(status.pinned.manifest) == MANIFEST and status.pinned.etag is None
+    verify = world.api.stored(kube.JOBS, NS, verify_job_name("r1"))
+    assert verify is not None and verify["spec"]["template"]["spec"]["containers"][0]["args"][:3] == [
+        "verify",
+        "--source",
+        "postgresql",
+    ]
+    assert world.replicas() == {"web": (3, False), "cache": (2, False)}
+
     first = world.one_pass()
-    # Preflight passed, the counts were recorded and the workloads told to stop: waiting for their pods.
+    # Preflight passed (the verify Job's figures in status, its ETag pinned), the counts were recorded and the
+    # workloads told to stop: waiting for their pods.
     assert first == Result.after(restore.POLL_SECONDS)
     status = world.status()
     assert status.phase == RestorePhase.SCALING_DOWN
@@ -280,6 +342,8 @@ def test_every_step_in_order_to_succeeded(world: World) -> None:
     assert world.steps() == [(name, "Succeeded") for name in ALL_STEPS]
     assert (world.ready().status, world.ready().reason) == ("True", "Restored")
     assert status.checks is not None and (status.checks.tables, status.checks.archive_entries) == (2, 7)
+    assert status.pinned is not None and status.pinned.etag == '"e1"'
+    assert world.steps()[0] == ("Preflight", "Succeeded") and status.steps[0].message == "verified: 7 entries"
     for reason in ("RestoreStarted", "PreflightPassed", "ReplicasRecorded", "RestoreJobCreated", "RestoreSucceeded"):
         assert reason in world.events()
     assert sum(t.ended.count("job") for t in world.targets) == 1  # the Restore step's end, once
@@ -339,6 +403,7 @@ def test_a_failed_job_is_reported_and_the_workloads_come_back(world: World) -> N
 
 
 def test_a_job_deleted_midway_fails_the_restore_and_scales_back(world: World) -> None:
+    world.one_pass()  # the verify Job
     world.one_pass()
     world.controllers = False
     world.one_pass()  # the Job is created
@@ -351,6 +416,7 @@ def test_a_job_deleted_midway_fails_the_restore_and_scales_back(world: World) ->
 
 
 def test_workloads_that_do_not_stop_time_out_and_are_brought_back(world: World) -> None:
+    world.one_pass()  # the verify Job
     world.controllers = False
     for _ in range(3):
         world.one_pass()
@@ -363,7 +429,7 @@ def test_workloads_that_do_not_stop_time_out_and_are_brought_back(world: World) 
 
 
 def test_workloads_not_available_after_scale_up_fail_a_restore_that_had_succeeded(world: World) -> None:
-    for _ in range(3):
+    for _ in range(4):
         world.one_pass()
     assert world.status().phase == RestorePhase.SCALING_UP
     world.controllers = False
@@ -378,16 +444,75 @@ def test_workloads_not_available_after_scale_up_fail_a_restore_that_had_succeede
     assert world.replicas() == {"web": (3, False), "cache": (2, False)}
 
 
-def test_a_preflight_failure_ends_the_restore_with_nothing_changed(world: World) -> None:
-    world.fail["preflight"] = RunbookError("ChecksumMismatch", "the object's SHA-256 is not the manifest's")
+def test_a_preflight_check_failure_ends_the_restore_before_any_job(world: World) -> None:
+    world.fail["preflight"] = RunbookError("ManifestForged", "manifest.json: its signature does not verify")
     results = world.run()
     assert len(results) == 1 and results[0].finished
     assert world.steps() == [("Preflight", "Failed")]
-    assert world.status().scaled_down is None
+    assert world.status().scaled_down is None and world.status().pinned is None
     assert world.replicas() == {"web": (3, False), "cache": (2, False)}
     assert [c for c in world.api.writes() if c.plural in ("deployments", "statefulsets", "jobs")] == []
-    assert world.ready().reason == "ChecksumMismatch"
+    assert world.ready().reason == "ManifestForged"
+    assert world.events().count("ManifestForged") == 1 and "RestoreFailed" in world.events()
+
+
+def test_the_verify_jobs_refusal_ends_the_restore_with_nothing_changed(world: World) -> None:
+    said = "verify failed: ChecksumMismatch: k: SHA-256 0123… over 9 bytes does not match the manifest's abab…"
+    world.verify_says = "gpg: decrypt failed\n" + said  # the agent's last line is its reason
+    results = world.run()
+    assert len(results) == 2 and results[-1].finished
+    assert world.steps() == [("Preflight", "Failed")]
+    assert world.status().scaled_down is None
+    assert world.replicas() == {"web": (3, False), "cache": (2, False)}
+    jobs = [c.name for c in world.api.writes() if c.plural in ("deployments", "statefulsets", "jobs")]
+    assert jobs == [verify_job_name("r1")]  # only the verify Job: nothing scaled, no restore Job
+    ready = world.ready()
+    assert (ready.reason, ready.message) == ("ChecksumMismatch", said.split(": ", 2)[2])
     assert world.events().count("ChecksumMismatch") == 1 and "RestoreFailed" in world.events()
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        "",  # completed without a line
+        json.dumps({"verify": "complete", "postgresql": {**VERIFIED, "sha256": "cd" * 32}}),  # another object's
+        json.dumps({"verify": "complete", "postgresql": {**VERIFIED, "sizeBytes": 1}}),
+    ],
+    ids=["no-summary", "other-digest", "other-size"],
+)
+def test_a_verify_job_without_the_pinned_objects_figures_fails_the_preflight(world: World, said: str) -> None:
+    world.verify_says = said
+    world.run()
+    assert world.steps() == [("Preflight", "Failed")] and world.ready().reason == "SummaryMissing"
+    assert world.replicas() == {"web": (3, False), "cache": (2, False)}
+
+
+def test_a_verify_job_of_an_earlier_restore_of_the_same_name_is_never_read(world: World) -> None:
+    world.controllers = False
+    earlier = {"metadata": {"name": verify_job_name("r1"), "ownerReferences": [{"uid": "an-earlier-r1"}]}}
+    world.api.put(kube.JOBS, NS, earlier)
+    world.finish_job(world.api.objects[(kube.JOBS.plural, NS, verify_job_name("r1"))], world.verify_says)
+    for _ in range(3):
+        assert world.one_pass() == Result.after(restore.POLL_SECONDS)
+    assert world.status().phase == RestorePhase.PREFLIGHT and world.status().checks is None
+    world.api.delete(kube.JOBS, NS, verify_job_name("r1"))  # garbage-collected with its owner
+    world.controllers = True
+    world.run()
+    assert world.status().phase == RestorePhase.SUCCEEDED
+
+
+def test_a_verify_job_deleted_before_it_ended_is_made_again_from_the_pinned_manifest(world: World) -> None:
+    world.controllers = False
+    world.one_pass()
+    world.api.delete(kube.JOBS, NS, verify_job_name("r1"))
+    world.api.calls.clear()
+    world.one_pass()
+    reads = [c for c in world.api.calls if c.plural in ("secrets", "deployments", "statefulsets")]
+    assert reads == []  # no check again: the plan comes from the pinned manifest
+    assert world.api.stored(kube.JOBS, NS, verify_job_name("r1")) is not None
+    world.controllers = True
+    world.run()
+    assert world.status().phase == RestorePhase.SUCCEEDED
 
 
 def test_a_missing_workload_fails_the_preflight(world: World) -> None:
@@ -402,6 +527,8 @@ def test_a_dry_run_ends_after_the_preflight(world: World) -> None:
     assert world.status().phase == RestorePhase.DRY_RUN_SUCCEEDED
     assert world.steps() == [("Preflight", "Succeeded")]
     assert world.ready().reason == "DryRunSucceeded"
+    assert world.status().checks is not None and world.status().checks.archive_entries == 7
+    assert world.api.stored(kube.JOBS, NS, job_name("r1")) is None  # only the verify Job ran
 
 
 def test_a_source_without_workloads_walks_its_own_table(world: World) -> None:
@@ -414,6 +541,7 @@ def test_a_source_without_workloads_walks_its_own_table(world: World) -> None:
 
 
 def test_an_unforeseen_refusal_keeps_the_step_and_retries(world: World) -> None:
+    world.one_pass()  # the verify Job
     world.one_pass()
     world.api.fail_on("create", "jobs", status=403)
     refused = world.one_pass()
@@ -425,6 +553,7 @@ def test_an_unforeseen_refusal_keeps_the_step_and_retries(world: World) -> None:
 
 
 def test_deletion_midway_brings_the_workloads_back(world: World) -> None:
+    world.one_pass()  # the verify Job
     world.one_pass()
     world.one_pass()  # stopped, the Job created
     assert world.replicas() == {"web": (0, True), "cache": (0, True)}

@@ -1,6 +1,8 @@
 """``runbook-operator verify`` and ``restore``: a backup streamed ``S3 -> gpg -> pg_restore``, no plaintext on disk.
 
-``verify`` (the restore's preflight) reads the whole stored object: its size and SHA-256 are computed while
+``verify`` (the restore's preflight, run in its own Job so that no byte of a backup passes through the
+operator; ``--source`` redis and kubernetes read those backups as their modules say) reads the whole stored
+object: its size and SHA-256 are computed while
 streaming and must match the manifest, gpg must decrypt it completely, and ``pg_restore --list`` must read
 its table of contents and find the data of every table the manifest recorded (by the table's OID: names are
 printed unquoted and may hold spaces). It writes nothing anywhere.
@@ -53,6 +55,8 @@ from ..models.plans import (
     RESTORE_PLAN_ENV,
     S3_ACCESS_KEY_ENV,
     S3_SECRET_KEY_ENV,
+    KubernetesRestorePlan,
+    RedisRestorePlan,
     RestorePlan,
     StoredObjectPlan,
     manifest_signed,
@@ -586,9 +590,36 @@ def restore(plan: RestorePlan, env: Mapping[str, str]) -> dict[str, Any]:
     return {"key": plan.key, "sizeBytes": plan.size_bytes, "target": _where(target), "rolesCreated": created}
 
 
-def main(command: str, *, env: Mapping[str, str] | None = None) -> int:
-    """The CLI entry of ``verify`` and ``restore``: exit 0 with a one-line JSON summary, or 1 with
-    ``<command> failed: <Reason>: <message>`` as the last line of stderr (the pod's termination message)."""
+# The kubelet keeps at most 4096 bytes of a termination message (where the operator reads an agent's summary).
+TERMINATION_LOG = "/dev/termination-log"
+SOURCES = ("postgresql", "redis", "kubernetes")
+
+
+def report(line: str) -> None:
+    """The agent's one-line summary as the pod's termination message too (where the operator reads it)."""
+    if os.path.exists(TERMINATION_LOG):
+        with contextlib.suppress(OSError), open(TERMINATION_LOG, "w") as log:
+            log.write(line)
+
+
+def verifier(source: str) -> tuple[type[StoredObjectPlan], Callable[[Any, Mapping[str, str]], dict[str, Any]]]:
+    """The plan model and the reading of the backup (the preflight's, in its verify Job) of each source kind."""
+    if source == "redis":
+        from .restore_redis import verify_redis
+
+        return RedisRestorePlan, verify_redis
+    if source == "kubernetes":
+        from .restore_kubernetes import verify_kubernetes
+
+        return KubernetesRestorePlan, verify_kubernetes
+    return RestorePlan, verify
+
+
+def main(command: str, *, source: str = "postgresql", env: Mapping[str, str] | None = None) -> int:
+    """The CLI entry of ``verify`` (any ``source``) and ``restore`` (PostgreSQL): exit 0 with a one-line JSON
+    summary (verify: ``{"verify": "complete", "<source>": figures}``, also written as the termination message),
+    or 1 with ``<command> failed: <Reason>: <message>`` as the last line of stderr (the pod's termination
+    message)."""
     environment = os.environ if env is None else env
     for name in SECRET_ENVS:
         REDACTOR.register(environment.get(name))
@@ -598,10 +629,15 @@ def main(command: str, *, env: Mapping[str, str] | None = None) -> int:
             document = json.loads(raw)
         except json.JSONDecodeError as error:
             raise RunbookError("InvalidPlan", f"{RESTORE_PLAN_ENV} is not JSON ({error.msg})") from None
-        plan = parse_spec(RestorePlan, document)
-        result = restore(plan, environment) if command == "restore" else verify(plan, environment)
+        if command == "restore":
+            line = json.dumps({command: "complete", **restore(parse_spec(RestorePlan, document), environment)})
+        else:
+            model, read = verifier(source)
+            figures = read(parse_spec(model, document), environment)
+            line = json.dumps({command: "complete", source: figures}, separators=(",", ":"))
+            report(line)
     except RunbookError as error:
         print(f"{command} failed: {error.reason}: {REDACTOR.scrub(error.message)}", file=sys.stderr, flush=True)
         return 1
-    print(json.dumps({command: "complete", **result}), flush=True)
+    print(line, flush=True)
     return 0

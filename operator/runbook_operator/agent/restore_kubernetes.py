@@ -1,12 +1,12 @@
 """A Kubernetes export's restore: one ``# namespace: NAME`` section re-applied, by server-side apply.
 
-``verify_kubernetes`` (the preflight, in the operator) streams the stored object ``S3 -> gpg`` and keeps
-nothing: size and SHA-256 must match the manifest, gpg must decrypt it completely, and the chosen section
-must be there with objects that parse. ``restore_kubernetes`` (``runbook-operator restore-kubernetes``, in
-the restore Job's pod) streams it again, keeps only the chosen section's objects (a namespace's
-configuration, not data), and applies nothing until the whole object matched its SHA-256. Each object is
-then server-side applied (field manager ``runbook-restore``) first as the API server's dry run
-(``dryRun=All``), which says what the apply would make of it:
+``verify_kubernetes`` (the preflight's verify Job: ``runbook-operator verify --source kubernetes``) streams
+the stored object ``S3 -> gpg`` and keeps nothing: size and SHA-256 must match the manifest, gpg must decrypt
+it completely, and the chosen section must be there with objects that parse. ``restore_kubernetes``
+(``runbook-operator restore-kubernetes``, in the restore Job's pod) streams it again, keeps only the chosen
+section's objects (a namespace's configuration, not data), and applies nothing until the whole object
+matched its SHA-256. Each object is then server-side applied (field manager ``runbook-restore``) first as
+the API server's dry run (``dryRun=All``), which says what the apply would make of it:
 
 - not there: ``created``;
 - there and the dry run's result equals it: ``unchanged`` (no write at all);
@@ -34,13 +34,12 @@ from ..logs import REDACTOR
 from ..models.backup import KUBERNETES_RESOURCES
 from ..models.plans import RESTORE_PLAN_ENV, KubernetesRestorePlan
 from .backup import one_line, require_env
-from .restore import SECRET_ENVS, stream
+from .restore import SECRET_ENVS, report, stream
 
 FIELD_MANAGER = "runbook-restore"
 SECTION_MARKER = "# namespace: "
 APPLY = "application/apply-patch+yaml"
 # The kubelet keeps at most 4096 bytes of a termination message: the summary is shortened to fit.
-TERMINATION_LOG = "/dev/termination-log"
 _SUMMARY_LIMIT = 3500
 _OUTCOMES = ("created", "replaced", "skipped", "unchanged", "failed")
 # (group, version, kind) -> plural, for the closed list of exportable resources.
@@ -260,16 +259,6 @@ def restore_kubernetes(plan: KubernetesRestorePlan, env: Mapping[str, str]) -> d
     return fitted(apply_section(plan, sink.objects, Applier(plan.namespace)))
 
 
-def _report(line: str) -> None:
-    """The summary as the pod's termination message too (where the operator reads it)."""
-    if os.path.exists(TERMINATION_LOG):
-        try:
-            with open(TERMINATION_LOG, "w") as log:
-                log.write(line)
-        except OSError:
-            pass
-
-
 def main(*, env: Mapping[str, str] | None = None) -> int:
     """``runbook-operator restore-kubernetes``: exit 0 with a one-line JSON summary (also the termination
     message), or 1 with ``restore failed: <Reason>: <message>`` as the last line of stderr."""
@@ -288,6 +277,6 @@ def main(*, env: Mapping[str, str] | None = None) -> int:
         print(f"restore failed: {error.reason}: {REDACTOR.scrub(error.message)}", file=sys.stderr, flush=True)
         return 1
     line = json.dumps({"restore": "complete", "kubernetes": summary}, separators=(",", ":"))
-    _report(line)
+    report(line)
     print(line, flush=True)
     return 0

@@ -17,8 +17,9 @@ lost its data. Instead, in the restore Job's pod:
 5. the target's keys per db must equal the scratch server's, and sampled keys (a share of each db) must have
    equal values, compared type by type, and TTLs within a second.
 
-The preflight (in the operator) streams the whole object through gpg too, checks its SHA-256 and that the
-plaintext is an RDB file (magic, version, the EOF opcode before its checksum), and logs into the target.
+The preflight's verify Job (``runbook-operator verify --source redis``, ``verify_redis``) streams the whole
+object through gpg too and checks its SHA-256 and that the plaintext is an RDB file (magic, version, the EOF
+opcode before its checksum); the operator logs into the target.
 """
 
 from __future__ import annotations
@@ -41,9 +42,8 @@ from ..logs import REDACTOR
 from ..models.plans import REDIS_PASSWORD_ENV, RESTORE_PLAN_ENV, SCRATCH_DIR_ENV, RedisRestorePlan
 from ..models.sources import RedisConnection
 from .backup import one_line, redis_tls, require_env
-from .restore import SECRET_ENVS, stream
+from .restore import SECRET_ENVS, report, stream
 
-TERMINATION_LOG = "/dev/termination-log"
 TARGET_FIELD = "spec.target.redis"
 RDB_FILE = "dump.rdb"
 _MAGIC = b"REDIS"
@@ -348,13 +348,6 @@ def restore_redis(plan: RedisRestorePlan, env: Mapping[str, str]) -> dict[str, A
     }
 
 
-def _report(line: str) -> None:
-    """The summary as the pod's termination message too (where the operator reads it)."""
-    if os.path.exists(TERMINATION_LOG):
-        with contextlib.suppress(OSError), open(TERMINATION_LOG, "w") as log:
-            log.write(line)
-
-
 def main(*, env: Mapping[str, str] | None = None) -> int:
     """``runbook-operator restore-redis``: exit 0 with a one-line JSON summary (also the termination message),
     or 1 with ``restore failed: <Reason>: <message>`` as the last line of stderr."""
@@ -372,6 +365,6 @@ def main(*, env: Mapping[str, str] | None = None) -> int:
         print(f"restore failed: {error.reason}: {REDACTOR.scrub(error.message)}", file=sys.stderr, flush=True)
         return 1
     line = json.dumps({"restore": "complete", "redis": summary}, separators=(",", ":"))
-    _report(line)
+    report(line)
     print(line, flush=True)
     return 0

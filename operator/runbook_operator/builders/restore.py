@@ -1,5 +1,6 @@
-"""BackupRestore's manifests and records, as pure functions: the restore plan, the Job that runs the agent,
-the workload patches that stop and restart, and the drills a policy's verification creates."""
+"""BackupRestore's manifests and records, as pure functions: the restore plan, the Jobs that run the agent
+(the preflight's verify Job, the restore Job), the workload patches that stop and restart, and the drills a
+policy's verification creates."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ..models.plans import (
     SIGNATURE,
     RestorePlan,
     RoleRecord,
+    StoredObjectPlan,
 )
 from ..models.sources import PostgresConnection
 from ..settings import MANAGED_BY, PREFIX
@@ -35,6 +37,7 @@ RESTORE_LABEL = f"{PREFIX}/backup-restore"
 DRILL_LABEL = f"{PREFIX}/drill-of"
 REPLICAS_ANNOTATION = f"{PREFIX}/restore-replicas"
 CONTAINER = "restore"
+VERIFY_CONTAINER = "verify"
 DRILL_HISTORY = 3  # finished drills kept per policy
 _MAX_NAME = 63  # a Job's name becomes a label value of its pods
 
@@ -49,6 +52,11 @@ def _short(name: str, limit: int) -> str:
 def job_name(restore: str) -> str:
     """``restore-<name>``, shortened with a hash when long."""
     return _short(f"restore-{restore}", _MAX_NAME)
+
+
+def verify_job_name(restore: str) -> str:
+    """``verify-<name>``: the preflight's Job, shortened with a hash when long."""
+    return _short(f"verify-{restore}", _MAX_NAME)
 
 
 def resolve_target(spec: BackupRestoreSpec, source: PostgresConnection) -> PostgresConnection:
@@ -94,11 +102,19 @@ def agent_env(
     """The Job's environment: the plan (references only) and every credential as a Secret reference."""
     login = target.credentials_secret_ref
     return [
-        {"name": RESTORE_PLAN_ENV, "value": json.dumps(plan.to_api(), sort_keys=True, separators=(",", ":"))},
-        {"name": "HOME", "value": TMP_DIR},
+        *plan_env(plan, policy=policy, spec=spec),
         secret_env(PG_USER_ENV, login.name, login.username_key),
         secret_env(PG_PASSWORD_ENV, login.name, login.password_key),
         *postgres_tls_files(target.tls)[0],
+    ]
+
+
+def plan_env(plan: StoredObjectPlan, *, policy: BackupPolicySpec, spec: BackupRestoreSpec) -> list[dict[str, Any]]:
+    """What every restore and verify Job's agent starts from: the plan (references only), gpg's home, and the
+    Secret references it reads the backup with (``storage_env``)."""
+    return [
+        {"name": RESTORE_PLAN_ENV, "value": json.dumps(plan.to_api(), sort_keys=True, separators=(",", ":"))},
+        {"name": "HOME", "value": TMP_DIR},
         *storage_env(policy=policy, spec=spec, symmetric=plan.symmetric, manifest=plan.manifest),
     ]
 
@@ -126,6 +142,29 @@ def storage_env(
     return env
 
 
+def restore_job(
+    body: Mapping[str, Any], *, name: str, component: str, pod: dict[str, Any], deadline: int
+) -> dict[str, Any]:
+    """A Job of the BackupRestore ``body`` that runs ``pod`` once (no retries: neither a restore nor its
+    preflight is repeated blindly), owned by it."""
+    labels = {**MANAGED_BY, RESTORE_LABEL: body["metadata"]["name"], "app.kubernetes.io/component": component}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": body["metadata"]["namespace"],
+            "labels": labels,
+            "ownerReferences": [owner_reference(body)],
+        },
+        "spec": {
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": deadline,
+            "template": {"metadata": {"labels": labels}, "spec": pod},
+        },
+    }
+
+
 def build_job(
     body: Mapping[str, Any],
     plan: RestorePlan,
@@ -135,36 +174,45 @@ def build_job(
     target: PostgresConnection,
     image: str,
 ) -> dict[str, Any]:
-    """The Job that runs ``runbook-operator restore`` once (no retries: a restore is not repeated blindly)."""
+    """The Job that runs ``runbook-operator restore`` once."""
     metadata = body["metadata"]
     name, namespace = metadata["name"], metadata["namespace"]
-    labels = {**MANAGED_BY, RESTORE_LABEL: name, "app.kubernetes.io/component": "restore"}
     _, volumes, mounts = postgres_tls_files(target.tls)
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": job_name(name),
-            "namespace": namespace,
-            "labels": labels,
-            "ownerReferences": [owner_reference(body)],
-        },
-        "spec": {
-            "backoffLimit": 0,
-            "activeDeadlineSeconds": policy.active_deadline_seconds,
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": agent_pod_spec(
-                    container=CONTAINER,
-                    image=image,
-                    args=["restore", "--namespace", namespace, "--name", name],
-                    env=agent_env(plan, policy=policy, spec=spec, target=target),
-                    volumes=volumes,
-                    mounts=mounts,
-                ),
-            },
-        },
-    }
+    pod = agent_pod_spec(
+        container=CONTAINER,
+        image=image,
+        args=["restore", "--namespace", namespace, "--name", name],
+        env=agent_env(plan, policy=policy, spec=spec, target=target),
+        volumes=volumes,
+        mounts=mounts,
+    )
+    return restore_job(body, name=job_name(name), component="restore", pod=pod, deadline=policy.active_deadline_seconds)
+
+
+def build_verify_job(
+    body: Mapping[str, Any],
+    plan: StoredObjectPlan,
+    *,
+    source: str,
+    policy: BackupPolicySpec,
+    spec: BackupRestoreSpec,
+    image: str,
+) -> dict[str, Any]:
+    """The preflight's Job: ``runbook-operator verify --source <kind>`` reads every byte of the backup (size and
+    SHA-256 against the manifest, full decryption, the contents' shape) out of the operator's pod, and reports
+    its figures or its reason in its termination message. It gets what reading the backup takes (the S3 keys,
+    the decryption key, the manifest signing key) and nothing of the target: no login, no API access."""
+    metadata = body["metadata"]
+    name, namespace = metadata["name"], metadata["namespace"]
+    pod = agent_pod_spec(
+        container=VERIFY_CONTAINER,
+        image=image,
+        args=["verify", "--source", source, "--namespace", namespace, "--name", name],
+        env=plan_env(plan, policy=policy, spec=spec),
+    )
+    return restore_job(
+        body, name=verify_job_name(name), component="restore-verify", pod=pod, deadline=policy.active_deadline_seconds
+    )
 
 
 # --- workloads ----------------------------------------------------------------------------------------

@@ -8,16 +8,13 @@ the ServiceAccount."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from ..models.backup import BackupPolicySpec, BackupRestoreSpec, KubernetesRestore
-from ..models.plans import RESTORE_PLAN_ENV, KubernetesRestorePlan
-from ..settings import MANAGED_BY
-from .backup import TMP_DIR, agent_pod_spec
-from .common import owner_reference
-from .restore import CONTAINER, RESTORE_LABEL, job_name, storage_env
+from ..models.plans import KubernetesRestorePlan
+from .backup import agent_pod_spec
+from .restore import CONTAINER, job_name, plan_env, restore_job
 
 # The restore Job's ServiceAccounts, created with the namespace's enabling bundle.
 RESTORE_SERVICE_ACCOUNT = "runbook-restore-kubernetes"
@@ -52,10 +49,6 @@ def build_kubernetes_plan(
     )
 
 
-def _labels(name: str) -> dict[str, str]:
-    return {**MANAGED_BY, RESTORE_LABEL: name, "app.kubernetes.io/component": "restore"}
-
-
 def restore_service_account(plan: KubernetesRestorePlan) -> str:
     """The ServiceAccount the Job runs as: the one whose access includes Secrets only with includeSecrets."""
     return RESTORE_SECRETS_SERVICE_ACCOUNT if plan.include_secrets else RESTORE_SERVICE_ACCOUNT
@@ -72,32 +65,11 @@ def build_kubernetes_job(
     """The Job that runs ``runbook-operator restore-kubernetes`` once, as the administrator's ServiceAccount."""
     metadata = body["metadata"]
     name, namespace = metadata["name"], metadata["namespace"]
-    env: list[dict[str, Any]] = [
-        {"name": RESTORE_PLAN_ENV, "value": json.dumps(plan.to_api(), sort_keys=True, separators=(",", ":"))},
-        {"name": "HOME", "value": TMP_DIR},
-        *storage_env(policy=policy, spec=spec, symmetric=plan.symmetric, manifest=plan.manifest),
-    ]
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": job_name(name),
-            "namespace": namespace,
-            "labels": _labels(name),
-            "ownerReferences": [owner_reference(body)],
-        },
-        "spec": {
-            "backoffLimit": 0,
-            "activeDeadlineSeconds": policy.active_deadline_seconds,
-            "template": {
-                "metadata": {"labels": _labels(name)},
-                "spec": agent_pod_spec(
-                    container=CONTAINER,
-                    image=image,
-                    args=["restore-kubernetes", "--namespace", namespace, "--name", name],
-                    env=env,
-                    service_account=restore_service_account(plan),
-                ),
-            },
-        },
-    }
+    pod = agent_pod_spec(
+        container=CONTAINER,
+        image=image,
+        args=["restore-kubernetes", "--namespace", namespace, "--name", name],
+        env=plan_env(plan, policy=policy, spec=spec),
+        service_account=restore_service_account(plan),
+    )
+    return restore_job(body, name=job_name(name), component="restore", pod=pod, deadline=policy.active_deadline_seconds)

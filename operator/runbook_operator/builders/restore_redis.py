@@ -4,17 +4,14 @@ ever there), and a memory limit that holds the RDB plus the scratch server's dat
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from ..models.backup import BackupPolicySpec, BackupRestoreSpec
-from ..models.plans import REDIS_PASSWORD_ENV, RESTORE_PLAN_ENV, SCRATCH_DIR_ENV, RedisRestorePlan
+from ..models.plans import REDIS_PASSWORD_ENV, SCRATCH_DIR_ENV, RedisRestorePlan
 from ..models.sources import RedisConnection
-from ..settings import MANAGED_BY
-from .backup import AGENT_RESOURCES, TMP_DIR, agent_pod_spec, redis_tls_files, secret_env
-from .common import owner_reference
-from .restore import CONTAINER, RESTORE_LABEL, job_name, storage_env
+from .backup import AGENT_RESOURCES, agent_pod_spec, redis_tls_files, secret_env
+from .restore import CONTAINER, job_name, plan_env, restore_job
 
 SCRATCH_DIR = "/scratch"
 _MI = 1024 * 1024
@@ -67,10 +64,8 @@ def build_redis_job(
     name, namespace = metadata["name"], metadata["namespace"]
     target = plan.target
     env: list[dict[str, Any]] = [
-        {"name": RESTORE_PLAN_ENV, "value": json.dumps(plan.to_api(), sort_keys=True, separators=(",", ":"))},
-        {"name": "HOME", "value": TMP_DIR},
+        *plan_env(plan, policy=policy, spec=spec),
         {"name": SCRATCH_DIR_ENV, "value": SCRATCH_DIR},
-        *storage_env(policy=policy, spec=spec, symmetric=plan.symmetric, manifest=plan.manifest),
     ]
     if target.password_secret_ref is not None:
         env.append(secret_env(REDIS_PASSWORD_ENV, target.password_secret_ref.name, target.password_secret_ref.key))
@@ -93,19 +88,4 @@ def build_redis_job(
         "requests": {**AGENT_RESOURCES["requests"], "memory": memory},
         "limits": {**AGENT_RESOURCES["limits"], "memory": memory},
     }
-    labels = {**MANAGED_BY, RESTORE_LABEL: name, "app.kubernetes.io/component": "restore"}
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": job_name(name),
-            "namespace": namespace,
-            "labels": labels,
-            "ownerReferences": [owner_reference(body)],
-        },
-        "spec": {
-            "backoffLimit": 0,
-            "activeDeadlineSeconds": policy.active_deadline_seconds,
-            "template": {"metadata": {"labels": labels}, "spec": pod},
-        },
-    }
+    return restore_job(body, name=job_name(name), component="restore", pod=pod, deadline=policy.active_deadline_seconds)

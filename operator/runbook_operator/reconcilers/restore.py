@@ -5,10 +5,13 @@ walks the table (``STEPS``) until a step waits (``Result.after``) or the restore
 status is written when a step begins and ends, so the operator can stop at any point and the next pass
 resumes. What differs per source is a ``Target`` (PostgreSQL here, Redis and Kubernetes in their modules):
 
-- **Preflight** (in the operator, read-only): the policy, the backup and its manifest, every referenced
-  Secret, the scaleDown workloads and the target login are checked, and the whole stored object is
-  streamed through the agent's ``verify`` (SHA-256 while streaming, full decryption, ``pg_restore
-  --list``). Any failure ends the restore here: nothing was changed. ``dryRun`` ends here too.
+- **Preflight** (read-only): the operator checks what reads no byte of the backup: the policy, the backup's
+  manifest (its signature, its policy, its folder), every referenced Secret, the scaleDown workloads and
+  the target login; it pins the manifest in status, then a verify Job (``build_verify_job``) streams the
+  whole stored object through the agent's ``verify`` (SHA-256 while streaming, full decryption, the
+  contents: ``pg_restore --list`` here) and reports its figures or its reason in its termination message,
+  which a later pass reads. No byte of a backup passes through the operator, whatever its size. Any
+  failure ends the restore here: nothing was changed. ``dryRun`` ends here too.
 - **ScaleDown**: the replica counts are recorded in status, then each workload is scaled to zero with
   the count annotated on it, and the pass waits until they have no pods.
 - **Restore**: the Job runs the agent's ``restore`` (one transaction: all or nothing); the pass
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -35,18 +37,20 @@ import botocore.exceptions
 import psycopg
 
 from .. import metrics
-from ..agent.restore import check_contents, connect_target, verify
+from ..agent.restore import check_contents, connect_target
 from ..builders.restore import (
     DRILL_LABEL,
     REPLICAS_ANNOTATION,
     build_job,
     build_plan,
+    build_verify_job,
     is_available,
     is_stopped,
     job_name,
     resolve_target,
     start_patch,
     stop_patch,
+    verify_job_name,
 )
 from ..clients import kube
 from ..clients.s3 import get_json
@@ -67,18 +71,14 @@ from ..models.backup import (
 )
 from ..models.common import parse_time, rfc3339
 from ..models.plans import (
-    GPG_PASSPHRASE_ENV,
-    GPG_PRIVATE_KEY_ENV,
     MANIFEST,
-    MANIFEST_KEY_ENV,
     MANIFEST_KEY_SECRET,
     MANIFEST_KEY_SECRET_KEY,
     PG_PASSWORD_ENV,
     PG_USER_ENV,
-    S3_ACCESS_KEY_ENV,
-    S3_SECRET_KEY_ENV,
     SIGNATURE,
     RestorePlan,
+    StoredObjectPlan,
     backup_folder,
     manifest_signed,
     policy_folder,
@@ -87,15 +87,14 @@ from ..models.sources import PostgresConnection
 from ..settings import agent_image
 from . import runtime, tenancy
 from .catalog import S3_CREDENTIALS_FIELD, s3_client, stored_backups
-from .jobs import failure_reason, job_outcome, job_pods, read_job
+from .jobs import failure_reason, job_outcome, job_pods, job_summary, read_job
 from .runtime import Context, Reconciler, Result
 
 RESTORES = kube.custom_resource("backuprestores", "BackupRestore")
 POLICIES = kube.custom_resource("backuppolicies", "BackupPolicy")
 POLL_SECONDS = 2.0
 RESTORE_FAILURE_PREFIX = "restore failed: "
-# What the operator passes on to pg_restore --list besides the credentials it read.
-_TOOL_ENV = ("PATH", "LANG", "LC_ALL", "TMPDIR")
+VERIFY_FAILURE_PREFIX = "verify failed: "
 ALL_STEPS = tuple(RestoreStepName)
 
 Ctx = Context[BackupRestoreSpec, BackupRestoreStatus]
@@ -106,11 +105,20 @@ Outcome = str | Result
 class Target(Protocol):
     """What restoring one source kind takes beyond the shared steps. A failure raises ``RunbookError``."""
 
+    source: str  # the backup's kind, as ``runbook-operator verify --source`` names it
+
     def steps(self, dry_run: bool) -> tuple[RestoreStepName, ...]:
         """The steps of the table this source goes through."""
 
-    def preflight(self) -> str:
-        """Verify everything without changing anything (sets backupKey, backupTime, target, checks)."""
+    def plan(self) -> tuple[StoredObjectPlan, dict[str, Any]]:
+        """The agent's plan and the manifest it comes from (the pinned one once the preflight pinned it)."""
+
+    def preflight(self) -> tuple[StoredObjectPlan, dict[str, Any]]:
+        """Every check that reads no byte of the backup, changing nothing (sets backupKey, backupTime,
+        target); the plan the verify Job reads and its manifest."""
+
+    def verified(self, plan: StoredObjectPlan, figures: Mapping[str, Any]) -> str:
+        """The Preflight step's message once the verify Job read the whole backup (``figures``: its summary)."""
 
     def job(self) -> tuple[dict[str, Any], str]:
         """The restore Job and the Event message."""
@@ -220,24 +228,22 @@ class Restore:
         ``postgres`` would scrub the word from every later log line and message)."""
         return kube.secret_value(self.api, self.namespace, name, key, field=field, redact=redact)
 
-    def storage_credentials(self) -> dict[str, str]:
-        """The S3 keys and the decryption key, as every source's Job gets them (for the preflight and the
-        checks, which run here)."""
+    def storage_secrets(self) -> None:
+        """The S3 keys and the decryption key the verify and restore Jobs get (as Secret references), read here
+        so that a missing Secret or key fails the preflight naming its field, before any Job."""
         spec, policy = self.spec, self.policy
-        env = {name: os.environ[name] for name in _TOOL_ENV if name in os.environ}
         s3 = policy.destination.s3.credentials_secret_ref
         if s3 is not None:
             field = f"BackupPolicy {spec.policy_ref} spec.destination.s3.credentialsSecretRef"
-            env[S3_ACCESS_KEY_ENV] = self.secret(s3.name, s3.access_key_id_key, field=field)
-            env[S3_SECRET_KEY_ENV] = self.secret(s3.name, s3.secret_access_key_key, field=field)
+            self.secret(s3.name, s3.access_key_id_key, field=field)
+            self.secret(s3.name, s3.secret_access_key_key, field=field)
         passphrase = policy.encryption.gpg.passphrase_secret_ref
         if passphrase is not None:
             field = f"BackupPolicy {spec.policy_ref} spec.encryption.gpg.passphraseSecretRef"
-            env[GPG_PASSPHRASE_ENV] = self.secret(passphrase.name, passphrase.key, field=field)
+            self.secret(passphrase.name, passphrase.key, field=field)
         if spec.decryption_secret_ref is not None:
             ref = spec.decryption_secret_ref
-            env[GPG_PRIVATE_KEY_ENV] = self.secret(ref.name, ref.key, field="spec.decryptionSecretRef")
-        return env
+            self.secret(ref.name, ref.key, field="spec.decryptionSecretRef")
 
     def manifest(self) -> dict[str, Any]:
         """The manifest of the backup to restore: the one the preflight pinned (never read again), else read
@@ -337,17 +343,14 @@ class Restore:
                 "ManifestVerified", "True", "Signed", f"{where}: signed with Secret {MANIFEST_KEY_SECRET}"
             )
 
-    def signing_env(self, manifest: Mapping[str, Any]) -> dict[str, str]:
-        """The agent's key to check a signed manifest with (an unsigned one got here only by the opt-out)."""
-        return {MANIFEST_KEY_ENV: self.manifest_key} if manifest.get(SIGNATURE) else {}
-
     @property
     def etag(self) -> str | None:
         """The data object's ETag the preflight pinned (None until then)."""
         return self.status.pinned.etag if self.status.pinned is not None else None
 
     def pin(self, manifest: Mapping[str, Any], figures: Mapping[str, Any]) -> None:
-        """What the preflight verified, kept for the Job and the checks: the manifest as read and the ETag."""
+        """What the preflight checked, kept for the Jobs and the checks: the manifest as read (before the verify
+        Job reads its object) and the ETag of the object the verify Job read (``figures``)."""
         etag = str(figures.get("etag") or "") or None
         self.status.pinned = PinnedBackup(folder=self.folder, manifest=json.dumps(manifest), etag=etag)
 
@@ -540,9 +543,56 @@ class Restore:
 
 
 def preflight(restore: Restore) -> Outcome:
-    message = restore.target.preflight()
+    """The target's checks, which read no byte of the backup, and the manifest pinned; then the verify Job reads
+    the whole object, and a later pass ends the step with its outcome (nothing waits here)."""
+    api, namespace, name = restore.api, restore.namespace, verify_job_name(restore.name)
+    job = read_job(api, namespace, name)
+    if job is not None and not owned_by(job, restore.ctx.body):
+        return Result.after(POLL_SECONDS)  # an earlier BackupRestore of this name's Job, being collected
+    if job is None:
+        if restore.status.pinned is None:
+            plan, manifest = restore.target.preflight()
+            restore.pin(manifest, {})
+            restore.ctx.checkpoint()  # the Job reads this manifest's object; no later pass reads another
+        else:  # pinned in an earlier pass (the Job was not created then, or was deleted since): the same plan
+            plan, _ = restore.target.plan()
+        body = build_verify_job(
+            restore.ctx.body,
+            plan,
+            source=restore.target.source,
+            policy=restore.policy,
+            spec=restore.spec,
+            image=agent_image(),
+        )
+        api.create(kube.JOBS, namespace, body)
+        restore.ctx.event(
+            "Normal",
+            "VerifyJobCreated",
+            f"Job {name} reads {plan.key} ({plan.size_bytes} bytes): SHA-256 against the manifest, decryption, "
+            "contents",
+        )
+        return Result.after(POLL_SECONDS)
+    outcome = job_outcome(job)
+    if outcome is None:
+        return Result.after(POLL_SECONDS)
+    pods = [pod for pod in job_pods(api, namespace, name) if owned_by(pod, job)]
+    if outcome[0] != "Complete":
+        raise RunbookError(*failure_reason(job, pods, prefix=VERIFY_FAILURE_PREFIX))
+    plan, manifest = restore.target.plan()
+    figures = job_summary(pods, restore.target.source)
+    if figures is None or (figures.get("sha256"), figures.get("sizeBytes")) != (plan.sha256, plan.size_bytes):
+        raise RunbookError("SummaryMissing", f"Job {name} completed without its summary of {plan.key}")
+    restore.pin(manifest, figures)
+    restore.add_checks(figures)
+    message = restore.target.verified(plan, figures)
     restore.ctx.event("Normal", "PreflightPassed", message)
     return message
+
+
+def owned_by(child: Mapping[str, Any], owner: Mapping[str, Any]) -> bool:
+    """Whether ``child`` belongs to ``owner`` (by uid: not an object of the same name made before or by others)."""
+    uid = owner["metadata"].get("uid")
+    return any(ref.get("uid") == uid for ref in child["metadata"].get("ownerReferences") or [])
 
 
 def scale_down(restore: Restore) -> Outcome:
@@ -646,6 +696,8 @@ BY_NAME = {step.name: step for step in STEPS}
 class PostgresTarget:
     """A PostgreSQL backup, restored into a database (spec.target over the policy's source)."""
 
+    source = "postgresql"
+
     def __init__(self, restore: Restore) -> None:
         self.restore = restore
 
@@ -685,12 +737,12 @@ class PostgresTarget:
         return kube.secret_value(self.restore.api, self.restore.namespace, ref.name, ref.key, field=field, redact=False)
 
     def credentials(self, target: PostgresConnection) -> dict[str, str]:
-        """The agent's environment as the Job's pod gets it, read from the same Secrets."""
+        """The target's login as the restore Job's pod gets it, read from the same Secret."""
         login, field = target.credentials_secret_ref, "spec.target.credentialsSecretRef"
-        env = self.restore.storage_credentials()
-        env[PG_USER_ENV] = self.restore.secret(login.name, login.username_key, field=field, redact=False)
-        env[PG_PASSWORD_ENV] = self.restore.secret(login.name, login.password_key, field=field)
-        return env
+        return {
+            PG_USER_ENV: self.restore.secret(login.name, login.username_key, field=field, redact=False),
+            PG_PASSWORD_ENV: self.restore.secret(login.name, login.password_key, field=field),
+        }
 
     def plan(self) -> tuple[RestorePlan, dict[str, Any]]:
         target = self.connection()
@@ -699,22 +751,23 @@ class PostgresTarget:
         plan = build_plan(restore.policy, manifest, target, roles=restore.spec.roles, etag=restore.etag)
         return plan, manifest
 
-    def preflight(self) -> str:
+    def preflight(self) -> tuple[RestorePlan, dict[str, Any]]:
         restore = self.restore
         target = self.connection()
         env = self.credentials(target)
+        restore.storage_secrets()
         plan, manifest = self.plan()
         restore.chosen(plan.key, manifest, f"{plan.target.host}:{plan.target.port}/{plan.target.database}")
         restore.workloads_found()
         with connect_target(plan.target, env, self.ca(plan.target)) as conn:
             if restore.drill:
                 self.not_the_source(plan.target, conn)
-        figures = verify(plan, {**env, **restore.signing_env(manifest)})
-        restore.pin(manifest, figures)
-        restore.add_checks(figures)
+        return plan, manifest
+
+    def verified(self, plan: StoredObjectPlan, figures: Mapping[str, Any]) -> str:
         return (
             f"{plan.key}: SHA-256 matches the manifest ({plan.size_bytes} bytes), decrypts, "
-            f"pg_restore lists {figures['archiveEntries']} entries; target {restore.status.target} reachable"
+            f"pg_restore lists {figures.get('archiveEntries')} entries; target {self.restore.status.target} reachable"
         )
 
     def not_the_source(self, target: PostgresConnection, conn: psycopg.Connection[Any]) -> None:

@@ -4,8 +4,9 @@ section (in a dry run too: the dry run is the API server's), then the summary fr
 - **Preflight**: the spec must suit a Kubernetes backup (no PostgreSQL ``target``, no ``scaleDown``), the
   target namespace must be the BackupRestore's own (tenancy: writing elsewhere needs a grant no namespace
   user can make, and the operator has no such grant to check), the manifest must list the chosen section
-  and, with ``includeSecrets``, Secrets; the stored object is streamed through gpg (SHA-256, full
-  decryption, the section's objects parse). Any failure ends the restore here, nothing changed.
+  and, with ``includeSecrets``, Secrets (all in the operator); then the verify Job (``verify --source
+  kubernetes``) streams the stored object through gpg (SHA-256, full decryption, the section's objects
+  parse). Any failure ends the restore here, nothing changed.
   The Job's ServiceAccount (the enabling bundle's, an administrator's) must exist (``ServiceAccountMissing``).
 - **Restore**: the Job, run as that ServiceAccount; when it completes its summary (termination message)
   becomes ``status.kubernetes``. Objects the API server refused fail the restore (``ApplyFailed``); objects
@@ -14,14 +15,14 @@ section (in a dry run too: the dry run is the API server's), then the summary fr
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from ..agent.restore_kubernetes import verify_kubernetes
 from ..builders.restore_kubernetes import build_kubernetes_job, build_kubernetes_plan, restore_service_account
 from ..clients import kube
 from ..errors import RunbookError
 from ..models.backup import KubernetesRestore, KubernetesRestoreSummary, RestoreStepName
-from ..models.plans import KubernetesRestorePlan
+from ..models.plans import KubernetesRestorePlan, StoredObjectPlan
 from ..settings import agent_image
 from .jobs import job_summary
 from .restore import Restore
@@ -31,6 +32,8 @@ _SUMMARY_KEYS = ("created", "replaced", "skipped", "unchanged", "failed")
 
 class KubernetesTarget:
     """A Kubernetes export, one namespace section re-applied into the restore's own namespace."""
+
+    source = "kubernetes"
 
     def __init__(self, restore: Restore) -> None:
         self.restore = restore
@@ -75,7 +78,7 @@ class KubernetesTarget:
 
     # --- the steps -------------------------------------------------------------------------------------
 
-    def preflight(self) -> str:
+    def preflight(self) -> tuple[KubernetesRestorePlan, dict[str, Any]]:
         restore = self.restore
         plan, manifest = self.plan()
         restore.chosen(plan.key, manifest, f"namespace {plan.namespace}")
@@ -86,12 +89,14 @@ class KubernetesTarget:
                 f"ServiceAccount {account} not found in namespace {restore.namespace}: the restore Job runs as it; "
                 "a cluster administrator creates it when enabling the namespace (deploy/base/namespace-enable/)",
             )
-        figures = verify_kubernetes(plan, {**restore.storage_credentials(), **restore.signing_env(manifest)})
-        restore.pin(manifest, figures)
-        restore.add_checks(figures)
+        restore.storage_secrets()
+        return plan, manifest
+
+    def verified(self, plan: StoredObjectPlan, figures: Mapping[str, Any]) -> str:
+        assert isinstance(plan, KubernetesRestorePlan)
         return (
             f"{plan.key}: SHA-256 matches the manifest ({plan.size_bytes} bytes), decrypts; section {plan.section} "
-            f"has {figures['archiveEntries']} objects for namespace {plan.namespace}"
+            f"has {figures.get('archiveEntries')} objects for namespace {plan.namespace}"
         )
 
     def job(self) -> tuple[dict[str, Any], str]:

@@ -2,9 +2,10 @@
 Check (ScaleDown and ScaleUp are the shared ones: the writers are stopped and brought back at their exact
 recorded counts).
 
-- **Preflight** (in the operator, read-only): the spec must suit a Redis backup (only ``target.redis``, no
-  PostgreSQL fields), the manifest must be a Redis backup's, the target must accept the login, and the whole
-  object is streamed through gpg (SHA-256, full decryption, an RDB file). ``dryRun`` ends here.
+- **Preflight** (read-only): the spec must suit a Redis backup (only ``target.redis``, no PostgreSQL
+  fields), the manifest must be a Redis backup's, the target must accept the login (all in the operator);
+  then the verify Job (``verify --source redis``) streams the whole object through gpg (SHA-256, full
+  decryption, an RDB file). ``dryRun`` ends here.
 - **Restore**: the Job loads the RDB into a scratch redis-server in its memory-backed volume, checks it
   against the manifest's keyspace, then FLUSHALL of the target and every key copied (DUMP/RESTORE with its
   TTL), and compares sampled keys; its summary (termination message) carries the figures.
@@ -14,17 +15,18 @@ recorded counts).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import redis
 
-from ..agent.restore_redis import connect_target, keyspace, verify_redis, where
+from ..agent.restore_redis import connect_target, keyspace, where
 from ..builders.restore import job_name
 from ..builders.restore_redis import build_redis_job, build_redis_plan
 from ..clients.redis import TLS_CERT_KEY, TLS_KEY_KEY, TLSMaterial
 from ..errors import RunbookError
 from ..models.backup import RestoreStepName
-from ..models.plans import REDIS_PASSWORD_ENV, RedisRestorePlan
+from ..models.plans import REDIS_PASSWORD_ENV, RedisRestorePlan, StoredObjectPlan
 from ..models.sources import RedisConnection
 from ..settings import agent_image
 from . import tenancy
@@ -36,6 +38,8 @@ _FIELD = "spec.target.redis"
 
 class RedisTarget:
     """A Redis backup, restored into a Redis (spec.target.redis over the policy's source)."""
+
+    source = "redis"
 
     def __init__(self, restore: Restore) -> None:
         self.restore = restore
@@ -66,7 +70,8 @@ class RedisTarget:
         return build_redis_plan(policy, manifest, target, etag=restore.etag), manifest
 
     def credentials(self, target: RedisConnection) -> dict[str, str]:
-        env = self.restore.storage_credentials()
+        """The target's password as the restore Job's pod gets it, read from the same Secret."""
+        env = {}
         if target.password_secret_ref is not None:
             ref = target.password_secret_ref
             env[REDIS_PASSWORD_ENV] = self.restore.secret(ref.name, ref.key, field=f"{_FIELD}.passwordSecretRef")
@@ -89,24 +94,26 @@ class RedisTarget:
 
     # --- the steps -------------------------------------------------------------------------------------
 
-    def preflight(self) -> str:
+    def preflight(self) -> tuple[RedisRestorePlan, dict[str, Any]]:
         restore = self.restore
         plan, manifest = self.plan()
         restore.chosen(plan.key, manifest, where(plan.target))
         restore.workloads_found()
-        env = self.credentials(plan.target)
-        client = connect_target(plan.target, env, self.material(plan.target))
+        restore.storage_secrets()
+        client = connect_target(plan.target, self.credentials(plan.target), self.material(plan.target))
         try:
             if restore.drill:
                 self.not_the_source(plan.target, client)
         finally:
             client.close()
-        figures = verify_redis(plan, {**env, **restore.signing_env(manifest)})
-        restore.pin(manifest, figures)
-        restore.add_checks(figures)
+        return plan, manifest
+
+    def verified(self, plan: StoredObjectPlan, figures: Mapping[str, Any]) -> str:
+        assert isinstance(plan, RedisRestorePlan)
         return (
             f"{plan.key}: SHA-256 matches the manifest ({plan.size_bytes} bytes), decrypts to an RDB file (version "
-            f"{figures['rdbVersion']}) of {sum(plan.keyspace.values())} keys; target {where(plan.target)} reachable"
+            f"{figures.get('rdbVersion')}) of {sum(plan.keyspace.values())} keys; target {where(plan.target)} "
+            "reachable"
         )
 
     def not_the_source(self, target: RedisConnection, client: redis.Redis) -> None:
