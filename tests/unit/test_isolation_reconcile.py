@@ -3,8 +3,12 @@ guard. No server; each test is one or two passes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from typing import Any
+
+import pytest
 
 from runbook_operator.builders.isolation import POLICY_NAME, SNAPSHOT_ANNOTATION, saved_policies_name
 from runbook_operator.clients import kube
@@ -338,3 +342,161 @@ def test_holder_from_index_answers_like_holding_isolation() -> None:
     assert holder(NS) == "early" and holder("other") is None and holder("unknown") is None
     released = holder_from_index({NS: [entry("done", "2026-01-01T00:00:00Z", phase="Released")]})
     assert released(NS) is None
+
+
+# --- containment first: the fast path and the watch guard -------------------------------------------------------
+def contain_first(api: FakeApi, body: dict[str, Any]) -> bool:
+    """The fast path as main.py runs it on a watch event: the interlock from the index, no grants."""
+    stored = [index_entry(b) for (plural, _, _), b in api.objects.items() if plural == "emergencyisolations"]
+    holder = holder_from_index({NS: stored})
+    return isolation.contain_first(api, body, isolation=holder, grants=lambda _: (), seen=time.time())
+
+
+def test_the_fast_path_contains_with_one_create_before_any_read_and_the_pass_continues() -> None:
+    api = FakeApi()
+    namespace(api)
+    body = create(api, allowDNS=True)
+
+    assert contain_first(api, body) is True
+
+    assert [(c.verb, c.plural, c.subresource) for c in api.calls] == [  # the policy first, nothing read before
+        ("create", "networkpolicies", None),
+        ("patch", "emergencyisolations", "status"),
+        ("create", "events", None),
+    ]
+    assert set(api.calls[1].body["status"]) == {"isolatedAt"}  # the pass owns every other status field
+    policy = workload(api, kube.NETWORK_POLICIES, POLICY_NAME)
+    assert policy["spec"]["egress"][0]["ports"] == [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
+    contained_at = fresh(api)["status"]["isolatedAt"]
+
+    api.calls.clear()
+    assert run(api, fresh(api)) == Result.done()  # the full pass: the policy is there, it goes on from it
+    assert not [c for c in api.writes() if c.plural == "networkpolicies" and c.name == POLICY_NAME]
+    events = [c.body["reason"] for c in api.writes() if c.plural == "events"]
+    assert "NetworkContained" not in events  # told once, by the fast path
+    status = fresh(api)["status"]
+    assert status["phase"] == "Isolated" and status["isolatedAt"] == contained_at
+    assert workload(api, kube.DEPLOYMENTS, "api")["spec"]["replicas"] == 0
+
+    api.calls.clear()
+    assert contain_first(api, fresh(api)) is False  # later events of the same isolation: no call at all
+    assert api.calls == []
+
+
+def test_the_fast_path_leaves_every_other_case_to_the_pass_without_a_call() -> None:
+    api = FakeApi()
+    isolated(api)
+    second = create(api, "second")
+    released = create(api, "released")
+    api.patch(isolation.EMERGENCY_ISOLATIONS, NS, "released", {"spec": {"released": True}})
+    invalid = create(api, "invalid")
+    api.patch(isolation.EMERGENCY_ISOLATIONS, NS, "invalid", {"spec": {"severity": "P9"}})
+    api.calls.clear()
+
+    assert contain_first(api, second) is False  # the namespace is held by another isolation
+    assert contain_first(api, fresh(api, "released")) is False
+    assert contain_first(api, fresh(api, "invalid")) is False
+    assert contain_first(api, {**released, "metadata": {**released["metadata"], "deletionTimestamp": "now"}}) is False
+    assert [c for c in api.calls if c.plural == "networkpolicies"] == []
+    assert invalid["metadata"]["name"] == "invalid"
+
+
+def test_the_fast_path_applies_the_tenancy_rules_first() -> None:
+    api = FakeApi()
+    body = create(api)
+    evidence = {
+        "capture": True,
+        "destination": {
+            "bucket": "evidence",
+            "endpoint": "https://s3.attacker.example",
+            "credentialsSecretRef": {"name": "s3"},
+        },
+        "encryption": {"gpg": {"recipientsConfigMapRef": {"name": "keys", "key": "team.asc"}}},
+    }
+    api.patch(isolation.EMERGENCY_ISOLATIONS, NS, "breach", {"spec": {"evidence": evidence}})
+    api.calls.clear()
+
+    assert contain_first(api, fresh(api)) is False  # an endpoint no RunbookGrant lists: the pass says NotPermitted
+    assert api.calls == []
+    assert body["metadata"]["name"] == "breach"
+
+
+def test_the_fast_path_leaves_a_hand_made_policy_to_the_pass_which_adopts_it() -> None:
+    api = FakeApi()
+    namespace(api)
+    api.put(kube.NETWORK_POLICIES, NS, {"metadata": {"name": POLICY_NAME}, "spec": {"podSelector": {}}})
+    body = create(api)
+
+    assert contain_first(api, body) is False  # the create was a 409: no status, no Event
+    assert [(c.verb, c.plural) for c in api.calls if c.plural != "networkpolicies"] == []
+
+    assert run(api, fresh(api)) == Result.done()
+    policy = workload(api, kube.NETWORK_POLICIES, POLICY_NAME)
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
+    assert policy["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+
+
+def test_the_watch_guard_acts_only_on_a_deleted_or_edited_policy_of_an_isolated_isolation() -> None:
+    api = FakeApi()
+    body = isolated(api, allowEgressTo=["10.20.0.0/16"])
+    entries = [isolation.guard_entry(b) for (p, _, _), b in api.objects.items() if p == "emergencyisolations"]
+    policy = workload(api, kube.NETWORK_POLICIES, POLICY_NAME)
+    edited = {**policy, "spec": {**policy["spec"], "ingress": [{}]}}
+    api.calls.clear()
+
+    # the events of the operator's own writes, and of the listing after a restart: nothing to do
+    for event in (None, "ADDED", "MODIFIED"):
+        assert isolation.guarded_isolation(event, policy, entries) is None
+    assert isolation.guarded_isolation("DELETED", policy, entries) == "breach"
+    assert isolation.guarded_isolation("MODIFIED", edited, entries) == "breach"
+    assert api.calls == []  # deciding reads nothing
+
+    foreign = {
+        **policy,
+        "metadata": {**policy["metadata"], "ownerReferences": [{"kind": "EmergencyIsolation", "uid": "x"}]},
+    }
+    assert isolation.guarded_isolation("DELETED", foreign, entries) is None
+    releasing = isolation.guard_entry({**body, "spec": {**body["spec"], "released": True}})
+    assert releasing["policy"] is None and isolation.guarded_isolation("DELETED", policy, [releasing]) is None
+    isolating = isolation.guard_entry({**body, "status": {**body["status"], "phase": "Isolating"}})
+    assert isolation.guarded_isolation("DELETED", policy, [isolating]) is None  # the pass holds it then
+    open_network = isolation.guard_entry({**body, "spec": {**body["spec"], "network": {"isolate": False}}})
+    assert isolation.guarded_isolation("DELETED", policy, [open_network]) is None
+
+
+def test_put_back_recreates_a_deleted_policy_and_retries_a_failed_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    api = FakeApi()
+    isolated(api)
+    desired = workload(api, kube.NETWORK_POLICIES, POLICY_NAME)
+    api.delete(kube.NETWORK_POLICIES, NS, POLICY_NAME)
+    api.fail_on("create", "networkpolicies", status=500)
+    slept: list[float] = []
+
+    async def no_wait(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr(isolation.asyncio, "sleep", no_wait)
+    asyncio.run(isolation.put_back(NS, "breach", grants=lambda _: (), api=api))
+
+    assert slept == [10.0]  # one failed pass (Ready=False, reported), then the next one put it back
+    assert workload(api, kube.NETWORK_POLICIES, POLICY_NAME)["spec"] == desired["spec"]
+    assert conditions(fresh(api))["Ready"]["status"] == "False"  # the failure stays visible until the next pass
+
+    api.calls.clear()
+    asyncio.run(isolation.put_back(NS, "breach", grants=lambda _: (), api=api))  # in place: one read, no write
+    assert [(c.verb, c.plural) for c in api.calls] == [("get", "emergencyisolations"), ("get", "networkpolicies")]
+
+
+def test_a_fast_path_stopped_after_the_create_leaves_the_pass_to_record_when_it_contained() -> None:
+    api = FakeApi()
+    namespace(api)
+    body = create(api)
+    api.fail_on("patch", "emergencyisolations", status=500)
+
+    assert contain_first(api, body) is True  # the policy is in place; isolatedAt could not be written
+
+    assert "isolatedAt" not in fresh(api).get("status", {})
+    assert run(api, fresh(api)) == Result.done()
+    policy = workload(api, kube.NETWORK_POLICIES, POLICY_NAME)
+    assert fresh(api)["status"]["isolatedAt"] == policy["metadata"]["creationTimestamp"]

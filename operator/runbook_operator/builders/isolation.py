@@ -25,7 +25,22 @@ _PORT = frozenset({"protocol", "port", "endPort"})
 
 
 def build_network_policy(network: NetworkIsolation, *, namespace: str, owner: dict[str, Any]) -> dict[str, Any]:
-    """The runbook's deny-all policy: every pod, no ingress, no egress except DNS and the allowed CIDRs."""
+    """The runbook's deny-all policy (``deny_all_spec``), owned by the isolation and labelled with its name."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": POLICY_NAME,
+            "namespace": namespace,
+            "labels": {**MANAGED_BY, ISOLATION_LABEL: owner["name"]},
+            "ownerReferences": [owner],
+        },
+        "spec": deny_all_spec(network),
+    }
+
+
+def deny_all_spec(network: NetworkIsolation) -> dict[str, Any]:
+    """The deny-all policy's spec: every pod, no ingress, no egress except DNS and the allowed CIDRs."""
     egress: list[dict[str, Any]] = []
     if network.allow_dns:
         egress.append(
@@ -39,17 +54,7 @@ def build_network_policy(network: NetworkIsolation, *, namespace: str, owner: di
     spec: dict[str, Any] = {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
     if egress:
         spec["egress"] = egress
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": {
-            "name": POLICY_NAME,
-            "namespace": namespace,
-            "labels": {**MANAGED_BY, ISOLATION_LABEL: owner["name"]},
-            "ownerReferences": [owner],
-        },
-        "spec": spec,
-    }
+    return spec
 
 
 def policy_for_recreation(policy: dict[str, Any]) -> dict[str, Any]:

@@ -8,9 +8,11 @@ annotations on the workloads, so it stays exact even if status was lost.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +25,7 @@ from ..builders.isolation import (
     annotate_patch,
     build_network_policy,
     checked_policy,
+    deny_all_spec,
     is_stopped,
     recorded_snapshot,
     recorded_state,
@@ -37,7 +40,7 @@ from ..builders.isolation import (
 )
 from ..clients import kube
 from ..conditions import now_rfc3339
-from ..errors import RunbookError
+from ..errors import RunbookError, parse_spec
 from ..logs import audit
 from ..models.isolation import (
     EmergencyIsolationSpec,
@@ -48,8 +51,20 @@ from ..models.isolation import (
     WorkloadSnapshot,
 )
 from . import evidence, tenancy
-from .runtime import Context, Reconciler, Result, as_failure, merge_diff
+from .runtime import (
+    CONTAINMENT,
+    Context,
+    GrantsOf,
+    Isolation,
+    Reconciler,
+    Result,
+    as_failure,
+    blocking,
+    merge_diff,
+    run_pass,
+)
 
+LOG = logging.getLogger(__name__)
 KIND = "EmergencyIsolation"
 EMERGENCY_ISOLATIONS = kube.custom_resource("emergencyisolations", KIND)
 EVIDENCE_RETRY = 10.0  # seconds between attempts to capture evidence that failed for a fixable reason
@@ -159,23 +174,14 @@ def summary(ctx: Ctx, spec: EmergencyIsolationSpec) -> str:
 def contain(ctx: Ctx, network: NetworkIsolation, *, seen: float | None = None) -> bool:
     """Create (or converge) the deny-all policy: the first write, so containment does not wait on anything.
     Reads it first and writes only what differs. Returns whether it wrote."""
-    desired = build_network_policy(
-        network, namespace=ctx.namespace, owner=owner_reference(ctx.body, block_owner_deletion=False)
-    )
+    desired = _desired_policy(ctx, network)
     current = ctx.api.get(kube.NETWORK_POLICIES, ctx.namespace, POLICY_NAME)
     if current is None and ctx.api.create(kube.NETWORK_POLICIES, ctx.namespace, desired):
         if ctx.status.isolated_at:  # deleted by hand during the isolation: put back
             ctx.event("Warning", "NetworkContained", f"NetworkPolicy {POLICY_NAME} was missing; recreated")
             _audit(ctx, "isolation_applied", "network_recontained", policy=POLICY_NAME)
             return True
-        created = ctx.body["metadata"]["creationTimestamp"]
-        contained = time.time()
-        metrics.ISOLATION_TIME_TO_CONTAIN.observe(
-            time_to_contain(created, seen=contained if seen is None else seen, contained=contained)
-        )
-        ctx.status.isolated_at = now_rfc3339()
-        ctx.event("Normal", "NetworkContained", f"NetworkPolicy {POLICY_NAME} denies all ingress and egress")
-        _audit(ctx, "isolation_applied", "network_contained", policy=POLICY_NAME)
+        _contained(ctx, seen=seen)
         return True
     if current is None:  # created by someone else between the read and the create
         current = ctx.api.get(kube.NETWORK_POLICIES, ctx.namespace, POLICY_NAME) or {"metadata": {}, "spec": {}}
@@ -189,6 +195,8 @@ def contain(ctx: Ctx, network: NetworkIsolation, *, seen: float | None = None) -
             retry_after=5,
         )
     if owners and current.get("spec") == desired["spec"]:
+        if not ctx.status.isolated_at:  # created by the fast path, which stopped before it wrote isolatedAt
+            ctx.status.isolated_at = current["metadata"].get("creationTimestamp") or now_rfc3339()
         return False
     # A hand-made emergency-isolate (the runbook's script) is adopted; a drifted one is put back.
     metadata = desired["metadata"]
@@ -199,6 +207,27 @@ def contain(ctx: Ctx, network: NetworkIsolation, *, seen: float | None = None) -
     ctx.api.patch(kube.NETWORK_POLICIES, ctx.namespace, POLICY_NAME, patch)
     ctx.event("Normal", "NetworkContained", f"NetworkPolicy {POLICY_NAME} set to deny all traffic")
     return True
+
+
+def _desired_policy(ctx: Ctx, network: NetworkIsolation) -> dict[str, Any]:
+    owner = owner_reference(ctx.body, block_owner_deletion=False)
+    return build_network_policy(network, namespace=ctx.namespace, owner=owner)
+
+
+def _contained(ctx: Ctx, *, seen: float | None, write: bool = False) -> None:
+    """The isolation's first containment, just done: time to contain, ``isolatedAt`` (in ``ctx.status``; with
+    ``write`` also written, alone), the Event and the audit record."""
+    created = ctx.body["metadata"]["creationTimestamp"]
+    contained = time.time()
+    metrics.ISOLATION_TIME_TO_CONTAIN.observe(
+        time_to_contain(created, seen=contained if seen is None else seen, contained=contained)
+    )
+    ctx.status.isolated_at = now_rfc3339()
+    if write:  # the fast path: not ``checkpoint``, the pass owns every other status field (observedGeneration too)
+        patch = {"status": {"isolatedAt": ctx.status.isolated_at}}
+        ctx.api.patch(ctx.resource, ctx.namespace, ctx.name, patch, subresource="status")
+    ctx.event("Normal", "NetworkContained", f"NetworkPolicy {POLICY_NAME} denies all ingress and egress")
+    _audit(ctx, "isolation_applied", "network_contained", policy=POLICY_NAME)
 
 
 def admit(ctx: Ctx, spec: EmergencyIsolationSpec) -> None:
@@ -470,18 +499,96 @@ def finalize(ctx: Ctx) -> Result:
     return Result.done()
 
 
+# --- containment first: the fast path and the guard, in runtime.CONTAINMENT -----------------------------------
+# main.py runs both in containment's own executor, so neither waits behind another object's pass (snapshot,
+# evidence, scaling) nor behind a slow S3 or database call that fills the shared one. The passes above stay the
+# whole truth: the fast path only does earlier what ``contain`` would do, and the guard is ``contain`` again.
+def awaits_containment(body: Mapping[str, Any]) -> bool:
+    """Whether an EmergencyIsolation (as a watch event has it) is new and not yet contained: no phase, no
+    ``isolatedAt``, neither released nor being deleted. Those are what the fast path looks at; no API call."""
+    status = body.get("status") or {}
+    return not (
+        status.get("phase")
+        or status.get("isolatedAt")
+        or (body.get("spec") or {}).get("released")
+        or body["metadata"].get("deletionTimestamp")
+    )
+
+
+def contain_first(
+    api: kube.Api, body: Mapping[str, Any], *, isolation: Isolation, grants: GrantsOf, seen: float
+) -> bool:
+    """A new isolation's deny-all policy, before its first pass: the same checks (a valid spec, the tenancy
+    rules, the interlock), then one create (a new isolation's namespace has no emergency-isolate; if it has one,
+    a 409 leaves it to the pass, which adopts a hand-made one or waits for another isolation's). Then what the
+    pass records of a first containment (``isolatedAt``, Event, metric, audit). Returns whether it created the
+    policy; a failure is the pass's to report (logged here)."""
+    if not awaits_containment(body):
+        return False
+    ctx = Context.of(ISOLATION, body, api, isolation=isolation, grants=grants)
+    created = False
+    try:
+        spec = ctx.spec
+        tenancy.confine_emergency_isolation(ctx.grants(ctx.namespace), ctx.namespace, spec)
+        if spec.network.isolate and ctx.isolation(ctx.namespace) in (None, ctx.name):
+            created = api.create(kube.NETWORK_POLICIES, ctx.namespace, _desired_policy(ctx, spec.network))
+        if created:
+            _contained(ctx, seen=seen, write=True)
+    except RunbookError:
+        pass  # an invalid spec, a tenancy refusal: the pass reports it
+    except ApiException as error:
+        LOG.warning("%s %s/%s: containment left to the pass: %s", KIND, ctx.namespace, ctx.name, as_failure(error))
+    return created
+
+
+def guard_entry(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the guard keeps of an EmergencyIsolation (main.py's index ``isolation_guards``): its name, uid and
+    the spec of the policy it holds in place; ``policy`` None while it holds none (not isolated yet, released,
+    being deleted, network.isolate false, an invalid spec)."""
+    metadata = body["metadata"]
+    entry: dict[str, Any] = {"name": metadata["name"], "uid": metadata.get("uid"), "policy": None}
+    status, spec = body.get("status") or {}, body.get("spec") or {}
+    if status.get("phase") != Phase.ISOLATED or spec.get("released") or metadata.get("deletionTimestamp"):
+        return entry
+    try:
+        network = parse_spec(EmergencyIsolationSpec, spec).network
+    except RunbookError:
+        return entry
+    if network.isolate:
+        entry["policy"] = deny_all_spec(network)
+    return entry
+
+
+def guarded_isolation(
+    event_type: str | None, policy: Mapping[str, Any], entries: Iterable[Mapping[str, Any]]
+) -> str | None:
+    """For a watch event of an emergency-isolate policy (the operator's, by its label): the EmergencyIsolation
+    (of ``entries``, the namespace's ``guard_entry`` values) that must put it back, because it holds this
+    policy in place and the policy is gone or its spec is not the one it holds; None, with no API call, when
+    nothing changed (the events of the operator's own writes included)."""
+    metadata = policy["metadata"]
+    if metadata.get("name") != POLICY_NAME:
+        return None
+    owners = {o.get("uid") for o in metadata.get("ownerReferences") or [] if o.get("kind") == KIND}
+    for entry in entries:
+        held = entry.get("policy")
+        if entry.get("uid") in owners and held is not None and (event_type == "DELETED" or policy.get("spec") != held):
+            return str(entry["name"])
+    return None
+
+
 def guard(ctx: Ctx) -> Result:
-    """Periodically, while isolated: put the deny-all policy back if someone removed or changed it (a read,
-    and no write while it is as it should be)."""
+    """While isolated: put the deny-all policy back if someone removed or changed it (a read, and no write
+    while it is as it should be)."""
     spec = ctx.body.get("spec") or {}
     if ctx.status.phase != Phase.ISOLATED or spec.get("released"):
         return Result.done()
     try:
         network = ctx.spec.network
         if network.isolate and contain(ctx, network):
-            # Timers run beside the change handlers: if a release began meanwhile, it may already have removed
-            # the policy this just wrote. Release marks itself before removing, so checking after writing
-            # closes the race.
+            # The guard runs beside the change handlers: if a release began meanwhile, it may already have
+            # removed the policy this just wrote. Release marks itself before removing, so checking after
+            # writing closes the race.
             fresh = ctx.api.get(EMERGENCY_ISOLATIONS, ctx.namespace, ctx.name) or {
                 "metadata": {"deletionTimestamp": "gone"}
             }
@@ -494,6 +601,26 @@ def guard(ctx: Ctx) -> Result:
     except RunbookError as error:
         return _foreseen(ctx, error)
     return Result.done()
+
+
+def guard_named(api: kube.Api, namespace: str, name: str, grants: GrantsOf, failures: int = 0) -> Result:
+    """One guard pass over the isolation as it is now; nothing when it is gone or being deleted."""
+    body = api.get(EMERGENCY_ISOLATIONS, namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return Result.done()
+    return run_pass(Context.of(GUARD, body, api, grants=grants), guard, failures=failures)
+
+
+async def put_back(namespace: str, name: str, *, grants: GrantsOf, api: kube.Api | None = None) -> None:
+    """The guard (``guard_named``, in CONTAINMENT) until it has held: a failed pass again after its backoff."""
+    client = api or kube.KubeApi()
+    failures = 0
+    while True:
+        result = await blocking(guard_named, client, namespace, name, grants, failures, executor=CONTAINMENT)
+        if result.requeue_after is None:
+            return
+        failures = failures + 1 if result.error is not None else 0
+        await asyncio.sleep(result.requeue_after)
 
 
 ISOLATION = Reconciler(EMERGENCY_ISOLATIONS, EmergencyIsolationSpec, EmergencyIsolationStatus, reconcile, finalize)
