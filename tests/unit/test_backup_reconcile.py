@@ -86,13 +86,20 @@ class FakeS3:
 def s3(monkeypatch: pytest.MonkeyPatch) -> FakeS3:
     """Every S3 client the catalog makes is this one (the integration tests keep the real S3 API server)."""
     fake = FakeS3()
-    monkeypatch.setattr(catalog.s3, "make_client", lambda location, *keys: fake)
+    monkeypatch.setattr(catalog.s3, "shared_client", lambda location, *keys, **options: fake)
     return fake
 
 
 def secret(api: FakeApi, name: str, data: dict[str, str]) -> None:
     encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
     api.put(kube.SECRETS, NS, {"metadata": {"name": name}, "data": encoded})
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts as a freshly started operator: nothing checked yet."""
+    monkeypatch.setattr(backup, "MANIFEST_KEYS", backup.Checked())
+    monkeypatch.setattr(backup, "RECIPIENTS_CHECKED", backup.Checked())
 
 
 @pytest.fixture
@@ -146,7 +153,13 @@ def test_creation_applies_the_cronjob_and_writes_status_once(api: FakeApi, s3: F
     assert status(api)["phase"] == "Scheduled" and status(api)["cronJobName"] == cronjob_name(NAME)
     assert status(api)["sourceKind"] == "postgresql" and status(api)["observedGeneration"] == 1
     assert condition(api, "Ready")["status"] == "True" and condition(api, "Ready")["reason"] == "Scheduled"
-    assert events(api) == [("Normal", "CronJobApplied")]
+    assert events(api) == []  # the creation is told by status (cronJobName)
+    # the policy's two writes, and the namespace's manifest signing key (made by its first policy, once)
+    assert [(c.verb, c.plural) for c in api.writes()] == [
+        ("create", "secrets"),
+        ("apply", "cronjobs"),
+        ("patch", "backuppolicies"),
+    ]
     cronjob = api.stored(kube.CRON_JOBS, NS, cronjob_name(NAME))
     assert cronjob is not None and cronjob["metadata"]["ownerReferences"][0]["kind"] == "BackupPolicy"
     assert s3.rules is not None and s3.rules[0]["Filter"] == {"Prefix": "postgresql/"}

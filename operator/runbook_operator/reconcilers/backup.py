@@ -1,21 +1,29 @@
 """BackupPolicy: converge the CronJob, and derive status from facts.
 
-``reconcile`` checks what the pods will need (the referenced Secret keys, the recipients' public keys, the
-bucket), installs the bucket's lifecycle rule for abandoned multipart uploads, applies the children, then
-``observe``s the policy's Jobs and acts on a ``backup_now`` request. ``observe``: a Job that succeeded
-counts only when its manifest is in the bucket and matches (then expired backups are pruned); a Job that
-failed is recorded with the agent's one-line reason. Each step is level-based: running it again changes
-nothing. The Job watcher and the backup-now annotation run their one step through ``pass_named``.
+``reconcile`` ``observe``s the policy's Jobs, checks what the pods will need (the referenced Secret keys, the
+recipients' public keys, the bucket), installs the bucket's lifecycle rule for abandoned multipart uploads,
+applies the CronJob, and acts on a ``backup_now`` request. ``observe``: a Job that succeeded counts only when
+its manifest is in the bucket and matches (then expired backups are pruned); a Job that failed is recorded with
+the agent's one-line reason. Each step is level-based: running it again changes nothing.
+
+When a pass runs is ``PASSES``'s decision (level-triggered, as controller-runtime's GenerationChangedPredicate):
+on a new generation or backup-now token, when the CronJob differs from what the last pass applied (edited or
+deleted by hand), when a Job started or finished that status does not show yet, as a retry, and every
+``RECHECK`` seconds. An unchanged policy at rest costs no API call at all.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import itertools
 import logging
 import secrets
+import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 import botocore.exceptions
@@ -60,10 +68,15 @@ from .catalog import (
     verify_manifest,
 )
 from .jobs import failure_reason, job_outcome, job_pods
-from .runtime import Context, GrantsOf, Reconciler, Result, run_pass
+from .runtime import UNEXPECTED_RETRY, Context, GrantsOf, Reconciler, Result, as_failure, backoff, blocking, run_pass
 
 LOG = logging.getLogger(__name__)
 SCHEDULED_AT = "batch.kubernetes.io/cronjob-scheduled-timestamp"
+# Seconds an unchanged policy's reference checks (Secrets, the recipients' keys, the manifest key) are trusted
+# without a change of the policy, its CronJob or its Jobs: a Secret deleted meanwhile shows when the next Job
+# fails (its pass re-checks) or at this re-check, whichever comes first.
+RECHECK = 12 * 3600.0
+VERIFY_LATER = 60.0  # seconds until a Complete Job whose bucket could not be read is looked at again
 
 PolicyContext = Context[BackupPolicySpec, BackupPolicyStatus]
 Step = Callable[[PolicyContext], Result]
@@ -74,15 +87,73 @@ Step = Callable[[PolicyContext], Result]
 CHILDREN = {r.kind: r for r in (kube.CRON_JOBS,)}
 
 
-def apply_child(api: kube.Api, desired: dict[str, Any]) -> bool:
-    """Server-side apply unless the live object already has every desired value; whether it applied."""
+def apply_child(api: kube.Api, desired: dict[str, Any]) -> str | None:
+    """Server-side apply unless the live object already has every desired value: None when nothing was
+    applied, else "created" or "changed"."""
     resource = CHILDREN[desired["kind"]]
     namespace, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
     current = api.get(resource, namespace, name)
     if current is not None and contains(current, desired):
-        return False
+        return None
     api.apply(resource, namespace, desired)
-    return True
+    return "created" if current is None else "changed"
+
+
+class ReadOnce:
+    """``api`` whose GETs of Secrets and ConfigMaps are made once per pass: a pass reads one Secret for each
+    of its keys (the user name and the password, the S3 key id and its secret). Everything else is ``api``'s."""
+
+    CACHED = frozenset({kube.SECRETS.plural, kube.CONFIG_MAPS.plural})
+
+    def __init__(self, api: kube.Api) -> None:
+        self._api = api
+        self._read: dict[tuple[str, str, str], dict[str, Any] | None] = {}
+
+    @classmethod
+    def over(cls, api: kube.Api) -> kube.Api:
+        return cast(kube.Api, cls(api))
+
+    def get(self, resource: kube.Resource, namespace: str, name: str) -> dict[str, Any] | None:
+        if resource.plural not in self.CACHED:
+            return self._api.get(resource, namespace, name)
+        key = (resource.plural, namespace, name)
+        if key not in self._read:
+            self._read[key] = self._api.get(resource, namespace, name)
+        return self._read[key]
+
+    def create(self, resource: kube.Resource, namespace: str, body: Mapping[str, Any]) -> bool:
+        self._read.pop((resource.plural, namespace, str(body["metadata"]["name"])), None)
+        return self._api.create(resource, namespace, body)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._api, name)
+
+
+class Checked:
+    """Outcomes of checks that depend only on what they are keyed by, trusted for ``RECHECK`` seconds (memory
+    only; thread-safe enough: a lost race means one check too many)."""
+
+    def __init__(self) -> None:
+        self._when: dict[str, float] = {}
+
+    def fresh(self, key: str) -> bool:
+        when = self._when.get(key)
+        return when is not None and time.monotonic() - when < RECHECK
+
+    def passed(self, key: str) -> None:
+        now = time.monotonic()
+        if len(self._when) > 4096:  # bounded: drop what is stale anyway
+            self._when = {k: t for k, t in self._when.items() if now - t < RECHECK}
+        self._when[key] = now
+
+    def forget(self, key: str) -> None:
+        self._when.pop(key, None)
+
+
+# The recipients' keys by content (the armored keys and the pinned fingerprints): gpg runs once per content,
+# not once per pass. The namespaces whose manifest signing key was seen (forgotten when a Job there fails).
+RECIPIENTS_CHECKED = Checked()
+MANIFEST_KEYS = Checked()
 
 
 # --- reconcile ------------------------------------------------------------------------------------------
@@ -123,8 +194,12 @@ def check_references(api: kube.Api, namespace: str, spec: BackupPolicySpec) -> N
         ref_cm = gpg.recipients_config_map_ref
         field = "spec.encryption.gpg.recipientsConfigMapRef"
         armored = kube.config_map_value(api, namespace, ref_cm.name, ref_cm.key, field=field)
+        content = hashlib.sha256("\0".join([armored, *gpg.fingerprints]).encode()).hexdigest()
+        if RECIPIENTS_CHECKED.fresh(content):
+            return
         with GPG() as keyring:
             keyring.import_public_keys(armored, field=field, fingerprints=gpg.fingerprints)
+        RECIPIENTS_CHECKED.passed(content)
 
 
 def recipients_pinned(ctx: Context[Any, Any], gpg: GPGEncryption, field: str) -> None:
@@ -147,18 +222,20 @@ def recipients_pinned(ctx: Context[Any, Any], gpg: GPGEncryption, field: str) ->
 
 def ensure_manifest_key(api: kube.Api, namespace: str) -> None:
     """The namespace's manifest signing key exists (created when absent, never overwritten: a 409 means
-    another pass made it) and its value is one the log redactor scrubs."""
+    another pass made it) and its value is one the log redactor scrubs; once per namespace and ``RECHECK``."""
+    if MANIFEST_KEYS.fresh(namespace):  # seen (and its value registered) by an earlier pass
+        return
     field = f"Secret {MANIFEST_KEY_SECRET} (the namespace's manifest signing key)"
     try:
         kube.secret_value(api, namespace, MANIFEST_KEY_SECRET, MANIFEST_KEY_SECRET_KEY, field=field)
-        return
     except RunbookError as missing:
         if missing.reason != "SecretNotFound":
             raise
-    value = secrets.token_hex(32)
-    REDACTOR.register(value)
-    if not api.create(kube.SECRETS, namespace, build_manifest_key(namespace, value)):  # another pass made it
-        kube.secret_value(api, namespace, MANIFEST_KEY_SECRET, MANIFEST_KEY_SECRET_KEY, field=field)
+        value = secrets.token_hex(32)
+        REDACTOR.register(value)
+        if not api.create(kube.SECRETS, namespace, build_manifest_key(namespace, value)):  # another pass made it
+            kube.secret_value(api, namespace, MANIFEST_KEY_SECRET, MANIFEST_KEY_SECRET_KEY, field=field)
+    MANIFEST_KEYS.passed(namespace)
 
 
 def check_export_account(api: kube.Api, namespace: str, spec: BackupPolicySpec) -> None:
@@ -175,8 +252,9 @@ def check_export_account(api: kube.Api, namespace: str, spec: BackupPolicySpec) 
 
 
 def reconcile(ctx: PolicyContext) -> Result:
-    """Converge the children and the Ready condition, then status from the Jobs and a backup-now request.
-    A failure leaves phase Invalid (the spec) or Blocked (anything after it)."""
+    """Status from the Jobs (facts, whatever the references say now), then converge the CronJob and the Ready
+    condition, then a backup-now request. A failure leaves phase Invalid (the spec) or Blocked (anything
+    after it). Reads each referenced Secret once; writes only what differs (creation: the CronJob and status)."""
     try:
         spec = ctx.spec
     except RunbookError:
@@ -185,24 +263,22 @@ def reconcile(ctx: PolicyContext) -> Result:
     ctx.status.phase = BackupPolicyPhase.BLOCKED  # until this pass gets through
     namespace, name = ctx.namespace, ctx.name
     spec = confine(ctx, spec)
+    later = observe(ctx)
+    api = ReadOnce.over(ctx.api)
     source = spec.source
     ctx.plaintext(
         tenancy.plaintext_in_use(("spec.source.postgresql", source.postgresql), ("spec.source.redis", source.redis))
     )
     ctx.status.source_kind = spec.source.kind
     ctx.status.cron_job_name = cronjob_name(name)
-    check_references(ctx.api, namespace, spec)
-    check_export_account(ctx.api, namespace, spec)
-    ensure_manifest_key(ctx.api, namespace)
+    check_references(api, namespace, spec)
+    check_export_account(api, namespace, spec)
+    ensure_manifest_key(api, namespace)
     recipients_pinned(ctx, spec.encryption.gpg, "spec.encryption.gpg")
     location = spec.destination.s3
-    check_bucket(s3_client(ctx.api, namespace, location, field=S3_CREDENTIALS_FIELD), location)
-    uid = str(ctx.body["metadata"]["uid"])
-    cronjob = build_cronjob(
-        spec, namespace=namespace, policy=name, uid=uid, generation=ctx.generation or 1, image=agent_image()
-    )
-    if apply_child(ctx.api, cronjob):
-        ctx.event("Normal", "CronJobApplied", f"CronJob {cronjob_name(name)}: {spec.schedule}")
+    check_bucket(s3_client(api, namespace, location, field=S3_CREDENTIALS_FIELD), location)
+    if apply_child(ctx.api, desired_cronjob(ctx)) == "changed":  # a creation is told by status (cronJobName)
+        ctx.event("Normal", "CronJobApplied", f"CronJob {cronjob_name(name)} updated to the policy: {spec.schedule}")
     where = f"s3://{location.bucket}/{policy_folder(location, namespace, name)}"
     if spec.suspend:
         ctx.condition("Ready", "True", "Suspended", f"scheduled backups are suspended; backups go to {where}")
@@ -213,10 +289,17 @@ def reconcile(ctx: PolicyContext) -> Result:
         metrics.BACKUP_SCHEDULE_INTERVAL.remove(*series)  # a suspended policy is never overdue
     else:
         metrics.BACKUP_SCHEDULE_INTERVAL.labels(*series).set(schedule_interval(spec.schedule, spec.time_zone))
-    observe(ctx)
     backup_now(ctx)
     ctx.status.phase = BackupPolicyPhase.SUSPENDED if spec.suspend else BackupPolicyPhase.SCHEDULED
-    return Result.done()
+    return later
+
+
+def desired_cronjob(ctx: PolicyContext) -> dict[str, Any]:
+    """The CronJob of the pass's (confined) spec."""
+    uid = str(ctx.body["metadata"]["uid"])
+    return build_cronjob(
+        ctx.spec, namespace=ctx.namespace, policy=ctx.name, uid=uid, generation=ctx.generation or 1, image=agent_image()
+    )
 
 
 def confine(ctx: PolicyContext, spec: BackupPolicySpec) -> BackupPolicySpec:
@@ -249,12 +332,11 @@ def backup_now(ctx: PolicyContext) -> Result:
     return Result.done()
 
 
-def pass_named(api: kube.Api, namespace: str, name: str, step: Step, grants: GrantsOf | None = None) -> Result:
-    """One pass of ``step`` over the policy as it is now (the Job watcher and backup-now know only its
-    name, or hold an older copy); nothing when it is gone or being deleted."""
-    body = api.get(POLICY.resource, namespace, name)
-    if body is None or body["metadata"].get("deletionTimestamp"):
-        return Result.done()
+def run_step(
+    api: kube.Api, body: Mapping[str, Any], step: Step, grants: GrantsOf | None = None, failures: int = 0
+) -> tuple[Result, PolicyContext]:
+    """One pass of ``step`` over ``body`` (its spec confined by the tenancy rules first), blocking; the pass's
+    context comes back too (what it applied is derived from it)."""
 
     def confined(ctx: PolicyContext) -> Result:
         try:
@@ -264,7 +346,201 @@ def pass_named(api: kube.Api, namespace: str, name: str, step: Step, grants: Gra
         confine(ctx, spec)
         return step(ctx)
 
-    return run_pass(Context.of(POLICY, body, api, grants=grants), confined)
+    ctx = Context.of(POLICY, body, api, grants=grants)
+    return run_pass(ctx, step if step is reconcile else confined, failures=failures), ctx
+
+
+def pass_named(api: kube.Api, namespace: str, name: str, step: Step, grants: GrantsOf | None = None) -> Result:
+    """One pass of ``step`` over the policy as it is now (for callers that know only its name, or hold an
+    older copy); nothing when it is gone or being deleted."""
+    body = api.get(POLICY.resource, namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return Result.done()
+    return run_step(api, body, step, grants)[0]
+
+
+# --- when a pass runs -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Known:
+    """What the operator remembers of one policy between passes. Memory only: after a restart the first event
+    of each policy finds nothing known and runs a full pass."""
+
+    uid: str | None = None
+    generation: int | None = None  # of the last full pass (None: none yet)
+    token: str | None = None  # the backup-now token the last pass handled
+    cronjob: dict[str, Any] | None = None  # what the last good pass converged the CronJob to
+    status: Mapping[str, Any] = field(default_factory=dict)  # the policy's status as its latest event showed it
+    failures: int = 0  # consecutive failed passes (the retry's backoff)
+    grants: GrantsOf | None = None
+    timer: asyncio.TimerHandle | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def wanted(known: Known | None, body: Mapping[str, Any]) -> Step | None:
+    """The pass a policy event asks for: a full one on first sight or a new generation, the backup-now step
+    for a new token, else none (an event of our own status write, a label, a re-listing)."""
+    metadata = body["metadata"]
+    if metadata.get("deletionTimestamp"):
+        return None  # its finalizer (deletionPolicy Delete) takes over
+    if known is None or known.uid != metadata["uid"] or known.generation != metadata.get("generation"):
+        return reconcile
+    token = (metadata.get("annotations") or {}).get(BACKUP_NOW)
+    if token and token not in (known.token, (body.get("status") or {}).get("backupNow")):
+        return backup_now
+    return None
+
+
+def job_reflected(status: Mapping[str, Any], job: Mapping[str, Any]) -> bool:
+    """Whether the policy's status already shows what ``job`` says (``observe`` would change nothing for it):
+    its start in lastScheduleTime, its outcome in lastSuccessfulBackup or lastFailure, or a newer one there."""
+    outcome = job_outcome(job)
+    if outcome is None:
+        scheduled = (job["metadata"].get("annotations") or {}).get(SCHEDULED_AT)
+        started = parse_time(scheduled or job["metadata"].get("creationTimestamp"))
+        shown = parse_time(status.get("lastScheduleTime"))
+        return started is not None and shown is not None and shown >= started
+    records = [r for r in (status.get("lastSuccessfulBackup"), status.get("lastFailure")) if r]
+    if job["metadata"]["name"] in [r.get("job") for r in records]:
+        return True
+    latest = max((t for r in records if (t := parse_time(r.get("time")))), default=None)
+    return latest is not None and outcome[1] < latest
+
+
+class Passes:
+    """Every BackupPolicy's passes: at most one at a time per policy, started by the kopf events main.py hands
+    over (of the policies, their CronJobs and their Jobs), and the next one timed (a retry, a deferred
+    verification, the ``RECHECK``). Events that change nothing the pass depends on cost no API call."""
+
+    def __init__(self, api: Callable[[], kube.Api] = kube.KubeApi, recheck: float = RECHECK) -> None:
+        self.api = api
+        self.recheck = recheck
+        self.known: dict[tuple[str, str], Known] = {}
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    async def policy_event(self, type: str | None, body: Mapping[str, Any], grants: GrantsOf) -> None:
+        metadata = body["metadata"]
+        key = (str(metadata["namespace"]), str(metadata["name"]))
+        if type == "DELETED":
+            self.forget(key)
+            metrics.forget_backup_policy(*key)
+            return
+        known = self.known.get(key)
+        if known is not None:
+            known.status, known.grants = dict(body.get("status") or {}), grants
+        if metadata.get("deletionTimestamp"):
+            self._stop_timer(known)
+            return
+        step = wanted(known, body)
+        if step is not None:
+            await self.run(key, step, dict(body), grants, unless=lambda now: wanted(now, body) is None)
+
+    async def cronjob_event(self, type: str | None, body: Mapping[str, Any], grants: GrantsOf) -> None:
+        """A CronJob of ours edited or deleted by hand (it no longer has what the last pass applied): a pass."""
+        metadata = body["metadata"]
+        policy = str((metadata.get("labels") or {}).get(POLICY_LABEL))
+        key = (str(metadata["namespace"]), policy)
+        known = self.known.get(key)
+        if known is None or known.cronjob is None or metadata["name"] != cronjob_name(policy):
+            return  # no pass applied it yet (the policy's first pass, or its retry, will)
+        live = dict(body)
+
+        def unchanged(now: Known) -> bool:
+            return type != "DELETED" and now.cronjob is not None and contains(live, now.cronjob)
+
+        if not unchanged(known):
+            await self.run(key, reconcile, None, grants, unless=unchanged)
+
+    async def job_event(self, type: str | None, body: Mapping[str, Any], grants: GrantsOf) -> None:
+        """A Job of the policy started or finished and status does not show it yet: a full pass (it records the
+        outcome and re-checks the references: a Secret deleted since shows when the Job fails)."""
+        metadata = body["metadata"]
+        policy = str((metadata.get("labels") or {}).get(POLICY_LABEL))
+        owner = cronjob_name(policy)
+        owned = any(r.get("kind") == "CronJob" and r.get("name") == owner for r in metadata.get("ownerReferences", []))
+        if type == "DELETED" or not owned:
+            return
+        key = (str(metadata["namespace"]), policy)
+        known = self.known.get(key)
+        if known is not None and job_reflected(known.status, body):
+            return
+        if (job_outcome(body) or ("",))[0] == "Failed":
+            MANIFEST_KEYS.forget(key[0])  # the run may have failed for want of it
+        await self.run(key, reconcile, None, grants, unless=lambda now: job_reflected(now.status, body))
+
+    async def run(
+        self,
+        key: tuple[str, str],
+        step: Step,
+        body: dict[str, Any] | None,
+        grants: GrantsOf | None,
+        *,
+        unless: Callable[[Known], bool] | None = None,
+    ) -> None:
+        """One pass of ``step`` (over ``body``, else the policy as the API server has it now), then the next
+        one timed; none when ``unless`` says, once the policy's earlier pass is over, that it is not needed any
+        more. Never raises: a failure is retried with backoff."""
+        known = self.known.setdefault(key, Known())
+        known.grants = grants or known.grants
+        async with known.lock:
+            if unless is not None and unless(known):
+                return
+            self._stop_timer(known)
+            api = self.api()
+            try:
+                if body is None:
+                    body = await blocking(api.get, POLICY.resource, *key)
+                if body is None:
+                    self.forget(key)
+                    return
+                if body["metadata"].get("deletionTimestamp"):
+                    return
+                if known.uid != body["metadata"]["uid"]:  # first sight, or deleted and created again
+                    known.uid, known.generation, known.cronjob, known.failures = body["metadata"]["uid"], None, None, 0
+                result, ctx = await blocking(run_step, api, body, step, known.grants, known.failures)
+            except Exception as error:  # the API server refused a read or the status write: retry
+                result = Result(requeue_after=backoff(UNEXPECTED_RETRY, known.failures + 1), error=as_failure(error))
+                LOG.warning("BackupPolicy %s/%s: %s; retrying in %.0f s", *key, result.error, result.requeue_after)
+                known.failures += 1
+                self._time(key, known, result)
+                return
+            known.failures = known.failures + 1 if result.error is not None else 0
+            known.token = ctx.status.backup_now
+            known.status = ctx.status.model_dump(by_alias=True, exclude_none=True, mode="json")
+            if step is reconcile:
+                known.generation = ctx.generation
+                known.cronjob = desired_cronjob(ctx) if result.error is None else None
+            self._time(key, known, result)
+
+    def _time(self, key: tuple[str, str], known: Known, result: Result) -> None:
+        if result.finished:
+            return
+        delay = result.requeue_after
+        if result.error is None:  # the re-check, spread so that policies made together do not re-check together
+            spread = int(hashlib.sha256("/".join(key).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+            recheck = self.recheck * (0.9 + 0.1 * spread)
+            delay = recheck if delay is None else min(delay, recheck)
+        if delay is None:
+            return  # a failure that waits for a change of the policy
+        known.timer = asyncio.get_running_loop().call_later(delay, self._timed, key)
+
+    def _timed(self, key: tuple[str, str]) -> None:
+        task = asyncio.ensure_future(self.run(key, reconcile, None, None))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    def _stop_timer(known: Known | None) -> None:
+        if known is not None and known.timer is not None:
+            known.timer.cancel()
+            known.timer = None
+
+    def forget(self, key: tuple[str, str]) -> None:
+        self._stop_timer(self.known.pop(key, None))
+
+
+PASSES = Passes()
 
 
 # --- observe: status from the Jobs and the bucket -------------------------------------------------------
@@ -301,6 +577,7 @@ def observe(ctx: PolicyContext) -> Result:
             status.last_schedule_time = started
             ctx.event("Normal", "BackupStarted", f"Job {newest['metadata']['name']} started")
     success, failure = status.last_successful_backup, status.last_failure
+    deferred: list[str] = []
     finished = sorted(((job, *outcome) for job in jobs if (outcome := job_outcome(job))), key=lambda t: t[2])
     for job, state, when in finished:
         job_name = job["metadata"]["name"]
@@ -309,7 +586,7 @@ def observe(ctx: PolicyContext) -> Result:
         if job_name in [r.job for r in seen] or (latest is not None and when < latest):
             continue
         if state == "Complete":
-            recorded = _record_success(ctx, spec, job, labels)
+            recorded = _record_success(ctx, spec, job, labels, deferred)
             if recorded is not None:
                 success = recorded
                 continue
@@ -318,13 +595,14 @@ def observe(ctx: PolicyContext) -> Result:
             reason, message = failure_reason(job, job_pods(ctx.api, namespace, job_name))
             failure = _record_failure(ctx, job=job_name, when=when, reason=reason, message=message, labels=labels)
     _set_metrics(labels, status)
-    return Result.done()
+    return Result.after(VERIFY_LATER) if deferred else Result.done()
 
 
 def _record_success(
-    ctx: PolicyContext, spec: BackupPolicySpec, job: Mapping[str, Any], labels: dict[str, str]
+    ctx: PolicyContext, spec: BackupPolicySpec, job: Mapping[str, Any], labels: dict[str, str], deferred: list[str]
 ) -> BackupRecord | None:
-    """Count a Complete Job when its manifest is in the bucket and matches; else record why it does not."""
+    """Count a Complete Job when its manifest is in the bucket and matches; else record why it does not (or,
+    when the bucket cannot be read now, add the Job to ``deferred``)."""
     namespace, name = ctx.namespace, ctx.name
     job_name = job["metadata"]["name"]
     location = spec.destination.s3
@@ -334,9 +612,10 @@ def _record_success(
         manifest = find_manifest(client, location, namespace=namespace, policy=name, job=job_name, created=created)
         problem = "no manifest.json was written" if manifest is None else verify_manifest(client, location, manifest)
     except (RunbookError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
-        # The bucket cannot be checked right now: decide on the next pass (the policy's timer) instead.
+        # The bucket cannot be checked right now: decide on a later pass (``VERIFY_LATER``) instead.
         message = error.message if isinstance(error, RunbookError) else s3_error(error, location).message
         LOG.warning("cannot verify the backup of Job %s yet: %s", job_name, message)
+        deferred.append(job_name)
         return None
     outcome = job_outcome(job)
     assert outcome is not None
