@@ -11,13 +11,13 @@ from __future__ import annotations
 import copy
 import itertools
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes.client import ApiException
 
-from runbook_operator.clients.kube import PODS, Resource
+from runbook_operator.clients.kube import LOG_CHUNK, PODS, Resource
 
 WRITES = frozenset({"create", "apply", "patch", "delete"})
 
@@ -144,7 +144,7 @@ class FakeApi:
         self._record(Call("delete", resource.plural, namespace, name))
         return self.objects.pop((resource.plural, namespace, name), None) is not None
 
-    def read_log(
+    def stream_log(
         self,
         namespace: str,
         pod: str,
@@ -154,6 +154,10 @@ class FakeApi:
         previous: bool = False,
         timestamps: bool = False,
         timeout: float | None = None,
-    ) -> str:
+    ) -> Iterator[bytes]:
+        """The pod's log from ``logs`` (the same for every container and run; none: empty), its first
+        ``limit_bytes``, in chunks of LOG_CHUNK."""
         self._record(Call("get", PODS.plural, namespace, pod, "log"))
-        return self.logs.get((namespace, pod), "")[-limit_bytes:]
+        data = self.logs.get((namespace, pod), "").encode()[:limit_bytes]
+        for start in range(0, len(data), LOG_CHUNK):
+            yield data[start : start + LOG_CHUNK]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,6 +36,7 @@ def api_client() -> ApiClient:
 APPLY_PATCH = "application/apply-patch+yaml"
 MERGE_PATCH = "application/merge-patch+json"
 REQUEST_TIMEOUT = (10.0, 60.0)  # connect, read: no call waits forever on a stalled API server
+LOG_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class Api(Protocol):
     def delete(self, resource: Resource, namespace: str, name: str) -> bool:
         """Delete in the background (dependents follow); False when it was gone already."""
 
-    def read_log(
+    def stream_log(
         self,
         namespace: str,
         pod: str,
@@ -118,9 +119,10 @@ class Api(Protocol):
         previous: bool = False,
         timestamps: bool = False,
         timeout: float | None = None,
-    ) -> str:
-        """The tail of a container's log (``previous``: of its last terminated run; ``timeout``: seconds, for
-        a kubelet that may not answer)."""
+    ) -> Iterator[bytes]:
+        """A container's log (its first ``limit_bytes``) in chunks as they arrive, the request made on the first
+        ``next`` and closed with the iterator (``previous``: of its last terminated run; ``timeout``: seconds
+        per read, for a kubelet that may not answer)."""
 
 
 def _status(error: ApiException) -> int:
@@ -230,7 +232,7 @@ class KubeApi:
             raise
         return True
 
-    def read_log(
+    def stream_log(
         self,
         namespace: str,
         pod: str,
@@ -240,13 +242,24 @@ class KubeApi:
         previous: bool = False,
         timestamps: bool = False,
         timeout: float | None = None,
-    ) -> str:
+    ) -> Iterator[bytes]:
         query: list[tuple[str, Any]] = [("container", container), ("limitBytes", limit_bytes)]
         query += [(flag, "true") for flag, wanted in (("previous", previous), ("timestamps", timestamps)) if wanted]
-        text: str = self._call(
-            "GET", PODS.path(namespace, pod, "log"), query=query, raw=True, timeout=timeout or REQUEST_TIMEOUT
+        response = self.client.call_api(
+            PODS.path(namespace, pod, "log"),
+            "GET",
+            query_params=query,
+            header_params={"Accept": "text/plain"},
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _return_http_data_only=True,
+            _request_timeout=timeout or REQUEST_TIMEOUT,
         )
-        return text
+        try:
+            yield from response.stream(LOG_CHUNK)
+        finally:  # a log read to its end has given its connection back already; one left early is closed
+            response.close()
+            response.release_conn()
 
 
 def secret_value(api: Api, namespace: str, name: str, key: str, *, field: str, redact: bool = True) -> str:
