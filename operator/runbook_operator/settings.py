@@ -66,6 +66,17 @@ class Settings(BaseModel):
         return cls.model_validate(values)
 
 
+# Threads that call out besides the workers: evidence's parallel log reads, the containment path.
+POOL_HEADROOM = 12
+
+
+def connection_pool_size() -> int:
+    """Connections per host a shared client (Kubernetes, S3) keeps open: every worker (``RUNBOOK_MAX_WORKERS``)
+    plus POOL_HEADROOM, so no worker's connection is made for one request and thrown away ("Connection pool is
+    full")."""
+    return Settings.from_env().max_workers + POOL_HEADROOM
+
+
 def agent_image() -> str:
     """The image of the backup/restore agent pods (``RUNBOOK_AGENT_IMAGE``), as the environment says now."""
     return Settings.from_env().agent_image

@@ -10,15 +10,31 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import kubernetes
+import urllib3
 from kubernetes.client import ApiClient, ApiException
 
 from ..errors import RunbookError
 from ..logs import REDACTOR
+from ..settings import connection_pool_size
+
+REQUEST_TIMEOUT = (10.0, 60.0)  # connect, read: no call waits forever on a stalled API server
+# Connection failures (the request never sent) are retried twice; a read that timed out is not (the server may
+# have acted on it): one call takes at most 3 x 10 s + 60 s.
+RETRIES = urllib3.Retry(total=2, connect=2, read=0, backoff_factor=0.2)
+
+
+class _BoundedApiClient(ApiClient):  # type: ignore[misc]  # the library is untyped
+    """An ``ApiClient`` whose requests without a timeout of their own get REQUEST_TIMEOUT (the library's
+    default is none at all), whichever API class or ``call_api`` makes them."""
+
+    def request(self, *args: Any, _request_timeout: Any = None, **kwargs: Any) -> Any:
+        return super().request(*args, _request_timeout=_request_timeout or REQUEST_TIMEOUT, **kwargs)
 
 
 @functools.cache
 def api_client() -> ApiClient:
-    """One shared client: in-cluster credentials in a pod, else $KUBECONFIG or ~/.kube/config."""
+    """One shared client: in-cluster credentials in a pod, else $KUBECONFIG or ~/.kube/config; a connection
+    pool for every worker (``connection_pool_size``), REQUEST_TIMEOUT on every request, RETRIES."""
     configuration = kubernetes.client.Configuration()
     try:
         kubernetes.config.load_incluster_config(client_configuration=configuration)
@@ -26,7 +42,9 @@ def api_client() -> ApiClient:
         kubernetes.config.load_kube_config(client_configuration=configuration)
     for credential in (*configuration.api_key.values(), configuration.password):  # the bearer token
         REDACTOR.register(str(credential).removeprefix("Bearer ") if credential else None)
-    return ApiClient(configuration)
+    configuration.connection_pool_maxsize = connection_pool_size()
+    configuration.retries = RETRIES
+    return _BoundedApiClient(configuration)
 
 
 # --- The one way reconcilers reach the API server -------------------------------------------------------

@@ -12,12 +12,36 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-CONNECT_TIMEOUT = 10
+CONNECT_TIMEOUT = 10  # seconds, per address, for the whole start-up (TCP, TLS, authentication)
+# A peer that vanished is noticed within ~30 s: data unacknowledged for 30 s, or an idle connection after 10 s
+# and 3 unanswered probes 5 s apart.
+NETWORK_OPTIONS = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """Server-side limits of a session, in seconds: a statement, a wait for a lock, a transaction left idle."""
+
+    statement: float
+    lock: float
+    idle_in_transaction: float
+
+
+# The operator's sessions (rotation's role checks and ALTER ROLE: milliseconds of work). The agents' sessions have
+# none: a backup counts every table's rows and keeps its snapshot's transaction open while pg_dump runs.
+OPERATOR_LIMITS = SessionLimits(statement=30, lock=10, idle_in_transaction=60)
 
 
 def refused(error: psycopg.OperationalError) -> bool:
@@ -29,7 +53,14 @@ def refused(error: psycopg.OperationalError) -> bool:
 
 
 def connect(
-    *, host: str, port: int, database: str, user: str, password: str, ca: str | None = None
+    *,
+    host: str,
+    port: int,
+    database: str,
+    user: str,
+    password: str,
+    ca: str | None = None,
+    limits: SessionLimits | None = None,
 ) -> psycopg.Connection[Any]:
     """An autocommit connection; raises ``psycopg.OperationalError`` when the server is unreachable, its
     certificate fails verification (see ``tls_problem``) or it asks for anything but SCRAM-SHA-256.
@@ -41,8 +72,29 @@ def connect(
     before answering), and ``gssencmode=disable``, as GSSAPI encryption would be used instead of TLS whatever
     sslmode says. libpq reads the CA from a file path: it is given an anonymous memory file
     (``/proc/self/fd/<n>``), closed as soon as the connection is made, so nothing is left in any directory.
+
+    Always CONNECT_TIMEOUT and NETWORK_OPTIONS; ``limits`` are set on the session right after (``set_config``,
+    not the ``options`` start-up parameter, which connection poolers such as PgBouncer refuse).
     """
+    conn = _connect(host=host, port=port, database=database, user=user, password=password, ca=ca)
+    if limits is not None:
+        try:
+            conn.execute(
+                "SELECT set_config('statement_timeout', %s, false), set_config('lock_timeout', %s, false),"
+                " set_config('idle_in_transaction_session_timeout', %s, false)",
+                [f"{int(seconds * 1000)}ms" for seconds in (limits.statement, limits.lock, limits.idle_in_transaction)],
+            )
+        except BaseException:
+            conn.close()
+            raise
+    return conn
+
+
+def _connect(
+    *, host: str, port: int, database: str, user: str, password: str, ca: str | None
+) -> psycopg.Connection[Any]:
     options: dict[str, Any] = {
+        **NETWORK_OPTIONS,
         "host": host,
         "port": port,
         "dbname": database,
@@ -151,10 +203,13 @@ def set_member_password(conn: psycopg.Connection[Any], role: str, group: str, pa
 
 
 def login_works(*, host: str, port: int, database: str, user: str, password: str, ca: str | None = None) -> bool:
-    """Whether this login is accepted (``connect``'s TLS and SCRAM rules); raises ``psycopg.OperationalError``
-    when the server is unreachable, fails TLS verification or does not offer SCRAM-SHA-256."""
+    """Whether this login is accepted (``connect``'s TLS and SCRAM rules, OPERATOR_LIMITS); raises
+    ``psycopg.OperationalError`` when the server is unreachable, fails TLS verification or does not offer
+    SCRAM-SHA-256."""
     try:
-        with connect(host=host, port=port, database=database, user=user, password=password, ca=ca) as conn:
+        with connect(
+            host=host, port=port, database=database, user=user, password=password, ca=ca, limits=OPERATOR_LIMITS
+        ) as conn:
             conn.execute("SELECT 1")
     except psycopg.OperationalError as error:
         if refused(error):

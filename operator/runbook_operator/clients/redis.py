@@ -24,12 +24,17 @@ from typing import Any
 
 import redis
 import redis.connection
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from ..logs import REDACTOR
 from ..models import sources
 from ..models.sources import RedisCommands, RedisTLS
 
-TIMEOUT = 10
+TIMEOUT = 10  # seconds: to connect (TCP and TLS handshake), and for each answer
+# redis-py retries a command 10 times by default; once here, so a command that gets no answer takes at most
+# 2 x (10 s + 10 s) + 1 s.
+RETRY = Retry(ExponentialWithJitterBackoff(base=0.1, cap=1.0), retries=1)
 TLS_CERT_KEY, TLS_KEY_KEY = sources.TLS_CERT_KEY, sources.TLS_KEY_KEY  # the kubernetes.io/tls Secret's keys
 
 
@@ -122,6 +127,7 @@ def connect(
         "password": password,
         "socket_timeout": TIMEOUT,
         "socket_connect_timeout": TIMEOUT,
+        "retry": RETRY,
     }
     if tls is not None and tls.enabled:
         context = tls_context(tls, material or TLSMaterial())

@@ -1,9 +1,21 @@
-"""S3 (or any S3-compatible service) through boto3: streaming multipart uploads, listing, deletion."""
+"""S3 (or any S3-compatible service) through boto3: streaming multipart uploads, listing, deletion, the
+lifecycle rule, and the operator's cache of clients.
+
+Every call has a known worst case: ``Timeouts`` bounds the TCP connect, each wait for response bytes, and the
+number of attempts (botocore's standard retry mode, whose backoff before a retry is at most 2^(n-1) s).
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import hmac
 import json
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,20 +30,110 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 PART_SIZE = 8 * 1024 * 1024  # S3's minimum part is 5 MiB; 8 MiB keeps memory bounded and requests few
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds to open a connection and to wait for each read of an answer; attempts in all (the first
+    included). ``worst_case``: the longest one call can take (every attempt timing out, plus the backoffs)."""
+
+    connect: float
+    read: float
+    attempts: int
+
+    @property
+    def worst_case(self) -> float:
+        backoffs = sum(min(2.0 ** (n - 1), 20.0) for n in range(1, self.attempts))
+        return self.attempts * (self.connect + self.read) + backoffs
+
+
+# The operator's calls (HEAD, lifecycle, listings, manifests, evidence parts) are small: a stuck endpoint costs
+# a worker 2 x (5 + 10) + 1 = 31 s at most, 21 s when it accepts the connection and never answers.
+OPERATOR_TIMEOUTS = Timeouts(connect=5.0, read=10.0, attempts=2)
+# The agents' transfers (8 MiB parts, streamed downloads) in their Jobs: botocore's 60 s reads, 4 attempts.
+TRANSFER_TIMEOUTS = Timeouts(connect=10.0, read=60.0, attempts=4)
 
 
 def make_client(
-    location: S3Location, access_key_id: str | None = None, secret_access_key: str | None = None
+    location: S3Location,
+    access_key_id: str | None = None,
+    secret_access_key: str | None = None,
+    *,
+    timeouts: Timeouts = TRANSFER_TIMEOUTS,
+    pool_size: int = 10,
 ) -> S3Client:
-    """A client for the location; ambient credentials (IRSA, env) when no keys are given."""
-    return boto3.client(
-        "s3",
-        region_name=location.region,
-        endpoint_url=location.endpoint,
-        aws_access_key_id=access_key_id,
-        aws_secret_access_key=secret_access_key,
-        config=Config(retries={"max_attempts": 3, "mode": "standard"}, s3={"addressing_style": "path"}),
+    """A client for the location; ambient credentials (IRSA, env) when no keys are given. ``pool_size``:
+    connections kept open, at least the threads that share the client (botocore's default is 10)."""
+    config = Config(
+        connect_timeout=timeouts.connect,
+        read_timeout=timeouts.read,
+        retries={"total_max_attempts": timeouts.attempts, "mode": "standard"},
+        max_pool_connections=pool_size,
+        s3={"addressing_style": "path"},
     )
+    with _SESSION_LOCK:  # a boto3 Session is not thread-safe; the clients it makes are
+        return _session().client(
+            "s3",
+            region_name=location.region,
+            endpoint_url=location.endpoint,
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
+            config=config,
+        )
+
+
+_SESSION_LOCK = threading.Lock()
+
+
+@functools.cache
+def _session() -> boto3.session.Session:
+    """One session for every client: its loaders' caches make a client's creation cheap after the first."""
+    return boto3.session.Session()
+
+
+# --- the operator's clients: one per endpoint, region and credentials -----------------------------------------
+# A boto3 client costs ~10 ms of CPU to make (and its own connection pool), so the operator keeps one per
+# (endpoint, region, credentials) and shares it between its workers (boto3 clients are thread-safe). The
+# credentials are in the key only as an HMAC under a key made at start-up: no secret is kept in a key, and a
+# digest cannot be matched against a guessed secret outside this process. At most CLIENT_CACHE_SIZE clients
+# (least recently used go first); a rotated key simply makes a new entry and the old one ages out.
+
+CLIENT_CACHE_SIZE = 64
+_DIGEST_KEY = secrets.token_bytes(32)
+_clients: OrderedDict[tuple[str | None, str, str], S3Client] = OrderedDict()
+_clients_lock = threading.Lock()
+
+
+def credentials_digest(access_key_id: str | None, secret_access_key: str | None) -> str:
+    """The identity of a key pair in this process (never the keys); ``ambient`` for none."""
+    if access_key_id is None and secret_access_key is None:
+        return "ambient"
+    message = f"{access_key_id or ''}\0{secret_access_key or ''}".encode()
+    return hmac.new(_DIGEST_KEY, message, hashlib.sha256).hexdigest()[:32]
+
+
+def shared_client(
+    location: S3Location,
+    access_key_id: str | None = None,
+    secret_access_key: str | None = None,
+    *,
+    pool_size: int = 10,
+) -> S3Client:
+    """The operator's client for the location's endpoint and region with these keys (``OPERATOR_TIMEOUTS``)."""
+    key = (location.endpoint, location.region, credentials_digest(access_key_id, secret_access_key))
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is not None:
+            _clients.move_to_end(key)
+            return client
+    made = make_client(location, access_key_id, secret_access_key, timeouts=OPERATOR_TIMEOUTS, pool_size=pool_size)
+    with _clients_lock:
+        client = _clients.setdefault(key, made)  # another thread's, when it made one first
+        _clients.move_to_end(key)
+        while len(_clients) > CLIENT_CACHE_SIZE:
+            _clients.popitem(last=False)
+    return client
 
 
 def _sse(location: S3Location) -> dict[str, Any]:
@@ -152,27 +254,67 @@ def delete_keys(client: S3Client, location: S3Location, keys: list[str]) -> None
         client.delete_objects(Bucket=location.bucket, Delete={"Objects": batch, "Quiet": True})  # type: ignore[typeddict-item]
 
 
-def ensure_abort_incomplete_uploads(client: S3Client, location: S3Location, days: int = 1) -> bool:
-    """A lifecycle rule that aborts multipart uploads left open under the location's prefix (a run killed
-    before it could abort). Other rules of the bucket are kept; returns whether the configuration changed."""
+# --- the lifecycle rule ---------------------------------------------------------------------------------------
+# A bucket has one lifecycle configuration, replaced whole by each PUT, and S3 has no conditional PUT for it
+# (no ETag or version to compare): two writers that each read, add their rule and write lose one of the rules.
+# So in this process one writer per bucket at a time (a lock stripe per endpoint and bucket), and after the
+# PUT a read that verifies the rule, the whole repeated a bounded number of times when another writer (another
+# process) replaced the configuration in between.
+
+LIFECYCLE_ATTEMPTS = 3
+_BUCKET_LOCKS = tuple(threading.Lock() for _ in range(32))
+
+
+def abort_incomplete_uploads_rule(location: S3Location, days: int = 1) -> dict[str, Any]:
+    """The lifecycle rule that aborts multipart uploads left open under the location's prefix (a run killed
+    before it could abort)."""
     prefix = f"{location.prefix}/" if location.prefix else ""
-    rule: dict[str, Any] = {
+    return {
         "ID": f"runbook-abort-incomplete-uploads:{prefix or '*'}"[:255],
         "Filter": {"Prefix": prefix},
         "Status": "Enabled",
         "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": days},
     }
+
+
+def lifecycle_rules(client: S3Client, bucket: str) -> list[dict[str, Any]]:
     try:
-        rules = client.get_bucket_lifecycle_configuration(Bucket=location.bucket)["Rules"]
+        rules: list[dict[str, Any]] = client.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]  # type: ignore[assignment]
     except client.exceptions.ClientError as error:
         if error.response.get("Error", {}).get("Code") != "NoSuchLifecycleConfiguration":
             raise
-        rules = []
-    others = [r for r in rules if r.get("ID") != rule["ID"]]
-    if len(others) < len(rules) and next(r for r in rules if r.get("ID") == rule["ID"]) == rule:
-        return False
-    client.put_bucket_lifecycle_configuration(
-        Bucket=location.bucket,
-        LifecycleConfiguration={"Rules": [*others, rule]},  # type: ignore[list-item]
+        return []
+    return rules
+
+
+def ensure_abort_incomplete_uploads(client: S3Client, location: S3Location, days: int = 1) -> bool:
+    """The location's ``abort_incomplete_uploads_rule`` is in the bucket's lifecycle configuration; other rules
+    are kept. Returns whether this call changed the configuration. Safe with any number of threads of this
+    process; another writer's concurrent replacement is detected and repaired up to LIFECYCLE_ATTEMPTS times
+    (after that a warning: the next check tries again)."""
+    rule = abort_incomplete_uploads_rule(location, days)
+    with _BUCKET_LOCKS[hash((location.endpoint, location.bucket)) % len(_BUCKET_LOCKS)]:
+        changed = False
+        rules = lifecycle_rules(client, location.bucket)
+        for _ in range(LIFECYCLE_ATTEMPTS):
+            if rule in rules:
+                return changed
+            if changed:  # the read after our PUT lacks the rule: another writer replaced the configuration
+                LOG.warning("bucket %s: the lifecycle configuration was replaced concurrently", location.bucket)
+                time.sleep(secrets.SystemRandom().uniform(0.2, 1.0))  # let it finish, then merge with what it wrote
+                rules = lifecycle_rules(client, location.bucket)
+            kept = [r for r in rules if r.get("ID") != rule["ID"]]
+            client.put_bucket_lifecycle_configuration(
+                Bucket=location.bucket,
+                LifecycleConfiguration={"Rules": [*kept, rule]},  # type: ignore[list-item]
+            )
+            changed = True
+            rules = lifecycle_rules(client, location.bucket)  # verify
+        if rule in rules:
+            return changed
+    LOG.warning(
+        "bucket %s: another writer keeps replacing the lifecycle configuration; the rule %s is missing",
+        location.bucket,
+        rule["ID"],
     )
-    return True
+    return changed

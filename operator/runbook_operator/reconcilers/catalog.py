@@ -7,6 +7,9 @@ these functions only. Layout: ``<prefix>/<namespace>/<policy>/<UTC timestamp>/{<
 
 from __future__ import annotations
 
+import threading
+import time
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,6 +24,7 @@ from ..models.backup import Retention
 from ..models.common import parse_duration
 from ..models.plans import MANIFEST, format_timestamp, parse_timestamp, policy_folder
 from ..models.sources import S3Location
+from ..settings import connection_pool_size
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -30,16 +34,32 @@ _CLOCK_SKEW = timedelta(minutes=10)  # a run's folder is named by the pod's cloc
 
 
 def s3_client(api: kube.Api, namespace: str, location: S3Location, *, field: str) -> S3Client:
-    """A client with the keys of the location's Secret (``field`` names it in errors), or ambient ones."""
+    """The operator's shared client (``s3.shared_client``: one per endpoint, region and keys, bounded by
+    ``s3.OPERATOR_TIMEOUTS``) with the keys of the location's Secret (``field`` names it in errors), or ambient
+    ones."""
     ref = location.credentials_secret_ref
+    pool = connection_pool_size()
     if ref is None:
-        return s3.make_client(location)
+        return s3.shared_client(location, pool_size=pool)
     key_id = kube.secret_value(api, namespace, ref.name, ref.access_key_id_key, field=field)
     secret = kube.secret_value(api, namespace, ref.name, ref.secret_access_key_key, field=field)
-    return s3.make_client(location, key_id, secret)
+    return s3.shared_client(location, key_id, secret, pool_size=pool)
 
 
 def s3_error(error: Exception, location: S3Location) -> RunbookError:
+    """The RunbookError of a failed S3 call on the location (naming the field), which also makes the next
+    ``check_bucket`` of that bucket check it again."""
+    forget_bucket(location)
+    if isinstance(error, botocore.exceptions.ConnectTimeoutError | botocore.exceptions.ReadTimeoutError):
+        limits = s3.OPERATOR_TIMEOUTS
+        connecting = isinstance(error, botocore.exceptions.ConnectTimeoutError)
+        what, seconds = ("connection", limits.connect) if connecting else ("answer", limits.read)
+        return RunbookError(
+            "S3Timeout",
+            f"spec.destination.s3.endpoint: no {what} from {location.endpoint or 'AWS S3'} within {seconds:g} s "
+            f"({limits.attempts} attempts)",
+            retry_after=60,
+        )
     if isinstance(error, botocore.exceptions.ClientError):
         code = str(error.response.get("Error", {}).get("Code", "Error"))
         if code in ("404", "NoSuchBucket"):
@@ -54,14 +74,40 @@ def s3_error(error: Exception, location: S3Location) -> RunbookError:
     return RunbookError("S3Unreachable", f"spec.destination.s3: {type(error).__name__}", retry_after=60)
 
 
+# A bucket found (HEAD) with its lifecycle rule in place is not checked again for CHECK_TTL seconds by the same
+# client (the client is the endpoint, region and keys), per bucket and prefix; any failed call on the bucket that
+# goes through ``s3_error`` forgets it.
+# A bucket deleted or a rule removed meanwhile is seen by the next check after the TTL (a backup Job that runs
+# meanwhile fails on its own and says so).
+CHECK_TTL = 600.0
+_checked: weakref.WeakKeyDictionary[S3Client, dict[tuple[str, str], float]] = weakref.WeakKeyDictionary()
+_checked_lock = threading.Lock()
+
+
+def forget_bucket(location: S3Location) -> None:
+    """The bucket is checked again by the next ``check_bucket`` (every prefix, every client)."""
+    with _checked_lock:
+        for checked in _checked.values():
+            for where in [w for w in checked if w[0] == location.bucket]:
+                del checked[where]
+
+
 def check_bucket(client: S3Client, location: S3Location) -> None:
     """The bucket exists and is ours to write, with the lifecycle rule that aborts abandoned multipart
-    uploads under the location's prefix (installed when missing)."""
+    uploads under the location's prefix (installed when missing: ``s3.ensure_abort_incomplete_uploads``,
+    safe under concurrency). Remembered for CHECK_TTL seconds; a timeout is ``S3Timeout``."""
+    where = (location.bucket, location.prefix)
+    with _checked_lock:
+        checked = _checked.setdefault(client, {})
+        if checked.get(where, 0.0) > time.monotonic():
+            return
     try:
         client.head_bucket(Bucket=location.bucket)
         s3.ensure_abort_incomplete_uploads(client, location)
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
-        raise s3_error(error, location) from None
+        raise s3_error(error, location) from None  # forgets the bucket
+    with _checked_lock:
+        checked[where] = time.monotonic() + CHECK_TTL
 
 
 def expired_backups(

@@ -167,7 +167,13 @@ class PostgresTarget:
         with (
             _server_errors(self.field, self._server),
             postgres.connect(
-                host=pg.host, port=pg.port, database=pg.database, user=user, password=password, ca=ca
+                host=pg.host,
+                port=pg.port,
+                database=pg.database,
+                user=user,
+                password=password,
+                ca=ca,
+                limits=postgres.OPERATOR_LIMITS,
             ) as conn,
         ):
             yield conn
