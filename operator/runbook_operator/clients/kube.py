@@ -18,6 +18,7 @@ from ..logs import REDACTOR
 from ..settings import connection_pool_size
 
 REQUEST_TIMEOUT = (10.0, 60.0)  # connect, read: no call waits forever on a stalled API server
+LOG_CHUNK = 64 * 1024
 # Connection failures (the request never sent) are retried twice; a read that timed out is not (the server may
 # have acted on it): one call takes at most 3 x 10 s + 60 s.
 RETRIES = urllib3.Retry(total=2, connect=2, read=0, backoff_factor=0.2)
@@ -53,8 +54,6 @@ def api_client() -> ApiClient:
 
 APPLY_PATCH = "application/apply-patch+yaml"
 MERGE_PATCH = "application/merge-patch+json"
-REQUEST_TIMEOUT = (10.0, 60.0)  # connect, read: no call waits forever on a stalled API server
-LOG_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)
