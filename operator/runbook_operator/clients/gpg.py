@@ -39,9 +39,9 @@ class GPG:
         self.homedir.chmod(0o700)
         self._gpg = gnupg.GPG(gnupghome=str(self.homedir), options=["--no-autostart"])
         self._gpg.encoding = "utf-8"
-        self._agent_started = False
-        self._agent_pid: int | None = None
         self._gpg.buffer_size = 64 * 1024  # pipe-sized chunks: fewer Python calls per GB streamed
+        self._agent_started = False  # by import_secret_key; close() stops it
+        self._agent_pid: int | None = None
 
     def __enter__(self) -> GPG:
         return self
