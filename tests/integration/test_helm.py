@@ -47,7 +47,7 @@ CLUSTER_WIDE = ["--set", "rbac.scope=cluster"]
 ENABLED = "hungryhippaahneties"  # the namespace deploy/ enables (deploy/base/namespace-enable/)
 # Kinds whose CRDs (the Prometheus Operator's) the test API server does not have: not dry-run (see below).
 NO_CRD_HERE = {"ServiceMonitor", "PrometheusRule", "PodMonitor"}
-RBAC = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "RoleBinding"}
+RBAC = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
 
 Key = tuple[str, str, str, str]
 
@@ -190,8 +190,14 @@ ENABLING_BINDINGS = {
 def test_default_values_bind_the_namespaced_role_in_the_enabled_namespace_only(helm: Path) -> None:
     rendered = helm_template(helm)
     bindings = {(d["kind"], d["metadata"]["name"]) for d in rendered if d["kind"].endswith("Binding")}
-    assert bindings == {("ClusterRoleBinding", "runbook-operator"), *ENABLING_BINDINGS}
-    assert {d["metadata"]["namespace"] for d in rendered if d["kind"] == "RoleBinding"} == {ENABLED}
+    leader = ("RoleBinding", "runbook-operator-leader")  # the Lease's Role, in the operator's namespace
+    assert bindings == {("ClusterRoleBinding", "runbook-operator"), leader, *ENABLING_BINDINGS}
+    namespaces = {
+        d["metadata"]["namespace"]
+        for d in rendered
+        if d["kind"] == "RoleBinding" and d["metadata"]["name"] != leader[1]
+    }
+    assert namespaces == {ENABLED}
 
 
 def test_cluster_scope_renders_the_cluster_wide_overlay(helm: Path) -> None:
@@ -201,6 +207,7 @@ def test_cluster_scope_renders_the_cluster_wide_overlay(helm: Path) -> None:
     assert bindings == {
         ("ClusterRoleBinding", "runbook-operator"),
         ("ClusterRoleBinding", "runbook-operator-namespace"),
+        ("RoleBinding", "runbook-operator-leader"),
         *ENABLING_BINDINGS,
     }
 
@@ -236,6 +243,7 @@ def test_values_reach_the_objects(helm: Path) -> None:
         "--set", "extraEnv[0].name=RUNBOOK_MAX_WORKERS",
         "--set-string", "extraEnv[0].value=5",
         "--set", "monitoring.enabled=true",
+        "--set", "replicaCount=3",
     )  # fmt: skip
     container = operator_container(docs)
     namespace_args = ["--namespace", "a", "--namespace", "b"]
@@ -243,10 +251,13 @@ def test_values_reach_the_objects(helm: Path) -> None:
     assert container["imagePullPolicy"] == "Always"
     assert container["resources"]["limits"]["memory"] == "1Gi"
     assert container["args"] == ["run", "--log-format", "plain", "--health-port", "8181", *namespace_args]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["RUNBOOK_AGENT_IMAGE"] == "registry.example/runbook:1.2.3"
     assert env["RUNBOOK_METRICS_PORT"] == "9191"
     assert env["RUNBOOK_MAX_WORKERS"] == "5"
+    assert next(d for d in docs if d["kind"] == "Deployment")["spec"]["replicas"] == 3
+    no_budget = helm_template(helm, "--set", "podDisruptionBudget.enabled=false")
+    assert "PodDisruptionBudget" not in {d["kind"] for d in no_budget}
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"metrics": 9191, "health": 8181}
     service = next(d for d in docs if d["kind"] == "Service")
     assert service["spec"]["ports"][0]["port"] == 9191
@@ -264,7 +275,7 @@ def test_values_reach_the_objects(helm: Path) -> None:
 
 def test_namespace_not_created_and_rbac_left_to_the_admin(helm: Path) -> None:
     kinds = {d["kind"] for d in helm_template(helm, "--set", "namespace.create=false", "--set", "rbac.create=false")}
-    assert kinds == {"CustomResourceDefinition", "ServiceAccount", "Deployment", "Service"}
+    assert kinds == {"CustomResourceDefinition", "ServiceAccount", "Deployment", "PodDisruptionBudget", "Service"}
 
 
 def test_every_enabled_namespace_gets_the_enabling_bundle(helm: Path) -> None:
@@ -278,7 +289,9 @@ def test_every_enabled_namespace_gets_the_enabling_bundle(helm: Path) -> None:
         and (d["metadata"]["name"], d["metadata"]["namespace"]) == ("runbook-export", "exported")
     )
     assert {s["namespace"] for s in export["subjects"]} == {"exported"}
-    assert not [d for d in helm_template(helm, "--set-json", "rbac.enabledNamespaces=[]") if d["kind"] == "RoleBinding"]
+    none_enabled = helm_template(helm, "--set-json", "rbac.enabledNamespaces=[]")
+    bindings = [d["metadata"]["name"] for d in none_enabled if d["kind"] == "RoleBinding"]
+    assert bindings == ["runbook-operator-leader"]  # the Lease's, in the operator's own namespace only
 
 
 @pytest.mark.parametrize(
@@ -291,8 +304,18 @@ def test_every_enabled_namespace_gets_the_enabling_bundle(helm: Path) -> None:
         (["--set", "watchNamespaces={Not_A_Name}"], "at '/watchNamespaces/0'"),
         (["--set", "rbac.enabledNamespaces={Not_A_Name}"], "at '/rbac/enabledNamespaces/0'"),
         (["--set", "rbac.scope=namespaced"], "at '/rbac/scope': value must be one of"),
+        (["--set", "replicaCount=0"], "at '/replicaCount': minimum"),
     ],
-    ids=["replicas", "scope", "pull-policy", "port", "namespace-name", "enabled-namespace-name", "old-scope"],
+    ids=[
+        "replicas",
+        "scope",
+        "pull-policy",
+        "port",
+        "namespace-name",
+        "enabled-namespace-name",
+        "old-scope",
+        "replica-count",
+    ],
 )
 def test_bad_values_are_refused(helm: Path, values: list[str], message: str) -> None:
     result = subprocess.run(
