@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -331,6 +332,74 @@ def test_cronjob_accepted_with_expected_spec(
     backup.pass_named(KubeApi(), cluster.namespace, POLICY, backup.observe)
     assert cluster.cronjob()["metadata"]["resourceVersion"] == version  # type: ignore[index]
     assert cluster.policy()["metadata"]["resourceVersion"] == status_version
+
+
+def history(list_call: Callable[..., Any], since: str, *args: Any) -> list[tuple[str, str]]:
+    """Every watch event of the namespace's objects of one type since the list's resourceVersion ``since``, as
+    (type, name): each write is one event, whoever made it."""
+    stream = kubernetes.watch.Watch().stream(
+        list_call, *args, resource_version=since, timeout_seconds=2, _request_timeout=10
+    )
+    found = []
+    for event in stream:
+        obj = event["object"]
+        name = obj["metadata"]["name"] if isinstance(obj, dict) else obj.metadata.name
+        found.append((event["type"], name))
+    return found
+
+
+def test_creation_writes_the_cronjob_and_status_once_and_events_of_no_change_write_nothing(
+    cluster: Cluster,
+    references: None,
+    postgres: Postgres,
+    database: str,
+    s3_server: S3Server,
+    bucket: str,
+    operator_runner: kopf.testing.KopfRunner,
+    wait_for: Callable[..., Any],
+) -> None:
+    """The API server's own record (the watch history since before the creation): the operator's writes of a
+    new policy are one status write and one CronJob apply (no kopf annotation, no finalizer, no Event); a
+    change that asks for no pass (a label) and a CronJob edited by hand cost what they must, nothing more."""
+    ns = cluster.namespace
+    policies = cluster.custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["metadata"]["resourceVersion"]
+    cronjobs = cluster.batch.list_namespaced_cron_job(ns).metadata.resource_version
+    events_before = {(e["reason"], e["object"]) for e in cluster.events()}
+    cluster.create_policy(pg_policy_spec(postgres, database, s3_server, bucket))
+    wait_for(lambda: cluster.condition("Ready").get("status") == "True", timeout=60, what="Ready=True")
+    cluster.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, POLICY, {"metadata": {"labels": {"team": "db"}}}
+    )
+    wait_for(lambda: cluster.policy()["metadata"].get("labels"), timeout=10, what="the label")
+    time.sleep(3)  # time for any write the label's event (or a late one of the creation) would cause
+    list_policies = cluster.custom.list_namespaced_custom_object
+    assert history(list_policies, policies, GROUP, VERSION, ns, PLURAL) == [
+        ("ADDED", POLICY),  # the test's create
+        ("MODIFIED", POLICY),  # the operator's one status write
+        ("MODIFIED", POLICY),  # the test's label
+    ]
+    assert history(cluster.batch.list_namespaced_cron_job, cronjobs, ns) == [("ADDED", cronjob_name(POLICY))]
+    policy = cluster.policy()
+    assert "finalizers" not in policy["metadata"] and not policy["metadata"].get("annotations")
+    assert {(e["reason"], e["object"]) for e in cluster.events()} == events_before
+
+    # A CronJob edited by hand is put back at once, one deleted is made again (a watch of the CronJobs).
+    name = cronjob_name(POLICY)
+    cluster.batch.patch_namespaced_cron_job(name, ns, {"spec": {"schedule": "* * * * *", "suspend": True}})
+    wait_for(
+        lambda: (cluster.cronjob() or {}).get("spec", {}).get("schedule") == "0 */6 * * *",
+        timeout=30,
+        what="the CronJob put back",
+    )
+    assert cluster.cronjob()["spec"]["suspend"] is False  # type: ignore[index]
+    wait_for(lambda: any(e["reason"] == "CronJobApplied" for e in cluster.events()), timeout=15, what="the Event")
+    uid = cluster.cronjob()["metadata"]["uid"]  # type: ignore[index]
+    cluster.batch.delete_namespaced_cron_job(name, ns)
+    wait_for(
+        lambda: (cluster.cronjob() or {}).get("metadata", {}).get("uid") not in (None, uid),
+        timeout=30,
+        what="the CronJob made again",
+    )
 
 
 def _seed_backup(s3: S3Server, bucket: str, folder: str, *, complete: bool) -> None:

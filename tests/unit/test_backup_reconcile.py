@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import io
@@ -363,3 +364,244 @@ def test_a_key_swapped_into_the_config_map_is_ready_false_naming_the_field(
     assert ready["message"].startswith("spec.encryption.gpg.recipientsConfigMapRef: key " + gpg_keyring.fingerprint)
     assert "spec.encryption.gpg.fingerprints" in ready["message"]
     assert writes(api, "cronjobs") == [] and status(api)["phase"] == "Blocked"
+
+
+# --- when passes run (backup.PASSES): level-triggered, nothing at rest -------------------------------------
+
+
+def reads(calls: list[Call]) -> list[tuple[str, str]]:
+    return [(c.verb, c.plural) for c in calls if c.verb in ("get", "list")]
+
+
+class Operator:
+    """``backup.Passes`` over the FakeApi, fed the events kopf would hand over (bodies as the API has them)."""
+
+    def __init__(self, api: FakeApi, recheck: float = backup.RECHECK) -> None:
+        self.api = api
+        self.passes = backup.Passes(api=lambda: api, recheck=recheck)
+
+    async def policy(self, type: str | None = "MODIFIED") -> None:
+        body = self.api.stored(POLICIES, NS, NAME)
+        assert body is not None
+        await self.passes.policy_event(type, body, GRANTS)
+
+    async def cronjob(self, type: str | None = "MODIFIED", body: dict[str, Any] | None = None) -> None:
+        live = body or self.api.stored(kube.CRON_JOBS, NS, cronjob_name(NAME))
+        assert live is not None
+        await self.passes.cronjob_event(type, live, GRANTS)
+
+    async def job(self, name: str) -> None:
+        body = self.api.stored(kube.JOBS, NS, name)
+        assert body is not None
+        await self.passes.job_event("MODIFIED", body, GRANTS)
+
+    def timer(self) -> float | None:
+        """Seconds until the policy's next timed pass (None: none is timed)."""
+        handle = self.passes.known[(NS, NAME)].timer
+        return None if handle is None else handle.when() - asyncio.get_running_loop().time()
+
+    async def fire(self) -> None:
+        """The timed pass, now."""
+        self.passes._timed((NS, NAME))
+        await asyncio.gather(*self.passes._tasks)
+
+
+def test_creation_writes_the_cronjob_and_status_then_events_of_its_own_writes_cost_nothing(
+    api: FakeApi, s3: FakeS3
+) -> None:
+    secret(api, "runbook-manifest-key", {"key": "k" * 64})  # the namespace's key, made by an earlier policy
+    policy(api)
+
+    async def scenario() -> None:
+        operator = Operator(api)
+        await operator.policy("ADDED")
+        # exactly two writes, and these reads: the policy's three Secrets (each once, the S3 one for both of
+        # its keys), the manifest key, the CronJob (absent), the Jobs
+        assert [(c.verb, c.plural) for c in api.writes()] == [("apply", "cronjobs"), ("patch", "backuppolicies")]
+        assert sorted(reads(api.calls)) == [
+            ("get", "cronjobs"),
+            ("get", "secrets"),
+            ("get", "secrets"),
+            ("get", "secrets"),
+            ("get", "secrets"),
+            ("list", "jobs"),
+        ]
+        assert status(api)["phase"] == "Scheduled"
+        api.calls.clear()
+        # the events that follow: our status write, our CronJob, a label someone adds, a re-listing
+        await operator.policy("MODIFIED")
+        await operator.cronjob("ADDED")
+        api.patch(POLICIES, NS, NAME, {"metadata": {"labels": {"team": "db"}}})
+        await operator.policy("MODIFIED")
+        await operator.policy(None)
+        await operator.cronjob(None)
+        assert api.calls == [Call("patch", "backuppolicies", NS, NAME, None, {"metadata": {"labels": {"team": "db"}}})]
+        # the next pass is the re-check, RECHECK (less up to 10 %, spread) away
+        left = operator.timer()
+        assert left is not None and 0.89 * backup.RECHECK < left <= backup.RECHECK
+
+    asyncio.run(scenario())
+    assert s3.writes == ["lifecycle"]
+
+
+def test_the_recheck_pass_over_an_unchanged_policy_writes_nothing_and_reads_six_times(api: FakeApi, s3: FakeS3) -> None:
+    policy(api)
+
+    async def scenario() -> None:
+        operator = Operator(api)
+        await operator.policy("ADDED")
+        api.calls.clear()
+        await operator.fire()
+        # the policy itself, its three Secrets, the CronJob, the Jobs; the manifest key is known (per namespace)
+        assert api.writes() == []
+        assert sorted(reads(api.calls)) == [
+            ("get", "backuppolicies"),
+            ("get", "cronjobs"),
+            ("get", "secrets"),
+            ("get", "secrets"),
+            ("get", "secrets"),
+            ("list", "jobs"),
+        ]
+
+    asyncio.run(scenario())
+
+
+def test_a_cronjob_edited_or_deleted_by_hand_is_put_back(api: FakeApi, s3: FakeS3) -> None:
+    policy(api)
+
+    async def scenario() -> None:
+        operator = Operator(api)
+        await operator.policy("ADDED")
+        name = cronjob_name(NAME)
+        edited = api.patch(kube.CRON_JOBS, NS, name, {"spec": {"schedule": "* * * * *"}})
+        api.calls.clear()
+        await operator.cronjob("MODIFIED", edited)
+        (applied,) = writes(api, "cronjobs")
+        assert applied.verb == "apply" and applied.body["spec"]["schedule"] == SAMPLE["schedule"]
+        assert events(api) == [("Normal", "CronJobApplied")]
+        api.calls.clear()
+        await operator.cronjob("MODIFIED")  # the event of our own repair: nothing
+        assert api.calls == []
+
+        gone = api.stored(kube.CRON_JOBS, NS, name)
+        api.delete(kube.CRON_JOBS, NS, name)
+        await operator.cronjob("DELETED", gone)
+        assert api.stored(kube.CRON_JOBS, NS, name) is not None
+
+    asyncio.run(scenario())
+
+
+def test_a_job_event_runs_a_pass_only_until_status_shows_the_job(api: FakeApi, s3: FakeS3) -> None:
+    policy(api)
+    now = datetime.now(UTC).replace(microsecond=0)
+
+    async def scenario() -> None:
+        operator = Operator(api)
+        await operator.policy("ADDED")
+        _job(api, "backup-db-1", state="Complete", when=now - timedelta(minutes=1))
+        _manifest(s3, "backup-db-1", now - timedelta(minutes=2))
+        await operator.job("backup-db-1")
+        assert status(api)["lastSuccessfulBackup"]["job"] == "backup-db-1"
+        api.calls.clear()
+        await operator.job("backup-db-1")  # again (a re-listing): status shows it
+        await operator.policy("MODIFIED")
+        assert api.calls == []
+
+    asyncio.run(scenario())
+
+
+def test_a_secret_deleted_since_shows_when_the_next_job_fails(api: FakeApi, s3: FakeS3) -> None:
+    policy(api)
+    now = datetime.now(UTC).replace(microsecond=0)
+
+    async def scenario() -> None:
+        operator = Operator(api)
+        await operator.policy("ADDED")
+        del api.objects[("secrets", NS, "db-credentials")]
+        line = "backup failed: SourceUnavailable: password authentication failed"
+        _job(api, "backup-db-1", state="Failed", when=now - timedelta(minutes=1), message=line)
+        await operator.job("backup-db-1")
+        assert status(api)["lastFailure"]["reason"] == "SourceUnavailable"  # the outcome, whatever else fails
+        ready = condition(api, "Ready")
+        assert (ready["status"], ready["reason"]) == ("False", "SecretNotFound")
+        assert ready["message"].startswith("spec.source.postgresql.credentialsSecretRef: Secret db-credentials")
+        left = operator.timer()
+        assert left is not None and 29 < left <= 30  # retried, as the reason says
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_pass_is_retried_with_backoff_and_recovers(api: FakeApi, s3: FakeS3) -> None:
+    secret(api, "db-credentials", {"POSTGRES_USER": "reader"})  # no password key
+    policy(api)
+
+    async def scenario() -> None:
+        operator = Operator(api)
+        await operator.policy("ADDED")
+        assert condition(api, "Ready")["reason"] == "SecretKeyMissing"
+        first = operator.timer()
+        await operator.policy("MODIFIED")  # the event of the failure's status write: no pass
+        await operator.fire()
+        second = operator.timer()
+        assert first is not None and second is not None and 29 < first <= 30 and 59 < second <= 60
+        secret(api, "db-credentials", {"POSTGRES_USER": "reader", "POSTGRES_PASSWORD": "pw-1"})
+        await operator.fire()
+        assert condition(api, "Ready")["status"] == "True" and api.stored(kube.CRON_JOBS, NS, cronjob_name(NAME))
+
+    asyncio.run(scenario())
+
+
+def test_an_invalid_spec_waits_for_a_change(api: FakeApi, s3: FakeS3) -> None:
+    policy(api, schedule="never")
+
+    async def scenario() -> None:
+        operator = Operator(api)
+        await operator.policy("ADDED")
+        assert operator.timer() is None
+        api.calls.clear()
+        await operator.policy("MODIFIED")
+        assert api.calls == []
+        api.patch(POLICIES, NS, NAME, {"spec": {"schedule": SAMPLE["schedule"]}})  # generation 2
+        await operator.policy("MODIFIED")
+        assert condition(api, "Ready")["status"] == "True" and status(api)["observedGeneration"] == 2
+
+    asyncio.run(scenario())
+
+
+def test_backup_now_by_event_starts_one_job(api: FakeApi, s3: FakeS3) -> None:
+    policy(api)
+
+    async def scenario() -> None:
+        operator = Operator(api)
+        await operator.policy("ADDED")
+        api.patch(POLICIES, NS, NAME, {"metadata": {"annotations": {BACKUP_NOW: "t-1"}}})
+        await operator.policy("MODIFIED")
+        assert len(api.list(kube.JOBS, NS)) == 1 and status(api)["backupNow"] == "t-1"
+        api.calls.clear()
+        await operator.policy("MODIFIED")  # the status write's event, and a re-listing
+        await operator.policy(None)
+        assert api.calls == []
+
+    asyncio.run(scenario())
+
+
+def test_the_recipients_keys_are_checked_by_gpg_once_per_content(
+    api: FakeApi, s3: FakeS3, gpg_keyring: GpgKeyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[object] = []
+
+    class CountedGPG(backup.GPG):
+        def __init__(self) -> None:
+            started.append(self)
+            super().__init__()
+
+    monkeypatch.setattr(backup, "GPG", CountedGPG)
+    recipients(api, gpg_keyring.public_key, gpg_keyring.fingerprint)
+    run(api)
+    run(api)
+    assert len(started) == 1
+    other = api.stored(kube.CONFIG_MAPS, NS, "backup-recipients")
+    assert other is not None
+    api.put(kube.CONFIG_MAPS, NS, {**other, "data": {"keys.asc": gpg_keyring.public_key + "\n"}})  # new content
+    run(api)
+    assert len(started) == 2 and condition(api, "Ready")["status"] == "True"

@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -154,6 +155,7 @@ class Checked:
 # not once per pass. The namespaces whose manifest signing key was seen (forgotten when a Job there fails).
 RECIPIENTS_CHECKED = Checked()
 MANIFEST_KEYS = Checked()
+MANIFEST_KEY_LOCKS: dict[str, threading.Lock] = {}  # one per namespace (dict.setdefault is atomic)
 
 
 # --- reconcile ------------------------------------------------------------------------------------------
@@ -223,19 +225,20 @@ def recipients_pinned(ctx: Context[Any, Any], gpg: GPGEncryption, field: str) ->
 def ensure_manifest_key(api: kube.Api, namespace: str) -> None:
     """The namespace's manifest signing key exists (created when absent, never overwritten: a 409 means
     another pass made it) and its value is one the log redactor scrubs; once per namespace and ``RECHECK``."""
-    if MANIFEST_KEYS.fresh(namespace):  # seen (and its value registered) by an earlier pass
-        return
-    field = f"Secret {MANIFEST_KEY_SECRET} (the namespace's manifest signing key)"
-    try:
-        kube.secret_value(api, namespace, MANIFEST_KEY_SECRET, MANIFEST_KEY_SECRET_KEY, field=field)
-    except RunbookError as missing:
-        if missing.reason != "SecretNotFound":
-            raise
-        value = secrets.token_hex(32)
-        REDACTOR.register(value)
-        if not api.create(kube.SECRETS, namespace, build_manifest_key(namespace, value)):  # another pass made it
+    with MANIFEST_KEY_LOCKS.setdefault(namespace, threading.Lock()):  # the namespace's other passes wait
+        if MANIFEST_KEYS.fresh(namespace):  # seen (and its value registered) by an earlier pass
+            return
+        field = f"Secret {MANIFEST_KEY_SECRET} (the namespace's manifest signing key)"
+        try:
             kube.secret_value(api, namespace, MANIFEST_KEY_SECRET, MANIFEST_KEY_SECRET_KEY, field=field)
-    MANIFEST_KEYS.passed(namespace)
+        except RunbookError as missing:
+            if missing.reason != "SecretNotFound":
+                raise
+            value = secrets.token_hex(32)
+            REDACTOR.register(value)
+            if not api.create(kube.SECRETS, namespace, build_manifest_key(namespace, value)):  # another operator's
+                kube.secret_value(api, namespace, MANIFEST_KEY_SECRET, MANIFEST_KEY_SECRET_KEY, field=field)
+        MANIFEST_KEYS.passed(namespace)
 
 
 def check_export_account(api: kube.Api, namespace: str, spec: BackupPolicySpec) -> None:
