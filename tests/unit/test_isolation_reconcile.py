@@ -346,10 +346,13 @@ def test_holder_from_index_answers_like_holding_isolation() -> None:
 
 # --- containment first: the fast path and the watch guard -------------------------------------------------------
 def contain_first(api: FakeApi, body: dict[str, Any]) -> bool:
-    """The fast path as main.py runs it on a watch event: the interlock from the index, no grants."""
+    """The fast path as main.py runs it on a watch event (``contain_new``): the interlock from the index, no
+    grants; whether it created the policy."""
     stored = [index_entry(b) for (plural, _, _), b in api.objects.items() if plural == "emergencyisolations"]
     holder = holder_from_index({NS: stored})
-    return isolation.contain_first(api, body, isolation=holder, grants=lambda _: (), seen=time.time())
+    before = api.stored(kube.NETWORK_POLICIES, NS, POLICY_NAME)
+    asyncio.run(isolation.contain_new(body, isolation=holder, grants=lambda _: (), api=api))
+    return before is None and api.stored(kube.NETWORK_POLICIES, NS, POLICY_NAME) is not None
 
 
 def test_the_fast_path_contains_with_one_create_before_any_read_and_the_pass_continues() -> None:

@@ -9,10 +9,12 @@ annotations on the workloads, so it stays exact even if status was lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -182,6 +184,7 @@ def contain(ctx: Ctx, network: NetworkIsolation, *, seen: float | None = None) -
             _audit(ctx, "isolation_applied", "network_recontained", policy=POLICY_NAME)
             return True
         _contained(ctx, seen=seen)
+        _record_contained(ctx)
         return True
     if current is None:  # created by someone else between the read and the create
         current = ctx.api.get(kube.NETWORK_POLICIES, ctx.namespace, POLICY_NAME) or {"metadata": {}, "spec": {}}
@@ -214,14 +217,18 @@ def _desired_policy(ctx: Ctx, network: NetworkIsolation) -> dict[str, Any]:
     return build_network_policy(network, namespace=ctx.namespace, owner=owner)
 
 
-def _contained(ctx: Ctx, *, seen: float | None, write: bool = False) -> None:
-    """The isolation's first containment, just done: time to contain, ``isolatedAt`` (in ``ctx.status``; with
-    ``write`` also written, alone), the Event and the audit record."""
+def _contained(ctx: Ctx, *, seen: float | None) -> None:
+    """The time to contain of the isolation's first containment, just done."""
     created = ctx.body["metadata"]["creationTimestamp"]
     contained = time.time()
     metrics.ISOLATION_TIME_TO_CONTAIN.observe(
         time_to_contain(created, seen=contained if seen is None else seen, contained=contained)
     )
+
+
+def _record_contained(ctx: Ctx, *, write: bool = False) -> None:
+    """What tells of the first containment: ``isolatedAt`` (in ``ctx.status``; with ``write`` also written, and
+    alone), the Event and the audit record."""
     ctx.status.isolated_at = now_rfc3339()
     if write:  # the fast path: not ``checkpoint``, the pass owns every other status field (observedGeneration too)
         patch = {"status": {"isolatedAt": ctx.status.isolated_at}}
@@ -520,25 +527,80 @@ def contain_first(
 ) -> bool:
     """A new isolation's deny-all policy, before its first pass: the same checks (a valid spec, the tenancy
     rules, the interlock), then one create (a new isolation's namespace has no emergency-isolate; if it has one,
-    a 409 leaves it to the pass, which adopts a hand-made one or waits for another isolation's). Then what the
-    pass records of a first containment (``isolatedAt``, Event, metric, audit). Returns whether it created the
-    policy; a failure is the pass's to report (logged here)."""
+    a 409 leaves it to the pass, which adopts a hand-made one or waits for another isolation's). Returns whether
+    it created the policy (then ``record_first_containment``); a failure is the pass's to report."""
     if not awaits_containment(body):
         return False
     ctx = Context.of(ISOLATION, body, api, isolation=isolation, grants=grants)
-    created = False
     try:
         spec = ctx.spec
         tenancy.confine_emergency_isolation(ctx.grants(ctx.namespace), ctx.namespace, spec)
-        if spec.network.isolate and ctx.isolation(ctx.namespace) in (None, ctx.name):
-            created = api.create(kube.NETWORK_POLICIES, ctx.namespace, _desired_policy(ctx, spec.network))
-        if created:
-            _contained(ctx, seen=seen, write=True)
+        if not spec.network.isolate or ctx.isolation(ctx.namespace) not in (None, ctx.name):
+            return False
+        if not api.create(kube.NETWORK_POLICIES, ctx.namespace, _desired_policy(ctx, spec.network)):
+            return False
     except RunbookError:
-        pass  # an invalid spec, a tenancy refusal: the pass reports it
+        return False  # an invalid spec, a tenancy refusal: the pass reports it
     except ApiException as error:
         LOG.warning("%s %s/%s: containment left to the pass: %s", KIND, ctx.namespace, ctx.name, as_failure(error))
-    return created
+        return False
+    _contained(ctx, seen=seen)
+    return True
+
+
+def record_first_containment(api: kube.Api, body: Mapping[str, Any]) -> None:
+    """After ``contain_first`` created the policy: ``isolatedAt`` (alone), the Event, the audit record. (If this
+    never happens, the pass records ``isolatedAt`` from the policy.)"""
+    ctx = Context.of(ISOLATION, body, api, isolation=lambda _: None, grants=lambda _: ())
+    try:
+        _record_contained(ctx, write=True)
+    except ApiException as error:
+        LOG.warning("%s %s/%s: isolatedAt left to the pass: %s", KIND, ctx.namespace, ctx.name, as_failure(error))
+
+
+class _InFlight:
+    """How many first containments are under way (in-memory coordination only): the passes of isolations wait
+    for none (``settled``), so that a burst of them does not load the API server ahead of the creates."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @contextlib.contextmanager
+    def one(self) -> Iterator[None]:
+        self.count += 1
+        self.idle.clear()
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if not self.count:
+                self.idle.set()
+
+
+CONTAINING = _InFlight()
+SETTLE_AT_MOST = 2.0  # seconds a pass waits for the containments under way; never longer (no starvation)
+
+
+async def contain_new(
+    body: Mapping[str, Any], *, isolation: Isolation, grants: GrantsOf, api: kube.Api | None = None
+) -> None:
+    """main.py's fast path for an isolation's watch event: ``contain_first`` in CONTAINMENT, then, queued behind
+    the creates of other isolations, ``record_first_containment``."""
+    seen = time.time()  # when the operator got the object
+    client = api or kube.KubeApi()
+    contain = functools.partial(contain_first, client, body, isolation=isolation, grants=grants, seen=seen)
+    with CONTAINING.one():
+        created = await blocking(contain, executor=CONTAINMENT)
+    if created:
+        await blocking(record_first_containment, client, body, executor=CONTAINMENT)
+
+
+async def containment_settled() -> None:
+    """Before an isolation's pass: until no first containment is under way, or SETTLE_AT_MOST."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(CONTAINING.idle.wait(), SETTLE_AT_MOST)
 
 
 def guard_entry(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -64,7 +64,7 @@ def utc_now() -> datetime:
 EXECUTOR = ThreadPoolExecutor(max_workers=20, thread_name_prefix="runbook")
 # Containment's own pool (an EmergencyIsolation's deny-all policy: its first create and the guard that puts it
 # back): never behind other objects' passes, nor behind a slow S3 or database call filling EXECUTOR.
-CONTAINMENT = ThreadPoolExecutor(max_workers=8, thread_name_prefix="runbook-contain")
+CONTAINMENT = ThreadPoolExecutor(max_workers=16, thread_name_prefix="runbook-contain")
 
 
 async def blocking(function: Callable[..., R], *args: Any, executor: Executor = EXECUTOR) -> R:
