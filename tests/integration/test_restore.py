@@ -1,17 +1,20 @@
 """BackupRestore against the real API server (with kwok playing the kubelet for the application's pods),
-real PostgreSQL, gpg and the S3 API server, on backups made by the BackupPolicy agent. The restore Job's pod
-does not run here: the test runs the agent as a process with the pod's arguments and resolved environment,
-then sets the pod's status as the kubelet would (exit code and termination message), and the Job
-controller finishes the Job from it."""
+real PostgreSQL, gpg and the S3 API server, on backups made by the BackupPolicy agent. The Jobs' pods do not
+run here: the test runs the agent as a process with the pod's arguments and resolved environment, then sets
+the pod's status as the kubelet would (exit code and termination message), and the Job controller finishes
+the Job from it. The preflight's verify Job pods are run so as they appear (``Cluster.verify_pods``), the
+restore Job's pod when the test says."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -170,7 +173,36 @@ class Cluster:
 
     def run_job_pod(self, job: str, **env_overrides: str) -> subprocess.CompletedProcess[str]:
         """Run the Job's container as a process, then report its exit as the kubelet would."""
-        pod = self.job_pod(job)
+        return self.run_pod(self.job_pod(job), **env_overrides)
+
+    @contextlib.contextmanager
+    def verify_pods(self) -> Iterator[list[subprocess.CompletedProcess[str]]]:
+        """The kubelet's part for the preflight's verify Jobs: each one's pod run once as it appears; yields
+        the runs so far."""
+        runs: list[subprocess.CompletedProcess[str]] = []
+        done: set[str] = set()
+        stop = threading.Event()
+
+        def kubelet() -> None:
+            while not stop.wait(0.3):
+                pods = self.core.list_namespaced_pod(
+                    self.namespace, label_selector="app.kubernetes.io/component=restore-verify"
+                ).items
+                for pod in pods:
+                    if pod.metadata.uid not in done:
+                        done.add(pod.metadata.uid)
+                        runs.append(self.run_pod(pod))
+
+        thread = threading.Thread(target=kubelet, daemon=True)
+        thread.start()
+        try:
+            yield runs
+        finally:
+            stop.set()
+            thread.join(60)
+
+    def run_pod(self, pod: Any, **env_overrides: str) -> subprocess.CompletedProcess[str]:
+        """The pod's container as a process, its exit then reported as the kubelet would."""
         container = pod.spec.containers[0]
         base = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG")}
         result = subprocess.run(
@@ -212,10 +244,11 @@ class Cluster:
 @pytest.fixture
 def cluster(
     api: kubernetes.client.ApiClient, namespace: str, crds_installed: list[str], wait_for: Callable[..., Any]
-) -> Cluster:
+) -> Iterator[Cluster]:
     made = Cluster(api, namespace, wait_for)
     made.signing_key()
-    return made
+    with made.verify_pods():
+        yield made
 
 
 @pytest.fixture

@@ -30,7 +30,9 @@ from tests.restore_support import (
 )
 from tests.services import GpgKeyring, Postgres, S3Server
 
+from runbook_operator.agent import restore as agent_restore
 from runbook_operator.models.plans import manifest_signed, sign_manifest
+from runbook_operator.reconcilers.jobs import job_summary
 
 
 @pytest.fixture
@@ -66,7 +68,12 @@ def test_restore_brings_back_the_backed_up_rows(
 
     verified = run_restore_agent("verify", env)
     assert verified.returncode == 0, verified.stderr
-    assert '"verify": "complete"' in verified.stdout and '"archiveEntries"' in verified.stdout
+    figures = json.loads(verified.stdout)["postgresql"]
+    assert (figures["sha256"], figures["sizeBytes"]) == (
+        backup.manifest["data"]["sha256"],
+        backup.manifest["data"]["sizeBytes"],
+    )
+    assert figures["archiveEntries"] > 0
     restored = run_restore_agent("restore", env)
     assert restored.returncode == 0, restored.stderr
     assert fingerprint(postgres, shop) == before
@@ -209,6 +216,39 @@ def fresh_server() -> Iterator[Postgres]:
 
 RESTORER, RESTORER_PASSWORD = "dr_admin", "dr-admin-pw-51c2"
 READER_ROLE, AUDITOR_ROLE = "clinic_readonly", "clinic_auditor"
+
+
+def test_the_verify_jobs_summary_is_its_termination_message_and_the_operator_reads_it(
+    postgres: Postgres,
+    shop: str,
+    backup: Backup,
+    s3_server: S3Server,
+    gpg_keyring: GpgKeyring,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The preflight's verify Job, in-process: its one-line summary goes to the termination log (where the
+    kubelet reads it, within its 4096 bytes), and the operator's reader finds the figures in it; a refusal is
+    the line the operator reads as the reason."""
+    log = tmp_path / "termination-log"
+    log.touch()
+    monkeypatch.setattr(agent_restore, "TERMINATION_LOG", str(log))
+    env = restore_env(plan_for(backup, target(postgres, shop)), s3_server, private_key(gpg_keyring))
+    assert agent_restore.main("verify", source="postgresql", env=env) == 0
+    message = log.read_text()
+    assert len(message.encode()) < 4096
+    pod = {"status": {"containerStatuses": [{"state": {"terminated": {"message": message}}}]}}
+    figures = job_summary([pod], "postgresql")
+    assert figures is not None and figures["sha256"] == backup.manifest["data"]["sha256"] and figures["etag"]
+
+    tamper(s3_server, backup.bucket, backup.manifest["data"]["key"])
+    log.write_text("")
+    capsys.readouterr()
+    assert agent_restore.main("verify", source="postgresql", env=env) == 1
+    assert log.read_text() == ""  # a refusal is the last line of the logs (FallbackToLogsOnError)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("verify failed: ChecksumMismatch: ") and "does not match the manifest" in last
 
 
 def test_restore_into_a_fresh_server_without_the_roles(
@@ -382,7 +422,7 @@ def test_an_object_changed_after_the_preflight_is_not_even_read(
     plan = plan_for(backup, target(postgres, shop))
     verified = run_restore_agent("verify", restore_env(plan, s3_server, private_key(gpg_keyring)))
     assert verified.returncode == 0, verified.stderr
-    etag = json.loads(verified.stdout)["etag"]
+    etag = json.loads(verified.stdout)["postgresql"]["etag"]
     assert etag
     swap_object(s3_server, backup, attacker_backup(postgres, s3_server, gpg_keyring), PADDING)
     damage(postgres, shop)
@@ -405,7 +445,7 @@ def test_signed_manifests_verify_and_restore(
     verified = run_restore_agent("verify", env)
     assert verified.returncode == 0, verified.stderr
     # The Job reads the object the preflight verified: its ETag pinned into the plan (If-Match).
-    pinned = {**plan, "etag": json.loads(verified.stdout)["etag"]}
+    pinned = {**plan, "etag": json.loads(verified.stdout)["postgresql"]["etag"]}
     env = restore_env(pinned, s3_server, private_key(gpg_keyring), RUNBOOK_MANIFEST_KEY=MANIFEST_KEY)
     restored = run_restore_agent("restore", env)
     assert restored.returncode == 0, restored.stderr

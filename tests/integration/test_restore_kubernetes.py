@@ -177,10 +177,11 @@ def objects(api: kubernetes.client.ApiClient) -> Objects:
 @pytest.fixture
 def cluster(
     api: kubernetes.client.ApiClient, namespace: str, crds_installed: list[str], wait_for: Callable[..., Any]
-) -> Cluster:
+) -> Iterator[Cluster]:
     made = Cluster(api, namespace, wait_for)
     made.signing_key()
-    return made
+    with made.verify_pods():
+        yield made
 
 
 @pytest.fixture

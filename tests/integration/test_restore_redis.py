@@ -118,10 +118,13 @@ def keyspace(server: Redis) -> dict[str, int]:
 
 
 @pytest.fixture
-def cluster(api: kubernetes.client.ApiClient, namespace: str, crds_installed: list[str], wait_for: Any) -> Cluster:
+def cluster(
+    api: kubernetes.client.ApiClient, namespace: str, crds_installed: list[str], wait_for: Any
+) -> Iterator[Cluster]:
     made = Cluster(api, namespace, wait_for)
     made.signing_key()
-    return made
+    with made.verify_pods():
+        yield made
 
 
 @pytest.fixture
