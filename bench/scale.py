@@ -890,7 +890,8 @@ def main() -> int:
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True
         )
         bench.report.notes.append(
-            f"HEAD {commit.stdout.strip() or '?'}; {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; "
+            f"{ROOT} at {commit.stdout.strip() or '(not a git checkout)'}; "
+            f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; "
             f"whole run {time.monotonic() - began:.0f} s"
         )
         bench.report.print()
