@@ -466,11 +466,13 @@ class Bench:
         self.operator_kubeconfig = token_kubeconfig(self.kubeconfig, token, self.workdir / "operator.kubeconfig")
         install_crds(self.api)
         for plural in PLURALS:  # Established is not yet servable for a moment (429)
-            for _ in range(120):
+            for attempt in range(120):
                 try:
                     self.custom.list_cluster_custom_object(GROUP, VERSION, plural, limit=1)
                     break
                 except kubernetes.client.ApiException:
+                    if attempt == 119:
+                        raise
                     time.sleep(0.5)
         self.s3 = S3Server().start()
         self.keyring = GpgKeyring(self.workdir / "gpg").start()
