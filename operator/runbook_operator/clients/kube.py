@@ -266,7 +266,7 @@ class KubeApi:
             PODS.path(namespace, pod, "log"),
             "GET",
             query_params=query,
-            header_params={"Accept": "text/plain"},
+            header_params={"Accept": "application/json"},  # the endpoint refuses text/plain (and sends text)
             auth_settings=["BearerToken"],
             _preload_content=False,
             _return_http_data_only=True,
