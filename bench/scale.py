@@ -285,28 +285,45 @@ class Arrivals:
         self.phase: dict[tuple[str, str], str] = {}
         self.lock = threading.Condition()
         self.failure: BaseException | None = None
+        self.reconnects = 0
         listed = json.loads(self.list(*args, limit=1, _preload_content=False).data)
         threading.Thread(target=self._run, args=(listed["metadata"]["resourceVersion"],), daemon=True).start()
 
     def _run(self, version: str) -> None:
+        """Watch from ``version``; when the API server ends the watch (it drops a watcher that falls behind),
+        watch again from the last version seen, or after 410 Gone list again (objects first seen in that list
+        count as arrived then: at most the reconnect's delay late)."""
         try:
-            stream = kubernetes.watch.Watch().stream(
-                self.list, *self.args, resource_version=version, timeout_seconds=3600, deserialize=False
-            )
-            for event in stream:
-                now = time.monotonic()
-                obj = event["object"]
-                key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+            while True:
+                try:
+                    stream = kubernetes.watch.Watch().stream(
+                        self.list, *self.args, resource_version=version, timeout_seconds=3600, deserialize=False
+                    )
+                    for event in stream:
+                        version = self._record(event["type"], event["object"])
+                except kubernetes.client.ApiException as error:
+                    if error.status != 410:
+                        raise
+                    listed = json.loads(self.list(*self.args, _preload_content=False).data)
+                    for obj in listed["items"]:
+                        self._record("ADDED", obj)
+                    version = listed["metadata"]["resourceVersion"]
                 with self.lock:
-                    if event["type"] == "ADDED":
-                        self.seen.setdefault(key, now)
-                    self.phase[key] = (obj.get("status") or {}).get("phase") or "none"
-                    self.lock.notify_all()
-            raise RuntimeError("the watch ended before the bench did")
+                    self.reconnects += 1
         except BaseException as error:
             with self.lock:
                 self.failure = error
                 self.lock.notify_all()
+
+    def _record(self, kind: str, obj: dict[str, Any]) -> str:
+        now = time.monotonic()
+        key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+        with self.lock:
+            if kind == "ADDED":
+                self.seen.setdefault(key, now)
+            self.phase[key] = (obj.get("status") or {}).get("phase") or "none"
+            self.lock.notify_all()
+        return str(obj["metadata"]["resourceVersion"])
 
     def _until(self, done: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -834,6 +851,10 @@ class Bench:
         if below:
             counts = Counter(f"{comm} ({state})" for _, state, comm in below)
             self.report.notes.append(f"processes under the operator at the end: {dict(counts)}")
+        watches = [self.cronjobs, self.hpas, self.policies, *self.crs.values()]
+        if any(w.reconnects for w in watches):
+            counts = ", ".join(str(w.reconnects) for w in watches)
+            self.report.notes.append(f"the bench's watches reconnected (CronJobs, HPAs, policies, CRs): {counts}")
         pool_full = self.operator.log_count("Connection pool is full")
         self.report.notes.append(f"'Connection pool is full' in the operator's log: {pool_full} times")
 
