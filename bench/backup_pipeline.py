@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from tests.backup_support import AGENT, new_bucket  # noqa: E402
 from tests.services import Postgres, S3Server  # noqa: E402
 
-from runbook_operator.agent import GPG_PASSPHRASE_ENV, JOB_NAME_ENV, SPEC_ENV  # noqa: E402
+from runbook_operator.models.plans import GPG_PASSPHRASE_ENV, JOB_NAME_ENV, SPEC_ENV  # noqa: E402
 
 PASSPHRASE = "bench-symmetric-passphrase"
 # A row of random hex: pg_dump's zlib compresses it to a bit over half, like real mixed data.

@@ -30,7 +30,7 @@ from bench.backup_pipeline import PASSPHRASE, Result, bench_agent, make_database
 from tests.backup_support import new_bucket  # noqa: E402
 from tests.services import Postgres, S3Server  # noqa: E402
 
-from runbook_operator.agent import GPG_PASSPHRASE_ENV, MANIFEST, RESTORE_PLAN_ENV  # noqa: E402
+from runbook_operator.models.plans import GPG_PASSPHRASE_ENV, MANIFEST, RESTORE_PLAN_ENV  # noqa: E402
 
 
 def latest_manifest(s3: S3Server, bucket: str, database: str) -> dict[str, object]:
