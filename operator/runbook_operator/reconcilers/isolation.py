@@ -586,14 +586,15 @@ SETTLE_AT_MOST = 2.0  # seconds a pass waits for the containments under way; nev
 async def contain_new(
     body: Mapping[str, Any], *, isolation: Isolation, grants: GrantsOf, api: kube.Api | None = None
 ) -> None:
-    """main.py's fast path for an isolation's watch event: ``contain_first`` in CONTAINMENT, then, queued behind
-    the creates of other isolations, ``record_first_containment``."""
+    """main.py's fast path for an isolation's watch event: ``contain_first`` in CONTAINMENT, then, once the
+    creates of other isolations are done (``containment_settled``), ``record_first_containment``."""
     seen = time.time()  # when the operator got the object
     client = api or kube.KubeApi()
     contain = functools.partial(contain_first, client, body, isolation=isolation, grants=grants, seen=seen)
     with CONTAINING.one():
         created = await blocking(contain, executor=CONTAINMENT)
     if created:
+        await containment_settled()  # the other creates first
         await blocking(record_first_containment, client, body, executor=CONTAINMENT)
 
 
