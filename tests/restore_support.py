@@ -1,15 +1,23 @@
 """A PostgreSQL database owned by an application role, backed up by the BackupPolicy agent, and the restore
-agent run as a process with the environment its Job's pod gets."""
+agent run as a process with the environment its Job's pod gets (``Kubelet``: the kubelet's part for the Jobs'
+pods on a cluster whose nodes run none)."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
+
+import kubernetes
 
 from runbook_operator.builders.restore import build_plan
 from runbook_operator.models.backup import BackupPolicySpec, RestoreRoles
@@ -176,3 +184,115 @@ def swap_object(s3: S3Server, backup: Backup, other: Backup, padding: int) -> No
     client = s3.client()
     archive = client.get_object(Bucket=other.bucket, Key=other.manifest["data"]["key"])["Body"].read()
     client.put_object(Bucket=backup.bucket, Key=backup.manifest["data"]["key"], Body=archive + bytes(padding))
+
+
+class Kubelet:
+    """The kubelet's part for one namespace's Job pods (the test cluster's nodes are kwok: no pod runs): a pod's
+    container run as a process with the environment the kubelet would give it, its exit then reported in the
+    pod's status (exit code, termination message), from which the Job controller finishes the Job."""
+
+    def __init__(self, core: kubernetes.client.CoreV1Api, namespace: str, wait_for: Callable[..., Any]) -> None:
+        self.core, self.namespace, self.wait_for = core, namespace, wait_for
+
+    def job_pod(self, job: str) -> Any:
+        def found() -> Any:
+            pods = self.core.list_namespaced_pod(
+                self.namespace, label_selector=f"batch.kubernetes.io/job-name={job}"
+            ).items
+            return pods[0] if pods else None
+
+        return self.wait_for(found, timeout=60, what=f"the pod of Job {job}")
+
+    def pod_env(self, container: Any, job: str) -> dict[str, str]:
+        """What the kubelet puts in the container's environment: values, Secret and ConfigMap keys as they are
+        now, and the Job's name (the pod's label)."""
+        env: dict[str, str] = {}
+        for item in container.env or []:
+            source = item.value_from
+            if source is None:
+                env[item.name] = item.value
+            elif source.field_ref is not None:
+                assert source.field_ref.field_path == "metadata.labels['batch.kubernetes.io/job-name']", item
+                env[item.name] = job
+            elif source.secret_key_ref is not None:
+                ref = source.secret_key_ref
+                data = self.core.read_namespaced_secret(ref.name, self.namespace).data
+                env[item.name] = base64.b64decode(data[ref.key]).decode()
+            else:
+                ref = source.config_map_key_ref
+                env[item.name] = self.core.read_namespaced_config_map(ref.name, self.namespace).data[ref.key]
+        return env
+
+    def run_container(self, container: Any, job: str, **env_overrides: str) -> subprocess.CompletedProcess[str]:
+        """The container's command (the agent's CLI with its args) as a process, in the pod's environment."""
+        base = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG")}
+        return subprocess.run(
+            [sys.executable, "-m", "runbook_operator.cli", *container.args],
+            env={**base, **self.pod_env(container, job), **env_overrides},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+
+    def run_job_pod(self, job: str, **env_overrides: str) -> subprocess.CompletedProcess[str]:
+        """Run the Job's container as a process, then report its exit as the kubelet would."""
+        return self.run_pod(self.job_pod(job), **env_overrides)
+
+    @contextlib.contextmanager
+    def verify_pods(self) -> Iterator[list[subprocess.CompletedProcess[str]]]:
+        """The kubelet's part for the restore preflight's verify Jobs: each one's pod run once as it appears;
+        yields the runs so far."""
+        runs: list[subprocess.CompletedProcess[str]] = []
+        done: set[str] = set()
+        stop = threading.Event()
+
+        def kubelet() -> None:
+            while not stop.wait(0.3):
+                pods = self.core.list_namespaced_pod(
+                    self.namespace, label_selector="app.kubernetes.io/component=restore-verify"
+                ).items
+                for pod in pods:
+                    if pod.metadata.uid not in done:
+                        done.add(pod.metadata.uid)
+                        runs.append(self.run_pod(pod))
+
+        thread = threading.Thread(target=kubelet, daemon=True)
+        thread.start()
+        try:
+            yield runs
+        finally:
+            stop.set()
+            thread.join(60)
+
+    def run_pod(self, pod: Any, **env_overrides: str) -> subprocess.CompletedProcess[str]:
+        """The pod's container as a process, its exit then reported as the kubelet would."""
+        container = pod.spec.containers[0]
+        job = (pod.metadata.labels or {}).get("batch.kubernetes.io/job-name", "")
+        result = self.run_container(container, job, **env_overrides)
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        lines = (result.stderr if result.returncode else result.stdout).strip().splitlines()
+        terminated = {
+            "exitCode": result.returncode,
+            "reason": "Completed" if result.returncode == 0 else "Error",
+            "message": lines[-1] if lines else "",
+            "startedAt": now,
+            "finishedAt": now,
+        }
+        status = {
+            "phase": "Succeeded" if result.returncode == 0 else "Failed",
+            "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted", "lastTransitionTime": now}],
+            "containerStatuses": [
+                {
+                    "name": container.name,
+                    "image": container.image,
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "started": False,
+                    "state": {"running": None, "terminated": terminated},
+                }
+            ],
+        }
+        self.core.patch_namespaced_pod_status(pod.metadata.name, self.namespace, {"status": status})
+        return result

@@ -7,14 +7,8 @@ restore Job's pod when the test says."""
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import json
 import logging
-import os
-import subprocess
-import sys
-import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +26,7 @@ from tests.restore_support import (
     OWNER_PASSWORD,
     SIGNED,
     Backup,
+    Kubelet,
     create_empty_database,
     create_shop,
     damage,
@@ -62,8 +57,8 @@ WORKLOADS = {"api": 3, "backend": 5}  # not the runbook's hard-coded 2
 PRIVATE_KEY_SECRET = "restore-gpg-private"
 
 
-class Cluster:
-    """Typed API handles for one test namespace, and the kubelet's part for the restore Job's pod."""
+class Cluster(Kubelet):
+    """Typed API handles for one test namespace, and the kubelet's part for the Jobs' pods."""
 
     def __init__(self, api: kubernetes.client.ApiClient, namespace: str, wait_for: Callable[..., Any]) -> None:
         self.api, self.namespace, self.wait_for = api, namespace, wait_for
@@ -149,96 +144,6 @@ class Cluster:
     def printed_columns(self) -> dict[str, Any]:
         """What ``kubectl get backuprestore`` prints: the server-side Table."""
         return helpers.printed_columns(self.api, self.namespace, "backuprestores")
-
-    def job_pod(self, job: str) -> Any:
-        def found() -> Any:
-            pods = self.core.list_namespaced_pod(
-                self.namespace, label_selector=f"batch.kubernetes.io/job-name={job}"
-            ).items
-            return pods[0] if pods else None
-
-        return self.wait_for(found, timeout=60, what=f"the pod of Job {job}")
-
-    def pod_env(self, container: Any) -> dict[str, str]:
-        """What the kubelet puts in the container's environment."""
-        env: dict[str, str] = {}
-        for item in container.env:
-            if item.value_from is None:
-                env[item.name] = item.value
-                continue
-            ref = item.value_from.secret_key_ref
-            data = self.core.read_namespaced_secret(ref.name, self.namespace).data
-            env[item.name] = base64.b64decode(data[ref.key]).decode()
-        return env
-
-    def run_job_pod(self, job: str, **env_overrides: str) -> subprocess.CompletedProcess[str]:
-        """Run the Job's container as a process, then report its exit as the kubelet would."""
-        return self.run_pod(self.job_pod(job), **env_overrides)
-
-    @contextlib.contextmanager
-    def verify_pods(self) -> Iterator[list[subprocess.CompletedProcess[str]]]:
-        """The kubelet's part for the preflight's verify Jobs: each one's pod run once as it appears; yields
-        the runs so far."""
-        runs: list[subprocess.CompletedProcess[str]] = []
-        done: set[str] = set()
-        stop = threading.Event()
-
-        def kubelet() -> None:
-            while not stop.wait(0.3):
-                pods = self.core.list_namespaced_pod(
-                    self.namespace, label_selector="app.kubernetes.io/component=restore-verify"
-                ).items
-                for pod in pods:
-                    if pod.metadata.uid not in done:
-                        done.add(pod.metadata.uid)
-                        runs.append(self.run_pod(pod))
-
-        thread = threading.Thread(target=kubelet, daemon=True)
-        thread.start()
-        try:
-            yield runs
-        finally:
-            stop.set()
-            thread.join(60)
-
-    def run_pod(self, pod: Any, **env_overrides: str) -> subprocess.CompletedProcess[str]:
-        """The pod's container as a process, its exit then reported as the kubelet would."""
-        container = pod.spec.containers[0]
-        base = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG")}
-        result = subprocess.run(
-            [sys.executable, "-m", "runbook_operator.cli", *container.args],
-            env={**base, **self.pod_env(container), **env_overrides},
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        lines = (result.stderr if result.returncode else result.stdout).strip().splitlines()
-        terminated = {
-            "exitCode": result.returncode,
-            "reason": "Completed" if result.returncode == 0 else "Error",
-            "message": lines[-1] if lines else "",
-            "startedAt": now,
-            "finishedAt": now,
-        }
-        status = {
-            "phase": "Succeeded" if result.returncode == 0 else "Failed",
-            "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted", "lastTransitionTime": now}],
-            "containerStatuses": [
-                {
-                    "name": container.name,
-                    "image": container.image,
-                    "imageID": "",
-                    "ready": False,
-                    "restartCount": 0,
-                    "started": False,
-                    "state": {"running": None, "terminated": terminated},
-                }
-            ],
-        }
-        self.core.patch_namespaced_pod_status(pod.metadata.name, self.namespace, {"status": status})
-        return result
 
 
 @pytest.fixture

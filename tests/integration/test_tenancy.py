@@ -9,16 +9,11 @@ RunbookGrant a cluster administrator made) are created with the admin client, as
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -31,6 +26,7 @@ from tests.restore_support import (
     OWNER,
     OWNER_PASSWORD,
     Backup,
+    Kubelet,
     create_empty_database,
     create_shop,
     database_text,
@@ -131,8 +127,9 @@ class Tenant:
         self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name, {"spec": spec})
 
 
-class Platform:
-    """The admin's view of team-a (and of the attacker's targets), for setup and for checking what happened."""
+class Platform(Kubelet):
+    """The admin's view of team-a (and of the attacker's targets), for setup and for checking what happened;
+    the kubelet's part for its Jobs' pods (``Kubelet``)."""
 
     def __init__(self, api: kubernetes.client.ApiClient, namespace: str, wait_for: WaitFor) -> None:
         self.api, self.namespace, self.wait_for = api, namespace, wait_for
@@ -600,7 +597,9 @@ def test_2_a_granted_host_asking_for_cleartext_gets_no_password(
         if kind == "backuppolicies":  # the login is the backup agent's: run the CronJob's pod as a process
             team_a.wait_for(team_a.cron_jobs, timeout=60, what="the backup CronJob")
             cron_job = team_a.batch.read_namespaced_cron_job(team_a.cron_jobs()[0], team_a.namespace)
-            result = run_container(team_a, cron_job.spec.job_template.spec.template.spec.containers[0])
+            result = team_a.run_container(
+                cron_job.spec.job_template.spec.template.spec.containers[0], "tenancy-test-run"
+            )
             assert result.returncode != 0
         team_a.wait_for(lambda: trap.startups, timeout=60, what="a login attempt at the granted host")
     assert not trap.received_password(), trap.received
@@ -806,72 +805,6 @@ def forge(s3_server: S3Server, backup: Backup, how: str) -> None:
     client.put_object(Bucket=backup.bucket, Key=keys[0], Body=json.dumps(manifest).encode())
 
 
-def run_container(platform: Platform, container: Any) -> subprocess.CompletedProcess[str]:
-    """A pod's container as a process, with the environment the kubelet would give it (values, Secret and
-    ConfigMap keys as they are now)."""
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG")}
-    for item in container.env or []:
-        if item.value_from is None:
-            env[item.name] = item.value
-        elif item.value_from.field_ref is not None:  # the Job's name, from the pod's label
-            env[item.name] = "tenancy-test-run"
-        elif item.value_from.secret_key_ref is not None:
-            ref = item.value_from.secret_key_ref
-            env[item.name] = base64.b64decode(platform.secret_data(ref.name)[ref.key]).decode()
-        else:
-            ref = item.value_from.config_map_key_ref
-            env[item.name] = platform.core.read_namespaced_config_map(ref.name, platform.namespace).data[ref.key]
-    return subprocess.run(
-        [sys.executable, "-m", "runbook_operator.cli", *container.args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-
-
-def run_job_pod(platform: Platform, job: str) -> subprocess.CompletedProcess[str]:
-    """The Job's container as a process with the pod's environment; its exit reported as the kubelet would."""
-    pods = platform.wait_for(
-        lambda: (
-            platform.core.list_namespaced_pod(
-                platform.namespace, label_selector=f"batch.kubernetes.io/job-name={job}"
-            ).items
-        ),
-        timeout=60,
-        what=f"the pod of Job {job}",
-    )
-    pod = pods[0]
-    container = pod.spec.containers[0]
-    result = run_container(platform, container)
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    lines = (result.stderr if result.returncode else result.stdout).strip().splitlines()
-    terminated = {
-        "exitCode": result.returncode,
-        "reason": "Completed" if result.returncode == 0 else "Error",
-        "message": lines[-1] if lines else "",
-        "startedAt": now,
-        "finishedAt": now,
-    }
-    status = {
-        "phase": "Succeeded" if result.returncode == 0 else "Failed",
-        "containerStatuses": [
-            {
-                "name": container.name,
-                "image": container.image,
-                "imageID": "",
-                "ready": False,
-                "restartCount": 0,
-                "started": False,
-                "state": {"terminated": terminated},
-            }
-        ],
-    }
-    platform.core.patch_namespaced_pod_status(pod.metadata.name, platform.namespace, {"status": status})
-    return result
-
-
 @pytest.mark.parametrize("how", ["unsigned", "forged", "swapped"])
 @pytest.mark.parametrize("by", ["restore", "drill"])
 def test_5_a_backup_a_bucket_writer_forged_is_never_restored(
@@ -885,7 +818,8 @@ def test_5_a_backup_a_bucket_writer_forged_is_never_restored(
     by: str,
 ) -> None:
     """unsigned/forged: the manifest rewritten without the key (refused before any Job); swapped: another valid
-    archive (with padding) under the signed manifest's key: the target stays unchanged, ChecksumMismatch."""
+    archive (with padding) under the signed manifest's key: the preflight's verify Job refuses it
+    (ChecksumMismatch), no restore Job is made, the target stays unchanged."""
     shop = create_shop(postgres)
     backup = signed_backup(postgres, shop, s3_server, gpg_keyring, team_a.namespace)
     target = create_empty_database(postgres, "target") if by == "drill" else shop
@@ -910,7 +844,7 @@ def test_5_a_backup_a_bucket_writer_forged_is_never_restored(
             "target": {"database": target},
             "decryptionSecretRef": {"name": PRIVATE_KEY_SECRET, "key": "private.asc"},
         }
-    with operator(team_a.namespace):
+    with operator(team_a.namespace), team_a.verify_pods() as verified:
         tenant.create(
             "backuppolicies",
             "db",
@@ -939,7 +873,7 @@ def test_5_a_backup_a_bucket_writer_forged_is_never_restored(
             job = status.get("jobName")
             if job and job in team_a.jobs() and job not in ran:
                 ran.append(job)
-                result = run_job_pod(team_a, job)
+                result = team_a.run_job_pod(job)
                 print("agent:", result.returncode, result.stderr[-2000:])
             return None
 
@@ -948,9 +882,11 @@ def test_5_a_backup_a_bucket_writer_forged_is_never_restored(
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     if how == "swapped":
         assert ready["reason"] == "ChecksumMismatch", ready
+        assert verified and all(r.returncode == 1 and "ChecksumMismatch" in r.stderr for r in verified), verified
     else:
         assert ready["reason"] in ("ManifestUnsigned", "ManifestForged"), ready
-        assert ran == []  # refused before any Job
+        assert verified == []  # refused before any Job
+    assert ran == []  # no restore Job
     assert database_text(postgres, target) == before
 
 
@@ -1094,7 +1030,7 @@ def test_7_recipients_swapped_after_the_reconcile_are_refused_at_backup_time(
     armored, _ = other_key(tmp_path, "attacker")
     tenant.core.patch_namespaced_config_map(RECIPIENTS, team_a.namespace, {"data": {"team.asc": armored}})
     cron_job = team_a.batch.read_namespaced_cron_job(team_a.cron_jobs()[0], team_a.namespace)
-    result = run_container(team_a, cron_job.spec.job_template.spec.template.spec.containers[0])
+    result = team_a.run_container(cron_job.spec.job_template.spec.template.spec.containers[0], "tenancy-test-run")
     assert result.returncode != 0 and "RecipientNotPinned" in result.stderr, result.stderr[-2000:]
     assert s3_server.client().list_objects_v2(Bucket=bucket).get("KeyCount") == 0
 
