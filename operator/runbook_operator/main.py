@@ -9,6 +9,7 @@ import kopf
 
 from . import metrics
 from .builders.backup import POLICY_LABEL as BACKUP_POLICY_LABEL
+from .builders.isolation import ISOLATION_LABEL
 from .clients.kube import KubeApi
 from .logs import install_redactor
 from .models import GROUP, VERSION
@@ -25,6 +26,7 @@ SETTINGS = Settings.from_env()
 def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.executor = EXECUTOR  # kopf's sync handlers and every blocking call share one pool
     configure_kopf(settings, SETTINGS)  # sized by RUNBOOK_MAX_WORKERS
+    settings.watching.label_selectors[ISOLATION_POLICIES[0], ISOLATION_POLICIES[2]] = ISOLATION_LABEL  # the guard's
     install_redactor()
     metrics.serve(SETTINGS.metrics_port)
 
@@ -77,22 +79,41 @@ async def scaling_profiles_follow_isolation(body: kopf.Body, **_: Any) -> None:
 # --- EmergencyIsolation ---
 # Every pass is level-based (reads the cluster, converges), so create, resume and spec changes share one
 # handler (``isolation.ISOLATION``); deletion goes through kopf's finalizer, which holds the object until the
-# release succeeded, also when it was deleted while the operator was down. A timer (``isolation.GUARD``) puts
-# back a policy removed by hand. Which isolation holds a namespace comes from the index, not a LIST.
+# release succeeded, also when it was deleted while the operator was down. Which isolation holds a namespace
+# comes from the index, not a LIST. Containment first, in its own executor (``runtime.CONTAINMENT``): a new
+# isolation's policy is created on its first watch event (``isolation.contain_first``), before kopf adds its
+# finalizer and before the pass; the guard is a watch on the operator's emergency-isolate policies (by label,
+# server-side) that puts one deleted or edited back at once (``isolation.put_back``). No timer: idle, no call.
 EMERGENCY_ISOLATIONS = (GROUP, VERSION, "emergencyisolations")
+ISOLATION_POLICIES = ("networking.k8s.io", "v1", "networkpolicies")
+
+
+@kopf.index(*EMERGENCY_ISOLATIONS)
+def isolation_guards(body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
+    return {str(body["metadata"]["namespace"]): isolation.guard_entry(body)}
+
+
+@kopf.on.event(*EMERGENCY_ISOLATIONS, when=lambda body, **_: isolation.awaits_containment(body))
+async def emergency_isolation_contained_first(body: kopf.Body, **kwargs: Any) -> None:
+    holder = interlock.holder_from_index(kwargs["isolations_by_namespace"])
+    await isolation.contain_new(body, isolation=holder, grants=_grants(kwargs))
+
+
+@kopf.on.event(*ISOLATION_POLICIES, labels={ISOLATION_LABEL: kopf.PRESENT})
+async def emergency_isolation_guard(type: str, body: kopf.Body, **kwargs: Any) -> None:
+    namespace = str(body.metadata.namespace)
+    guarded = isolation.guarded_isolation(type, body, kwargs["isolation_guards"].get(namespace, ()))
+    if guarded is not None:
+        await isolation.put_back(namespace, guarded, grants=_grants(kwargs))
 
 
 @kopf.on.resume(*EMERGENCY_ISOLATIONS)
 @kopf.on.create(*EMERGENCY_ISOLATIONS)
 @kopf.on.update(*EMERGENCY_ISOLATIONS, field="spec")
 async def emergency_isolation(body: kopf.Body, retry: int, **kwargs: Any) -> None:
+    await isolation.containment_settled()
     holder = interlock.holder_from_index(kwargs["isolations_by_namespace"])
     as_kopf(await drive(isolation.ISOLATION, body, isolation=holder, grants=_grants(kwargs)), retry=retry)
-
-
-@kopf.timer(*EMERGENCY_ISOLATIONS, interval=10, idle=5)
-async def emergency_isolation_guard(body: kopf.Body, **kwargs: Any) -> None:
-    as_kopf(await drive(isolation.GUARD, body, grants=_grants(kwargs)))
 
 
 @kopf.on.delete(*EMERGENCY_ISOLATIONS)

@@ -71,9 +71,11 @@ def test_operator_holds_no_secret_list_no_update_and_nothing_that_escalates() ->
     assert {"deployments/scale", "statefulsets/scale"} <= {p for (_, p) in grants(namespaced)}
     cluster_wide = grants(cluster_roles("rbac.yaml")["runbook-operator"])
     assert all(
-        group in {"", "apiextensions.k8s.io", "events.k8s.io", "runbook.dev", "batch"} for group, _ in cluster_wide
+        group in {"", "apiextensions.k8s.io", "events.k8s.io", "runbook.dev", "batch", "networking.k8s.io"}
+        for group, _ in cluster_wide
     )
     assert cluster_wide[("batch", "jobs")] == {"list", "watch"}
+    assert cluster_wide[("networking.k8s.io", "networkpolicies")] == {"list", "watch"}  # the isolation guard's watch
     assert not {("", "secrets"), ("", "configmaps"), ("apps", "deployments")} & set(cluster_wide)
 
 
