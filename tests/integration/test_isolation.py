@@ -10,6 +10,7 @@ import logging
 import socket
 import tarfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -400,6 +401,73 @@ def test_resync_writes_nothing_and_a_removed_policy_comes_back(
         timeout=15,
         what="the Warning Event that the policy was put back",
     )
+    cluster.delete_isolation("breach")
+    wait_for(lambda: cluster.isolation("breach") is None, timeout=30, what="release on deletion")
+    assert_released_exactly(cluster)
+
+
+def test_a_policy_deleted_or_edited_by_hand_is_put_back_at_once_by_the_watch(
+    cluster: Cluster, operator_runner: kopf.testing.KopfRunner, wait_for: Callable[..., Any]
+) -> None:
+    """The guard is a watch on the operator's policies, not a timer: each deletion (three in a row) and an
+    edit are undone within a few seconds (a 10 s timer would miss that bound most of the time)."""
+    cluster.create_runbook_workloads()
+    cluster.create_isolation("breach", breach_spec(None))
+    wait_phase(cluster, wait_for, "breach", "Isolated")
+    desired = cluster.policies()["emergency-isolate"]["spec"]
+    for attempt in range(3):
+        before = cluster.policies()["emergency-isolate"]["metadata"]["uid"]
+        cluster.net.delete_namespaced_network_policy("emergency-isolate", cluster.namespace)
+        started = time.monotonic()
+        wait_for(
+            lambda: (
+                cluster.policies().get("emergency-isolate", {}).get("metadata", {}).get("uid") not in (None, before)
+            ),
+            timeout=3,
+            interval=0.05,
+            what=f"the policy put back (deletion {attempt + 1})",
+        )
+        print(f"deletion {attempt + 1}: put back after {time.monotonic() - started:.3f} s")
+        assert cluster.policies()["emergency-isolate"]["spec"] == desired
+    cluster.net.patch_namespaced_network_policy(
+        "emergency-isolate", cluster.namespace, {"spec": {"ingress": [{}], "egress": [{}]}}
+    )
+    wait_for(
+        lambda: cluster.policies()["emergency-isolate"]["spec"] == desired,
+        timeout=3,
+        interval=0.05,
+        what="the edited policy put back",
+    )
+    cluster.delete_isolation("breach")
+    wait_for(lambda: cluster.isolation("breach") is None, timeout=30, what="release on deletion")
+    assert_released_exactly(cluster)
+
+
+def test_an_idle_isolation_makes_no_api_call(
+    cluster: Cluster,
+    operator_runner: kopf.testing.KopfRunner,
+    wait_for: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Isolated and left alone for 25 s (the old guard read, or wrote and got a 409, every 10 s): the operator
+    makes no request of its own (``KubeApi``) about the namespace, neither read nor write; the watch knows."""
+    cluster.create_runbook_workloads()
+    cluster.create_isolation("breach", breach_spec(None, allowDNS=True))
+    wait_phase(cluster, wait_for, "breach", "Isolated")
+    calls: list[tuple[str, str]] = []
+    call = kube.KubeApi._call
+
+    def counted(self: kube.KubeApi, method: str, path: str, **kwargs: Any) -> Any:
+        if f"/namespaces/{cluster.namespace}/" in path:
+            calls.append((method, path))
+        return call(self, method, path, **kwargs)
+
+    time.sleep(3)  # the pass's last Event posts settle
+    with monkeypatch.context() as patched:
+        patched.setattr(kube.KubeApi, "_call", counted)
+        time.sleep(25)
+    assert calls == []
+    assert "emergency-isolate" in cluster.policies()
     cluster.delete_isolation("breach")
     wait_for(lambda: cluster.isolation("breach") is None, timeout=30, what="release on deletion")
     assert_released_exactly(cluster)
