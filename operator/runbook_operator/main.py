@@ -13,7 +13,6 @@ from .builders.isolation import ISOLATION_LABEL
 from .clients.kube import KubeApi
 from .logs import install_redactor
 from .models import GROUP, VERSION
-from .models.backup import BACKUP_NOW
 from .reconcilers import backup, drills, interlock, isolation, restore, rotation, scaling
 from .reconcilers.runtime import EXECUTOR, GrantsOf, as_kopf, blocking, drive, finalize_current, run_clock
 from .reconcilers.tenancy import Grant, grants_from_index, index_entries
@@ -158,41 +157,27 @@ async def secret_rotations_follow_isolation(body: kopf.Body, **_: Any) -> None:
 
 
 # --- BackupPolicy ---
-# Spec changes converge the CronJob; the backup-now annotation (on any event: kopf ignores annotations under
-# its own prefix) and the Jobs the CronJob starts run their one step over the policy as it is now; a timer
-# re-checks everything, so status heals after any missed event.
+# Level-triggered: ``backup.PASSES`` runs a pass when something it depends on changed (the generation, the
+# backup-now token, the CronJob edited or deleted by hand, a Job started or finished) and times its own retries
+# and re-checks; every other event costs no API call. Only event handlers here: kopf's change handlers would
+# store their last-handled-configuration annotation, and a timer or daemon a finalizer, on every policy.
 BACKUP_POLICIES = (GROUP, VERSION, "backuppolicies")
 BACKUP_DELETION_ATTEMPTS = 6  # then the policy goes, and its backups stay (the last Warning says why)
 
 
-@kopf.on.resume(*BACKUP_POLICIES)
-@kopf.on.create(*BACKUP_POLICIES)
-@kopf.on.update(*BACKUP_POLICIES)
-async def backup_policy(body: kopf.Body, retry: int, **kwargs: Any) -> None:
-    as_kopf(await drive(backup.POLICY, body, failures=retry, grants=_grants(kwargs)), retry=retry)
-
-
-@kopf.timer(*BACKUP_POLICIES, interval=300, initial_delay=300, idle=60)
-async def backup_policy_resync(body: kopf.Body, **kwargs: Any) -> None:
-    as_kopf(await drive(backup.POLICY, body, grants=_grants(kwargs)))
-
-
-@kopf.on.event(*BACKUP_POLICIES, annotations={BACKUP_NOW: kopf.PRESENT})
-async def backup_policy_now(body: kopf.Body, **kwargs: Any) -> None:
-    name = body.metadata.name
-    await blocking(backup.pass_named, KubeApi(), body.metadata.namespace, name, backup.backup_now, _grants(kwargs))
-
-
 @kopf.on.event(*BACKUP_POLICIES)
-def backup_policy_gone(type: str, body: kopf.Body, **_: Any) -> None:
-    if type == "DELETED":
-        metrics.forget_backup_policy(str(body.metadata.namespace), str(body.metadata.name))
+async def backup_policy(type: str, body: kopf.Body, **kwargs: Any) -> None:
+    await backup.PASSES.policy_event(type, body, _grants(kwargs))
+
+
+@kopf.on.event("batch", "v1", "cronjobs", labels={BACKUP_POLICY_LABEL: kopf.PRESENT})
+async def backup_cronjob(type: str, body: kopf.Body, **kwargs: Any) -> None:
+    await backup.PASSES.cronjob_event(type, body, _grants(kwargs))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={BACKUP_POLICY_LABEL: kopf.PRESENT})
-async def backup_job(body: kopf.Body, **kwargs: Any) -> None:
-    policy = body.metadata.labels[BACKUP_POLICY_LABEL]
-    await blocking(backup.pass_named, KubeApi(), body.metadata.namespace, policy, backup.observe, _grants(kwargs))
+async def backup_job(type: str, body: kopf.Body, **kwargs: Any) -> None:
+    await backup.PASSES.job_event(type, body, _grants(kwargs))
 
 
 @kopf.on.delete(
