@@ -10,11 +10,10 @@ import kopf
 from . import metrics
 from .builders.backup import POLICY_LABEL as BACKUP_POLICY_LABEL
 from .builders.isolation import ISOLATION_LABEL
-from .clients.kube import KubeApi
 from .logs import install_redactor
 from .models import GROUP, VERSION
 from .reconcilers import backup, drills, interlock, isolation, restore, rotation, scaling
-from .reconcilers.runtime import EXECUTOR, GrantsOf, as_kopf, blocking, drive, finalize_current, run_clock
+from .reconcilers.runtime import EXECUTOR, GrantsOf, as_kopf, drive, finalize_current, run_clock
 from .reconcilers.tenancy import Grant, grants_from_index, index_entries
 from .settings import Settings, configure_kopf
 
@@ -39,9 +38,10 @@ def probe_handlers(**_: Any) -> str:
 # kopf passes each index to every handler, daemon and timer as a keyword argument named after its function
 # (``kwargs["isolations_by_namespace"]``: mypy checks handlers against kopf's protocols, which name no index);
 # ``interlock.holder_from_index`` turns it into ``runtime.drive(..., isolation=...)``'s "which
-# EmergencyIsolation holds this namespace?".
+# EmergencyIsolation holds this namespace?". Every handler that does no I/O is ``async``: kopf runs a sync one in
+# the shared executor, where slow passes of other objects (a silent S3 endpoint) would delay it.
 @kopf.index(GROUP, VERSION, "emergencyisolations")
-def isolations_by_namespace(body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
+async def isolations_by_namespace(body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
     return {str(body["metadata"]["namespace"]): interlock.index_entry(body)}
 
 
@@ -88,7 +88,7 @@ ISOLATION_POLICIES = ("networking.k8s.io", "v1", "networkpolicies")
 
 
 @kopf.index(*EMERGENCY_ISOLATIONS)
-def isolation_guards(body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
+async def isolation_guards(body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
     return {str(body["metadata"]["namespace"]): isolation.guard_entry(body)}
 
 
@@ -146,7 +146,7 @@ async def secret_rotation_deleted(body: kopf.Body, retry: int, **kwargs: Any) ->
 
 
 @kopf.on.event(*SECRET_ROTATIONS)
-def secret_rotation_gone(type: str, body: kopf.Body, **_: Any) -> None:
+async def secret_rotation_gone(type: str, body: kopf.Body, **_: Any) -> None:
     if type == "DELETED":
         metrics.forget_secret_rotation(str(body.metadata.namespace), str(body.metadata.name))
 
@@ -216,5 +216,5 @@ async def backup_policy_drills(body: kopf.Body, stopped: kopf.DaemonStopped, **k
 # an index namespace -> the grants that list it. Every handler above passes ``_grants(kwargs)`` to the runtime,
 # and each pass confines its spec with ``ctx.grants(namespace)`` (``tenancy.confine_*``); nothing writes a grant.
 @kopf.index(GROUP, VERSION, "runbookgrants")
-def grants_by_namespace(name: str, spec: kopf.Spec, **_: Any) -> dict[str, Grant]:
+async def grants_by_namespace(name: str, spec: kopf.Spec, **_: Any) -> dict[str, Grant]:
     return index_entries(name, spec)
