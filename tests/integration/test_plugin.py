@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from tests.restore_support import (
     OWNER_PASSWORD,
     SIGNED,
     Backup,
+    Kubelet,
     create_shop,
     make_backup,
     private_key,
@@ -240,11 +242,13 @@ def backup(
 
 def test_backup_list_now_and_restore(
     plugin: Plugin,
+    api: kubernetes.client.ApiClient,
     custom: Any,
     namespace: str,
     backup: Backup,
     s3_server: S3Server,
     operator_runner: kopf.testing.KopfRunner,
+    wait_for: Callable[..., Any],
 ) -> None:
     folder = backup.manifest["data"]["key"].rsplit("/", 1)[0] + "/"
     stamp = folder.rstrip("/").rsplit("/", 1)[1]
@@ -299,23 +303,26 @@ def test_backup_list_now_and_restore(
     assert result.returncode == NOT_FOUND and "BackupPolicy 'nope' not found" in result.stderr
     assert listed(custom, namespace, "backuprestores") == []
 
-    # A dry run by key, followed to its end with progress on stderr.
+    # A dry run by key, followed to its end with progress on stderr (its preflight's verify Job pod run as the
+    # kubelet would).
     key = "restore-gpg-private/private.asc"
-    result = plugin(
-        "restore",
-        POLICY,
-        "--backup",
-        stamp,
-        "--dry-run",
-        "--decryption-secret",
-        key,
-        "--name",
-        "check",
-        "--wait",
-        "-o",
-        "json",
-    )
+    with Kubelet(kubernetes.client.CoreV1Api(api), namespace, wait_for).verify_pods() as verified:
+        result = plugin(
+            "restore",
+            POLICY,
+            "--backup",
+            stamp,
+            "--dry-run",
+            "--decryption-secret",
+            key,
+            "--name",
+            "check",
+            "--wait",
+            "-o",
+            "json",
+        )
     assert result.returncode == OK, result.stderr
+    assert [run.returncode for run in verified] == [0], [run.stderr[-2000:] for run in verified]
     done = json.loads(result.stdout)
     assert done["phase"] == "DryRunSucceeded" and done["status"]["backupKey"] == backup.manifest["data"]["key"]
     assert "Preflight: Succeeded" in result.stderr and "DryRunSucceeded" in result.stderr
