@@ -559,11 +559,13 @@ def record_first_containment(api: kube.Api, body: Mapping[str, Any]) -> None:
 
 
 class _InFlight:
-    """How many first containments are under way (in-memory coordination only): the passes of isolations wait
-    for none (``settled``), so that a burst of them does not load the API server ahead of the creates."""
+    """How many first containments are under way, and since when none (in-memory coordination only): the passes
+    of isolations wait until none has been for a moment (``settled``), so that a burst of them does not load the
+    API server ahead of the creates still arriving."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.idle_since = 0.0  # time.monotonic() when the last one ended
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -576,10 +578,12 @@ class _InFlight:
         finally:
             self.count -= 1
             if not self.count:
+                self.idle_since = time.monotonic()
                 self.idle.set()
 
 
 CONTAINING = _InFlight()
+SETTLE_QUIET = 0.25  # seconds without a first containment under way: the burst is over
 SETTLE_AT_MOST = 2.0  # seconds a pass waits for the containments under way; never longer (no starvation)
 
 
@@ -599,9 +603,18 @@ async def contain_new(
 
 
 async def containment_settled() -> None:
-    """Before an isolation's pass: until no first containment is under way, or SETTLE_AT_MOST."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(CONTAINING.idle.wait(), SETTLE_AT_MOST)
+    """Before an isolation's pass: until no first containment has been under way for SETTLE_QUIET, or
+    SETTLE_AT_MOST."""
+    deadline = time.monotonic() + SETTLE_AT_MOST
+    while (remaining := deadline - time.monotonic()) > 0:
+        if CONTAINING.count:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(CONTAINING.idle.wait(), remaining)
+            continue
+        quiet = time.monotonic() - CONTAINING.idle_since
+        if quiet >= SETTLE_QUIET:
+            return
+        await asyncio.sleep(min(SETTLE_QUIET - quiet, remaining))
 
 
 def guard_entry(body: Mapping[str, Any]) -> dict[str, Any]:
