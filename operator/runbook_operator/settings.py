@@ -66,8 +66,10 @@ class Settings(BaseModel):
         return cls.model_validate(values)
 
 
-# Threads that call out besides the workers: evidence's parallel log reads, the containment path.
-POOL_HEADROOM = 12
+# Threads that call out besides the workers: the containment path's own pool (runtime.CONTAINMENT) and
+# evidence's parallel log reads (evidence.LOG_WORKERS, 8).
+CONTAINMENT_WORKERS = 16
+POOL_HEADROOM = CONTAINMENT_WORKERS + 8
 
 
 def connection_pool_size() -> int:

@@ -39,6 +39,7 @@ from ..conditions import ConditionStatus, set_condition
 from ..errors import RunbookError, parse_spec
 from ..logs import REDACTOR
 from ..models.common import CamelModel, Condition, StatusBase
+from ..settings import CONTAINMENT_WORKERS
 from .interlock import holder_from_index
 from .tenancy import Grant, grants_for, index_entries
 
@@ -64,7 +65,7 @@ def utc_now() -> datetime:
 EXECUTOR = ThreadPoolExecutor(max_workers=20, thread_name_prefix="runbook")
 # Containment's own pool (an EmergencyIsolation's deny-all policy: its first create and the guard that puts it
 # back): never behind other objects' passes, nor behind a slow S3 or database call filling EXECUTOR.
-CONTAINMENT = ThreadPoolExecutor(max_workers=16, thread_name_prefix="runbook-contain")
+CONTAINMENT = ThreadPoolExecutor(max_workers=CONTAINMENT_WORKERS, thread_name_prefix="runbook-contain")
 
 
 async def blocking(function: Callable[..., R], *args: Any, executor: Executor = EXECUTOR) -> R:
