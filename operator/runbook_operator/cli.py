@@ -42,9 +42,10 @@ def _run(args: argparse.Namespace) -> int:
         )
     finally:
         if elector is not None:
-            from .reconcilers.runtime import EXECUTOR
+            from .reconcilers.runtime import CONTAINMENT, EXECUTOR
 
-            EXECUTOR.shutdown(cancel_futures=True)  # no blocking call may still act once the Lease is given up
+            for pool in (EXECUTOR, CONTAINMENT):  # no blocking call may still act once the Lease is given up
+                pool.shutdown(cancel_futures=True)
             elector.release()
     return 0
 
