@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import boto3
+import botocore.session
 from botocore.config import Config
 
 from ..models.sources import S3Location
@@ -86,10 +87,21 @@ def make_client(
 _SESSION_LOCK = threading.Lock()
 
 
+# botocore's endpoint data names every AWS service: 6.5 MiB of Python objects kept for the process's life, of the
+# 11 MiB its first S3 client loads. Clients here call S3, and STS for ambient credentials; a service left out
+# resolves by its partition's defaults, as one newer than the data does.
+ENDPOINT_SERVICES = frozenset({"s3", "sts"})
+
+
 @functools.cache
 def _session() -> boto3.session.Session:
-    """One session for every client: its loaders' caches make a client's creation cheap after the first."""
-    return boto3.session.Session()
+    """One session for every client: its loaders' caches make a client's creation cheap after the first (and
+    hold the endpoint data, kept to ``ENDPOINT_SERVICES``)."""
+    core = botocore.session.Session()
+    endpoints, _ = core.get_component("data_loader").load_data_with_path("endpoints")  # the copy the cache keeps
+    for partition in endpoints["partitions"]:
+        partition["services"] = {k: v for k, v in partition["services"].items() if k in ENDPOINT_SERVICES}
+    return boto3.session.Session(botocore_session=core)
 
 
 # --- the operator's clients: one per endpoint, region and credentials -----------------------------------------
@@ -147,8 +159,11 @@ def _sse(location: S3Location) -> dict[str, Any]:
 
 @dataclass
 class MultipartUpload:
-    """A streaming upload: ``write`` buffers at most one part while the previous one is sent (so the producer
-    keeps going during the request), ``complete`` commits, ``abort`` discards. Memory: two parts at most.
+    """A streaming upload: ``write`` fills one part while the previous one is sent (so the producer keeps going
+    during the request), ``complete`` commits, ``abort`` discards. Memory: two part buffers, made once and reused
+    (a part is sent from its buffer, never copied), so any upload holds at most ``2 * part_size``; with
+    ``overlap=False`` one buffer, each part stored before the next is filled (half the memory, the producer
+    waiting during each request).
 
     The SHA-256 and size of everything written are computed on the way.
     """
@@ -157,9 +172,12 @@ class MultipartUpload:
     location: S3Location
     key: str
     part_size: int = PART_SIZE
+    overlap: bool = True
     size: int = 0
     _sha256: Any = field(default_factory=hashlib.sha256)
-    _buffer: bytearray = field(default_factory=bytearray)
+    _buffer: bytearray = field(default_factory=bytearray)  # the part being filled: its first ``_filled`` bytes
+    _filled: int = 0
+    _sent: bytearray = field(default_factory=bytearray)  # the buffer of the part last sent (free once stored)
     _parts: list[dict[str, Any]] = field(default_factory=list)
     _upload_id: str | None = None
     _sender: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="s3-part"))
@@ -176,37 +194,54 @@ class MultipartUpload:
     def write(self, chunk: bytes) -> None:
         self._sha256.update(chunk)
         self.size += len(chunk)
-        self._buffer += chunk
-        while len(self._buffer) >= self.part_size:
-            self._wait()  # the previous part is stored (or its error raised) before the next is copied
-            with memoryview(self._buffer) as view:
-                part = bytes(view[: self.part_size])
-            del self._buffer[: self.part_size]
-            self._send(part)
+        with memoryview(chunk) as data:
+            start = 0
+            while start < len(data):
+                end = min(len(data), start + self.part_size - self._filled)
+                # A buffer's first fill grows it; later fills overwrite it in place (same length: no allocation).
+                self._buffer[self._filled : self._filled + end - start] = data[start:end]
+                self._filled += end - start
+                start = end
+                if self._filled == self.part_size:
+                    self._send()
 
     def _wait(self) -> None:
         if self._in_flight is not None:
             self._in_flight.result()
             self._in_flight = None
 
-    def _send(self, data: bytes) -> None:
+    def _send(self) -> None:
+        """The filled buffer goes out as the next part; the previous part's buffer, once stored, is filled next."""
+        self._wait()  # the previous part is stored (or its error raised) before its buffer is reused
+        del self._buffer[self._filled :]  # only the last part is shorter than its buffer
         number = len(self._parts) + 1
         self._parts.append({"PartNumber": number})
-        self._in_flight = self._sender.submit(self._upload_part, data, number)
+        self._in_flight = self._sender.submit(self._upload_part, self._buffer, number)
+        if self.overlap:
+            self._buffer, self._sent = self._sent, self._buffer
+        else:
+            self._wait()  # stored: its buffer is filled again
+        self._filled = 0
 
-    def _upload_part(self, data: bytes, number: int) -> None:
-        response = self.client.upload_part(
-            Bucket=self.location.bucket, Key=self.key, UploadId=str(self._upload_id), PartNumber=number, Body=data
+    def _upload_part(self, data: bytearray, number: int) -> None:
+        response = self.client.upload_part(  # botocore takes a bytearray as it takes bytes (the stubs say bytes)
+            Bucket=self.location.bucket,
+            Key=self.key,
+            UploadId=str(self._upload_id),
+            PartNumber=number,
+            Body=data,  # type: ignore[arg-type]
         )
         self._parts[number - 1]["ETag"] = response["ETag"]
 
-    def complete(self) -> None:
-        self._wait()
-        if self._buffer or not self._parts:
-            self._send(bytes(self._buffer))
-            self._buffer.clear()
-            self._wait()
+    def _release(self) -> None:
+        self._buffer, self._sent, self._filled = bytearray(), bytearray(), 0
         self._sender.shutdown()
+
+    def complete(self) -> None:
+        if self._filled or not self._parts:
+            self._send()
+        self._wait()
+        self._release()
         self.client.complete_multipart_upload(
             Bucket=self.location.bucket,
             Key=self.key,
@@ -215,11 +250,10 @@ class MultipartUpload:
         )
 
     def abort(self) -> None:
-        self._buffer.clear()
         if self._in_flight is not None:
             self._in_flight.exception()  # let the part in flight end; its error is the caller's to report
             self._in_flight = None
-        self._sender.shutdown()
+        self._release()
         self.client.abort_multipart_upload(Bucket=self.location.bucket, Key=self.key, UploadId=str(self._upload_id))
 
 

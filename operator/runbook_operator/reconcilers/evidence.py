@@ -3,7 +3,7 @@ manifest written last (it commits the evidence). Nothing here ever deletes an up
 
 The capture streams: container logs are read in chunks, framed into a tar as they arrive, and the tar goes
 through gpg into an S3 multipart upload, hashing every file and the tar on the way. Memory is bounded by a
-few chunks and parts, not by the namespace's logs: a tar member's size precedes its bytes, so each log is
+few chunks and one 5 MiB part, not by the namespace's logs: a tar member's size precedes its bytes, so each log is
 read whole before it is archived, but it waits compressed in memory, and logs read ahead of the one being
 archived wait only while they hold less than ``READ_AHEAD``."""
 
@@ -39,10 +39,10 @@ from .catalog import s3_client
 
 LOG_LIMIT_BYTES = 16 * 1024 * 1024  # per container log; evidence of a breach is rarely in the 17th MiB
 LOG_TIMEOUT = 10.0  # seconds per log request: an unreachable kubelet must not hold up containment
-LOG_WORKERS = 8
+LOG_WORKERS = 4  # each holds a 256 KiB zlib state while it reads
 CHUNK = 64 * 1024
-READ_AHEAD = 2 * 1024 * 1024  # compressed bytes of the logs read ahead of the one being archived
-PART_SIZE = 5 * 1024 * 1024  # S3's smallest part: the upload holds two or three of them
+READ_AHEAD = 1024 * 1024  # compressed bytes of the logs read ahead of the one being archived
+PART_SIZE = 5 * 1024 * 1024  # S3's smallest part: the upload holds one (``overlap=False``, below)
 RETRY = 30.0
 FIELD = "spec.evidence"
 REPLICA_SETS = kube.Resource("apps", "v1", "replicasets", "ReplicaSet")
@@ -378,7 +378,9 @@ def capture(
         key = f"{folder}/evidence.tar.gpg"
         archive = collect(api, namespace, on_collected=on_collected)
         try:
-            upload = s3.MultipartUpload(client, location, key, part_size=PART_SIZE)
+            # One part buffer, each part stored before the next fills: the reading of the logs, not the upload,
+            # bounds a capture's time (300 MiB of logs in the same time as with two), and 5 MiB fewer are held.
+            upload = s3.MultipartUpload(client, location, key, part_size=PART_SIZE, overlap=False)
 
             def send(chunk: bytes) -> None:
                 try:
