@@ -9,6 +9,7 @@ If the local cluster cannot start, the tests error out: they are never skipped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -170,9 +171,10 @@ def grant_test_services(api: kubernetes.client.ApiClient, namespace: str) -> str
     return grant(api, namespace, name=f"{namespace}-shared", hosts=hosts, endpoints=endpoints)
 
 
-@pytest.fixture
-def namespace(api: kubernetes.client.ApiClient) -> Iterator[str]:
-    """A fresh namespace for one test, enabled for the operator as an administrator would, deleted afterwards."""
+@contextlib.contextmanager
+def enabled_namespace(api: kubernetes.client.ApiClient) -> Iterator[str]:
+    """A fresh namespace, enabled for the operator as an administrator would and granted the session's shared
+    servers (``grant_test_services``), deleted afterwards."""
     core = kubernetes.client.CoreV1Api(api)
     name = f"rb-test-{uuid.uuid4().hex[:8]}"
     core.create_namespace({"metadata": {"name": name, "labels": {"runbook.dev/test": "true"}}})
@@ -186,6 +188,13 @@ def namespace(api: kubernetes.client.ApiClient) -> Iterator[str]:
         except kubernetes.client.ApiException as error:
             if error.status != 404:
                 raise
+
+
+@pytest.fixture
+def namespace(api: kubernetes.client.ApiClient) -> Iterator[str]:
+    """A fresh namespace for one test (``enabled_namespace``)."""
+    with enabled_namespace(api) as name:
+        yield name
 
 
 @pytest.fixture(scope="session")

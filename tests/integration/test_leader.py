@@ -18,10 +18,10 @@ from typing import Any
 
 import kubernetes
 import pytest
-from tests.helpers import OperatorProcess, enable_namespace
+from tests.helpers import OperatorProcess
 from tests.integration import test_isolation as isolation_tests
 from tests.integration import test_rotation as rotation_tests
-from tests.integration.conftest import grant, grant_test_services
+from tests.integration.conftest import enabled_namespace, grant
 from tests.integration.test_isolation import cluster, evidence_store  # noqa: F401 - fixtures, in `namespace`
 from tests.services import Postgres, S3Server
 
@@ -168,15 +168,8 @@ def test_the_operators_role_holds_only_its_own_lease(operator_api: KubeApi) -> N
 def rotation_namespace(api: kubernetes.client.ApiClient, postgres: Postgres) -> Iterator[str]:
     """Another enabled namespace, the rotation's (an EmergencyIsolation pauses the rotations in its own),
     granted the session's PostgreSQL."""
-    core = kubernetes.client.CoreV1Api(api)
-    name = f"rb-test-{uuid.uuid4().hex[:8]}"
-    core.create_namespace({"metadata": {"name": name, "labels": {"runbook.dev/test": "true"}}})
-    enable_namespace(api, name)
-    grant_test_services(api, name)
-    try:
+    with enabled_namespace(api) as name:
         yield name
-    finally:
-        core.delete_namespace(name)
 
 
 class LeaseHistory:

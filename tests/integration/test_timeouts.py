@@ -6,15 +6,13 @@ spec.destination.s3.endpoint within its worst case."""
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import kopf.testing
 import kubernetes
 import pytest
-from tests.helpers import enable_namespace
-from tests.integration.conftest import OPERATOR_ARGS, grant, grant_test_services
+from tests.integration.conftest import OPERATOR_ARGS, enabled_namespace, grant
 from tests.integration.test_lifecycle import create_policy, policy_spec, ready, references
 from tests.services import S3Server
 from tests.silent import SilentEndpoint
@@ -32,17 +30,8 @@ CONTAINED_WITHIN = 8.0  # seconds, create -> deny-all policy; one queued behind 
 @pytest.fixture
 def other_namespaces(api: kubernetes.client.ApiClient) -> Iterator[list[str]]:
     """Two more enabled namespaces (as the ``namespace`` fixture makes one), for EmergencyIsolations."""
-    core = kubernetes.client.CoreV1Api(api)
-    names = [f"rb-test-{uuid.uuid4().hex[:8]}" for _ in range(2)]
-    for name in names:
-        core.create_namespace({"metadata": {"name": name, "labels": {"runbook.dev/test": "true"}}})
-        enable_namespace(api, name)
-        grant_test_services(api, name)
-    try:
-        yield names
-    finally:
-        for name in names:
-            core.delete_namespace(name)
+    with enabled_namespace(api) as first, enabled_namespace(api) as second:
+        yield [first, second]
 
 
 def contain(api: kubernetes.client.ApiClient, namespace: str, wait_for: Callable[..., Any]) -> float:
