@@ -5,8 +5,6 @@ paths with a tenant's token; these tests use the administrator's client and one 
 
 from __future__ import annotations
 
-import socket
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,37 +14,16 @@ import kubernetes
 import pytest
 from tests.integration.conftest import grant
 from tests.services import CleartextTrap, GpgKeyring, Postgres, S3Server
+from tests.silent import SilentEndpoint
 
 GROUP, VERSION = "runbook.dev", "v1alpha1"
 
 
-class Listener:
-    """A TCP port on 127.0.0.1 that counts the connections made to it (an S3 endpoint nobody granted)."""
-
-    def __init__(self) -> None:
-        self._socket = socket.create_server(("127.0.0.1", 0))
-        self.endpoint = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
-        self.connections = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._socket.accept()
-            except OSError:
-                return
-            self.connections += 1
-            conn.close()
-
-    def close(self) -> None:
-        self._socket.close()
-
-
 @pytest.fixture
-def listener() -> Iterator[Listener]:
-    server = Listener()
-    yield server
-    server.close()
+def listener() -> Iterator[SilentEndpoint]:
+    """An S3 endpoint nobody granted, on 127.0.0.1: it counts the connections made to it (``connections``)."""
+    with SilentEndpoint() as server:
+        yield server
 
 
 @pytest.fixture
@@ -139,7 +116,7 @@ def test_backup_policy_foreign_endpoint_export_and_plaintext_are_refused(
     objects: Objects,
     postgres: Postgres,
     s3_server: S3Server,
-    listener: Listener,
+    listener: SilentEndpoint,
     operator_runner: kopf.testing.KopfRunner,
     wait_for: Callable[..., Any],
 ) -> None:
@@ -235,7 +212,7 @@ def test_emergency_isolation_evidence_to_a_foreign_endpoint_is_refused_and_chang
     objects: Objects,
     s3_server: S3Server,
     gpg_keyring: GpgKeyring,
-    listener: Listener,
+    listener: SilentEndpoint,
     operator_runner: kopf.testing.KopfRunner,
     wait_for: Callable[..., Any],
 ) -> None:
