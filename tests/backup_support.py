@@ -21,6 +21,19 @@ def new_bucket(s3: S3Server) -> str:
     return name
 
 
+def postgresql_source(host: str, port: int, database: str) -> dict[str, Any]:
+    """A PostgreSQL source without TLS (the test servers have none), its credentials in ``db-credentials``."""
+    return {
+        "postgresql": {
+            "host": host,
+            "port": port,
+            "database": database,
+            "credentialsSecretRef": {"name": "db-credentials"},
+            "insecurePlaintext": True,
+        }
+    }
+
+
 def policy_spec(source: dict[str, Any], s3: S3Server, bucket: str, **overrides: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "source": source,

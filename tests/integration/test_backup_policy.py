@@ -21,7 +21,7 @@ from typing import Any
 import kopf.testing
 import kubernetes
 import pytest
-from tests.backup_support import AGENT, bucket_keys, new_bucket, policy_spec
+from tests.backup_support import AGENT, bucket_keys, new_bucket, policy_spec, postgresql_source
 from tests.helpers import token_kubeconfig
 from tests.services import GpgKeyring, Postgres, S3Server
 
@@ -217,15 +217,7 @@ def bucket(s3_server: S3Server) -> str:
 
 def pg_policy_spec(postgres: Postgres, database: str, s3: S3Server, bucket: str, **extra: Any) -> dict[str, Any]:
     return {
-        "source": {
-            "postgresql": {
-                "host": postgres.host,
-                "port": postgres.port,
-                "database": database,
-                "credentialsSecretRef": {"name": "db-credentials"},
-                "insecurePlaintext": True,
-            }
-        },
+        "source": postgresql_source(postgres.host, postgres.port, database),
         "schedule": "0 */6 * * *",
         "destination": {
             "s3": {

@@ -9,7 +9,7 @@ from typing import Any
 import kopf.testing
 import kubernetes
 import pytest
-from tests.backup_support import new_bucket
+from tests.backup_support import new_bucket, postgresql_source
 from tests.integration.conftest import OPERATOR_ARGS, grant
 from tests.services import S3Server, free_port
 
@@ -35,15 +35,7 @@ def references(api: kubernetes.client.ApiClient, namespace: str, s3_server: S3Se
 
 def policy_spec(endpoint: str, bucket: str, prefix: str) -> dict[str, Any]:
     return {
-        "source": {
-            "postgresql": {
-                "host": "127.0.0.1",
-                "port": DB_PORT,
-                "database": "app",
-                "credentialsSecretRef": {"name": "db-credentials"},
-                "insecurePlaintext": True,
-            }
-        },
+        "source": postgresql_source("127.0.0.1", DB_PORT, "app"),
         "schedule": "0 */6 * * *",
         "destination": {
             "s3": {
