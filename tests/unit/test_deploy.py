@@ -164,7 +164,9 @@ def test_leader_election_lease_only_in_the_operators_namespace_and_by_name() -> 
     ]
     assert binding["roleRef"]["name"] == "runbook-operator-leader"
     assert binding["metadata"]["namespace"] == "runbook-system"
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "runbook-operator", "namespace": "runbook-system"}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "runbook-operator", "namespace": "runbook-system"}
+    ]
 
     deployment = next(d for d in documents("deployment.yaml") if d["kind"] == "Deployment")
     assert deployment["spec"]["replicas"] == 2
