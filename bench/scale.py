@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "operator"))
 sys.path.insert(0, str(ROOT / "tools" / "localcluster"))
 
-from tests.helpers import enable_namespace, server_side_apply, token_kubeconfig  # noqa: E402
+from tests.helpers import enable_namespace, image_env, server_side_apply, token_kubeconfig  # noqa: E402
 from tests.integration.conftest import grant  # noqa: E402
 from tests.services import GpgKeyring, S3Server  # noqa: E402
 
@@ -210,7 +210,8 @@ class Operator:
         command = [str(script)] if script.exists() else [sys.executable, "-m", "runbook_operator.cli"]
         # the operator of this checkout (an export of a commit too), not whichever one the venv was installed from
         path = os.pathsep.join(p for p in (str(ROOT / "operator"), os.environ.get("PYTHONPATH")) if p)
-        env = {**os.environ, **env, "KUBECONFIG": str(kubeconfig), "RUNBOOK_METRICS_PORT": "0", "PYTHONPATH": path}
+        env = {**os.environ, **image_env(), **env}  # as in its image (its malloc settings count in the RSS figures)
+        env |= {"KUBECONFIG": str(kubeconfig), "RUNBOOK_METRICS_PORT": "0", "PYTHONPATH": path}
         self.log = log
         with log.open("wb") as out:
             self.process = subprocess.Popen(

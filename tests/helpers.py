@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -165,3 +166,19 @@ def grants_for_test(
         ),
     )
     return lambda asked: (grant,) if asked == namespace else ()
+
+
+DOCKERFILE = Path(__file__).resolve().parents[1] / "Dockerfile"
+
+
+def image_env(dockerfile: Path = DOCKERFILE) -> dict[str, str]:
+    """The variables the image's ENV lines set (its last stage; ``ENV K=V ...`` form)."""
+    stage = dockerfile.read_text().split("\nFROM ")[-1]
+    env: dict[str, str] = {}
+    for line in stage.splitlines():
+        if line.startswith("ENV "):
+            for word in shlex.split(line[len("ENV ") :]):
+                name, equals, value = word.partition("=")
+                assert equals, f"{dockerfile}: ENV {word!r}: expected NAME=value"
+                env[name] = value
+    return env

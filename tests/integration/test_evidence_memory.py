@@ -16,7 +16,6 @@ import base64
 import hashlib
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from typing import Any
 
 import kubernetes
 import pytest
+from tests.helpers import image_env
 from tests.services import GpgKeyring, S3Server, free_port
 
 import localcluster
@@ -40,7 +40,6 @@ RSS_LIMIT_MIB = 150
 NODE = "evidence-node"
 ANNOTATION = "kwok.x-k8s.io/node"
 TIMESTAMP = "2026-01-01T00:00:00.000000000Z"
-DOCKERFILE = Path(__file__).resolve().parents[2] / "Dockerfile"
 
 KWOK_CONFIG = """\
 apiVersion: kwok.x-k8s.io/v1alpha1
@@ -125,19 +124,6 @@ record = evidence.capture(
 )
 print(json.dumps({"baseline_kib": baseline, "peak_kib": status("VmHWM"), "record": record.model_dump(mode="json")}))
 """
-
-
-def image_env(dockerfile: Path = DOCKERFILE) -> dict[str, str]:
-    """The variables the image's ENV lines set (its last stage; ``ENV K=V ...`` form)."""
-    stage = dockerfile.read_text().split("\nFROM ")[-1]
-    env: dict[str, str] = {}
-    for line in stage.splitlines():
-        if line.startswith("ENV "):
-            for word in shlex.split(line[len("ENV ") :]):
-                name, equals, value = word.partition("=")
-                assert equals, f"{dockerfile}: ENV {word!r}: expected NAME=value"
-                env[name] = value
-    return env
 
 
 def write_cri_log(path: Path, size: int) -> tuple[bytes, str]:
