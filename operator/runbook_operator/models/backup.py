@@ -189,6 +189,57 @@ class Verification(CamelModel):
     )
 
 
+SLOT_NAME = r"^[a-z0-9_]{1,63}$"
+
+
+class WALBaseBackups(CamelModel):
+    """The base backups a WAL chain starts from: ``pg_basebackup`` (tar to stdout) through gpg to the bucket."""
+
+    schedule: Cron | None = Field(
+        None, description="When to take a base backup (cron); the policy's schedule when absent (e.g. every 6 hours)."
+    )
+    time_zone: TimeZone = Field("UTC", description="Time zone of the schedule.")
+
+
+class WALArchiving(CamelModel):
+    """Continuous archiving of a PostgreSQL server's WAL (the runbook's "PostgreSQL WAL, continuous, 7 days"),
+    from the outside, as a login with REPLICATION could: a receiver the operator owns streams WAL over the
+    replication protocol through a physical replication slot and ships each segment, encrypted, to the bucket;
+    base backups start the chain; a BackupRestore with ``pointInTime`` recovers to any moment of the window."""
+
+    enabled: bool = Field(True, description="Stream and archive WAL (false keeps the archive, stops the receiver).")
+    retention: Duration = Field(
+        "7d",
+        description="The recovery window: every base backup and WAL segment needed to reach any point this far "
+        "back is kept, the rest removed (the runbook's 7 days).",
+    )
+    replication_credentials_secret_ref: CredentialsSecretRef = Field(
+        description="Secret with a login that has the REPLICATION attribute (and nothing more is needed)."
+    )
+    slot_name: str | None = Field(
+        None,
+        description="The physical replication slot; runbook_<namespace>_<policy> (shortened) when absent. A slot "
+        "of that name the operator did not create is refused (SlotTaken).",
+        pattern=SLOT_NAME,
+    )
+    base_backups: WALBaseBackups = Field(
+        default_factory=WALBaseBackups, description="When base backups are taken (the policy's schedule by default)."
+    )
+    ship_interval_seconds: int = Field(
+        2,
+        description="How often the segment being written is shipped too, so a commit is recoverable from the "
+        "bucket within about this long (the RPO).",
+        ge=1,
+        le=300,
+    )
+    receiver_gone_seconds: int = Field(
+        600,
+        description="A slot whose receiver has been away longer than this sets WALArchiving=False (SlotInactive): "
+        "the server keeps WAL for it and its disk fills.",
+        ge=60,
+    )
+
+
 class BackupPolicySpec(CamelModel):
     """A scheduled, encrypted backup of one source to S3."""
 
@@ -216,6 +267,7 @@ class BackupPolicySpec(CamelModel):
                 "self.verification.target.port != self.source.postgresql.port)",
                 "verification.target: must name a scratch database, not the source database",
             ),
+            ("!has(self.wal) || has(self.source.postgresql)", "wal: continuous archiving needs a postgresql source"),
             (
                 "!has(self.verification) || has(self.encryption.gpg.passphraseSecretRef) || "
                 "has(self.verification.decryptionSecretRef)",
@@ -245,6 +297,15 @@ class BackupPolicySpec(CamelModel):
     verification: Verification | None = Field(
         None, description="Scheduled restore drills into a scratch database (PostgreSQL sources only)."
     )
+    wal: WALArchiving | None = Field(
+        None, description="Continuous WAL archiving and point-in-time recovery (PostgreSQL sources only)."
+    )
+
+    @model_validator(mode="after")
+    def _wal_needs_postgresql(self) -> BackupPolicySpec:
+        if self.wal is not None and self.source.postgresql is None:
+            raise ValueError("wal: continuous archiving needs a postgresql source")
+        return self
 
     @model_validator(mode="after")
     def _drills_need_a_scratch_database(self) -> BackupPolicySpec:
@@ -300,6 +361,31 @@ class VerifiedBackup(StatusModel):
     keys: int | None = Field(None, description="Redis: keys restored, as the manifest's keyspace recorded.")
 
 
+class WALStatus(StatusModel):
+    """The WAL archive: what is safe in the bucket and how far back a restore can go."""
+
+    slot_name: str | None = Field(None, description="The physical replication slot the receiver streams from.")
+    receiver: str | None = Field(None, description="The owned receiver Deployment.")
+    base_backup_cron_job: str | None = Field(None, description="The owned CronJob taking base backups.")
+    timeline: int | None = Field(None, description="The timeline being archived.")
+    last_archived_lsn: str | None = Field(None, description="The newest LSN shipped to the bucket (e.g. 0/3000148).")
+    last_archived_time: str | None = Field(None, description="When it was shipped (RFC 3339).")
+    last_base_backup: str | None = Field(None, description="Folder of the newest complete base backup.")
+    base_backups: int | None = Field(None, description="Complete base backups in the bucket.")
+    segments: int | None = Field(None, description="WAL segments in the bucket.")
+    earliest_recoverable_time: str | None = Field(
+        None, description="The oldest point a point-in-time restore can reach (RFC 3339)."
+    )
+    latest_recoverable_time: str | None = Field(
+        None, description="The newest point a point-in-time restore can reach (RFC 3339)."
+    )
+    window_seconds: int | None = Field(None, description="latest - earliest, in seconds.")
+    slot_retained_bytes: int | None = Field(
+        None, description="WAL the server keeps for the slot (current LSN - the slot's restart LSN)."
+    )
+    slot_active: bool | None = Field(None, description="Whether a receiver is connected to the slot.")
+
+
 class BackupPolicyPhase(enum.StrEnum):
     """A BackupPolicy's phase."""
 
@@ -322,6 +408,7 @@ class BackupPolicyStatus(StatusBase):
     last_verified_backup: VerifiedBackup | None = Field(
         None, description="The newest backup a restore drill restored and checked (retention keeps it)."
     )
+    wal: WALStatus | None = Field(None, description="The WAL archive and the recoverable window (spec.wal).")
 
 
 class RestoreRoles(CamelModel):
@@ -372,6 +459,73 @@ class KubernetesRestore(CamelModel):
     )
 
 
+class NewVolume(CamelModel):
+    """A PersistentVolumeClaim a point-in-time restore creates and fills (left for the user, never deleted)."""
+
+    name: ObjectName = Field(description="Name of the claim to create; refused when it exists.")
+    size: str = Field(description="Requested storage, e.g. 50Gi.", pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)$")
+    storage_class_name: ObjectName | None = Field(None, description="Storage class; the cluster default when absent.")
+
+
+class PointInTime(CamelModel):
+    """Recover a PostgreSQL server to a moment of its policy's WAL window: the newest base backup before it, and
+    the WAL from there to exactly that point (``recovery_target_time`` / ``recovery_target_lsn``, then
+    promote). Refused before anything is touched when the point is outside the window or the chain has a
+    gap (the missing range is named)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "[has(self.targetTime), has(self.targetLSN), has(self.latest) && self.latest].filter(x, x).size() == 1",
+                "set exactly one of targetTime, targetLSN and latest: true",
+            ),
+            ("self.mode != 'NewVolume' || has(self.newVolume)", "mode NewVolume needs newVolume"),
+        )
+    )
+
+    target_time: str | None = Field(
+        None,
+        description="Recover through this moment (RFC 3339 with a zone, e.g. 2026-12-01T17:58:00Z).",
+        json_schema_extra={"format": "date-time"},
+    )
+    target_lsn: str | None = Field(
+        None,
+        alias="targetLSN",
+        description="Recover through this WAL location (e.g. 0/3000148).",
+        pattern=r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$",
+    )
+    latest: bool | None = Field(None, description="Recover through the newest WAL in the bucket.")
+    mode: Literal["InPlace", "NewVolume"] = Field(
+        "InPlace",
+        description="InPlace: the StatefulSet is scaled to 0, its data directory is replaced (the old one kept "
+        "beside it) and it is scaled back to its exact count. NewVolume: a new PersistentVolumeClaim gets the "
+        "recovered data directory for you to mount; nothing running is touched.",
+    )
+    stateful_set: ObjectName = Field(
+        "postgresql", description="InPlace: the server's StatefulSet (the runbook's postgresql)."
+    )
+    volume_claim: ObjectName | None = Field(
+        None,
+        description="InPlace: the claim holding the data directory; data-<statefulSet>-0 when absent "
+        "(the runbook's data-postgresql-0).",
+    )
+    data_directory: str = Field(
+        "pgdata",
+        description="The data directory's path inside the volume.",
+        pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$",
+        max_length=255,
+    )
+    new_volume: NewVolume | None = Field(None, description="NewVolume: the claim to create.")
+
+    @model_validator(mode="after")
+    def _one_point(self) -> PointInTime:
+        if [self.target_time is not None, self.target_lsn is not None, bool(self.latest)].count(True) != 1:
+            raise ValueError("pointInTime: set exactly one of targetTime, targetLSN and latest: true")
+        if self.mode == "NewVolume" and self.new_volume is None:
+            raise ValueError("pointInTime.newVolume: mode NewVolume needs newVolume")
+        return self
+
+
 class BackupRestoreSpec(CamelModel):
     """A one-off restore of a backup made by a BackupPolicy (immutable: create a new one to retry)."""
 
@@ -408,6 +562,11 @@ class BackupRestoreSpec(CamelModel):
     )
     kubernetes: KubernetesRestore | None = Field(
         None, description="For a Kubernetes export: the section to re-apply and how (the defaults when absent)."
+    )
+    point_in_time: PointInTime | None = Field(
+        None,
+        description="A point-in-time recovery from the policy's WAL archive (spec.wal) instead of a logical "
+        "restore of one dump; backup is then ignored.",
     )
     dry_run: bool = Field(
         False,
@@ -539,6 +698,24 @@ class KubernetesRestoreSummary(StatusModel):
     truncated: bool | None = Field(None, description="The name lists were shortened; counts are complete.")
 
 
+class PointInTimeStatus(StatusModel):
+    """What a point-in-time restore chose and reached."""
+
+    target: str | None = Field(None, description="The requested point: a time, an LSN or latest.")
+    base_backup: str | None = Field(None, description="Folder of the base backup restored.")
+    base_backup_stop_lsn: str | None = Field(None, description="Where that base backup became consistent.")
+    segments: int | None = Field(None, description="WAL segments fetched and verified.")
+    first_segment: str | None = Field(None, description="The first WAL segment replayed.")
+    last_segment: str | None = Field(None, description="The last WAL segment replayed.")
+    volume_claim: str | None = Field(None, description="The claim that holds the recovered data directory.")
+    previous_data_directory: str | None = Field(
+        None, description="InPlace: where the replaced data directory was kept, inside the same volume."
+    )
+    recovered_time: str | None = Field(
+        None, description="The newest commit the recovered server replayed (RFC 3339), when it reported one."
+    )
+
+
 class BackupRestoreStatus(StatusBase):
     """Observed state of a BackupRestore."""
 
@@ -557,4 +734,7 @@ class BackupRestoreStatus(StatusBase):
     pinned: PinnedBackup | None = Field(None, description="The backup the preflight verified, pinned for the Job.")
     kubernetes: KubernetesRestoreSummary | None = Field(
         None, description="A Kubernetes export's restore: what was (or would be) created, replaced or left alone."
+    )
+    point_in_time: PointInTimeStatus | None = Field(
+        None, description="A point-in-time restore: the base backup, the WAL replayed and the point reached."
     )

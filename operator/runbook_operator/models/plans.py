@@ -175,3 +175,121 @@ class KubernetesRestorePlan(StoredObjectPlan):
     include_secrets: bool = Field(False, description="Apply the section's Secrets too.")
     conflicts: Literal["Skip", "Replace"] = Field("Skip", description="Objects that exist and differ.")
     dry_run: bool = Field(False, description="The API server's dry run only.")
+
+
+# --- continuous WAL archiving (BackupPolicy spec.wal) and point-in-time restores ------------------------
+# Bucket layout under the policy's folder (policy_folder):
+#   wal/<timeline:08X>/<segment>.gpg + <segment>.json     a complete segment (24 hex digits, PostgreSQL's name)
+#   wal/<timeline:08X>/<segment>.partial.gpg + .json      the segment being written, re-shipped every
+#                                                          shipIntervalSeconds (replaced by the complete one)
+#   wal/<timeline:08X>.history.gpg + .json                a timeline history file
+#   base/<UTC timestamp>/base.tar.gpg + manifest.json     a base backup (pg_basebackup -Ft -D - -X none)
+# Every .json is a manifest signed like a dump's (sign_manifest): the WAL ones are WALSegmentManifest,
+# the base backups' BaseBackupManifest. Plaintext WAL never reaches a persistent disk: the receiver's scratch
+# is a memory-backed emptyDir (WAL_SCRATCH_ENV).
+WAL_FOLDER = "wal"
+BASE_FOLDER = "base"
+BASE_OBJECT = "base.tar.gpg"
+WAL_SPEC_ENV = "RUNBOOK_WAL_SPEC"  # the policy's spec (JSON) for the receiver and the base-backup runs
+WAL_SCRATCH_ENV = "RUNBOOK_WAL_SCRATCH"  # the receiver's memory-backed directory
+PITR_PLAN_ENV = "RUNBOOK_PITR_PLAN"  # a point-in-time restore Job's PointInTimePlan (JSON)
+PGDATA_ROOT_ENV = "RUNBOOK_PGDATA_ROOT"  # where the restore Job mounts the volume that holds the data directory
+_SEGMENT = re.compile(r"^[0-9A-F]{24}$")
+
+
+def slot_name(namespace: str, policy: str) -> str:
+    """The default replication slot of a policy: ``runbook_<namespace>_<policy>`` in slot characters, shortened
+    with a hash to PostgreSQL's 63 characters."""
+    raw = f"runbook_{namespace}_{policy}".replace("-", "_").replace(".", "_").lower()
+    if len(raw) <= 63:
+        return raw
+    return raw[:54] + "_" + hashlib.sha256(raw.encode()).hexdigest()[:8]
+
+
+def parse_lsn(text: str) -> int:
+    """``0/3000148`` -> its 64-bit position."""
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def format_lsn(position: int) -> str:
+    """A 64-bit position -> ``0/3000148`` (PostgreSQL's spelling)."""
+    return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
+
+
+WAL_SEGMENT_BYTES = 16 * 1024 * 1024  # PostgreSQL's default (initdb --wal-segsize); manifests record theirs
+
+
+def segment_name(timeline: int, position: int, segment_bytes: int = WAL_SEGMENT_BYTES) -> str:
+    """The WAL file holding ``position`` on ``timeline`` (PostgreSQL's 24-hex-digit name)."""
+    number = position // segment_bytes
+    per_id = 0x100000000 // segment_bytes
+    return f"{timeline:08X}{number // per_id:08X}{number % per_id:08X}"
+
+
+def segment_start(name: str, segment_bytes: int = WAL_SEGMENT_BYTES) -> int:
+    """The first position of a segment named ``name``."""
+    if not _SEGMENT.match(name):
+        raise ValueError(f"not a WAL segment name: {name!r}")
+    per_id = 0x100000000 // segment_bytes
+    return (int(name[8:16], 16) * per_id + int(name[16:24], 16)) * segment_bytes
+
+
+class WALSegmentManifest(CamelModel):
+    """One shipped WAL file: a complete segment, the partial one, or a timeline history file."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(description="PostgreSQL's file name (24 hex digits, or <timeline>.history).")
+    timeline: int = Field(description="The timeline.", ge=1)
+    partial: bool = Field(False, description="The segment being written: valid through endLSN only.")
+    start_lsn: str = Field(description="First position the file covers.")
+    end_lsn: str = Field(description="Position after the last byte received into it.")
+    segment_bytes: int = Field(WAL_SEGMENT_BYTES, description="The server's WAL segment size.")
+    sha256: str = Field(description="SHA-256 of the encrypted object.")
+    plain_sha256: str = Field(description="SHA-256 of the WAL file itself (checked after decryption).")
+    size_bytes: int = Field(description="Size of the encrypted object.")
+    shipped_time: str = Field(
+        description="When the file was shipped (RFC 3339): everything through endLSN was committed before it."
+    )
+    symmetric: bool = Field(description="Encrypted with a passphrase (else to public keys).")
+
+
+class BaseBackupManifest(CamelModel):
+    """One base backup: the tar pg_basebackup wrote, and the WAL range it needs to be consistent."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    timeline: int = Field(description="The timeline at the start.", ge=1)
+    start_lsn: str = Field(description="WAL start point (pg_basebackup's 'write-ahead log start point').")
+    stop_lsn: str = Field(description="WAL end point: the data directory is consistent once replayed to here.")
+    start_time: str = Field(description="When the backup started (RFC 3339).")
+    stop_time: str = Field(description="When it ended (RFC 3339): the earliest point it can recover to.")
+    server_version: int = Field(description="server_version_num of the source.")
+    segment_bytes: int = Field(WAL_SEGMENT_BYTES, description="The server's WAL segment size.")
+    sha256: str = Field(description="SHA-256 of the encrypted tar.")
+    size_bytes: int = Field(description="Size of the encrypted tar.")
+    symmetric: bool = Field(description="Encrypted with a passphrase (else to public keys).")
+
+
+class WALFile(CamelModel):
+    """One WAL file a point-in-time restore fetches: its key and its manifest as the preflight verified it."""
+
+    key: str = Field(description="Key of the encrypted object.")
+    manifest: dict[str, Any] = Field(description="Its manifest as stored, signature included.")
+
+
+class PointInTimePlan(CamelModel):
+    """What one point-in-time restore Job fetches and how it recovers (references only, never a secret)."""
+
+    location: S3Location = Field(description="The policy's bucket.")
+    base_key: str = Field(description="Key of the base backup's encrypted tar.")
+    base_manifest: dict[str, Any] = Field(description="The base backup's manifest as stored, signature included.")
+    wal: list[WALFile] = Field(description="The WAL files to replay, in order (history files first).")
+    data_directory: str = Field(description="The data directory's path inside the mounted volume.")
+    keep_previous_as: str | None = Field(
+        None, description="InPlace: rename an existing data directory to this (inside the volume) first."
+    )
+    target_time: str | None = Field(None, description="recovery_target_time, or none.")
+    target_lsn: str | None = Field(None, description="recovery_target_lsn, or none (latest when both are none).")
+    timeline: int = Field(description="The timeline to recover along.", ge=1)
