@@ -17,7 +17,6 @@ import pytest
 from botocore.exceptions import ClientError
 from kubernetes.client import ApiException
 
-from runbook_operator.builders.isolation import pack_archive
 from runbook_operator.clients import kube
 from runbook_operator.errors import RunbookError
 from runbook_operator.models.isolation import EvidenceCapture
@@ -71,12 +70,23 @@ def _archive(s3_server: S3Server, gpg_keyring: GpgKeyring, bucket: str, record: 
     return manifest, gpg_keyring.decrypt(ciphertext)
 
 
+def _tarfile_of(files: dict[str, bytes], *, mtime: int) -> bytes:
+    """The oracle: the same files (sorted, mode 0444) written by the standard library's tarfile, PAX format."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name in sorted(files):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(files[name]), mtime, 0o444
+            archive.addfile(info, io.BytesIO(files[name]))
+    return buffer.getvalue()
+
+
 def test_the_stream_frames_files_exactly_as_tarfile_does() -> None:
     files = {"a.json": b"[]", "logs/p/c.log": b"x" * 1000, "z": b""}
     framed = b"".join(
         chunk for name in sorted(files) for chunk in evidence.tar_member(name, len(files[name]), [files[name]], mtime=7)
     )
-    assert framed + evidence.tar_end(len(framed)) == pack_archive(files, mtime=7)[0]
+    assert framed + evidence.tar_end(len(framed)) == _tarfile_of(files, mtime=7)
     with pytest.raises(RuntimeError, match="3 bytes written, 4 announced"):
         list(evidence.tar_member("short", 4, [b"abc"], mtime=0))
 

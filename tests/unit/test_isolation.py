@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import tarfile
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,12 +12,12 @@ import pytest
 from runbook_operator.builders.isolation import (
     POLICY_NAME,
     SNAPSHOT_ANNOTATION,
+    FileDigest,
     annotate_patch,
     build_network_policy,
     checked_policy,
     custody_manifest,
     is_stopped,
-    pack_archive,
     policy_for_recreation,
     recorded_snapshot,
     requested_by,
@@ -209,24 +207,12 @@ def test_requested_by_is_the_first_manager_of_the_spec() -> None:
     assert requested_by({}) == "unknown"
 
 
-def test_archive_hashes_match_its_files() -> None:
-    files = {"pods.json": b"[]", "logs/api-1/api.log": b"hello\n"}
-    tar, digests = pack_archive(files, mtime=1.0)
-    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
-        for digest in digests:
-            member = archive.extractfile(digest.name)
-            assert member is not None
-            assert hashlib.sha256(member.read()).hexdigest() == digest.sha256
-    assert [d.name for d in digests] == sorted(files)
-    assert pack_archive(files, mtime=1.0)[0] == tar  # deterministic
-
-
 def test_custody_manifest_names_incident_requester_and_hashes() -> None:
     body = {
         "metadata": {"namespace": "ns", "name": "breach", "uid": UID},
         "spec": {"incidentId": "INC-1", "reason": "exfiltration", "severity": "P1"},
     }
-    _, digests = pack_archive({"a": b"1"}, mtime=0)
+    digests = [FileDigest("a", 1, hashlib.sha256(b"1").hexdigest())]
     manifest = custody_manifest(
         body=body,
         requester="kubectl-create",

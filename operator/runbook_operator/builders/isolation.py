@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -244,20 +241,6 @@ class FileDigest:
     name: str
     size: int
     sha256: str
-
-
-def pack_archive(files: dict[str, bytes], *, mtime: float) -> tuple[bytes, list[FileDigest]]:
-    """A tar of the files (sorted, fixed owner and mode) and the digest of each file."""
-    buffer = io.BytesIO()
-    digests = []
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for name in sorted(files):
-            data = files[name]
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), int(mtime), 0o444
-            archive.addfile(info, io.BytesIO(data))
-            digests.append(FileDigest(name, len(data), hashlib.sha256(data).hexdigest()))
-    return buffer.getvalue(), digests
 
 
 def custody_manifest(
