@@ -136,12 +136,7 @@ class Cluster:
 
     def create(self, plural: str, name: str, spec: dict[str, Any]) -> None:
         body = {"apiVersion": API_VERSION, "kind": KIND_OF[plural], "metadata": {"name": name}, "spec": spec}
-        try:
-            created = self.api.create(RESOURCES[plural], self.namespace, body)
-        except ApiException as error:
-            if error.status == 422:
-                raise PluginError(f"the API server refused it: {_server_message(error)}", USAGE) from None
-            raise
+        created = self.api.create(RESOURCES[plural], self.namespace, body)  # a 422 is a usage error (main)
         if not created:
             raise PluginError(
                 f"{KIND_OF[plural]} {name!r} already exists in namespace {self.namespace} (give another --name)",
@@ -149,12 +144,7 @@ class Cluster:
             )
 
     def patch(self, plural: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        try:
-            patched = self.api.patch(RESOURCES[plural], self.namespace, name, patch)
-        except ApiException as error:
-            if error.status == 422:
-                raise PluginError(f"the API server refused it: {_server_message(error)}", USAGE) from None
-            raise
+        patched = self.api.patch(RESOURCES[plural], self.namespace, name, patch)  # a 422: a usage error (main)
         if patched is None:
             raise self._not_found(plural, name)
         return patched
@@ -948,6 +938,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error.message}", file=sys.stderr)
         return error.code
     except ApiException as error:
+        if error.status == 422:  # the object as asked for is invalid (the CRD's schema or CEL rules)
+            print(f"error: the API server refused it: {_server_message(error)}", file=sys.stderr)
+            return USAGE
         print(f"error: the API server said {error.status}: {_server_message(error)}", file=sys.stderr)
         return API_ERROR
     except (urllib3.exceptions.HTTPError, OSError) as error:
