@@ -83,13 +83,6 @@ class PluginError(Exception):
 # --- the cluster ----------------------------------------------------------------------------------------
 
 
-def _server_message(error: ApiException) -> str:
-    try:
-        return str(json.loads(error.body or "{}").get("message") or error.reason)
-    except (ValueError, AttributeError):
-        return str(error.reason)
-
-
 @dataclass
 class Cluster:
     """The user's API access in one namespace."""
@@ -157,7 +150,7 @@ class Cluster:
             if error.status == 403:
                 raise PluginError(
                     f"reading the bucket needs get on Secret {name} ({field}) in namespace {self.namespace}: "
-                    f"{_server_message(error)}",
+                    f"{kube.server_message(error)}",
                     API_ERROR,
                 ) from None
             raise
@@ -939,9 +932,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         return error.code
     except ApiException as error:
         if error.status == 422:  # the object as asked for is invalid (the CRD's schema or CEL rules)
-            print(f"error: the API server refused it: {_server_message(error)}", file=sys.stderr)
+            print(f"error: the API server refused it: {kube.server_message(error)}", file=sys.stderr)
             return USAGE
-        print(f"error: the API server said {error.status}: {_server_message(error)}", file=sys.stderr)
+        print(f"error: the API server said {error.status}: {kube.server_message(error)}", file=sys.stderr)
         return API_ERROR
     except (urllib3.exceptions.HTTPError, OSError) as error:
         print(f"error: cannot reach the API server: {type(error).__name__}: {error}", file=sys.stderr)

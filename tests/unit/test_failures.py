@@ -6,6 +6,7 @@ import json
 
 from kubernetes.client import ApiException
 
+from runbook_operator.clients.kube import server_message, server_status
 from runbook_operator.errors import RunbookError
 from runbook_operator.logs import REDACTOR
 from runbook_operator.reconcilers.runtime import MAX_BACKOFF, UNEXPECTED_RETRY, as_failure, backoff
@@ -42,3 +43,23 @@ def test_no_registered_secret_reaches_the_message() -> None:
 def test_backoff_doubles_and_is_capped() -> None:
     assert [backoff(10, n) for n in (1, 2, 3, 4)] == [10, 20, 40, 80]
     assert backoff(10, 50) == MAX_BACKOFF
+
+
+def test_the_api_servers_message_is_read_from_a_status_plain_text_or_nothing() -> None:
+    def refusal(status: int, reason: str, body: str | bytes | None) -> ApiException:
+        error = ApiException(status=status, reason=reason)
+        error.body = body
+        return error
+
+    status = '{"kind":"Status","reason":"Forbidden","message":"secrets \\"x\\" is forbidden: User \\"u\\""}'
+    assert server_status(refusal(403, "Forbidden", status)) == ("Forbidden", 'secrets "x" is forbidden: User "u"')
+    assert server_status(refusal(403, "Forbidden", status.encode())) == server_status(refusal(403, "F", status))
+    assert (
+        server_message(refusal(502, "Bad Gateway", "kubelet: container not found\n")) == "kubelet: container not found"
+    )
+    assert server_status(refusal(500, "Internal Server Error", None)) == (
+        "Internal Server Error",
+        "Internal Server Error",
+    )
+    assert server_message(refusal(422, "Unprocessable Entity", '{"kind":"Status"}')) == "Unprocessable Entity"
+    assert server_message(refusal(400, "Bad Request", "[1, 2]")) == "[1, 2]"

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 from kubernetes.client import ApiException
 
+from ..clients import kube
 from ..errors import RunbookError, parse_spec
 from ..logs import REDACTOR
 from ..models.backup import KUBERNETES_RESOURCES
@@ -196,13 +197,8 @@ def _refusal(obj: Mapping[str, Any], error: BaseException) -> str:
         return f"{identity(obj)}: {error.reason}"
     if not isinstance(error, ApiException):
         return f"{identity(obj)}: {type(error).__name__}"
-    reason, message = str(error.reason or error.status), ""
-    try:
-        status = json.loads(error.body or "{}")
-        reason, message = str(status.get("reason") or reason), str(status.get("message") or "")
-    except (TypeError, ValueError):
-        pass
-    if obj.get("kind") == "Secret" or not message:
+    reason, message = kube.server_status(error)
+    if obj.get("kind") == "Secret" or message == reason:
         return f"{identity(obj)}: HTTP {error.status} {reason}"
     return f"{identity(obj)}: HTTP {error.status} {reason}: {one_line(REDACTOR.scrub(message), 200)}"
 

@@ -303,3 +303,24 @@ def config_map_value(api: Api, namespace: str, name: str, key: str, *, field: st
     if key not in data:
         raise RunbookError("ConfigMapKeyMissing", f"{field}: ConfigMap {name} has no key {key!r}", retry_after=30)
     return str(data[key])
+
+
+def server_status(error: ApiException) -> tuple[str, str]:
+    """An API server refusal as (reason, message): its Status object's ``reason`` and one-line ``message`` (which
+    names the verb, resource, namespace and user), else the HTTP reason and the body's text (a kubelet answers a
+    log request in plain text), else the HTTP reason alone. The one reader of an ``ApiException``'s body."""
+    reason = str(error.reason or error.status)
+    body = error.body.decode(errors="replace") if isinstance(error.body, bytes) else error.body
+    text = body.strip() if isinstance(body, str) else ""
+    try:
+        status = json.loads(text)
+    except ValueError:
+        return reason, text[:1024] or reason
+    if not isinstance(status, dict):
+        return reason, text[:1024] or reason
+    return str(status.get("reason") or reason), str(status.get("message") or reason)
+
+
+def server_message(error: ApiException) -> str:
+    """The API server's message of a refusal (``server_status``)."""
+    return server_status(error)[1]

@@ -9,7 +9,6 @@ archived wait only while they hold less than ``READ_AHEAD``."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -64,11 +63,7 @@ def _as_json(objects: Any) -> bytes:
 
 def _why(error: Exception) -> str:
     if isinstance(error, ApiException):
-        body = error.body.decode(errors="replace") if isinstance(error.body, bytes) else error.body
-        detail = body if isinstance(body, str) else ""
-        with contextlib.suppress(ValueError, AttributeError):  # not the API's JSON Status: keep the text
-            detail = json.loads(detail).get("message", detail)
-        return REDACTOR.scrub(f"HTTP {error.status}: {detail or error.reason}")[:512]
+        return REDACTOR.scrub(f"HTTP {error.status}: {kube.server_message(error)}")[:512]
     return REDACTOR.scrub(f"{type(error).__name__}: {error}")[:512]
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -120,12 +119,8 @@ def as_failure(error: BaseException) -> RunbookError:
             return error
         return RunbookError(error.reason, scrubbed, retry_after=error.retry_after)
     if isinstance(error, ApiException):
-        try:
-            said = str(json.loads(error.body or "{}").get("message") or error.reason)
-        except (ValueError, AttributeError):
-            said = str(error.reason)
         reason = _API_REASONS.get(error.status or 0, "APIError")
-        detail = f"Kubernetes API: HTTP {error.status}: {said}"
+        detail = f"Kubernetes API: HTTP {error.status}: {kube.server_message(error)}"
     else:
         reason = "InternalError"
         lines = str(error).strip().splitlines()

@@ -231,7 +231,7 @@ def _apply_workload(ctx: Ctx, spec: ScalingProfileSpec, resources: build.Contain
         ctx.api.apply(kube.workload(spec.target_ref.kind), ctx.namespace, config)
     except ApiException as error:
         if error.status == 422:  # e.g. a request above its limit once merged with what the workload has
-            raise RunbookError("InvalidResources", f"spec.resources: {_api_message(error)}") from None
+            raise RunbookError("InvalidResources", f"spec.resources: {kube.server_message(error)}") from None
         raise
 
 
@@ -313,10 +313,3 @@ PROFILE = Reconciler(PROFILES, ScalingProfileSpec, ScalingProfileStatus, reconci
 
 def _owned(obj: dict[str, Any], uid: str) -> bool:
     return any(r.get("uid") == uid for r in obj.get("metadata", {}).get("ownerReferences") or [])
-
-
-def _api_message(error: ApiException) -> str:
-    try:
-        return str(json.loads(error.body)["message"])
-    except (TypeError, ValueError, KeyError):
-        return f"HTTP {error.status}"
