@@ -146,6 +146,9 @@ def _status(error: ApiException) -> int:
     return int(error.status or 0)
 
 
+_ABSENT: Mapping[int, None] = {404: None}  # the answer of a request about an object that does not exist
+
+
 class KubeApi:
     """``Api`` over the shared client: plain JSON in and out, fixed timeouts, one field manager."""
 
@@ -167,38 +170,37 @@ class KubeApi:
         content_type: str = "application/json",
         raw: bool = False,
         timeout: float | tuple[float, float] = REQUEST_TIMEOUT,
+        answers: Mapping[int, Any] | None = None,
     ) -> Any:
-        response = self.client.call_api(
-            path,
-            method,
-            query_params=query or [],
-            header_params={"Accept": "application/json", "Content-Type": content_type},
-            body=body,
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _return_http_data_only=True,
-            _request_timeout=timeout,
-        )
+        """One request; a refusal whose HTTP status is in ``answers`` returns that answer (a 404 read as "none",
+        a 409 create as "exists"), any other raises ``ApiException``."""
+        try:
+            response = self.client.call_api(
+                path,
+                method,
+                query_params=query or [],
+                header_params={"Accept": "application/json", "Content-Type": content_type},
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _return_http_data_only=True,
+                _request_timeout=timeout,
+            )
+        except ApiException as error:
+            if answers is not None and _status(error) in answers:
+                return answers[_status(error)]
+            raise
         data = response.data.decode()
         return data if raw else json.loads(data or "{}")
 
     def get(self, resource: Resource, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            found: dict[str, Any] = self._call("GET", resource.path(namespace, name))
-        except ApiException as error:
-            if _status(error) == 404:
-                return None
-            raise
+        found: dict[str, Any] | None = self._call("GET", resource.path(namespace, name), answers=_ABSENT)
         return found
 
     def list(self, resource: Resource, namespace: str | None, *, labels: str | None = None) -> list[dict[str, Any]]:
         query = [("labelSelector", labels)] if labels else []
-        try:
-            listing = self._call("GET", resource.path(namespace), query=query)
-        except ApiException as error:
-            if _status(error) == 404:  # a type the server does not serve (its CRD not installed): none of it
-                return []
-            raise
+        # a 404: a type the server does not serve (its CRD not installed), none of it
+        listing = self._call("GET", resource.path(namespace), query=query, answers={404: {}})
         items: list[dict[str, Any]] = listing.get("items") or []
         for item in items:  # a list's items carry neither apiVersion nor kind
             item.setdefault("apiVersion", resource.api_version)
@@ -206,13 +208,9 @@ class KubeApi:
         return items
 
     def create(self, resource: Resource, namespace: str, body: Mapping[str, Any]) -> bool:
-        try:
-            self._call("POST", resource.path(namespace), body=dict(body), query=[("fieldManager", self.field_manager)])
-        except ApiException as error:
-            if _status(error) == 409:
-                return False
-            raise
-        return True
+        query = [("fieldManager", self.field_manager)]
+        created = self._call("POST", resource.path(namespace), body=dict(body), query=query, answers={409: None})
+        return created is not None
 
     def apply(self, resource: Resource, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
         document = {"apiVersion": resource.api_version, "kind": resource.kind, **body}
@@ -226,28 +224,21 @@ class KubeApi:
     def patch(
         self, resource: Resource, namespace: str, name: str, patch: Mapping[str, Any], *, subresource: str | None = None
     ) -> dict[str, Any] | None:
-        try:
-            patched: dict[str, Any] = self._call(
-                "PATCH",
-                resource.path(namespace, name, subresource),
-                body=dict(patch),
-                query=[("fieldManager", self.field_manager)],
-                content_type=MERGE_PATCH,
-            )
-        except ApiException as error:
-            if _status(error) == 404:
-                return None
-            raise
+        patched: dict[str, Any] | None = self._call(
+            "PATCH",
+            resource.path(namespace, name, subresource),
+            body=dict(patch),
+            query=[("fieldManager", self.field_manager)],
+            content_type=MERGE_PATCH,
+            answers=_ABSENT,
+        )
         return patched
 
     def delete(self, resource: Resource, namespace: str, name: str) -> bool:
-        try:
-            self._call("DELETE", resource.path(namespace, name), body={"propagationPolicy": "Background"})
-        except ApiException as error:
-            if _status(error) == 404:
-                return False
-            raise
-        return True
+        deleted = self._call(
+            "DELETE", resource.path(namespace, name), body={"propagationPolicy": "Background"}, answers=_ABSENT
+        )
+        return deleted is not None
 
     def stream_log(
         self,
