@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes
+import urllib3
 
 from isolation_latency import cluster_kubeconfig, install_crds, percentile
 from runbook_operator.models import GROUP, VERSION
@@ -54,9 +55,12 @@ class HpaWatch:
             resource_version=version,
             timeout_seconds=3600,
         )
-        for event in stream:
-            hpa = event["object"]
-            self.events.put((hpa.metadata.name, hpa.spec.min_replicas, time.time()))
+        try:
+            for event in stream:
+                hpa = event["object"]
+                self.events.put((hpa.metadata.name, hpa.spec.min_replicas, time.time()))
+        except urllib3.exceptions.ProtocolError:
+            return  # the bench's cluster stopped under the watch: the measurements are over
 
     def wait(self, name: str, min_replicas: int, timeout: float = 60) -> float:
         deadline = time.monotonic() + timeout
