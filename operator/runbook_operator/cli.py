@@ -21,6 +21,7 @@ def _run(args: argparse.Namespace) -> int:
     import kopf
 
     from . import main as handlers  # importing it registers the handlers; it holds the settings too
+    from . import metrics
 
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
     install_redactor()  # again: kopf.configure replaced the root's handler and set the root to DEBUG
@@ -31,8 +32,10 @@ def _run(args: argparse.Namespace) -> int:
         from .leader import Elector
 
         elector = Elector.from_settings(KubeApi(), handlers.SETTINGS)
+        metrics.serve(handlers.SETTINGS.metrics_port)  # a standby is scraped too: runbook_leader 0
         elector.acquire(health_port=health_port)
         elector.hold()  # from now on the process ends itself as soon as it cannot renew in time
+    metrics.LEADER.set(1)
     try:
         kopf.run(
             standalone=True,  # no kopf peering: the Lease decides who acts (leader.py says why)

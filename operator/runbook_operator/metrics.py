@@ -10,13 +10,23 @@ RECONCILE_PASSES = Counter(
 )
 
 
+_SERVING: set[int] = set()
+
+
 def serve(port: int) -> None:
-    """Expose /metrics on the port (0: do not)."""
-    if port:
+    """Expose /metrics on the port (0: do not); once per port (a standby serves it before kopf starts)."""
+    if port and port not in _SERVING:
         start_http_server(port)
+        _SERVING.add(port)
 
 
-__all__ = ["RECONCILE_ERRORS", "RECONCILE_PASSES", "Counter", "Gauge", "Histogram", "serve"]
+LEADER = Gauge(
+    "runbook_leader",
+    "1 while this replica acts (it holds the Lease, or runs without leader election), 0 as a hot standby.",
+)
+
+
+__all__ = ["LEADER", "RECONCILE_ERRORS", "RECONCILE_PASSES", "Counter", "Gauge", "Histogram", "serve"]
 
 # EmergencyIsolation
 ISOLATIONS_ACTIVE = Gauge(

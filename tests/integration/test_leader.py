@@ -9,8 +9,10 @@ which did nothing before, finishes both exactly once.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +25,7 @@ from tests.integration import test_isolation as isolation_tests
 from tests.integration import test_rotation as rotation_tests
 from tests.integration.conftest import enabled_namespace, grant
 from tests.integration.test_isolation import cluster, evidence_store  # noqa: F401 - fixtures, in `namespace`
-from tests.services import Postgres, S3Server
+from tests.services import Postgres, S3Server, free_port
 
 from runbook_operator.builders.rotation import ROTATION_ID, fingerprint
 from runbook_operator.clients.kube import KubeApi
@@ -204,9 +206,10 @@ class LeaseHistory:
         self._thread.join()
 
 
-def replica(kubeconfig: Path, namespaces: list[str], log: Path, pod: str) -> OperatorProcess:
+def replica(kubeconfig: Path, namespaces: list[str], log: Path, pod: str, metrics_port: int) -> OperatorProcess:
     operator = OperatorProcess(kubeconfig, namespaces[0], log, extra_args=("--namespace", namespaces[1]))
     operator.env.update(
+        RUNBOOK_METRICS_PORT=str(metrics_port),
         RUNBOOK_LEADER_ELECTION="true",
         RUNBOOK_LEASE_NAMESPACE=LEASE_NAMESPACE,
         RUNBOOK_LEASE_DURATION=str(DURATION),
@@ -215,6 +218,17 @@ def replica(kubeconfig: Path, namespaces: list[str], log: Path, pod: str) -> Ope
         POD_NAME=pod,
     )
     return operator
+
+
+def leading(metrics_port: int) -> float | None:
+    """The replica's runbook_leader gauge, from its /metrics (None while it serves none yet)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    found = re.search(r"^runbook_leader ([0-9.]+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else None
 
 
 def event_count(core: kubernetes.client.CoreV1Api, namespace: str, name: str, reason: str) -> int:
@@ -253,14 +267,16 @@ def test_standby_takes_over_a_rotation_and_an_isolation_in_flight_exactly_once(
     grant(api, namespace, endpoints=[tarpit.endpoint])  # the test's own S3 endpoint
 
     namespaces = [namespace, rotation_namespace]
-    first = replica(operator_kubeconfig, namespaces, tmp_path / "first.log", "replica-a")
-    second = replica(operator_kubeconfig, namespaces, tmp_path / "second.log", "replica-b")
+    ports = free_port(), free_port()
+    first = replica(operator_kubeconfig, namespaces, tmp_path / "first.log", "replica-a", ports[0])
+    second = replica(operator_kubeconfig, namespaces, tmp_path / "second.log", "replica-b", ports[1])
     try:
         with LeaseHistory(api) as history:
             first.start()
             wait_for(lambda: (history.holder() or "").startswith("replica-a_"), timeout=60, what="the first to lead")
             second.start()
             wait_for(lambda: "is held by replica-a_" in second.output(), timeout=60, what="the second as standby")
+            assert (leading(ports[0]), leading(ports[1])) == (1.0, 0.0)  # the standby is scraped too
 
             rotations.create_rotation(
                 "app",
@@ -286,6 +302,7 @@ def test_standby_takes_over_a_rotation_and_an_isolation_in_flight_exactly_once(
             tarpit.forward()
             wait_for(lambda: (history.holder() or "").startswith("replica-b_"), timeout=30, what="the takeover")
             took_over = time.monotonic() - killed
+            wait_for(lambda: leading(ports[1]) == 1.0, timeout=30, what="the new leader's runbook_leader 1")
 
             apps.patch_namespaced_deployment(
                 "api", rotation_namespace, {"spec": {"template": {"spec": {"nodeSelector": None}}}}
