@@ -63,8 +63,14 @@ class Postgres:
     password = "test-superuser-pw"
     TLS_NAME = "localhost"
 
-    def __init__(self, directory: Path | None = None, *, tls: bool = False) -> None:
+    def __init__(
+        self, directory: Path | None = None, *, tls: bool = False, settings: dict[str, str] | None = None
+    ) -> None:
         self.tls = tls
+        # Streaming replication for the WAL receiver and pg_basebackup (wal_level=replica, WAL senders, a
+        # scram ``replication`` line in pg_hba.conf); ``settings`` adds or overrides server settings (-c).
+        self.settings = {"wal_level": "replica", "max_wal_senders": "10", "max_replication_slots": "10"}
+        self.settings.update(settings or {})
         bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]))
         if not bins:
             raise RuntimeError("PostgreSQL server not found: install the Debian package postgresql")
@@ -104,10 +110,15 @@ class Postgres:
             capture_output=True,
         )
         pwfile.unlink()
+        hba = self.data / "pg_hba.conf"
+        replication = ["host", "replication", "all", "127.0.0.1/32", "scram-sha-256"]
+        if replication not in [line.split() for line in hba.read_text().splitlines()]:
+            hba.write_text(hba.read_text() + " ".join(replication) + "\n")
         options = (
             f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off "
             "-c full_page_writes=off -c log_statement=all -c synchronous_commit=off"
         )
+        options += "".join(f" -c {name}={value}" for name, value in self.settings.items())
         if self.tls:
             options += " " + self._tls_options()
         subprocess.run(

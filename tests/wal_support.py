@@ -239,13 +239,17 @@ def start_receiver(
         )
 
 
-def stop_receiver(process: subprocess.Popen[bytes], *, kill: bool = False, timeout: float = 30) -> int:
-    """SIGTERM (a pod's stop) or SIGKILL of the receiver and its pg_receivewal (the container's cgroup)."""
+def stop_receiver(process: subprocess.Popen[bytes], *, kill: bool = False, timeout: float = 60) -> int:
+    """SIGTERM to the receiver alone (a pod's stop: PID 1 is told), or SIGKILL of it and its pg_receivewal (the
+    container's cgroup killed)."""
     if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        if kill:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.send_signal(signal.SIGTERM)
     code = process.wait(timeout)
     if kill:
-        with contextlib.suppress(ProcessLookupError):  # what is left of the group (a container's kill ends it all)
+        with contextlib.suppress(ProcessLookupError):  # what is left of the group
             os.killpg(process.pid, signal.SIGKILL)
     return code
 

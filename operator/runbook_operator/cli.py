@@ -92,6 +92,18 @@ def _restore_redis(args: argparse.Namespace) -> int:
     return restore_redis()
 
 
+def _wal_receive(args: argparse.Namespace) -> int:
+    from .agent.wal import receive_main
+
+    return receive_main(namespace=args.namespace, policy=args.policy)
+
+
+def _base_backup(args: argparse.Namespace) -> int:
+    from .agent.wal import base_backup_main
+
+    return base_backup_main(namespace=args.namespace, policy=args.policy)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runbook-operator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--namespace", help="Namespace of the BackupRestore (for the logs).")
     agent.add_argument("--name", help="Name of the BackupRestore (for the logs).")
     agent.set_defaults(func=_restore_redis)
+    for command, purpose, func in (
+        (
+            "wal-receive",
+            "(In a BackupPolicy's <policy>-wal Deployment) stream WAL through the policy's replication slot and "
+            "ship every segment, encrypted, to the bucket, until SIGTERM.",
+            _wal_receive,
+        ),
+        (
+            "base-backup",
+            "(In a BackupPolicy's <policy>-base CronJob pod) one base backup, pg_basebackup -> gpg -> S3.",
+            _base_backup,
+        ),
+    ):
+        agent = commands.add_parser(command, help=f"{purpose} The spec and credentials come from the environment.")
+        agent.add_argument("--namespace", required=True, help="Namespace of the BackupPolicy.")
+        agent.add_argument("--policy", required=True, help="Name of the BackupPolicy.")
+        agent.set_defaults(func=func)
     return parser
 
 
