@@ -196,7 +196,7 @@ def explain(text: str, config: WALConfig, env: Mapping[str, str]) -> RunbookErro
     if "exceeds max_wal_senders (currently 0)" in lowered or ("wal_level" in lowered and "minimal" in lowered):
         return RunbookError(
             "WALLevelMinimal",
-            "spec.wal: the server streams no WAL (wal_level=minimal, max_wal_senders=0): set wal_level=replica",
+            "spec.source.postgresql: the server streams no WAL (wal_level=minimal, max_wal_senders=0): it needs wal_level=replica and max_wal_senders > 0",
         )
     if "replication slot" in lowered and "is active for pid" in lowered:
         return RunbookError(
