@@ -84,7 +84,7 @@ def write(server: Postgres, rows: int = 2000, size: int = 400) -> int:
     """Rows committed; the server's WAL position after them."""
     with server.connect() as conn:
         conn.execute("INSERT INTO ledger (note) SELECT repeat('n', %s) FROM generate_series(1, %s)", (size, rows))
-        return parse_lsn(str(conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]))  # type: ignore[index]
+        return parse_lsn(str(conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]))  # type: ignore[index]
 
 
 def server_bytes(server: Postgres, name: str, length: int | None = None) -> bytes:
@@ -104,7 +104,7 @@ def switch(server: Postgres) -> tuple[str, int]:
         name = str(conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0])  # type: ignore[index]
         conn.execute("SELECT pg_switch_wal()")
         conn.execute("INSERT INTO ledger (note) VALUES ('after switch')")
-        after = parse_lsn(str(conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]))  # type: ignore[index]
+        after = parse_lsn(str(conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]))  # type: ignore[index]
     return name, after
 
 
@@ -214,18 +214,9 @@ def test_base_backup_manifest_records_pg_basebackups_lsns(
     assert f"START WAL LOCATION: {format_lsn(backup.start)} " in label
     assert ranges == [{"Timeline": 1, "Start-LSN": format_lsn(backup.start), "End-LSN": format_lsn(backup.stop)}]
     # The server's WAL: the BACKUP_END record that pg_backup_stop wrote for this start point ends at the stop LSN.
+    waldump = [str(server.bin / "pg_waldump"), "--path", str(server.data / "pg_wal"), "--rmgr", "XLOG"]
     dump = subprocess.run(
-        [
-            str(server.bin / "pg_waldump"),
-            "--path",
-            str(server.data / "pg_wal"),
-            "--start",
-            format_lsn(backup.start),
-            "--end",
-            format_lsn(backup.stop),
-            "--rmgr",
-            "XLOG",
-        ],
+        [*waldump, "--start", format_lsn(backup.start), "--end", format_lsn(backup.stop)],
         capture_output=True,
         text=True,
         check=True,

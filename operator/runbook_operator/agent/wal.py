@@ -89,6 +89,7 @@ from .backup import (
     ProcessSource,
     _abort,
     _as_runbook_error,
+    _fixed_mmap_threshold,
     encryption_keys,
     one_line,
     require_env,
@@ -196,7 +197,8 @@ def explain(text: str, config: WALConfig, env: Mapping[str, str]) -> RunbookErro
     if "exceeds max_wal_senders (currently 0)" in lowered or ("wal_level" in lowered and "minimal" in lowered):
         return RunbookError(
             "WALLevelMinimal",
-            "spec.source.postgresql: the server streams no WAL (wal_level=minimal, max_wal_senders=0): it needs wal_level=replica and max_wal_senders > 0",
+            "spec.source.postgresql: the server streams no WAL (wal_level=minimal, max_wal_senders=0): it needs "
+            "wal_level=replica and max_wal_senders > 0",
         )
     if "replication slot" in lowered and "is active for pid" in lowered:
         return RunbookError(
@@ -295,7 +297,7 @@ def identify(config: WALConfig, env: Mapping[str, str]) -> Server:
 class _HashingReader(io.RawIOBase):
     """A file read by gpg, hashed on the way (SHA-256 and size of the plaintext)."""
 
-    def __init__(self, source: IO[bytes]) -> None:
+    def __init__(self, source: IO[bytes] | io.RawIOBase) -> None:
         self._source = source
         self.sha256 = hashlib.sha256()
         self.size = 0
@@ -304,7 +306,7 @@ class _HashingReader(io.RawIOBase):
         return True
 
     def read(self, size: int = -1) -> bytes:
-        chunk = self._source.read(size)
+        chunk = self._source.read(size) or b""
         self.sha256.update(chunk)
         self.size += len(chunk)
         return chunk
@@ -340,7 +342,7 @@ class Shipper:
                 return None
             raise
 
-    def _upload(self, data_key: str, source: IO[bytes]) -> tuple[MultipartUpload, _HashingReader]:
+    def _upload(self, data_key: str, source: IO[bytes] | io.RawIOBase) -> tuple[MultipartUpload, _HashingReader]:
         reader = _HashingReader(source)
         upload = MultipartUpload(self.client, self.location, data_key, overlap=False)
         try:
@@ -430,22 +432,22 @@ class Shipper:
         name = path.name.removesuffix(".partial")
         timeline = int(name[:8], 16)
         shipped = _now()  # before reading: every byte read was received by now
-        content = path.read_bytes()
-        size = len(content)
-        used = len(content.rstrip(b"\0"))
-        used = min(size, (used + 7) // 8 * 8)
-        if used == 0:
-            return False
-        data_key, manifest_key = wal_catalog.segment_keys(self.base, timeline, name, partial=True)
-        if name not in self.partial_ends:
-            existing = self._bucket_manifest(manifest_key)
-            self.partial_ends[name] = parse_lsn(existing["endLsn"]) - segment_start(name, size) if existing else 0
-        if used <= self.partial_ends[name]:
-            return False
-        start = segment_start(name, size)
-        body = content[:used]
-        del content
-        upload, reader = self._upload(data_key, io.BytesIO(body))
+        with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            used = _used_bytes(handle, size)
+            if used == 0:
+                return False
+            data_key, manifest_key = wal_catalog.segment_keys(self.base, timeline, name, partial=True)
+            if name not in self.partial_ends:
+                existing = self._bucket_manifest(manifest_key)
+                self.partial_ends[name] = parse_lsn(existing["endLsn"]) - segment_start(name, size) if existing else 0
+            if used <= self.partial_ends[name]:
+                return False
+            start = segment_start(name, size)
+            handle.seek(0)
+            upload, reader = self._upload(data_key, _Limited(handle, used))
+        if reader.size != used:
+            raise RunbookError("WALChanged", f"segment {name}.partial shrank while it was shipped")
         self._manifest(
             manifest_key,
             WALSegmentManifest(
@@ -497,6 +499,38 @@ class Shipper:
         )
         self.shipped[manifest_key] = digest
         return True
+
+
+class _Limited(io.RawIOBase):
+    """The first ``limit`` bytes of a file."""
+
+    def __init__(self, source: IO[bytes], limit: int) -> None:
+        self._source = source
+        self._left = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        want = self._left if size < 0 else min(size, self._left)
+        chunk = self._source.read(want) if want else b""
+        self._left -= len(chunk)
+        return chunk
+
+
+def _used_bytes(handle: IO[bytes], size: int, step: int = 256 * 1024) -> int:
+    """Where a pg_receivewal ``.partial`` file's data ends: after its last non-zero byte, rounded up to 8
+    (PostgreSQL's record alignment); pg_receivewal pads the file with zeros to the segment size. Read backwards
+    in ``step`` chunks (memory: one chunk)."""
+    end = size
+    while end > 0:
+        begin = max(0, end - step)
+        handle.seek(begin)
+        chunk = handle.read(end - begin).rstrip(b"\0")
+        if chunk:
+            return min(size, (begin + len(chunk) + 7) // 8 * 8)
+        end = begin
+    return 0
 
 
 def _history_begin(content: bytes) -> int:
@@ -645,7 +679,14 @@ class Receiver:
                 self.start()
                 started = time.monotonic()
             self._sleep(POLL_SECONDS)
-            self.ship()
+            try:
+                self.ship()
+            except (RunbookError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+                # S3 away, a file changed under us: kept in the scratch directory, tried again (the slot and
+                # MAX_UNSHIPPED bound what waits meanwhile).
+                problem = _as_runbook_error(error)
+                LOG.warning("shipping failed (%s: %s); trying again", problem.reason, REDACTOR.scrub(problem.message))
+                self._sleep(2)
             if failures and time.monotonic() - started > 60:
                 failures = 0
         self.stop()
@@ -711,6 +752,7 @@ def _exit_error(what: str, error: RunbookError) -> int:
 
 
 def receive_main(*, namespace: str, policy: str, env: Mapping[str, str] | None = None) -> int:
+    _fixed_mmap_threshold()  # 8 MiB parts and 1 MiB reads in threads: returned to the system once freed
     environment = os.environ if env is None else env
     try:
         config = WALConfig.from_env(environment, namespace=namespace, policy=policy, scratch=True)

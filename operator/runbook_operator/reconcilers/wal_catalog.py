@@ -491,7 +491,8 @@ _cache: OrderedDict[tuple[str | None, str, str], dict[str, Any]] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def _manifest(client: S3Client, location: S3Location, key: str, *, cached: bool) -> dict[str, Any]:
+def _manifest(client: S3Client, location: S3Location, key: str, *, cached: bool) -> dict[str, Any] | None:
+    """The manifest, or None when it went between the listing and the read (the receiver replaced a partial)."""
     where = (location.endpoint, location.bucket, key)
     if cached:
         with _cache_lock:
@@ -499,7 +500,12 @@ def _manifest(client: S3Client, location: S3Location, key: str, *, cached: bool)
             if found is not None:
                 _cache.move_to_end(where)
                 return found
-    document = get_json(client, location, key)
+    try:
+        document = get_json(client, location, key)
+    except botocore.exceptions.ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise
     if cached:
         with _cache_lock:
             _cache[where] = document
@@ -618,6 +624,8 @@ def _read(
             data_key, _ = base_backup_keys(base, parts[1])
             described.add(data_key)
             manifest = _manifest(client, location, key, cached=True)
+            if manifest is None:
+                continue
             found: BaseBackup | WALObject | str | None = _own(
                 manifest, key, signing_key=signing_key, namespace=namespace, policy=policy
             ) or _base_backup(manifest, f"{base}{BASE_FOLDER}/{parts[1]}/", data_key, key)
@@ -634,6 +642,8 @@ def _read(
         data_key = key.removesuffix(".json") + ".gpg"
         described.add(data_key)
         manifest = _manifest(client, location, key, cached=not leaf.endswith(".partial"))
+        if manifest is None:
+            continue
         folder = parts[1] if len(parts) == 3 else None
         if len(parts) == 2 and not leaf.endswith(".history"):
             continue

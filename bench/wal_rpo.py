@@ -1,0 +1,189 @@
+"""WAL archiving's recovery point: how long after a commit it is recoverable from the bucket, under pgbench load.
+
+A real PostgreSQL 15 (tests/services.Postgres), the S3 API server and the receiver (``runbook-operator
+wal-receive``, as its pod runs it, gpg symmetric) with the API's default ``shipIntervalSeconds`` (2). While
+``pgbench`` writes (TPC-B-like, ``--clients`` connections) for ``--seconds``, a probe commits a row every
+``--probe-interval`` seconds (``synchronous_commit=on`` in its session; the test server's default is off)
+and notes the server's WAL insert position right after the commit (the commit record ends before it). A
+poller reads the bucket's WAL catalog (``reconcilers/wal_catalog.read_catalog``: signed manifests only)
+every ``--poll`` seconds; a probe is recoverable once the newest shipped ``endLsn`` reaches its position.
+Reported: commit-to-recoverable p50 / p95 / max, the server's commit rate (pg_stat_database) and pgbench's
+own, and the receiver's peak RSS (its Python process, VmHWM) and pg_receivewal's.
+
+    .venv/bin/python bench/wal_rpo.py [--seconds 60] [--clients 2] [--ship-interval 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.backup_support import new_bucket  # noqa: E402
+from tests.services import Postgres, S3Server  # noqa: E402
+from tests.wal_support import (  # noqa: E402
+    NAMESPACE,
+    POLICY,
+    create_slot,
+    read,
+    replication_role,
+    start_receiver,
+    stop_receiver,
+    wal_env,
+    wal_location,
+    wal_policy_spec,
+)
+
+from runbook_operator.models.plans import parse_lsn, slot_name  # noqa: E402
+
+
+def status_kib(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=60)
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--ship-interval", type=int, default=2)
+    parser.add_argument("--probe-interval", type=float, default=0.5)
+    parser.add_argument("--poll", type=float, default=0.25)
+    args = parser.parse_args()
+
+    with Postgres() as server, S3Server() as s3:
+        replication_role(server)
+        create_slot(server, slot_name(NAMESPACE, POLICY))
+        bucket = new_bucket(s3)
+        location = wal_location(s3, bucket)
+        spec = wal_policy_spec(server, s3, bucket, shipIntervalSeconds=args.ship_interval)
+        scratch = Path(tempfile.mkdtemp(prefix="runbook-wal-bench-"))
+        log = scratch.parent / f"{scratch.name}.log"
+        pgbench_env = {"PGPASSWORD": server.password, "PATH": "/usr/bin:/bin"}
+        target = ["-h", server.host, "-p", str(server.port), "-U", server.superuser]
+        subprocess.run(
+            [str(server.bin / "pgbench"), "-i", "-s", "5", "-q", *target, "postgres"],
+            env=pgbench_env,
+            check=True,
+            capture_output=True,
+        )
+        with server.connect() as conn:
+            conn.execute("CREATE TABLE probe (id bigserial PRIMARY KEY, at timestamptz DEFAULT now())")
+        receiver = start_receiver(wal_env(spec, s3, scratch), log)
+        time.sleep(3)  # connected and streaming
+
+        probes: list[tuple[float, int]] = []  # (commit time, WAL position after it)
+        recovered: dict[int, float] = {}
+        done = threading.Event()
+        peak = {"receiver": 0, "pg_receivewal": 0, "children": 0}
+
+        def probe() -> None:
+            with server.connect() as conn:
+                conn.execute("SET synchronous_commit = on")  # the probe's commits are flushed when they return
+                while not done.is_set():
+                    conn.execute("INSERT INTO probe DEFAULT VALUES")  # autocommit: committed on return
+                    at = time.monotonic()
+                    row = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()  # >= the commit's end
+                    assert row is not None
+                    probes.append((at, parse_lsn(str(row[0]))))
+                    time.sleep(args.probe_interval)
+
+        def poll() -> None:
+            while not done.is_set() or len(recovered) < len(probes):
+                newest = read(s3, location).latest()
+                now = time.monotonic()
+                if newest is not None:
+                    for index, (_, lsn) in enumerate(list(probes)):
+                        if index not in recovered and lsn <= newest[0]:
+                            recovered[index] = now
+                if done.is_set() and now - probes[-1][0] > 60:
+                    break
+                time.sleep(args.poll)
+
+        def memory() -> None:
+            while not done.is_set():
+                peak["receiver"] = max(peak["receiver"], status_kib(receiver.pid, "VmHWM"))
+                for child in children(receiver.pid):
+                    rss = status_kib(child, "VmRSS")
+                    name = Path(f"/proc/{child}/comm").read_text().strip() if Path(f"/proc/{child}").exists() else ""
+                    key = "pg_receivewal" if name == "pg_receivewal" else "children"
+                    peak[key] = max(peak[key], rss)
+                time.sleep(0.1)
+
+        with server.connect() as conn:
+            commits = "SELECT xact_commit FROM pg_stat_database WHERE datname = 'postgres'"
+            before = conn.execute(commits).fetchone()[0]  # type: ignore[index]
+            wal_before = float(conn.execute("SELECT wal_bytes FROM pg_stat_wal").fetchone()[0])  # type: ignore[index]
+        threads = [threading.Thread(target=f) for f in (probe, poll, memory)]
+        for thread in threads:
+            thread.start()
+        started = time.monotonic()
+        bench = subprocess.run(
+            [str(server.bin / "pgbench"), "-c", str(args.clients), "-T", str(args.seconds), "-n", *target, "postgres"],
+            env=pgbench_env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        elapsed = time.monotonic() - started
+        done.set()
+        with server.connect() as conn:
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            after = conn.execute(commits).fetchone()[0]  # type: ignore[index]
+            wal_after = float(conn.execute("SELECT wal_bytes FROM pg_stat_wal").fetchone()[0])  # type: ignore[index]
+            wal_bytes = wal_after - wal_before
+        for thread in threads:
+            thread.join(120)
+        code = stop_receiver(receiver)
+        catalog = read(s3, location)
+
+    tps = next((line for line in bench.stdout.splitlines() if line.startswith("tps")), "tps = ?")
+    delays = [recovered[i] - probes[i][0] for i in recovered]
+    lost = len(probes) - len(recovered)
+    rows = [
+        ("load", f"pgbench -c {args.clients} -T {args.seconds} (scale 5), shipIntervalSeconds={args.ship_interval}"),
+        ("server commit rate", f"{(after - before) / elapsed:.0f} commits/s (pg_stat_database)"),
+        ("pgbench", tps.split("(")[0].strip()),
+        ("WAL written", f"{wal_bytes / 1024 / 1024 / elapsed:.2f} MiB/s"),
+        ("probes", f"{len(probes)} ({lost} never recoverable)"),
+        ("commit -> recoverable p50", f"{statistics.median(delays):.2f} s"),
+        ("commit -> recoverable p95", f"{percentile(delays, 0.95):.2f} s"),
+        ("commit -> recoverable max", f"{max(delays):.2f} s"),
+        ("receiver peak RSS (python, VmHWM)", f"{peak['receiver'] / 1024:.1f} MiB"),
+        ("pg_receivewal peak RSS", f"{peak['pg_receivewal'] / 1024:.1f} MiB"),
+        ("gpg peak RSS", f"{peak['children'] / 1024:.1f} MiB"),
+        ("segments in the bucket", f"{len(catalog.segments)}; gaps {len(catalog.gaps())}; receiver exit {code}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0 if lost == 0 and code == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
