@@ -287,6 +287,7 @@ def concurrent(kubeconfig: Path, count: int, rounds: int, clients: int) -> int:
     )
     target = percentile(operator_times, 0.95) < 0.25
     print(f"target p95 < 250 ms: {'met' if target else 'NOT met'}")
+    print(f"operator log: {log}")
     return 0
 
 

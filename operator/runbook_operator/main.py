@@ -70,11 +70,6 @@ async def scaling_profile_deleted(body: kopf.Body, retry: int, **kwargs: Any) ->
     await finalize_current(scaling.CLOCKS, scaling.PROFILE, body, retry=retry, grants=_grants(kwargs))
 
 
-@kopf.on.event(GROUP, VERSION, "emergencyisolations")
-async def scaling_profiles_follow_isolation(body: kopf.Body, **_: Any) -> None:
-    scaling.CLOCKS.wake(body.metadata.namespace)
-
-
 # --- EmergencyIsolation ---
 # Every pass is level-based (reads the cluster, converges), so create, resume and spec changes share one
 # handler (``isolation.ISOLATION``); deletion goes through kopf's finalizer, which holds the object until the
@@ -92,10 +87,22 @@ async def isolation_guards(body: kopf.Body, **_: Any) -> dict[str, dict[str, Any
     return {str(body["metadata"]["namespace"]): isolation.guard_entry(body)}
 
 
+# kopf runs an object's event handlers in the order they are registered: this one comes first (before the
+# ScalingProfile and SecretRotation handlers that follow isolations, registered after this section).
 @kopf.on.event(*EMERGENCY_ISOLATIONS, when=lambda body, **_: isolation.awaits_containment(body))
 async def emergency_isolation_contained_first(body: kopf.Body, **kwargs: Any) -> None:
     holder = interlock.holder_from_index(kwargs["isolations_by_namespace"])
     await isolation.contain_new(body, isolation=holder, grants=_grants(kwargs))
+
+
+@kopf.on.startup()
+async def emergency_isolation_fast_path_ready(**_: Any) -> None:
+    await isolation.loop_client()  # its TLS files and auth header read now, not in the first burst
+
+
+@kopf.on.cleanup()
+async def emergency_isolation_fast_path_closed(**_: Any) -> None:
+    await isolation.close_loop_client()
 
 
 @kopf.on.event(*ISOLATION_POLICIES, labels={ISOLATION_LABEL: kopf.PRESENT})
@@ -118,6 +125,13 @@ async def emergency_isolation(body: kopf.Body, retry: int, **kwargs: Any) -> Non
 @kopf.on.delete(*EMERGENCY_ISOLATIONS)
 async def emergency_isolation_deleted(body: kopf.Body, retry: int, **kwargs: Any) -> None:
     as_kopf(await drive(isolation.ISOLATION, body, finalizing=True, grants=_grants(kwargs)), retry=retry)
+
+
+# The ScalingProfile clocks follow the isolations of their namespace (the interlock); registered after the
+# EmergencyIsolation handlers, so that containment goes first.
+@kopf.on.event(*EMERGENCY_ISOLATIONS)
+async def scaling_profiles_follow_isolation(body: kopf.Body, **_: Any) -> None:
+    scaling.CLOCKS.wake(body.metadata.namespace)
 
 
 # --- SecretRotation ---

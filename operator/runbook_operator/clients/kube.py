@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import json
+import ssl
+import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import aiohttp
 import kubernetes
 import urllib3
 from kubernetes.client import ApiClient, ApiException
@@ -315,3 +320,116 @@ def server_status(error: ApiException) -> tuple[str, str]:
 def server_message(error: ApiException) -> str:
     """The API server's message of a refusal (``server_status``)."""
     return server_status(error)[1]
+
+
+# --- One call on the event loop: the containment fast path's create ----------------------------------------------
+AUTH_REFRESH = 30.0  # seconds an auth header is used before it is read again (the client refreshes tokens itself)
+KEEPALIVE = 60.0  # seconds an idle connection is kept (the API server keeps one 90 s): a burst finds them open
+LOOP_CONNECTIONS = 64  # connections at most: a burst of creates waits on the API server, not on a free connection
+
+
+class LoopCreate:
+    """``Api.create`` as a coroutine on the event loop (aiohttp), for the one call that must not wait for a thread:
+    an EmergencyIsolation's first NetworkPolicy. The same server, TLS and credentials as ``api_client()`` (read
+    once, in ``blocking``), connections kept alive between bursts, REQUEST_TIMEOUT and the connection retries of
+    RETRIES; the body is sent as given (already JSON). A 409 is False; any other refusal an ``ApiException`` as
+    the official client raises it."""
+
+    def __init__(self, client: ApiClient, *, field_manager: str = "runbook-operator") -> None:
+        configuration = client.configuration
+        self.host = str(configuration.host).rstrip("/")
+        self.field_manager = field_manager
+        self.server_hostname = configuration.tls_server_name or None
+        self._configuration = configuration
+        self._ssl = self._ssl_context(configuration) if self.host.startswith("https:") else False
+        self._auth: dict[str, str] = {}
+        self._auth_at = -AUTH_REFRESH
+        self._refreshing: asyncio.Future[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    @staticmethod
+    def _ssl_context(configuration: Any) -> ssl.SSLContext:
+        if configuration.verify_ssl:
+            context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
+        else:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if configuration.assert_hostname is False:
+            context.check_hostname = False
+        if configuration.cert_file:
+            context.load_cert_chain(configuration.cert_file, configuration.key_file)
+        return context
+
+    def read_auth(self) -> None:
+        """The auth header as the official client sends it now (its refresh hook may read a token file):
+        blocking, in an executor."""
+        self._auth = {
+            str(setting["key"]): str(setting["value"])
+            for setting in self._configuration.auth_settings().values()
+            if setting.get("in") == "header" and setting.get("value")
+        }
+        self._auth_at = time.monotonic()
+
+    def _fresh_auth(self, executor: Executor) -> asyncio.Future[None] | None:
+        """None while the header is fresh; else a refresh under way (one at a time, ``read_auth`` in
+        ``executor``), to wait for only before the first call: later calls go on with the header they have (a
+        token stays valid well past the client's refresh of it)."""
+        if time.monotonic() - self._auth_at >= AUTH_REFRESH and self._refreshing is None:
+            refreshing = asyncio.get_running_loop().run_in_executor(executor, self.read_auth)
+            refreshing.add_done_callback(lambda _: setattr(self, "_refreshing", None))
+            self._refreshing = refreshing
+        return self._refreshing if self._auth_at < 0 else None
+
+    def _connection_pool(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=LOOP_CONNECTIONS, keepalive_timeout=KEEPALIVE)
+            self._session = aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
+        return self._session
+
+    async def create(
+        self,
+        resource: Resource,
+        namespace: str,
+        payload: bytes,
+        *,
+        executor: Executor,
+    ) -> bool:
+        """POST ``payload`` (the object as JSON); ``executor`` runs ``read_auth`` when the header is due."""
+        waiting = self._fresh_auth(executor)
+        if waiting is not None:
+            await waiting
+        headers = {"Accept": "application/json", "Content-Type": "application/json", **self._auth}
+        connect, read = REQUEST_TIMEOUT
+        timeout = aiohttp.ClientTimeout(connect=connect, sock_connect=connect, sock_read=read)
+        url = f"{self.host}{resource.path(namespace)}"
+        params = {"fieldManager": self.field_manager}
+        for attempt in range(1 + int(RETRIES.connect or 0)):
+            try:
+                async with self._connection_pool().post(
+                    url,
+                    params=params,
+                    data=payload,
+                    headers=headers,
+                    ssl=self._ssl,
+                    server_hostname=self.server_hostname,
+                    timeout=timeout,
+                ) as response:
+                    answer = await response.read()
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError):
+                if attempt >= int(RETRIES.connect or 0):  # the request was never answered: retried like RETRIES
+                    raise
+                await asyncio.sleep(float(RETRIES.backoff_factor) * 2**attempt)
+                continue
+            if response.status == 409:
+                return False
+            if response.status >= 300:
+                error = ApiException(status=response.status, reason=response.reason)
+                error.body = answer.decode(errors="replace")
+                raise error
+            return True
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()

@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
+import aiohttp
 from kubernetes.client import ApiException
 
 from .. import metrics
@@ -522,26 +524,60 @@ def awaits_containment(body: Mapping[str, Any]) -> bool:
     )
 
 
-def contain_first(
-    api: kube.Api, body: Mapping[str, Any], *, isolation: Isolation, grants: GrantsOf, seen: float
-) -> bool:
-    """A new isolation's deny-all policy, before its first pass: the same checks (a valid spec, the tenancy
-    rules, the interlock), then one create (a new isolation's namespace has no emergency-isolate; if it has one,
-    a 409 leaves it to the pass, which adopts a hand-made one or waits for another isolation's). Returns whether
-    it created the policy (then ``record_first_containment``); a failure is the pass's to report."""
+def first_containment(
+    body: Mapping[str, Any], *, isolation: Isolation, grants: GrantsOf, api: kube.Api
+) -> tuple[Ctx, dict[str, Any]] | None:
+    """A new isolation's deny-all policy to create before its first pass, after the same checks (a valid spec,
+    the tenancy rules, the interlock), with no API call; None when it is the pass's (an invalid spec or a
+    tenancy refusal, which the pass reports; network.isolate false; another isolation holds the namespace)."""
     if not awaits_containment(body):
-        return False
+        return None
     ctx = Context.of(ISOLATION, body, api, isolation=isolation, grants=grants)
     try:
         spec = ctx.spec
         tenancy.confine_emergency_isolation(ctx.grants(ctx.namespace), ctx.namespace, spec)
-        if not spec.network.isolate or ctx.isolation(ctx.namespace) not in (None, ctx.name):
-            return False
-        if not api.create(kube.NETWORK_POLICIES, ctx.namespace, _desired_policy(ctx, spec.network)):
-            return False
     except RunbookError:
-        return False  # an invalid spec, a tenancy refusal: the pass reports it
+        return None
+    if not spec.network.isolate or ctx.isolation(ctx.namespace) not in (None, ctx.name):
+        return None
+    return ctx, _desired_policy(ctx, spec.network)
+
+
+def contain_first(
+    api: kube.Api, body: Mapping[str, Any], *, isolation: Isolation, grants: GrantsOf, seen: float
+) -> bool:
+    """``first_containment``'s policy, then one create (a new isolation's namespace has no emergency-isolate; if
+    it has one, a 409 leaves it to the pass, which adopts a hand-made one or waits for another isolation's).
+    Returns whether it created the policy (then ``record_first_containment``); a failure is the pass's to
+    report. Blocking: ``contain_new`` makes the same create on the event loop (``contain_on_loop``)."""
+    first = first_containment(body, isolation=isolation, grants=grants, api=api)
+    if first is None:
+        return False
+    ctx, policy = first
+    try:
+        if not api.create(kube.NETWORK_POLICIES, ctx.namespace, policy):
+            return False
     except ApiException as error:
+        LOG.warning("%s %s/%s: containment left to the pass: %s", KIND, ctx.namespace, ctx.name, as_failure(error))
+        return False
+    _contained(ctx, seen=seen)
+    return True
+
+
+async def contain_on_loop(
+    client: kube.LoopCreate, body: Mapping[str, Any], *, isolation: Isolation, grants: GrantsOf, seen: float
+) -> bool:
+    """``contain_first`` with the create made on the event loop (``kube.LoopCreate``): no thread to wait for,
+    no thread competing with the event loop that delivers the next isolations."""
+    first = first_containment(body, isolation=isolation, grants=grants, api=kube.KubeApi())
+    if first is None:
+        return False
+    ctx, policy = first
+    try:
+        payload = json.dumps(policy).encode()
+        if not await client.create(kube.NETWORK_POLICIES, ctx.namespace, payload, executor=CONTAINMENT):
+            return False
+    except (ApiException, aiohttp.ClientError, TimeoutError) as error:
         LOG.warning("%s %s/%s: containment left to the pass: %s", KIND, ctx.namespace, ctx.name, as_failure(error))
         return False
     _contained(ctx, seen=seen)
@@ -590,16 +626,44 @@ SETTLE_AT_MOST = 2.0  # seconds a pass waits for the containments under way; nev
 async def contain_new(
     body: Mapping[str, Any], *, isolation: Isolation, grants: GrantsOf, api: kube.Api | None = None
 ) -> None:
-    """main.py's fast path for an isolation's watch event: ``contain_first`` in CONTAINMENT, then, once the
-    creates of other isolations are done (``containment_settled``), ``record_first_containment``."""
+    """main.py's fast path for an isolation's watch event: the create on the event loop (``contain_on_loop``;
+    ``api`` given: ``contain_first`` in CONTAINMENT), then, once the creates of other isolations are done
+    (``containment_settled``), ``record_first_containment``."""
     seen = time.time()  # when the operator got the object
-    client = api or kube.KubeApi()
-    contain = functools.partial(contain_first, client, body, isolation=isolation, grants=grants, seen=seen)
     with CONTAINING.one():
-        created = await blocking(contain, executor=CONTAINMENT)
+        if api is None:
+            created = await contain_on_loop(await loop_client(), body, isolation=isolation, grants=grants, seen=seen)
+        else:
+            contain = functools.partial(contain_first, api, body, isolation=isolation, grants=grants, seen=seen)
+            created = await blocking(contain, executor=CONTAINMENT)
     if created:
         await containment_settled()  # the other creates first
-        await blocking(record_first_containment, client, body, executor=CONTAINMENT)
+        await blocking(record_first_containment, api or kube.KubeApi(), body, executor=CONTAINMENT)
+
+
+_LOOP_CLIENT: list[tuple[asyncio.AbstractEventLoop, kube.LoopCreate]] = []  # the running loop's, once made
+
+
+async def loop_client() -> kube.LoopCreate:
+    """The running event loop's ``kube.LoopCreate``, made (it reads the TLS files) and its auth header read in
+    CONTAINMENT on first use: main.py's startup calls this, so that no burst waits for it."""
+    loop = asyncio.get_running_loop()
+    if _LOOP_CLIENT and _LOOP_CLIENT[0][0] is loop:
+        return _LOOP_CLIENT[0][1]
+    client = await blocking(kube.LoopCreate, kube.api_client(), executor=CONTAINMENT)
+    await blocking(client.read_auth, executor=CONTAINMENT)
+    if not (_LOOP_CLIENT and _LOOP_CLIENT[0][0] is loop):  # another caller may have made one meanwhile
+        _LOOP_CLIENT[:] = [(loop, client)]
+    return _LOOP_CLIENT[0][1]
+
+
+async def close_loop_client(timeout: float = kube.REQUEST_TIMEOUT[0]) -> None:
+    """At shutdown: the first containments under way end (at most ``timeout`` seconds), then the connections
+    close."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(CONTAINING.idle.wait(), timeout)
+    if _LOOP_CLIENT:
+        await _LOOP_CLIENT.pop()[1].close()
 
 
 async def containment_settled() -> None:
