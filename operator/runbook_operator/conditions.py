@@ -9,6 +9,11 @@ from .models.common import rfc3339
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
+# BackupPolicy spec.wal (reconcilers/wal.py): whether WAL is being archived (the receiver on its slot, WAL
+# reaching the bucket) and whether a point-in-time restore has a window to recover into.
+WAL_ARCHIVING = "WALArchiving"
+RECOVERY_WINDOW = "RecoveryWindow"
+
 
 def now_rfc3339() -> str:
     """The current UTC time as Kubernetes writes it (second precision, Z)."""

@@ -62,6 +62,24 @@ BACKUP_FAILURES = Counter(
     "runbook_backup_failures_total", "Backup runs that failed or left no valid manifest.", _BACKUP_LABELS
 )
 
+# BackupPolicy spec.wal (reconcilers/wal.py), set on each of the policy's passes (every WAL_RECHECK seconds)
+_WAL_LABELS = ["namespace", "policy"]
+WAL_ARCHIVE_LAG = Gauge(
+    "runbook_wal_archive_lag_seconds",
+    "Seconds since the newest WAL in the bucket was shipped (about the RPO while the server is writing).",
+    _WAL_LABELS,
+)
+WAL_RECOVERY_WINDOW = Gauge(
+    "runbook_wal_recovery_window_seconds",
+    "How far back a point-in-time restore can go: latest - earliest recoverable point (0 without a window).",
+    _WAL_LABELS,
+)
+WAL_SLOT_RETAINED = Gauge(
+    "runbook_wal_slot_retained_bytes",
+    "WAL the server keeps for the policy's replication slot (current LSN - the slot's restart LSN).",
+    _WAL_LABELS,
+)
+
 # BackupRestore
 RESTORES = Counter("runbook_restores_total", "BackupRestores that ended, by outcome.", ["namespace", "outcome"])
 BACKUP_LAST_VERIFIED = Gauge(
@@ -130,10 +148,18 @@ def forget_backup_policy(namespace: str, policy: str) -> None:
             BACKUP_SCHEDULE_INTERVAL,
             BACKUP_LAST_VERIFIED,
             BACKUP_LAST_DRILL_PASSED,
+            WAL_ARCHIVE_LAG,
+            WAL_RECOVERY_WINDOW,
+            WAL_SLOT_RETAINED,
         ),
         namespace=namespace,
         policy=policy,
     )
+
+
+def forget_wal_policy(namespace: str, policy: str) -> None:
+    """A policy that stopped archiving WAL (spec.wal.enabled false) has no WAL gauges."""
+    _forget((WAL_ARCHIVE_LAG, WAL_RECOVERY_WINDOW, WAL_SLOT_RETAINED), namespace=namespace, policy=policy)
 
 
 def forget_secret_rotation(namespace: str, name: str) -> None:

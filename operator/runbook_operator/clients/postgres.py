@@ -385,3 +385,100 @@ def create_missing_roles(conn: psycopg.Connection[Any], roles: list[dict[str, An
                 if group in created and group != role["name"]:
                     conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(group), sql.Identifier(role["name"])))
     return sorted(created)
+
+
+# --- continuous WAL archiving (BackupPolicy spec.wal): the replication login and its slot ----------------
+
+
+@dataclass(frozen=True)
+class ReplicationFacts:
+    """What the replication login's SQL connection says about itself and the server."""
+
+    user: str
+    can_replicate: bool  # REPLICATION (or SUPERUSER), which pg_receivewal and the slot functions need
+    wal_level: str
+    max_wal_senders: int
+    in_recovery: bool
+    current_lsn: str | None  # pg_current_wal_lsn() (None on a standby)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One row of ``pg_replication_slots``."""
+
+    name: str
+    slot_type: str  # physical or logical
+    active: bool
+    active_pid: int | None
+    restart_lsn: str | None
+    retained_bytes: int | None  # pg_current_wal_lsn() - restart_lsn: what the server keeps for the slot
+    wal_status: str | None  # reserved, extended, unreserved, lost
+    inactive_since: str | None  # PostgreSQL >= 17 only (RFC 3339-like text), else None
+
+
+def replication_facts(conn: psycopg.Connection[Any]) -> ReplicationFacts:
+    row = conn.execute(
+        "SELECT current_user, r.rolreplication OR r.rolsuper, current_setting('wal_level'),"
+        " current_setting('max_wal_senders')::int, pg_is_in_recovery(),"
+        " CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END"
+        " FROM pg_roles r WHERE r.rolname = current_user"
+    ).fetchone()
+    assert row is not None
+    user, replicate, level, senders, recovery, lsn = row
+    return ReplicationFacts(str(user), bool(replicate), str(level), int(senders), bool(recovery), lsn)
+
+
+def replication_slot(conn: psycopg.Connection[Any], name: str) -> Slot | None:
+    """The slot named ``name``, or None. ``inactive_since`` where the server has it (17+): read through
+    ``to_jsonb`` so one query serves every version."""
+    row = conn.execute(
+        "SELECT s.slot_type, s.active, s.active_pid, s.restart_lsn::text,"
+        " CASE WHEN s.restart_lsn IS NULL OR pg_is_in_recovery() THEN NULL"
+        "  ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint END,"
+        " s.wal_status, to_jsonb(s) ->> 'inactive_since'"
+        " FROM pg_replication_slots s WHERE s.slot_name = %s",
+        (name,),
+    ).fetchone()
+    if row is None:
+        return None
+    kind, active, pid, restart, retained, wal_status, inactive = row
+    return Slot(
+        name,
+        str(kind),
+        bool(active),
+        None if pid is None else int(pid),
+        restart,
+        None if retained is None else int(retained),
+        wal_status,
+        inactive,
+    )
+
+
+def create_physical_slot(conn: psycopg.Connection[Any], name: str) -> bool:
+    """Create the physical slot ``name`` reserving WAL from now (``immediately_reserve``); False when a slot of
+    that name exists already (made meanwhile by someone else: the caller looks again)."""
+    try:
+        conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (name,))
+    except psycopg.errors.DuplicateObject:
+        return False
+    return True
+
+
+def drop_slot(conn: psycopg.Connection[Any], name: str) -> bool:
+    """Drop the slot ``name`` when it exists and no receiver holds it: True when gone (or never there), False
+    while it is active (the caller stops the receiver and tries again)."""
+    try:
+        conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s", (name,)
+        )
+    except psycopg.errors.ObjectInUse:
+        return False
+    return True
+
+
+def terminate_slot_receiver(conn: psycopg.Connection[Any], slot: Slot) -> bool:
+    """End the WAL sender serving ``slot`` (the login may signal its own sessions); whether one was ended."""
+    if slot.active_pid is None:
+        return False
+    row = conn.execute("SELECT pg_terminate_backend(%s)", (slot.active_pid,)).fetchone()
+    return bool(row and row[0])
