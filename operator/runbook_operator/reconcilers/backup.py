@@ -56,7 +56,7 @@ from ..models.common import parse_time, rfc3339
 from ..models.plans import MANIFEST_KEY_SECRET, MANIFEST_KEY_SECRET_KEY, policy_folder
 from ..models.sources import TLS_CERT_KEY, TLS_KEY_KEY, GPGEncryption
 from ..settings import agent_image
-from . import tenancy
+from . import tenancy, wal
 from .catalog import (
     S3_CREDENTIALS_FIELD,
     check_bucket,
@@ -282,6 +282,8 @@ def reconcile(ctx: PolicyContext) -> Result:
     check_bucket(s3_client(api, namespace, location, field=S3_CREDENTIALS_FIELD), location)
     if apply_child(ctx.api, desired_cronjob(ctx)) == "changed":  # a creation is told by status (cronJobName)
         ctx.event("Normal", "CronJobApplied", f"CronJob {cronjob_name(name)} updated to the policy: {spec.schedule}")
+    if spec.wal is not None or ctx.status.wal is not None:  # continuous WAL archiving: reconcilers/wal.py
+        later = wal.reconcile(ctx, spec, later)
     where = f"s3://{location.bucket}/{policy_folder(location, namespace, name)}"
     if spec.suspend:
         ctx.condition("Ready", "True", "Suspended", f"scheduled backups are suspended; backups go to {where}")
