@@ -12,7 +12,7 @@ from .builders.backup import POLICY_LABEL as BACKUP_POLICY_LABEL
 from .builders.isolation import ISOLATION_LABEL
 from .logs import install_redactor
 from .models import GROUP, VERSION
-from .reconcilers import backup, drills, interlock, isolation, restore, rotation, scaling
+from .reconcilers import backup, drills, interlock, isolation, restore, rotation, scaling, wal
 from .reconcilers.runtime import EXECUTOR, GrantsOf, as_kopf, drive, finalize_current, run_clock
 from .reconcilers.tenancy import Grant, grants_from_index, index_entries
 from .settings import Settings, configure_kopf
@@ -196,10 +196,12 @@ async def backup_job(type: str, body: kopf.Body, **kwargs: Any) -> None:
 
 @kopf.on.delete(
     *BACKUP_POLICIES,
-    when=lambda spec, **_: backup.needs_finalizer(spec),
+    when=lambda spec, **_: backup.needs_finalizer(spec) or wal.needs_finalizer(spec),
     retries=BACKUP_DELETION_ATTEMPTS,
 )
 async def backup_policy_deleted(body: kopf.Body, retry: int, **kwargs: Any) -> None:
+    if wal.needs_finalizer(body.get("spec") or {}):  # the replication slot first (else the server keeps WAL)
+        as_kopf(await drive(wal.POLICY, body, finalizing=True, failures=retry, grants=_grants(kwargs)), retry=retry)
     as_kopf(await drive(backup.POLICY, body, finalizing=True, failures=retry, grants=_grants(kwargs)), retry=retry)
 
 
