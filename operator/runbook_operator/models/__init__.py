@@ -71,6 +71,13 @@ KINDS: tuple[Kind, ...] = (
             PrinterColumn("Schedule", ".spec.schedule"),
             PrinterColumn("Last Success", ".status.lastSuccessfulBackup.time", "date"),
             PrinterColumn("Size", ".status.lastSuccessfulBackup.sizeBytes", "integer"),
+            # a date column shows its age: how far back a point-in-time restore can go (e.g. 6d23h)
+            PrinterColumn(
+                "WAL Window",
+                ".status.wal.earliestRecoverableTime",
+                "date",
+                "How far back a point-in-time restore can go (spec.wal)",
+            ),
             READY,
             AGE,
         ),

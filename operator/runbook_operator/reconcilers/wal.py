@@ -513,7 +513,9 @@ def finalize(ctx: PolicyContext) -> Result:
         wal, source = spec.wal, spec.source.postgresql
         if wal is None or source is None:
             raise RunbookError("SlotLeft", f"{WAL_FIELD}: absent, so the slot's login is unknown")
-        ctx.api.patch(kube.DEPLOYMENTS, ctx.namespace, receiver_name(ctx.name), {"spec": {"replicas": 0}})
+        ctx.api.patch(
+            kube.DEPLOYMENTS, ctx.namespace, receiver_name(ctx.name), {"spec": {"replicas": 0}}, subresource="scale"
+        )
         with replication_connection(ctx.api, ctx.namespace, source, wal) as conn:
             found = postgres.replication_slot(conn, slot)
             if found is not None and found.active:
