@@ -1,0 +1,345 @@
+"""BackupPolicy spec.wal against the real API server (the operator in-process, with the shipped RBAC), a real
+PostgreSQL 15, the S3 API server and gpg: the operator checks the replication login, creates and records the
+slot, applies the owned receiver Deployment and base-backup CronJob, starts the first base backup, and fills
+status.wal, the conditions and the gauges from the slot and the bucket; each bad input is a condition naming
+the field; deleting the policy drops its slot. Pods do not run here (no kubelet): the receiver and the base
+backup run as processes with exactly the environment their pod specs give them (Secrets resolved)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import kopf.testing
+import kubernetes
+import pytest
+from prometheus_client import REGISTRY
+from tests.backup_support import new_bucket
+from tests.services import Postgres, S3Server
+from tests.wal_support import (
+    PASSPHRASE,
+    REPLICATION_PASSWORD,
+    REPLICATION_USER,
+    create_slot,
+    replication_role,
+    wal_policy_spec,
+)
+
+from runbook_operator.builders.wal import base_backup_cronjob_name, receiver_name
+from runbook_operator.models.plans import WAL_SCRATCH_ENV, parse_lsn, slot_name
+
+pytestmark = pytest.mark.integration
+
+GROUP, VERSION, PLURAL = "runbook.dev", "v1alpha1", "backuppolicies"
+CLI = [sys.executable, "-m", "runbook_operator.cli"]
+PLAIN_USER, PLAIN_PASSWORD = "wal_plain_login", "wal-plain-login-pw"
+
+
+class Cluster:
+    def __init__(self, api: kubernetes.client.ApiClient, namespace: str) -> None:
+        self.api, self.namespace = api, namespace
+        self.core = kubernetes.client.CoreV1Api(api)
+        self.apps = kubernetes.client.AppsV1Api(api)
+        self.batch = kubernetes.client.BatchV1Api(api)
+        self.custom = kubernetes.client.CustomObjectsApi(api)
+
+    def secret(self, name: str, data: dict[str, str]) -> None:
+        self.core.create_namespaced_secret(self.namespace, {"metadata": {"name": name}, "stringData": data})
+
+    def create_policy(self, name: str, spec: dict[str, Any]) -> None:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "BackupPolicy", "metadata": {"name": name}, "spec": spec}
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body)
+
+    def policy(self, name: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, name
+            )
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return found
+
+    def status(self, name: str) -> dict[str, Any]:
+        return (self.policy(name) or {}).get("status") or {}
+
+    def condition(self, name: str, type_: str) -> dict[str, Any]:
+        return next((c for c in self.status(name).get("conditions", []) if c["type"] == type_), {})
+
+    def read(self, kind: str, name: str) -> dict[str, Any] | None:
+        reader = {
+            "Deployment": self.apps.read_namespaced_deployment,
+            "CronJob": self.batch.read_namespaced_cron_job,
+            "Job": self.batch.read_namespaced_job,
+        }[kind]
+        try:
+            found: dict[str, Any] = self.api.sanitize_for_serialization(reader(name, self.namespace))
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return found
+
+    def events(self) -> list[dict[str, str]]:
+        return [
+            {"reason": e.reason or "", "message": e.message or "", "type": e.type or ""}
+            for e in self.core.list_namespaced_event(self.namespace).items
+        ]
+
+    def pod_env(self, container: dict[str, Any], pod_fields: dict[str, str]) -> dict[str, str]:
+        """What the kubelet would put in the container's environment: values, Secret and ConfigMap keys, and
+        the downward API's fields (``pod_fields``: fieldPath -> value)."""
+        env: dict[str, str] = {}
+        for item in container["env"]:
+            source = item.get("valueFrom") or {}
+            if "value" in item:
+                env[item["name"]] = item["value"]
+            elif "secretKeyRef" in source:
+                ref = source["secretKeyRef"]
+                data = self.core.read_namespaced_secret(ref["name"], self.namespace).data
+                env[item["name"]] = base64.b64decode(data[ref["key"]]).decode()
+            elif "configMapKeyRef" in source:
+                ref = source["configMapKeyRef"]
+                env[item["name"]] = self.core.read_namespaced_config_map(ref["name"], self.namespace).data[ref["key"]]
+            else:
+                env[item["name"]] = pod_fields[source["fieldRef"]["fieldPath"]]
+        return env
+
+
+@pytest.fixture
+def cluster(api: kubernetes.client.ApiClient, namespace: str, crds_installed: list[str]) -> Cluster:
+    return Cluster(api, namespace)
+
+
+@pytest.fixture
+def bucket(s3_server: S3Server) -> str:
+    return new_bucket(s3_server)
+
+
+@pytest.fixture
+def references(cluster: Cluster, postgres: Postgres, s3_server: S3Server) -> None:
+    replication_role(postgres)
+    with postgres.connect() as conn:
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (PLAIN_USER,)).fetchone() is None:
+            conn.execute(f"CREATE ROLE {PLAIN_USER} LOGIN PASSWORD '{PLAIN_PASSWORD}'")  # no REPLICATION
+    cluster.secret("db-credentials", {"username": postgres.superuser, "password": postgres.password})
+    cluster.secret("wal-replication", {"username": REPLICATION_USER, "password": REPLICATION_PASSWORD})
+    cluster.secret("wal-plain", {"username": PLAIN_USER, "password": PLAIN_PASSWORD})
+    cluster.secret(
+        "backup-s3-credentials",
+        {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key},
+    )
+    cluster.secret("backup-gpg", {"passphrase": PASSPHRASE})
+
+
+def slots(server: Postgres) -> dict[str, tuple[str, bool]]:
+    with server.connect() as conn:
+        rows = conn.execute("SELECT slot_name, slot_type, active FROM pg_replication_slots").fetchall()
+    return {str(name): (str(kind), bool(active)) for name, kind, active in rows}
+
+
+def gauge(name: str, namespace: str, policy: str) -> float | None:
+    value: float | None = REGISTRY.get_sample_value(name, {"namespace": namespace, "policy": policy})
+    return value
+
+
+def run_as_pod(
+    cluster: Cluster, container: dict[str, Any], pod_fields: dict[str, str], log: Path, **overrides: str
+) -> subprocess.Popen[bytes]:
+    """The container's command as a host process with its pod's environment (the kubelet's part)."""
+    base = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG")}
+    env = {**base, **cluster.pod_env(container, pod_fields), **overrides}
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [*CLI, *container["args"]], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def test_slot_children_and_status_then_the_slot_goes_with_the_policy(
+    cluster: Cluster,
+    references: None,
+    postgres: Postgres,
+    s3_server: S3Server,
+    bucket: str,
+    operator_runner: kopf.testing.KopfRunner,
+    wait_for: Callable[..., Any],
+    processes: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    policy = f"wal{uuid.uuid4().hex[:6]}"
+    slot = slot_name(cluster.namespace, policy)
+    spec = wal_policy_spec(postgres, s3_server, bucket)
+    cluster.create_policy(policy, spec)
+
+    # The slot, created and recorded before the receiver exists; the owned children.
+    wait_for(lambda: cluster.status(policy).get("wal", {}).get("slotName") == slot, timeout=90, what="the slot")
+    assert slots(postgres)[slot] == ("physical", False)
+    deployment = wait_for(lambda: cluster.read("Deployment", receiver_name(policy)), timeout=30, what="receiver")
+    cronjob = wait_for(lambda: cluster.read("CronJob", base_backup_cronjob_name(policy)), timeout=30, what="cron")
+    uid = (cluster.policy(policy) or {})["metadata"]["uid"]
+    for child in (deployment, cronjob):
+        (owner,) = child["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == ("BackupPolicy", policy, uid, True)
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"] == ["wal-receive", "--namespace", cluster.namespace, "--policy", policy]
+    assert (
+        container["securityContext"]["readOnlyRootFilesystem"] is True and pod["securityContext"]["runAsUser"] == 10001
+    )
+    assert {v["name"]: v["emptyDir"]["medium"] for v in pod["volumes"]} == {"tmp": "Memory", "wal": "Memory"}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "wal-replication", "key": "password"}
+    assert REPLICATION_PASSWORD not in json.dumps(deployment) + json.dumps(cronjob)
+    assert cronjob["spec"]["schedule"] == spec["schedule"]
+
+    # The first base backup starts at once (the chain needs one).
+    jobs = wait_for(
+        lambda: (
+            cluster.batch.list_namespaced_job(
+                cluster.namespace, label_selector="app.kubernetes.io/component=base-backup"
+            ).items
+        ),
+        timeout=60,
+        what="the first base backup Job",
+    )
+    job = cluster.read("Job", jobs[0].metadata.name)
+    assert job is not None
+
+    # The kubelet's part: the receiver as its pod would run it, then the base backup Job's pod.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    receiver = run_as_pod(
+        cluster,
+        container,
+        {"metadata.name": f"{receiver_name(policy)}-abc12"},
+        tmp_path / "receiver.log",
+        **{WAL_SCRATCH_ENV: str(scratch), "HOME": str(tmp_path)},
+    )
+    processes.append(receiver)
+    wait_for(lambda: slots(postgres)[slot][1], timeout=60, what="the receiver on the slot")
+    base_container = job["spec"]["template"]["spec"]["containers"][0]
+    base = run_as_pod(
+        cluster,
+        base_container,
+        {"metadata.labels['batch.kubernetes.io/job-name']": job["metadata"]["name"]},
+        tmp_path / "base.log",
+        HOME=str(tmp_path),
+    )
+    assert base.wait(300) == 0, (tmp_path / "base.log").read_text()
+    with postgres.connect() as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS wal_policy_rows (id serial, note text)")
+        conn.execute("INSERT INTO wal_policy_rows (note) SELECT 'row ' || g FROM generate_series(1, 1000) g")
+        written = parse_lsn(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
+
+    # The operator's passes (every 30 s) fill status.wal from the slot and the bucket.
+    def filled() -> dict[str, Any] | None:
+        wal = cluster.status(policy).get("wal") or {}
+        ready = wal.get("windowSeconds") is not None and parse_lsn(wal.get("lastArchivedLsn") or "0/0") >= written
+        return wal if ready and wal.get("slotActive") else None
+
+    started = time.monotonic()
+    wal = wait_for(filled, timeout=120, what="status.wal with the window")
+    print(f"status.wal filled {time.monotonic() - started:.1f} s after the rows were written: {wal}")
+    assert wal["receiver"] == receiver_name(policy) and wal["baseBackupCronJob"] == base_backup_cronjob_name(policy)
+    assert wal["baseBackups"] == 1 and wal["segments"] >= 1 and wal["timeline"] == 1
+    assert wal["lastBaseBackup"].endswith("/") and "/base/" in wal["lastBaseBackup"]
+    assert wal["earliestRecoverableTime"] <= wal["latestRecoverableTime"]
+    assert isinstance(wal["slotRetainedBytes"], int) and wal["slotRetainedBytes"] >= 0
+    archiving, window = cluster.condition(policy, "WALArchiving"), cluster.condition(policy, "RecoveryWindow")
+    assert (archiving["status"], archiving["reason"]) == ("True", "Streaming"), archiving
+    assert (window["status"], window["reason"]) == ("True", "Available"), window
+    assert cluster.condition(policy, "Ready")["status"] == "True"
+    assert gauge("runbook_wal_recovery_window_seconds", cluster.namespace, policy) == float(wal["windowSeconds"])
+    lag = gauge("runbook_wal_archive_lag_seconds", cluster.namespace, policy)
+    assert lag is not None and 0 <= lag < 120
+    assert gauge("runbook_wal_slot_retained_bytes", cluster.namespace, policy) is not None
+    reasons = {e["reason"] for e in cluster.events()}
+    assert {"SlotCreated", "BaseBackupStarted"} <= reasons
+    shown = json.dumps(cluster.events()) + json.dumps(cluster.status(policy))
+    assert REPLICATION_PASSWORD not in shown and postgres.password not in shown
+
+    # A deleted policy drops its slot (the receiver stopped first, as scaling its Deployment to 0 would).
+    receiver.terminate()
+    assert receiver.wait(60) == 0, (tmp_path / "receiver.log").read_text()[-2000:]
+    cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, policy)
+    wait_for(lambda: cluster.policy(policy) is None, timeout=60, what="the policy gone")
+    assert slot not in slots(postgres)
+    assert "SlotDropped" in {e["reason"] for e in cluster.events()}
+
+
+def test_each_bad_input_is_a_condition_naming_the_field(
+    api: kubernetes.client.ApiClient,
+    cluster: Cluster,
+    references: None,
+    postgres: Postgres,
+    s3_server: S3Server,
+    bucket: str,
+    operator_runner: kopf.testing.KopfRunner,
+    wait_for: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    from tests.integration.conftest import grant
+
+    taken = f"someone_elses_{uuid.uuid4().hex[:6]}"
+    create_slot(postgres, taken)
+    minimal = Postgres(settings={"wal_level": "minimal", "max_wal_senders": "0"}).start()
+    try:
+        replication_role(minimal)
+        grant(api, cluster.namespace, hosts=[(minimal.host, minimal.port)])
+        plain = wal_policy_spec(postgres, s3_server, bucket)
+        plain["wal"]["replicationCredentialsSecretRef"] = {"name": "wal-plain"}
+        cluster.create_policy("noreplication", plain)
+        cluster.create_policy("minimal", wal_policy_spec(minimal, s3_server, bucket))
+        cluster.create_policy("taken", wal_policy_spec(postgres, s3_server, bucket, slotName=taken))
+        expected = {
+            "noreplication": ("ReplicationNotPermitted", "spec.wal.replicationCredentialsSecretRef:"),
+            "minimal": ("WALLevelMinimal", "spec.wal:"),
+            "taken": ("SlotTaken", "spec.wal.slotName:"),
+        }
+        for name, (reason, field) in expected.items():
+            ready = wait_for(
+                lambda name=name, reason=reason: (c := cluster.condition(name, "Ready")).get("reason") == reason and c,
+                timeout=90,
+                what=f"{name}: Ready=False {reason}",
+            )
+            assert ready["status"] == "False" and ready["message"].startswith(field), ready
+            archiving = cluster.condition(name, "WALArchiving")
+            assert (archiving["status"], archiving["reason"]) == ("False", reason)
+            assert cluster.read("Deployment", receiver_name(name)) is None  # nothing started
+            assert not (cluster.status(name).get("wal") or {}).get("slotName")
+        print({name: cluster.condition(name, "Ready")["message"] for name in expected})
+        assert PLAIN_USER in cluster.condition("noreplication", "Ready")["message"]
+        assert "wal_level=minimal" in cluster.condition("minimal", "Ready")["message"]
+        assert slot_name(cluster.namespace, "noreplication") not in slots(postgres)  # none for a refused policy
+        assert slots(minimal) == {}
+        # Deleting the policy whose slot name was taken leaves the other owner's slot alone.
+        cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, "taken")
+        wait_for(lambda: cluster.policy("taken") is None, timeout=60, what="the policy gone")
+        assert taken in slots(postgres)
+    finally:
+        minimal.stop()
+        with postgres.connect() as conn:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (taken,))
