@@ -92,6 +92,12 @@ def _restore_redis(args: argparse.Namespace) -> int:
     return restore_redis()
 
 
+def _restore_pitr(args: argparse.Namespace) -> int:
+    from .agent.pitr import main as restore_pitr
+
+    return restore_pitr()
+
+
 def _wal_receive(args: argparse.Namespace) -> int:
     from .agent.wal import receive_main
 
@@ -169,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--namespace", help="Namespace of the BackupRestore (for the logs).")
     agent.add_argument("--name", help="Name of the BackupRestore (for the logs).")
     agent.set_defaults(func=_restore_redis)
+    agent = commands.add_parser(
+        "restore-pitr",
+        help="(In a point-in-time BackupRestore's Job pod) fetch and verify a base backup and its WAL, stage them "
+        "beside the data directory on the mounted volume, then swap them in, set to recover to the target. The "
+        "plan and credentials come from the environment.",
+    )
+    agent.add_argument("--namespace", help="Namespace of the BackupRestore (for the logs).")
+    agent.add_argument("--name", help="Name of the BackupRestore (for the logs).")
+    agent.set_defaults(func=_restore_pitr)
     for command, purpose, func in (
         (
             "wal-receive",

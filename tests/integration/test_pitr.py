@@ -1,0 +1,403 @@
+"""Point-in-time restore against a real PostgreSQL 15, the S3 API server and gpg: the archive is made by engineer
+B's agents (``wal-receive`` and ``base-backup`` as processes), the plan is the operator's preflight choice
+(``restore_pitr.choose`` over ``wal_catalog``, ``builders.pitr.build_pitr_plan``), and ``restore-pitr`` runs as
+the Job's process with its pod's environment on a host directory standing for the claim (the kubelet's part,
+as in ``tests/restore_support.Kubelet``). A PostgreSQL server is then started on the restored directory, as the
+StatefulSet's pod would be, and its rows compared."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from tests.backup_support import new_bucket
+from tests.services import Postgres, S3Server, free_port
+from tests.wal_support import (
+    NAMESPACE,
+    PASSPHRASE,
+    POLICY,
+    SIGNING_KEY,
+    create_slot,
+    read,
+    replication_role,
+    run_base_backup,
+    start_receiver,
+    stop_receiver,
+    wait_shipped,
+    wal_env,
+    wal_location,
+    wal_policy_spec,
+)
+
+from runbook_operator.builders.pitr import build_pitr_plan
+from runbook_operator.errors import RunbookError
+from runbook_operator.models.backup import BackupPolicySpec, PointInTime
+from runbook_operator.models.plans import (
+    GPG_PASSPHRASE_ENV,
+    MANIFEST_KEY_ENV,
+    PGDATA_ROOT_ENV,
+    PITR_PLAN_ENV,
+    SCRATCH_DIR_ENV,
+    PointInTimePlan,
+    format_lsn,
+    parse_lsn,
+    slot_name,
+)
+from runbook_operator.reconcilers import restore_pitr, wal_catalog
+
+CLI = [sys.executable, "-m", "runbook_operator.cli"]
+SLOT = slot_name(NAMESPACE, POLICY)
+RESTORE = "recover-db"
+
+
+@pytest.fixture(autouse=True)
+def _in_process_operator() -> None:
+    """No operator and no control plane here: the agents talk only to PostgreSQL and S3."""
+
+
+@dataclass
+class Archive:
+    server: Postgres
+    s3: S3Server
+    location: Any
+    spec: dict[str, Any]
+    moments: dict[str, datetime]  # T1, T2, target (between T2 and T3), T3 and the base backup's start
+    after_t2: tuple[int, int]  # (filler rows, the server's WAL insert position) right after T2 committed
+    receiver: subprocess.Popen[bytes]
+
+    @property
+    def policy(self) -> BackupPolicySpec:
+        return BackupPolicySpec.model_validate(self.spec)
+
+    def catalog(self) -> wal_catalog.WALCatalog:
+        return read(self.s3, self.location)
+
+
+def commit(server: Postgres, label: str) -> datetime:
+    """One row committed; when it committed (after COMMIT returned, by the server's clock)."""
+    with server.connect() as conn:
+        conn.execute("INSERT INTO events (label) VALUES (%s)", (label,))
+        row = conn.execute("SELECT clock_timestamp()").fetchone()
+    assert row is not None
+    moment: datetime = row[0]
+    return moment.astimezone(UTC)
+
+
+def other_writes(server: Postgres, rows: int = 3000) -> None:
+    """Writes between the marks (several MB of WAL, a segment switch among them)."""
+    with server.connect() as conn:
+        conn.execute("INSERT INTO filler (note) SELECT repeat('f', 500) FROM generate_series(1, %s)", (rows,))
+        conn.execute("SELECT pg_switch_wal()")
+        conn.execute("INSERT INTO filler (note) SELECT repeat('g', 500) FROM generate_series(1, %s)", (rows // 3,))
+
+
+def source_rows(server: Postgres, sql: str) -> list[tuple[Any, ...]]:
+    with server.connect() as conn:
+        return conn.execute(sql).fetchall()
+
+
+def insert_position(server: Postgres) -> int:
+    with server.connect() as conn:
+        row = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
+    assert row is not None
+    return parse_lsn(str(row[0]))
+
+
+@pytest.fixture(scope="module")
+def archive(s3_server: S3Server) -> Iterator[Archive]:
+    """A server whose WAL streams to the bucket (B's receiver) with a base backup (B's agent), then the marks:
+    T1, other writes, T2, the target moment, other writes, T3, other writes."""
+    with Postgres() as server:
+        replication_role(server)
+        with server.connect() as conn:
+            conn.execute("CREATE TABLE events (id bigserial PRIMARY KEY, label text NOT NULL)")
+            conn.execute("CREATE TABLE filler (id bigserial PRIMARY KEY, note text)")
+        create_slot(server, SLOT)
+        bucket = new_bucket(s3_server)
+        scratch = Path(tempfile.mkdtemp(prefix="runbook-pitr-wal-"))
+        spec = wal_policy_spec(server, s3_server, bucket)
+        env = wal_env(spec, s3_server, scratch)
+        receiver = start_receiver(env, scratch.parent / f"{scratch.name}.log")
+        try:
+            before = datetime.now(UTC)
+            done = run_base_backup(env)
+            assert done.returncode == 0, done.stderr[-2000:]
+            moments = {"base": before, "T1": commit(server, "T1")}
+            other_writes(server)
+            moments["T2"] = commit(server, "T2")
+            after_t2 = (source_rows(server, "SELECT count(*) FROM filler")[0][0], insert_position(server))
+            time.sleep(1.5)
+            moments["target"] = datetime.now(UTC)
+            time.sleep(1.5)
+            other_writes(server)
+            moments["T3"] = commit(server, "T3")
+            other_writes(server, 200)
+            wait_shipped(s3_server, wal_location(s3_server, bucket), insert_position(server), timeout=120)
+            yield Archive(server, s3_server, wal_location(s3_server, bucket), spec, moments, after_t2, receiver)
+        finally:
+            stop_receiver(receiver)
+
+
+def point(**fields: Any) -> PointInTime:
+    return PointInTime.model_validate({"statefulSet": "postgresql", **fields})
+
+
+def plan_for(archive: Archive, spec: PointInTime, *, now: datetime | None = None) -> PointInTimePlan:
+    """What the operator's preflight pins for the Job."""
+    choice = restore_pitr.choose(archive.catalog(), spec, now=now or datetime.now(UTC))
+    return build_pitr_plan(archive.policy, choice, spec, restore=RESTORE)
+
+
+def run_job(archive: Archive, plan: PointInTimePlan, claim: Path) -> subprocess.CompletedProcess[str]:
+    """The Job's pod as a process: its environment only (the claim is ``claim``, a host directory)."""
+    scratch = Path(tempfile.mkdtemp(prefix="runbook-pitr-scratch-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "AWS_", "RUNBOOK_"))}
+    env.update(
+        {
+            PITR_PLAN_ENV: json.dumps(plan.to_api()),
+            PGDATA_ROOT_ENV: str(claim),
+            SCRATCH_DIR_ENV: str(scratch),
+            "AWS_ACCESS_KEY_ID": archive.s3.access_key,
+            "AWS_SECRET_ACCESS_KEY": archive.s3.secret_key,
+            GPG_PASSPHRASE_ENV: PASSPHRASE,
+            MANIFEST_KEY_ENV: SIGNING_KEY,
+        }
+    )
+    try:
+        return subprocess.run(
+            [*CLI, "restore-pitr", "--namespace", NAMESPACE, "--name", RESTORE],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    finally:
+        leftovers = list(scratch.iterdir())
+        shutil.rmtree(scratch, ignore_errors=True)
+        assert leftovers == [], f"the Job left {leftovers} in its scratch directory"
+
+
+class Restored:
+    """A PostgreSQL server on the restored data directory, as the StatefulSet's pod starts it (the volume owned
+    by the pod's user: ``fsGroup`` / ``runAsUser``)."""
+
+    def __init__(self, claim: Path, data_directory: str = "pgdata") -> None:
+        self.claim, self.data = claim, claim / data_directory
+        self.bin = Postgres().bin
+        self.port = free_port()
+        self.socket = Path(tempfile.mkdtemp(prefix="runbook-pitr-sock-"))
+        self.log = claim.parent / f"{claim.name}.server.log"
+
+    def _as_postgres(self, *args: str) -> list[str]:
+        return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else list(args)
+
+    def __enter__(self) -> Restored:
+        if os.geteuid() == 0:
+            owner = pwd.getpwnam("postgres")
+            for path in [self.claim, self.socket, *self.claim.rglob("*")]:
+                os.lchown(path, owner.pw_uid, owner.pw_gid)
+        options = f"-p {self.port} -k {self.socket} -c listen_addresses=127.0.0.1"
+        started = subprocess.run(
+            self._as_postgres(
+                str(self.bin / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.log),
+                "-o",
+                options,
+                "-t",
+                "120",
+                "-w",
+                "start",
+            ),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert started.returncode == 0, started.stdout + started.stderr + self.server_log()
+        deadline = time.monotonic() + 120
+        while self.query("SELECT pg_is_in_recovery()") != [(False,)]:
+            assert time.monotonic() < deadline, f"still recovering: {self.server_log()[-3000:]}"
+            time.sleep(0.3)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(
+            self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"),
+            capture_output=True,
+            check=False,
+        )
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        with psycopg.connect(
+            host="127.0.0.1", port=self.port, dbname="postgres", user=Postgres.superuser, password=Postgres.password
+        ) as conn:
+            return conn.execute(sql).fetchall()
+
+    def labels(self) -> list[str]:
+        return [str(row[0]) for row in self.query("SELECT label FROM events ORDER BY id")]
+
+    def server_log(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every path under ``root`` with its content's digest (directories: their mode)."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        found[rel] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else oct(path.stat().st_mode)
+    return found
+
+
+def new_claim() -> Path:
+    claim = Path(tempfile.mkdtemp(prefix="runbook-pitr-claim-"))
+    claim.chmod(0o755)
+    return claim
+
+
+def test_restore_between_t2_and_t3_has_exactly_the_rows_through_t2(archive: Archive) -> None:
+    moments = archive.moments
+    assert moments["T1"] < moments["T2"] < moments["target"] < moments["T3"]
+    spec = point(targetTime=wal_catalog.rfc3339(moments["target"]), mode="InPlace")
+    plan = plan_for(archive, spec)
+    assert plan.target_time is not None and plan.keep_previous_as == f"pgdata.before-{RESTORE}"
+    claim = new_claim()
+    old = claim / "pgdata"
+    old.mkdir()
+    (old / "PG_VERSION").write_text("15\n")  # the data directory being replaced
+    started = time.monotonic()
+    done = run_job(archive, plan, claim)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])["restore-pitr"]
+    assert summary["previousDataDirectory"] == plan.keep_previous_as
+    assert (claim / plan.keep_previous_as / "PG_VERSION").read_text() == "15\n"
+    assert (claim / "pgdata" / "recovery.signal").exists()
+    assert oct((claim / "pgdata").stat().st_mode & 0o777) == "0o700"
+    auto = (claim / "pgdata" / "postgresql.auto.conf").read_text()
+    assert 'restore_command = \'cp "../pgdata.wal/%f" "%p"\'' in auto
+    assert "recovery_target_action = 'promote'" in auto and "recovery_target_time = '" in auto
+    with Restored(claim) as server:  # T1, T2 and the writes between them; none after
+        assert server.labels() == ["T1", "T2"], server.server_log()[-2000:]
+        assert server.query("SELECT count(*) FROM filler") == [(archive.after_t2[0],)]
+        replayed = server.query("SELECT pg_last_xact_replay_timestamp()")
+        log = server.server_log()
+    assert "recovery stopping before commit" in log
+    print(f"\nPITR to a time: {summary['segments']} segments, Job {elapsed:.1f} s; {summary}; replay {replayed}")
+
+
+def test_restore_to_latest_has_t3(archive: Archive) -> None:
+    plan = plan_for(archive, point(latest=True, mode="NewVolume", newVolume={"name": "recovered", "size": "1Gi"}))
+    assert plan.keep_previous_as is None and plan.target_time is None and plan.target_lsn is None
+    claim = new_claim()
+    done = run_job(archive, plan, claim)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with Restored(claim) as server:
+        assert server.labels() == ["T1", "T2", "T3"]
+        assert server.query("SELECT count(*) FROM filler") == source_rows(archive.server, "SELECT count(*) FROM filler")
+
+
+def test_restore_to_an_lsn(archive: Archive) -> None:
+    """targetLSN: the server's insert position right after T2 committed."""
+    target = format_lsn(archive.after_t2[1])
+    plan = plan_for(archive, point(targetLSN=target, mode="NewVolume", newVolume={"name": "at-lsn", "size": "1Gi"}))
+    assert plan.target_lsn == target
+    claim = new_claim()
+    done = run_job(archive, plan, claim)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with Restored(claim) as server:
+        assert server.labels() == ["T1", "T2"]
+        assert server.query("SELECT count(*) FROM filler") == [(archive.after_t2[0],)]
+
+
+def test_a_tampered_segment_stops_the_restore_before_the_data_directory_is_touched(archive: Archive) -> None:
+    spec = point(targetTime=wal_catalog.rfc3339(archive.moments["target"]))
+    plan = plan_for(archive, spec)
+    complete = [w for w in plan.wal if not w.manifest.get("partial") and not w.key.endswith(".history.gpg")]
+    victim = complete[len(complete) // 2].key
+    client = archive.s3.client()
+    original = client.get_object(Bucket=archive.location.bucket, Key=victim)["Body"].read()
+    tampered = bytearray(original)
+    tampered[len(tampered) // 2] ^= 0x01  # one bit, same size
+    claim = new_claim()
+    data = claim / "pgdata"
+    data.mkdir()
+    (data / "PG_VERSION").write_text("15\n")
+    (data / "base").mkdir()
+    (data / "base" / "1").write_bytes(os.urandom(4096))
+    before = tree(claim)
+    client.put_object(Bucket=archive.location.bucket, Key=victim, Body=bytes(tampered))
+    try:
+        done = run_job(archive, plan, claim)
+    finally:
+        client.put_object(Bucket=archive.location.bucket, Key=victim, Body=original)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"restore failed: ChecksumMismatch: {victim}: SHA-256 "), last
+    assert PASSPHRASE not in done.stderr and SIGNING_KEY not in done.stderr
+    assert tree(claim) == before  # nothing renamed, staged or written: the data directory as it was
+
+
+def test_a_manifest_changed_in_the_plan_is_refused(archive: Archive) -> None:
+    plan = plan_for(archive, point(latest=True))
+    plan.wal[0].manifest["sha256"] = "0" * 64
+    claim = new_claim()
+    done = run_job(archive, plan, claim)
+    assert done.returncode == 1
+    assert "restore failed: ManifestForged: " in done.stderr
+    assert list(claim.iterdir()) == []
+
+
+def test_a_target_in_the_future_is_refused(archive: Archive) -> None:
+    future = datetime.now(UTC) + timedelta(hours=1)
+    with pytest.raises(RunbookError) as refused:
+        plan_for(archive, point(targetTime=wal_catalog.rfc3339(future)))
+    assert refused.value.reason == "TargetInFuture"
+    assert refused.value.message.startswith("spec.pointInTime.targetTime: ")
+    assert "the recoverable window is " in refused.value.message
+
+
+def test_a_target_before_the_window_is_refused(archive: Archive) -> None:
+    early = archive.moments["base"] - timedelta(minutes=5)
+    with pytest.raises(RunbookError) as refused:
+        plan_for(archive, point(targetTime=wal_catalog.rfc3339(early)))
+    assert refused.value.reason == "TargetBeforeWindow"
+    assert refused.value.message.startswith("spec.pointInTime.targetTime: ")
+    window = archive.catalog().window()
+    assert window is not None
+    assert f"the recoverable window is {wal_catalog.rfc3339(window.earliest_time)}" in refused.value.message
+
+
+def test_zz_a_gap_in_the_chain_is_refused_naming_the_missing_segment(archive: Archive) -> None:
+    """Last: it removes a segment from the module's bucket."""
+    spec = point(targetTime=wal_catalog.rfc3339(archive.moments["target"]))
+    plan = plan_for(archive, spec)
+    complete = [w for w in plan.wal if not w.manifest.get("partial") and not w.key.endswith(".history.gpg")]
+    gone = complete[len(complete) // 2]
+    manifest_key = gone.key.removesuffix(".gpg") + ".json"
+    client = archive.s3.client()
+    client.delete_object(Bucket=archive.location.bucket, Key=manifest_key)
+    client.delete_object(Bucket=archive.location.bucket, Key=gone.key)
+    wal_catalog.forget_cached([manifest_key], archive.location)
+    with pytest.raises(RunbookError) as refused:
+        plan_for(archive, spec)
+    assert refused.value.reason == "WALGap"
+    assert refused.value.message.startswith("spec.pointInTime.targetTime: ")
+    assert str(gone.manifest["name"]) in refused.value.message
