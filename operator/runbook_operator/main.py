@@ -25,6 +25,8 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.executor = EXECUTOR  # kopf's sync handlers and every blocking call share one pool
     configure_kopf(settings, SETTINGS)  # sized by RUNBOOK_MAX_WORKERS
     settings.watching.label_selectors[ISOLATION_POLICIES[0], ISOLATION_POLICIES[2]] = ISOLATION_LABEL  # the guard's
+    for group, _version, plural in (BACKUP_CRON_JOBS, BACKUP_JOBS):  # only the BackupPolicies' (not every Job's)
+        settings.watching.label_selectors[group, plural] = BACKUP_POLICY_LABEL
     install_redactor()
     metrics.serve(SETTINGS.metrics_port)
 
@@ -179,19 +181,40 @@ BACKUP_POLICIES = (GROUP, VERSION, "backuppolicies")
 BACKUP_DELETION_ATTEMPTS = 6  # then the policy goes, and its backups stay (the last Warning says why)
 
 
+BACKUP_CRON_JOBS = ("batch", "v1", "cronjobs")
+BACKUP_JOBS = ("batch", "v1", "jobs")  # both watched by label, server-side (startup)
+
+
+# What a pass reads of a policy's CronJob and Jobs comes from these indexes (``backup.Watched``), not a GET and
+# a LIST: kopf fills every index from its initial listing before it runs any handler.
+@kopf.index(*BACKUP_CRON_JOBS, labels={BACKUP_POLICY_LABEL: kopf.PRESENT})
+async def backup_cronjobs(body: kopf.Body, **_: Any) -> dict[tuple[str, str], str]:
+    return backup.cronjob_index_entry(body)
+
+
+@kopf.index(*BACKUP_JOBS, labels={BACKUP_POLICY_LABEL: kopf.PRESENT})
+async def backup_jobs(body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    return backup.job_index_entry(body)
+
+
+def _backup_passes(kwargs: dict[str, Any]) -> backup.Passes:
+    backup.PASSES.watching(kwargs["backup_cronjobs"], kwargs["backup_jobs"])
+    return backup.PASSES
+
+
 @kopf.on.event(*BACKUP_POLICIES)
 async def backup_policy(type: str, body: kopf.Body, **kwargs: Any) -> None:
-    await backup.PASSES.policy_event(type, body, _grants(kwargs))
+    await _backup_passes(kwargs).policy_event(type, body, _grants(kwargs))
 
 
-@kopf.on.event("batch", "v1", "cronjobs", labels={BACKUP_POLICY_LABEL: kopf.PRESENT})
+@kopf.on.event(*BACKUP_CRON_JOBS, labels={BACKUP_POLICY_LABEL: kopf.PRESENT})
 async def backup_cronjob(type: str, body: kopf.Body, **kwargs: Any) -> None:
-    await backup.PASSES.cronjob_event(type, body, _grants(kwargs))
+    await _backup_passes(kwargs).cronjob_event(type, body, _grants(kwargs))
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={BACKUP_POLICY_LABEL: kopf.PRESENT})
+@kopf.on.event(*BACKUP_JOBS, labels={BACKUP_POLICY_LABEL: kopf.PRESENT})
 async def backup_job(type: str, body: kopf.Body, **kwargs: Any) -> None:
-    await backup.PASSES.job_event(type, body, _grants(kwargs))
+    await _backup_passes(kwargs).job_event(type, body, _grants(kwargs))
 
 
 @kopf.on.delete(

@@ -605,3 +605,134 @@ def test_the_recipients_keys_are_checked_by_gpg_once_per_content(
     api.put(kube.CONFIG_MAPS, NS, {**other, "data": {"keys.asc": gpg_keyring.public_key + "\n"}})  # new content
     run(api)
     assert len(started) == 2 and condition(api, "Ready")["status"] == "True"
+
+
+# --- passes fed by the watches (main.py's indexes of the policies' CronJobs and Jobs) ------------------------
+
+
+class Indexes:
+    """kopf's indexes ``backup_cronjobs`` / ``backup_jobs`` as kopf keeps them (key -> the values of every
+    object that returned one), filled from the FakeApi's objects by the operator's own index functions."""
+
+    def __init__(self, api: FakeApi) -> None:
+        self.api = api
+        self.cronjobs: dict[tuple[str, str], list[str]] = {}
+        self.jobs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+
+    def refresh(self) -> None:
+        """As after the watch events of every object now stored."""
+        self.cronjobs.clear()
+        self.jobs.clear()
+        for cronjob in self.api.list(kube.CRON_JOBS, NS):
+            for key, entry in backup.cronjob_index_entry(cronjob).items():
+                self.cronjobs.setdefault(key, []).append(entry)
+        for job in self.api.list(kube.JOBS, NS):
+            for key, value in backup.job_index_entry(job).items():
+                self.jobs.setdefault(key, []).append(value)
+        self.api.calls.clear()
+
+
+def watched(api: FakeApi) -> tuple[Operator, Indexes]:
+    operator, indexes = Operator(api), Indexes(api)
+    operator.passes.watching(indexes.cronjobs, indexes.jobs)
+    indexes.refresh()
+    return operator, indexes
+
+
+def test_watched_creation_reads_no_cronjob_and_lists_no_jobs(api: FakeApi, s3: FakeS3) -> None:
+    secret(api, "runbook-manifest-key", {"key": "k" * 64})
+    policy(api)
+
+    async def scenario() -> None:
+        operator, indexes = watched(api)
+        await operator.policy("ADDED")
+        # the same two writes; of the reads only the three Secrets and the manifest key are left
+        assert [(c.verb, c.plural) for c in api.writes()] == [("apply", "cronjobs"), ("patch", "backuppolicies")]
+        assert sorted(reads(api.calls)) == [("get", "secrets")] * 4
+        assert status(api)["phase"] == "Scheduled"
+        indexes.refresh()  # the watch saw our CronJob
+        await operator.cronjob("ADDED")
+        await operator.policy("MODIFIED")
+        assert api.calls == []
+        # the re-check: the policy and its Secrets; the CronJob (unchanged) from the index: no write
+        await operator.fire()
+        assert api.writes() == []
+        assert sorted(reads(api.calls)) == [("get", "backuppolicies")] + [("get", "secrets")] * 3
+
+    asyncio.run(scenario())
+
+
+def test_watched_a_cronjob_edited_while_the_operator_was_down_is_put_back(api: FakeApi, s3: FakeS3) -> None:
+    policy(api)
+
+    async def scenario() -> None:
+        operator, indexes = watched(api)
+        await operator.policy("ADDED")
+        api.patch(kube.CRON_JOBS, NS, cronjob_name(NAME), {"spec": {"schedule": "* * * * *"}})
+        restarted, indexes = watched(api)  # a new operator: its index has the edited CronJob
+        await restarted.policy("ADDED")
+        (applied,) = writes(api, "cronjobs")
+        assert applied.body["spec"]["schedule"] == SAMPLE["schedule"]
+        assert events(api) == [("Normal", "CronJobApplied")]
+        indexes.refresh()
+        api.calls.clear()
+        again, _ = watched(api)  # and once more: the CronJob as applied, nothing to do
+        await again.policy("ADDED")
+        assert writes(api, "cronjobs") == []
+
+    asyncio.run(scenario())
+
+
+def test_watched_job_outcomes_come_from_the_index(api: FakeApi, s3: FakeS3) -> None:
+    policy(api)
+    now = datetime.now(UTC).replace(microsecond=0)
+
+    async def scenario() -> None:
+        operator, indexes = watched(api)
+        await operator.policy("ADDED")
+        _job(api, "backup-db-1", state="Complete", when=now - timedelta(minutes=1))
+        _manifest(s3, "backup-db-1", now - timedelta(minutes=2))
+        line = "backup failed: SourceUnavailable: password authentication failed"
+        _job(api, "backup-db-2", state="Failed", when=now, message=line, created=now - timedelta(seconds=30))
+        indexes.refresh()
+        job = api.stored(kube.JOBS, NS, "backup-db-2")
+        assert job is not None
+        await operator.passes.job_event("MODIFIED", job, GRANTS)
+        assert not any(c.verb == "list" and c.plural == "jobs" for c in api.calls)
+        assert status(api)["lastSuccessfulBackup"]["job"] == "backup-db-1"
+        failure = status(api)["lastFailure"]
+        assert (failure["job"], failure["reason"]) == ("backup-db-2", "SourceUnavailable")
+        assert status(api)["lastScheduleTime"] == (now - timedelta(seconds=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    asyncio.run(scenario())
+
+
+def test_job_index_entries_are_only_the_policys_cronjobs_jobs() -> None:
+    owner = {"kind": "CronJob", "name": cronjob_name(NAME)}
+    mine = {"metadata": {"name": "j", "namespace": NS, "labels": {POLICY_LABEL: NAME}, "ownerReferences": [owner]}}
+    assert list(backup.job_index_entry(mine)) == [(NS, NAME)]
+    by_hand = {"metadata": {"name": "j", "namespace": NS, "labels": {POLICY_LABEL: NAME}}}
+    assert backup.job_index_entry(by_hand) == {}
+    other = {"metadata": {"name": "c", "namespace": NS, "labels": {POLICY_LABEL: NAME}}}
+    assert backup.cronjob_index_entry(other) == {}  # not named as the policy's CronJob
+
+
+def test_shared_reads_serve_only_passes_that_began_before_the_request() -> None:
+    api = FakeApi()
+    secret(api, "s", {"k": "v1"})
+    shared = backup.SharedReads()
+    began = backup.time.monotonic()
+    first = shared.get(api, kube.SECRETS, NS, "s", began)
+    second = shared.get(api, kube.SECRETS, NS, "s", began)  # began before the first request: its answer
+    assert first is second and len(api.calls) == 1
+    secret(api, "s", {"k": "v2"})
+    later = shared.get(api, kube.SECRETS, NS, "s", backup.time.monotonic())  # began after it: its own read
+    assert len(api.calls) == 2 and base64.b64decode(later["data"]["k"]) == b"v2"
+
+
+def test_s3_client_reads_its_secret_once(api: FakeApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[tuple[str, ...]] = []
+    monkeypatch.setattr(catalog.s3, "shared_client", lambda location, *keys, **options: made.append(keys))
+    location = backup.BackupPolicySpec.model_validate(SAMPLE).destination.s3
+    catalog.s3_client(api, NS, location, field=catalog.S3_CREDENTIALS_FIELD)
+    assert made == [("id", "key-1")] and reads(api.calls) == [("get", "secrets")]

@@ -15,13 +15,16 @@ deleted by hand), when a Job started or finished that status does not show yet, 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import itertools
+import json
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
@@ -93,6 +96,8 @@ def apply_child(api: kube.Api, desired: dict[str, Any]) -> str | None:
     applied, else "created" or "changed"."""
     resource = CHILDREN[desired["kind"]]
     namespace, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+    if isinstance(api, Watched):
+        api.converged = desired
     current = api.get(resource, namespace, name)
     if current is not None and contains(current, desired):
         return None
@@ -100,9 +105,56 @@ def apply_child(api: kube.Api, desired: dict[str, Any]) -> str | None:
     return "created" if current is None else "changed"
 
 
+class SharedReads:
+    """GETs of Secrets and ConfigMaps shared by concurrent passes, never older than a pass's own: a pass that
+    began at ``began`` (monotonic) takes the answer of a request sent at or after that moment, or waits for
+    one in flight that was (it sees what its own GET would have seen, had it been sent then); else it asks.
+    With 20 passes of one namespace queued, one GET of its Secret serves them; one pass alone reads as before."""
+
+    KEEP = 30.0  # seconds an answer is kept for passes that began before it was asked for
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._asked: dict[tuple[str, str, str], tuple[float, Future[dict[str, Any] | None]]] = {}
+
+    def get(self, api: kube.Api, resource: kube.Resource, namespace: str, name: str, began: float) -> Any:
+        key = (resource.plural, namespace, name)
+        with self._lock:
+            asked = self._asked.get(key)
+            if asked is not None and asked[0] >= began:
+                answer = asked[1]
+            else:
+                now = time.monotonic()
+                if len(self._asked) > 64:
+                    self._asked = {k: a for k, a in self._asked.items() if now - a[0] < self.KEEP}
+                answer = Future()
+                self._asked[key] = (now, answer)  # taken before the request is sent: never later than it
+                asked = None
+        if asked is not None:
+            return answer.result()
+        try:
+            found = api.get(resource, namespace, name)
+        except BaseException as error:
+            answer.set_exception(error)
+            with self._lock:
+                if self._asked.get(key, (0.0, None))[1] is answer:
+                    del self._asked[key]
+            raise
+        answer.set_result(found)
+        return found
+
+    def forget(self, resource: kube.Resource, namespace: str, name: str) -> None:
+        with self._lock:
+            self._asked.pop((resource.plural, namespace, name), None)
+
+
+SHARED_READS = SharedReads()
+
+
 class ReadOnce:
     """``api`` whose GETs of Secrets and ConfigMaps are made once per pass: a pass reads one Secret for each
-    of its keys (the user name and the password, the S3 key id and its secret). Everything else is ``api``'s."""
+    of its keys (the user name and the password, the S3 key id and its secret); within ``Passes``, shared
+    with the passes that run at the same time (``SharedReads``). Everything else is ``api``'s."""
 
     CACHED = frozenset({kube.SECRETS.plural, kube.CONFIG_MAPS.plural})
 
@@ -119,15 +171,121 @@ class ReadOnce:
             return self._api.get(resource, namespace, name)
         key = (resource.plural, namespace, name)
         if key not in self._read:
-            self._read[key] = self._api.get(resource, namespace, name)
+            began = self._api.began if isinstance(self._api, Watched) else None
+            if began is None:
+                self._read[key] = self._api.get(resource, namespace, name)
+            else:
+                self._read[key] = SHARED_READS.get(self._api, resource, namespace, name, began)
         return self._read[key]
 
     def create(self, resource: kube.Resource, namespace: str, body: Mapping[str, Any]) -> bool:
         self._read.pop((resource.plural, namespace, str(body["metadata"]["name"])), None)
+        SHARED_READS.forget(resource, namespace, str(body["metadata"]["name"]))
         return self._api.create(resource, namespace, body)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._api, name)
+
+
+class Watched:
+    """``api`` for one pass of ``Passes``: the GET of the policy's CronJob and the LIST of its Jobs answered
+    from the watches (kopf's indexes ``main.backup_cronjobs`` / ``main.backup_jobs``: kopf runs no handler
+    before every index has its initial listing, so they are complete) as they were when the pass began; the
+    CronJob the pass applies is what it reads back. ``began``: when the pass was asked for (``SharedReads``);
+    ``converged``: the CronJob the pass converged to (``apply_child``). Everything else is ``api``'s."""
+
+    def __init__(
+        self,
+        api: kube.Api,
+        key: tuple[str, str],
+        *,
+        began: float | None = None,
+        cronjob: str | None = None,
+        jobs: list[dict[str, Any]] | None = None,
+        indexed: bool = False,
+    ) -> None:
+        self._api = api
+        self._namespace, self._policy = key
+        self._cronjob = json.loads(cronjob) if cronjob is not None else None
+        self._jobs = jobs or []
+        self._indexed = indexed
+        self.began = began
+        self.converged: dict[str, Any] | None = None
+
+    def get(self, resource: kube.Resource, namespace: str, name: str) -> dict[str, Any] | None:
+        if self._indexed and self._is_cronjob(resource, namespace, name):
+            return self._cronjob
+        return self._api.get(resource, namespace, name)
+
+    def list(
+        self, resource: kube.Resource, namespace: str | None, *, labels: str | None = None
+    ) -> list[dict[str, Any]]:
+        if self._indexed and resource == kube.JOBS and namespace == self._namespace and labels == self._selector:
+            return list(self._jobs)
+        return self._api.list(resource, namespace, labels=labels)
+
+    def apply(self, resource: kube.Resource, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        applied = self._api.apply(resource, namespace, body)
+        if self._is_cronjob(resource, namespace, str(body["metadata"]["name"])):
+            self._cronjob = applied
+        return applied
+
+    def create(self, resource: kube.Resource, namespace: str, body: Mapping[str, Any]) -> bool:
+        return self._api.create(resource, namespace, body)
+
+    @property
+    def _selector(self) -> str:
+        return f"{POLICY_LABEL}={self._policy}"
+
+    def _is_cronjob(self, resource: kube.Resource, namespace: str, name: str) -> bool:
+        return resource == kube.CRON_JOBS and namespace == self._namespace and name == cronjob_name(self._policy)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._api, name)
+
+
+def _owned_by(metadata: Mapping[str, Any], policy: str) -> bool:
+    owner = cronjob_name(policy)
+    return any(r.get("kind") == "CronJob" and r.get("name") == owner for r in metadata.get("ownerReferences") or [])
+
+
+def cronjob_index_entry(body: Mapping[str, Any]) -> dict[tuple[str, str], str]:
+    """``main.backup_cronjobs``: (namespace, policy) -> what of the policy's CronJob a pass compares with what
+    it would apply (its identity, labels, annotations, owners and spec: not its status or managedFields), as
+    compact JSON (a string holds a tenth of the memory of its dicts)."""
+    metadata = body["metadata"]
+    policy = (metadata.get("labels") or {}).get(POLICY_LABEL)
+    if not policy or metadata.get("name") != cronjob_name(policy):
+        return {}
+    kept = {k: metadata[k] for k in ("name", "namespace", "labels", "annotations", "ownerReferences") if k in metadata}
+    compact = {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": kept,
+        "spec": body.get("spec"),
+    }
+    return {(str(metadata["namespace"]), str(policy)): json.dumps(compact, separators=(",", ":"))}
+
+
+def job_index_entry(body: Mapping[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """``main.backup_jobs``: (namespace, policy) -> what ``observe`` reads of a Job of the policy's CronJob (its
+    name, creation and scheduled time, owner, and conditions)."""
+    metadata = body["metadata"]
+    policy = (metadata.get("labels") or {}).get(POLICY_LABEL)
+    if not policy or not _owned_by(metadata, str(policy)):
+        return {}
+    scheduled = (metadata.get("annotations") or {}).get(SCHEDULED_AT)
+    job = {
+        "metadata": {
+            "name": metadata["name"],
+            "namespace": metadata["namespace"],
+            "creationTimestamp": metadata.get("creationTimestamp"),
+            "annotations": {SCHEDULED_AT: scheduled} if scheduled else {},
+            "ownerReferences": [{"kind": "CronJob", "name": cronjob_name(str(policy))}],
+        },
+        "status": {"conditions": list((body.get("status") or {}).get("conditions") or [])},
+    }
+    return {(str(metadata["namespace"]), str(policy)): job}
 
 
 class Checked:
@@ -315,7 +473,13 @@ def confine(ctx: PolicyContext, spec: BackupPolicySpec) -> BackupPolicySpec:
 
 def schedule_interval(schedule: str, time_zone: str, *, runs: int = 64) -> float:
     """The longest gap in seconds between consecutive runs of ``schedule`` over its next ``runs`` runs, in
-    its time zone (a weekday-only schedule's weekend, a month's 31 days, a DST night's extra hour count)."""
+    its time zone (a weekday-only schedule's weekend, a month's 31 days, a DST night's extra hour count);
+    computed once per schedule, time zone and hour (croniter is most of a pass's CPU otherwise)."""
+    return _schedule_interval(schedule, time_zone, runs, int(time.time() // 3600))
+
+
+@functools.lru_cache(maxsize=256)
+def _schedule_interval(schedule: str, time_zone: str, runs: int, _hour: int) -> float:
     starts = croniter(schedule, datetime.now(ZoneInfo(time_zone)))
     times = [starts.get_next(datetime) for _ in range(runs + 1)]
     return max((b - a).total_seconds() for a, b in itertools.pairwise(times))
@@ -367,7 +531,7 @@ def pass_named(api: kube.Api, namespace: str, name: str, step: Step, grants: Gra
 # --- when a pass runs -----------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class Known:
     """What the operator remembers of one policy between passes. Memory only: after a restart the first event
     of each policy finds nothing known and runs a full pass."""
@@ -375,8 +539,8 @@ class Known:
     uid: str | None = None
     generation: int | None = None  # of the last full pass (None: none yet)
     token: str | None = None  # the backup-now token the last pass handled
-    cronjob: dict[str, Any] | None = None  # what the last good pass converged the CronJob to
-    status: Mapping[str, Any] = field(default_factory=dict)  # the policy's status as its latest event showed it
+    cronjob: str | None = None  # what the last good pass converged the CronJob to (compact JSON)
+    status: Mapping[str, Any] = field(default_factory=dict)  # ``reflecting`` the status its latest event showed
     failures: int = 0  # consecutive failed passes (the retry's backoff)
     grants: GrantsOf | None = None
     timer: asyncio.TimerHandle | None = None
@@ -395,6 +559,18 @@ def wanted(known: Known | None, body: Mapping[str, Any]) -> Step | None:
     if token and token not in (known.token, (body.get("status") or {}).get("backupNow")):
         return backup_now
     return None
+
+
+REFLECTING = ("lastScheduleTime", "lastSuccessfulBackup", "lastFailure")
+
+
+def reflecting(status: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What ``job_reflected`` reads of a policy's status (all ``Known`` keeps of it)."""
+    return {k: status[k] for k in REFLECTING if k in status} if status else {}
+
+
+def converged_to(known: Known) -> dict[str, Any] | None:
+    return json.loads(known.cronjob) if known.cronjob is not None else None
 
 
 def job_reflected(status: Mapping[str, Any], job: Mapping[str, Any]) -> bool:
@@ -423,6 +599,24 @@ class Passes:
         self.recheck = recheck
         self.known: dict[tuple[str, str], Known] = {}
         self._tasks: set[asyncio.Future[None]] = set()
+        # kopf's indexes of the policies' CronJobs and Jobs (main.py), once a handler was given them
+        self.cronjobs: Mapping[tuple[str, str], Iterable[str]] | None = None
+        self.jobs: Mapping[tuple[str, str], Iterable[dict[str, Any]]] | None = None
+
+    def watching(
+        self,
+        cronjobs: Mapping[tuple[str, str], Iterable[str]],
+        jobs: Mapping[tuple[str, str], Iterable[dict[str, Any]]],
+    ) -> None:
+        """Passes read the policies' CronJobs and Jobs from these indexes (``Watched``) instead of the API."""
+        self.cronjobs, self.jobs = cronjobs, jobs
+
+    def _watched(self, key: tuple[str, str], api: kube.Api, began: float) -> Watched:
+        if self.cronjobs is None or self.jobs is None:
+            return Watched(api, key, began=began)
+        cronjob = next(iter(self.cronjobs.get(key) or ()), None)
+        jobs = list(self.jobs.get(key) or ())
+        return Watched(api, key, began=began, cronjob=cronjob, jobs=jobs, indexed=True)
 
     async def policy_event(self, type: str | None, body: Mapping[str, Any], grants: GrantsOf) -> None:
         metadata = body["metadata"]
@@ -433,7 +627,7 @@ class Passes:
             return
         known = self.known.get(key)
         if known is not None:
-            known.status, known.grants = dict(body.get("status") or {}), grants
+            known.status, known.grants = reflecting(body.get("status")), grants
         if metadata.get("deletionTimestamp"):
             self._stop_timer(known)
             return
@@ -452,7 +646,7 @@ class Passes:
         live = dict(body)
 
         def unchanged(now: Known) -> bool:
-            return type != "DELETED" and now.cronjob is not None and contains(live, now.cronjob)
+            return type != "DELETED" and now.cronjob is not None and contains(live, converged_to(now))
 
         if not unchanged(known):
             await self.run(key, reconcile, None, grants, unless=unchanged)
@@ -492,7 +686,7 @@ class Passes:
             if unless is not None and unless(known):
                 return
             self._stop_timer(known)
-            api = self.api()
+            api = self._watched(key, self.api(), time.monotonic())
             try:
                 if body is None:
                     body = await blocking(api.get, POLICY.resource, *key)
@@ -512,10 +706,11 @@ class Passes:
                 return
             known.failures = known.failures + 1 if result.error is not None else 0
             known.token = ctx.status.backup_now
-            known.status = ctx.status.model_dump(by_alias=True, exclude_none=True, mode="json")
+            known.status = reflecting(ctx.status.model_dump(by_alias=True, exclude_none=True, mode="json"))
             if step is reconcile:
                 known.generation = ctx.generation
-                known.cronjob = desired_cronjob(ctx) if result.error is None else None
+                converged = api.converged if result.error is None else None
+                known.cronjob = json.dumps(converged, separators=(",", ":")) if converged is not None else None
             self._time(key, known, result)
 
     def _time(self, key: tuple[str, str], known: Known, result: Result) -> None:

@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import botocore.exceptions
 
@@ -41,9 +41,24 @@ def s3_client(api: kube.Api, namespace: str, location: S3Location, *, field: str
     pool = connection_pool_size()
     if ref is None:
         return s3.shared_client(location, pool_size=pool)
-    key_id = kube.secret_value(api, namespace, ref.name, ref.access_key_id_key, field=field)
-    secret = kube.secret_value(api, namespace, ref.name, ref.secret_access_key_key, field=field)
+    once = cast(kube.Api, _ReadOnce(api))  # one GET of the Secret for both keys
+    key_id = kube.secret_value(once, namespace, ref.name, ref.access_key_id_key, field=field)
+    secret = kube.secret_value(once, namespace, ref.name, ref.secret_access_key_key, field=field)
     return s3.shared_client(location, key_id, secret, pool_size=pool)
+
+
+class _ReadOnce:
+    """``api``'s GET, each object read once (``s3_client``'s two keys of one Secret)."""
+
+    def __init__(self, api: kube.Api) -> None:
+        self._api = api
+        self._read: dict[tuple[str, str, str], dict[str, Any] | None] = {}
+
+    def get(self, resource: kube.Resource, namespace: str, name: str) -> dict[str, Any] | None:
+        key = (resource.plural, namespace, name)
+        if key not in self._read:
+            self._read[key] = self._api.get(resource, namespace, name)
+        return self._read[key]
 
 
 def s3_error(error: Exception, location: S3Location) -> RunbookError:
