@@ -34,7 +34,10 @@ from tests.wal_support import (
 )
 
 from runbook_operator.builders.wal import base_backup_cronjob_name, receiver_name
+from runbook_operator.clients.kube import KubeApi
 from runbook_operator.models.plans import WAL_SCRATCH_ENV, parse_lsn, slot_name
+from runbook_operator.reconcilers import backup
+from runbook_operator.reconcilers.runtime import Context, run_pass
 
 pytestmark = pytest.mark.integration
 
@@ -164,6 +167,10 @@ def run_as_pod(
         )
 
 
+def children(policy: str) -> list[tuple[str, str]]:
+    return [("Deployment", receiver_name(policy)), ("CronJob", base_backup_cronjob_name(policy))]
+
+
 @pytest.fixture
 def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
@@ -281,6 +288,11 @@ def test_slot_children_and_status_then_the_slot_goes_with_the_policy(
     shown = json.dumps(cluster.events()) + json.dumps(cluster.status(policy))
     assert REPLICATION_PASSWORD not in shown and postgres.password not in shown
 
+    # At rest a pass changes no child (each is applied only when it differs).
+    versions = [(cluster.read(k, n) or {})["metadata"]["resourceVersion"] for k, n in children(policy)]
+    run_pass(Context.of(backup.POLICY, cluster.policy(policy) or {}, KubeApi()), backup.reconcile)
+    assert [(cluster.read(k, n) or {})["metadata"]["resourceVersion"] for k, n in children(policy)] == versions
+
     # A deleted policy drops its slot (the receiver stopped first, as scaling its Deployment to 0 would).
     receiver.terminate()
     assert receiver.wait(60) == 0, (tmp_path / "receiver.log").read_text()[-2000:]
@@ -343,3 +355,54 @@ def test_each_bad_input_is_a_condition_naming_the_field(
         minimal.stop()
         with postgres.connect() as conn:
             conn.execute("SELECT pg_drop_replication_slot(%s)", (taken,))
+
+
+def test_disabling_stops_the_receiver_and_drops_the_slot(
+    cluster: Cluster,
+    references: None,
+    postgres: Postgres,
+    s3_server: S3Server,
+    bucket: str,
+    operator_runner: kopf.testing.KopfRunner,
+    wait_for: Callable[..., Any],
+    processes: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    policy = f"off{uuid.uuid4().hex[:6]}"
+    slot = slot_name(cluster.namespace, policy)
+    cluster.create_policy(policy, wal_policy_spec(postgres, s3_server, bucket))
+    deployment = wait_for(lambda: cluster.read("Deployment", receiver_name(policy)), timeout=90, what="receiver")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    receiver = run_as_pod(
+        cluster,
+        deployment["spec"]["template"]["spec"]["containers"][0],
+        {"metadata.name": f"{receiver_name(policy)}-abc12"},
+        tmp_path / "receiver.log",
+        **{WAL_SCRATCH_ENV: str(scratch), "HOME": str(tmp_path)},
+    )
+    processes.append(receiver)
+    wait_for(lambda: slots(postgres).get(slot, ("", False))[1], timeout=60, what="the receiver on the slot")
+
+    cluster.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, cluster.namespace, PLURAL, policy, {"spec": {"wal": {"enabled": False}}}
+    )
+    # The kubelet's part: the Deployment at 0 replicas stops its pod.
+    wait_for(
+        lambda: (cluster.read("Deployment", receiver_name(policy)) or {})["spec"]["replicas"] == 0,
+        timeout=60,
+        what="the receiver scaled to 0",
+    )
+    receiver.terminate()
+    assert receiver.wait(60) == 0, (tmp_path / "receiver.log").read_text()[-2000:]
+    assert (cluster.read("CronJob", base_backup_cronjob_name(policy)) or {})["spec"]["suspend"] is True
+    wait_for(lambda: slot not in slots(postgres), timeout=90, what="the slot dropped")
+    archiving = wait_for(
+        lambda: (c := cluster.condition(policy, "WALArchiving")).get("reason") == "Disabled" and c,
+        timeout=60,
+        what="WALArchiving Disabled",
+    )
+    assert archiving["status"] == "False"
+    assert not (cluster.status(policy).get("wal") or {}).get("slotName")
+    assert cluster.condition(policy, "Ready")["status"] == "True"
+    assert gauge("runbook_wal_slot_retained_bytes", cluster.namespace, policy) is None

@@ -73,6 +73,7 @@ WAL_FIELD = "spec.wal"
 SOURCE_FIELD = "spec.source.postgresql"
 WAL_RECHECK = 30.0  # seconds between a WAL policy's passes: status.wal, the conditions and the gauges
 RETRY = 30.0
+DROP_RETRY = 5.0  # seconds until a slot whose receiver is stopping is dropped
 FIRST_BASE_BACKUP = "first-base-backup"
 
 PolicyContext = Context[BackupPolicySpec, BackupPolicyStatus]
@@ -384,7 +385,7 @@ def reconcile(ctx: PolicyContext, spec: BackupPolicySpec, later: Result) -> Resu
                 _drop(ctx, conn, status)
                 ctx.condition(WAL_ARCHIVING, "False", "Disabled", "spec.wal.enabled is false: no WAL is archived")
                 metrics.forget_wal_policy(ctx.namespace, ctx.name)
-                return _sooner(later, WAL_RECHECK if status.slot_name else None)
+                return _sooner(later, DROP_RETRY if status.slot_name else None)  # its receiver is stopping
             slot = ensure_slot(ctx, conn, name)
             _children(ctx, spec)
             slot = postgres.replication_slot(conn, name) or slot
