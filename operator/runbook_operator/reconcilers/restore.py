@@ -31,7 +31,7 @@ import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import botocore.exceptions
 import psycopg
@@ -89,6 +89,9 @@ from . import runtime, tenancy
 from .catalog import S3_CREDENTIALS_FIELD, s3_client, stored_backups
 from .jobs import failure_reason, job_outcome, job_pods, job_summary, read_job
 from .runtime import Context, Reconciler, Result
+
+if TYPE_CHECKING:
+    from .restore_pitr import PointInTimeTarget
 
 RESTORES = kube.custom_resource("backuprestores", "BackupRestore")
 POLICIES = kube.custom_resource("backuppolicies", "BackupPolicy")
@@ -158,7 +161,7 @@ class Restore:
         self.namespace = ctx.namespace
         self.name = ctx.name
         self.folder = ""  # the backup's folder, once manifest() read or found it pinned
-        self.target = self._target()
+        self.target: Target | PointInTimeTarget = self._target()
 
     @functools.cached_property
     def spec(self) -> BackupRestoreSpec:
@@ -175,9 +178,14 @@ class Restore:
 
     # --- what the spec refers to -----------------------------------------------------------------------
 
-    def _target(self) -> Target:
+    def _target(self) -> Target | PointInTimeTarget:
         """The one dispatch on the policy's source (PostgreSQL when the policy cannot be read: its preflight
-        says why). Imported here: those modules build on this one."""
+        says why), or a point-in-time recovery (``spec.pointInTime``). Imported here: those modules build on
+        this one."""
+        if self.raw_spec.get("pointInTime") is not None:
+            from .restore_pitr import PointInTimeTarget
+
+            return PointInTimeTarget(self)
         try:
             kind = self.parsed_policy.source.kind
         except RunbookError:
@@ -393,10 +401,26 @@ class Restore:
             self.api.patch(resource, self.namespace, record.name, replicas, subresource="scale")
             self.api.patch(resource, self.namespace, record.name, metadata)
 
+    def workload_refs(self) -> list[tuple[str, str, str]]:
+        """(kind, name, field) of each workload stopped during the restore: ``spec.scaleDown``, and an InPlace
+        point-in-time restore's StatefulSet (``spec.pointInTime.statefulSet``) when not listed there."""
+        spec = self.spec
+        refs: list[tuple[str, str, str]] = [
+            (ref.kind, ref.name, f"spec.scaleDown[{index}]") for index, ref in enumerate(spec.scale_down)
+        ]
+        point = spec.point_in_time
+        if (
+            point is not None
+            and point.mode == "InPlace"
+            and ("StatefulSet", point.stateful_set) not in {(kind, name) for kind, name, _ in refs}
+        ):
+            refs.append(("StatefulSet", point.stateful_set, "spec.pointInTime.statefulSet"))
+        return refs
+
     def workloads_found(self) -> None:
-        for index, ref in enumerate(self.spec.scale_down):
-            if self.workload(ref.kind, ref.name) is None:
-                raise RunbookError("WorkloadNotFound", f"spec.scaleDown[{index}]: {ref.kind} {ref.name} not found")
+        for kind, name, field in self.workload_refs():
+            if self.workload(kind, name) is None:
+                raise RunbookError("WorkloadNotFound", f"{field}: {kind} {name} not found")
 
     def counts(self) -> str:
         return ", ".join(f"{r.name}={r.replicas}" for r in self.status.scaled_down or []) or "none"
@@ -434,7 +458,7 @@ class Restore:
 
     def table(self) -> list[Step]:
         chosen = self.target.steps(bool(self.raw_spec.get("dryRun")))
-        return [step for step in STEPS if step.name in chosen]
+        return [BY_NAME[name] for name in chosen]  # in the target's order
 
     def next_step(self) -> Step | None:
         """After a failure: a clean-up step whose step has begun and that has not run yet; otherwise the step
@@ -545,21 +569,26 @@ class Restore:
 def preflight(restore: Restore) -> Outcome:
     """The target's checks, which read no byte of the backup, and the manifest pinned; then the verify Job reads
     the whole object, and a later pass ends the step with its outcome (nothing waits here)."""
+    from .restore_pitr import PointInTimeTarget  # it builds on this module
+
+    target = restore.target
+    if isinstance(target, PointInTimeTarget):  # no verify Job: the restore Job verifies every object first
+        return target.preflight_in_operator()
     api, namespace, name = restore.api, restore.namespace, verify_job_name(restore.name)
     job = read_job(api, namespace, name)
     if job is not None and not owned_by(job, restore.ctx.body):
         return Result.after(POLL_SECONDS)  # an earlier BackupRestore of this name's Job, being collected
     if job is None:
         if restore.status.pinned is None:
-            plan, manifest = restore.target.preflight()
+            plan, manifest = target.preflight()
             restore.pin(manifest, {})
             restore.ctx.checkpoint()  # the Job reads this manifest's object; no later pass reads another
         else:  # pinned in an earlier pass (the Job was not created then, or was deleted since): the same plan
-            plan, _ = restore.target.plan()
+            plan, _ = target.plan()
         body = build_verify_job(
             restore.ctx.body,
             plan,
-            source=restore.target.source,
+            source=target.source,
             policy=restore.policy,
             spec=restore.spec,
             image=agent_image(),
@@ -578,13 +607,13 @@ def preflight(restore: Restore) -> Outcome:
     pods = [pod for pod in job_pods(api, namespace, name) if owned_by(pod, job)]
     if outcome[0] != "Complete":
         raise RunbookError(*failure_reason(job, pods, prefix=VERIFY_FAILURE_PREFIX))
-    plan, manifest = restore.target.plan()
-    figures = job_summary(pods, restore.target.source)
+    plan, manifest = target.plan()
+    figures = job_summary(pods, target.source)
     if figures is None or (figures.get("sha256"), figures.get("sizeBytes")) != (plan.sha256, plan.size_bytes):
         raise RunbookError("SummaryMissing", f"Job {name} completed without its summary of {plan.key}")
     restore.pin(manifest, figures)
     restore.add_checks(figures)
-    message = restore.target.verified(plan, figures)
+    message = target.verified(plan, figures)
     restore.ctx.event("Normal", "PreflightPassed", message)
     return message
 
@@ -599,12 +628,12 @@ def scale_down(restore: Restore) -> Outcome:
     spec, status = restore.spec, restore.status
     if status.scaled_down is None:
         records = []
-        for index, ref in enumerate(spec.scale_down):
-            workload = restore.workload(ref.kind, ref.name)
+        for kind, workload_name, field in restore.workload_refs():
+            workload = restore.workload(kind, workload_name)
             if workload is None:
-                raise RunbookError("WorkloadNotFound", f"spec.scaleDown[{index}]: {ref.kind} {ref.name} not found")
+                raise RunbookError("WorkloadNotFound", f"{field}: {kind} {workload_name} not found")
             replicas = int((workload.get("spec") or {}).get("replicas", 1))
-            records.append(ReplicaRecord(kind=ref.kind, name=ref.name, replicas=replicas))
+            records.append(ReplicaRecord(kind=kind, name=workload_name, replicas=replicas))
         status.scaled_down = records
         restore.ctx.checkpoint()  # recorded before anything is scaled
         if records:
