@@ -736,3 +736,33 @@ def test_s3_client_reads_its_secret_once(api: FakeApi, monkeypatch: pytest.Monke
     location = backup.BackupPolicySpec.model_validate(SAMPLE).destination.s3
     catalog.s3_client(api, NS, location, field=catalog.S3_CREDENTIALS_FIELD)
     assert made == [("id", "key-1")] and reads(api.calls) == [("get", "secrets")]
+
+
+def test_watched_backup_now_starts_one_job_from_the_indexed_cronjob(api: FakeApi, s3: FakeS3) -> None:
+    policy(api)
+
+    async def scenario() -> None:
+        operator, indexes = watched(api)
+        await operator.policy("ADDED")
+        indexes.refresh()
+        api.patch(POLICIES, NS, NAME, {"metadata": {"annotations": {BACKUP_NOW: "t-1"}}})
+        await operator.policy("MODIFIED")
+        (job,) = api.list(kube.JOBS, NS)
+        cronjob = api.stored(kube.CRON_JOBS, NS, cronjob_name(NAME))
+        assert cronjob is not None and job["metadata"]["ownerReferences"][0]["uid"] == cronjob["metadata"]["uid"]
+        assert status(api)["backupNow"] == "t-1" and not any(c.plural == "cronjobs" for c in api.calls)
+
+    asyncio.run(scenario())
+
+
+def test_watched_backup_now_at_creation_uses_the_cronjob_just_applied(api: FakeApi, s3: FakeS3) -> None:
+    body = policy(api)
+    api.patch(POLICIES, NS, NAME, {"metadata": {"annotations": {BACKUP_NOW: "t-0"}}})
+
+    async def scenario() -> None:
+        operator, _ = watched(api)
+        await operator.policy("ADDED")  # the index has no CronJob yet: the pass uses the one it applied
+        assert len(api.list(kube.JOBS, NS)) == 1 and status(api)["backupNow"] == "t-0"
+
+    asyncio.run(scenario())
+    assert body["metadata"]["name"] == NAME

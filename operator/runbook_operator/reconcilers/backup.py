@@ -251,13 +251,17 @@ def _owned_by(metadata: Mapping[str, Any], policy: str) -> bool:
 
 def cronjob_index_entry(body: Mapping[str, Any]) -> dict[tuple[str, str], str]:
     """``main.backup_cronjobs``: (namespace, policy) -> what of the policy's CronJob a pass compares with what
-    it would apply (its identity, labels, annotations, owners and spec: not its status or managedFields), as
-    compact JSON (a string holds a tenth of the memory of its dicts)."""
+    it would apply and what a backup-now Job is made of (its identity and uid, labels, annotations, owners and
+    spec: not its status or managedFields), as compact JSON (a string holds a tenth of the memory of its dicts)."""
     metadata = body["metadata"]
     policy = (metadata.get("labels") or {}).get(POLICY_LABEL)
     if not policy or metadata.get("name") != cronjob_name(policy):
         return {}
-    kept = {k: metadata[k] for k in ("name", "namespace", "labels", "annotations", "ownerReferences") if k in metadata}
+    kept = {
+        k: metadata[k]
+        for k in ("name", "namespace", "uid", "labels", "annotations", "ownerReferences")
+        if k in metadata
+    }
     compact = {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
