@@ -269,7 +269,9 @@ def test_slot_children_and_status_then_the_slot_goes_with_the_policy(
 
     started = time.monotonic()
     wal = wait_for(filled, timeout=120, what="status.wal with the window")
-    print(f"status.wal filled {time.monotonic() - started:.1f} s after the rows were written: {wal}")
+    print(
+        f"status.wal filled {time.monotonic() - started:.1f} s after the rows were written: {wal}", file=sys.__stderr__
+    )
     assert wal["receiver"] == receiver_name(policy) and wal["baseBackupCronJob"] == base_backup_cronjob_name(policy)
     assert wal["baseBackups"] == 1 and wal["segments"] >= 1 and wal["timeline"] == 1
     assert wal["lastBaseBackup"].endswith("/") and "/base/" in wal["lastBaseBackup"]
@@ -342,7 +344,7 @@ def test_each_bad_input_is_a_condition_naming_the_field(
             assert (archiving["status"], archiving["reason"]) == ("False", reason)
             assert cluster.read("Deployment", receiver_name(name)) is None  # nothing started
             assert not (cluster.status(name).get("wal") or {}).get("slotName")
-        print({name: cluster.condition(name, "Ready")["message"] for name in expected})
+        print({name: cluster.condition(name, "Ready")["message"] for name in expected}, file=sys.__stderr__)
         assert PLAIN_USER in cluster.condition("noreplication", "Ready")["message"]
         assert "wal_level=minimal" in cluster.condition("minimal", "Ready")["message"]
         assert slot_name(cluster.namespace, "noreplication") not in slots(postgres)  # none for a refused policy
@@ -406,3 +408,44 @@ def test_disabling_stops_the_receiver_and_drops_the_slot(
     assert not (cluster.status(policy).get("wal") or {}).get("slotName")
     assert cluster.condition(policy, "Ready")["status"] == "True"
     assert gauge("runbook_wal_slot_retained_bytes", cluster.namespace, policy) is None
+
+
+def test_a_slot_without_receiver_too_long_is_slot_inactive(
+    cluster: Cluster,
+    references: None,
+    postgres: Postgres,
+    s3_server: S3Server,
+    bucket: str,
+    operator_runner: kopf.testing.KopfRunner,
+    wait_for: Callable[..., Any],
+) -> None:
+    """No receiver ever connects (its pod cannot start): Unknown at first, then False (SlotInactive) once
+    receiverGoneSeconds (60, the least allowed) have passed, with a Warning Event; the server keeps the WAL."""
+    policy = f"gone{uuid.uuid4().hex[:6]}"
+    slot = slot_name(cluster.namespace, policy)
+    cluster.create_policy(policy, wal_policy_spec(postgres, s3_server, bucket, receiverGoneSeconds=60))
+    first = wait_for(
+        lambda: (c := cluster.condition(policy, "WALArchiving")).get("reason") and c, timeout=90, what="WALArchiving"
+    )
+    assert (first["status"], first["reason"]) == ("Unknown", "ReceiverNotConnected"), first
+    with postgres.connect() as conn:  # WAL the slot keeps
+        conn.execute("CREATE TABLE IF NOT EXISTS wal_gone_rows (id serial, note text)")
+        conn.execute("INSERT INTO wal_gone_rows (note) SELECT repeat('x', 200) FROM generate_series(1, 5000)")
+    started = time.monotonic()
+    gone = wait_for(
+        lambda: (c := cluster.condition(policy, "WALArchiving")).get("reason") == "SlotInactive" and c,
+        timeout=150,
+        what="WALArchiving=False SlotInactive",
+    )
+    print(
+        f"SlotInactive {time.monotonic() - started:.0f} s after the first pass: {gone['message']}", file=sys.__stderr__
+    )
+    assert gone["status"] == "False" and "spec.wal.receiverGoneSeconds: 60" in gone["message"]
+    assert slot in gone["message"] and receiver_name(policy) in gone["message"]
+    assert any(e["reason"] == "SlotInactive" and e["type"] == "Warning" for e in cluster.events())
+    retained = (cluster.status(policy).get("wal") or {}).get("slotRetainedBytes")
+    assert isinstance(retained, int) and retained > 1_000_000  # the 1 MB written since the slot was made
+    assert cluster.condition(policy, "Ready")["status"] == "True"  # the dumps go on
+    cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, policy)
+    wait_for(lambda: cluster.policy(policy) is None, timeout=60, what="the policy gone")
+    assert slot not in slots(postgres)
