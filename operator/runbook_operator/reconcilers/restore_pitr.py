@@ -29,10 +29,11 @@ from ..errors import RunbookError
 from ..models.backup import PointInTime, PointInTimeStatus, RestoreStepName
 from ..models.plans import PointInTimePlan, format_lsn, parse_lsn
 from ..settings import agent_image
+from . import restore as shared
 from . import wal_catalog
 from .catalog import S3_CREDENTIALS_FIELD, s3_client
 from .jobs import job_summary
-from .restore import POLL_SECONDS, Outcome, PostgresTarget, Restore
+from .restore import POLL_SECONDS, Outcome, Restore
 from .runtime import Result
 from .wal_catalog import LATEST_FIELD, LSN_FIELD, TIME_FIELD, Choice, WALCatalog
 
@@ -272,9 +273,9 @@ class PointInTimeTarget:
         status = restore.status.point_in_time or PointInTimeStatus()
         if not self.in_place:
             return f"PersistentVolumeClaim {status.volume_claim} holds the recovered data directory: mount it"
-        source = PostgresTarget(restore)
-        target = source.connection()
+        source = shared.PostgresTarget(restore)  # the policy's source: its login, TLS and plaintext rules
         try:
+            target = source.connection()
             with connect_target(target, source.credentials(target), source.ca(target)) as conn:
                 row = conn.execute("SELECT pg_is_in_recovery(), pg_last_xact_replay_timestamp()").fetchone()
         except (RunbookError, psycopg.Error) as error:
