@@ -69,6 +69,8 @@ def test_operator_holds_no_secret_list_no_update_and_nothing_that_escalates() ->
     }
     assert fixed[("networkpolicies", ("emergency-isolate",))] == ["get", "patch"]
     assert {"deployments/scale", "statefulsets/scale"} <= {p for (_, p) in grants(namespaced)}
+    # a point-in-time restore's claim: read, and created for mode NewVolume; never changed or deleted
+    assert grants(namespaced)[("", "persistentvolumeclaims")] == {"get", "create"}
     cluster_wide = grants(cluster_roles("rbac.yaml")["runbook-operator"])
     assert all(
         group in {"", "apiextensions.k8s.io", "events.k8s.io", "runbook.dev", "batch", "networking.k8s.io"}
