@@ -7,6 +7,7 @@ StatefulSet's pod would be, and its rows compared."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,12 +33,10 @@ from tests.wal_support import (
     POLICY,
     SIGNING_KEY,
     create_slot,
-    read,
     replication_role,
     run_base_backup,
     start_receiver,
     stop_receiver,
-    wait_shipped,
     wal_env,
     wal_location,
     wal_policy_spec,
@@ -78,13 +77,25 @@ class Archive:
     moments: dict[str, datetime]  # T1, T2, target (between T2 and T3), T3 and the base backup's start
     after_t2: tuple[int, int]  # (filler rows, the server's WAL insert position) right after T2 committed
     receiver: subprocess.Popen[bytes]
+    namespace: str = NAMESPACE
+    policy_name: str = POLICY
 
     @property
     def policy(self) -> BackupPolicySpec:
         return BackupPolicySpec.model_validate(self.spec)
 
+    def wait_shipped(self, position: int, timeout: float = 120) -> None:
+        """Until the bucket's WAL reaches ``position`` (``wal_support.wait_shipped`` for any policy)."""
+        deadline = time.monotonic() + timeout
+        while (newest := self.catalog().latest()) is None or newest[0] < position:
+            assert time.monotonic() < deadline, f"WAL through {format_lsn(position)} not shipped (have {newest})"
+            time.sleep(0.25)
+
     def catalog(self) -> wal_catalog.WALCatalog:
-        return read(self.s3, self.location)
+        client = self.s3.client()
+        return wal_catalog.read_catalog(
+            client, self.location, namespace=self.namespace, policy=self.policy_name, signing_key=SIGNING_KEY
+        )
 
 
 def commit(server: Postgres, label: str) -> datetime:
@@ -117,39 +128,49 @@ def insert_position(server: Postgres) -> int:
     return parse_lsn(str(row[0]))
 
 
+@contextlib.contextmanager
+def make_archive(
+    server: Postgres, s3: S3Server, *, namespace: str = NAMESPACE, policy: str = POLICY
+) -> Iterator[Archive]:
+    """The server's WAL streaming to a new bucket (B's receiver, as its Deployment runs it) with a base backup
+    (B's agent), then the marks: T1, other writes, T2, the target moment, other writes, T3, other writes; the
+    receiver stopped on leaving."""
+    replication_role(server)
+    with server.connect() as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS events (id bigserial PRIMARY KEY, label text NOT NULL)")
+        conn.execute("CREATE TABLE IF NOT EXISTS filler (id bigserial PRIMARY KEY, note text)")
+    slot = slot_name(namespace, policy)
+    create_slot(server, slot)
+    bucket = new_bucket(s3)
+    scratch = Path(tempfile.mkdtemp(prefix="runbook-pitr-wal-"))
+    spec = wal_policy_spec(server, s3, bucket, slotName=slot)
+    env = wal_env(spec, s3, scratch)
+    receiver = start_receiver(env, scratch.parent / f"{scratch.name}.log", namespace=namespace, policy=policy)
+    try:
+        before = datetime.now(UTC)
+        done = run_base_backup(env, namespace=namespace, policy=policy)
+        assert done.returncode == 0, done.stderr[-2000:]
+        moments = {"base": before, "T1": commit(server, "T1")}
+        other_writes(server)
+        moments["T2"] = commit(server, "T2")
+        after_t2 = (source_rows(server, "SELECT count(*) FROM filler")[0][0], insert_position(server))
+        time.sleep(1.5)
+        moments["target"] = datetime.now(UTC)
+        time.sleep(1.5)
+        other_writes(server)
+        moments["T3"] = commit(server, "T3")
+        other_writes(server, 200)
+        made = Archive(server, s3, wal_location(s3, bucket), spec, moments, after_t2, receiver, namespace, policy)
+        made.wait_shipped(insert_position(server))
+        yield made
+    finally:
+        stop_receiver(receiver)
+
+
 @pytest.fixture(scope="module")
 def archive(s3_server: S3Server) -> Iterator[Archive]:
-    """A server whose WAL streams to the bucket (B's receiver) with a base backup (B's agent), then the marks:
-    T1, other writes, T2, the target moment, other writes, T3, other writes."""
-    with Postgres() as server:
-        replication_role(server)
-        with server.connect() as conn:
-            conn.execute("CREATE TABLE events (id bigserial PRIMARY KEY, label text NOT NULL)")
-            conn.execute("CREATE TABLE filler (id bigserial PRIMARY KEY, note text)")
-        create_slot(server, SLOT)
-        bucket = new_bucket(s3_server)
-        scratch = Path(tempfile.mkdtemp(prefix="runbook-pitr-wal-"))
-        spec = wal_policy_spec(server, s3_server, bucket)
-        env = wal_env(spec, s3_server, scratch)
-        receiver = start_receiver(env, scratch.parent / f"{scratch.name}.log")
-        try:
-            before = datetime.now(UTC)
-            done = run_base_backup(env)
-            assert done.returncode == 0, done.stderr[-2000:]
-            moments = {"base": before, "T1": commit(server, "T1")}
-            other_writes(server)
-            moments["T2"] = commit(server, "T2")
-            after_t2 = (source_rows(server, "SELECT count(*) FROM filler")[0][0], insert_position(server))
-            time.sleep(1.5)
-            moments["target"] = datetime.now(UTC)
-            time.sleep(1.5)
-            other_writes(server)
-            moments["T3"] = commit(server, "T3")
-            other_writes(server, 200)
-            wait_shipped(s3_server, wal_location(s3_server, bucket), insert_position(server), timeout=120)
-            yield Archive(server, s3_server, wal_location(s3_server, bucket), spec, moments, after_t2, receiver)
-        finally:
-            stop_receiver(receiver)
+    with Postgres() as server, make_archive(server, s3_server) as made:
+        yield made
 
 
 def point(**fields: Any) -> PointInTime:
@@ -196,10 +217,10 @@ class Restored:
     """A PostgreSQL server on the restored data directory, as the StatefulSet's pod starts it (the volume owned
     by the pod's user: ``fsGroup`` / ``runAsUser``)."""
 
-    def __init__(self, claim: Path, data_directory: str = "pgdata") -> None:
+    def __init__(self, claim: Path, data_directory: str = "pgdata", *, port: int | None = None) -> None:
         self.claim, self.data = claim, claim / data_directory
         self.bin = Postgres().bin
-        self.port = free_port()
+        self.port = port or free_port()
         self.socket = Path(tempfile.mkdtemp(prefix="runbook-pitr-sock-"))
         self.log = claim.parent / f"{claim.name}.server.log"
 
