@@ -92,9 +92,9 @@ class Cluster:
             raise
         return found
 
-    def events(self) -> list[dict[str, str]]:
+    def events(self) -> list[dict[str, Any]]:
         return [
-            {"reason": e.reason or "", "message": e.message or "", "type": e.type or ""}
+            {"reason": e.reason or "", "message": e.message or "", "type": e.type or "", "count": e.count or 1}
             for e in self.core.list_namespaced_event(self.namespace).items
         ]
 
@@ -172,7 +172,8 @@ def children(policy: str) -> list[tuple[str, str]]:
 
 
 @pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+def processes(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """The test's agent processes, stopped at the end; their logs' tails on stderr (shown when a test fails)."""
     started: list[subprocess.Popen[bytes]] = []
     yield started
     for process in started:
@@ -182,6 +183,8 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
                 process.wait(60)
             except subprocess.TimeoutExpired:
                 process.kill()
+    for log in sorted(tmp_path.glob("*.log")):
+        print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}", file=sys.stderr)
 
 
 def test_slot_children_and_status_then_the_slot_goes_with_the_policy(
@@ -246,7 +249,7 @@ def test_slot_children_and_status_then_the_slot_goes_with_the_policy(
         **{WAL_SCRATCH_ENV: str(scratch), "HOME": str(tmp_path)},
     )
     processes.append(receiver)
-    wait_for(lambda: slots(postgres)[slot][1], timeout=60, what="the receiver on the slot")
+    wait_for(lambda: slots(postgres)[slot][1], timeout=120, what="the receiver on the slot")
     base_container = job["spec"]["template"]["spec"]["containers"][0]
     base = run_as_pod(
         cluster,
@@ -384,7 +387,7 @@ def test_disabling_stops_the_receiver_and_drops_the_slot(
         **{WAL_SCRATCH_ENV: str(scratch), "HOME": str(tmp_path)},
     )
     processes.append(receiver)
-    wait_for(lambda: slots(postgres).get(slot, ("", False))[1], timeout=60, what="the receiver on the slot")
+    wait_for(lambda: slots(postgres).get(slot, ("", False))[1], timeout=120, what="the receiver on the slot")
 
     cluster.custom.patch_namespaced_custom_object(
         GROUP, VERSION, cluster.namespace, PLURAL, policy, {"spec": {"wal": {"enabled": False}}}
@@ -449,3 +452,110 @@ def test_a_slot_without_receiver_too_long_is_slot_inactive(
     cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, policy)
     wait_for(lambda: cluster.policy(policy) is None, timeout=60, what="the policy gone")
     assert slot not in slots(postgres)
+
+
+def switch_segment(server: Postgres) -> str:
+    """Some writes, then pg_switch_wal(): the name of the segment that was just completed."""
+    with server.connect() as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS wal_gap_rows (id serial, note text)")
+        conn.execute("INSERT INTO wal_gap_rows (note) SELECT 'row ' || g FROM generate_series(1, 200) g")
+        end = conn.execute("SELECT pg_switch_wal()::text").fetchone()[0]
+        name: str = conn.execute("SELECT pg_walfile_name(%s::pg_lsn)", (end,)).fetchone()[0]
+    return name
+
+
+def test_a_gap_is_an_event_and_retention_prunes_what_no_point_needs(
+    cluster: Cluster,
+    references: None,
+    postgres: Postgres,
+    s3_server: S3Server,
+    bucket: str,
+    operator_runner: kopf.testing.KopfRunner,
+    wait_for: Callable[..., Any],
+    processes: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """The real receiver and base backups make the archive; a segment deleted from the bucket is a WALGap Event
+    and RecoveryWindow=False naming it; a base backup after the gap opens a window again; retention (1s) then
+    deletes the older base backup and the WAL before the newer one's start, gap included."""
+    policy = f"gap{uuid.uuid4().hex[:6]}"
+    cluster.create_policy(policy, wal_policy_spec(postgres, s3_server, bucket))
+    deployment = wait_for(lambda: cluster.read("Deployment", receiver_name(policy)), timeout=90, what="receiver")
+    cronjob = wait_for(lambda: cluster.read("CronJob", base_backup_cronjob_name(policy)), timeout=30, what="cron")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    processes.append(
+        run_as_pod(
+            cluster,
+            deployment["spec"]["template"]["spec"]["containers"][0],
+            {"metadata.name": f"{receiver_name(policy)}-abc12"},
+            tmp_path / "receiver.log",
+            **{WAL_SCRATCH_ENV: str(scratch), "HOME": str(tmp_path)},
+        )
+    )
+    slot = slot_name(cluster.namespace, policy)
+    wait_for(lambda: slots(postgres).get(slot, ("", False))[1], timeout=120, what="the receiver on the slot")
+    base_container = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    client = s3_server.client()
+    folder = f"backups/{cluster.namespace}/{policy}/"
+
+    def base_backup(job: str) -> None:
+        done = run_as_pod(
+            cluster,
+            base_container,
+            {"metadata.labels['batch.kubernetes.io/job-name']": job},
+            tmp_path / f"{job}.log",
+            HOME=str(tmp_path),
+        )
+        assert done.wait(300) == 0, (tmp_path / f"{job}.log").read_text()
+
+    def shipped(name: str) -> bool:
+        listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{folder}wal/00000001/{name}.json")
+        return bool(listed.get("KeyCount"))
+
+    def complete_segments(count: int) -> list[str]:
+        names = [switch_segment(postgres) for _ in range(count)]
+        wait_for(lambda: all(shipped(n) for n in names), timeout=120, what=f"segments {names} shipped")
+        return names
+
+    def a_pass() -> dict[str, Any]:
+        run_pass(Context.of(backup.POLICY, cluster.policy(policy) or {}, KubeApi()), backup.reconcile)
+        return cluster.status(policy)
+
+    base_backup("base-1")
+    first, middle, last = complete_segments(3)
+    assert (a_pass().get("wal") or {}).get("windowSeconds") is not None
+    assert cluster.condition(policy, "RecoveryWindow")["status"] == "True"
+
+    client.delete_objects(
+        Bucket=bucket,
+        Delete={"Objects": [{"Key": f"{folder}wal/00000001/{middle}{ext}"} for ext in (".json", ".gpg")]},
+    )
+    a_pass()
+    window = cluster.condition(policy, "RecoveryWindow")
+    assert (window["status"], window["reason"]) == ("False", "WALGap") and middle in window["message"], window
+    gaps = [e for e in cluster.events() if e["reason"] == "WALGap"]
+    assert len(gaps) == 1 and gaps[0]["type"] == "Warning" and middle in gaps[0]["message"], gaps
+    assert first < middle < last
+
+    base_backup("base-2")
+    complete_segments(1)
+    status = a_pass()["wal"]
+    window = cluster.condition(policy, "RecoveryWindow")
+    assert (window["status"], window["reason"]) == ("True", "Available") and middle in window["message"], window
+    assert status["baseBackups"] == 2
+    gaps = [e for e in cluster.events() if e["reason"] == "WALGap"]
+    assert [e["count"] for e in gaps] == [1], gaps  # told once, not on every pass
+
+    cluster.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, cluster.namespace, PLURAL, policy, {"spec": {"wal": {"retention": "1s"}}}
+    )
+    time.sleep(1.5)
+    status = a_pass()["wal"]
+    assert status["baseBackups"] == 1, status
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=f"{folder}wal/").get("Contents", [])]
+    assert not [k for k in keys if first in k or last in k], keys  # before the newer base backup's start
+    pruned = [e for e in cluster.events() if e["reason"] == "WALPruned"]
+    assert pruned and "spec.wal.retention" in pruned[0]["message"]
+    assert cluster.condition(policy, "RecoveryWindow")["reason"] == "Available"
+    assert middle not in cluster.condition(policy, "RecoveryWindow")["message"]  # the gap went with them
