@@ -10,6 +10,7 @@ import kopf
 from . import metrics
 from .builders.backup import POLICY_LABEL as BACKUP_POLICY_LABEL
 from .builders.isolation import ISOLATION_LABEL
+from .diffbase import LeanDiffBaseStorage
 from .logs import install_redactor
 from .models import GROUP, VERSION
 from .reconcilers import backup, drills, interlock, isolation, restore, rotation, scaling, wal
@@ -24,6 +25,9 @@ SETTINGS = Settings.from_env()
 def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.executor = EXECUTOR  # kopf's sync handlers and every blocking call share one pool
     configure_kopf(settings, SETTINGS)  # sized by RUNBOOK_MAX_WORKERS
+    diffbase = settings.persistence.diffbase_storage
+    if isinstance(diffbase, kopf.AnnotationsDiffBaseStorage):  # the same essence, without copying what it drops
+        settings.persistence.diffbase_storage = LeanDiffBaseStorage.like(diffbase)
     settings.watching.label_selectors[ISOLATION_POLICIES[0], ISOLATION_POLICIES[2]] = ISOLATION_LABEL  # the guard's
     for group, _version, plural in (BACKUP_CRON_JOBS, BACKUP_JOBS):  # only the BackupPolicies' (not every Job's)
         settings.watching.label_selectors[group, plural] = BACKUP_POLICY_LABEL

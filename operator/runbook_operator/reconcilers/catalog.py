@@ -38,13 +38,20 @@ def s3_client(api: kube.Api, namespace: str, location: S3Location, *, field: str
     ``s3.OPERATOR_TIMEOUTS``) with the keys of the location's Secret (``field`` names it in errors), or ambient
     ones."""
     ref = location.credentials_secret_ref
-    pool = connection_pool_size()
-    if ref is None:
-        return s3.shared_client(location, pool_size=pool)
-    once = cast(kube.Api, _ReadOnce(api))  # one GET of the Secret for both keys
-    key_id = kube.secret_value(once, namespace, ref.name, ref.access_key_id_key, field=field)
-    secret = kube.secret_value(once, namespace, ref.name, ref.secret_access_key_key, field=field)
-    return s3.shared_client(location, key_id, secret, pool_size=pool)
+    key_id = secret = None
+    if ref is not None:
+        once = cast(kube.Api, _ReadOnce(api))  # one GET of the Secret for both keys
+        key_id = kube.secret_value(once, namespace, ref.name, ref.access_key_id_key, field=field)
+        secret = kube.secret_value(once, namespace, ref.name, ref.secret_access_key_key, field=field)
+    # One client made at a time per endpoint, region and keys: the first passes of a burst (20 at once) wait for
+    # it instead of each making a client (0.1 s of CPU each) that all but one throw away.
+    with _making.setdefault(
+        (location.endpoint, location.region, s3.credentials_digest(key_id, secret)), threading.Lock()
+    ):
+        return s3.shared_client(location, key_id, secret, pool_size=connection_pool_size())
+
+
+_making: dict[tuple[str | None, str | None, str], threading.Lock] = {}  # dict.setdefault is atomic
 
 
 class _ReadOnce:
