@@ -23,7 +23,8 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+import zlib
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -188,11 +189,13 @@ class ReadOnce:
 
 
 class Watched:
-    """``api`` for one pass of ``Passes``: the GET of the policy's CronJob and the LIST of its Jobs answered
-    from the watches (kopf's indexes ``main.backup_cronjobs`` / ``main.backup_jobs``: kopf runs no handler
-    before every index has its initial listing, so they are complete) as they were when the pass began; the
-    CronJob the pass applies is what it reads back. ``began``: when the pass was asked for (``SharedReads``);
-    ``converged``: the CronJob the pass converged to (``apply_child``). Everything else is ``api``'s."""
+    """``api`` for one pass of ``Passes``: the policy's Jobs and whether its CronJob exists answered from the
+    watches (kopf's indexes ``main.backup_cronjobs`` / ``main.backup_jobs``: kopf runs no handler before every
+    index has its initial listing, so they are complete) as they were when the pass began: a new policy's pass
+    neither GETs its CronJob (absent: a 404) nor LISTs its Jobs. A CronJob the index has is read (a pass
+    compares all of it with what it would apply; the index keeps only its uid); the one the pass applies is
+    what it reads back. ``began``: when the pass was asked for (``SharedReads``); ``converged``: the CronJob
+    the pass converged to (``apply_child``). Everything else is ``api``'s."""
 
     def __init__(
         self,
@@ -200,21 +203,25 @@ class Watched:
         key: tuple[str, str],
         *,
         began: float | None = None,
-        cronjob: str | None = None,
+        cronjob: bool = True,
         jobs: list[dict[str, Any]] | None = None,
         indexed: bool = False,
     ) -> None:
         self._api = api
         self._namespace, self._policy = key
-        self._cronjob = json.loads(cronjob) if cronjob is not None else None
+        self._cronjob_exists = cronjob
+        self._applied: dict[str, Any] | None = None
         self._jobs = jobs or []
         self._indexed = indexed
         self.began = began
         self.converged: dict[str, Any] | None = None
 
     def get(self, resource: kube.Resource, namespace: str, name: str) -> dict[str, Any] | None:
-        if self._indexed and self._is_cronjob(resource, namespace, name):
-            return self._cronjob
+        if self._is_cronjob(resource, namespace, name):
+            if self._applied is not None:
+                return self._applied
+            if self._indexed and not self._cronjob_exists:
+                return None
         return self._api.get(resource, namespace, name)
 
     def list(
@@ -227,7 +234,7 @@ class Watched:
     def apply(self, resource: kube.Resource, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
         applied = self._api.apply(resource, namespace, body)
         if self._is_cronjob(resource, namespace, str(body["metadata"]["name"])):
-            self._cronjob = applied
+            self._applied = applied
         return applied
 
     def create(self, resource: kube.Resource, namespace: str, body: Mapping[str, Any]) -> bool:
@@ -250,25 +257,12 @@ def _owned_by(metadata: Mapping[str, Any], policy: str) -> bool:
 
 
 def cronjob_index_entry(body: Mapping[str, Any]) -> dict[tuple[str, str], str]:
-    """``main.backup_cronjobs``: (namespace, policy) -> what of the policy's CronJob a pass compares with what
-    it would apply and what a backup-now Job is made of (its identity and uid, labels, annotations, owners and
-    spec: not its status or managedFields), as compact JSON (a string holds a tenth of the memory of its dicts)."""
+    """``main.backup_cronjobs``: (namespace, policy) -> the uid of the policy's CronJob (that it exists)."""
     metadata = body["metadata"]
     policy = (metadata.get("labels") or {}).get(POLICY_LABEL)
     if not policy or metadata.get("name") != cronjob_name(policy):
         return {}
-    kept = {
-        k: metadata[k]
-        for k in ("name", "namespace", "uid", "labels", "annotations", "ownerReferences")
-        if k in metadata
-    }
-    compact = {
-        "apiVersion": body.get("apiVersion"),
-        "kind": body.get("kind"),
-        "metadata": kept,
-        "spec": body.get("spec"),
-    }
-    return {(str(metadata["namespace"]), str(policy)): json.dumps(compact, separators=(",", ":"))}
+    return {(str(metadata["namespace"]), str(policy)): str(metadata.get("uid"))}
 
 
 def job_index_entry(body: Mapping[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -543,7 +537,7 @@ class Known:
     uid: str | None = None
     generation: int | None = None  # of the last full pass (None: none yet)
     token: str | None = None  # the backup-now token the last pass handled
-    cronjob: str | None = None  # what the last good pass converged the CronJob to (compact JSON)
+    cronjob: bytes | None = None  # what the last good pass converged the CronJob to (``compact``)
     status: Mapping[str, Any] = field(default_factory=dict)  # ``reflecting`` the status its latest event showed
     failures: int = 0  # consecutive failed passes (the retry's backoff)
     grants: GrantsOf | None = None
@@ -573,8 +567,13 @@ def reflecting(status: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: status[k] for k in REFLECTING if k in status} if status else {}
 
 
+def compact(document: Mapping[str, Any]) -> bytes:
+    """``document`` as compressed JSON: a CronJob in 1.4 KiB instead of the 18 KiB of its dicts (``Known``)."""
+    return zlib.compress(json.dumps(document, separators=(",", ":")).encode())
+
+
 def converged_to(known: Known) -> dict[str, Any] | None:
-    return json.loads(known.cronjob) if known.cronjob is not None else None
+    return json.loads(zlib.decompress(known.cronjob)) if known.cronjob is not None else None
 
 
 def job_reflected(status: Mapping[str, Any], job: Mapping[str, Any]) -> bool:
@@ -604,21 +603,21 @@ class Passes:
         self.known: dict[tuple[str, str], Known] = {}
         self._tasks: set[asyncio.Future[None]] = set()
         # kopf's indexes of the policies' CronJobs and Jobs (main.py), once a handler was given them
-        self.cronjobs: Mapping[tuple[str, str], Iterable[str]] | None = None
+        self.cronjobs: Mapping[tuple[str, str], Collection[str]] | None = None
         self.jobs: Mapping[tuple[str, str], Iterable[dict[str, Any]]] | None = None
 
     def watching(
         self,
-        cronjobs: Mapping[tuple[str, str], Iterable[str]],
+        cronjobs: Mapping[tuple[str, str], Collection[str]],
         jobs: Mapping[tuple[str, str], Iterable[dict[str, Any]]],
     ) -> None:
-        """Passes read the policies' CronJobs and Jobs from these indexes (``Watched``) instead of the API."""
+        """Passes read whether the policies' CronJobs exist, and their Jobs, from these indexes (``Watched``)."""
         self.cronjobs, self.jobs = cronjobs, jobs
 
     def _watched(self, key: tuple[str, str], api: kube.Api, began: float) -> Watched:
         if self.cronjobs is None or self.jobs is None:
             return Watched(api, key, began=began)
-        cronjob = next(iter(self.cronjobs.get(key) or ()), None)
+        cronjob = bool(self.cronjobs.get(key))
         jobs = list(self.jobs.get(key) or ())
         return Watched(api, key, began=began, cronjob=cronjob, jobs=jobs, indexed=True)
 
@@ -714,7 +713,7 @@ class Passes:
             if step is reconcile:
                 known.generation = ctx.generation
                 converged = api.converged if result.error is None else None
-                known.cronjob = json.dumps(converged, separators=(",", ":")) if converged is not None else None
+                known.cronjob = compact(converged) if converged is not None else None
             self._time(key, known, result)
 
     def _time(self, key: tuple[str, str], known: Known, result: Result) -> None:
