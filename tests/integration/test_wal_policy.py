@@ -346,7 +346,7 @@ def test_each_bad_input_is_a_condition_naming_the_field(
             archiving = cluster.condition(name, "WALArchiving")
             assert (archiving["status"], archiving["reason"]) == ("False", reason)
             assert cluster.read("Deployment", receiver_name(name)) is None  # nothing started
-            assert not (cluster.status(name).get("wal") or {}).get("slotName")
+            assert not {"slotName", "receiver"} & set(cluster.status(name).get("wal") or {})
         print({name: cluster.condition(name, "Ready")["message"] for name in expected}, file=sys.__stderr__)
         assert PLAIN_USER in cluster.condition("noreplication", "Ready")["message"]
         assert "wal_level=minimal" in cluster.condition("minimal", "Ready")["message"]

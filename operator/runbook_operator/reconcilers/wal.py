@@ -374,8 +374,6 @@ def reconcile(ctx: PolicyContext, spec: BackupPolicySpec, later: Result) -> Resu
                 "it. Set spec.wal back with enabled: false (the operator drops it), or drop it on the server",
             )
         return later
-    status.receiver = receiver_name(ctx.name)
-    status.base_backup_cron_job = base_backup_cronjob_name(ctx.name)
     name = wal.slot_name or slot_name(ctx.namespace, ctx.name)
     try:
         with replication_connection(ctx.api, ctx.namespace, source, wal) as conn:
@@ -388,6 +386,8 @@ def reconcile(ctx: PolicyContext, spec: BackupPolicySpec, later: Result) -> Resu
                 return _sooner(later, DROP_RETRY if status.slot_name else None)  # its receiver is stopping
             slot = ensure_slot(ctx, conn, name)
             _children(ctx, spec)
+            status.receiver = receiver_name(ctx.name)
+            status.base_backup_cron_job = base_backup_cronjob_name(ctx.name)
             slot = postgres.replication_slot(conn, name) or slot
     except RunbookError as error:
         ctx.condition(WAL_ARCHIVING, "False", error.reason, error.message)
