@@ -335,6 +335,25 @@ def test_restore_to_latest_has_t3(archive: Archive) -> None:
         assert server.query("SELECT count(*) FROM filler") == source_rows(archive.server, "SELECT count(*) FROM filler")
 
 
+def test_a_partial_reshipped_after_the_preflight_is_read_as_shipped_now(archive: Archive) -> None:
+    """The receiver re-ships the partial segment while a restore waits for its Job: the Job reads the segment's
+    current signed manifest (it reaches further) instead of failing on the planned digest."""
+    plan = plan_for(archive, point(latest=True, mode="NewVolume", newVolume={"name": "later", "size": "1Gi"}))
+    planned = plan.wal[-1]
+    assert planned.manifest["partial"] is True
+    size = len(json.dumps(plan.to_api(), separators=(",", ":")))
+    commit(archive.server, "T4")
+    archive.wait_shipped(insert_position(archive.server))
+    current = [f for f in archive.catalog().segments.values() if f.name == planned.manifest["name"]]
+    assert current and current[0].manifest["sha256"] != planned.manifest["sha256"]  # re-shipped (or completed)
+    claim = new_claim()
+    done = run_job(archive, plan, claim)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with Restored(claim) as server:
+        assert server.labels() == ["T1", "T2", "T3", "T4"]
+    print(f"\nplan: {size} bytes for {len(plan.wal)} WAL files ({size // (len(plan.wal) + 1)} bytes a file)")
+
+
 def test_restore_to_an_lsn(archive: Archive) -> None:
     """targetLSN: the server's insert position right after T2 committed."""
     target = format_lsn(archive.after_t2[1])
@@ -411,7 +430,11 @@ def test_zz_a_gap_in_the_chain_is_refused_naming_the_missing_segment(archive: Ar
     spec = point(targetTime=wal_catalog.rfc3339(archive.moments["target"]))
     plan = plan_for(archive, spec)
     complete = [w for w in plan.wal if not w.manifest.get("partial") and not w.key.endswith(".history.gpg")]
-    gone = complete[len(complete) // 2]
+    # a segment the target needs: the second one (after the base backup's) when it was shipped before the target
+    # (a later one can be covered, by the catalog's rule, by files shipped after the target), else the first
+    target = archive.moments["target"]
+    early = [w for w in complete[1:] if wal_catalog.parse_time(w.manifest["shippedTime"]) < target]
+    gone = early[0] if early else complete[0]
     manifest_key = gone.key.removesuffix(".gpg") + ".json"
     client = archive.s3.client()
     client.delete_object(Bucket=archive.location.bucket, Key=manifest_key)

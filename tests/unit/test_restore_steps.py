@@ -921,3 +921,19 @@ def test_pitr_a_tampered_object_fails_the_job_and_the_statefulset_comes_back(pit
     ]
     assert pitr.ready().reason == "ChecksumMismatch"
     assert sts_replicas(pitr) == (1, False)
+
+
+def test_pitr_a_chain_too_long_for_the_jobs_environment_is_refused(pitr: World) -> None:
+    """Linux starts no process with an environment string over 128 KiB (the plan's variable): a longer plan fails
+    the preflight (the limit lowered here to below the fixture's 3-segment plan)."""
+    from runbook_operator.reconcilers import restore_pitr
+
+    assert restore_pitr.MAX_PLAN_BYTES < 128 * 1024
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(restore_pitr, "MAX_PLAN_BYTES", 2000)
+        new_pitr(pitr, latest=True)
+        run_pitr(pitr)
+    ready = pitr.ready()
+    assert ready.reason == "ChainTooLong", ready.message
+    assert (ready.message or "").startswith("spec.pointInTime.latest: latest needs 3 WAL files after base backup ")
+    assert pitr.steps() == [("Preflight", "Failed")] and sts_replicas(pitr) == (1, False)

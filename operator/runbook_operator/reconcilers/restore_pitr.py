@@ -81,9 +81,10 @@ def choose(catalog: WALCatalog, point: PointInTime, *, now: datetime) -> Choice:
         raise RunbookError(error.reason, f"{error.message}; {describe_window(catalog)}") from None
 
 
-# The plan travels in the Job's environment (the API server keeps objects under 1.5 MiB): a longer chain is
-# refused, naming what shortens it.
-MAX_PLAN_BYTES = 1024 * 1024
+# The plan travels in one environment variable of the Job's container, and Linux refuses to start a process
+# with a single environment string over 128 KiB (MAX_ARG_STRLEN, E2BIG): a longer chain (about 180 WAL files
+# since the base backup, at ~700 bytes of plan each) is refused in the preflight, naming what shortens it.
+MAX_PLAN_BYTES = 128 * 1024 - 1024
 
 
 class PointInTimeTarget:
@@ -145,8 +146,8 @@ class PointInTimeTarget:
             raise RunbookError(
                 "ChainTooLong",
                 f"{target_of(self.point)[2]}: {choice.target} needs {len(choice.files)} WAL files after base backup "
-                f"{choice.base.folder} ({size} bytes of plan, at most {MAX_PLAN_BYTES}); take base backups more "
-                "often (the policy's spec.wal base backup schedule)",
+                f"{choice.base.folder} ({size} bytes of plan, at most {MAX_PLAN_BYTES} in the Job's environment); "
+                "take base backups more often (the policy's spec.wal.baseBackups) or recover to an earlier point",
             )
         segments = choice.segments
         restore.status.backup_key = choice.base.key
