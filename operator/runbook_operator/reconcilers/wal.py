@@ -365,14 +365,19 @@ def reconcile(ctx: PolicyContext, spec: BackupPolicySpec, later: Result) -> Resu
     wal, source = spec.wal, spec.source.postgresql
     status = ctx.status.wal = ctx.status.wal or WALStatus()
     if wal is None or source is None:
-        if status.slot_name is not None:
-            ctx.condition(
-                WAL_ARCHIVING,
-                "False",
-                "SlotLeft",
-                f"spec.wal was removed while replication slot {status.slot_name} exists: the server keeps WAL for "
-                "it. Set spec.wal back with enabled: false (the operator drops it), or drop it on the server",
-            )
+        if status.slot_name is None:
+            ctx.status.wal = None  # never archived, or its slot already dropped: nothing to show
+            return later
+        # The login is no longer known, so the slot cannot be dropped: the receiver (its own copy of the spec)
+        # keeps streaming, so the server's disk does not fill, and the condition says what to do.
+        ctx.condition(
+            WAL_ARCHIVING,
+            "False",
+            "SlotLeft",
+            f"spec.wal was removed while replication slot {status.slot_name} exists: Deployment "
+            f"{receiver_name(ctx.name)} keeps streaming through it. Set spec.wal back with enabled: false (the "
+            "operator stops the receiver and drops the slot)",
+        )
         return later
     name = wal.slot_name or slot_name(ctx.namespace, ctx.name)
     try:
