@@ -509,11 +509,13 @@ class Restore:
         self.ctx.checkpoint()
         metrics.RESTORES.labels(self.namespace, RestorePhase.FAILED)  # the series exists at 0 before a failure
         spec = self.raw_spec
-        self.ctx.event(
-            "Normal",
-            "RestoreStarted",
-            f"restoring {spec.get('backup', 'latest')} of BackupPolicy {spec.get('policyRef')}",
+        point = spec.get("pointInTime") or {}
+        what = (
+            f"recovering to {point.get('targetTime') or point.get('targetLSN') or 'latest'} from the WAL archive"
+            if point
+            else f"restoring {spec.get('backup', 'latest')}"
         )
+        self.ctx.event("Normal", "RestoreStarted", f"{what} of BackupPolicy {spec.get('policyRef')}")
         self.audit("restore_started", dryRun=bool(spec.get("dryRun")), scaleDown=spec.get("scaleDown") or [])
 
     def step_failed(self, step: Step, error: RunbookError) -> None:
