@@ -271,7 +271,8 @@ def test_slot_children_and_status_then_the_slot_goes_with_the_policy(
         return wal if ready and wal.get("slotActive") else None
 
     started = time.monotonic()
-    wal = wait_for(filled, timeout=120, what="status.wal with the window")
+    # Generous: on a loaded 2-core machine gpg and the S3 PUTs of the first segments take long.
+    wal = wait_for(filled, timeout=300, what=f"status.wal with the window through {written:X}")
     print(
         f"status.wal filled {time.monotonic() - started:.1f} s after the rows were written: {wal}", file=sys.__stderr__
     )

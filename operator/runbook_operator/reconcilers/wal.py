@@ -41,6 +41,7 @@ from ..builders.backup import POLICY_LABEL, build_backup_now_job
 from ..builders.common import contains
 from ..builders.wal import (
     BASE_BACKUP_COMPONENT,
+    RECEIVER_GRACE_SECONDS,
     base_backup_cronjob_name,
     build_base_backup_cronjob,
     build_receiver,
@@ -409,13 +410,30 @@ def _sooner(later: Result, seconds: float | None) -> Result:
     return later
 
 
+# A slot about to be dropped whose receiver is still on it: the receiver is given its Deployment's grace period
+# to stop by itself (it ships what it received on SIGTERM); only then is its WAL sender ended on the server.
+STOP_GRACE_SECONDS = RECEIVER_GRACE_SECONDS + 15
+_STOPPING: dict[tuple[str, str], datetime] = {}
+
+
+def released(conn: psycopg.Connection[Any], key: tuple[str, str], slot: postgres.Slot, now: datetime) -> bool:
+    """Whether no receiver holds ``slot`` (of the policy ``key``) any more; one that stays past the grace
+    period has its WAL sender ended (the next look finds the slot free)."""
+    if not slot.active:
+        _STOPPING.pop(key, None)
+        return True
+    first = _STOPPING.setdefault(key, now)
+    if (now - first).total_seconds() > STOP_GRACE_SECONDS:
+        postgres.terminate_slot_receiver(conn, slot)
+    return False
+
+
 def _drop(ctx: PolicyContext, conn: psycopg.Connection[Any], status: WALStatus) -> None:
     """Drop the slot status records (its receiver is stopping: ended on the server, tried again next pass)."""
     if status.slot_name is None:
         return
     slot = postgres.replication_slot(conn, status.slot_name)
-    if slot is not None and slot.active:
-        postgres.terminate_slot_receiver(conn, slot)
+    if slot is not None and not released(conn, (ctx.namespace, ctx.name), slot, ctx.now()):
         return
     if postgres.drop_slot(conn, status.slot_name):
         ctx.event("Normal", "SlotDropped", f"replication slot {status.slot_name} dropped")
@@ -524,8 +542,7 @@ def finalize(ctx: PolicyContext) -> Result:
         )
         with replication_connection(ctx.api, ctx.namespace, source, wal) as conn:
             found = postgres.replication_slot(conn, slot)
-            if found is not None and found.active:
-                postgres.terminate_slot_receiver(conn, found)
+            if found is not None and not released(conn, (ctx.namespace, ctx.name), found, ctx.now()):
                 raise RunbookError("SlotBusy", f"{SLOT_FIELD}: {slot} still has a receiver; stopping it", retry_after=5)
             postgres.drop_slot(conn, slot)
     except RunbookError as error:
