@@ -173,7 +173,7 @@ def test_sigkill_mid_segment_and_restart_lose_and_duplicate_nothing(
         writer.join()
     try:
         _, position = switch(server)
-        catalog = wait_shipped(s3_server, location, position, timeout=90)
+        catalog = wait_shipped(s3_server, location, position, timeout=240)
     finally:
         assert stop_receiver(second) == 0, archive["log"].read_text()[-2000:]
     assert catalog.rejected == [] and catalog.gaps() == [], (catalog.rejected, catalog.gaps())
@@ -296,3 +296,152 @@ def test_a_slot_in_use_by_someone_else_is_named(
         stranger.terminate()
         stranger.wait(10)
     assert f"wal-receive failed: SlotTaken: spec.wal.slotName: the replication slot {SLOT} is in use" in text
+
+
+def slot_restart(server: Postgres) -> int:
+    with server.connect() as conn:
+        row = conn.execute("SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = %s", (SLOT,)).fetchone()
+    assert row is not None and row[0] is not None
+    return parse_lsn(str(row[0]))
+
+
+def newest_shipped(s3: S3Server, location: S3Location) -> int:
+    newest = read(s3, location).latest()
+    return 0 if newest is None else newest[0]
+
+
+def on_server(server: Postgres) -> set[str]:
+    with server.connect() as conn:
+        return {str(r[0]) for r in conn.execute("SELECT name FROM pg_ls_waldir()").fetchall()}
+
+
+class Load:
+    """Rows written in a loop (a segment switch every ``switch_every`` batches) until stopped."""
+
+    def __init__(self, server: Postgres, switch_every: int = 0, pause: float = 0) -> None:
+        self.server, self.switch_every, self.stop = server, switch_every, threading.Event()
+        self.pause = pause
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        batches = 0
+        while not self.stop.is_set():
+            write(self.server, rows=200)
+            self.stop.wait(self.pause)
+            batches += 1
+            if self.switch_every and batches % self.switch_every == 0:
+                switch(self.server)
+
+    def __enter__(self) -> Load:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def test_the_slot_never_passes_what_is_in_the_bucket(
+    server: Postgres, s3_server: S3Server, archive: dict[str, Any]
+) -> None:
+    """The receiver's feedback says flushed = shipped: polled while the load runs, the slot's restart_lsn is
+    never past the newest endLsn in the bucket (read after it), and it does move."""
+    location = archive["location"]
+    initial = slot_restart(server)
+    receiver = start_receiver(archive["env"], archive["log"])
+    samples: list[tuple[int, int]] = []
+    try:
+        with Load(server, switch_every=40):
+            deadline = time.monotonic() + 60
+            # Until the slot moved at least twice (and for 10 s at least).
+            while time.monotonic() < deadline and (
+                len({r for r, _ in samples}) < 3 or time.monotonic() < deadline - 50
+            ):
+                restart = slot_restart(server)
+                shipped = newest_shipped(s3_server, location)  # read after: only ever further
+                samples.append((restart, shipped))
+                assert restart <= max(shipped, initial), (format_lsn(restart), format_lsn(shipped))
+                time.sleep(0.1)
+    finally:
+        assert stop_receiver(receiver) == 0, archive["log"].read_text()[-2000:]
+    final = slot_restart(server)
+    assert final <= newest_shipped(s3_server, location)
+    assert final > initial and len({r for r, _ in samples}) > 2, samples[-5:]
+
+
+def segment_start_of(lsn: int) -> int:
+    return lsn - lsn % SEGMENT
+
+
+def test_the_pod_is_lost_and_a_new_receiver_loses_nothing(
+    server: Postgres, s3_server: S3Server, archive: dict[str, Any]
+) -> None:
+    """SIGKILL of the receiver and its scratch wiped (the pod deleted) while writes go on, with segment switches
+    and checkpoints (the server removes what no slot keeps): the server still has the slot's WAL, a new receiver
+    on a new scratch directory catches up, the catalog has no gap, and every object in the bucket decrypts to
+    the server's bytes where the server still has them."""
+    location = archive["location"]
+    initial = slot_restart(server)
+    first = start_receiver(archive["env"], archive["log"])
+    with Load(server, pause=0.2):  # a light load: the catch-up must fit a loaded CI machine
+        wait_shipped(s3_server, location, initial + 1, timeout=60)  # archiving past the slot's start
+        time.sleep(2)
+        stop_receiver(first, kill=True)
+        for path in archive["scratch"].iterdir():
+            path.unlink()
+        archive["scratch"].rmdir()
+        lost_at = slot_restart(server)
+        shipped_at_loss = newest_shipped(s3_server, location)
+        assert initial < lost_at <= shipped_at_loss, (format_lsn(lost_at), format_lsn(shipped_at_loss))
+        time.sleep(2)  # written while nothing receives, segments completed, a checkpoint (removes what no slot keeps)
+        switch(server)
+        switch(server)
+        with server.connect() as conn:
+            conn.execute("CHECKPOINT")
+        kept = on_server(server)
+        with server.connect() as conn:
+            current = str(conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0])  # type: ignore[index]
+        needed = range(segment_start_of(lsn_of(current)) // SEGMENT + 1)
+        missing = [
+            f"{1:08X}{n // 256:08X}{n % 256:08X}"
+            for n in needed
+            if n >= lost_at // SEGMENT and f"{1:08X}{n // 256:08X}{n % 256:08X}" not in kept
+        ]
+        assert missing == [], missing  # the server kept every segment from the slot's restart point on
+        scratch = Path(tempfile.mkdtemp(prefix="runbook-wal-scratch-"))  # the new pod's empty scratch
+        second = start_receiver({**archive["env"], "RUNBOOK_WAL_SCRATCH": str(scratch)}, archive["log"])
+        time.sleep(3)
+    try:
+        _, position = switch(server)
+        catalog = wait_shipped(s3_server, location, position, timeout=240)
+    finally:
+        assert stop_receiver(second) == 0, archive["log"].read_text()[-2000:]
+    catalog = read(s3_server, location)  # after the last partial (SIGTERM ships it)
+    assert catalog.rejected == [] and catalog.gaps() == [], (catalog.rejected, catalog.gaps())
+    numbers = sorted(segno for _, segno in catalog.segments)
+    assert numbers == list(range(numbers[0], numbers[-1] + 1))
+    assert numbers[0] <= shipped_at_loss // SEGMENT  # the chain runs through the loss
+    assert all(not catalog.segments[(1, n)].partial for n in numbers[:-1])
+    # No partial object left beside a complete one (a restore would have two candidates).
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=location.bucket)["Contents"]]
+    partial_names = {k.rsplit("/", 1)[1].split(".")[0] for k in keys if ".partial" in k}
+    assert partial_names <= {catalog.segments[(1, numbers[-1])].name}, partial_names
+    present = on_server(server)
+    compared = 0
+    for segno in numbers:
+        item = catalog.segments[(1, segno)]
+        if item.name not in present:
+            continue
+        plain = check_object(s3_server, location, item)
+        if item.partial:
+            assert plain == server_bytes(server, item.name, len(plain)), item.name
+        else:
+            assert plain == server_bytes(server, item.name), item.name
+        compared += 1
+    assert compared >= 2, compared
+    log = archive["log"].read_text()
+    assert log.count("streaming timeline 1 from") >= 2 and REPLICATION_PASSWORD not in log
+
+
+def lsn_of(name: str) -> int:
+    return (int(name[8:16], 16) * 0x100000000) + int(name[16:24], 16) * SEGMENT

@@ -1,25 +1,27 @@
 """``runbook-operator wal-receive`` and ``runbook-operator base-backup``: continuous WAL archiving (spec.wal).
 
-``wal-receive`` (the policy's ``<policy>-wal`` Deployment) supervises ``pg_receivewal`` streaming through the
-policy's physical replication slot into the memory-backed scratch directory (``RUNBOOK_WAL_SCRATCH``) and ships
-every file it completes, encrypted, to ``wal/`` in the bucket with a signed manifest
-(``reconcilers/wal_catalog.py`` says what a manifest holds and how the catalog reads it):
+``wal-receive`` (the policy's ``<policy>-wal`` Deployment) speaks the physical replication protocol itself
+(``START_REPLICATION SLOT <slot> PHYSICAL``, over psycopg's libpq connection) and ships what it receives,
+encrypted, to ``wal/`` in the bucket with a signed manifest (``reconcilers/wal_catalog.py`` says what a manifest
+holds and how the catalog reads it):
 
-* a complete segment as soon as ``pg_receivewal`` renamed it from ``.partial`` (then it is deleted locally and
-  the bucket's ``.partial`` of it removed, manifest first);
-* the segment being written every ``shipIntervalSeconds`` when it grew: its bytes through the last one
+* a complete segment as soon as its last byte arrived (then the bucket's ``.partial`` of it is removed,
+  manifest first);
+* the segment being received every ``shipIntervalSeconds`` when it grew: its bytes through the last one
   received (the partial object holds only those; a restore pads it to the segment size);
-* timeline history files.
+* a timeline's history file when the server ends the timeline (then streaming goes on on the next one).
 
-Shipping is idempotent: a complete segment whose manifest in the bucket has the same plain SHA-256 is not sent
-again (one with another digest is never overwritten: the first copy stays, and the conflict is logged), and a
-partial is only re-shipped when it reaches further than the bucket's. The scratch directory is bounded: with
-``MAX_UNSHIPPED`` complete segments waiting, ``pg_receivewal`` is paused (SIGSTOP) until they are shipped; the
-slot keeps the rest on the server. SIGTERM stops ``pg_receivewal``, ships what it left and exits 0. After a
-SIGKILL, the next start ships what the scratch directory holds first; ``pg_receivewal`` then re-streams the
-unfinished segment from its start (the same bytes) or, with an empty directory, from the slot's restart point.
-What the server still keeps for the slot is what ``pg_receivewal`` has not written to the scratch directory:
-the scratch directory is an emptyDir, which survives a container's restart but not the pod's deletion.
+The segment being received is held in the receiver's memory (one buffer of the server's wal_segment_size):
+no WAL is written to any disk. The standby status updates it sends say flushed = applied = the end of what
+is in the bucket with its manifest written, so the slot's restart_lsn never passes WAL that is not archived,
+and the server keeps it whatever happens to the pod. A new receiver (its memory empty) starts streaming from
+the slot's restart_lsn rounded down to its segment's start and ships that segment again: shipping is
+idempotent (a complete segment whose manifest in the bucket has the same plain SHA-256 is not sent again, one
+with another digest is never overwritten: the first copy stays and the conflict is logged; a partial is only
+re-shipped when it reaches further than the bucket's, and never beside its complete segment). While a complete
+segment cannot be shipped (S3 away), nothing more is read from the server: memory stays one segment, the slot
+keeps the rest. SIGTERM ships the partial, sends the last status update and exits 0. ``RUNBOOK_WAL_SCRATCH``
+must still name a directory (the pod's memory-backed scratch); nothing is written there.
 
 ``base-backup`` (the ``<policy>-base`` CronJob) streams ``pg_basebackup -Ft -D - -X none --checkpoint=fast``
 through gpg to ``base/<UTC timestamp>/base.tar.gpg``; the start and stop LSN and the timeline come from the
@@ -41,11 +43,9 @@ import logging
 import os
 import re
 import signal
-import subprocess
+import struct
 import sys
-import threading
 import time
-from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -78,7 +78,7 @@ from ..models.plans import (
     format_timestamp,
     parse_lsn,
     policy_folder,
-    segment_start,
+    segment_name,
     sign_manifest,
     slot_name,
 )
@@ -102,12 +102,9 @@ LOG = logging.getLogger(__name__)
 MANIFEST_FORMAT = 1
 CREDENTIALS_FIELD = "spec.wal.replicationCredentialsSecretRef"
 SLOT_FIELD = "spec.wal.slotName"
-MAX_UNSHIPPED = 4  # complete segments waiting in the scratch directory before pg_receivewal is paused
-POLL_SECONDS = 0.2
+POLL_SECONDS = 0.2  # the longest wait for the server's next message
+STATUS_SECONDS = 1.0  # standby status updates at least this often
 BACKOFF_SECONDS = (1, 2, 5, 10, 30)
-_SEGMENT_FILE = re.compile(r"^[0-9A-F]{24}$")
-_PARTIAL_FILE = re.compile(r"^([0-9A-F]{24})\.partial$")
-_HISTORY_FILE = re.compile(r"^([0-9A-F]{8})\.history$")
 
 
 def _now() -> str:
@@ -222,9 +219,9 @@ class Server:
     wal_level: str
 
 
-def identify(config: WALConfig, env: Mapping[str, str]) -> Server:
-    """A replication connection as the receiver's login: IDENTIFY_SYSTEM, the version, the segment size and
-    wal_level, and the slot (it must exist and be physical). Raises the RunbookErrors of ``explain``."""
+def replication_connection(config: WALConfig, env: Mapping[str, str]) -> Any:
+    """A physical replication connection as the receiver's login (psycopg, autocommit). Raises the
+    RunbookErrors of ``explain``, else SourceUnavailable."""
     import psycopg
 
     from ..clients.postgres import CONNECT_TIMEOUT, NETWORK_OPTIONS
@@ -245,6 +242,7 @@ def identify(config: WALConfig, env: Mapping[str, str]) -> Server:
         "require_auth": "scram-sha-256",
         "gssencmode": "disable",
         "sslmode": "prefer",
+        "application_name": "runbook-wal-receive",
     }
     if source.tls is not None:
         options |= {
@@ -252,7 +250,7 @@ def identify(config: WALConfig, env: Mapping[str, str]) -> Server:
             "sslrootcert": require_env(env, PG_CA_FILE_ENV, field="spec.source.postgresql.tls.caSecretRef"),
         }
     try:
-        conn = psycopg.connect(**options, autocommit=True)
+        return psycopg.connect(**options, autocommit=True)
     except psycopg.OperationalError as error:
         from ..clients.postgres import tls_problem
 
@@ -263,32 +261,62 @@ def identify(config: WALConfig, env: Mapping[str, str]) -> Server:
             "SourceUnavailable", f"postgresql: {one_line(error)}", retry_after=30
         ) from None
 
-    def row(command: str) -> list[str | None]:
-        result = conn.pgconn.exec_(command.encode())
-        if result.status != 2:  # TUPLES_OK
-            message = (result.error_message or b"").decode(errors="replace")
-            raise explain(message, config, env) or RunbookError("SourceFailed", f"{command}: {one_line(message)}")
-        return [None if v is None else v.decode() for v in (result.get_value(0, i) for i in range(result.nfields))]
 
-    with conn:
-        _, timeline, position, _ = row("IDENTIFY_SYSTEM")
-        version = int(row("SHOW server_version_num")[0] or 0)
-        size = str(row("SHOW wal_segment_size")[0])
-        level = str(row("SHOW wal_level")[0])
-        if level == "minimal":
-            raise explain("wal_level minimal", config, env) or RunbookError("WALLevelMinimal", "spec.wal")
-        if version >= 150000:
-            kind, _, _ = row(f'READ_REPLICATION_SLOT "{config.slot}"')
-            if kind is None:
-                raise RunbookError(
-                    "SlotMissing",
-                    f"{SLOT_FIELD}: the replication slot {config.slot} does not exist (the operator creates it)",
-                )
-            if kind != "physical":
-                raise RunbookError("SlotTaken", f"{SLOT_FIELD}: {config.slot} is a {kind} slot, not this policy's")
+def command_row(conn: Any, command: str, config: WALConfig, env: Mapping[str, str]) -> list[str | None]:
+    """The first row of a replication command's result (strings)."""
+    result = conn.pgconn.exec_(command.encode())
+    if result.status != 2:  # TUPLES_OK
+        message = (result.error_message or b"").decode(errors="replace")
+        raise explain(message, config, env) or RunbookError("SourceFailed", f"{command}: {one_line(message)}")
+    if result.ntuples == 0:
+        return [None] * result.nfields
+    return [None if v is None else v.decode() for v in (result.get_value(0, i) for i in range(result.nfields))]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """READ_REPLICATION_SLOT: where the server keeps WAL from for this slot (None: no WAL reserved)."""
+
+    restart_lsn: int | None
+    restart_timeline: int | None
+
+
+def identify_on(conn: Any, config: WALConfig, env: Mapping[str, str]) -> tuple[Server, Slot]:
+    """IDENTIFY_SYSTEM, the version, the segment size, wal_level and the slot (it must exist and be physical)."""
+
+    def row(command: str) -> list[str | None]:
+        return command_row(conn, command, config, env)
+
+    _, timeline, position, _ = row("IDENTIFY_SYSTEM")
+    version = int(row("SHOW server_version_num")[0] or 0)
+    size = str(row("SHOW wal_segment_size")[0])
+    level = str(row("SHOW wal_level")[0])
+    if level == "minimal":
+        raise explain("wal_level minimal", config, env) or RunbookError("WALLevelMinimal", "spec.wal")
+    slot = Slot(None, None)
+    if version >= 150000:
+        kind, restart, restart_tli = row(f'READ_REPLICATION_SLOT "{config.slot}"')
+        if kind is None:
+            raise RunbookError(
+                "SlotMissing",
+                f"{SLOT_FIELD}: the replication slot {config.slot} does not exist (the operator creates it)",
+            )
+        if kind != "physical":
+            raise RunbookError("SlotTaken", f"{SLOT_FIELD}: {config.slot} is a {kind} slot, not this policy's")
+        if restart is not None:
+            slot = Slot(parse_lsn(restart), int(restart_tli or timeline or 1))
     units = {"kB": 1024, "MB": 1024**2, "GB": 1024**3}
     number, unit = re.fullmatch(r"(\d+)\s*([kMG]B)", size).groups()  # type: ignore[union-attr]
-    return Server(int(timeline or 1), parse_lsn(position or "0/0"), version, int(number) * units[unit], level)
+    server = Server(int(timeline or 1), parse_lsn(position or "0/0"), version, int(number) * units[unit], level)
+    return server, slot
+
+
+def identify(config: WALConfig, env: Mapping[str, str]) -> Server:
+    """A replication connection as the receiver's login: IDENTIFY_SYSTEM, the version, the segment size and
+    wal_level, and the slot (it must exist and be physical). Raises the RunbookErrors of ``explain``."""
+    with replication_connection(config, env) as conn:
+        server, _ = identify_on(conn, config, env)
+    return server
 
 
 # --- shipping ---------------------------------------------------------------------------------------------------
@@ -368,21 +396,21 @@ class Shipper:
         put_json(self.client, self.location, manifest_key, manifest)
         return manifest
 
-    def ship_segment(self, path: Path) -> bool:
-        """A complete segment (then the bucket's partial of it goes); False when it was there already."""
-        name = path.name
-        timeline = int(name[:8], 16)
-        size = path.stat().st_size
-        data_key, manifest_key = wal_catalog.segment_keys(self.base, timeline, name)
-        plain = hashlib.sha256()
-        with path.open("rb") as handle:
-            while chunk := handle.read(1024 * 1024):
-                plain.update(chunk)
-        digest = plain.hexdigest()
+    def _known(self, manifest_key: str) -> str | None:
         known = self.shipped.get(manifest_key)
         if known is None:
             existing = self._bucket_manifest(manifest_key)
             known = None if existing is None else str(existing.get("plainSha256"))
+        return known
+
+    def ship_segment(self, timeline: int, start: int, data: memoryview) -> bool:
+        """A complete segment held in memory (then the bucket's partial of it goes); False when it was there
+        already."""
+        size = len(data)
+        name = segment_name(timeline, start, size)
+        data_key, manifest_key = wal_catalog.segment_keys(self.base, timeline, name)
+        digest = hashlib.sha256(data).hexdigest()
+        known = self._known(manifest_key)
         if known is not None and known != digest:
             LOG.error("segment %s: the bucket holds another copy (plain sha256 %s); it is kept", name, known[:12])
             self._drop_partial(timeline, name)
@@ -393,10 +421,8 @@ class Shipper:
             self._drop_partial(timeline, name)
             return False
         shipped = _now()
-        start = segment_start(name, size)
-        with path.open("rb") as handle:
-            upload, reader = self._upload(data_key, handle)
-        if reader.sha256.hexdigest() != digest:  # a complete segment never changes; this one did
+        upload, reader = self._upload(data_key, _MemoryReader(data))
+        if reader.sha256.hexdigest() != digest:
             raise RunbookError("WALChanged", f"segment {name} changed while it was shipped")
         self._manifest(
             manifest_key,
@@ -426,28 +452,25 @@ class Shipper:
         self.client.delete_object(Bucket=self.location.bucket, Key=data_key)
         self.partial_ends.pop(name, None)
 
-    def ship_partial(self, path: Path) -> bool:
-        """The segment being written, through its last non-zero byte (rounded up to 8, PostgreSQL's record
-        alignment), when that reaches further than the bucket's copy; False otherwise."""
-        name = path.name.removesuffix(".partial")
-        timeline = int(name[:8], 16)
-        shipped = _now()  # before reading: every byte read was received by now
-        with path.open("rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            used = _used_bytes(handle, size)
-            if used == 0:
-                return False
-            data_key, manifest_key = wal_catalog.segment_keys(self.base, timeline, name, partial=True)
-            if name not in self.partial_ends:
+    def ship_partial(self, timeline: int, start: int, data: memoryview, segment_bytes: int) -> bool:
+        """The segment being received, from its start through the last byte received (``data``), when that
+        reaches further than the bucket's copy; False otherwise."""
+        used = len(data)
+        if used == 0:
+            return False
+        name = segment_name(timeline, start, segment_bytes)
+        shipped = _now()  # every byte in data was received by now
+        data_key, manifest_key = wal_catalog.segment_keys(self.base, timeline, name, partial=True)
+        if name not in self.partial_ends:
+            _, complete_key = wal_catalog.segment_keys(self.base, timeline, name)
+            if self._known(complete_key) is not None:  # shipped whole before a restart: no partial beside it
+                self.partial_ends[name] = segment_bytes
+            else:
                 existing = self._bucket_manifest(manifest_key)
-                self.partial_ends[name] = parse_lsn(existing["endLsn"]) - segment_start(name, size) if existing else 0
-            if used <= self.partial_ends[name]:
-                return False
-            start = segment_start(name, size)
-            handle.seek(0)
-            upload, reader = self._upload(data_key, _Limited(handle, used))
-        if reader.size != used:
-            raise RunbookError("WALChanged", f"segment {name}.partial shrank while it was shipped")
+                self.partial_ends[name] = parse_lsn(existing["endLsn"]) - start if existing else 0
+        if used <= self.partial_ends[name]:
+            return False
+        upload, reader = self._upload(data_key, _MemoryReader(data))
         self._manifest(
             manifest_key,
             WALSegmentManifest(
@@ -456,7 +479,7 @@ class Shipper:
                 partial=True,
                 start_lsn=format_lsn(start),
                 end_lsn=format_lsn(start + used),
-                segment_bytes=size,
+                segment_bytes=segment_bytes,
                 sha256=upload.sha256,
                 plain_sha256=reader.sha256.hexdigest(),
                 size_bytes=upload.size,
@@ -467,15 +490,11 @@ class Shipper:
         self.partial_ends[name] = used
         return True
 
-    def ship_history(self, path: Path) -> bool:
-        timeline = int(path.name[:8], 16)
+    def ship_history(self, name: str, content: bytes) -> bool:
+        timeline = int(name[:8], 16)
         data_key, manifest_key = wal_catalog.history_keys(self.base, timeline)
-        content = path.read_bytes()
         digest = hashlib.sha256(content).hexdigest()
-        known = self.shipped.get(manifest_key)
-        if known is None:
-            existing = self._bucket_manifest(manifest_key)
-            known = None if existing is None else str(existing.get("plainSha256"))
+        known = self._known(manifest_key)
         if known is not None:
             self.shipped[manifest_key] = known
             return False
@@ -485,7 +504,7 @@ class Shipper:
         self._manifest(
             manifest_key,
             WALSegmentManifest(
-                name=path.name,
+                name=name,
                 timeline=timeline,
                 partial=False,
                 start_lsn=format_lsn(begin),
@@ -498,39 +517,25 @@ class Shipper:
             ),
         )
         self.shipped[manifest_key] = digest
+        LOG.info("shipped history %s", name)
         return True
 
 
-class _Limited(io.RawIOBase):
-    """The first ``limit`` bytes of a file."""
+class _MemoryReader(io.RawIOBase):
+    """Bytes held in memory, read in chunks (each chunk a copy, the whole never)."""
 
-    def __init__(self, source: IO[bytes], limit: int) -> None:
-        self._source = source
-        self._left = limit
+    def __init__(self, data: memoryview) -> None:
+        self._data = data
+        self._at = 0
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int = -1) -> bytes:
-        want = self._left if size < 0 else min(size, self._left)
-        chunk = self._source.read(want) if want else b""
-        self._left -= len(chunk)
+        end = len(self._data) if size < 0 else min(len(self._data), self._at + size)
+        chunk = bytes(self._data[self._at : end])
+        self._at = end
         return chunk
-
-
-def _used_bytes(handle: IO[bytes], size: int, step: int = 256 * 1024) -> int:
-    """Where a pg_receivewal ``.partial`` file's data ends: after its last non-zero byte, rounded up to 8
-    (PostgreSQL's record alignment); pg_receivewal pads the file with zeros to the segment size. Read backwards
-    in ``step`` chunks (memory: one chunk)."""
-    end = size
-    while end > 0:
-        begin = max(0, end - step)
-        handle.seek(begin)
-        chunk = handle.read(end - begin).rstrip(b"\0")
-        if chunk:
-            return min(size, (begin + len(chunk) + 7) // 8 * 8)
-        end = begin
-    return 0
 
 
 def _history_begin(content: bytes) -> int:
@@ -546,156 +551,278 @@ def _history_begin(content: bytes) -> int:
 
 # --- the receiver -------------------------------------------------------------------------------------------------
 
+_EPOCH_2000 = datetime(2000, 1, 1, tzinfo=UTC).timestamp()
+_FATAL = frozenset(
+    {
+        "ReplicationNotPermitted",
+        "CredentialsRejected",
+        "ReplicationNotAllowed",
+        "WALLevelMinimal",
+        "SlotTaken",
+        "SlotMissing",
+        "TLSFailed",
+    }
+)
+
+
+class _TimelineEnded(Exception):
+    """The server ended the stream: the timeline being streamed ended at ``switch``; ``next`` follows it."""
+
+    def __init__(self, next_timeline: int, switch: int) -> None:
+        super().__init__(next_timeline, switch)
+        self.next_timeline = next_timeline
+        self.switch = switch
+
 
 @dataclass
 class Receiver:
-    """``pg_receivewal`` supervised, and the scratch directory shipped."""
+    """The physical replication protocol spoken over the slot (psycopg's libpq connection, COPY BOTH).
+
+    Memory: the segment being received (``segment_bytes``, one buffer) and the chunks gpg reads from it. The
+    feedback the server gets says flushed = applied = ``shipped``, the end of what is in the bucket with its
+    manifest written, so the slot's restart_lsn never passes WAL that is not archived: a receiver lost with
+    its memory resumes from the slot's restart_lsn rounded down to its segment's start and re-ships that
+    segment (a partial reaching no further is skipped, a complete one with the same digest too)."""
 
     config: WALConfig
     env: Mapping[str, str]
     shipper: Shipper
-    process: subprocess.Popen[bytes] | None = None
-    paused: bool = False
     stopping: bool = False
-    _stderr: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    timeline: int = 0
+    segment_bytes: int = 0
+    start: int = 0  # the first position of the segment in the buffer
+    filled: int = 0  # bytes of it received
+    shipped: int = 0  # end of the WAL in the bucket, contiguous from where this run started
+    buffer: bytearray = field(default_factory=bytearray)
+    _conn: Any = None
     _last_partial: float = 0.0
+    _last_feedback: float = 0.0
+    _partial_shipped: int = 0  # bytes of the buffer's segment shipped as its partial
 
     @property
-    def scratch(self) -> Path:
-        assert self.config.scratch is not None
-        return self.config.scratch
+    def received(self) -> int:
+        return self.start + self.filled
 
-    def start(self) -> None:
-        args = [
-            tool("pg_receivewal"),
-            "--directory",
-            str(self.scratch),
-            "--slot",
-            self.config.slot,
-            "--no-loop",
-            "--no-password",
-            "--synchronous",
-            "--status-interval",
-            "1",
-            "--verbose",
-        ]
-        self._stderr.clear()
-        self.process = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=libpq_env(self.config, self.env),
-        )
-        threading.Thread(target=self._drain, args=(self.process,), daemon=True).start()
-        self.paused = False
-        LOG.info("pg_receivewal started (slot %s, pid %d)", self.config.slot, self.process.pid)
+    # -- the connection -----------------------------------------------------------------------------------------
 
-    def _drain(self, process: subprocess.Popen[bytes]) -> None:
-        assert process.stderr is not None
-        for raw in process.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            self._stderr.append(line)
-            LOG.info("pg_receivewal: %s", REDACTOR.scrub(line))
+    def _feedback(self, *, reply: bool = False) -> None:
+        """Standby status update: written = received, flushed = applied = shipped (the slot's restart_lsn)."""
+        now = int((time.time() - _EPOCH_2000) * 1_000_000)
+        flushed = self.shipped
+        message = struct.pack(">cQQQQB", b"r", self.received, flushed, flushed, now, 1 if reply else 0)
+        pg = self._conn.pgconn
+        pg.put_copy_data(message)
+        pg.flush()
+        self._last_feedback = time.monotonic()
 
-    def pause(self, pause: bool) -> None:
-        if self.process is None or self.process.poll() is not None or pause == self.paused:
-            return
-        self.process.send_signal(signal.SIGSTOP if pause else signal.SIGCONT)
-        self.paused = pause
-        LOG.info("pg_receivewal %s", "paused: the scratch directory is full" if pause else "resumed")
+    def _start_replication(self, timeline: int, start: int) -> None:
+        pg = self._conn.pgconn
+        command = f'START_REPLICATION SLOT "{self.config.slot}" PHYSICAL {format_lsn(start)} TIMELINE {timeline}'
+        result = pg.exec_(command.encode())
+        if result.status != 8:  # COPY_BOTH
+            message = (result.error_message or pg.error_message or b"").decode(errors="replace")
+            raise explain(message, self.config, self.env) or RunbookError(
+                "SourceFailed", f"START_REPLICATION: {one_line(message)}"
+            )
+        self.timeline, self.start, self.filled, self._partial_shipped = timeline, start, 0, 0
+        LOG.info("streaming timeline %d from %s (slot %s)", timeline, format_lsn(start), self.config.slot)
 
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            if self.paused:
-                self.process.send_signal(signal.SIGCONT)
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stderr is not None:
-            self.process.stderr.close()
+    def _end_of_stream(self) -> _TimelineEnded:
+        """The server's CopyDone: answer it, read the next timeline and where it starts."""
+        pg = self._conn.pgconn
+        pg.put_copy_end()
+        pg.flush()
+        next_timeline, switch = 0, 0
+        while (result := pg.get_result()) is not None:
+            if result.status == 2 and result.ntuples and result.nfields >= 2:  # TUPLES_OK
+                next_timeline = int(result.get_value(0, 0) or b"0")
+                switch = parse_lsn((result.get_value(0, 1) or b"0/0").decode())
+            elif result.status not in (1, 2):  # COMMAND_OK, TUPLES_OK
+                message = (result.error_message or b"").decode(errors="replace")
+                raise explain(message, self.config, self.env) or RunbookError(
+                    "SourceFailed", f"replication stream: {one_line(message)}"
+                )
+        if not next_timeline:
+            raise RunbookError("SourceFailed", "replication stream ended without a next timeline")
+        return _TimelineEnded(next_timeline, switch)
 
-    def files(self) -> tuple[list[Path], list[Path], list[Path]]:
-        """(history files, complete segments, partial segments) in the scratch directory, in order."""
-        histories, segments, partials = [], [], []
-        for path in sorted(self.scratch.iterdir()):
-            if _HISTORY_FILE.match(path.name):
-                histories.append(path)
-            elif _SEGMENT_FILE.match(path.name):
-                segments.append(path)
-            elif _PARTIAL_FILE.match(path.name):
-                partials.append(path)
-        return histories, segments, partials
+    # -- shipping -----------------------------------------------------------------------------------------------
 
-    def ship(self, *, force_partial: bool = False) -> None:
-        """One pass over the scratch directory: histories, complete segments (deleted once shipped), then the
-        newest partial when its interval passed."""
-        histories, segments, partials = self.files()
-        for path in histories:
-            self.shipper.ship_history(path)
-        if len(segments) >= MAX_UNSHIPPED:
-            self.pause(True)
-        for path in segments:
-            self.shipper.ship_segment(path)
-            path.unlink()
-        self.pause(False)
-        # A partial older than a complete segment is a leftover (pg_receivewal already wrote past it).
-        done = {p.name for p in segments}
-        partials = [p for p in partials if p.name.removesuffix(".partial") not in done]
-        if not partials:
-            return
+    def _ship_partial(self, *, force: bool = False) -> None:
         due = time.monotonic() - self._last_partial >= self.config.wal.ship_interval_seconds
-        if due or force_partial:
-            self._last_partial = time.monotonic()
-            with contextlib.suppress(FileNotFoundError):  # completed (renamed) while we looked
-                self.shipper.ship_partial(partials[-1])
+        if not (due or force) or self.filled <= self._partial_shipped:
+            return
+        self._last_partial = time.monotonic()
+        end = self.filled
+        self.shipper.ship_partial(self.timeline, self.start, memoryview(self.buffer)[:end], self.segment_bytes)
+        self._partial_shipped = end
+        self.shipped = max(self.shipped, self.start + end)
 
-    def run(self) -> None:
-        """Until SIGTERM: ship what the scratch directory holds, keep pg_receivewal running (restarts with
-        backoff), ship every poll."""
-        self.ship(force_partial=True)  # what a killed run left
-        failures = 0
-        started = time.monotonic()
-        while not self.stopping:
-            if self.process is None or self.process.poll() is not None:
-                if self.process is not None:
-                    code = self.process.returncode
-                    self.process.wait()
-                    text = "\n".join(self._stderr)
-                    problem = explain(text, self.config, self.env)
-                    if problem is not None:
-                        raise problem
-                    delay = BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)]
-                    failures += 1
-                    LOG.warning("pg_receivewal exited with %s; restarting in %d s", code, delay)
-                    self._sleep(delay)
-                    if self.stopping:
-                        break
-                self.start()
-                started = time.monotonic()
-            self._sleep(POLL_SECONDS)
+    def _ship_complete(self) -> None:
+        """The buffer holds a whole segment: ship it (retried until it is in the bucket or SIGTERM; the server
+        keeps sending nothing new meanwhile: nothing is read), then start the next one."""
+        while True:
             try:
-                self.ship()
+                self.shipper.ship_segment(self.timeline, self.start, memoryview(self.buffer))
+                break
             except (RunbookError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
-                # S3 away, a file changed under us: kept in the scratch directory, tried again (the slot and
-                # MAX_UNSHIPPED bound what waits meanwhile).
                 problem = _as_runbook_error(error)
                 LOG.warning("shipping failed (%s: %s); trying again", problem.reason, REDACTOR.scrub(problem.message))
-                self._sleep(2)
-            if failures and time.monotonic() - started > 60:
+                deadline = time.monotonic() + 2
+                while time.monotonic() < deadline:
+                    if self.stopping:
+                        raise _Stopped() from None
+                    if time.monotonic() - self._last_feedback >= 1:
+                        self._feedback()
+                    time.sleep(0.1)
+        self.shipped = max(self.shipped, self.start + self.segment_bytes)
+        self.start += self.segment_bytes
+        self.filled = self._partial_shipped = 0
+        self._feedback()
+
+    def _take(self, begin: int, payload: memoryview) -> None:
+        """XLogData at ``begin``: into the buffer (a new segment is started when it fills)."""
+        if begin != self.received:
+            if begin > self.received and self.filled == 0 and begin % self.segment_bytes == 0:
+                self.start = begin  # the server starts where we asked, or at the next segment
+            else:
+                raise RunbookError(
+                    "SourceFailed",
+                    f"replication stream: WAL at {format_lsn(begin)}, expected {format_lsn(self.received)}",
+                )
+        while len(payload):
+            take = min(len(payload), self.segment_bytes - self.filled)
+            self.buffer[self.filled : self.filled + take] = payload[:take]
+            self.filled += take
+            payload = payload[take:]
+            if self.filled == self.segment_bytes:
+                self._ship_complete()
+
+    def _stream(self) -> None:
+        """Messages until the timeline ends (raises _TimelineEnded) or SIGTERM (returns)."""
+        import select
+
+        pg = self._conn.pgconn
+        socket = pg.socket
+        while not self.stopping:
+            nbytes, data = pg.get_copy_data(1)
+            if nbytes == 0:
+                if time.monotonic() - self._last_feedback >= STATUS_SECONDS:
+                    self._feedback()
+                try:
+                    self._ship_partial()
+                except (RunbookError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+                    problem = _as_runbook_error(error)
+                    LOG.warning(
+                        "shipping failed (%s: %s); trying again", problem.reason, REDACTOR.scrub(problem.message)
+                    )
+                    self._last_partial = time.monotonic() - self.config.wal.ship_interval_seconds + 2
+                select.select([socket], [], [], POLL_SECONDS)
+                pg.consume_input()
+                continue
+            if nbytes == -1:
+                raise self._end_of_stream()
+            kind = data[:1].tobytes()
+            if kind == b"w":
+                begin, _, _ = struct.unpack_from(">QQQ", data, 1)
+                self._take(begin, data[25:])
+            elif kind == b"k":
+                _, _, reply = struct.unpack_from(">QQB", data, 1)
+                if reply:
+                    self._feedback()
+            if time.monotonic() - self._last_feedback >= STATUS_SECONDS:
+                self._feedback()
+            # The partial is shipped only once caught up (nothing more to read, above): while WAL is still
+            # arriving, the complete segment comes first (shipping a growing partial each interval while
+            # catching up would re-encrypt the segment over and over).
+
+    def session(self) -> None:
+        """One replication connection: from the slot's restart point (its segment's start) until SIGTERM,
+        following timeline switches."""
+        self._conn = replication_connection(self.config, self.env)
+        try:
+            server, slot = identify_on(self._conn, self.config, self.env)
+            self.segment_bytes = server.segment_bytes
+            if len(self.buffer) != server.segment_bytes:
+                self.buffer = bytearray(server.segment_bytes)
+            if slot.restart_lsn is not None:
+                timeline, resume = slot.restart_timeline or server.timeline, slot.restart_lsn
+            else:
+                timeline, resume = server.timeline, server.position
+            # Everything before the slot's restart point is in the bucket (this receiver only ever reports
+            # flushed = shipped); from it on, the segment is received again from its start and re-shipped.
+            self.shipped = max(self.shipped, resume)
+            start = resume - resume % server.segment_bytes
+            self._start_replication(timeline, start)
+            self._feedback()
+            while True:
+                try:
+                    self._stream()
+                    break
+                except _TimelineEnded as ended:
+                    LOG.info(
+                        "timeline %d ended at %s; timeline %d follows",
+                        self.timeline,
+                        format_lsn(ended.switch),
+                        ended.next_timeline,
+                    )
+                    self._ship_partial(force=True)
+                    name, content = self._history(ended.next_timeline)
+                    self.shipper.ship_history(name, content)
+                    self._start_replication(ended.next_timeline, ended.switch - ended.switch % self.segment_bytes)
+                    self._feedback()
+            self._ship_partial(force=True)
+            self._feedback()
+        finally:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    def _history(self, timeline: int) -> tuple[str, bytes]:
+        result = self._conn.pgconn.exec_(f"TIMELINE_HISTORY {timeline}".encode())
+        if result.status != 2 or not result.ntuples:
+            message = (result.error_message or b"").decode(errors="replace")
+            raise RunbookError("SourceFailed", f"TIMELINE_HISTORY {timeline}: {one_line(message)}")
+        return (result.get_value(0, 0) or b"").decode(), bytes(result.get_value(0, 1) or b"")
+
+    def run(self) -> None:
+        """Until SIGTERM: replication sessions, restarted with backoff after a lost connection or a failure that
+        a restart may cure; a configuration problem is raised."""
+        import psycopg
+
+        failures = 0
+        while not self.stopping:
+            began = time.monotonic()
+            try:
+                self.session()
+                return
+            except _Stopped:
+                return
+            except RunbookError as error:
+                if error.reason in _FATAL:
+                    raise
+                problem = error
+            except (psycopg.Error, OSError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+                problem = explain(str(e), self.config, self.env) or _as_runbook_error(e)
+                if problem.reason in _FATAL:
+                    raise problem from None
+            if time.monotonic() - began > 60:
                 failures = 0
-        self.stop()
-        self.ship(force_partial=True)
+            delay = BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)]
+            failures += 1
+            LOG.warning(
+                "replication stopped (%s: %s); again in %d s", problem.reason, REDACTOR.scrub(problem.message), delay
+            )
+            self._sleep(delay)
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while not self.stopping and time.monotonic() < deadline:
             time.sleep(min(0.05, seconds))
+
+
+class _Stopped(Exception):
+    """SIGTERM while a complete segment could not be shipped: the slot keeps it on the server."""
 
 
 @contextlib.contextmanager
@@ -736,13 +863,7 @@ def receive(config: WALConfig, env: Mapping[str, str]) -> Shipper:
             format_lsn(server.position),
             config.slot,
         )
-        try:
-            receiver.run()
-        except BaseException:
-            receiver.stop()
-            with contextlib.suppress(Exception):
-                receiver.ship(force_partial=True)
-            raise
+        receiver.run()
         return shipper
 
 
