@@ -90,6 +90,8 @@ WRITES = [
     ("patch", "statefulsets.apps", "scale"),
     ("patch", "cronjobs.batch", None),
     ("create", "jobs.batch", None),
+    ("create", "deployments.apps", None),
+    ("create", "persistentvolumeclaims", None),
     ("create", "networkpolicies.networking.k8s.io", None),
     ("get", "configmaps", None),
 ]

@@ -102,7 +102,7 @@ def test_agent_roles_cover_exactly_the_exportable_resources() -> None:
 def test_server_side_applied_kinds_may_be_created() -> None:
     """An apply that creates the object needs `create`: the reconcilers apply CronJobs and HPAs."""
     granted = grants(cluster_role()["rules"])
-    for pair in [("batch", "cronjobs"), ("autoscaling", "horizontalpodautoscalers")]:
+    for pair in [("batch", "cronjobs"), ("autoscaling", "horizontalpodautoscalers"), ("apps", "deployments")]:
         assert {"create", "patch"} <= granted[pair], pair
 
 
