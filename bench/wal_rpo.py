@@ -8,7 +8,7 @@ and notes the server's WAL insert position right after the commit (the commit re
 poller reads the bucket's WAL catalog (``reconcilers/wal_catalog.read_catalog``: signed manifests only)
 every ``--poll`` seconds; a probe is recoverable once the newest shipped ``endLsn`` reaches its position.
 Reported: commit-to-recoverable p50 / p95 / max, the server's commit rate (pg_stat_database) and pgbench's
-own, and the receiver's peak RSS (its Python process, VmHWM) and pg_receivewal's.
+own, and the receiver's peak RSS (its Python process, VmHWM, which holds the segment being received) and gpg's.
 
     .venv/bin/python bench/wal_rpo.py [--seconds 60] [--clients 2] [--ship-interval 2]
 """
@@ -175,7 +175,6 @@ def main() -> int:
         ("commit -> recoverable p95", f"{percentile(delays, 0.95):.2f} s"),
         ("commit -> recoverable max", f"{max(delays):.2f} s"),
         ("receiver peak RSS (python, VmHWM)", f"{peak['receiver'] / 1024:.1f} MiB"),
-        ("pg_receivewal peak RSS", f"{peak['pg_receivewal'] / 1024:.1f} MiB"),
         ("gpg peak RSS", f"{peak['children'] / 1024:.1f} MiB"),
         ("segments in the bucket", f"{len(catalog.segments)}; gaps {len(catalog.gaps())}; receiver exit {code}"),
     ]
