@@ -443,6 +443,8 @@ class WALCatalog:
             if not covering:
                 return None
             beyond = [i for i, f in enumerate(walk.files) if f.shipped >= target_time + BEYOND_TARGET]
+            if not beyond and walk.missing is not None:
+                return None  # more WAL after a hole: the commit after the target that ends recovery may be in it
             last = beyond[0] if beyond else len(walk.files) - 1
             return walk.files[: last + 1]
         if target_lsn is not None:
