@@ -122,6 +122,23 @@ async def emergency_isolation_guard(type: str, body: kopf.Body, **kwargs: Any) -
         await isolation.put_back(namespace, guarded, grants=_grants(kwargs))
 
 
+_HOLDING: dict[str, bool] = {}  # an isolation's uid -> whether its guard entry held a policy at its last event
+
+
+@kopf.on.event(*EMERGENCY_ISOLATIONS)
+async def emergency_isolation_guard_armed(type: str, body: kopf.Body, **kwargs: Any) -> None:
+    """When an isolation starts to hold its policy (its status says Isolated), the guard looks once: a policy
+    deleted between the status write and this event had its DELETED event before the guard held it."""
+    uid = str(body.metadata.uid)
+    if type == "DELETED":
+        _HOLDING.pop(uid, None)
+        return
+    holds = isolation.guard_entry(body)["policy"] is not None
+    held, _HOLDING[uid] = _HOLDING.get(uid, False), holds
+    if holds and not held:
+        await isolation.put_back(str(body.metadata.namespace), str(body.metadata.name), grants=_grants(kwargs))
+
+
 @kopf.on.resume(*EMERGENCY_ISOLATIONS)
 @kopf.on.create(*EMERGENCY_ISOLATIONS)
 @kopf.on.update(*EMERGENCY_ISOLATIONS, field="spec")
