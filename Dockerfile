@@ -1,11 +1,15 @@
 # One image for the operator and for the backup/restore agent that its CronJobs and Jobs run.
-# Build: docker build -t ghcr.io/runbook-dev/runbook-operator:0.1.0 .
+# Build: `make image` (tools/image/image.py), or docker build -t ghcr.io/runbook-dev/runbook-operator:0.1.0 . (BuildKit)
 
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator ./operator
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# HTTPS to the package index trusts the system's CAs, or a bundle given as the build secret `ca-bundle`
+# (`--secret id=ca-bundle,src=FILE`, e.g. behind a TLS-inspecting proxy): mounted for this step only, never in a layer.
+RUN --mount=type=secret,id=ca-bundle \
+    if [ -f /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi; \
+    pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim-bookworm
 # pg_dump/pg_restore, redis-cli and gpg are what the agent streams through; redis-server is the Redis restore's
@@ -13,8 +17,9 @@ FROM python:3.11-slim-bookworm
 RUN apt-get update \
  && apt-get install -y --no-install-recommends postgresql-client redis-tools redis-server gnupg ca-certificates tini \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links /wheels runbook-operator && rm -rf /wheels
+# The wheels are mounted from the build stage, not copied: no layer keeps them.
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --no-index --find-links /wheels runbook-operator
 RUN groupadd --gid 10001 runbook && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp runbook
 USER 10001:10001
 ENV HOME=/tmp GNUPGHOME=/tmp/gnupg PYTHONUNBUFFERED=1

@@ -1,5 +1,5 @@
 # The two commands of the README: `make run` and `make test`. Everything else is for development.
-.PHONY: setup run test lint crds unit integration cluster-build helm-build cluster-start cluster-stop bench clean
+.PHONY: setup run test lint crds unit integration cluster-build helm-build cluster-start cluster-stop bench clean image
 
 PY := .venv/bin/python
 CLUSTER := $(PY) tools/localcluster/localcluster.py
@@ -35,6 +35,11 @@ cluster-build: setup
 ## helm for the chart tests (tests/integration/test_helm.py), built from its Go module and cached.
 helm-build: setup
 	$(PY) tools/helm/helm.py build
+
+## The operator/agent image from the Dockerfile (Docker; the base built from Debian's packages when no registry
+## is reachable), cached and exported with `docker save`: tools/image/image.py.
+image: setup
+	$(PY) tools/image/image.py build
 
 cluster-start: cluster-build
 	$(CLUSTER) start
