@@ -45,8 +45,9 @@ import re
 import signal
 import struct
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,6 +72,7 @@ from ..models.plans import (
     S3_SECRET_KEY_ENV,
     SIGNATURE,
     WAL_SCRATCH_ENV,
+    WAL_SEGMENT_BYTES,
     WAL_SPEC_ENV,
     BaseBackupManifest,
     WALSegmentManifest,
@@ -155,7 +157,7 @@ def tool(name: str) -> str:
 
 
 def libpq_env(config: WALConfig, env: Mapping[str, str]) -> dict[str, str]:
-    """The environment of pg_receivewal / pg_basebackup: the server, the replication login, SCRAM only, verified
+    """The environment of pg_basebackup: the server, the replication login, SCRAM only, verified
     TLS when the source has it."""
     source = config.spec.source.postgresql
     assert source is not None
@@ -224,36 +226,25 @@ def replication_connection(config: WALConfig, env: Mapping[str, str]) -> Any:
     RunbookErrors of ``explain``, else SourceUnavailable."""
     import psycopg
 
-    from ..clients.postgres import CONNECT_TIMEOUT, NETWORK_OPTIONS
+    from ..clients.postgres import connection_options, tls_problem
 
     source = config.spec.source.postgresql
     assert source is not None
-    user = require_env(env, PG_USER_ENV, field=CREDENTIALS_FIELD)
-    password = require_env(env, PG_PASSWORD_ENV, field=CREDENTIALS_FIELD)
-    options: dict[str, Any] = {
-        **NETWORK_OPTIONS,
-        "host": source.host,
-        "port": source.port,
-        "dbname": "replication",
-        "replication": "true",
-        "user": user,
-        "password": password,
-        "connect_timeout": CONNECT_TIMEOUT,
-        "require_auth": "scram-sha-256",
-        "gssencmode": "disable",
-        "sslmode": "prefer",
-        "application_name": "runbook-wal-receive",
-    }
-    if source.tls is not None:
-        options |= {
-            "sslmode": "verify-full",
-            "sslrootcert": require_env(env, PG_CA_FILE_ENV, field="spec.source.postgresql.tls.caSecretRef"),
-        }
+    options = connection_options(
+        host=source.host,
+        port=source.port,
+        database="replication",
+        user=require_env(env, PG_USER_ENV, field=CREDENTIALS_FIELD),
+        password=require_env(env, PG_PASSWORD_ENV, field=CREDENTIALS_FIELD),
+        root_cert=None
+        if source.tls is None
+        else require_env(env, PG_CA_FILE_ENV, field="spec.source.postgresql.tls.caSecretRef"),
+        replication=True,
+        application_name="runbook-wal-receive",
+    )
     try:
         return psycopg.connect(**options, autocommit=True)
     except psycopg.OperationalError as error:
-        from ..clients.postgres import tls_problem
-
         problem = tls_problem(error)
         if problem is not None:
             raise RunbookError("TLSFailed", f"spec.source.postgresql.{problem}") from None
@@ -370,8 +361,25 @@ class Shipper:
                 return None
             raise
 
-    def _upload(self, data_key: str, source: IO[bytes] | io.RawIOBase) -> tuple[MultipartUpload, _HashingReader]:
-        reader = _HashingReader(source)
+    def _ship(
+        self,
+        keys: tuple[str, str],
+        data: memoryview,
+        *,
+        name: str,
+        timeline: int,
+        partial: bool,
+        start: int,
+        end: int,
+        segment_bytes: int = WAL_SEGMENT_BYTES,
+        digest: str | None = None,
+    ) -> str:
+        """``data`` through gpg to the data key, then its signed manifest (written last: an object without one is
+        not in the catalog). ``digest``: the plain SHA-256 ``data`` must have (WALChanged if what gpg read was
+        not that). Returns the plain SHA-256."""
+        data_key, manifest_key = keys
+        shipped = _now()  # every byte in data was received by now
+        reader = _HashingReader(_MemoryReader(data))
         upload = MultipartUpload(self.client, self.location, data_key, overlap=False)
         try:
             self.gpg.encrypt_stream(
@@ -383,9 +391,22 @@ class Shipper:
             upload.complete()
         except BaseException as error:
             raise _abort(upload, _as_runbook_error(error)) from None
-        return upload, reader
-
-    def _manifest(self, manifest_key: str, document: WALSegmentManifest) -> dict[str, Any]:
+        plain = reader.sha256.hexdigest()
+        if digest is not None and plain != digest:
+            raise RunbookError("WALChanged", f"{name} changed while it was shipped")
+        document = WALSegmentManifest(
+            name=name,
+            timeline=timeline,
+            partial=partial,
+            start_lsn=format_lsn(start),
+            end_lsn=format_lsn(end),
+            segment_bytes=segment_bytes,
+            sha256=upload.sha256,
+            plain_sha256=plain,
+            size_bytes=upload.size,
+            shipped_time=shipped,
+            symmetric=self.keys.passphrase is not None,
+        )
         manifest = {
             "formatVersion": MANIFEST_FORMAT,
             "policy": {"namespace": self.config.namespace, "name": self.config.policy},
@@ -394,7 +415,7 @@ class Shipper:
         }
         manifest[SIGNATURE] = sign_manifest(manifest, self.signing_key)
         put_json(self.client, self.location, manifest_key, manifest)
-        return manifest
+        return plain
 
     def _known(self, manifest_key: str) -> str | None:
         known = self.shipped.get(manifest_key)
@@ -403,48 +424,35 @@ class Shipper:
             known = None if existing is None else str(existing.get("plainSha256"))
         return known
 
-    def ship_segment(self, timeline: int, start: int, data: memoryview) -> bool:
-        """A complete segment held in memory (then the bucket's partial of it goes); False when it was there
-        already."""
+    def ship_segment(self, timeline: int, start: int, data: memoryview, digest: str) -> bool:
+        """A complete segment held in memory whose plain SHA-256 is ``digest`` (then the bucket's partial of it
+        goes); False when it was there already."""
         size = len(data)
         name = segment_name(timeline, start, size)
-        data_key, manifest_key = wal_catalog.segment_keys(self.base, timeline, name)
-        digest = hashlib.sha256(data).hexdigest()
-        known = self._known(manifest_key)
+        keys = wal_catalog.segment_keys(self.base, timeline, name)
+        known = self._known(keys[1])
         if known is not None and known != digest:
             LOG.error("segment %s: the bucket holds another copy (plain sha256 %s); it is kept", name, known[:12])
-            self._drop_partial(timeline, name)
-            return False
-        if known == digest:
+        elif known == digest:
             LOG.info("segment %s: already in the bucket", name)
-            self.shipped[manifest_key] = digest
-            self._drop_partial(timeline, name)
-            return False
-        shipped = _now()
-        upload, reader = self._upload(data_key, _MemoryReader(data))
-        if reader.sha256.hexdigest() != digest:
-            raise RunbookError("WALChanged", f"segment {name} changed while it was shipped")
-        self._manifest(
-            manifest_key,
-            WALSegmentManifest(
+            self.shipped[keys[1]] = digest
+        else:
+            self._ship(
+                keys,
+                data,
                 name=name,
                 timeline=timeline,
                 partial=False,
-                start_lsn=format_lsn(start),
-                end_lsn=format_lsn(start + size),
+                start=start,
+                end=start + size,
                 segment_bytes=size,
-                sha256=upload.sha256,
-                plain_sha256=digest,
-                size_bytes=upload.size,
-                shipped_time=shipped,
-                symmetric=self.keys.passphrase is not None,
-            ),
-        )
-        self.shipped[manifest_key] = digest
+                digest=digest,
+            )
+            self.shipped[keys[1]] = digest
+            self.count += 1
+            LOG.info("shipped segment %s", name)
         self._drop_partial(timeline, name)
-        self.count += 1
-        LOG.info("shipped segment %s", name)
-        return True
+        return known is None
 
     def _drop_partial(self, timeline: int, name: str) -> None:
         data_key, manifest_key = wal_catalog.segment_keys(self.base, timeline, name, partial=True)
@@ -459,64 +467,40 @@ class Shipper:
         if used == 0:
             return False
         name = segment_name(timeline, start, segment_bytes)
-        shipped = _now()  # every byte in data was received by now
-        data_key, manifest_key = wal_catalog.segment_keys(self.base, timeline, name, partial=True)
+        keys = wal_catalog.segment_keys(self.base, timeline, name, partial=True)
         if name not in self.partial_ends:
             _, complete_key = wal_catalog.segment_keys(self.base, timeline, name)
             if self._known(complete_key) is not None:  # shipped whole before a restart: no partial beside it
                 self.partial_ends[name] = segment_bytes
             else:
-                existing = self._bucket_manifest(manifest_key)
+                existing = self._bucket_manifest(keys[1])
                 self.partial_ends[name] = parse_lsn(existing["endLsn"]) - start if existing else 0
         if used <= self.partial_ends[name]:
             return False
-        upload, reader = self._upload(data_key, _MemoryReader(data))
-        self._manifest(
-            manifest_key,
-            WALSegmentManifest(
-                name=name,
-                timeline=timeline,
-                partial=True,
-                start_lsn=format_lsn(start),
-                end_lsn=format_lsn(start + used),
-                segment_bytes=segment_bytes,
-                sha256=upload.sha256,
-                plain_sha256=reader.sha256.hexdigest(),
-                size_bytes=upload.size,
-                shipped_time=shipped,
-                symmetric=self.keys.passphrase is not None,
-            ),
+        self._ship(
+            keys,
+            data,
+            name=name,
+            timeline=timeline,
+            partial=True,
+            start=start,
+            end=start + used,
+            segment_bytes=segment_bytes,
         )
         self.partial_ends[name] = used
         return True
 
     def ship_history(self, name: str, content: bytes) -> bool:
         timeline = int(name[:8], 16)
-        data_key, manifest_key = wal_catalog.history_keys(self.base, timeline)
-        digest = hashlib.sha256(content).hexdigest()
-        known = self._known(manifest_key)
+        keys = wal_catalog.history_keys(self.base, timeline)
+        known = self._known(keys[1])
         if known is not None:
-            self.shipped[manifest_key] = known
+            self.shipped[keys[1]] = known
             return False
         begin = _history_begin(content)
-        shipped = _now()
-        upload, _ = self._upload(data_key, io.BytesIO(content))
-        self._manifest(
-            manifest_key,
-            WALSegmentManifest(
-                name=name,
-                timeline=timeline,
-                partial=False,
-                start_lsn=format_lsn(begin),
-                end_lsn=format_lsn(begin),
-                sha256=upload.sha256,
-                plain_sha256=digest,
-                size_bytes=upload.size,
-                shipped_time=shipped,
-                symmetric=self.keys.passphrase is not None,
-            ),
+        self.shipped[keys[1]] = self._ship(
+            keys, memoryview(content), name=name, timeline=timeline, partial=False, start=begin, end=begin
         )
-        self.shipped[manifest_key] = digest
         LOG.info("shipped history %s", name)
         return True
 
@@ -575,14 +559,29 @@ class _TimelineEnded(Exception):
 
 
 @dataclass
-class Receiver:
-    """The physical replication protocol spoken over the slot (psycopg's libpq connection, COPY BOTH).
+class _Complete:
+    """A complete segment handed to the shipping thread: its buffer is the thread's until it is in the bucket."""
 
-    Memory: the segment being received (``segment_bytes``, one buffer) and the chunks gpg reads from it. The
-    feedback the server gets says flushed = applied = ``shipped``, the end of what is in the bucket with its
-    manifest written, so the slot's restart_lsn never passes WAL that is not archived: a receiver lost with
-    its memory resumes from the slot's restart_lsn rounded down to its segment's start and re-ships that
-    segment (a partial reaching no further is skipped, a complete one with the same digest too)."""
+    timeline: int
+    start: int
+    buffer: bytearray
+    digest: str  # plain SHA-256 of what was received into it
+
+
+@dataclass
+class Receiver:
+    """The physical replication protocol spoken over the slot (psycopg's libpq connection, COPY BOTH), and a
+    shipping thread beside it, so reading goes on while a segment is encrypted and uploaded.
+
+    Memory: two buffers of ``segment_bytes`` at most, the segment being received and the complete one being
+    shipped (a segment that fills while the previous one is not yet in the bucket waits, and nothing more is
+    read), and the chunks gpg reads. The thread ships a handed-over complete segment first, else the partial of
+    the segment being received when asked (``shipIntervalSeconds``), from the same buffer: bytes received are
+    never changed until the segment is shipped whole. The feedback the server gets says flushed = applied =
+    ``shipped``, the end of what is in the bucket with its manifest written (the thread advances it), so the
+    slot's restart_lsn never passes WAL that is not archived: a receiver lost with its memory resumes from the
+    slot's restart_lsn rounded down to its segment's start and re-ships that segment (a partial reaching no
+    further is skipped, a complete one with the same digest too)."""
 
     config: WALConfig
     env: Mapping[str, str]
@@ -594,10 +593,25 @@ class Receiver:
     filled: int = 0  # bytes of it received
     shipped: int = 0  # end of the WAL in the bucket, contiguous from where this run started
     buffer: bytearray = field(default_factory=bytearray)
+    _digest: Any = field(default_factory=hashlib.sha256)  # of the buffer's bytes received so far
+    _server_end: int = 0  # the end of the server's WAL, as its last message said
     _conn: Any = None
     _last_partial: float = 0.0
     _last_feedback: float = 0.0
-    _partial_shipped: int = 0  # bytes of the buffer's segment shipped as its partial
+    # Shared with the shipping thread, under _lock (_ready: the thread has something to do or was told to end).
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _ready: threading.Condition = field(init=False)
+    _complete: _Complete | None = None  # handed over, not yet in the bucket
+    _spare: bytearray | None = None  # the buffer of the last complete segment shipped
+    _partial_wanted: bool = False
+    _partial_end: int = 0  # bytes of the buffer's segment shipped as its partial
+    _busy: bool = False
+    _closing: bool = False
+    _failure: BaseException | None = None
+    _thread: threading.Thread | None = None
+
+    def __post_init__(self) -> None:
+        self._ready = threading.Condition(self._lock)
 
     @property
     def received(self) -> int:
@@ -624,7 +638,9 @@ class Receiver:
             raise explain(message, self.config, self.env) or RunbookError(
                 "SourceFailed", f"START_REPLICATION: {one_line(message)}"
             )
-        self.timeline, self.start, self.filled, self._partial_shipped = timeline, start, 0, 0
+        with self._lock:  # the shipping thread is idle (_settle): nothing of the buffer is being read
+            self.timeline, self.start, self.filled, self._partial_end = timeline, start, 0, 0
+            self._digest = hashlib.sha256()
         LOG.info("streaming timeline %d from %s (slot %s)", timeline, format_lsn(start), self.config.slot)
 
     def _end_of_stream(self) -> _TimelineEnded:
@@ -646,39 +662,124 @@ class Receiver:
             raise RunbookError("SourceFailed", "replication stream ended without a next timeline")
         return _TimelineEnded(next_timeline, switch)
 
-    # -- shipping -----------------------------------------------------------------------------------------------
+    # -- shipping (the thread) ----------------------------------------------------------------------------------
 
-    def _ship_partial(self, *, force: bool = False) -> None:
-        due = time.monotonic() - self._last_partial >= self.config.wal.ship_interval_seconds
-        if not (due or force) or self.filled <= self._partial_shipped:
-            return
-        self._last_partial = time.monotonic()
-        end = self.filled
-        self.shipper.ship_partial(self.timeline, self.start, memoryview(self.buffer)[:end], self.segment_bytes)
-        self._partial_shipped = end
-        self.shipped = max(self.shipped, self.start + end)
+    def _ship_loop(self) -> None:
+        """The shipping thread: a handed-over complete segment (retried until it is in the bucket or SIGTERM),
+        else the partial asked for, until told to end. An unexpected error ends it; the reader raises it."""
+        try:
+            while True:
+                with self._ready:
+                    while not (self._closing or self._complete is not None or self._partial_wanted):
+                        self._ready.wait()
+                    if self._complete is None and not self._partial_wanted:
+                        return
+                    complete = self._complete
+                    self._partial_wanted = complete is not None and self._partial_wanted
+                    partial = (self.timeline, self.start, self.buffer, self.filled)
+                    self._busy = True
+                try:
+                    if complete is not None and not self._ship_complete(complete):
+                        return  # SIGTERM or the end while S3 refused it: the reader stops (_Stopped)
+                    if complete is None:
+                        self._ship_partial(*partial)
+                finally:
+                    with self._ready:
+                        self._busy = False
+                        self._ready.notify_all()
+        except BaseException as error:
+            with self._ready:
+                self._failure = error
+                self._ready.notify_all()
 
-    def _ship_complete(self) -> None:
-        """The buffer holds a whole segment: ship it (retried until it is in the bucket or SIGTERM; the server
-        keeps sending nothing new meanwhile: nothing is read), then start the next one."""
+    def _ship_complete(self, segment: _Complete) -> bool:
+        """The segment, retried until it is in the bucket (True) or SIGTERM or the end of the run (False: still
+        handed over, never reported flushed; the slot keeps it on the server)."""
         while True:
             try:
-                self.shipper.ship_segment(self.timeline, self.start, memoryview(self.buffer))
+                self.shipper.ship_segment(segment.timeline, segment.start, memoryview(segment.buffer), segment.digest)
                 break
             except (RunbookError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
                 problem = _as_runbook_error(error)
                 LOG.warning("shipping failed (%s: %s); trying again", problem.reason, REDACTOR.scrub(problem.message))
                 deadline = time.monotonic() + 2
                 while time.monotonic() < deadline:
-                    if self.stopping:
-                        raise _Stopped() from None
-                    if time.monotonic() - self._last_feedback >= 1:
-                        self._feedback()
+                    if self.stopping or self._closing:
+                        return False
                     time.sleep(0.1)
-        self.shipped = max(self.shipped, self.start + self.segment_bytes)
-        self.start += self.segment_bytes
-        self.filled = self._partial_shipped = 0
-        self._feedback()
+        with self._ready:
+            self.shipped = max(self.shipped, segment.start + len(segment.buffer))
+            self._complete, self._spare = None, segment.buffer
+        return True
+
+    def _ship_partial(self, timeline: int, start: int, buffer: bytearray, end: int) -> None:
+        try:
+            self.shipper.ship_partial(timeline, start, memoryview(buffer)[:end], self.segment_bytes)
+        except (RunbookError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+            problem = _as_runbook_error(error)
+            LOG.warning("shipping failed (%s: %s); trying again", problem.reason, REDACTOR.scrub(problem.message))
+            return  # asked again at the next interval
+        with self._ready:
+            self.shipped = max(self.shipped, start + end)
+            if start == self.start:
+                self._partial_end = max(self._partial_end, end)
+
+    # -- shipping (the reader's side) ---------------------------------------------------------------------------
+
+    def _check_thread(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError("the shipping thread failed") from self._failure
+
+    def _ask_partial(self, *, force: bool = False) -> None:
+        """Every shipIntervalSeconds (or ``force``): ask for the partial when the buffer's segment grew past what
+        was shipped of it, unless the server is already past the segment's end (its complete copy follows:
+        shipping its partial would only encrypt it again)."""
+        due = time.monotonic() - self._last_partial >= self.config.wal.ship_interval_seconds
+        if not (due or force) or self.filled <= self._partial_end:
+            return
+        if not force and self._server_end >= self.start + self.segment_bytes:
+            return
+        self._last_partial = time.monotonic()
+        with self._ready:
+            self._partial_wanted = True
+            self._ready.notify_all()
+
+    def _wait_thread(self, done: Callable[[], bool]) -> None:
+        """Until ``done()`` (checked under the lock), sending status updates meanwhile; SIGTERM stops the wait
+        when a complete segment is still not in the bucket (_Stopped: the slot keeps it on the server)."""
+        while True:
+            with self._ready:
+                self._check_thread()
+                if done():
+                    return
+                if self.stopping and self._complete is not None and not self._busy:
+                    raise _Stopped()
+                self._ready.wait(0.1)
+            if self._conn is not None and time.monotonic() - self._last_feedback >= STATUS_SECONDS:
+                self._feedback()
+
+    def _settle(self, *, partial: bool) -> None:
+        """Everything handed over is in the bucket, and with ``partial`` the buffer's bytes too: the shipping
+        thread is idle after this."""
+        if partial:
+            self._ask_partial(force=True)
+        self._wait_thread(lambda: self._complete is None and not self._partial_wanted and not self._busy)
+
+    def _hand_over(self) -> None:
+        """The buffer holds a whole segment: it goes to the shipping thread once the previous one is in the
+        bucket (until then nothing more is read: the server keeps the rest), and the next segment is received
+        into the previous one's buffer."""
+        digest = self._digest.hexdigest()
+        self._wait_thread(lambda: self._complete is None)
+        with self._ready:
+            self._complete = _Complete(self.timeline, self.start, self.buffer, digest)
+            self.buffer = self._spare if self._spare is not None else bytearray(self.segment_bytes)
+            self._spare = None
+            self._partial_wanted = False  # the segment's partial is not needed now
+            self.start += self.segment_bytes
+            self.filled = self._partial_end = 0
+            self._digest = hashlib.sha256()
+            self._ready.notify_all()
 
     def _take(self, begin: int, payload: memoryview) -> None:
         """XLogData at ``begin``: into the buffer (a new segment is started when it fills)."""
@@ -693,10 +794,11 @@ class Receiver:
         while len(payload):
             take = min(len(payload), self.segment_bytes - self.filled)
             self.buffer[self.filled : self.filled + take] = payload[:take]
-            self.filled += take
+            self._digest.update(payload[:take])
+            self.filled += take  # after the bytes: the shipping thread reads the buffer through filled
             payload = payload[take:]
             if self.filled == self.segment_bytes:
-                self._ship_complete()
+                self._hand_over()
 
     def _stream(self) -> None:
         """Messages until the timeline ends (raises _TimelineEnded) or SIGTERM (returns)."""
@@ -705,18 +807,12 @@ class Receiver:
         pg = self._conn.pgconn
         socket = pg.socket
         while not self.stopping:
+            self._check_thread()
+            if time.monotonic() - self._last_feedback >= STATUS_SECONDS:
+                self._feedback()
+            self._ask_partial()
             nbytes, data = pg.get_copy_data(1)
             if nbytes == 0:
-                if time.monotonic() - self._last_feedback >= STATUS_SECONDS:
-                    self._feedback()
-                try:
-                    self._ship_partial()
-                except (RunbookError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
-                    problem = _as_runbook_error(error)
-                    LOG.warning(
-                        "shipping failed (%s: %s); trying again", problem.reason, REDACTOR.scrub(problem.message)
-                    )
-                    self._last_partial = time.monotonic() - self.config.wal.ship_interval_seconds + 2
                 select.select([socket], [], [], POLL_SECONDS)
                 pg.consume_input()
                 continue
@@ -724,27 +820,25 @@ class Receiver:
                 raise self._end_of_stream()
             kind = data[:1].tobytes()
             if kind == b"w":
-                begin, _, _ = struct.unpack_from(">QQQ", data, 1)
+                begin, end, _ = struct.unpack_from(">QQQ", data, 1)
+                self._server_end = max(self._server_end, end)
                 self._take(begin, data[25:])
             elif kind == b"k":
-                _, _, reply = struct.unpack_from(">QQB", data, 1)
+                end, _, reply = struct.unpack_from(">QQB", data, 1)
+                self._server_end = max(self._server_end, end)
                 if reply:
                     self._feedback()
-            if time.monotonic() - self._last_feedback >= STATUS_SECONDS:
-                self._feedback()
-            # The partial is shipped only once caught up (nothing more to read, above): while WAL is still
-            # arriving, the complete segment comes first (shipping a growing partial each interval while
-            # catching up would re-encrypt the segment over and over).
 
     def session(self) -> None:
         """One replication connection: from the slot's restart point (its segment's start) until SIGTERM,
         following timeline switches."""
+        self._settle(partial=False)  # what an earlier session handed over is in the bucket first
         self._conn = replication_connection(self.config, self.env)
         try:
             server, slot = identify_on(self._conn, self.config, self.env)
             self.segment_bytes = server.segment_bytes
             if len(self.buffer) != server.segment_bytes:
-                self.buffer = bytearray(server.segment_bytes)
+                self.buffer, self._spare = bytearray(server.segment_bytes), None
             if slot.restart_lsn is not None:
                 timeline, resume = slot.restart_timeline or server.timeline, slot.restart_lsn
             else:
@@ -752,6 +846,7 @@ class Receiver:
             # Everything before the slot's restart point is in the bucket (this receiver only ever reports
             # flushed = shipped); from it on, the segment is received again from its start and re-shipped.
             self.shipped = max(self.shipped, resume)
+            self._server_end = 0
             start = resume - resume % server.segment_bytes
             self._start_replication(timeline, start)
             self._feedback()
@@ -766,12 +861,13 @@ class Receiver:
                         format_lsn(ended.switch),
                         ended.next_timeline,
                     )
-                    self._ship_partial(force=True)
+                    self._settle(partial=True)
                     name, content = self._history(ended.next_timeline)
-                    self.shipper.ship_history(name, content)
+                    self.shipper.ship_history(name, content)  # the shipping thread is idle
+                    self._server_end = 0
                     self._start_replication(ended.next_timeline, ended.switch - ended.switch % self.segment_bytes)
                     self._feedback()
-            self._ship_partial(force=True)
+            self._settle(partial=True)
             self._feedback()
         finally:
             with contextlib.suppress(Exception):
@@ -787,7 +883,18 @@ class Receiver:
 
     def run(self) -> None:
         """Until SIGTERM: replication sessions, restarted with backoff after a lost connection or a failure that
-        a restart may cure; a configuration problem is raised."""
+        a restart may cure; a configuration problem is raised. The shipping thread runs meanwhile."""
+        self._thread = threading.Thread(target=self._ship_loop, name="wal-ship", daemon=True)
+        self._thread.start()
+        try:
+            self._sessions()
+        finally:
+            with self._ready:
+                self._closing = True
+                self._ready.notify_all()
+            self._thread.join()
+
+    def _sessions(self) -> None:
         import psycopg
 
         failures = 0

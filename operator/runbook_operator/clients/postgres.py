@@ -90,9 +90,22 @@ def connect(
     return conn
 
 
-def _connect(
-    *, host: str, port: int, database: str, user: str, password: str, ca: str | None
-) -> psycopg.Connection[Any]:
+def connection_options(
+    *,
+    host: str,
+    port: int,
+    database: str,
+    user: str,
+    password: str,
+    root_cert: str | None = None,
+    replication: bool = False,
+    application_name: str | None = None,
+) -> dict[str, Any]:
+    """libpq's connection options for every connection this project makes (``connect`` here, the WAL
+    receiver's physical replication connection in ``agent/wal.py``): CONNECT_TIMEOUT, NETWORK_OPTIONS,
+    ``require_auth=scram-sha-256``, ``gssencmode=disable``, and ``sslmode=verify-full`` against the CA file
+    ``root_cert`` (a path) when given, else ``sslmode=prefer``. ``replication``: a physical replication
+    connection (``replication=true``; the server ignores ``database`` then)."""
     options: dict[str, Any] = {
         **NETWORK_OPTIONS,
         "host": host,
@@ -105,16 +118,34 @@ def _connect(
         "gssencmode": "disable",
         "sslmode": "prefer",
     }
-    if ca is None:
-        return psycopg.connect(**options, autocommit=True)
-    fd = os.memfd_create("postgres-ca", os.MFD_CLOEXEC)
+    if root_cert is not None:
+        options |= {"sslmode": "verify-full", "sslrootcert": root_cert}
+    if replication:
+        options["replication"] = "true"
+    if application_name is not None:
+        options["application_name"] = application_name
+    return options
+
+
+def _connect(
+    *, host: str, port: int, database: str, user: str, password: str, ca: str | None
+) -> psycopg.Connection[Any]:
+    fd = None if ca is None else os.memfd_create("postgres-ca", os.MFD_CLOEXEC)
     try:
-        os.write(fd, ca.encode())
-        return psycopg.connect(
-            **options | {"sslmode": "verify-full", "sslrootcert": f"/proc/self/fd/{fd}"}, autocommit=True
+        if fd is not None:
+            os.write(fd, str(ca).encode())
+        options = connection_options(
+            host=host,
+            port=port,
+            database=database,
+            user=user,
+            password=password,
+            root_cert=None if fd is None else f"/proc/self/fd/{fd}",
         )
+        return psycopg.connect(**options, autocommit=True)
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def tls_problem(error: psycopg.OperationalError) -> str | None:
