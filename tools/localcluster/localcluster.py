@@ -6,9 +6,15 @@ published Go modules (see go.mod, gen-replace.py), and kwok (its own module unde
 few Node objects into fake nodes that "run" scheduled pods. Binaries are cached outside the repository in
 ``${RUNBOOK_CACHE_DIR:-~/.cache/runbook-operator}/localcluster/bin-<hash of the module files>/``.
 
+``--real-node`` adds a real node, ``real-node``, whose pods really run: containerd (with Debian's runc),
+the kubelet, kube-proxy, the CNI reference plugins, kube-router (NetworkPolicy), CoreDNS (the kube-dns
+Service) and a locally built pause image, cached in ``node-bin-<hash>/`` beside the control plane's binaries.
+It needs root and the Debian packages of ``node-setup.sh``. Pods reach only pods and Services of this cluster.
+
 CLI::
 
-    python tools/localcluster/localcluster.py build|start|stop|status|kubeconfig [--state-dir DIR]
+    python tools/localcluster/localcluster.py build|start|stop|status|kubeconfig [--state-dir DIR] [--real-node]
+    python tools/localcluster/localcluster.py import-image FILE [--state-dir DIR]   (an OCI or docker-archive tar)
 
 ``start`` detaches: the components keep running after it returns (PIDs in ``DIR/pids.json``) until
 ``stop``. From Python (pytest), ``with LocalCluster(state_dir) as cluster:`` stops everything on exit,
@@ -24,16 +30,19 @@ import ctypes
 import datetime
 import fcntl
 import hashlib
+import io
 import ipaddress
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import urllib.error
@@ -93,6 +102,67 @@ CONTROLLERS = (
 )
 SERVICE_CIDR = "10.96.0.0/16"
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+# With a real node the fake nodes carry this taint, so that ordinary pods land on the real node.
+FAKE_NODE_TAINT = {"key": "localcluster.runbook.dev/fake-node", "effect": "NoSchedule"}
+
+# The real node. One per machine: the bridge, the pod network and the host's iptables rules are fixed.
+NODE_NAME = "real-node"
+NODE_BRIDGE = "rblc0"
+POD_CIDR = "10.245.0.0/24"
+NODE_IP = "10.245.0.1"  # the bridge's address: the kubelet, and CoreDNS on port 53, listen on it
+DNS_SERVICE_IP = "10.96.0.10"
+CLUSTER_DOMAIN = "cluster.local"
+NODE_CGROUP_ROOT = "runbook-localcluster"  # under every cgroup hierarchy's root
+NODE_IPTABLES_CHAIN = "RUNBOOK-LOCALCLUSTER-PODS"
+# Chains and ipsets the node's components make (ours; KUBE-: kubelet, kube-proxy, kube-router; CNI-: portmap)
+NODE_CHAIN_PREFIXES = (NODE_IPTABLES_CHAIN, "KUBE-", "CNI-HOSTPORT-", "CNI-DN-")
+NODE_IPSET_PREFIXES = ("KUBE-", "kube-router-")
+CNI_NETWORK = "runbook-localcluster"
+PAUSE_IMAGE = "localcluster.local/pause:1"
+TEST_IMAGE = "localcluster.local/nettool:1"
+NODE_SETUP_HINT = f"run {HERE / 'node-setup.sh'} (installs runc, iptables, ipset and conntrack from Debian)"
+NODE_MODULES = ("node", "containerd", "cni", "kube-router", "coredns", "images")
+NODE_BUILD_INPUTS = (
+    *(HERE / module / name for module in NODE_MODULES for name in ("go.mod", "go.sum") if module != "images"),
+    HERE / "images" / "go.mod",
+    HERE / "coredns" / "main.go",
+    HERE / "images" / "pause" / "main.go",
+    HERE / "images" / "nettool" / "main.go",
+)
+CONTAINERD_VERSION_PACKAGE = "github.com/containerd/containerd/v2/version.Version"
+# binary name -> (module directory, package); CNI plugins go to cni/, where containerd looks for them.
+NODE_BINARIES: dict[str, tuple[Path, str]] = {
+    "kubelet": (HERE / "node", "k8s.io/kubernetes/cmd/kubelet"),
+    "kube-proxy": (HERE / "node", "k8s.io/kubernetes/cmd/kube-proxy"),
+    "containerd": (HERE / "containerd", "github.com/containerd/containerd/v2/cmd/containerd"),
+    "containerd-shim-runc-v2": (HERE / "containerd", "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2"),
+    "ctr": (HERE / "containerd", "github.com/containerd/containerd/v2/cmd/ctr"),
+    "cni/bridge": (HERE / "cni", "github.com/containernetworking/plugins/plugins/main/bridge"),
+    "cni/host-local": (HERE / "cni", "github.com/containernetworking/plugins/plugins/ipam/host-local"),
+    "cni/loopback": (HERE / "cni", "github.com/containernetworking/plugins/plugins/main/loopback"),
+    "cni/portmap": (HERE / "cni", "github.com/containernetworking/plugins/plugins/meta/portmap"),
+    "kube-router": (HERE / "kube-router", "github.com/cloudnativelabs/kube-router/v2/cmd/kube-router"),
+    "coredns": (HERE / "coredns", "."),
+    "pause": (HERE / "images", "./pause"),
+    "nettool": (HERE / "images", "./nettool"),
+}
+# image name -> (binary in it, its entrypoint, its user)
+NODE_IMAGES: dict[str, tuple[str, list[str], str]] = {
+    PAUSE_IMAGE: ("pause", ["/pause"], "65535:65535"),
+    TEST_IMAGE: ("nettool", ["/nettool"], "65532:65532"),
+}
+# Host settings the kubelet or the node's network change; recorded at start, put back at stop.
+HOST_SYSCTLS = (
+    "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+    "net/ipv4/ip_forward",
+    "net/bridge/bridge-nf-call-iptables",
+)
+MNT_DETACH = 2
 FAKE_NODE_COUNT = 3
 PORT_ATTEMPTS = 4
 PR_SET_PDEATHSIG = 1
@@ -214,11 +284,19 @@ def cache_root() -> Path:
     return Path(base) / "localcluster"
 
 
-def bin_dir() -> Path:
+def _input_hash(inputs: tuple[Path, ...]) -> str:
     digest = hashlib.sha256()
-    for path in BUILD_INPUTS:
+    for path in inputs:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return cache_root() / f"bin-{digest.hexdigest()[:12]}"
+    return digest.hexdigest()[:12]
+
+
+def bin_dir() -> Path:
+    return cache_root() / f"bin-{_input_hash(BUILD_INPUTS)}"
+
+
+def node_bin_dir() -> Path:
+    return cache_root() / f"node-bin-{_input_hash(NODE_BUILD_INPUTS)}"
 
 
 def find_go() -> str:
@@ -241,9 +319,13 @@ def find_go() -> str:
 
 
 def kubernetes_version() -> str:
-    match = re.search(r"k8s\.io/kubernetes\s+(v\d+\.\d+\.\d+)", (HERE / "go.mod").read_text())
+    return required_kubernetes_version(HERE / "go.mod")
+
+
+def required_kubernetes_version(go_mod: Path) -> str:
+    match = re.search(r"k8s\.io/kubernetes\s+(v\d+\.\d+\.\d+)", go_mod.read_text())
     if match is None:
-        raise LocalClusterError(f"{HERE / 'go.mod'} does not require k8s.io/kubernetes")
+        raise LocalClusterError(f"{go_mod} does not require k8s.io/kubernetes")
     return match.group(1)
 
 
@@ -261,40 +343,145 @@ def version_ldflags(version: str) -> str:
     return " ".join(flags)
 
 
-def build() -> Path:
-    """Build the binaries unless the cache already has them for the current module files."""
-    target = bin_dir()
-    if all((target / name).is_file() for name in BINARIES):
+def _ldflags(package: str) -> str:
+    if package.startswith("k8s.io/kubernetes/"):
+        return version_ldflags(kubernetes_version())
+    if package.startswith("github.com/containerd/containerd/v2/"):
+        version = re.search(
+            r"github\.com/containerd/containerd/v2\s+(v[\d.]+)", (HERE / "containerd" / "go.mod").read_text()
+        )
+        return f"-s -w -X {CONTAINERD_VERSION_PACKAGE}={version.group(1) if version else 'unknown'}"
+    return "-s -w"
+
+
+def _build(target: Path, binaries: dict[str, tuple[Path, str]], finish: Callable[[Path], None] | None = None) -> Path:
+    """Build `binaries` into `target` unless it has them all; `finish` adds more files before it is used."""
+    if all((target / name).is_file() for name in binaries):
         return target
     cache_root().mkdir(parents=True, exist_ok=True)
     with (cache_root() / "build.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another test run may be building the same binaries
-        if all((target / name).is_file() for name in BINARIES):
+        if all((target / name).is_file() for name in binaries):
             return target
         go = find_go()
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         env = {**os.environ, "CGO_ENABLED": "0"}
-        ldflags = version_ldflags(kubernetes_version())
-        log(f"building {len(BINARIES)} binaries into {target} (the first build takes 10-30 minutes)")
+        log(f"building {len(binaries)} binaries into {target} (the first build takes 10-30 minutes)")
         started = time.monotonic()
-        for index, (name, (module, package)) in enumerate(BINARIES.items(), start=1):
-            log(f"[{index}/{len(BINARIES)}] go build {package}")
+        for index, (name, (module, package)) in enumerate(binaries.items(), start=1):
+            log(f"[{index}/{len(binaries)}] go build {package}")
             step = time.monotonic()
             result = subprocess.run(
-                [go, "build", "-p", "2", "-trimpath", f"-ldflags={ldflags}", "-o", partial / name, package],
+                [go, "build", "-p", "2", "-trimpath", f"-ldflags={_ldflags(package)}", "-o", partial / name, package],
                 cwd=module,
                 env=env,
                 check=False,
             )
             if result.returncode != 0:
                 raise LocalClusterError(f"building {name} from {package} failed (exit {result.returncode})")
-            log(f"[{index}/{len(BINARIES)}] {name} done in {time.monotonic() - step:.0f}s")
+            log(f"[{index}/{len(binaries)}] {name} done in {time.monotonic() - step:.0f}s")
+        if finish is not None:
+            finish(partial)
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)
         log(f"built everything in {time.monotonic() - started:.0f}s")
     return target
+
+
+def build() -> Path:
+    """Build the control plane's binaries unless the cache already has them for the current module files."""
+    return _build(bin_dir(), BINARIES)
+
+
+def build_node() -> Path:
+    """Build the real node's binaries and image tarballs (``images/*.tar``) unless the cache has them."""
+    if kubernetes_version() != required_kubernetes_version(HERE / "node" / "go.mod"):
+        raise LocalClusterError(
+            f"{HERE / 'node' / 'go.mod'} must require k8s.io/kubernetes {kubernetes_version()}: run gen-replace.py"
+        )
+
+    def write_images(directory: Path) -> None:
+        (directory / "images").mkdir()
+        for image, (binary, entrypoint, user) in NODE_IMAGES.items():
+            image_tar(directory / "images" / f"{binary}.tar", image, directory / binary, entrypoint, user)
+
+    return _build(node_bin_dir(), NODE_BINARIES, write_images)
+
+
+def image_tar(target: Path, name: str, binary: Path, entrypoint: list[str], user: str) -> None:
+    """Write an OCI image layout tarball of one layer holding `binary` at entrypoint[0], named `name`."""
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        content = binary.read_bytes()
+        info = tarfile.TarInfo(entrypoint[0].lstrip("/"))
+        info.mode, info.size, info.mtime = 0o755, len(content), 0
+        tar.addfile(info, io.BytesIO(content))
+    layer_bytes = layer.getvalue()
+    layer_digest = "sha256:" + hashlib.sha256(layer_bytes).hexdigest()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Entrypoint": entrypoint, "User": user, "WorkingDir": "/"},
+            "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+        },
+        sort_keys=True,
+    ).encode()
+    config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config_digest,
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": layer_digest,
+                    "size": len(layer_bytes),
+                }
+            ],
+        },
+        sort_keys=True,
+    ).encode()
+    manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [
+                {
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": manifest_digest,
+                    "size": len(manifest),
+                    "platform": {"architecture": "amd64", "os": "linux"},
+                    "annotations": {
+                        "io.containerd.image.name": name,
+                        "org.opencontainers.image.ref.name": name.rsplit(":", 1)[1],
+                    },
+                }
+            ],
+        },
+        sort_keys=True,
+    ).encode()
+    files = {
+        "oci-layout": b'{"imageLayoutVersion":"1.0.0"}',
+        "index.json": index,
+        **{
+            f"blobs/sha256/{d.split(':')[1]}": b
+            for d, b in ((layer_digest, layer_bytes), (config_digest, config), (manifest_digest, manifest))
+        },
+    }
+    with tarfile.open(target, mode="w") as tar:
+        for path, data in files.items():
+            info = tarfile.TarInfo(path)
+            info.size, info.mtime = len(data), 0
+            tar.addfile(info, io.BytesIO(data))
 
 
 # ------------------------------------------------------------------------------------- certificates
@@ -475,6 +662,234 @@ def tail(path: Path, lines: int = 40) -> str:
         return f"(no log at {path})"
 
 
+# --------------------------------------------------------------------------------------- real node
+
+NODE_OWNER_FILE = Path("/run/runbook-localcluster/real-node-owner")  # the state dir of the running real node
+
+CONTAINERD_CONFIG = """\
+version = 3
+root = "{root}"
+state = "{state}"
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.blockfile",
+  "io.containerd.snapshotter.v1.erofs",
+  "io.containerd.tracing.processor.v1.otlp",
+]
+
+[grpc]
+  address = "{socket}"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{root}/opt"
+
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "{pause}"
+
+[plugins."io.containerd.cri.v1.runtime"]
+  netns_mounts_under_state_dir = true
+  # Keep the kubelet's oom_score_adj (-998 for sandboxes) within what this process may set: a host
+  # without CAP_SYS_RESOURCE (a container, some VMs) refuses a lower one and no pod would start.
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        BinaryName = "{runc}"
+        Root = "{runc_root}"
+        SystemdCgroup = false
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["{cni_bin}"]
+    conf_dir = "{cni_conf}"
+    max_conf_num = 1
+
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+"""
+
+# No forward plugin: names outside the cluster do not resolve.
+COREFILE = """\
+.:53 {{
+    bind {node_ip}
+    errors
+    health 127.0.0.1:{health}
+    ready 127.0.0.1:{ready}
+    kubernetes {domain} in-addr.arpa ip6.arpa {{
+        kubeconfig {kubeconfig} localcluster
+        pods insecure
+    }}
+    cache 5
+}}
+"""
+
+DNS_PORTS = [{"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]
+# CoreDNS runs on the host (it needs the API server, which listens on loopback only), behind the
+# kube-dns Service by a hand-made EndpointSlice.
+KUBE_DNS_SERVICE = {
+    "apiVersion": "v1",
+    "kind": "Service",
+    "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}},
+    "spec": {"clusterIP": DNS_SERVICE_IP, "ports": [{**port, "targetPort": 53} for port in DNS_PORTS]},
+}
+KUBE_DNS_ENDPOINTS = {
+    "apiVersion": "discovery.k8s.io/v1",
+    "kind": "EndpointSlice",
+    "metadata": {
+        "name": "kube-dns-host",
+        "namespace": "kube-system",
+        "labels": {"kubernetes.io/service-name": "kube-dns", "endpointslice.kubernetes.io/managed-by": "localcluster"},
+    },
+    "addressType": "IPv4",
+    "endpoints": [{"addresses": [NODE_IP], "conditions": {"ready": True}, "nodeName": NODE_NAME}],
+    "ports": DNS_PORTS,
+}
+
+
+def check_node_host() -> None:
+    """Raise a LocalClusterError naming what is missing for a real node on this machine."""
+    if os.geteuid() != 0:
+        raise LocalClusterError("the real node needs root (containers, cgroups, a bridge and iptables rules)")
+    missing = [
+        tool for tool in ("runc", "iptables", "iptables-restore", "ipset", "conntrack") if not shutil.which(tool)
+    ]
+    if missing:
+        raise LocalClusterError(f"the real node needs {', '.join(missing)} on PATH: {NODE_SETUP_HINT}")
+    if not cgroup_hierarchies():
+        raise LocalClusterError("no cgroup hierarchy is mounted under /sys/fs/cgroup: the kubelet cannot run pods")
+    if not Path("/proc/sys/net/bridge").is_dir():
+        raise LocalClusterError("the kernel has no br_netfilter (/proc/sys/net/bridge): Services and policies need it")
+    filesystems = Path("/proc/filesystems").read_text()
+    if "overlay" not in filesystems:
+        raise LocalClusterError("the kernel has no overlay filesystem: containerd's overlayfs snapshotter needs it")
+
+
+def node_owner() -> Path | None:
+    """The state dir of the real node that runs on this machine, if its containerd is still alive."""
+    try:
+        owner = Path(NODE_OWNER_FILE.read_text().strip())
+    except OSError:
+        return None
+    return owner if pids_mentioning(str(owner / "containerd.toml")) else None
+
+
+def run_host(args: list[str], *, check: bool = True) -> None:
+    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    if check and result.returncode != 0:
+        raise LocalClusterError(f"{' '.join(args)} failed: {result.stderr.strip()}")
+
+
+def remove_node_iptables() -> None:
+    """Delete the iptables chains and ipsets of the real node: ours, the kubelet's, kube-proxy's and
+    kube-router's (KUBE-*), and the CNI portmap plugin's, with the rules of the built-in chains that
+    jump to them. The owner file makes the real node the only user of these names on the machine."""
+    if not shutil.which("iptables-save"):
+        return
+    for table in ("filter", "nat", "mangle", "raw"):
+        dump = subprocess.run(["iptables-save", "-t", table], capture_output=True, text=True, check=False).stdout
+        chains = [line[1:].split()[0] for line in dump.splitlines() if line.startswith(":")]
+        ours = [chain for chain in chains if chain.startswith(NODE_CHAIN_PREFIXES)]
+        for line in dump.splitlines():
+            fields = line.split()
+            if fields[:1] == ["-A"] and fields[1] not in ours and "-j" in fields:
+                target = fields[fields.index("-j") + 1]
+                if target in ours:  # a jump from a built-in chain; iptables-save quotes like a shell
+                    run_host(["iptables", "-w", "-t", table, "-D", *shlex.split(line)[1:]], check=False)
+        for flag in ("-F", "-X"):
+            for chain in ours:
+                run_host(["iptables", "-w", "-t", table, flag, chain], check=False)
+    if shutil.which("ipset"):
+        names = subprocess.run(["ipset", "list", "-n"], capture_output=True, text=True, check=False).stdout.split()
+        for name in names:
+            if name.startswith(NODE_IPSET_PREFIXES):
+                run_host(["ipset", "destroy", name], check=False)
+
+
+def read_sysctl(key: str) -> str | None:
+    try:
+        return (Path("/proc/sys") / key).read_text().strip()
+    except OSError:
+        return None
+
+
+def write_sysctl(key: str, value: str) -> None:
+    try:
+        (Path("/proc/sys") / key).write_text(value)
+    except OSError as error:
+        raise LocalClusterError(f"cannot set {key.replace('/', '.')}={value}: {error}") from error
+
+
+def cgroup_hierarchies() -> list[Path]:
+    """Mount points of the cgroup hierarchies (v1 controllers, the named systemd one, a v2 unified one)."""
+    mounts = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[2] in ("cgroup", "cgroup2"):
+            mounts.append(Path(fields[1]))
+    return mounts
+
+
+def _cgroups_bottom_up(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return [*sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True), root]
+
+
+def kill_cgroup_tree(root: Path) -> None:
+    """SIGKILL every process in `root` and the cgroups below it, until none is left (at most 10 s)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pids = {
+            int(pid)
+            for group in _cgroups_bottom_up(root)
+            for pid in (group / "cgroup.procs").read_text().split()
+            if (group / "cgroup.procs").is_file()
+        }
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    raise LocalClusterError(f"processes in {root} survived SIGKILL")
+
+
+def remove_cgroup_tree(root: Path) -> None:
+    for group in _cgroups_bottom_up(root):
+        with contextlib.suppress(OSError):
+            group.rmdir()
+
+
+def pids_mentioning(text: str) -> list[int]:
+    """Processes whose command line contains `text` (a state dir path: only our processes have it)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid() and text in _cmdline(int(entry.name)):
+            pids.append(int(entry.name))
+    return pids
+
+
+def unmount_under(directory: Path) -> None:
+    """Lazily unmount every mount point at or below `directory`, the deepest first."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    prefix = str(directory)
+    for _ in range(3):  # a mount may be stacked over another at the same path
+        points = []
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == prefix or point.startswith(prefix + "/"):
+                points.append(point)
+        if not points:
+            return
+        for point in sorted(set(points), key=len, reverse=True):
+            libc.umount2(point.encode(), MNT_DETACH)
+
+
 # ----------------------------------------------------------------------------------------- cluster
 
 
@@ -496,15 +911,18 @@ class LocalCluster:
         ready_timeout: float = 90.0,
         port_picker: Callable[[], int] = free_port,
         audit_policy: str | None = None,
+        real_node: bool = False,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.attached = attached
+        self.real_node = real_node
         self.audit_policy = audit_policy
         self.ready_timeout = ready_timeout
         self.port_picker = port_picker
         self.pki = Pki(self.state_dir / "pki")
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
         self._bin: Path | None = None
+        self._node_bin: Path | None = None
         self._server = ""
         self._stop_registered = False
 
@@ -535,8 +953,11 @@ class LocalCluster:
         self.stop()
 
     def start(self) -> None:
-        """Start every component and wait until the API server is ready and the fake nodes are Ready."""
+        """Start every component and wait until the API server is ready and the nodes are Ready."""
         self._bin = build()
+        if self.real_node:
+            self._node_bin = build_node()
+            check_node_host()
         if self.attached and not self._stop_registered:
             atexit.register(self.stop)
             self._chain_sigterm()
@@ -569,6 +990,7 @@ class LocalCluster:
                 process.wait()
         self._processes.clear()
         self.pid_file.unlink(missing_ok=True)
+        self._teardown_node()
 
     def status(self) -> dict[str, bool]:
         """Component name -> whether its recorded process is running."""
@@ -590,6 +1012,7 @@ class LocalCluster:
             terminate_group(pid)
         if leftovers:
             log(f"stopped leftovers of an earlier run in {self.state_dir}: {leftovers}")
+        self._teardown_node()
         if self.state_dir.exists():
             shutil.rmtree(self.state_dir)
         self.state_dir.mkdir(parents=True)
@@ -598,18 +1021,27 @@ class LocalCluster:
 
     def _start_once(self) -> None:
         self.clean_stale()
-        self.pki.generate(
-            {
-                "admin": ("runbook-localcluster-admin", "system:masters"),
-                "controller-manager": ("system:kube-controller-manager", None),
-                "scheduler": ("system:kube-scheduler", None),
-                # kwok plays every node's kubelet and deletes terminating pods: simplest as an admin.
-                "kwok": ("kwok", "system:masters"),
+        identities: dict[str, tuple[str, str | None]] = {
+            "admin": ("runbook-localcluster-admin", "system:masters"),
+            "controller-manager": ("system:kube-controller-manager", None),
+            "scheduler": ("system:kube-scheduler", None),
+            # kwok plays every node's kubelet and deletes terminating pods: simplest as an admin.
+            "kwok": ("kwok", "system:masters"),
+        }
+        if self.real_node:
+            identities |= {
+                "kubelet": (f"system:node:{NODE_NAME}", "system:nodes"),  # the Node authorizer's identity
+                "kube-proxy": ("system:kube-proxy", None),  # bound to system:node-proxier by default
+                "kube-router": ("kube-router", "system:masters"),
+                "coredns": ("coredns", "system:masters"),
+                "apiserver-kubelet-client": ("kube-apiserver-kubelet-client", "system:masters"),
             }
-        )
+        self.pki.generate(identities)
         etcd_client, etcd_peer, apiserver_port, kwok_port = (self.port_picker() for _ in range(4))
         self._server = f"https://127.0.0.1:{apiserver_port}"
-        for stem in ("admin", "controller-manager", "scheduler", "kwok"):
+        for stem in identities:
+            if stem == "apiserver-kubelet-client":
+                continue
             target = self.kubeconfig if stem == "admin" else self.state_dir / f"{stem}.kubeconfig"
             self._write_kubeconfig(target, stem)
 
@@ -658,6 +1090,15 @@ class LocalCluster:
                 "--allow-privileged=true",
                 "--profiling=false",
                 f"--cert-dir={self.state_dir / 'apiserver-certs'}",
+                *(
+                    [
+                        f"--kubelet-client-certificate={pki('apiserver-kubelet-client.crt')}",
+                        f"--kubelet-client-key={pki('apiserver-kubelet-client.key')}",
+                        "--kubelet-preferred-address-types=InternalIP",  # the node's name is in no DNS
+                    ]
+                    if self.real_node
+                    else []
+                ),
             ],
         )
         self._wait("kube-apiserver", lambda: self._api("GET", "/readyz") == "ok")
@@ -670,7 +1111,8 @@ class LocalCluster:
                 "--use-service-account-credentials=true",
                 f"--service-account-private-key-file={pki('sa.key')}",
                 f"--root-ca-file={pki('ca.crt')}",
-                f"--controllers={','.join(CONTROLLERS)}",
+                # The real node's Services need EndpointSlices; kwok's fake pods do not.
+                f"--controllers={','.join([*CONTROLLERS, *(['endpointslice-controller'] if self.real_node else [])])}",
                 "--secure-port=0",
                 "--concurrent-gc-syncs=5",
                 "--horizontal-pod-autoscaler-sync-period=5s",
@@ -716,6 +1158,7 @@ class LocalCluster:
                             "kubernetes.io/hostname": f"fake-node-{index}",
                         },
                     },
+                    "spec": {"taints": [FAKE_NODE_TAINT]} if self.real_node else {},
                 },
             )
         self._wait("kwok", self._nodes_ready)
@@ -724,12 +1167,297 @@ class LocalCluster:
             "kube-controller-manager",
             lambda: self._api_ok("/api/v1/namespaces/default/serviceaccounts/default"),
         )
+        if self.real_node:
+            self._start_node()
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    # -- the real node
+
+    @property
+    def node_marker(self) -> Path:
+        """Written before the real node touches the host: the host settings to put back at teardown."""
+        return self.state_dir / "real-node.json"
+
+    @property
+    def containerd_socket(self) -> Path:
+        return self.state_dir / "containerd" / "containerd.sock"
+
+    def import_image(self, tarball: Path) -> None:
+        """Import an image tarball (OCI layout or docker-archive) into the real node's containerd."""
+        if not self.containerd_socket.exists():
+            raise LocalClusterError(f"no real node runs for {self.state_dir}: start it with --real-node first")
+        if not tarball.is_file():
+            raise LocalClusterError(f"image tarball {tarball} does not exist")
+        result = subprocess.run(
+            [
+                str(node_bin_dir() / "ctr"),
+                f"--address={self.containerd_socket}",
+                "--namespace=k8s.io",
+                "images",
+                "import",
+                "--platform=linux/amd64",
+                str(tarball),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise LocalClusterError(f"importing {tarball} failed: {result.stderr.strip() or result.stdout.strip()}")
+        log(f"imported {tarball}: {' '.join(result.stdout.split())}")
+
+    def _start_node(self) -> None:
+        assert self._node_bin is not None
+        owner = node_owner()
+        if owner is not None and owner != self.state_dir:
+            raise LocalClusterError(f"a real node already runs for {owner}: stop that cluster first (one per machine)")
+        bin_ = self._node_bin
+        pki = self.pki.path
+        self.node_marker.write_text(json.dumps({"sysctls": {key: read_sysctl(key) for key in HOST_SYSCTLS}}))
+        NODE_OWNER_FILE.parent.mkdir(parents=True, exist_ok=True)
+        NODE_OWNER_FILE.write_text(str(self.state_dir))
+        self._setup_host_network()
+        for hierarchy in cgroup_hierarchies():
+            path = hierarchy / NODE_CGROUP_ROOT
+            path.mkdir(exist_ok=True)
+            for name in ("cpuset.cpus", "cpuset.mems"):  # a new cpuset is empty: no task could join it
+                if (hierarchy / name).is_file() and not (path / name).read_text().strip():
+                    (path / name).write_text((hierarchy / name).read_text())
+
+        containerd_dir = self.state_dir / "containerd"
+        cni_conf = self.state_dir / "cni-conf"
+        cni_conf.mkdir()
+        (cni_conf / "10-runbook-localcluster.conflist").write_text(
+            json.dumps(
+                {
+                    "cniVersion": "1.0.0",
+                    "name": CNI_NETWORK,
+                    "plugins": [
+                        {
+                            # No isGateway: the bridge's address is ours (made before), and the plugin would
+                            # switch on forwarding for the whole host. No ipMasq: pods reach nothing outside.
+                            "type": "bridge",
+                            "bridge": NODE_BRIDGE,
+                            "hairpinMode": True,
+                            "ipam": {
+                                "type": "host-local",
+                                "ranges": [[{"subnet": POD_CIDR, "gateway": NODE_IP}]],
+                                "routes": [{"dst": "0.0.0.0/0"}],
+                                "dataDir": str(self.state_dir / "cni-ipam"),
+                            },
+                        },
+                        {"type": "portmap", "capabilities": {"portMappings": True}},
+                    ],
+                },
+                indent=1,
+            )
+        )
+        runc = shutil.which("runc")
+        assert runc is not None  # check_node_host
+        config = self.state_dir / "containerd.toml"
+        config.write_text(
+            CONTAINERD_CONFIG.format(
+                root=containerd_dir / "root",
+                state=containerd_dir / "state",
+                socket=self.containerd_socket,
+                runc=runc,
+                runc_root=containerd_dir / "runc",
+                cni_bin=bin_ / "cni",
+                cni_conf=cni_conf,
+                pause=PAUSE_IMAGE,
+            )
+        )
+        env = {**os.environ, "PATH": f"{bin_}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"}
+        self._spawn("containerd", [f"--config={config}"], binary=bin_ / "containerd", env=env)
+        self._wait("containerd", lambda: self._ctr("version").returncode == 0)
+        for image, (binary, _, _) in NODE_IMAGES.items():
+            self.import_image(bin_ / "images" / f"{binary}.tar")
+            log(f"image {image} ready on the node")
+
+        kubelet_port, kubelet_healthz, proxy_healthz, proxy_metrics, router_health, dns_health, dns_ready = (
+            self.port_picker() for _ in range(7)
+        )
+        kubelet_config = self.state_dir / "kubelet-config.json"
+        kubelet_config.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "kubelet.config.k8s.io/v1beta1",
+                    "kind": "KubeletConfiguration",
+                    "address": NODE_IP,
+                    "port": kubelet_port,
+                    "readOnlyPort": 0,
+                    "healthzBindAddress": "127.0.0.1",
+                    "healthzPort": kubelet_healthz,
+                    "authentication": {
+                        "anonymous": {"enabled": False},
+                        "webhook": {"enabled": False},
+                        "x509": {"clientCAFile": str(pki("ca.crt"))},
+                    },
+                    "authorization": {"mode": "AlwaysAllow"},  # only holders of a cert of our CA get in
+                    "cgroupDriver": "cgroupfs",
+                    "cgroupRoot": f"/{NODE_CGROUP_ROOT}",
+                    "failCgroupV1": False,  # kubelet >= 1.35 refuses cgroup v1 otherwise
+                    "containerRuntimeEndpoint": f"unix://{self.containerd_socket}",
+                    "clusterDNS": [DNS_SERVICE_IP],
+                    "clusterDomain": CLUSTER_DOMAIN,
+                    "resolvConf": "",  # pods never get the host's resolvers
+                    "failSwapOn": False,
+                    "protectKernelDefaults": False,
+                    "podLogsDir": str(self.state_dir / "pod-logs"),
+                    "evictionHard": {
+                        "memory.available": "100Mi",
+                        "nodefs.available": "1%",
+                        "imagefs.available": "1%",
+                        "nodefs.inodesFree": "1%",
+                    },
+                    "imageGCHighThresholdPercent": 100,  # never drop an imported image: nothing can pull it back
+                    "imageGCLowThresholdPercent": 99,
+                    "nodeStatusUpdateFrequency": "5s",
+                    "rotateCertificates": False,
+                    "maxPods": 50,
+                }
+            )
+        )
+        self._spawn(
+            "kubelet",
+            [
+                f"--config={kubelet_config}",
+                f"--kubeconfig={self.state_dir / 'kubelet.kubeconfig'}",
+                f"--root-dir={self.state_dir / 'kubelet'}",
+                f"--hostname-override={NODE_NAME}",
+                f"--node-ip={NODE_IP}",
+            ],
+            binary=bin_ / "kubelet",
+            env=env,
+        )
+        self._wait("kubelet", lambda: self._api_ok(f"/api/v1/nodes/{NODE_NAME}"))
+        self._spawn(
+            "kube-proxy",
+            [
+                f"--kubeconfig={self.state_dir / 'kube-proxy.kubeconfig'}",
+                f"--hostname-override={NODE_NAME}",
+                "--proxy-mode=iptables",
+                f"--cluster-cidr={POD_CIDR}",
+                f"--nodeport-addresses={NODE_IP}/32",  # no NodePort on the host's other addresses
+                "--iptables-localhost-nodeports=false",  # would set route_localnet on the host
+                "--conntrack-max-per-core=0",  # leave the host's conntrack settings alone
+                "--conntrack-tcp-timeout-established=0",
+                "--conntrack-tcp-timeout-close-wait=0",
+                f"--healthz-bind-address=127.0.0.1:{proxy_healthz}",
+                f"--metrics-bind-address=127.0.0.1:{proxy_metrics}",
+            ],
+            binary=bin_ / "kube-proxy",
+            env=env,
+        )
+        self._spawn(
+            "kube-router",
+            [
+                f"--kubeconfig={self.state_dir / 'kube-router.kubeconfig'}",
+                f"--hostname-override={NODE_NAME}",
+                "--run-firewall=true",
+                "--run-router=false",
+                "--run-service-proxy=false",
+                "--enable-cni=false",
+                "--enable-ipv6=false",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--health-port={router_health}",
+                "--metrics-port=0",
+            ],
+            binary=bin_ / "kube-router",
+            env=env,
+        )
+        corefile = self.state_dir / "Corefile"
+        corefile.write_text(
+            COREFILE.format(
+                node_ip=NODE_IP,
+                health=dns_health,
+                ready=dns_ready,
+                domain=CLUSTER_DOMAIN,
+                kubeconfig=self.state_dir / "coredns.kubeconfig",
+            )
+        )
+        self._spawn("coredns", [f"-conf={corefile}"], binary=bin_ / "coredns", env=env)
+        self._api("POST", "/api/v1/namespaces/kube-system/services", KUBE_DNS_SERVICE)
+        self._api("POST", "/apis/discovery.k8s.io/v1/namespaces/kube-system/endpointslices", KUBE_DNS_ENDPOINTS)
+        self._wait("coredns", lambda: self._http_ok(f"http://127.0.0.1:{dns_ready}/ready", "OK"))
+        self._wait("kube-router", lambda: self._http_ok(f"http://127.0.0.1:{router_health}/healthz", "OK"))
+        self._wait("kube-proxy", lambda: self._http_ok(f"http://127.0.0.1:{proxy_healthz}/healthz", "lastUpdated"))
+        self._wait("kubelet", self._real_node_ready)
+
+    def _ctr(self, *args: str) -> subprocess.CompletedProcess[str]:
+        assert self._node_bin is not None
+        return subprocess.run(
+            [str(self._node_bin / "ctr"), f"--address={self.containerd_socket}", "--namespace=k8s.io", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    def _real_node_ready(self) -> bool:
+        node = json.loads(self._api("GET", f"/api/v1/nodes/{NODE_NAME}"))
+        conditions = node.get("status", {}).get("conditions", [])
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+    def _setup_host_network(self) -> None:
+        """The bridge with the node's address, and the rule that pods reach only this cluster's addresses."""
+        if not Path(f"/sys/class/net/{NODE_BRIDGE}").exists():
+            run_host(["ip", "link", "add", NODE_BRIDGE, "type", "bridge"])
+        run_host(["ip", "addr", "replace", f"{NODE_IP}/{POD_CIDR.split('/')[1]}", "dev", NODE_BRIDGE])
+        run_host(["ip", "link", "set", NODE_BRIDGE, "up"])
+        # Bridged pod traffic passes iptables (kube-proxy's Service rules, kube-router's policies), and
+        # only this bridge routes (Services' replies go back out of it): the host's own forwarding stays.
+        write_sysctl("net/bridge/bridge-nf-call-iptables", "1")
+        write_sysctl(f"net/ipv4/conf/{NODE_BRIDGE}/forwarding", "1")
+        # Before any NAT, so the destination is the pod's own choice: a pod, a Service, or DNS on the node.
+        chain = NODE_IPTABLES_CHAIN
+        run_host(["iptables", "-w", "-t", "mangle", "-N", chain])
+        for rule in (
+            ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "RETURN"],
+            ["-d", NODE_IP, "-p", "udp", "--dport", "53", "-j", "RETURN"],
+            ["-d", NODE_IP, "-p", "tcp", "--dport", "53", "-j", "RETURN"],
+            ["-d", NODE_IP, "-j", "DROP"],
+            ["-d", POD_CIDR, "-j", "RETURN"],
+            ["-d", SERVICE_CIDR, "-j", "RETURN"],
+            ["-j", "DROP"],
+        ):
+            run_host(["iptables", "-w", "-t", "mangle", "-A", chain, *rule])
+        run_host(["iptables", "-w", "-t", "mangle", "-I", "PREROUTING", "1", "-i", NODE_BRIDGE, "-j", chain])
+
+    def _teardown_node(self) -> None:
+        """Undo what the real node did to the host: containers, mounts, iptables, bridge, cgroups, sysctls.
+
+        Runs after the node's processes are stopped; safe to run again, and a no-op without a real node.
+        """
+        if not self.node_marker.is_file():
+            return
+        recorded = json.loads(self.node_marker.read_text())
+        for hierarchy in cgroup_hierarchies():  # the containers: every process in the kubelet's cgroups
+            kill_cgroup_tree(hierarchy / NODE_CGROUP_ROOT)
+        for pid in pids_mentioning(str(self.state_dir)):  # containerd's shims (they run in no pod cgroup)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        unmount_under(self.state_dir)
+        remove_node_iptables()
+        if Path(f"/sys/class/net/{NODE_BRIDGE}").exists():
+            run_host(["ip", "link", "del", NODE_BRIDGE], check=False)
+        for hierarchy in cgroup_hierarchies():
+            remove_cgroup_tree(hierarchy / NODE_CGROUP_ROOT)
+        for key, value in recorded["sysctls"].items():
+            if value is not None and read_sysctl(key) != value:
+                write_sysctl(key, value)
+        for cached in Path("/var/lib/cni/results").glob(f"{CNI_NETWORK}-*"):  # libcni's cache of our pods
+            cached.unlink(missing_ok=True)
+        if node_owner() == self.state_dir:
+            NODE_OWNER_FILE.unlink(missing_ok=True)
+        self.node_marker.unlink()
+
+    def _spawn(
+        self, name: str, args: list[str], *, binary: Path | None = None, env: dict[str, str] | None = None
+    ) -> None:
         assert self._bin is not None
         logfile = (self.state_dir / f"{name}.log").open("ab")
         process = subprocess.Popen(
-            [str(self._bin / name), *args],
+            [str(binary or self._bin / name), *args],
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=logfile,
             stderr=subprocess.STDOUT,
@@ -870,18 +1598,30 @@ def _iter_status(cluster: LocalCluster) -> Iterator[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("command", choices=["build", "start", "stop", "status", "kubeconfig"])
+    parser.add_argument("command", choices=["build", "start", "stop", "status", "kubeconfig", "import-image"])
+    parser.add_argument("image", nargs="?", type=Path, help="import-image: an OCI or docker-archive tarball")
     parser.add_argument(
         "--state-dir",
         type=Path,
         default=DEFAULT_STATE_DIR,
         help=f"where certs, data, logs and the kubeconfig go (default {DEFAULT_STATE_DIR})",
     )
+    parser.add_argument(
+        "--real-node",
+        action="store_true",
+        help="build or start the real node too (needs root and node-setup.sh's packages)",
+    )
     args = parser.parse_args(argv)
-    cluster = LocalCluster(args.state_dir, attached=False)
+    if (args.command == "import-image") != (args.image is not None):
+        parser.error("an image tarball goes with import-image, and only with it")
+    cluster = LocalCluster(args.state_dir, attached=False, real_node=args.real_node)
     try:
         if args.command == "build":
             print(build())
+            if args.real_node:
+                print(build_node())
+        elif args.command == "import-image":
+            cluster.import_image(args.image)
         elif args.command == "start":
             if cluster.is_ready() and all(cluster.status().values()):
                 log(f"already running; KUBECONFIG={cluster.kubeconfig}")

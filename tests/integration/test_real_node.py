@@ -1,0 +1,287 @@
+"""The local cluster's real node runs pods for real: containers, Service DNS, and NetworkPolicies that stop
+connections.
+
+One cluster with ``real_node=True`` for the module (it needs root and tools/localcluster/node-setup.sh's
+packages; its binaries build once into the cache, several minutes cold). Pods run the locally built test
+image (``localcluster.TEST_IMAGE``: ``nettool serve|connect|lookup``). The last test stops the cluster and
+checks that the host is left as it was.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+
+import localcluster
+
+pytestmark = pytest.mark.integration
+
+WaitFor = Callable[..., Any]
+PORT = 8080
+
+
+@pytest.fixture(scope="module")
+def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[localcluster.LocalCluster]:
+    cluster = localcluster.LocalCluster(tmp_path_factory.mktemp("realnode"), real_node=True)
+    started = time.monotonic()
+    cluster.start()
+    print(f"real node cluster started in {time.monotonic() - started:.1f}s")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def core(node_cluster: localcluster.LocalCluster) -> kubernetes.client.CoreV1Api:
+    config = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(str(node_cluster.kubeconfig), client_configuration=config)
+    return kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(config))
+
+
+@pytest.fixture(scope="module")
+def networking(core: kubernetes.client.CoreV1Api) -> kubernetes.client.NetworkingV1Api:
+    return kubernetes.client.NetworkingV1Api(core.api_client)
+
+
+@pytest.fixture
+def namespace(core: kubernetes.client.CoreV1Api, wait_for: WaitFor) -> Iterator[str]:
+    name = f"realnode-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": name}})
+    # Pods need the namespace's default ServiceAccount, which the controller manager makes.
+    wait_for(lambda: core.list_namespaced_service_account(name).items, what=f"{name}'s default ServiceAccount")
+    yield name
+    core.delete_namespace(name)
+
+
+def pod(
+    name: str, args: list[str], *, labels: dict[str, str] | None = None, image: str = localcluster.TEST_IMAGE
+) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "labels": labels or {}},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "main", "image": image, "imagePullPolicy": "IfNotPresent", "args": args}],
+        },
+    }
+
+
+def run_to_end(
+    core: kubernetes.client.CoreV1Api, namespace: str, wait_for: WaitFor, name: str, args: list[str]
+) -> tuple[str, str]:
+    """Run a one-shot nettool pod; its final phase and its log."""
+    core.create_namespaced_pod(namespace, pod(name, args))
+    phase = wait_for(
+        lambda: (p := core.read_namespaced_pod(name, namespace).status.phase) in ("Succeeded", "Failed") and p,
+        timeout=60,
+        what=f"pod {name} to finish",
+    )
+    return str(phase), pod_log(core, namespace, name)
+
+
+def pod_log(core: kubernetes.client.CoreV1Api, namespace: str, name: str) -> str:
+    return str(core.read_namespaced_pod_log(name, namespace, _preload_content=False).data.decode())
+
+
+def start_running(
+    core: kubernetes.client.CoreV1Api, namespace: str, wait_for: WaitFor, name: str, labels: dict[str, str]
+) -> str:
+    """A long-running nettool server pod; returns its pod IP once it is Ready."""
+    core.create_namespaced_pod(namespace, pod(name, ["serve", str(PORT)], labels=labels))
+
+    def ready_ip() -> str | None:
+        status = core.read_namespaced_pod(name, namespace).status
+        ready = any(c.type == "Ready" and c.status == "True" for c in status.conditions or [])
+        return status.pod_ip if ready else None
+
+    return str(wait_for(ready_ip, timeout=60, what=f"pod {name} Ready"))
+
+
+def connect_from(
+    cluster: localcluster.LocalCluster, namespace: str, client: str, ip: str
+) -> subprocess.CompletedProcess[str]:
+    """`nettool connect` from inside the running pod `client` (kubectl exec, through the kubelet)."""
+    kubectl = localcluster.bin_dir() / "kubectl"
+    return subprocess.run(
+        [
+            str(kubectl),
+            f"--kubeconfig={cluster.kubeconfig}",
+            "-n",
+            namespace,
+            "exec",
+            client,
+            "--",
+            "/nettool",
+            "connect",
+            ip,
+            str(PORT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_a_pod_runs_to_completion_and_reaches_a_service_by_its_dns_name(
+    core: kubernetes.client.CoreV1Api, namespace: str, wait_for: WaitFor
+) -> None:
+    node = core.read_node(localcluster.NODE_NAME)
+    assert node.status.node_info.container_runtime_version.startswith("containerd://2.")
+    start_running(core, namespace, wait_for, "server", {"app": "server"})
+    service = core.create_namespaced_service(
+        namespace,
+        {
+            "metadata": {"name": "server"},
+            "spec": {"selector": {"app": "server"}, "ports": [{"port": 80, "targetPort": PORT}]},
+        },
+    )
+    fqdn = f"server.{namespace}.svc.{localcluster.CLUSTER_DOMAIN}"
+
+    phase, log = run_to_end(core, namespace, wait_for, "lookup", ["lookup", fqdn])
+    assert (phase, log.strip()) == ("Succeeded", service.spec.cluster_ip)
+    # The Service's short name (the pod's DNS search path), its ClusterIP, kube-proxy, and the server pod.
+    phase, log = run_to_end(core, namespace, wait_for, "client", ["connect", "server", "80"])
+    assert (phase, log.strip()) == ("Succeeded", "ok from server")
+    pod_status = core.read_namespaced_pod("client", namespace).status
+    assert pod_status.container_statuses[0].state.terminated.exit_code == 0
+
+
+def test_a_network_policy_denying_ingress_stops_connections_and_an_allowing_one_lets_them_through(
+    node_cluster: localcluster.LocalCluster,
+    core: kubernetes.client.CoreV1Api,
+    networking: kubernetes.client.NetworkingV1Api,
+    namespace: str,
+    wait_for: WaitFor,
+) -> None:
+    server = start_running(core, namespace, wait_for, "server", {"app": "server"})
+    start_running(core, namespace, wait_for, "friend", {"role": "friend"})
+    start_running(core, namespace, wait_for, "stranger", {"role": "stranger"})
+    for client in ("friend", "stranger"):  # before any policy: both get through
+        result = connect_from(node_cluster, namespace, client, server)
+        assert (result.returncode, result.stdout.strip()) == (0, "ok from server"), result.stderr
+
+    networking.create_namespaced_network_policy(
+        namespace,
+        {
+            "metadata": {"name": "deny-ingress"},
+            "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"]},
+        },
+    )
+    for client in ("friend", "stranger"):
+        wait_for(
+            lambda c=client: connect_from(node_cluster, namespace, c, server).returncode != 0,
+            timeout=30,
+            what=f"{client} denied",
+        )
+    refused = connect_from(node_cluster, namespace, "friend", server)
+    assert refused.returncode == 1 and f"{server}:{PORT}" in refused.stderr, refused
+
+    networking.create_namespaced_network_policy(
+        namespace,
+        {
+            "metadata": {"name": "allow-friend"},
+            "spec": {
+                "podSelector": {"matchLabels": {"app": "server"}},
+                "policyTypes": ["Ingress"],
+                "ingress": [
+                    {"from": [{"podSelector": {"matchLabels": {"role": "friend"}}}], "ports": [{"port": PORT}]}
+                ],
+            },
+        },
+    )
+    wait_for(
+        lambda: connect_from(node_cluster, namespace, "friend", server).returncode == 0,
+        timeout=30,
+        what="friend allowed",
+    )
+    assert connect_from(node_cluster, namespace, "friend", server).stdout.strip() == "ok from server"
+    assert connect_from(node_cluster, namespace, "stranger", server).returncode == 1  # still denied
+
+    networking.delete_namespaced_network_policy("allow-friend", namespace)
+    wait_for(
+        lambda: connect_from(node_cluster, namespace, "friend", server).returncode != 0,
+        timeout=30,
+        what="friend denied again",
+    )
+
+
+def test_pods_reach_nothing_outside_the_cluster(
+    core: kubernetes.client.CoreV1Api, namespace: str, wait_for: WaitFor
+) -> None:
+    host = subprocess.run(
+        ["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True, check=True
+    ).stdout
+    host_ips = [
+        line.split()[3].split("/")[0] for line in host.splitlines() if line.split()[1] != localcluster.NODE_BRIDGE
+    ]
+    assert host_ips, host
+    phase, log = run_to_end(core, namespace, wait_for, "to-host", ["connect", host_ips[0], "22"])
+    assert phase == "Failed" and "i/o timeout" in log, log
+    phase, log = run_to_end(core, namespace, wait_for, "to-kubelet", ["connect", localcluster.NODE_IP, "10250"])
+    assert phase == "Failed" and "i/o timeout" in log, log
+    phase, log = run_to_end(core, namespace, wait_for, "outside-name", ["lookup", "deb.debian.org"])
+    assert phase == "Failed" and "deb.debian.org" in log, log
+
+
+def test_a_pod_whose_image_is_not_on_the_node_says_which_image(
+    core: kubernetes.client.CoreV1Api, namespace: str, wait_for: WaitFor
+) -> None:
+    missing = "localcluster.local/not-imported:1"
+    core.create_namespaced_pod(namespace, pod("missing", ["serve", "1"], image=missing))
+
+    def waiting() -> Any:
+        statuses = core.read_namespaced_pod("missing", namespace).status.container_statuses or []
+        state = statuses[0].state.waiting if statuses else None
+        return state if state and state.reason in ("ErrImagePull", "ImagePullBackOff") and state.message else None
+
+    state = wait_for(waiting, timeout=60, what="the pod's image pull to fail")
+    assert missing in state.message, state
+
+
+def test_an_imported_image_tarball_runs(
+    node_cluster: localcluster.LocalCluster,
+    core: kubernetes.client.CoreV1Api,
+    namespace: str,
+    wait_for: WaitFor,
+    tmp_path: Path,
+) -> None:
+    name = f"localcluster.local/imported-{uuid.uuid4().hex[:6]}:1"
+    tarball = tmp_path / "image.tar"
+    localcluster.image_tar(tarball, name, localcluster.node_bin_dir() / "nettool", ["/nettool"], "65532:65532")
+    node_cluster.import_image(tarball)
+    core.create_namespaced_pod(namespace, pod("imported", ["lookup", "kubernetes.default"], image=name))
+    phase = wait_for(
+        lambda: (p := core.read_namespaced_pod("imported", namespace).status.phase) in ("Succeeded", "Failed") and p,
+        timeout=60,
+        what="the imported image's pod to finish",
+    )
+    assert phase == "Succeeded", pod_log(core, namespace, "imported")
+    with pytest.raises(localcluster.LocalClusterError, match="does not exist"):
+        node_cluster.import_image(tmp_path / "absent.tar")
+
+
+def test_stop_leaves_the_host_as_it_was(
+    node_cluster: localcluster.LocalCluster, core: kubernetes.client.CoreV1Api, wait_for: WaitFor
+) -> None:
+    start_running(core, "default", wait_for, "left-running", {"app": "left"})  # stop() must kill it
+    node_cluster.stop()
+
+    assert not Path(f"/sys/class/net/{localcluster.NODE_BRIDGE}").exists()
+    rules = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
+    assert not [line for line in rules.splitlines() if any(p in line for p in localcluster.NODE_CHAIN_PREFIXES)]
+    sets = subprocess.run(["ipset", "list", "-n"], capture_output=True, text=True, check=True).stdout.split()
+    assert not [name for name in sets if name.startswith(localcluster.NODE_IPSET_PREFIXES)]
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(node_cluster.state_dir) not in mounts
+    assert not [h for h in localcluster.cgroup_hierarchies() if (h / localcluster.NODE_CGROUP_ROOT).exists()]
+    assert not localcluster.pids_mentioning(str(node_cluster.state_dir))
+    assert localcluster.node_owner() is None

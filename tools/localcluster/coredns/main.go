@@ -1,0 +1,19 @@
+// Command coredns is CoreDNS with only the plugins the real node's cluster DNS uses: the kubernetes
+// plugin answers cluster.local from the API server; bind, errors, health, ready and cache serve it. No
+// forward plugin: pods of the local cluster resolve only names of this cluster.
+package main
+
+import (
+	_ "github.com/coredns/coredns/plugin/bind"
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/health"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/ready"
+
+	"github.com/coredns/coredns/coremain"
+)
+
+func main() {
+	coremain.Run()
+}
