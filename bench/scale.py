@@ -202,6 +202,21 @@ def _proc_table() -> dict[int, tuple[int, str, str]]:
     return table
 
 
+def control_plane_cpu(kubeconfig: Path) -> float | None:
+    """User + system seconds of the local control plane's kube-apiserver and etcd (their pids in the state
+    directory beside the kubeconfig), None for a cluster the bench did not start."""
+    pids = kubeconfig.parent / "pids.json"
+    if not pids.exists():
+        return None
+    total = 0.0
+    for name, pid in json.loads(pids.read_text()).items():
+        if name in ("kube-apiserver", "etcd"):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
+
+
 class Operator:
     """`runbook-operator run` (cluster-wide) as its own process, a child subreaper."""
 
@@ -624,7 +639,7 @@ class Bench:
         cronjob_of = {key: (key[0], cronjob_name(key[1])) for key in keys}
         print(f"BackupPolicies: creating {args.policies}", flush=True)
         wall = time.time()
-        start, cpu = time.monotonic(), self.operator.cpu_seconds()
+        start, cpu, server = time.monotonic(), self.operator.cpu_seconds(), control_plane_cpu(self.kubeconfig)
         self.parallel(
             keys,
             lambda key: self.create(
@@ -642,6 +657,7 @@ class Bench:
         ready = self.wait_phase("backuppolicies", keys, "Scheduled", start)
         settled_wall = time.time()
         used = self.operator.cpu_seconds() - cpu
+        served = control_plane_cpu(self.kubeconfig)
         self.rss_policies = self.operator.sample()
         writes, reads = AuditLog.split(self.audit.between(wall, settled_wall))
 
@@ -649,12 +665,20 @@ class Bench:
         namespace, name = cronjob_of[keys[0]]
         sample = self.batch.read_namespaced_cron_job(name, namespace)
         direct = [(self.direct_bp[i % len(self.direct_bp)], cronjob_name(f"db-{i}")) for i in range(args.policies)]
+        direct_server = control_plane_cpu(self.kubeconfig)
         baseline, _ = self.created_to_seen(
             self.cronjobs,
             direct,
             lambda key: self.create(self.batch.create_namespaced_cron_job, key[0], self.clone(sample, self.api, *key)),
         )
         n = args.policies
+        after = control_plane_cpu(self.kubeconfig)
+        if server is not None and served is not None and direct_server is not None and after is not None:
+            self.report.notes.append(
+                f"kube-apiserver + etcd CPU per BackupPolicy (its create, the operator's requests, every watch): "
+                f"{1000 * (served - server) / n:.1f} ms; per CronJob created directly: "
+                f"{1000 * (after - direct_server) / n:.1f} ms"
+            )
         complete = len(arrived) == n
         self.report.add(
             f"{n:,} BackupPolicies -> {n:,} CronJobs",
@@ -776,6 +800,18 @@ class Bench:
             return
         p50, p95 = statistics.median(latencies), percentile(latencies, 0.95)
         d50, d95 = statistics.median(direct), percentile(direct, 0.95)
+        # where the time goes: create -> the isolation visible to a watch (the API server), then -> its policy
+        # visible (the operator's share: its watch event, kopf, the create, the policy's watch event)
+        visible = self.crs["emergencyisolations"].wait([(ns, "bench") for ns in self.ei_namespaces], 0)
+        served = [visible[(ns, "bench")] - start for ns, start in starts.items() if (ns, "bench") in visible]
+        after = [arrived[(ns, POLICY_NAME)] - visible[(ns, "bench")] for ns in starts if (ns, "bench") in visible]
+        if served and after:
+            self.report.notes.append(
+                "EmergencyIsolations: create -> the isolation visible to a watch p50 "
+                f"{millis(statistics.median(served))}, p95 {millis(percentile(served, 0.95))}; "
+                f"isolation visible -> its policy visible p50 {millis(statistics.median(after))}, "
+                f"p95 {millis(percentile(after, 0.95))}"
+            )
         self.report.add(
             f"{n} EmergencyIsolations at once: create -> policy, p50", millis(p50), millis(d50), ratio(p50, d50)
         )
@@ -859,8 +895,8 @@ class Bench:
             self.report.notes.append(f"processes under the operator at the end: {dict(counts)}")
         watches = [self.cronjobs, self.hpas, self.policies, *self.crs.values()]
         if any(w.reconnects for w in watches):
-            counts = ", ".join(str(w.reconnects) for w in watches)
-            self.report.notes.append(f"the bench's watches reconnected (CronJobs, HPAs, policies, CRs): {counts}")
+            reconnects = ", ".join(str(w.reconnects) for w in watches)
+            self.report.notes.append(f"the bench's watches reconnected (CronJobs, HPAs, policies, CRs): {reconnects}")
         pool_full = self.operator.log_count("Connection pool is full")
         self.report.notes.append(f"'Connection pool is full' in the operator's log: {pool_full} times")
 

@@ -152,26 +152,40 @@ class SecretRedactor(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
+        self._registered: set[str | bytes] = set()  # the values as given: registering one again costs a lookup
         self._values: set[str] = set()
         self._pattern: re.Pattern[str] | None = None
+        self._stale = False  # forms added since the pattern was compiled
         self._lock = threading.Lock()
         self.generation = 0  # bumped on every new form: a record scrubbed before is scrubbed again
 
     def register(self, value: str | bytes | None) -> None:
-        if value is None:
+        """Every form of ``value`` is replaced from now on (the pattern is compiled again on the next ``scrub``,
+        once for any number of new values: every pass registers the Secrets it reads)."""
+        if value is None or value in self._registered:
             return
         forms = encoded_forms(value)
         with self._lock:
+            self._registered.add(value)
             if forms <= self._values:
                 return
             self._values |= forms
-            # Longest first: a form that contains another is replaced whole.
-            alternatives = sorted(self._values, key=len, reverse=True)
-            self._pattern = re.compile("|".join(re.escape(form) for form in alternatives))
+            self._stale = True
             self.generation += 1
 
+    def _current_pattern(self) -> re.Pattern[str] | None:
+        if not self._stale:
+            return self._pattern
+        with self._lock:
+            if self._stale:
+                # Longest first: a form that contains another is replaced whole.
+                alternatives = sorted(self._values, key=len, reverse=True)
+                self._pattern = re.compile("|".join(re.escape(form) for form in alternatives))
+                self._stale = False
+            return self._pattern
+
     def scrub(self, text: str) -> str:
-        pattern = self._pattern
+        pattern = self._current_pattern()
         if pattern is not None:
             text = pattern.sub(_REDACTED, text)
         return redact_secret_objects(text)
