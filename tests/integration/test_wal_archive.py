@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import signal
 import subprocess
 import tarfile
 import tempfile
@@ -140,8 +141,8 @@ def test_segments_and_the_partial_arrive_signed_and_decrypt_to_the_servers_wal(
     finally:
         code = stop_receiver(receiver)
     assert code == 0, archive["log"].read_text()[-2000:]
-    # Stopped: the scratch directory keeps only the unfinished segment (everything complete was shipped).
-    assert [p.name for p in archive["scratch"].iterdir() if not p.name.endswith(".partial")] == []
+    # No WAL on any disk: the scratch directory stays empty.
+    assert list(archive["scratch"].iterdir()) == []
     assert REPLICATION_PASSWORD not in archive["log"].read_text()
 
 
@@ -445,3 +446,60 @@ def test_the_pod_is_lost_and_a_new_receiver_loses_nothing(
 
 def lsn_of(name: str) -> int:
     return (int(name[8:16], 16) * 0x100000000) + int(name[16:24], 16) * SEGMENT
+
+
+def receiver_positions(server: Postgres) -> tuple[int, int]:
+    """(write_lsn, flush_lsn) the receiver last reported: what it received, what is in the bucket."""
+    with server.connect() as conn:
+        row = conn.execute(
+            "SELECT r.write_lsn, r.flush_lsn FROM pg_stat_replication r JOIN pg_replication_slots s"
+            " ON s.active_pid = r.pid WHERE s.slot_name = %s",
+            (SLOT,),
+        ).fetchone()
+    assert row is not None and row[0] is not None, "the receiver is not streaming"
+    return parse_lsn(str(row[0])), parse_lsn(str(row[1]))
+
+
+def test_reading_goes_on_while_a_segment_is_shipped_and_stops_at_the_next_one(
+    server: Postgres, archive: dict[str, Any]
+) -> None:
+    """The S3 API server frozen (SIGSTOP) while segments complete: the receiver keeps reading past the segment
+    it cannot ship into the next one (shipping runs beside the reading), and no further (memory: two segments;
+    the slot keeps the rest); its feedback never says more is flushed than the bucket has. Thawed, everything
+    arrives without a gap."""
+    with S3Server() as own:
+        assert own.process is not None
+        bucket = new_bucket(own)
+        location = wal_location(own, bucket)
+        env = wal_env(wal_policy_spec(server, own, bucket), own, archive["scratch"])
+        receiver = start_receiver(env, archive["log"])
+        try:
+            _, position = switch(server)
+            wait_shipped(own, location, position, timeout=60)
+            shipped_before = newest_shipped(own, location)
+            own.process.send_signal(signal.SIGSTOP)
+            try:
+                for _ in range(4):  # four segments complete on the server
+                    write(server, rows=500)
+                    switch(server)
+                with server.connect() as conn:
+                    end = parse_lsn(str(conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]))  # type: ignore[index]
+                time.sleep(6)  # the receiver reads what it may and reports it (status updates every second)
+                written, flushed = receiver_positions(server)
+                stuck = segment_start_of(flushed)  # the segment the shipping thread cannot get into the bucket
+                assert flushed <= shipped_before + SEGMENT, (format_lsn(flushed), format_lsn(shipped_before))
+                assert stuck + SEGMENT < written <= stuck + 2 * SEGMENT < end, (
+                    format_lsn(written),
+                    format_lsn(flushed),
+                    format_lsn(end),
+                )
+                assert receiver.poll() is None
+            finally:
+                own.process.send_signal(signal.SIGCONT)
+            catalog = wait_shipped(own, location, end, timeout=180)
+        finally:
+            code = stop_receiver(receiver)
+        assert code == 0, archive["log"].read_text()[-2000:]
+        assert catalog.rejected == [] and catalog.gaps() == [], (catalog.rejected, catalog.gaps())
+        numbers = sorted(segno for _, segno in catalog.segments)
+        assert numbers == list(range(numbers[0], numbers[-1] + 1)) and numbers[-1] >= end // SEGMENT - 1

@@ -7,21 +7,25 @@ holds and how the catalog reads it):
 
 * a complete segment as soon as its last byte arrived (then the bucket's ``.partial`` of it is removed,
   manifest first);
-* the segment being received every ``shipIntervalSeconds`` when it grew: its bytes through the last one
-  received (the partial object holds only those; a restore pads it to the segment size);
+* the segment being received every ``shipIntervalSeconds`` when it grew, unless the server is already past its
+  end (its complete copy follows at once): its bytes through the last one received (the partial object holds
+  only those; a restore pads it to the segment size);
 * a timeline's history file when the server ends the timeline (then streaming goes on on the next one).
 
-The segment being received is held in the receiver's memory (one buffer of the server's wal_segment_size):
-no WAL is written to any disk. The standby status updates it sends say flushed = applied = the end of what
-is in the bucket with its manifest written, so the slot's restart_lsn never passes WAL that is not archived,
-and the server keeps it whatever happens to the pod. A new receiver (its memory empty) starts streaming from
-the slot's restart_lsn rounded down to its segment's start and ships that segment again: shipping is
-idempotent (a complete segment whose manifest in the bucket has the same plain SHA-256 is not sent again, one
-with another digest is never overwritten: the first copy stays and the conflict is logged; a partial is only
-re-shipped when it reaches further than the bucket's, and never beside its complete segment). While a complete
-segment cannot be shipped (S3 away), nothing more is read from the server: memory stays one segment, the slot
-keeps the rest. SIGTERM ships the partial, sends the last status update and exits 0. ``RUNBOOK_WAL_SCRATCH``
-must still name a directory (the pod's memory-backed scratch); nothing is written there.
+Shipping runs in a thread beside the reading, so WAL keeps arriving while a segment is encrypted and
+uploaded. The segment being received and the complete one being shipped are held in the receiver's memory (two
+buffers of the server's wal_segment_size at most): no WAL is written to any disk. The standby status updates it
+sends say flushed = applied = the end of what is in the bucket with its manifest written, so the slot's
+restart_lsn never passes WAL that is not archived, and the server keeps it whatever happens to the pod. A new
+receiver (its memory empty) starts streaming from the slot's restart_lsn rounded down to its segment's start
+and ships that segment again: shipping is idempotent (a complete segment whose manifest in the bucket has the
+same plain SHA-256 is not sent again, one with another digest is never overwritten: the first copy stays and
+the conflict is logged; a partial is only re-shipped when it reaches further than the bucket's, and never
+beside its complete segment). What gpg read of a complete segment must have the SHA-256 of what was received
+into it (else WALChanged, and it is shipped again). While a complete segment cannot be shipped (S3 away),
+nothing more is read from the server once the next one fills: memory stays two segments, the slot keeps the
+rest. SIGTERM ships what was handed over and the partial, sends the last status update and exits 0.
+``RUNBOOK_WAL_SCRATCH`` must still name a directory (the pod's memory-backed scratch); nothing is written there.
 
 ``base-backup`` (the ``<policy>-base`` CronJob) streams ``pg_basebackup -Ft -D - -X none --checkpoint=fast``
 through gpg to ``base/<UTC timestamp>/base.tar.gpg``; the start and stop LSN and the timeline come from the
