@@ -9,6 +9,7 @@ checks that the host is left as it was.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 import uuid
@@ -129,6 +130,14 @@ def connect_from(
         timeout=30,
         check=False,
     )
+
+
+def test_a_host_without_runc_is_told_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for tool in ("iptables", "iptables-restore", "ipset", "conntrack"):  # everything but runc
+        (tmp_path / tool).symlink_to(shutil.which(tool) or "/bin/false")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(localcluster.LocalClusterError, match=r"needs runc on PATH: run .*node-setup\.sh"):
+        localcluster.LocalCluster(tmp_path / "state", real_node=True).start()
 
 
 def test_a_pod_runs_to_completion_and_reaches_a_service_by_its_dns_name(

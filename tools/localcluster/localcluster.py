@@ -1218,10 +1218,13 @@ class LocalCluster:
         self._setup_host_network()
         for hierarchy in cgroup_hierarchies():
             path = hierarchy / NODE_CGROUP_ROOT
-            path.mkdir(exist_ok=True)
-            for name in ("cpuset.cpus", "cpuset.mems"):  # a new cpuset is empty: no task could join it
-                if (hierarchy / name).is_file() and not (path / name).read_text().strip():
-                    (path / name).write_text((hierarchy / name).read_text())
+            try:
+                path.mkdir(exist_ok=True)
+                for name in ("cpuset.cpus", "cpuset.mems"):  # a new cpuset is empty: no task could join it
+                    if (hierarchy / name).is_file() and not (path / name).read_text().strip():
+                        (path / name).write_text((hierarchy / name).read_text())
+            except OSError as error:
+                raise LocalClusterError(f"cannot set up the kubelet's cgroup {path}: {error}") from error
 
         containerd_dir = self.state_dir / "containerd"
         cni_conf = self.state_dir / "cni-conf"
