@@ -1210,6 +1210,11 @@ class LocalCluster:
         owner = node_owner()
         if owner is not None and owner != self.state_dir:
             raise LocalClusterError(f"a real node already runs for {owner}: stop that cluster first (one per machine)")
+        with contextlib.suppress(OSError):  # a real node of a killed run elsewhere: undo what it left
+            stale = Path(NODE_OWNER_FILE.read_text().strip())
+            if stale != self.state_dir:
+                log(f"cleaning up the real node a killed run left in {stale}")
+                LocalCluster(stale)._teardown_node()
         bin_ = self._node_bin
         pki = self.pki.path
         self.node_marker.write_text(json.dumps({"sysctls": {key: read_sysctl(key) for key in HOST_SYSCTLS}}))
