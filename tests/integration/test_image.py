@@ -18,9 +18,11 @@ import tarfile
 import uuid
 from pathlib import Path
 
+import psycopg
 import pytest
+import redis
 from tests.backup_support import bucket_keys, manifest_of, new_bucket, policy_spec, postgresql_source
-from tests.services import GpgKeyring, Postgres, S3Server
+from tests.services import GpgKeyring, Postgres, S3Server, free_port, wait_port
 
 from runbook_operator.models.plans import GPG_RECIPIENTS_ENV, JOB_NAME_ENV, SPEC_ENV
 
@@ -161,3 +163,73 @@ def test_the_build_ca_bundle_is_not_in_the_image(image: str) -> None:
                         content = inner.extractfile(member).read()  # type: ignore[union-attr]
                         found += [member.name for line in added if line in content]
     assert found == []
+
+
+@pytest.fixture(scope="module")
+def e2e_images() -> dict[str, Path]:
+    return image_tool.build_e2e()
+
+
+def start_server(image: str, *args: str, tmpfs: str, env: dict[str, str]) -> str:
+    """A detached container of an e2e image, read-only but for one tmpfs, as its non-root image user (the caller
+    removes it, after reading its log if it failed)."""
+    names = [arg for name in env for arg in ("-e", name)]
+    command = [image_tool.docker_cli(), "run", "-d", "--network", "host", "--read-only", "--tmpfs", tmpfs]
+    result = subprocess.run(
+        [*command, *names, image, *args], env={**os.environ, **env}, capture_output=True, text=True, check=True
+    )
+    return result.stdout.strip()
+
+
+def test_the_e2e_server_images_serve_read_only_as_non_root(e2e_images: dict[str, Path]) -> None:
+    """The e2e tier's PostgreSQL, Redis and S3 API server images, each exported for `ctr images import`."""
+    assert sorted(e2e_images) == [
+        "runbook-e2e/postgres:bookworm",
+        "runbook-e2e/redis:bookworm",
+        "runbook-e2e/s3:bookworm",
+    ]
+    for name, archive in e2e_images.items():
+        with tarfile.open(archive) as tar:  # a docker-archive naming the image
+            assert json.load(tar.extractfile("manifest.json"))[0]["RepoTags"] == [name]  # type: ignore[arg-type]
+    pg_port, redis_port, s3_port = free_port(), free_port(), free_port()
+    containers = [
+        start_server(
+            "runbook-e2e/postgres:bookworm",
+            *("-c", f"port={pg_port}"),
+            tmpfs="/var/lib/postgresql:uid=999,gid=999",
+            env={"POSTGRES_PASSWORD": "e2e-pg-pw", "POSTGRES_DB": "shop"},
+        ),
+        start_server(
+            "runbook-e2e/redis:bookworm",
+            "--port",
+            str(redis_port),
+            tmpfs="/data:uid=999",
+            env={"REDIS_PASSWORD": "e2e-r"},
+        ),
+        start_server("runbook-e2e/s3:bookworm", "-p", str(s3_port), tmpfs="/tmp", env={}),
+    ]
+    try:
+        for container, port in zip(containers, (pg_port, redis_port, s3_port), strict=True):
+            try:
+                wait_port(port, timeout=60)
+            except TimeoutError as error:
+                logs = subprocess.run(
+                    [image_tool.docker_cli(), "logs", container], capture_output=True, text=True, check=False
+                )
+                raise AssertionError(f"{error}; the container's log:\n{logs.stdout}{logs.stderr}") from error
+        dsn = f"host=127.0.0.1 port={pg_port} dbname=shop user=postgres password=e2e-pg-pw"
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute("SELECT current_user, current_setting('server_version_num')::int / 10000").fetchone()
+        assert row == ("postgres", 15)
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(dsn.replace("e2e-pg-pw", "wrong")).close()
+        assert redis.Redis(port=redis_port, password="e2e-r").ping()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=redis_port).get("k")
+        s3 = S3Server()
+        s3.port, s3.endpoint = s3_port, f"http://127.0.0.1:{s3_port}"
+        bucket = new_bucket(s3)
+        s3.client().put_object(Bucket=bucket, Key="k", Body=b"stored")
+        assert s3.client().get_object(Bucket=bucket, Key="k")["Body"].read() == b"stored"
+    finally:
+        subprocess.run([image_tool.docker_cli(), "rm", "-f", *containers], capture_output=True, check=False)
