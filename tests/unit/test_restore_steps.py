@@ -811,10 +811,16 @@ def test_pitr_in_place_scales_the_statefulset_around_the_job_and_checks_after_sc
             assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["fsGroup"]) == (999, 999)
             env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
             plan = json.loads(env["RUNBOOK_PITR_PLAN"])
-            assert [w["manifest"]["name"] for w in plan["wal"]] == [
-                "000000010000000000000002",
-                "000000010000000000000003",
-            ]  # through the first segment shipped after the target
+            assert plan["wal"] == {
+                "namespace": NS,
+                "policy": "db",
+                "firstSegment": "000000010000000000000002",
+                "lastSegment": "000000010000000000000003",  # the first segment shipped after the target
+                "segmentBytes": SEGMENT,
+                "timelines": [1],
+                "histories": [],
+                "segments": 2,
+            }  # the range: the Job reads each file's manifest itself
             assert plan["keepPreviousAs"] == "pgdata.before-r1" and plan["targetTime"].startswith("2026-03-01T11:25")
             assert pod["containers"][0]["args"][0] == "restore-pitr"
             jobs += 1
@@ -921,19 +927,3 @@ def test_pitr_a_tampered_object_fails_the_job_and_the_statefulset_comes_back(pit
     ]
     assert pitr.ready().reason == "ChecksumMismatch"
     assert sts_replicas(pitr) == (1, False)
-
-
-def test_pitr_a_chain_too_long_for_the_jobs_environment_is_refused(pitr: World) -> None:
-    """Linux starts no process with an environment string over 128 KiB (the plan's variable): a longer plan fails
-    the preflight (the limit lowered here to below the fixture's 3-segment plan)."""
-    from runbook_operator.reconcilers import restore_pitr
-
-    assert restore_pitr.MAX_PLAN_BYTES < 128 * 1024
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(restore_pitr, "MAX_PLAN_BYTES", 2000)
-        new_pitr(pitr, latest=True)
-        run_pitr(pitr)
-    ready = pitr.ready()
-    assert ready.reason == "ChainTooLong", ready.message
-    assert (ready.message or "").startswith("spec.pointInTime.latest: latest needs 3 WAL files after base backup ")
-    assert pitr.steps() == [("Preflight", "Failed")] and sts_replicas(pitr) == (1, False)

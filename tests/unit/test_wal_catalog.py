@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -77,9 +78,18 @@ def test_window_latest_and_a_time_between(bucket: tuple[S3Location, Any], s3_ser
         "000000010000000000000005.partial",
     ]
     assert latest.base.folder == folder and latest.timeline == 1
-    plan_files = latest.wal_files()
-    assert plan_files[-1].key.endswith("/wal/00000001/000000010000000000000005.partial.gpg")
-    assert plan_files[-1].manifest["signature"]
+    assert latest.files[-1].key.endswith("/wal/00000001/000000010000000000000005.partial.gpg")
+    assert latest.files[-1].manifest["signature"]
+    assert latest.wal_range(namespace=NAMESPACE, policy=POLICY).model_dump() == {
+        "namespace": NAMESPACE,
+        "policy": POLICY,
+        "first_segment": "000000010000000000000002",
+        "last_segment": "000000010000000000000005",
+        "segment_bytes": SEG,
+        "timelines": [1],
+        "histories": [],
+        "segments": 4,
+    }
     # 25 s: segment 3 (shipped at 30 s) holds it; the minute after is also fetched (there is no more WAL here)
     between = catalog.choose(target_time=at(25), now=NOW)
     assert names(between)[0] == "000000010000000000000002" and len(between.files) == 4
@@ -235,3 +245,78 @@ def test_a_new_timeline_is_followed_from_its_switch_point(bucket: tuple[S3Locati
     ]
     window = catalog.window()
     assert window is not None and window.latest_lsn == parse_lsn("0/6000200") and window.latest_time == at(80)
+    # The restore Job reads the same files back from the plan's range alone.
+    assert read_range(s3_server, location, latest) == names(latest)
+
+
+# --- the restore Job's side: the plan's range read back from the bucket ----------------------------------------
+
+
+def read_range(s3: S3Server, location: S3Location, choice: wal_catalog.Choice) -> list[str]:
+    client = make_client(location, s3.access_key, s3.secret_key)
+    wal = choice.wal_range(namespace=NAMESPACE, policy=POLICY)
+    files = wal_catalog.read_range(client, location, wal, path=choice.timeline, signing_key=SIGNING_KEY)
+    return [f.name + (".partial" if f.partial else "") for f in files]
+
+
+def test_a_long_chain_is_a_range_of_constant_size_read_back_whole(
+    bucket: tuple[S3Location, Any], s3_server: S3Server
+) -> None:
+    """300 segments after the base backup: the plan's range is the same few hundred bytes as for 3 (the old plan
+    listed every manifest: ~700 bytes each, over 128 KiB here), and the Job's reading gets all 300 in order."""
+    location, client = bucket
+    put_base_backup(client, location, start=2 * SEG + 0x28, stop=2 * SEG + 0x900, started=at(0), stopped=at(1))
+    for number in range(2, 302):
+        put_segment(client, location, segno=number, shipped=at(number))
+    put_segment(client, location, segno=302, partial=True, end=302 * SEG + 4096, shipped=at(303))
+    catalog = read(s3_server, location)
+    latest = catalog.choose(latest=True, now=NOW)
+    assert len(latest.files) == 301
+    assert len(json.dumps([f.manifest for f in latest.files])) > 128 * 1024  # what the old plan carried
+    wal = latest.wal_range(namespace=NAMESPACE, policy=POLICY)
+    assert len(json.dumps(wal.to_api())) < 400
+    assert read_range(s3_server, location, latest) == names(latest)
+    between = catalog.choose(target_lsn=150 * SEG + 10, now=NOW)
+    assert read_range(s3_server, location, between) == names(between)
+    assert names(between)[-1] == "000000010000000000000097"  # segment 151: the record at the target may cross
+
+
+def test_the_jobs_reading_refuses_a_changed_manifest_a_gap_and_a_missing_history(
+    bucket: tuple[S3Location, Any], s3_server: S3Server
+) -> None:
+    location, client = bucket
+    chain(client, location)
+    switch = 5 * SEG + 2048
+    put_history(client, location, timeline=2, begin=switch, shipped=at(60))
+    put_segment(client, location, timeline=2, segno=5, shipped=at(70))
+    put_segment(client, location, timeline=2, segno=6, partial=True, end=6 * SEG + 512, shipped=at(80))
+    latest = read(s3_server, location).choose(latest=True, now=NOW)
+    base = wal_catalog_base(location)
+    # a manifest past the range, or on timeline 1 after the switch (not on the path), is not read or not used
+    put_segment(client, location, segno=9, shipped=at(90), key="another-namespace-key")
+    put_segment(client, location, segno=6, shipped=at(90), key="another-namespace-key")
+    assert read_range(s3_server, location, latest)[-1] == "000000020000000000000006.partial"
+
+    def refused() -> RunbookError:
+        with pytest.raises(RunbookError) as error:
+            read_range(s3_server, location, latest)
+        return error.value
+
+    _, manifest_key = wal_catalog.segment_keys(base, 1, "000000010000000000000003")
+    original = client.get_object(Bucket=location.bucket, Key=manifest_key)["Body"].read()
+    changed = json.loads(original)
+    changed["sha256"] = "0" * 64  # the signature no longer covers it
+    client.put_object(Bucket=location.bucket, Key=manifest_key, Body=json.dumps(changed).encode())
+    error = refused()
+    assert error.reason == "ManifestForged" and error.message.startswith(manifest_key), error.message
+    client.delete_object(Bucket=location.bucket, Key=manifest_key)
+    wal_catalog.forget_cached([manifest_key], location)
+    error = refused()
+    assert error.reason == "WALGap", error.message
+    assert error.message.startswith("WAL 0/3000000-0/4000000 (segment 000000010000000000000003) is missing")
+    client.put_object(Bucket=location.bucket, Key=manifest_key, Body=original)
+    assert read_range(s3_server, location, latest)[0] == "00000002.history"
+    history_data, _ = wal_catalog.history_keys(base, 2)
+    client.delete_object(Bucket=location.bucket, Key=history_data)
+    error = refused()
+    assert error.reason == "WALGap" and error.message.startswith("the history file of timeline 2 "), error.message

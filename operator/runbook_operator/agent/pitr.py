@@ -1,21 +1,29 @@
 """``runbook-operator restore-pitr``: a point-in-time restore's Job, on the volume that holds the data directory.
 
 The plan (``RUNBOOK_PITR_PLAN``, a ``PointInTimePlan`` the operator's preflight chose from the WAL catalog)
-names a base backup and the WAL files to replay, each with its signed manifest. The Job mounts the volume at
-``RUNBOOK_PGDATA_ROOT`` and gets a scratch directory (``RUNBOOK_SCRATCH_DIR``) for the encrypted objects.
+names a base backup (with its signed manifest) and the WAL to replay as a range: the policy, the timelines, the
+first and the last segment, the history files. Its size does not depend on the chain's length (one environment
+string is at most 128 KiB). The Job mounts the volume at ``RUNBOOK_PGDATA_ROOT`` and gets a scratch directory
+(``RUNBOOK_SCRATCH_DIR``) for the encrypted objects.
 
-1. **Verify** (nothing on the volume is written): every manifest's signature with ``RUNBOOK_MANIFEST_KEY``
-   (``ManifestForged`` otherwise), each WAL manifest names its key's file; every object is downloaded to the
-   scratch directory with its SHA-256 and size checked against its manifest (``ChecksumMismatch``).
-2. **Stage** (beside the data directory, which is still untouched): each WAL file is decrypted into
-   ``.<dataDirectory>.wal.incoming/`` and its plain SHA-256 checked (a partial segment is then padded with
-   zeros to its segment size, as PostgreSQL reads it); the base backup is decrypted and untarred into
+1. **Verify** (nothing on the volume is written): the base backup's manifest's signature with
+   ``RUNBOOK_MANIFEST_KEY`` and its policy (``ManifestForged`` otherwise); the range listed in the bucket and
+   each WAL manifest read and checked as the operator's catalog checks it (``wal_catalog.read_range``: signed,
+   this policy's, naming its key's file and range): one that does not verify is ``ManifestForged``, WAL missing
+   from the range ``WALGap`` naming it; the base backup downloaded to the scratch directory, its SHA-256 and
+   size checked against its manifest (``ChecksumMismatch``).
+2. **Stage** (beside the data directory, which is still untouched): each WAL file in turn is downloaded to the
+   scratch directory, its SHA-256 and size checked, decrypted into ``.<dataDirectory>.wal.incoming/`` and its
+   plain SHA-256 checked (a partial segment is then padded with zeros to its segment size, as PostgreSQL reads
+   it), and its download deleted (the scratch holds the base backup and one WAL file); the base backup is
+   decrypted and untarred into
    ``.<dataDirectory>.incoming/`` (mode 0700), ``recovery.signal`` and the recovery settings appended to its
    ``postgresql.auto.conf``: ``restore_command`` copying from the sibling WAL directory (a path relative to the
    data directory, which is the server's working directory, so it holds wherever the server mounts the
    volume), ``recovery_target_time`` or ``recovery_target_lsn`` (inclusive), ``recovery_target_timeline``
    and ``recovery_target_action = 'promote'``; ``latest`` sets no target: the server replays all of it.
-   A failure here removes the staging directories: the data directory was never touched.
+   A failure here (``ChecksumMismatch`` of any object included) removes the staging directories: the data
+   directory was never touched.
 3. **Swap**: an existing data directory is renamed to ``keepPreviousAs`` (and its WAL directory beside it),
    then the staged ones take their places (two renames in the same volume).
 
@@ -41,8 +49,8 @@ from typing import Any
 import botocore.exceptions
 
 from ..clients.gpg import GPG, GPGError
-from ..clients.s3 import get_json, make_client
-from ..errors import RunbookError, parse_spec
+from ..clients.s3 import make_client
+from ..errors import RunbookError
 from ..logs import REDACTOR
 from ..models.plans import (
     MANIFEST_KEY_ENV,
@@ -54,12 +62,12 @@ from ..models.plans import (
     SCRATCH_DIR_ENV,
     PointInTimePlan,
     StoredObjectPlan,
-    WALFile,
-    manifest_signed,
     parse_lsn,
 )
+from ..reconcilers import wal_catalog
+from ..reconcilers.wal_catalog import WALObject
 from .backup import one_line, require_env
-from .restore import SECRET_ENVS, ChecksummedReader, ToolSink, decryption_key, open_object, report
+from .restore import SECRET_ENVS, ToolSink, checked_object, decryption_key, read_plan, report
 
 COMMAND = "restore-pitr"
 FAILURE = "restore failed"  # the restore Job's failure line, as the restore reconciler reads it
@@ -125,26 +133,25 @@ def inside(root: Path, relative: str, *, field: str) -> Path:
 # --- 1. verify -------------------------------------------------------------------------------------------------
 
 
-def object_plans(plan: PointInTimePlan, signing_key: str) -> list[tuple[StoredObjectPlan, str, bool]]:
-    """(object, WAL file name, partial) for the base backup then every WAL file, each manifest's signature
-    verified and its file named by its key; ``ManifestForged`` otherwise."""
-    where = f"{MANIFEST_KEY_ENV} (Secret {MANIFEST_KEY_SECRET})"
+def base_plan(plan: PointInTimePlan, signing_key: str) -> StoredObjectPlan:
+    """The base backup's object, its manifest's signature and policy verified; ``ManifestForged`` otherwise."""
+    why = wal_catalog.foreign(
+        plan.base_manifest, signing_key=signing_key, namespace=plan.wal.namespace, policy=plan.wal.policy
+    )
+    if why is not None:
+        raise RunbookError(
+            "ManifestForged",
+            f"{plan.base_key}: its manifest is {why} ({MANIFEST_KEY_ENV}, Secret {MANIFEST_KEY_SECRET})",
+        )
+    return _stored(plan, plan.base_key, plan.base_manifest)
 
-    def signed(manifest: Mapping[str, Any], key: str) -> None:
-        if not manifest_signed(manifest, signing_key):
-            raise RunbookError(
-                "ManifestForged", f"{key}: its manifest's signature does not verify with {where}: changed since"
-            )
 
-    base = plan.base_manifest
-    signed(base, plan.base_key)
-    found = [(_stored(plan, plan.base_key, base), "", False)]
-    for item in plan.wal:
-        manifest = item.manifest
-        signed(manifest, item.key)
-        name, partial = _wal_name(item)
-        found.append((_stored(plan, item.key, manifest), name, partial))
-    return found
+def wal_files(client: Any, plan: PointInTimePlan, signing_key: str) -> list[WALObject]:
+    """The plan's WAL range as the bucket holds it, each manifest verified (``wal_catalog.read_range``)."""
+    try:
+        return wal_catalog.read_range(client, plan.location, plan.wal, path=plan.timeline, signing_key=signing_key)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+        raise RunbookError("DownloadFailed", f"S3: reading the WAL manifests: {one_line(error)}") from None
 
 
 def _stored(plan: PointInTimePlan, key: str, manifest: Mapping[str, Any]) -> StoredObjectPlan:
@@ -161,96 +168,42 @@ def _stored(plan: PointInTimePlan, key: str, manifest: Mapping[str, Any]) -> Sto
         raise RunbookError("ManifestInvalid", f"{key}: its manifest has no sha256, sizeBytes and symmetric") from None
 
 
-def _wal_name(item: WALFile) -> tuple[str, bool]:
-    """The file name PostgreSQL asks for, from the manifest, which must be the key's file."""
-    name, partial = str(item.manifest.get("name") or ""), bool(item.manifest.get("partial"))
-    leaf = item.key.rsplit("/", 1)[-1]
-    if not name or "/" in name or leaf != f"{name}{'.partial' if partial else ''}.gpg":
-        raise RunbookError("ManifestForged", f"{item.key}: its manifest names {name!r}, another file")
-    return name, partial
-
-
 PARTIAL_ATTEMPTS = 5
 
 
 def fetch(
     client: Any,
     plan: PointInTimePlan,
-    wanted: tuple[StoredObjectPlan, str, bool],
+    wanted: WALObject,
     path: Path,
     *,
     env: Mapping[str, str],
     signing_key: str,
 ) -> Fetched:
-    """The object downloaded and matching its manifest. A partial segment is re-shipped by the receiver while the
-    restore runs (and replaced by its complete segment once that is written): when the planned one no longer
-    matches, the bucket's current manifest of that segment is read again, and used when it is signed, of the
-    same policy and reaches at least as far as the planned one."""
-    item, name, partial = wanted
-    for attempt in range(PARTIAL_ATTEMPTS if partial else 1):
+    """The WAL file downloaded and matching its manifest. A partial segment is re-shipped by the receiver while the
+    restore runs (and replaced by its complete segment once that is written): when the one read no longer
+    matches, the bucket's current manifest of that segment is read again (``wal_catalog.current_file``)."""
+    for attempt in range(PARTIAL_ATTEMPTS if wanted.partial else 1):
+        item = _stored(plan, wanted.key, wanted.manifest)
         try:
-            download(item, env, path)
-            return Fetched(item, path, name, partial)
+            download(client, item, env, path)
+            return Fetched(item, path, wanted.name, wanted.partial)
         except RunbookError as error:
-            if (
-                error.reason not in ("ChecksumMismatch", "BackupNotFound")
-                or attempt + 1 >= PARTIAL_ATTEMPTS
-                or not partial
-            ):
+            retry = wanted.partial and attempt + 1 < PARTIAL_ATTEMPTS
+            if not retry or error.reason not in ("ChecksumMismatch", "BackupNotFound"):
                 raise
-            newer = newer_copy(client, plan, item, signing_key)
+            newer = wal_catalog.current_file(client, plan.location, plan.wal, wanted, signing_key=signing_key)
             if newer is None:
                 raise
-            item, partial = newer
+            wanted = newer
     raise AssertionError("unreachable")
 
 
-def newer_copy(
-    client: Any, plan: PointInTimePlan, item: StoredObjectPlan, signing_key: str
-) -> tuple[StoredObjectPlan, bool] | None:
-    """The segment's complete object, else its partial as shipped now, when its manifest qualifies."""
-    planned = item.manifest or {}
-    reach = parse_lsn(str(planned.get("endLsn") or "0/0"))
-    complete = item.key.removesuffix(".partial.gpg") + ".gpg"
-    for key, partial in ((complete, False), (item.key, True)):
-        try:
-            manifest = get_json(client, plan.location, key.removesuffix(".gpg") + ".json")
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, ValueError):
-            continue
-        if (
-            manifest_signed(manifest, signing_key)
-            and manifest.get("policy") == planned.get("policy")
-            and manifest.get("name") == planned.get("name")
-            and bool(manifest.get("partial")) == partial
-            and parse_lsn(str(manifest.get("endLsn") or "0/0")) >= reach
-        ):
-            return _stored(plan, key, manifest), partial
-    return None
-
-
-def download(item: StoredObjectPlan, env: Mapping[str, str], path: Path) -> None:
+def download(client: Any, item: StoredObjectPlan, env: Mapping[str, str], path: Path) -> None:
     """The object into ``path``; ``ChecksumMismatch`` unless its SHA-256 and size are the manifest's."""
-    try:
-        body, _ = open_object(item, env)
-    except RunbookError as error:
-        if error.reason == "BackupNotFound":
-            raise RunbookError("BackupNotFound", f"spec.pointInTime: {item.key} is missing from the bucket") from None
-        raise
-    reader = ChecksummedReader(body, sha256=item.sha256, size=item.size_bytes)
-    try:
-        with path.open("wb") as out:
-            while chunk := reader.read(_CHUNK):
-                out.write(chunk)
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
-        raise RunbookError("DownloadFailed", f"S3: reading {item.key}: {one_line(error)}") from None
-    finally:
-        reader.close()
-    if not reader.matches:
-        raise RunbookError(
-            "ChecksumMismatch",
-            f"{item.key}: SHA-256 {reader.sha256[:16]}… over {reader.size} bytes, its manifest says "
-            f"{item.sha256[:16]}… over {item.size_bytes} bytes: the stored object was changed; nothing was restored",
-        )
+    with checked_object(item, env, client=client, field="spec.pointInTime") as (reader, _), path.open("wb") as out:
+        while chunk := reader.read(_CHUNK):
+            out.write(chunk)
 
 
 # --- 2. stage --------------------------------------------------------------------------------------------------
@@ -411,39 +364,40 @@ def _remove(*directories: Path) -> None:
 
 
 def restore_pitr(plan: PointInTimePlan, env: Mapping[str, str]) -> dict[str, Any]:
-    """Verify everything, stage, swap; returns the figures."""
+    """Verify, stage, swap; returns the figures."""
     root = Path(require_env(env, PGDATA_ROOT_ENV, field="the restore Job's volume mount"))
     signing_key = require_env(env, MANIFEST_KEY_ENV, field=f"Secret {MANIFEST_KEY_SECRET}")
     paths = Paths.of(plan, root)
-    objects = object_plans(plan, signing_key)
+    base = base_plan(plan, signing_key)
     check_volume(paths)
+    client = make_client(plan.location, env.get(S3_ACCESS_KEY_ENV), env.get(S3_SECRET_KEY_ENV))
+    files = wal_files(client, plan, signing_key)
     scratch_root = Path(env.get(SCRATCH_DIR_ENV) or tempfile.gettempdir())
     with tempfile.TemporaryDirectory(prefix="pitr-", dir=scratch_root) as scratch, GPG() as gpg:
-        client = make_client(plan.location, env.get(S3_ACCESS_KEY_ENV), env.get(S3_SECRET_KEY_ENV))
-        fetched = [
-            fetch(client, plan, wanted, Path(scratch) / f"{index:06d}.gpg", env=env, signing_key=signing_key)
-            for index, wanted in enumerate(objects)
-        ]
-        passphrase = decryption_key(gpg, objects[0][0], env)
+        downloaded = Path(scratch) / "base.tar.gpg"
+        download(client, base, env, downloaded)
+        passphrase = decryption_key(gpg, base, env)
         _remove(paths.staged, paths.staged_wal)  # an earlier run's, stopped halfway
         try:
             paths.staged_wal.mkdir(mode=0o700)
-            for item in fetched[1:]:
-                decrypt_wal(gpg, item, passphrase, paths.staged_wal)
-                item.path.unlink()
+            for wanted in files:
+                fetched = fetch(client, plan, wanted, Path(scratch) / "wal.gpg", env=env, signing_key=signing_key)
+                decrypt_wal(gpg, fetched, passphrase, paths.staged_wal)
+                fetched.path.unlink()
             paths.staged.mkdir(mode=0o700)
-            decrypt_base(gpg, fetched[0], passphrase, paths.staged, env)
+            decrypt_base(gpg, Fetched(base, downloaded, ""), passphrase, paths.staged, env)
             prepare(plan, paths)
         except BaseException:
             _remove(paths.staged, paths.staged_wal)
             raise
     kept = swap(paths)
-    segments = [item.name for item in fetched[1:] if not item.name.endswith(".history")]
+    segments = [f.name for f in files if not f.history]
     return {
         "baseBackup": plan.base_key,
         "segments": len(segments),
         "firstSegment": segments[0] if segments else None,
         "lastSegment": segments[-1] if segments else None,
+        "historyFiles": len(files) - len(segments),
         "dataDirectory": plan.data_directory,
         "previousDataDirectory": kept,
         "target": plan.target_time or plan.target_lsn or "latest",
@@ -456,12 +410,7 @@ def main(env: Mapping[str, str] | None = None) -> int:
         REDACTOR.register(environment.get(name))
     os.umask(0o077)  # a data directory's files: the server's user only
     try:
-        raw = require_env(environment, PITR_PLAN_ENV, field="plan")
-        try:
-            document = json.loads(raw)
-        except json.JSONDecodeError as error:
-            raise RunbookError("InvalidPlan", f"{PITR_PLAN_ENV} is not JSON ({error.msg})") from None
-        figures = restore_pitr(parse_spec(PointInTimePlan, document), environment)
+        figures = restore_pitr(read_plan(environment, PITR_PLAN_ENV, PointInTimePlan), environment)
         line = json.dumps({COMMAND: figures}, separators=(",", ":"))
         report(line)
     except RunbookError as error:

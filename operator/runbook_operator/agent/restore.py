@@ -33,9 +33,9 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, TypeVar
 
 import botocore.exceptions
 import psycopg
@@ -45,6 +45,7 @@ from ..clients.gpg import GPG, GPGError
 from ..clients.s3 import make_client
 from ..errors import RunbookError, parse_spec
 from ..logs import REDACTOR
+from ..models.common import CamelModel
 from ..models.plans import (
     GPG_PASSPHRASE_ENV,
     GPG_PRIVATE_KEY_ENV,
@@ -63,6 +64,8 @@ from ..models.plans import (
 )
 from ..models.sources import PostgresConnection
 from .backup import one_line, postgres_ca, require_env
+
+PlanModel = TypeVar("PlanModel", bound=CamelModel)
 
 SECRET_ENVS = (PG_PASSWORD_ENV, S3_SECRET_KEY_ENV, GPG_PASSPHRASE_ENV, GPG_PRIVATE_KEY_ENV, MANIFEST_KEY_ENV)
 _READ_SIZE = 64 * 1024
@@ -311,9 +314,13 @@ class Streamed:
     etag: str
 
 
-def open_object(plan: StoredObjectPlan, env: Mapping[str, str]) -> tuple[Any, str]:
-    """The body of the stored object, streaming, and its ETag; with the plan's ``etag``, only that object."""
-    client = make_client(plan.location, env.get(S3_ACCESS_KEY_ENV), env.get(S3_SECRET_KEY_ENV))
+def open_object(
+    plan: StoredObjectPlan, env: Mapping[str, str], *, client: Any = None, field: str = "spec.backup"
+) -> tuple[Any, str]:
+    """The body of the stored object, streaming, and its ETag; with the plan's ``etag``, only that object.
+    ``client``: one the caller reuses (else one is made from the pod's keys); ``field``: named when it is missing."""
+    if client is None:
+        client = make_client(plan.location, env.get(S3_ACCESS_KEY_ENV), env.get(S3_SECRET_KEY_ENV))
     try:
         if plan.etag:
             response = client.get_object(Bucket=plan.location.bucket, Key=plan.key, IfMatch=plan.etag)
@@ -323,7 +330,7 @@ def open_object(plan: StoredObjectPlan, env: Mapping[str, str]) -> tuple[Any, st
     except botocore.exceptions.ClientError as error:
         code = str(error.response.get("Error", {}).get("Code", "Error"))
         if code in ("NoSuchKey", "404"):
-            raise RunbookError("BackupNotFound", f"spec.backup: the data object {plan.key} is missing") from None
+            raise RunbookError("BackupNotFound", f"{field}: the data object {plan.key} is missing") from None
         if code in ("PreconditionFailed", "412"):
             raise RunbookError(
                 "ChecksumMismatch",
@@ -332,6 +339,30 @@ def open_object(plan: StoredObjectPlan, env: Mapping[str, str]) -> tuple[Any, st
         raise RunbookError("DownloadFailed", f"S3: {code}") from None
     except botocore.exceptions.BotoCoreError as error:
         raise RunbookError("DownloadFailed", f"S3: {one_line(error)}") from None
+
+
+@contextlib.contextmanager
+def checked_object(
+    plan: StoredObjectPlan, env: Mapping[str, str], *, client: Any = None, field: str = "spec.backup"
+) -> Iterator[tuple[ChecksummedReader, str]]:
+    """The stored object as a ``ChecksummedReader`` (and its ETag) for the ``with`` body to read. Leaving the body
+    normally, the rest is read and ``ChecksumMismatch`` raised unless the object's size and SHA-256 are the
+    plan's (an S3 failure while reading: ``DownloadFailed``); an exception from the body goes on as it is."""
+    body, etag = open_object(plan, env, client=client, field=field)
+    reader = ChecksummedReader(body, sha256=plan.sha256, size=plan.size_bytes)
+    try:
+        yield reader, etag
+        reader.drain()
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+        raise RunbookError("DownloadFailed", f"S3: reading {plan.key}: {one_line(error)}") from None
+    finally:
+        reader.close()
+    if not reader.matches:
+        raise RunbookError(
+            "ChecksumMismatch",
+            f"{plan.key}: SHA-256 {reader.sha256[:16]}… over {reader.size} bytes does not match the manifest's "
+            f"{plan.sha256[:16]}… over {plan.size_bytes} bytes: the stored object was changed",
+        )
 
 
 def decryption_key(gpg: GPG, plan: StoredObjectPlan, env: Mapping[str, str]) -> str | None:
@@ -348,35 +379,26 @@ def stream(plan: StoredObjectPlan, env: Mapping[str, str], sink: Sink) -> Stream
     """Object -> gpg -> the tool; the tool's exit code once size, digest and decryption all checked out."""
     REDACTOR.register(env.get(GPG_PRIVATE_KEY_ENV))
     with GPG() as gpg:
+        decrypt_error: GPGError | None = None
+        finished = False
         try:
             require_signed(plan, env)
             passphrase = decryption_key(gpg, plan, env)
-            body, etag = open_object(plan, env)
+            # on leaving: the rest read and the digest checked, so a changed object is ChecksumMismatch first
+            with checked_object(plan, env) as (reader, etag):
+                try:
+                    gpg.decrypt_stream(reader, sink.write, passphrase=passphrase)  # type: ignore[arg-type]
+                except GPGError as error:
+                    decrypt_error = error
+                except BrokenPipeError:  # gpg exited before the object's end (e.g. bytes after its message)
+                    decrypt_error = GPGError("gpg decrypt failed: it stopped reading before the end of the object")
+                finally:
+                    finished = True
+                    code = sink.finish()
         except BaseException:
-            sink.kill()
+            if not finished:
+                sink.kill()
             raise
-        reader = ChecksummedReader(body, sha256=plan.sha256, size=plan.size_bytes)
-        decrypt_error: GPGError | None = None
-        try:
-            gpg.decrypt_stream(reader, sink.write, passphrase=passphrase)  # type: ignore[arg-type]
-        except GPGError as error:
-            decrypt_error = error
-        except BrokenPipeError:  # gpg exited before the object's end (e.g. bytes after its message)
-            decrypt_error = GPGError("gpg decrypt failed: it stopped reading before the end of the object")
-        finally:
-            code = sink.finish()
-            try:
-                reader.drain()
-            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
-                raise RunbookError("DownloadFailed", f"S3: reading {plan.key}: {one_line(error)}") from None
-            finally:
-                reader.close()
-    if not reader.matches:
-        raise RunbookError(
-            "ChecksumMismatch",
-            f"{plan.key}: SHA-256 {reader.sha256[:16]}… over {reader.size} bytes does not match the manifest's "
-            f"{plan.sha256[:16]}… over {plan.size_bytes} bytes: the stored object was changed",
-        )
     if decrypt_error is not None:
         key = "the passphrase" if plan.symmetric else "the private key in spec.decryptionSecretRef"
         raise RunbookError("DecryptionFailed", f"{one_line(decrypt_error)} with {key}")
@@ -602,6 +624,17 @@ def report(line: str) -> None:
             log.write(line)
 
 
+def read_plan(env: Mapping[str, str], variable: str, model: type[PlanModel]) -> PlanModel:
+    """A Job's plan from its environment variable (JSON): ``InvalidPlan`` when it is not JSON, ``InvalidSpec``
+    naming the field when it is not a ``model``."""
+    raw = require_env(env, variable, field="plan")
+    try:
+        document = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise RunbookError("InvalidPlan", f"{variable} is not JSON ({error.msg})") from None
+    return parse_spec(model, document)
+
+
 def verifier(source: str) -> tuple[type[StoredObjectPlan], Callable[[Any, Mapping[str, str]], dict[str, Any]]]:
     """The plan model and the reading of the backup (the preflight's, in its verify Job) of each source kind."""
     if source == "redis":
@@ -624,16 +657,12 @@ def main(command: str, *, source: str = "postgresql", env: Mapping[str, str] | N
     for name in SECRET_ENVS:
         REDACTOR.register(environment.get(name))
     try:
-        raw = require_env(environment, RESTORE_PLAN_ENV, field="plan")
-        try:
-            document = json.loads(raw)
-        except json.JSONDecodeError as error:
-            raise RunbookError("InvalidPlan", f"{RESTORE_PLAN_ENV} is not JSON ({error.msg})") from None
         if command == "restore":
-            line = json.dumps({command: "complete", **restore(parse_spec(RestorePlan, document), environment)})
+            plan = read_plan(environment, RESTORE_PLAN_ENV, RestorePlan)
+            line = json.dumps({command: "complete", **restore(plan, environment)})
         else:
             model, read = verifier(source)
-            figures = read(parse_spec(model, document), environment)
+            figures = read(read_plan(environment, RESTORE_PLAN_ENV, model), environment)
             line = json.dumps({command: "complete", source: figures}, separators=(",", ":"))
             report(line)
     except RunbookError as error:

@@ -37,12 +37,12 @@ from typing import Any
 import redis
 
 from ..clients import redis as redis_client
-from ..errors import RunbookError, parse_spec
+from ..errors import RunbookError
 from ..logs import REDACTOR
 from ..models.plans import REDIS_PASSWORD_ENV, RESTORE_PLAN_ENV, SCRATCH_DIR_ENV, RedisRestorePlan
 from ..models.sources import RedisConnection
 from .backup import one_line, redis_tls, require_env
-from .restore import SECRET_ENVS, report, stream
+from .restore import SECRET_ENVS, read_plan, report, stream
 
 TARGET_FIELD = "spec.target.redis"
 RDB_FILE = "dump.rdb"
@@ -355,12 +355,7 @@ def main(*, env: Mapping[str, str] | None = None) -> int:
     for name in (*SECRET_ENVS, REDIS_PASSWORD_ENV):
         REDACTOR.register(environment.get(name))
     try:
-        raw = require_env(environment, RESTORE_PLAN_ENV, field="plan")
-        try:
-            document = json.loads(raw)
-        except json.JSONDecodeError as error:
-            raise RunbookError("InvalidPlan", f"{RESTORE_PLAN_ENV} is not JSON ({error.msg})") from None
-        summary = restore_redis(parse_spec(RedisRestorePlan, document), environment)
+        summary = restore_redis(read_plan(environment, RESTORE_PLAN_ENV, RedisRestorePlan), environment)
     except RunbookError as error:
         print(f"restore failed: {error.reason}: {REDACTOR.scrub(error.message)}", file=sys.stderr, flush=True)
         return 1

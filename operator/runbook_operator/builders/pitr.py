@@ -41,13 +41,16 @@ def keep_previous_as(point: PointInTime, restore: str) -> str | None:
     return f"{point.data_directory}.before-{restore}"
 
 
-def build_pitr_plan(policy: BackupPolicySpec, choice: Choice, point: PointInTime, *, restore: str) -> PointInTimePlan:
-    """The Job's plan: the chosen base backup and WAL files with their manifests as the preflight read them."""
+def build_pitr_plan(
+    policy: BackupPolicySpec, choice: Choice, point: PointInTime, *, restore: str, namespace: str, policy_name: str
+) -> PointInTimePlan:
+    """The Job's plan: the chosen base backup with its manifest as the preflight read it, and the range of WAL
+    after it (the Job reads and verifies each file's manifest itself)."""
     return PointInTimePlan(
         location=policy.destination.s3,
         base_key=choice.base.key,
         base_manifest=dict(choice.base.manifest),
-        wal=choice.wal_files(),
+        wal=choice.wal_range(namespace=namespace, policy=policy_name),
         data_directory=point.data_directory,
         keep_previous_as=keep_previous_as(point, restore),
         target_time=choice.target if point.target_time is not None else None,

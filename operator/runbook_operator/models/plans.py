@@ -194,7 +194,8 @@ WAL_SPEC_ENV = "RUNBOOK_WAL_SPEC"  # the policy's spec (JSON) for the receiver a
 WAL_SCRATCH_ENV = "RUNBOOK_WAL_SCRATCH"  # the receiver's memory-backed directory
 PITR_PLAN_ENV = "RUNBOOK_PITR_PLAN"  # a point-in-time restore Job's PointInTimePlan (JSON)
 PGDATA_ROOT_ENV = "RUNBOOK_PGDATA_ROOT"  # where the restore Job mounts the volume that holds the data directory
-_SEGMENT = re.compile(r"^[0-9A-F]{24}$")
+_SEGMENT_PATTERN = r"^[0-9A-F]{24}$"
+_SEGMENT = re.compile(_SEGMENT_PATTERN)
 
 
 def slot_name(namespace: str, policy: str) -> str:
@@ -272,11 +273,21 @@ class BaseBackupManifest(CamelModel):
     symmetric: bool = Field(description="Encrypted with a passphrase (else to public keys).")
 
 
-class WALFile(CamelModel):
-    """One WAL file a point-in-time restore fetches: its key and its manifest as the preflight verified it."""
+class WALRange(CamelModel):
+    """The WAL one point-in-time restore replays, as a range: the Job lists it in the bucket and reads, and
+    verifies, each file's signed manifest itself (``wal_catalog.read_range``), so the plan's size does not grow
+    with the chain."""
 
-    key: str = Field(description="Key of the encrypted object.")
-    manifest: dict[str, Any] = Field(description="Its manifest as stored, signature included.")
+    namespace: str = Field(description="The policy's namespace (every manifest names it).")
+    policy: str = Field(description="The BackupPolicy whose archive this is (every manifest names it).")
+    first_segment: str = Field(description="The base backup's start segment (24 hex digits).", pattern=_SEGMENT_PATTERN)
+    last_segment: str = Field(
+        description="The last segment the target needs (24 hex digits).", pattern=_SEGMENT_PATTERN
+    )
+    segment_bytes: int = Field(WAL_SEGMENT_BYTES, description="The server's WAL segment size.", gt=0)
+    timelines: list[int] = Field(description="The timelines whose segments the range reads.", min_length=1)
+    histories: list[int] = Field(default_factory=list, description="The timelines whose history file is replayed.")
+    segments: int = Field(description="How many segments the preflight found in the range.", ge=1)
 
 
 class PointInTimePlan(CamelModel):
@@ -285,7 +296,7 @@ class PointInTimePlan(CamelModel):
     location: S3Location = Field(description="The policy's bucket.")
     base_key: str = Field(description="Key of the base backup's encrypted tar.")
     base_manifest: dict[str, Any] = Field(description="The base backup's manifest as stored, signature included.")
-    wal: list[WALFile] = Field(description="The WAL files to replay, in order (history files first).")
+    wal: WALRange = Field(description="The WAL to replay after the base backup.")
     data_directory: str = Field(description="The data directory's path inside the mounted volume.")
     keep_previous_as: str | None = Field(
         None, description="InPlace: rename an existing data directory to this (inside the volume) first."

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -81,12 +80,6 @@ def choose(catalog: WALCatalog, point: PointInTime, *, now: datetime) -> Choice:
         raise RunbookError(error.reason, f"{error.message}; {describe_window(catalog)}") from None
 
 
-# The plan travels in one environment variable of the Job's container, and Linux refuses to start a process
-# with a single environment string over 128 KiB (MAX_ARG_STRLEN, E2BIG): a longer chain (about 180 WAL files
-# since the base backup, at ~700 bytes of plan each) is refused in the preflight, naming what shortens it.
-MAX_PLAN_BYTES = 128 * 1024 - 1024
-
-
 class PointInTimeTarget:
     """A point-in-time recovery of the policy's PostgreSQL server from its WAL archive."""
 
@@ -140,15 +133,14 @@ class PointInTimeTarget:
         restore = self.restore
         catalog = self.catalog()
         choice = choose(catalog, self.point, now=restore.ctx.now().astimezone(UTC))
-        plan = build_pitr_plan(restore.policy, choice, self.point, restore=restore.name)
-        size = len(json.dumps(plan.to_api(), separators=(",", ":")))
-        if size > MAX_PLAN_BYTES:
-            raise RunbookError(
-                "ChainTooLong",
-                f"{target_of(self.point)[2]}: {choice.target} needs {len(choice.files)} WAL files after base backup "
-                f"{choice.base.folder} ({size} bytes of plan, at most {MAX_PLAN_BYTES} in the Job's environment); "
-                "take base backups more often (the policy's spec.wal.baseBackups) or recover to an earlier point",
-            )
+        plan = build_pitr_plan(
+            restore.policy,
+            choice,
+            self.point,
+            restore=restore.name,
+            namespace=restore.namespace,
+            policy_name=restore.spec.policy_ref,
+        )
         segments = choice.segments
         restore.status.backup_key = choice.base.key
         restore.status.backup_time = wal_catalog.rfc3339(choice.base.stop_time)

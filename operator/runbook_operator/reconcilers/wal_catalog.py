@@ -26,7 +26,9 @@ does with ``recovery_target_timeline = latest``.
 
 Entry points (the operator's reconcilers and restore preflight): ``read_catalog`` -> ``WALCatalog``;
 ``WALCatalog.window()``, ``.gaps()``, ``.choose(target_time=..., target_lsn=..., latest=...)`` -> ``Choice``
-(``Choice.wal_files()`` for ``PointInTimePlan.wal``), ``.expired(now=..., retention=...)`` and ``prune``.
+(``Choice.wal_range(...)`` for ``PointInTimePlan.wal``), ``.expired(now=..., retention=...)`` and ``prune``.
+The point-in-time restore Job: ``read_range`` (that range's files, verified, or ``WALGap`` / ``ManifestForged``)
+and ``current_file`` (a partial's manifest as the receiver re-shipped it).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from ..models.plans import (
     WAL_FOLDER,
     WAL_SEGMENT_BYTES,
     BaseBackupManifest,
-    WALFile,
+    WALRange,
     WALSegmentManifest,
     format_lsn,
     manifest_signed,
@@ -143,9 +145,6 @@ class WALObject:
     def segno(self) -> int:
         return self.start // self.segment_bytes
 
-    def as_plan_file(self) -> WALFile:
-        return WALFile(key=self.key, manifest=self.manifest)
-
 
 @dataclass(frozen=True)
 class BaseBackup:
@@ -169,6 +168,7 @@ class Rejected:
 
     key: str
     reason: str
+    missing_data: bool = False  # a manifest whose data object is not (or not yet) in the bucket
 
 
 @dataclass(frozen=True)
@@ -221,13 +221,23 @@ class Choice:
     timeline: int
     target: str  # as PointInTimeStatus.target shows it
 
-    def wal_files(self) -> list[WALFile]:
-        """``PointInTimePlan.wal``."""
-        return [f.as_plan_file() for f in self.files]
-
     @property
     def segments(self) -> list[WALObject]:
         return [f for f in self.files if not f.history]
+
+    def wal_range(self, *, namespace: str, policy: str) -> WALRange:
+        """``PointInTimePlan.wal``: the range the files cover (never empty: a choice reaches the base's stop)."""
+        segments = self.segments
+        return WALRange(
+            namespace=namespace,
+            policy=policy,
+            first_segment=segments[0].name,
+            last_segment=segments[-1].name,
+            segment_bytes=segments[0].segment_bytes,
+            timelines=sorted({f.timeline for f in segments}),
+            histories=[f.timeline for f in self.files if f.history],
+            segments=len(segments),
+        )
 
 
 @dataclass(frozen=True)
@@ -457,6 +467,20 @@ class WALCatalog:
             return None  # latest: the newest WAL is beyond a hole
         return walk.files
 
+    def replay(self, *, first: int, last: int, path: int) -> list[WALObject]:
+        """The files a restore along ``path`` replays from segment ``first`` through segment ``last`` (history
+        files first); ``WALGap`` naming the missing range when the walk ends before ``last``."""
+        walk = self._walk(first, path)
+        files = [f for f in walk.files if f.segno <= last]
+        if not files or files[-1].segno < last:
+            end = files[-1].end if files else first * self.segment_bytes
+            upto = (last + 1) * self.segment_bytes
+            if walk.missing is not None:
+                upto = min(upto, walk.missing.end)
+            hole = Gap(self._expected_timeline(end // self.segment_bytes, path), end, upto, self.segment_bytes)
+            raise RunbookError("WALGap", f"{hole.describe()} is missing from the bucket; nothing was restored")
+        return [*self._histories(path), *files]
+
     # --- retention -----------------------------------------------------------------------------------------
 
     def expired(self, *, now: datetime, retention: timedelta) -> list[str]:
@@ -516,14 +540,13 @@ def _manifest(client: S3Client, location: S3Location, key: str, *, cached: bool)
     return document
 
 
-def _own(manifest: Mapping[str, Any], key: str, *, signing_key: str, namespace: str, policy: str) -> str | None:
-    """Why the manifest is not one of this policy's, or None."""
+def foreign(manifest: Mapping[str, Any], *, signing_key: str, namespace: str, policy: str) -> str | None:
+    """Why the manifest is not one of this policy's (unsigned, forged, another policy's), or None."""
     if not manifest_signed(manifest, signing_key):
         return "unsigned, or its signature does not verify with the namespace's key"
     recorded = manifest.get("policy") or {}
     if (recorded.get("namespace"), recorded.get("name")) != (namespace, policy):
         return f"written for BackupPolicy {recorded.get('namespace')}/{recorded.get('name')}"
-    del key
     return None
 
 
@@ -614,6 +637,24 @@ def _read(
     keys = set(list_keys(client, location, wal_folder(base))) | set(
         list_keys(client, location, f"{base}{BASE_FOLDER}/")
     )
+    return _classify(
+        client, location, base, keys, namespace=namespace, policy=policy, signing_key=signing_key, cache=True
+    )
+
+
+def _classify(
+    client: S3Client,
+    location: S3Location,
+    base: str,
+    keys: set[str],
+    *,
+    namespace: str,
+    policy: str,
+    signing_key: str,
+    cache: bool,
+) -> WALCatalog:
+    """The catalog of ``keys`` (a listing under the policy's folder ``base``): each manifest read and checked
+    (``cache``: the ones that cannot change kept in, and taken from, ``_cache``)."""
     catalog = WALCatalog([], {}, {})
     partials: dict[tuple[int, int], WALObject] = {}
     described: set[str] = set()
@@ -625,15 +666,15 @@ def _read(
                 continue
             data_key, _ = base_backup_keys(base, parts[1])
             described.add(data_key)
-            manifest = _manifest(client, location, key, cached=True)
+            manifest = _manifest(client, location, key, cached=cache)
             if manifest is None:
                 continue
-            found: BaseBackup | WALObject | str | None = _own(
-                manifest, key, signing_key=signing_key, namespace=namespace, policy=policy
+            found: BaseBackup | WALObject | str | None = foreign(
+                manifest, signing_key=signing_key, namespace=namespace, policy=policy
             ) or _base_backup(manifest, f"{base}{BASE_FOLDER}/{parts[1]}/", data_key, key)
             if isinstance(found, BaseBackup) and data_key not in keys:
-                found = f"its data object {data_key} is missing"
-            if isinstance(found, str):
+                catalog.rejected.append(Rejected(key, f"its data object {data_key} is missing", missing_data=True))
+            elif isinstance(found, str):
                 catalog.rejected.append(Rejected(key, found))
             elif isinstance(found, BaseBackup):
                 catalog.base_backups.append(found)
@@ -643,18 +684,18 @@ def _read(
         leaf = parts[-1].removesuffix(".json")
         data_key = key.removesuffix(".json") + ".gpg"
         described.add(data_key)
-        manifest = _manifest(client, location, key, cached=not leaf.endswith(".partial"))
+        manifest = _manifest(client, location, key, cached=cache and not leaf.endswith(".partial"))
         if manifest is None:
             continue
         folder = parts[1] if len(parts) == 3 else None
         if len(parts) == 2 and not leaf.endswith(".history"):
             continue
-        found = _own(manifest, key, signing_key=signing_key, namespace=namespace, policy=policy) or _wal_object(
+        found = foreign(manifest, signing_key=signing_key, namespace=namespace, policy=policy) or _wal_object(
             manifest, data_key, key, leaf, folder
         )
         if isinstance(found, WALObject) and data_key not in keys:
-            found = f"its data object {data_key} is missing"
-        if isinstance(found, str):
+            catalog.rejected.append(Rejected(key, f"its data object {data_key} is missing", missing_data=True))
+        elif isinstance(found, str):
             catalog.rejected.append(Rejected(key, found))
         elif isinstance(found, WALObject):
             if found.history:
@@ -671,6 +712,76 @@ def _read(
     catalog.base_backups.sort(key=lambda b: (b.stop_time, b.stop))
     catalog.unmanifested = sorted(k for k in keys if k.endswith(".gpg") and k not in described)
     return catalog
+
+
+def read_range(
+    client: S3Client, location: S3Location, wal: WALRange, *, path: int, signing_key: str
+) -> list[WALObject]:
+    """A point-in-time restore Job's WAL: the files of ``wal`` along timeline ``path`` (history files first), each
+    manifest read from the bucket and checked as ``read_catalog`` checks it. Only the range is listed (from its
+    first segment on, per timeline). A manifest on the path that does not verify is ``ManifestForged``; WAL
+    missing from the range (or a history file) is ``WALGap`` naming it. S3 failures are raised as botocore's."""
+    base = policy_folder(location, wal.namespace, wal.policy)
+    size = wal.segment_bytes
+    first = segment_start(wal.first_segment, size) // size
+    last = segment_start(wal.last_segment, size) // size
+    keys: set[str] = set()
+    for timeline in wal.timelines:
+        folder = f"{wal_folder(base)}{timeline:08X}/"
+        ceiling = segment_name(timeline, (last + 1) * size, size)
+        for key in list_keys(client, location, folder, start_after=folder + segment_name(timeline, first * size, size)):
+            if key[len(folder) :] >= ceiling:
+                break
+            keys.add(key)
+    for timeline in wal.histories:
+        keys.update(list_keys(client, location, history_keys(base, timeline)[0].removesuffix(".gpg")))
+    catalog = _classify(
+        client, location, base, keys, namespace=wal.namespace, policy=wal.policy, signing_key=signing_key, cache=False
+    )
+    forged = [r for r in catalog.rejected if not r.missing_data and _on_path(catalog, r.key, size, path)]
+    if forged:
+        raise RunbookError(
+            "ManifestForged", f"{forged[0].key}: {forged[0].reason}: changed since; nothing was restored"
+        )
+    missing = [t for t in wal.histories if t not in catalog.history]
+    if missing:
+        data_key, _ = history_keys(base, missing[0])
+        raise RunbookError(
+            "WALGap", f"the history file of timeline {missing[0]} ({data_key}) is missing from the bucket"
+        )
+    return catalog.replay(first=first, last=last, path=path)
+
+
+def _on_path(catalog: WALCatalog, key: str, segment_bytes: int, path: int) -> bool:
+    """Whether a history file or segment key is one a recovery along ``path`` reads."""
+    leaf = key.rsplit("/", 1)[-1]
+    if ".history." in leaf:
+        return int(leaf[:8], 16) <= path
+    segno = _segno_of(key, segment_bytes)
+    return segno < 1 << 62 and catalog._expected_timeline(segno, path) == int(leaf[:8], 16)
+
+
+def current_file(
+    client: S3Client, location: S3Location, wal: WALRange, planned: WALObject, *, signing_key: str
+) -> WALObject | None:
+    """The segment of a partial ``planned`` as the bucket holds it now, complete or partial (the receiver
+    re-ships a partial, then replaces it by its complete segment), when its manifest checks out as
+    ``read_catalog`` checks it and it reaches at least as far; None otherwise."""
+    base = policy_folder(location, wal.namespace, wal.policy)
+    for partial in (False, True):
+        data_key, manifest_key = segment_keys(base, planned.timeline, planned.name, partial=partial)
+        try:
+            manifest = _manifest(client, location, manifest_key, cached=False)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, ValueError):
+            continue
+        if manifest is None:
+            continue
+        found = foreign(manifest, signing_key=signing_key, namespace=wal.namespace, policy=wal.policy) or _wal_object(
+            manifest, data_key, manifest_key, planned.name + (".partial" if partial else ""), f"{planned.timeline:08X}"
+        )
+        if isinstance(found, WALObject) and found.end >= planned.end:
+            return found
+    return None
 
 
 def prune(
