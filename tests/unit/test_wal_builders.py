@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from runbook_operator.builders.wal import (
+    RECEIVER_PEAK_RSS,
     RECEIVER_RESOURCES,
     SCRATCH_DIR,
     base_backup_cronjob_name,
@@ -100,13 +101,17 @@ def test_receiver_is_one_hardened_pod_with_a_memory_backed_bounded_scratch() -> 
     assert all(v["emptyDir"]["medium"] == "Memory" and v["emptyDir"]["sizeLimit"] for v in volumes.values())
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts["wal"] == SCRATCH_DIR and env_of(container)[WAL_SCRATCH_ENV]["value"] == SCRATCH_DIR
-    # tmpfs pages count in the container's memory: the limit holds the scratch, /tmp and the process.
-    scratch = parse_quantity(volumes["wal"]["emptyDir"]["sizeLimit"]) + parse_quantity(
+    # tmpfs pages count in the container's memory: the request holds them and the measured peak of the
+    # receiver and gpg (two segment buffers in it), the limit leaves room beyond.
+    tmpfs = parse_quantity(volumes["wal"]["emptyDir"]["sizeLimit"]) + parse_quantity(
         volumes["tmp"]["emptyDir"]["sizeLimit"]
     )
-    assert scratch >= 5 * WAL_SEGMENT_BYTES  # the segment being written and MAX_UNSHIPPED (4) complete ones
+    assert tmpfs <= 32 * 1024 * 1024  # no WAL is written there
+    peak = parse_quantity(RECEIVER_PEAK_RSS)
+    assert peak > 2 * WAL_SEGMENT_BYTES
     assert container["resources"] == RECEIVER_RESOURCES
-    assert parse_quantity(RECEIVER_RESOURCES["limits"]["memory"]) >= scratch + 128 * 1024 * 1024
+    assert parse_quantity(RECEIVER_RESOURCES["requests"]["memory"]) * 5 >= 6 * (peak + tmpfs)  # 20% above
+    assert parse_quantity(RECEIVER_RESOURCES["limits"]["memory"]) * 5 >= 9 * (peak + tmpfs)  # 80% above
 
 
 def test_the_agents_get_the_replication_login_and_the_spec_never_a_secret_value() -> None:

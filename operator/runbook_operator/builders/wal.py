@@ -1,6 +1,6 @@
 """BackupPolicy spec.wal manifests: the owned receiver Deployment ``<policy>-wal`` (``runbook-operator
-wal-receive``: pg_receivewal through the policy's slot, every segment through gpg to the bucket) and the owned
-CronJob ``<policy>-base`` (``runbook-operator base-backup``: pg_basebackup through gpg). Both pods are the
+wal-receive``: streams WAL through the policy's slot into memory, every segment through gpg to the bucket) and
+the owned CronJob ``<policy>-base`` (``runbook-operator base-backup``: pg_basebackup through gpg). Both pods are the
 backup agent's hardened pod (``builders.backup.agent_pod_spec``) with the agent's environment
 (``builders.backup.agent_env``), except that the login is the replication one and the spec travels in
 ``RUNBOOK_WAL_SPEC``. Pure: no I/O."""
@@ -21,18 +21,22 @@ BASE_BACKUP_CONTAINER = "base-backup"
 RECEIVER_COMPONENT = "wal-receiver"
 BASE_BACKUP_COMPONENT = "base-backup"
 SCRATCH_DIR = "/var/lib/runbook/wal"
-# The receiver's scratch: pg_receivewal's segment being written (16 MiB, pre-allocated) and at most
-# agent/wal.py's MAX_UNSHIPPED (4) complete ones before it is paused, plus history files: 5 x 16 MiB = 80 MiB.
-# Memory-backed (tmpfs, counted in the container's memory): plaintext WAL never reaches a node's disk.
-SCRATCH_SIZE_LIMIT = "96Mi"
-# The receiver: 79 MiB peak RSS under pgbench (bench/wal_rpo.py, B's figure) plus the scratch (96 MiB) and
-# gpg's /tmp (16 MiB), which tmpfs charges to the container's memory; one core at most (gpg, TLS, hashing).
+# RUNBOOK_WAL_SCRATCH must name a directory, but the receiver holds WAL in memory and writes nothing there;
+# memory-backed (tmpfs) and small, so nothing written there by mistake reaches a node's disk.
+SCRATCH_SIZE_LIMIT = "1Mi"
+# Measured by bench/wal_rpo.py (2026-12-02, machine load 4-6, 2601 commits/s, 1.02 MiB/s of WAL): the receiver
+# and its gpg peak at 116.6 MiB RSS together (the receiver's VmHWM 111.6 MiB: the segment being received and
+# the one being shipped, 16 MiB each, the 8 MiB upload part, boto3 and psycopg; gpg 5.1 MiB). Two segments
+# are its bound whatever the load or an S3 outage. tmpfs pages (/tmp 16Mi, the scratch 1Mi) count in the
+# container's memory too: the request is that sum with ~30% headroom, the limit about twice it; one core at
+# most (gpg, TLS, hashing).
+RECEIVER_PEAK_RSS = "117Mi"
 RECEIVER_RESOURCES: dict[str, dict[str, str]] = {
-    "requests": {"cpu": "100m", "memory": "192Mi", "ephemeral-storage": "16Mi"},
-    "limits": {"cpu": "1", "memory": "320Mi", "ephemeral-storage": "64Mi"},
+    "requests": {"cpu": "100m", "memory": "176Mi", "ephemeral-storage": "16Mi"},
+    "limits": {"cpu": "1", "memory": "256Mi", "ephemeral-storage": "64Mi"},
 }
-# SIGTERM: the receiver stops pg_receivewal and ships the partial segment before it exits (a pod's deletion
-# loses nothing already received); a slow bucket gets this long.
+# SIGTERM: the receiver ships what it holds (a complete segment not yet in the bucket and the partial) before
+# it exits, so a pod's deletion loses nothing already received; a slow bucket gets this long.
 RECEIVER_GRACE_SECONDS = 60
 _MAX_NAME = 52  # the CronJob controller appends 11 characters to its Jobs' names; the Deployment's pods ~17
 
