@@ -231,3 +231,27 @@ def test_verbose_keeps_our_debug_and_kopf_but_not_the_wire_loggers(installed: No
 def test_arguments_that_do_not_fit_never_raise_in_the_caller(installed: None) -> None:
     install_redactor()
     logging.getLogger("test.redactor").warning("two %s %s", "one")  # noqa: PLE1206 - raises nothing
+
+
+def test_a_form_inside_a_longer_one_and_a_whole_private_key_are_replaced_whole() -> None:
+    """The pattern is a trie of every form: the longest form at a position wins, a value that shares a prefix
+    with another is still found, and a multi-kilobyte key (one literal, not a 3,000-deep nesting) compiles."""
+    redactor = SecretRedactor()
+    key = "-----BEGIN PRIVATE KEY-----\n" + "\n".join(f"{i:02d}" + "Q" * 62 for i in range(40)) + "\n-----END-----\n"
+    for value in ("abcdef-secret", "abcdef-secret-longer", "abcdef-other", key):
+        redactor.register(value)
+    text = "a abcdef-secret-longer b abcdef-secret c abcdef-other d abcdef-secre e"
+    assert redactor.scrub(text) == "a [REDACTED] b [REDACTED] c [REDACTED] d abcdef-secre e"
+    assert redactor.scrub(f"<{key}>") == "<[REDACTED]>"
+    assert redactor.scrub("line " + key.splitlines()[7]) == "line [REDACTED]"
+
+
+def test_registering_again_changes_nothing_and_a_new_value_is_scrubbed_at_once() -> None:
+    redactor = SecretRedactor()
+    redactor.register("first-secret-1")
+    generation = redactor.generation
+    redactor.register("first-secret-1")
+    assert redactor.generation == generation
+    redactor.register("second-secret-2")
+    assert redactor.generation == generation + 1
+    assert redactor.scrub("first-secret-1 second-secret-2") == "[REDACTED] [REDACTED]"
