@@ -177,10 +177,21 @@ def point(**fields: Any) -> PointInTime:
     return PointInTime.model_validate({"statefulSet": "postgresql", **fields})
 
 
-def plan_for(archive: Archive, spec: PointInTime, *, now: datetime | None = None) -> PointInTimePlan:
+def choice_for(archive: Archive, spec: PointInTime) -> wal_catalog.Choice:
+    """The operator's preflight choice from the archive as it is now."""
+    return restore_pitr.choose(archive.catalog(), spec, now=datetime.now(UTC))
+
+
+def plan_for(archive: Archive, spec: PointInTime) -> PointInTimePlan:
     """What the operator's preflight pins for the Job."""
-    choice = restore_pitr.choose(archive.catalog(), spec, now=now or datetime.now(UTC))
-    return build_pitr_plan(archive.policy, choice, spec, restore=RESTORE)
+    return build_pitr_plan(
+        archive.policy,
+        choice_for(archive, spec),
+        spec,
+        restore=RESTORE,
+        namespace=archive.namespace,
+        policy_name=archive.policy_name,
+    )
 
 
 def run_job(archive: Archive, plan: PointInTimePlan, claim: Path) -> subprocess.CompletedProcess[str]:
@@ -338,20 +349,21 @@ def test_restore_to_latest_has_t3(archive: Archive) -> None:
 def test_a_partial_reshipped_after_the_preflight_is_read_as_shipped_now(archive: Archive) -> None:
     """The receiver re-ships the partial segment while a restore waits for its Job: the Job reads the segment's
     current signed manifest (it reaches further) instead of failing on the planned digest."""
-    plan = plan_for(archive, point(latest=True, mode="NewVolume", newVolume={"name": "later", "size": "1Gi"}))
-    planned = plan.wal[-1]
-    assert planned.manifest["partial"] is True
+    spec = point(latest=True, mode="NewVolume", newVolume={"name": "later", "size": "1Gi"})
+    planned = choice_for(archive, spec).files[-1]
+    plan = plan_for(archive, spec)
+    assert planned.partial and plan.wal.last_segment == planned.name
     size = len(json.dumps(plan.to_api(), separators=(",", ":")))
     commit(archive.server, "T4")
     archive.wait_shipped(insert_position(archive.server))
-    current = [f for f in archive.catalog().segments.values() if f.name == planned.manifest["name"]]
+    current = [f for f in archive.catalog().segments.values() if f.name == planned.name]
     assert current and current[0].manifest["sha256"] != planned.manifest["sha256"]  # re-shipped (or completed)
     claim = new_claim()
     done = run_job(archive, plan, claim)
     assert done.returncode == 0, done.stderr[-3000:]
     with Restored(claim) as server:
         assert server.labels() == ["T1", "T2", "T3", "T4"]
-    print(f"\nplan: {size} bytes for {len(plan.wal)} WAL files ({size // (len(plan.wal) + 1)} bytes a file)")
+    print(f"\nplan: {size} bytes for {plan.wal.segments} segments")
 
 
 def test_restore_to_an_lsn(archive: Archive) -> None:
@@ -370,7 +382,7 @@ def test_restore_to_an_lsn(archive: Archive) -> None:
 def test_a_tampered_segment_stops_the_restore_before_the_data_directory_is_touched(archive: Archive) -> None:
     spec = point(targetTime=wal_catalog.rfc3339(archive.moments["target"]))
     plan = plan_for(archive, spec)
-    complete = [w for w in plan.wal if not w.manifest.get("partial") and not w.key.endswith(".history.gpg")]
+    complete = [f for f in choice_for(archive, spec).segments if not f.partial]
     victim = complete[len(complete) // 2].key
     client = archive.s3.client()
     original = client.get_object(Bucket=archive.location.bucket, Key=victim)["Body"].read()
@@ -395,13 +407,31 @@ def test_a_tampered_segment_stops_the_restore_before_the_data_directory_is_touch
     assert tree(claim) == before  # nothing renamed, staged or written: the data directory as it was
 
 
-def test_a_manifest_changed_in_the_plan_is_refused(archive: Archive) -> None:
-    plan = plan_for(archive, point(latest=True))
-    plan.wal[0].manifest["sha256"] = "0" * 64
+def test_a_manifest_changed_in_the_plan_or_in_the_bucket_is_refused(archive: Archive) -> None:
+    """The base backup's manifest travels in the plan; each WAL manifest the Job reads from the bucket itself: a
+    changed one (its signature no longer covers it) stops the Job before anything is written."""
+    spec = point(latest=True)
+    plan = plan_for(archive, spec)
+    plan.base_manifest["sha256"] = "0" * 64
     claim = new_claim()
     done = run_job(archive, plan, claim)
     assert done.returncode == 1
-    assert "restore failed: ManifestForged: " in done.stderr
+    assert f"restore failed: ManifestForged: {plan.base_key}: " in done.stderr
+    assert list(claim.iterdir()) == []
+    victim = choice_for(archive, spec).segments[1]
+    manifest_key = victim.key.removesuffix(".gpg") + ".json"
+    client = archive.s3.client()
+    original = client.get_object(Bucket=archive.location.bucket, Key=manifest_key)["Body"].read()
+    changed = {**json.loads(original), "sha256": "0" * 64}
+    client.put_object(Bucket=archive.location.bucket, Key=manifest_key, Body=json.dumps(changed).encode())
+    try:
+        done = run_job(archive, plan_for(archive, spec), claim)
+    finally:
+        client.put_object(Bucket=archive.location.bucket, Key=manifest_key, Body=original)
+        wal_catalog.forget_cached([manifest_key], archive.location)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"restore failed: ManifestForged: {manifest_key}: unsigned, or its signature "), last
     assert list(claim.iterdir()) == []
 
 
@@ -429,11 +459,11 @@ def test_zz_a_gap_in_the_chain_is_refused_naming_the_missing_segment(archive: Ar
     """Last: it removes a segment from the module's bucket."""
     spec = point(targetTime=wal_catalog.rfc3339(archive.moments["target"]))
     plan = plan_for(archive, spec)
-    complete = [w for w in plan.wal if not w.manifest.get("partial") and not w.key.endswith(".history.gpg")]
+    complete = [f for f in choice_for(archive, spec).segments if not f.partial]
     # a segment the target needs: the second one (after the base backup's) when it was shipped before the target
     # (a later one can be covered, by the catalog's rule, by files shipped after the target), else the first
     target = archive.moments["target"]
-    early = [w for w in complete[1:] if wal_catalog.parse_time(w.manifest["shippedTime"]) < target]
+    early = [f for f in complete[1:] if f.shipped < target]
     gone = early[0] if early else complete[0]
     manifest_key = gone.key.removesuffix(".gpg") + ".json"
     client = archive.s3.client()
@@ -444,4 +474,11 @@ def test_zz_a_gap_in_the_chain_is_refused_naming_the_missing_segment(archive: Ar
         plan_for(archive, spec)
     assert refused.value.reason == "WALGap"
     assert refused.value.message.startswith("spec.pointInTime.targetTime: ")
-    assert str(gone.manifest["name"]) in refused.value.message
+    assert gone.name in refused.value.message
+    # The Job of a plan made before the segment went refuses too, naming it, before anything is written.
+    claim = new_claim()
+    done = run_job(archive, plan, claim)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("restore failed: WALGap: WAL ") and gone.name in last, last
+    assert list(claim.iterdir()) == []
