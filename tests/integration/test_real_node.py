@@ -164,6 +164,14 @@ def test_a_pod_runs_to_completion_and_reaches_a_service_by_its_dns_name(
     assert pod_status.container_statuses[0].state.terminated.exit_code == 0
 
 
+def test_a_pod_reaches_the_api_server_in_cluster(
+    core: kubernetes.client.CoreV1Api, namespace: str, wait_for: WaitFor
+) -> None:
+    # The `kubernetes` Service, the pod's ServiceAccount token and the cluster CA: what an operator pod uses.
+    phase, log = run_to_end(core, namespace, wait_for, "in-cluster", ["kube-version", "-"])
+    assert (phase, log.strip()) == ("Succeeded", localcluster.kubernetes_version()), log
+
+
 def test_a_network_policy_denying_ingress_stops_connections_and_an_allowing_one_lets_them_through(
     node_cluster: localcluster.LocalCluster,
     core: kubernetes.client.CoreV1Api,
@@ -293,4 +301,4 @@ def test_stop_leaves_the_host_as_it_was(
     assert str(node_cluster.state_dir) not in mounts
     assert not [h for h in localcluster.cgroup_hierarchies() if (h / localcluster.NODE_CGROUP_ROOT).exists()]
     assert not localcluster.pids_mentioning(str(node_cluster.state_dir))
-    assert localcluster.node_owner() is None
+    assert not localcluster.NODE_OWNER_FILE.exists()

@@ -113,9 +113,10 @@ NODE_IP = "10.245.0.1"  # the bridge's address: the kubelet, and CoreDNS on port
 DNS_SERVICE_IP = "10.96.0.10"
 CLUSTER_DOMAIN = "cluster.local"
 NODE_CGROUP_ROOT = "runbook-localcluster"  # under every cgroup hierarchy's root
-NODE_IPTABLES_CHAIN = "RUNBOOK-LOCALCLUSTER-PODS"
+NODE_IPTABLES_CHAIN = "RUNBOOK-LOCALCLUSTER-PODS"  # mangle: what pods may reach
+NODE_API_CHAIN = "RUNBOOK-LOCALCLUSTER-API"  # filter: the API server's port, from loopback and pods only
 # Chains and ipsets the node's components make (ours; KUBE-: kubelet, kube-proxy, kube-router; CNI-: portmap)
-NODE_CHAIN_PREFIXES = (NODE_IPTABLES_CHAIN, "KUBE-", "CNI-HOSTPORT-", "CNI-DN-")
+NODE_CHAIN_PREFIXES = ("RUNBOOK-LOCALCLUSTER-", "KUBE-", "CNI-HOSTPORT-", "CNI-DN-")
 NODE_IPSET_PREFIXES = ("KUBE-", "kube-router-")
 CNI_NETWORK = "runbook-localcluster"
 PAUSE_IMAGE = "localcluster.local/pause:1"
@@ -510,7 +511,7 @@ class Pki:
     def path(self, name: str) -> Path:
         return self.directory / name
 
-    def generate(self, client_identities: dict[str, tuple[str, str | None]]) -> None:
+    def generate(self, client_identities: dict[str, tuple[str, str | None]], server_ips: tuple[str, ...] = ()) -> None:
         """Write a CA, the API server's serving cert, the client certs and the service-account keys.
 
         client_identities maps a file stem to (user name, group), e.g. {"admin": ("admin", "system:masters")}.
@@ -585,6 +586,7 @@ class Pki:
             ExtendedKeyUsageOID.SERVER_AUTH,
             [
                 x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
+                *(x509.IPAddress(ipaddress.IPv4Address(ip)) for ip in server_ips),
                 x509.IPAddress(service_ip),
                 *(x509.DNSName(name) for name in dns_names),
             ],
@@ -1036,9 +1038,12 @@ class LocalCluster:
                 "coredns": ("coredns", "system:masters"),
                 "apiserver-kubelet-client": ("kube-apiserver-kubelet-client", "system:masters"),
             }
-        self.pki.generate(identities)
+        # With a real node its pods reach the API server at the node's address (the `kubernetes` Service).
+        self.pki.generate(identities, (NODE_IP,) if self.real_node else ())
         etcd_client, etcd_peer, apiserver_port, kwok_port = (self.port_picker() for _ in range(4))
         self._server = f"https://127.0.0.1:{apiserver_port}"
+        if self.real_node:
+            self._prepare_node_host(apiserver_port)
         for stem in identities:
             if stem == "apiserver-kubelet-client":
                 continue
@@ -1074,8 +1079,9 @@ class LocalCluster:
             [
                 *audit,
                 f"--etcd-servers=http://127.0.0.1:{etcd_client}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                # The real node's pods need it on the bridge too; NODE_API_CHAIN drops it from anywhere else.
+                f"--bind-address={'0.0.0.0' if self.real_node else '127.0.0.1'}",  # noqa: S104 - see above
+                f"--advertise-address={NODE_IP if self.real_node else '127.0.0.1'}",
                 f"--secure-port={apiserver_port}",
                 f"--tls-cert-file={pki('apiserver.crt')}",
                 f"--tls-private-key-file={pki('apiserver.key')}",
@@ -1205,8 +1211,8 @@ class LocalCluster:
             raise LocalClusterError(f"importing {tarball} failed: {result.stderr.strip() or result.stdout.strip()}")
         log(f"imported {tarball}: {' '.join(result.stdout.split())}")
 
-    def _start_node(self) -> None:
-        assert self._node_bin is not None
+    def _prepare_node_host(self, apiserver_port: int) -> None:
+        """Before the API server listens: claim the machine's real node, the bridge, iptables, cgroups."""
         owner = node_owner()
         if owner is not None and owner != self.state_dir:
             raise LocalClusterError(f"a real node already runs for {owner}: stop that cluster first (one per machine)")
@@ -1215,12 +1221,10 @@ class LocalCluster:
             if stale != self.state_dir:
                 log(f"cleaning up the real node a killed run left in {stale}")
                 LocalCluster(stale)._teardown_node()
-        bin_ = self._node_bin
-        pki = self.pki.path
         self.node_marker.write_text(json.dumps({"sysctls": {key: read_sysctl(key) for key in HOST_SYSCTLS}}))
         NODE_OWNER_FILE.parent.mkdir(parents=True, exist_ok=True)
         NODE_OWNER_FILE.write_text(str(self.state_dir))
-        self._setup_host_network()
+        self._setup_host_network(apiserver_port)
         for hierarchy in cgroup_hierarchies():
             path = hierarchy / NODE_CGROUP_ROOT
             try:
@@ -1231,6 +1235,10 @@ class LocalCluster:
             except OSError as error:
                 raise LocalClusterError(f"cannot set up the kubelet's cgroup {path}: {error}") from error
 
+    def _start_node(self) -> None:
+        assert self._node_bin is not None
+        bin_ = self._node_bin
+        pki = self.pki.path
         containerd_dir = self.state_dir / "containerd"
         cni_conf = self.state_dir / "cni-conf"
         cni_conf.mkdir()
@@ -1385,6 +1393,26 @@ class LocalCluster:
         )
         self._spawn("coredns", [f"-conf={corefile}"], binary=bin_ / "coredns", env=env)
         self._api("POST", "/api/v1/namespaces/kube-system/services", KUBE_DNS_SERVICE)
+        # --endpoint-reconciler-type=none: the `kubernetes` Service's endpoint is ours to make.
+        apiserver_port = int(self._server.rsplit(":", 1)[1])
+        self._api(
+            "POST",
+            "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices",
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": "kubernetes-node",
+                    "labels": {
+                        "kubernetes.io/service-name": "kubernetes",
+                        "endpointslice.kubernetes.io/managed-by": "localcluster",
+                    },
+                },
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": [NODE_IP], "conditions": {"ready": True}}],
+                "ports": [{"name": "https", "port": apiserver_port, "protocol": "TCP"}],
+            },
+        )
         self._api("POST", "/apis/discovery.k8s.io/v1/namespaces/kube-system/endpointslices", KUBE_DNS_ENDPOINTS)
         self._wait("coredns", lambda: self._http_ok(f"http://127.0.0.1:{dns_ready}/ready", "OK"))
         self._wait("kube-router", lambda: self._http_ok(f"http://127.0.0.1:{router_health}/healthz", "OK"))
@@ -1405,7 +1433,7 @@ class LocalCluster:
         conditions = node.get("status", {}).get("conditions", [])
         return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
-    def _setup_host_network(self) -> None:
+    def _setup_host_network(self, apiserver_port: int) -> None:
         """The bridge with the node's address, and the rule that pods reach only this cluster's addresses."""
         if not Path(f"/sys/class/net/{NODE_BRIDGE}").exists():
             run_host(["ip", "link", "add", NODE_BRIDGE, "type", "bridge"])
@@ -1422,6 +1450,7 @@ class LocalCluster:
             ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "RETURN"],
             ["-d", NODE_IP, "-p", "udp", "--dport", "53", "-j", "RETURN"],
             ["-d", NODE_IP, "-p", "tcp", "--dport", "53", "-j", "RETURN"],
+            ["-d", NODE_IP, "-p", "tcp", "--dport", str(apiserver_port), "-j", "RETURN"],
             ["-d", NODE_IP, "-j", "DROP"],
             ["-d", POD_CIDR, "-j", "RETURN"],
             ["-d", SERVICE_CIDR, "-j", "RETURN"],
@@ -1429,6 +1458,13 @@ class LocalCluster:
         ):
             run_host(["iptables", "-w", "-t", "mangle", "-A", chain, *rule])
         run_host(["iptables", "-w", "-t", "mangle", "-I", "PREROUTING", "1", "-i", NODE_BRIDGE, "-j", chain])
+        # The API server listens on every address (see its --bind-address): only loopback and pods get in.
+        run_host(["iptables", "-w", "-N", NODE_API_CHAIN])
+        for rule in (["-i", "lo", "-j", "RETURN"], ["-i", NODE_BRIDGE, "-j", "RETURN"], ["-j", "DROP"]):
+            run_host(["iptables", "-w", "-A", NODE_API_CHAIN, *rule])
+        run_host(
+            ["iptables", "-w", "-I", "INPUT", "1", "-p", "tcp", "--dport", str(apiserver_port), "-j", NODE_API_CHAIN]
+        )
 
     def _teardown_node(self) -> None:
         """Undo what the real node did to the host: containers, mounts, iptables, bridge, cgroups, sysctls.
@@ -1454,8 +1490,9 @@ class LocalCluster:
                 write_sysctl(key, value)
         for cached in Path("/var/lib/cni/results").glob(f"{CNI_NETWORK}-*"):  # libcni's cache of our pods
             cached.unlink(missing_ok=True)
-        if node_owner() == self.state_dir:
-            NODE_OWNER_FILE.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            if Path(NODE_OWNER_FILE.read_text().strip()) == self.state_dir:
+                NODE_OWNER_FILE.unlink()
         self.node_marker.unlink()
 
     def _spawn(
