@@ -777,7 +777,7 @@ def node_owner() -> Path | None:
         owner = Path(NODE_OWNER_FILE.read_text().strip())
     except OSError:
         return None
-    return owner if pids_mentioning(str(owner / "containerd.toml")) else None
+    return owner if pids_mentioning(f"--config={owner / 'containerd.toml'}") else None
 
 
 def run_host(args: list[str], *, check: bool = True) -> None:
@@ -1476,7 +1476,7 @@ class LocalCluster:
         recorded = json.loads(self.node_marker.read_text())
         for hierarchy in cgroup_hierarchies():  # the containers: every process in the kubelet's cgroups
             kill_cgroup_tree(hierarchy / NODE_CGROUP_ROOT)
-        for pid in pids_mentioning(str(self.state_dir)):  # containerd's shims (they run in no pod cgroup)
+        for pid in pids_mentioning(f"-address {self.containerd_socket}"):  # the shims: in no pod cgroup
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         unmount_under(self.state_dir)
