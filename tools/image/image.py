@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -184,6 +185,7 @@ def apt_mirror_and_proxy() -> tuple[str, dict[str, str]]:
 # ------------------------------------------------------------------------------------------ the daemon
 
 
+@functools.cache
 def docker_cli() -> str:
     """A docker CLI that builds with BuildKit: one with the buildx plugin, else Debian's (built in)."""
     found = shutil.which("docker")
