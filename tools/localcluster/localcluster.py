@@ -1209,7 +1209,7 @@ class LocalCluster:
         )
         if result.returncode != 0:
             raise LocalClusterError(f"importing {tarball} failed: {result.stderr.strip() or result.stdout.strip()}")
-        log(f"imported {tarball}: {' '.join(result.stdout.split())}")
+        log(f"imported {tarball}")
 
     def _prepare_node_host(self, apiserver_port: int) -> None:
         """Before the API server listens: claim the machine's real node, the bridge, iptables, cgroups."""
