@@ -27,7 +27,7 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     configure_kopf(settings, SETTINGS)  # sized by RUNBOOK_MAX_WORKERS
     diffbase = settings.persistence.diffbase_storage
     if isinstance(diffbase, kopf.AnnotationsDiffBaseStorage):  # the same essence, without copying what it drops
-        settings.persistence.diffbase_storage = LeanDiffBaseStorage.like(diffbase)
+        settings.persistence.diffbase_storage = LeanDiffBaseStorage.like(diffbase, groups=compared_groups())
     settings.watching.label_selectors[ISOLATION_POLICIES[0], ISOLATION_POLICIES[2]] = ISOLATION_LABEL  # the guard's
     for group, _version, plural in (BACKUP_CRON_JOBS, BACKUP_JOBS):  # only the BackupPolicies' (not every Job's)
         settings.watching.label_selectors[group, plural] = BACKUP_POLICY_LABEL
@@ -36,6 +36,16 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.queueing.idle_timeout = 1.0
     install_redactor()
     metrics.serve(SETTINGS.metrics_port)
+
+
+def compared_groups(registry: kopf.OperatorRegistry | None = None) -> set[str] | None:
+    """The API groups of the kinds whose essence kopf compares between events: those with change handlers
+    (create, update, delete, resume) or daemons, as kopf's registry has them (private: ``_changing``,
+    ``_spawning``); None (every group) when a handler names no group."""
+    registry = registry or kopf.get_default_registry()
+    handlers = [*registry._changing.get_all_handlers(), *registry._spawning.get_all_handlers()]
+    groups = {handler.selector.group if handler.selector is not None else None for handler in handlers}
+    return None if None in groups else {str(group) for group in groups}
 
 
 @kopf.on.probe(id="handlers")
@@ -96,14 +106,6 @@ async def isolation_guards(body: kopf.Body, **_: Any) -> dict[str, dict[str, Any
     return {str(body["metadata"]["namespace"]): isolation.guard_entry(body)}
 
 
-# kopf runs an object's event handlers in the order they are registered: this one comes first (before the
-# ScalingProfile and SecretRotation handlers that follow isolations, registered after this section).
-@kopf.on.event(*EMERGENCY_ISOLATIONS, when=lambda body, **_: isolation.awaits_containment(body))
-async def emergency_isolation_contained_first(body: kopf.Body, **kwargs: Any) -> None:
-    holder = interlock.holder_from_index(kwargs["isolations_by_namespace"])
-    await isolation.contain_new(body, isolation=holder, grants=_grants(kwargs))
-
-
 @kopf.on.startup()
 async def emergency_isolation_fast_path_ready(**_: Any) -> None:
     await isolation.loop_client()  # its TLS files and auth header read now, not in the first burst
@@ -125,8 +127,22 @@ async def emergency_isolation_guard(type: str, body: kopf.Body, **kwargs: Any) -
 _HOLDING: dict[str, bool] = {}  # an isolation's uid -> whether its guard entry held a policy at its last event
 
 
+# Every event of an isolation, in this order: containment first (a new isolation's policy), then the guard,
+# then the clocks that follow isolations (the interlock). One handler, not four: kopf builds its keyword
+# arguments and logs a line per handler and event, and containment waits for that work of every isolation
+# whose event came before (100 created at once).
 @kopf.on.event(*EMERGENCY_ISOLATIONS)
-async def emergency_isolation_guard_armed(type: str, body: kopf.Body, **kwargs: Any) -> None:
+async def emergency_isolation_event(type: str, body: kopf.Body, **kwargs: Any) -> None:
+    namespace, grants = str(body.metadata.namespace), _grants(kwargs)
+    if type != "DELETED" and isolation.awaits_containment(body):
+        holder = interlock.holder_from_index(kwargs["isolations_by_namespace"])
+        await isolation.contain_new(body, isolation=holder, grants=grants)
+    await _guard_armed(type, body, grants)
+    scaling.CLOCKS.wake(namespace)
+    rotation.CLOCKS.wake(namespace)
+
+
+async def _guard_armed(type: str, body: kopf.Body, grants: GrantsOf) -> None:
     """When an isolation starts to hold its policy (its status says Isolated), the guard looks once: a policy
     deleted between the status write and this event had its DELETED event before the guard held it."""
     uid = str(body.metadata.uid)
@@ -136,7 +152,7 @@ async def emergency_isolation_guard_armed(type: str, body: kopf.Body, **kwargs: 
     holds = isolation.guard_entry(body)["policy"] is not None
     held, _HOLDING[uid] = _HOLDING.get(uid, False), holds
     if holds and not held:
-        await isolation.put_back(str(body.metadata.namespace), str(body.metadata.name), grants=_grants(kwargs))
+        await isolation.put_back(str(body.metadata.namespace), str(body.metadata.name), grants=grants)
 
 
 @kopf.on.resume(*EMERGENCY_ISOLATIONS)
@@ -151,13 +167,6 @@ async def emergency_isolation(body: kopf.Body, retry: int, **kwargs: Any) -> Non
 @kopf.on.delete(*EMERGENCY_ISOLATIONS)
 async def emergency_isolation_deleted(body: kopf.Body, retry: int, **kwargs: Any) -> None:
     as_kopf(await drive(isolation.ISOLATION, body, finalizing=True, grants=_grants(kwargs)), retry=retry)
-
-
-# The ScalingProfile clocks follow the isolations of their namespace (the interlock); registered after the
-# EmergencyIsolation handlers, so that containment goes first.
-@kopf.on.event(*EMERGENCY_ISOLATIONS)
-async def scaling_profiles_follow_isolation(body: kopf.Body, **_: Any) -> None:
-    scaling.CLOCKS.wake(body.metadata.namespace)
 
 
 # --- SecretRotation ---
@@ -189,11 +198,6 @@ async def secret_rotation_deleted(body: kopf.Body, retry: int, **kwargs: Any) ->
 async def secret_rotation_gone(type: str, body: kopf.Body, **_: Any) -> None:
     if type == "DELETED":
         metrics.forget_secret_rotation(str(body.metadata.namespace), str(body.metadata.name))
-
-
-@kopf.on.event(*EMERGENCY_ISOLATIONS)
-async def secret_rotations_follow_isolation(body: kopf.Body, **_: Any) -> None:
-    rotation.CLOCKS.wake(body.metadata.namespace)
 
 
 # --- BackupPolicy ---

@@ -75,3 +75,23 @@ def test_like_keeps_the_storage_settings() -> None:
     assert (lean.prefix, lean.key, lean.v1, lean.ignored_fields) == ("x.dev", "k", False, ["spec.secret"])
     body = kopf.Body({"metadata": {"name": "n"}, "spec": {"secret": "s", "open": 1}})
     assert lean.build(body=body) == other.build(body=body) == {"spec": {"open": 1}}
+
+
+def test_with_groups_only_those_groups_essence_is_built() -> None:
+    lean = LeanDiffBaseStorage.like(KOPF, groups={"runbook.dev"})
+    cronjob = {"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "c"}, "spec": {"schedule": "x"}}
+    assert lean.build(body=kopf.Body(cronjob)) == {}
+    assert lean.build(body=kopf.Body(copy.deepcopy(POLICY))) == KOPF.build(body=kopf.Body(copy.deepcopy(POLICY)))
+    assert LeanDiffBaseStorage.like(KOPF).build(body=kopf.Body(cronjob)) == KOPF.build(body=kopf.Body(cronjob))
+
+
+def test_the_operator_compares_essences_of_its_own_kinds_only() -> None:
+    """main.py's change handlers and daemons are all on runbook.dev kinds: the CronJobs, Jobs and NetworkPolicies
+    it indexes and watches get no essence. A handler of a kind with no group would make it build every one."""
+    from runbook_operator import main
+
+    assert main.compared_groups() == {"runbook.dev"}
+    registry = kopf.OperatorRegistry()
+    kopf.on.create("v1", "configmaps", registry=registry)(lambda **_: None)
+    kopf.daemon("runbook.dev", "v1alpha1", "backuppolicies", registry=registry)(lambda **_: None)
+    assert main.compared_groups(registry) == {"", "runbook.dev"}
