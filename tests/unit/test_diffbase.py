@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import pytest
@@ -13,6 +13,11 @@ from runbook_operator.settings import PREFIX
 
 KOPF = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX, key="last-handled-configuration")
 LEAN = LeanDiffBaseStorage.like(KOPF)
+
+
+def _body(raw: dict[str, Any]) -> kopf.Body:
+    return kopf.Body(cast(kopf.RawBody, raw))
+
 
 POLICY: dict[str, Any] = {
     "apiVersion": "runbook.dev/v1alpha1",
@@ -55,14 +60,14 @@ BARE: dict[str, Any] = {"apiVersion": "v1", "kind": "Thing", "metadata": {"name"
 )
 def test_the_essence_is_kopfs(raw: dict[str, Any], extra: list[Any] | None) -> None:
     before = copy.deepcopy(raw)
-    lean = LEAN.build(body=kopf.Body(raw), extra_fields=extra)
-    assert lean == KOPF.build(body=kopf.Body(raw), extra_fields=extra)
+    lean = LEAN.build(body=_body(raw), extra_fields=extra)
+    assert lean == KOPF.build(body=_body(raw), extra_fields=extra)
     assert raw == before  # the body is not changed
 
 
 def test_the_essence_does_not_share_the_bodys_values() -> None:
     raw = copy.deepcopy(POLICY)
-    essence = LEAN.build(body=kopf.Body(raw))
+    essence = LEAN.build(body=_body(raw))
     raw["spec"]["source"]["postgresql"]["host"] = "changed"
     raw["metadata"]["labels"]["team"] = "changed"
     assert essence["spec"]["source"]["postgresql"]["host"] == "db"
@@ -73,16 +78,16 @@ def test_like_keeps_the_storage_settings() -> None:
     other = kopf.AnnotationsDiffBaseStorage(prefix="x.dev", key="k", v1=False, ignored_fields=["spec.secret"])
     lean = LeanDiffBaseStorage.like(other)
     assert (lean.prefix, lean.key, lean.v1, lean.ignored_fields) == ("x.dev", "k", False, ["spec.secret"])
-    body = kopf.Body({"metadata": {"name": "n"}, "spec": {"secret": "s", "open": 1}})
+    body = _body({"metadata": {"name": "n"}, "spec": {"secret": "s", "open": 1}})
     assert lean.build(body=body) == other.build(body=body) == {"spec": {"open": 1}}
 
 
 def test_with_groups_only_those_groups_essence_is_built() -> None:
     lean = LeanDiffBaseStorage.like(KOPF, groups={"runbook.dev"})
     cronjob = {"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "c"}, "spec": {"schedule": "x"}}
-    assert lean.build(body=kopf.Body(cronjob)) == {}
-    assert lean.build(body=kopf.Body(copy.deepcopy(POLICY))) == KOPF.build(body=kopf.Body(copy.deepcopy(POLICY)))
-    assert LeanDiffBaseStorage.like(KOPF).build(body=kopf.Body(cronjob)) == KOPF.build(body=kopf.Body(cronjob))
+    assert lean.build(body=_body(cronjob)) == {}
+    assert lean.build(body=_body(copy.deepcopy(POLICY))) == KOPF.build(body=_body(copy.deepcopy(POLICY)))
+    assert LeanDiffBaseStorage.like(KOPF).build(body=_body(cronjob)) == KOPF.build(body=_body(cronjob))
 
 
 def test_the_operator_compares_essences_of_its_own_kinds_only() -> None:
