@@ -108,12 +108,16 @@ def commit(server: Postgres, label: str) -> datetime:
     return moment.astimezone(UTC)
 
 
-def other_writes(server: Postgres, rows: int = 3000) -> None:
-    """Writes between the marks (several MB of WAL, a segment switch among them)."""
+def other_writes(server: Postgres, rows: int = 3000, *, switches: int = 0) -> None:
+    """Writes between the marks (several MB of WAL, a segment switch among them), then ``switches`` more
+    segments: a row and ``pg_switch_wal()`` each."""
     with server.connect() as conn:
         conn.execute("INSERT INTO filler (note) SELECT repeat('f', 500) FROM generate_series(1, %s)", (rows,))
         conn.execute("SELECT pg_switch_wal()")
         conn.execute("INSERT INTO filler (note) SELECT repeat('g', 500) FROM generate_series(1, %s)", (rows // 3,))
+        for _ in range(switches):
+            conn.execute("INSERT INTO filler (note) VALUES ('s')")
+            conn.execute("SELECT pg_switch_wal()")
 
 
 def source_rows(server: Postgres, sql: str) -> list[tuple[Any, ...]]:
@@ -130,11 +134,11 @@ def insert_position(server: Postgres) -> int:
 
 @contextlib.contextmanager
 def make_archive(
-    server: Postgres, s3: S3Server, *, namespace: str = NAMESPACE, policy: str = POLICY
+    server: Postgres, s3: S3Server, *, namespace: str = NAMESPACE, policy: str = POLICY, switches: int = 0
 ) -> Iterator[Archive]:
     """The server's WAL streaming to a new bucket (B's receiver, as its Deployment runs it) with a base backup
-    (B's agent), then the marks: T1, other writes, T2, the target moment, other writes, T3, other writes; the
-    receiver stopped on leaving."""
+    (B's agent), then the marks: T1, other writes (and ``switches`` segment switches), T2, the target moment,
+    other writes, T3, other writes; the receiver stopped on leaving."""
     replication_role(server)
     with server.connect() as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS events (id bigserial PRIMARY KEY, label text NOT NULL)")
@@ -151,7 +155,7 @@ def make_archive(
         done = run_base_backup(env, namespace=namespace, policy=policy)
         assert done.returncode == 0, done.stderr[-2000:]
         moments = {"base": before, "T1": commit(server, "T1")}
-        other_writes(server)
+        other_writes(server, switches=switches)
         moments["T2"] = commit(server, "T2")
         after_t2 = (source_rows(server, "SELECT count(*) FROM filler")[0][0], insert_position(server))
         time.sleep(1.5)
@@ -161,7 +165,7 @@ def make_archive(
         moments["T3"] = commit(server, "T3")
         other_writes(server, 200)
         made = Archive(server, s3, wal_location(s3, bucket), spec, moments, after_t2, receiver, namespace, policy)
-        made.wait_shipped(insert_position(server))
+        made.wait_shipped(insert_position(server), timeout=120 + switches)
         yield made
     finally:
         stop_receiver(receiver)
@@ -482,3 +486,44 @@ def test_zz_a_gap_in_the_chain_is_refused_naming_the_missing_segment(archive: Ar
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("restore failed: WALGap: WAL ") and gone.name in last, last
     assert list(claim.iterdir()) == []
+
+
+class SmallSegments(Postgres):
+    """A server made with ``initdb --wal-segsize=1``: 1 MiB WAL segments, so a chain of hundreds is cheap."""
+
+    def _as_owner(self, *args: str) -> list[str]:
+        if args and args[0].endswith("/initdb"):
+            args = (*args, "--wal-segsize=1")
+        return super()._as_owner(*args)
+
+
+def test_a_chain_of_hundreds_of_segments_restores_by_content(s3_server: S3Server) -> None:
+    """250 segments between T1 and T2 (1 MiB each): the old plan (every manifest in one environment variable) was
+    over 128 KiB and refused as ChainTooLong; the range is a few hundred bytes and the Job reads every manifest
+    itself. The restore to a time between T2 and T3 has exactly the rows through T2."""
+    with SmallSegments() as server, make_archive(server, s3_server, switches=250) as archive:
+        assert source_rows(server, "SHOW wal_segment_size") == [("1MB",)]
+        spec = point(targetTime=wal_catalog.rfc3339(archive.moments["target"]), mode="NewVolume",
+                     newVolume={"name": "long", "size": "1Gi"})  # fmt: skip
+        choice = choice_for(archive, spec)
+        assert len(choice.segments) > 250
+        assert len(json.dumps([f.manifest for f in choice.files])) > 128 * 1024  # what the old plan carried
+        plan = plan_for(archive, spec)
+        size = len(json.dumps(plan.to_api(), separators=(",", ":")))
+        assert size < 2048 and plan.wal.segment_bytes == 1024 * 1024 and plan.wal.segments == len(choice.segments)
+        claim = new_claim()
+        started = time.monotonic()
+        done = run_job(archive, plan, claim)
+        elapsed = time.monotonic() - started
+        assert done.returncode == 0, done.stderr[-3000:]
+        summary = json.loads(done.stdout.strip().splitlines()[-1])["restore-pitr"]
+        assert (summary["segments"], summary["firstSegment"], summary["lastSegment"]) == (
+            len(choice.segments),
+            choice.segments[0].name,
+            choice.segments[-1].name,
+        )
+        assert len(list((claim / "pgdata.wal").iterdir())) == len(choice.segments)
+        with Restored(claim) as restored:
+            assert restored.labels() == ["T1", "T2"], restored.server_log()[-2000:]
+            assert restored.query("SELECT count(*) FROM filler") == [(archive.after_t2[0],)]
+    print(f"\nlong chain: {summary['segments']} segments, plan {size} bytes, Job {elapsed:.1f} s")

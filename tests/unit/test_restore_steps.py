@@ -815,11 +815,11 @@ def test_pitr_in_place_scales_the_statefulset_around_the_job_and_checks_after_sc
                 "namespace": NS,
                 "policy": "db",
                 "firstSegment": "000000010000000000000002",
-                "lastSegment": "000000010000000000000003",  # the first segment shipped after the target
+                "lastSegment": "000000010000000000000004",  # all the contiguous WAL after the target
                 "segmentBytes": SEGMENT,
                 "timelines": [1],
                 "histories": [],
-                "segments": 2,
+                "segments": 3,
             }  # the range: the Job reads each file's manifest itself
             assert plan["keepPreviousAs"] == "pgdata.before-r1" and plan["targetTime"].startswith("2026-03-01T11:25")
             assert pod["containers"][0]["args"][0] == "restore-pitr"

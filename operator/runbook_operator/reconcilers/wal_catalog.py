@@ -71,8 +71,12 @@ if TYPE_CHECKING:
 TIME_FIELD = "spec.pointInTime.targetTime"
 LSN_FIELD = "spec.pointInTime.targetLSN"
 LATEST_FIELD = "spec.pointInTime.latest"
-# A time target also gets the WAL shipped this long after it (when there is some): recovery stops at the first
-# commit after the target, and PostgreSQL refuses to promote when the WAL ends before that commit.
+# A time target gets all the contiguous WAL after it: recovery stops at the first commit after the target, and
+# PostgreSQL refuses to promote when the WAL ends before that commit. A file's shippedTime says only that its WAL
+# was committed before then, not where the WAL written at the target is: a receiver behind a burst of writes
+# ships WAL of the target's moment minutes later (seen: 250 segments of 1 MiB written in 4 s, shipped over more
+# than 60 s). Only where the WAL has a hole after the target are the files shipped this long after it taken as
+# enough (else the target is refused, as the commit that ends recovery may be in the hole).
 BEYOND_TARGET = timedelta(minutes=1)
 
 
@@ -452,11 +456,12 @@ class WALCatalog:
             covering = [i for i, f in enumerate(walk.files) if f.shipped >= target_time]
             if not covering:
                 return None
+            if walk.missing is None:
+                return walk.files
             beyond = [i for i, f in enumerate(walk.files) if f.shipped >= target_time + BEYOND_TARGET]
-            if not beyond and walk.missing is not None:
+            if not beyond:
                 return None  # more WAL after a hole: the commit after the target that ends recovery may be in it
-            last = beyond[0] if beyond else len(walk.files) - 1
-            return walk.files[: last + 1]
+            return walk.files[: beyond[0] + 1]
         if target_lsn is not None:
             covering = [i for i, f in enumerate(walk.files) if f.end > target_lsn]
             if not covering:
