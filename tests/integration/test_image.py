@@ -38,9 +38,14 @@ POD_CONSTRAINTS = ["--read-only", "--user", "10001", "--tmpfs", "/tmp:size=16m"]
 
 
 @pytest.fixture(scope="module")
-def image() -> str:
-    """The operator image's name, built (or found current) by image.py."""
-    image_tool.build_operator()
+def image_archive() -> Path:
+    """The operator image built (or found current) by image.py, once per module: its docker-archive."""
+    return image_tool.build_operator()
+
+
+@pytest.fixture(scope="module")
+def image(image_archive: Path) -> str:
+    """The operator image's name."""
     return image_tool.operator_image()
 
 
@@ -144,7 +149,7 @@ def certificates(bundle: bytes) -> set[bytes]:
     return set(re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", bundle, re.S))
 
 
-def test_the_build_ca_bundle_is_not_in_the_image(image: str) -> None:
+def test_the_build_ca_bundle_is_not_in_the_image(image_archive: Path) -> None:
     """The machine's CA bundle reached the build as a secret only: none of the certificates this machine adds
     to Debian's (the local ones, e.g. a TLS-inspecting proxy's, that pip needs here) is in any file of any
     layer of the exported image."""
@@ -152,9 +157,8 @@ def test_the_build_ca_bundle_is_not_in_the_image(image: str) -> None:
     assert bundle is not None, "no CA bundle configured for pip on this machine"
     debian = b"".join(path.read_bytes() for path in Path("/usr/share/ca-certificates").rglob("*.crt"))
     added = certificates(bundle.read_bytes()) - certificates(debian)
-    archive = image_tool.build_operator()
     found: list[str] = []
-    with tarfile.open(archive) as outer:
+    with tarfile.open(image_archive) as outer:
         layers = json.load(outer.extractfile("manifest.json"))[0]["Layers"]  # type: ignore[arg-type]
         for layer in layers:
             with tarfile.open(fileobj=io.BytesIO(outer.extractfile(layer).read())) as inner:  # type: ignore[union-attr]
