@@ -28,6 +28,7 @@ CLI::
     python tools/image/image.py e2e       # the e2e images (postgres, redis, s3)
     python tools/image/image.py tars      # builds all; prints {image: tar path} as JSON
     python tools/image/image.py daemon    # starts the Docker daemon if none is running
+    python tools/image/image.py stop      # stops the dockerd and containerd that ``daemon`` started
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -245,6 +247,7 @@ def ensure_daemon() -> None:
                 containerd = subprocess.Popen(
                     ["containerd", "--config", str(config)], stdout=out, stderr=out, start_new_session=True
                 )
+            (RUN_DIR / "containerd.pid").write_text(str(containerd.pid))
             _wait(["ctr", "--address", str(socket), "version"], "containerd", containerd_log, containerd, 30)
         dockerd_log = logs / "dockerd.log"
         args = ["dockerd", "--containerd", str(socket), "--storage-driver", "overlay2", "--iptables=false"]
@@ -253,6 +256,25 @@ def ensure_daemon() -> None:
             dockerd = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
         _wait([cli, "info"], "dockerd", dockerd_log, dockerd, 60)
         log(f"started dockerd (pid {dockerd.pid}) in {time.monotonic() - started:.1f}s; logs in {logs}")
+
+
+def stop_daemon() -> None:
+    """Stop the dockerd and containerd that ensure_daemon started (by their pid files; others are left alone)."""
+    for name in ("dockerd", "containerd"):
+        pid_file = RUN_DIR / f"{name}.pid"
+        if not pid_file.is_file():
+            continue
+        pid = int(pid_file.read_text().strip() or 0)
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        if pid and cmdline.is_file() and cmdline.read_bytes().split(b"\0")[0].endswith(name.encode()):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while cmdline.is_file() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if cmdline.is_file():
+                raise ImageError(f"{name} (pid {pid}) did not stop within 30s")
+            log(f"stopped {name} (pid {pid})")
+        pid_file.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -383,11 +405,13 @@ def build_e2e() -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["base", "build", "e2e", "tars", "daemon"])
+    parser.add_argument("command", choices=["base", "build", "e2e", "tars", "daemon", "stop"])
     args = parser.parse_args(argv)
     try:
         if args.command == "daemon":
             ensure_daemon()
+        elif args.command == "stop":
+            stop_daemon()
         elif args.command == "base":
             print(ensure_base())
         elif args.command == "build":
