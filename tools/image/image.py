@@ -381,6 +381,8 @@ def build(spec: Spec, base_id: str) -> Path:
     if result.returncode != 0:
         raise ImageError(f"docker build of {spec.name} failed:\n{result.stderr.strip()[-3000:]}")
     built = time.monotonic() - started
+    # The previous build of this name, now untagged (only ours: dangling images carrying the label).
+    docker("image", "prune", "--force", "--filter", f"label={LABEL}", check=False)
     tar.parent.mkdir(parents=True, exist_ok=True)
     for old in tar.parent.glob(f"{spec.slug}-*.tar"):
         old.unlink()
