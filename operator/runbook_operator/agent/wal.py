@@ -611,6 +611,7 @@ class Receiver:
     _partial_end: int = 0  # bytes of the buffer's segment shipped as its partial
     _busy: bool = False
     _closing: bool = False
+    _gave_up: bool = False  # the shipping thread ended with a complete segment not in the bucket
     _failure: BaseException | None = None
     _thread: threading.Thread | None = None
 
@@ -684,8 +685,10 @@ class Receiver:
                     self._busy = True
                 try:
                     if complete is not None and not self._ship_complete(complete):
-                        return  # SIGTERM or the end while S3 refused it: the reader stops (_Stopped)
-                    if complete is None:
+                        with self._ready:
+                            self._gave_up = True  # SIGTERM or the end while S3 refused it: the reader stops
+                        return
+                    if complete is None and partial[3] < self.segment_bytes:  # full: its complete copy is next
                         self._ship_partial(*partial)
                 finally:
                     with self._ready:
@@ -756,7 +759,7 @@ class Receiver:
                 self._check_thread()
                 if done():
                     return
-                if self.stopping and self._complete is not None and not self._busy:
+                if self._gave_up:
                     raise _Stopped()
                 self._ready.wait(0.1)
             if self._conn is not None and time.monotonic() - self._last_feedback >= STATUS_SECONDS:
