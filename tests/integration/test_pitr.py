@@ -527,3 +527,88 @@ def test_a_chain_of_hundreds_of_segments_restores_by_content(s3_server: S3Server
             assert restored.labels() == ["T1", "T2"], restored.server_log()[-2000:]
             assert restored.query("SELECT count(*) FROM filler") == [(archive.after_t2[0],)]
     print(f"\nlong chain: {summary['segments']} segments, plan {size} bytes, Job {elapsed:.1f} s")
+
+
+class Standby(Postgres):
+    """A streaming standby of ``primary``: made by ``pg_basebackup -R`` where ``Postgres`` runs initdb, then
+    started as ``Postgres`` starts its server. Promoted, it begins timeline 2."""
+
+    def __init__(self, primary: Postgres) -> None:
+        super().__init__(settings=primary.settings)
+        self.primary = primary
+
+    def _as_owner(self, *args: str) -> list[str]:
+        if args and args[0].endswith("/initdb"):
+            copy = [str(self.bin / "pg_basebackup"), "-d", self.primary.dsn(), "-D", str(self.data)]
+            args = (*copy, "-R", "-X", "stream", "--no-sync")
+        return super()._as_owner(*args)
+
+
+def wait_replayed(standby: Postgres, position: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while parse_lsn(str(source_rows(standby, "SELECT pg_last_wal_replay_lsn()")[0][0])) < position:
+        assert time.monotonic() < deadline, f"the standby did not replay {format_lsn(position)}"
+        time.sleep(0.2)
+
+
+def test_a_restore_after_a_timeline_switch_follows_the_history_file(s3_server: S3Server) -> None:
+    """The receiver streams from a standby that is promoted (timeline 2: its history file shipped, streaming goes
+    on); the base backup is from timeline 1. A restore to a time on timeline 2 replays timeline 1 up to the switch
+    and timeline 2 after it: it has T1 (before the promote) and T5 (after), not T6 (after the target) nor what
+    the old primary committed after the promote."""
+    policy = "timelines"
+    with Postgres() as primary:
+        replication_role(primary)
+        with primary.connect() as conn:
+            conn.execute("CREATE TABLE events (id bigserial PRIMARY KEY, label text NOT NULL)")
+            conn.execute("CREATE TABLE filler (id bigserial PRIMARY KEY, note text)")
+        with Standby(primary) as standby:
+            slot = slot_name(NAMESPACE, policy)
+            create_slot(standby, slot)
+            bucket = new_bucket(s3_server)
+            scratch = Path(tempfile.mkdtemp(prefix="runbook-pitr-tl-"))
+            spec = wal_policy_spec(standby, s3_server, bucket, slotName=slot)
+            log = scratch.parent / f"{scratch.name}.log"
+            receiver = start_receiver(wal_env(spec, s3_server, scratch), log, policy=policy)
+            try:
+                create_slot(primary, slot)  # the base-backup agent checks its source has the policy's slot
+                primary_env = wal_env(wal_policy_spec(primary, s3_server, bucket, slotName=slot), s3_server, scratch)
+                done = run_base_backup(primary_env, policy=policy)
+                assert done.returncode == 0, done.stderr[-2000:]
+                moments = {"T1": commit(primary, "T1")}
+                other_writes(primary)
+                wait_replayed(standby, insert_position(primary))
+                with standby.connect() as conn:
+                    assert conn.execute("SELECT pg_promote(true, 60)").fetchone() == (True,)
+                commit(primary, "old primary, after the promote")
+                moments["T5"] = commit(standby, "T5")
+                other_writes(standby)
+                time.sleep(1.5)
+                moments["target"] = datetime.now(UTC)
+                time.sleep(1.5)
+                moments["T6"] = commit(standby, "T6")
+                other_writes(standby, 200)
+                location = wal_location(s3_server, bucket)
+                archive = Archive(standby, s3_server, location, spec, moments, (0, 0), receiver, NAMESPACE, policy)
+                archive.wait_shipped(insert_position(standby))
+                catalog = archive.catalog()
+                assert catalog.timeline == 2 and sorted(catalog.history) == [2], log.read_text()[-2000:]
+                assert catalog.base_backups[0].timeline == 1
+                target = point(targetTime=wal_catalog.rfc3339(moments["target"]), mode="NewVolume",
+                               newVolume={"name": "tl2", "size": "1Gi"})  # fmt: skip
+                choice = choice_for(archive, target)
+                plan = plan_for(archive, target)
+            finally:
+                stop_receiver(receiver)
+    assert (plan.timeline, plan.wal.timelines, plan.wal.histories) == (2, [1, 2], [2])
+    assert choice.files[0].name == "00000002.history"
+    claim = new_claim()
+    done = run_job(archive, plan, claim)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])["restore-pitr"]
+    assert summary["historyFiles"] == 1 and summary["lastSegment"].startswith("00000002")
+    with Restored(claim) as restored:
+        assert restored.labels() == ["T1", "T5"], restored.server_log()[-3000:]
+        log = restored.server_log()
+    assert "selected new timeline ID: 3" in log  # recovered along timeline 2, promoted at the target
+    print(f"\ntimeline switch: {summary}")
