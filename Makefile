@@ -1,5 +1,5 @@
 # The two commands of the README: `make run` and `make test`. Everything else is for development.
-.PHONY: setup run test lint crds unit integration cluster-build helm-build cluster-start cluster-stop bench clean image
+.PHONY: setup run test lint crds unit integration cluster-build node-build helm-build image e2e-images cluster-start cluster-stop bench clean
 
 PY := .venv/bin/python
 CLUSTER := $(PY) tools/localcluster/localcluster.py
@@ -12,7 +12,7 @@ run: setup
 	@tools/dev/run.sh
 
 ## Everything CI checks: lint, types, unit and integration tests against real components.
-test: setup lint cluster-build helm-build
+test: setup lint cluster-build node-build helm-build e2e-images
 	$(PY) -m pytest
 
 lint: setup
@@ -26,11 +26,15 @@ crds: setup
 unit: setup
 	$(PY) -m pytest tests/unit
 
-integration: setup cluster-build helm-build
+integration: setup cluster-build node-build helm-build e2e-images
 	$(PY) -m pytest tests/integration
 
 cluster-build: setup
 	$(CLUSTER) build
+
+## The real node's binaries (kubelet, kube-proxy, containerd, CNI plugins, kube-router, CoreDNS, images), cached.
+node-build: cluster-build
+	$(CLUSTER) build --real-node
 
 ## helm for the chart tests (tests/integration/test_helm.py), built from its Go module and cached.
 helm-build: setup
@@ -40,6 +44,10 @@ helm-build: setup
 ## is reachable), cached and exported with `docker save`: tools/image/image.py.
 image: setup
 	$(PY) tools/image/image.py build
+
+## The operator's image and the e2e tier's PostgreSQL, Redis and S3 images, saved as tars for the real node.
+e2e-images: setup
+	$(PY) tools/image/image.py tars >/dev/null
 
 cluster-start: cluster-build
 	$(CLUSTER) start

@@ -20,6 +20,9 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# The real node's runc, iptables, ipset and conntrack (tools/localcluster/, `start --real-node`).
+tools/localcluster/node-setup.sh
+
 python=${PYTHON:-python3}
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
   echo "setup: Python >= 3.11 is required (found $("$python" --version 2>&1))" >&2; exit 1; }
