@@ -609,6 +609,6 @@ def test_a_restore_after_a_timeline_switch_follows_the_history_file(s3_server: S
     assert summary["historyFiles"] == 1 and summary["lastSegment"].startswith("00000002")
     with Restored(claim) as restored:
         assert restored.labels() == ["T1", "T5"], restored.server_log()[-3000:]
-        log = restored.server_log()
-    assert "selected new timeline ID: 3" in log  # recovered along timeline 2, promoted at the target
+        recovered_log = restored.server_log()
+    assert "selected new timeline ID: 3" in recovered_log  # recovered along timeline 2, promoted at the target
     print(f"\ntimeline switch: {summary}")
