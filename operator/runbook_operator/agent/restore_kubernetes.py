@@ -30,12 +30,12 @@ import yaml
 from kubernetes.client import ApiException
 
 from ..clients import kube
-from ..errors import RunbookError, parse_spec
+from ..errors import RunbookError
 from ..logs import REDACTOR
 from ..models.backup import KUBERNETES_RESOURCES
 from ..models.plans import RESTORE_PLAN_ENV, KubernetesRestorePlan
-from .backup import one_line, require_env
-from .restore import SECRET_ENVS, report, stream
+from .backup import one_line
+from .restore import SECRET_ENVS, read_plan, report, stream
 
 FIELD_MANAGER = "runbook-restore"
 SECTION_MARKER = "# namespace: "
@@ -262,12 +262,7 @@ def main(*, env: Mapping[str, str] | None = None) -> int:
     for name in SECRET_ENVS:
         REDACTOR.register(environment.get(name))
     try:
-        raw = require_env(environment, RESTORE_PLAN_ENV, field="plan")
-        try:
-            document = json.loads(raw)
-        except json.JSONDecodeError as error:
-            raise RunbookError("InvalidPlan", f"{RESTORE_PLAN_ENV} is not JSON ({error.msg})") from None
-        plan = parse_spec(KubernetesRestorePlan, document)
+        plan = read_plan(environment, RESTORE_PLAN_ENV, KubernetesRestorePlan)
         summary = restore_kubernetes(plan, environment)
     except RunbookError as error:
         print(f"restore failed: {error.reason}: {REDACTOR.scrub(error.message)}", file=sys.stderr, flush=True)
