@@ -57,19 +57,32 @@ class Postgres:
 
     With ``tls=True`` it also accepts TLS (plain connections too), with a server certificate for ``localhost``
     only (``TLS_NAME``: no IP address SAN, so verify-full to 127.0.0.1 fails) signed by ``self.ca``, and logs
-    every connection (``log_connections``: a login that reached the server names its user in the log)."""
+    every connection (``log_connections``: a login that reached the server names its user in the log).
+
+    ``initdb_args`` are added to initdb's (``--wal-segsize=1``); with ``standby_of`` the data directory is
+    instead ``pg_basebackup -R`` of that server (a streaming standby with its settings; promoted, it begins
+    the next timeline)."""
 
     superuser = "postgres"
     password = "test-superuser-pw"
     TLS_NAME = "localhost"
 
     def __init__(
-        self, directory: Path | None = None, *, tls: bool = False, settings: dict[str, str] | None = None
+        self,
+        directory: Path | None = None,
+        *,
+        tls: bool = False,
+        settings: dict[str, str] | None = None,
+        initdb_args: tuple[str, ...] = (),
+        standby_of: Postgres | None = None,
     ) -> None:
         self.tls = tls
+        self.initdb_args = initdb_args
+        self.standby_of = standby_of
         # Streaming replication for the WAL receiver and pg_basebackup (wal_level=replica, WAL senders, a
         # scram ``replication`` line in pg_hba.conf); ``settings`` adds or overrides server settings (-c).
         self.settings = {"wal_level": "replica", "max_wal_senders": "10", "max_replication_slots": "10"}
+        self.settings.update(standby_of.settings if standby_of is not None else {})
         self.settings.update(settings or {})
         bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]))
         if not bins:
@@ -95,20 +108,13 @@ class Postgres:
             owner = pwd.getpwnam("postgres")
             os.chown(self.directory, owner.pw_uid, owner.pw_gid)
             os.chown(pwfile, owner.pw_uid, owner.pw_gid)
-        subprocess.run(
-            self._as_owner(
-                str(self.bin / "initdb"),
-                "-D",
-                str(self.data),
-                "-U",
-                self.superuser,
-                "--auth=scram-sha-256",
-                f"--pwfile={pwfile}",
-                "--no-sync",
-            ),
-            check=True,
-            capture_output=True,
-        )
+        if self.standby_of is not None:
+            make = [str(self.bin / "pg_basebackup"), "-d", self.standby_of.dsn(), "-D", str(self.data)]
+            make += ["-R", "-X", "stream", "--no-sync"]
+        else:
+            make = [str(self.bin / "initdb"), "-D", str(self.data), "-U", self.superuser, "--auth=scram-sha-256"]
+            make += [f"--pwfile={pwfile}", "--no-sync", *self.initdb_args]
+        subprocess.run(self._as_owner(*make), check=True, capture_output=True)
         pwfile.unlink()
         hba = self.data / "pg_hba.conf"
         replication = ["host", "replication", "all", "127.0.0.1/32", "scram-sha-256"]

@@ -488,20 +488,11 @@ def test_zz_a_gap_in_the_chain_is_refused_naming_the_missing_segment(archive: Ar
     assert list(claim.iterdir()) == []
 
 
-class SmallSegments(Postgres):
-    """A server made with ``initdb --wal-segsize=1``: 1 MiB WAL segments, so a chain of hundreds is cheap."""
-
-    def _as_owner(self, *args: str) -> list[str]:
-        if args and args[0].endswith("/initdb"):
-            args = (*args, "--wal-segsize=1")
-        return super()._as_owner(*args)
-
-
 def test_a_chain_of_hundreds_of_segments_restores_by_content(s3_server: S3Server) -> None:
     """250 segments between T1 and T2 (1 MiB each): the old plan (every manifest in one environment variable) was
     over 128 KiB and refused as ChainTooLong; the range is a few hundred bytes and the Job reads every manifest
     itself. The restore to a time between T2 and T3 has exactly the rows through T2."""
-    with SmallSegments() as server, make_archive(server, s3_server, switches=250) as archive:
+    with Postgres(initdb_args=("--wal-segsize=1",)) as server, make_archive(server, s3_server, switches=250) as archive:
         assert source_rows(server, "SHOW wal_segment_size") == [("1MB",)]
         spec = point(targetTime=wal_catalog.rfc3339(archive.moments["target"]), mode="NewVolume",
                      newVolume={"name": "long", "size": "1Gi"})  # fmt: skip
@@ -529,21 +520,6 @@ def test_a_chain_of_hundreds_of_segments_restores_by_content(s3_server: S3Server
     print(f"\nlong chain: {summary['segments']} segments, plan {size} bytes, Job {elapsed:.1f} s")
 
 
-class Standby(Postgres):
-    """A streaming standby of ``primary``: made by ``pg_basebackup -R`` where ``Postgres`` runs initdb, then
-    started as ``Postgres`` starts its server. Promoted, it begins timeline 2."""
-
-    def __init__(self, primary: Postgres) -> None:
-        super().__init__(settings=primary.settings)
-        self.primary = primary
-
-    def _as_owner(self, *args: str) -> list[str]:
-        if args and args[0].endswith("/initdb"):
-            copy = [str(self.bin / "pg_basebackup"), "-d", self.primary.dsn(), "-D", str(self.data)]
-            args = (*copy, "-R", "-X", "stream", "--no-sync")
-        return super()._as_owner(*args)
-
-
 def wait_replayed(standby: Postgres, position: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while parse_lsn(str(source_rows(standby, "SELECT pg_last_wal_replay_lsn()")[0][0])) < position:
@@ -562,7 +538,7 @@ def test_a_restore_after_a_timeline_switch_follows_the_history_file(s3_server: S
         with primary.connect() as conn:
             conn.execute("CREATE TABLE events (id bigserial PRIMARY KEY, label text NOT NULL)")
             conn.execute("CREATE TABLE filler (id bigserial PRIMARY KEY, note text)")
-        with Standby(primary) as standby:
+        with Postgres(standby_of=primary) as standby:
             slot = slot_name(NAMESPACE, policy)
             create_slot(standby, slot)
             bucket = new_bucket(s3_server)
@@ -612,3 +588,80 @@ def test_a_restore_after_a_timeline_switch_follows_the_history_file(s3_server: S
         recovered_log = restored.server_log()
     assert "selected new timeline ID: 3" in recovered_log  # recovered along timeline 2, promoted at the target
     print(f"\ntimeline switch: {summary}")
+
+
+def test_a_receiver_started_after_a_promotion_ships_the_new_timelines_history(s3_server: S3Server) -> None:
+    """A failover: the receiver of the primary (timeline 1) is gone, its standby is promoted (timeline 2), the
+    operator makes the slot on it and a fresh receiver starts there, its slot's restart point already on timeline
+    2: it never sees timeline 1 end, so it fetches 00000002.history (TIMELINE_HISTORY) at its start. A restore
+    from the timeline 1 base backup to a time on timeline 2 follows it: T1 and T5, not T6 nor what the old
+    primary committed after the promote. (Before: no history file in the bucket, the restore stayed on timeline
+    1.)"""
+    policy = "failover"
+    slot = slot_name(NAMESPACE, policy)
+    bucket = new_bucket(s3_server)
+    scratch = Path(tempfile.mkdtemp(prefix="runbook-pitr-fo-"))
+    log = scratch.parent / f"{scratch.name}.log"
+    with Postgres() as primary:
+        replication_role(primary)
+        with primary.connect() as conn:
+            conn.execute("CREATE TABLE events (id bigserial PRIMARY KEY, label text NOT NULL)")
+            conn.execute("CREATE TABLE filler (id bigserial PRIMARY KEY, note text)")
+        with Postgres(standby_of=primary) as standby:
+            create_slot(primary, slot)
+            primary_env = wal_env(wal_policy_spec(primary, s3_server, bucket, slotName=slot), s3_server, scratch)
+            first = start_receiver(primary_env, log, policy=policy)
+            try:
+                done = run_base_backup(primary_env, policy=policy)
+                assert done.returncode == 0, done.stderr[-2000:]
+                moments = {"T1": commit(primary, "T1")}
+                other_writes(primary)
+                position = insert_position(primary)
+                wait_replayed(standby, position)
+                location = wal_location(s3_server, bucket)
+                spec = wal_policy_spec(standby, s3_server, bucket, slotName=slot)
+                Archive(primary, s3_server, location, spec, moments, (0, 0), first, NAMESPACE, policy).wait_shipped(
+                    position
+                )
+            finally:
+                assert stop_receiver(first) == 0, log.read_text()[-2000:]
+            with standby.connect() as conn:
+                assert conn.execute("SELECT pg_promote(true, 60)").fetchone() == (True,)
+                switch = parse_lsn(str(conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]))  # type: ignore[index]
+            commit(primary, "old primary, after the promote")
+            moments["T5"] = commit(standby, "T5")
+            with standby.connect() as conn:
+                conn.execute("CHECKPOINT")  # the new slot reserves WAL from timeline 2's redo point
+            create_slot(standby, slot)
+            with standby.connect() as conn:
+                restart = parse_lsn(str(conn.execute(
+                    "SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+                ).fetchone()[0]))  # type: ignore[index]  # fmt: skip
+            assert restart >= switch  # the receiver streams timeline 2 only: no timeline end to see
+            second = start_receiver(wal_env(spec, s3_server, scratch), log, policy=policy)
+            try:
+                other_writes(standby)
+                time.sleep(1.5)
+                moments["target"] = datetime.now(UTC)
+                time.sleep(1.5)
+                moments["T6"] = commit(standby, "T6")
+                other_writes(standby, 200)
+                archive = Archive(standby, s3_server, location, spec, moments, (0, 0), second, NAMESPACE, policy)
+                archive.wait_shipped(insert_position(standby))
+                catalog = archive.catalog()
+                assert catalog.timeline == 2 and sorted(catalog.history) == [2], log.read_text()[-3000:]
+                assert catalog.history[2].start <= switch and catalog.base_backups[0].timeline == 1
+                target = point(targetTime=wal_catalog.rfc3339(moments["target"]), mode="NewVolume",
+                               newVolume={"name": "fo", "size": "1Gi"})  # fmt: skip
+                plan = plan_for(archive, target)
+            finally:
+                assert stop_receiver(second) == 0, log.read_text()[-2000:]
+    assert (plan.timeline, plan.wal.timelines, plan.wal.histories) == (2, [1, 2], [2])
+    claim = new_claim()
+    done = run_job(archive, plan, claim)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])["restore-pitr"]
+    assert summary["historyFiles"] == 1 and summary["lastSegment"].startswith("00000002")
+    with Restored(claim) as restored:
+        assert restored.labels() == ["T1", "T5"], restored.server_log()[-3000:]
+    print(f"\nfresh receiver after a promotion: {summary}")

@@ -10,7 +10,10 @@ holds and how the catalog reads it):
 * the segment being received every ``shipIntervalSeconds`` when it grew, unless the server is already past its
   end (its complete copy follows at once): its bytes through the last one received (the partial object holds
   only those; a restore pads it to the segment size);
-* a timeline's history file when the server ends the timeline (then streaming goes on on the next one).
+* a timeline's history file when the server ends the timeline (then streaming goes on on the next one), and
+  at the start of a session on a timeline above 1 whose history file the bucket lacks (a receiver started after
+  a failover or an in-place restore promoted the server: it never saw the timeline begin), with those of the
+  timelines it branched from (``TIMELINE_HISTORY``; a restore along the timeline needs them).
 
 Shipping runs in a thread beside the reading, so WAL keeps arriving while a segment is encrypted and
 uploaded. The segment being received and the complete one being shipped are held in the receiver's memory (two
@@ -494,6 +497,9 @@ class Shipper:
         self.partial_ends[name] = used
         return True
 
+    def has_history(self, timeline: int) -> bool:
+        return self._known(wal_catalog.history_keys(self.base, timeline)[1]) is not None
+
     def ship_history(self, name: str, content: bytes) -> bool:
         timeline = int(name[:8], 16)
         keys = wal_catalog.history_keys(self.base, timeline)
@@ -526,15 +532,21 @@ class _MemoryReader(io.RawIOBase):
         return chunk
 
 
-def _history_begin(content: bytes) -> int:
-    """Where the history file's timeline begins: the switch point of its last line (``<parent> <lsn> <why>``)."""
-    begin = 0
+def _history_lines(content: bytes) -> list[tuple[int, int]]:
+    """A history file's lines (``<parent> <switch lsn> <why>``) as (parent timeline, switch point), oldest first."""
+    found = []
     for line in content.decode(errors="replace").splitlines():
         parts = line.split()
         if len(parts) >= 2 and not line.lstrip().startswith("#") and "/" in parts[1]:
             with contextlib.suppress(ValueError):
-                begin = parse_lsn(parts[1])
-    return begin
+                found.append((int(parts[0]), parse_lsn(parts[1])))
+    return found
+
+
+def _history_begin(content: bytes) -> int:
+    """Where the history file's timeline begins: the switch point of its last line."""
+    lines = _history_lines(content)
+    return lines[-1][1] if lines else 0
 
 
 # --- the receiver -------------------------------------------------------------------------------------------------
@@ -853,6 +865,7 @@ class Receiver:
             # Everything before the slot's restart point is in the bucket (this receiver only ever reports
             # flushed = shipped); from it on, the segment is received again from its start and re-shipped.
             self.shipped = max(self.shipped, resume)
+            self._ship_histories(server.timeline)
             self._server_end = 0
             start = resume - resume % server.segment_bytes
             self._start_replication(timeline, start)
@@ -869,8 +882,7 @@ class Receiver:
                         ended.next_timeline,
                     )
                     self._settle(partial=True)
-                    name, content = self._history(ended.next_timeline)
-                    self.shipper.ship_history(name, content)  # the shipping thread is idle
+                    self._ship_histories(ended.next_timeline)
                     self._server_end = 0
                     self._start_replication(ended.next_timeline, ended.switch - ended.switch % self.segment_bytes)
                     self._feedback()
@@ -880,6 +892,23 @@ class Receiver:
             with contextlib.suppress(Exception):
                 self._conn.close()
             self._conn = None
+
+    def _ship_histories(self, timeline: int) -> None:
+        """The history file of ``timeline`` when the bucket lacks it (timeline 1 has none), after those of the
+        timelines it branched from that the bucket lacks too (one the server no longer has is logged: the
+        catalog then takes that timeline's begin from its segments). The shipping thread is idle, the connection
+        out of COPY mode; shipping is idempotent."""
+        if timeline == 1 or self.shipper.has_history(timeline):
+            return
+        name, content = self._history(timeline)
+        for parent in sorted({p for p, _ in _history_lines(content)} - {1}):
+            if self.shipper.has_history(parent):
+                continue
+            try:
+                self.shipper.ship_history(*self._history(parent))
+            except RunbookError as error:
+                LOG.warning("history of timeline %d not shipped (%s)", parent, REDACTOR.scrub(error.message))
+        self.shipper.ship_history(name, content)  # last: once it is in the bucket, the earlier ones were tried
 
     def _history(self, timeline: int) -> tuple[str, bytes]:
         result = self._conn.pgconn.exec_(f"TIMELINE_HISTORY {timeline}".encode())
