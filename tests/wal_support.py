@@ -235,13 +235,13 @@ def start_receiver(
             env=dict(env),
             stdout=out,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # its pg_receivewal too is signalled as a group
+            start_new_session=True,  # its own process group: a SIGKILL of the group is the container's end
         )
 
 
 def stop_receiver(process: subprocess.Popen[bytes], *, kill: bool = False, timeout: float = 60) -> int:
-    """SIGTERM to the receiver alone (a pod's stop: PID 1 is told), or SIGKILL of it and its pg_receivewal (the
-    container's cgroup killed)."""
+    """SIGTERM to the receiver (a pod's stop: PID 1 is told), or SIGKILL of its process group (the container's
+    cgroup killed; the receiver streams in-process, the group holds it and its gpg children)."""
     if process.poll() is None:
         if kill:
             os.killpg(process.pid, signal.SIGKILL)
