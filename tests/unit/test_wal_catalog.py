@@ -249,6 +249,27 @@ def test_a_new_timeline_is_followed_from_its_switch_point(bucket: tuple[S3Locati
     assert read_range(s3_server, location, latest) == names(latest)
 
 
+def test_a_timeline_without_its_history_file_is_refused_before_anything_is_touched(
+    bucket: tuple[S3Location, Any], s3_server: S3Server
+) -> None:
+    """PostgreSQL cannot recover along timeline 2 without 00000002.history (the restored server refuses to start):
+    the preflight's choice and the Job's replay both name it."""
+    location, client = bucket
+    chain(client, location)
+    put_segment(client, location, timeline=2, segno=5, shipped=at(70))
+    put_segment(client, location, timeline=2, segno=6, partial=True, end=6 * SEG + 512, shipped=at(80))
+    catalog = read(s3_server, location)
+    assert catalog.timeline == 2
+    for target in ({"latest": True}, {"target_lsn": parse_lsn("0/5000100")}):
+        with pytest.raises(RunbookError) as refused:
+            catalog.choose(now=NOW, **target)  # type: ignore[arg-type]
+        assert refused.value.reason == "WALGap"
+        assert "the history file of timeline 2 (00000002.history) is missing" in refused.value.message
+    with pytest.raises(RunbookError) as refused:
+        catalog.replay(first=2, last=6, path=2)
+    assert refused.value.reason == "WALGap" and "nothing was restored" in refused.value.message
+
+
 # --- the restore Job's side: the plan's range read back from the bucket ----------------------------------------
 
 

@@ -332,6 +332,13 @@ class WALCatalog:
     def _histories(self, path: int) -> list[WALObject]:
         return [self.history[t] for t in self._timelines(path) if t in self.history]
 
+    def missing_history(self, path: int) -> str | None:
+        """What is missing when a recovery along ``path`` cannot start: above timeline 1 PostgreSQL needs that
+        timeline's history file (recovery_target_timeline), or the restored server refuses to start."""
+        if path == 1 or path in self.history:
+            return None
+        return f"the history file of timeline {path} ({path:08X}.history) is missing from the bucket"
+
     def gaps(self) -> list[Gap]:
         """WAL missing between the oldest and the newest segment of the newest timeline's path."""
         path = self.timeline
@@ -395,6 +402,9 @@ class WALCatalog:
         if path is None or newest is None or not self.base_backups:
             what = "no base backup" if not self.base_backups else "no WAL"
             raise RunbookError("NoArchive", f"{where}: the bucket has {what} of this policy yet (spec.wal)")
+        missing = self.missing_history(path)
+        if missing is not None:
+            raise RunbookError("WALGap", f"{where}: {missing}")
         end, shipped = newest
         moment = now or datetime.now(UTC)
         if target_time is not None:
@@ -475,6 +485,9 @@ class WALCatalog:
     def replay(self, *, first: int, last: int, path: int) -> list[WALObject]:
         """The files a restore along ``path`` replays from segment ``first`` through segment ``last`` (history
         files first); ``WALGap`` naming the missing range when the walk ends before ``last``."""
+        missing = self.missing_history(path)
+        if missing is not None:
+            raise RunbookError("WALGap", f"{missing}; nothing was restored")
         walk = self._walk(first, path)
         files = [f for f in walk.files if f.segno <= last]
         if not files or files[-1].segno < last:
