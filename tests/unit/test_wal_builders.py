@@ -4,6 +4,7 @@ the reconciler's pure decisions (WALArchiving from the slot, RecoveryWindow from
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -263,3 +264,10 @@ def test_recovery_window_names_the_window_and_the_missing_wal() -> None:
     verdict = window_verdict(holed)
     assert (verdict.status, verdict.reason) == ("False", "WALGap")
     assert "000000010000000000000003" in verdict.message
+    # A newer timeline whose history file is not in the bucket: nothing on it is recoverable.
+    segments[(1, 3)] = _segment(3, NOW - timedelta(minutes=7))
+    segments[(2, 5)] = dataclasses.replace(_segment(5, NOW), timeline=2)
+    orphaned = wal_catalog.WALCatalog([_base(2, stopped)], segments, {})
+    verdict = window_verdict(orphaned)
+    assert (verdict.status, verdict.reason) == ("False", "WALGap")
+    assert "timeline 2" in verdict.message and "00000002.history" in verdict.message

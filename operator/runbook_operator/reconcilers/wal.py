@@ -157,6 +157,10 @@ def archiving_verdict(
 def window_verdict(catalog: wal_catalog.WALCatalog) -> Verdict:
     """RecoveryWindow from the archive: True with the window, False without one (no base backup yet, or a gap
     after every base backup), naming the missing WAL."""
+    path = catalog.timeline
+    history = catalog.missing_history(path) if path is not None else None
+    if history is not None:
+        return Verdict("False", "WALGap", f"no point is recoverable on timeline {path}: {history}")
     window = catalog.window()
     gaps = catalog.gaps()
     missing = "; missing " + ", ".join(g.describe() for g in gaps) if gaps else ""
