@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# The samples' prerequisites in a namespace, for a development cluster: the runbook's workloads and the
-# Secrets and ConfigMap the samples name. Secret values are random and never printed; existing objects
-# are left alone.
+# The samples' prerequisites in a namespace, for a development cluster: the namespace and the Secrets and
+# ConfigMap the samples (and the demo platform, deploy/dev/platform/) name. Secret values are random and never
+# printed; existing objects are left alone.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ns=${1:-hungryhippaahneties}
 kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-kubectl apply -n "$ns" -f deploy/dev/workloads.yaml >/dev/null
 
 random() { head -c 32 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 32; }
 secret() {  # secret NAME KEY=VALUE...

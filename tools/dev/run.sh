@@ -1,20 +1,36 @@
 #!/usr/bin/env bash
-# `make run`: the operator in the foreground. With $KUBECONFIG set, against that cluster; otherwise the
-# local control plane is built if needed, started, given the CRDs and the hungryhippaahneties namespace
-# with the samples' prerequisites. Ctrl-C stops the operator and the local cluster.
+# `make run`. Without $KUBECONFIG: the local cluster with its real node (built and started if needed), the
+# project's images imported into it, the CRDs, the demo platform (deploy/dev/platform/: PostgreSQL, Redis, api
+# and backend in hungryhippaahneties, an S3 API server in storage), the samples' prerequisites, the sample
+# RunbookGrant, and the operator installed as users install it (`kubectl apply -k deploy/`, one replica), its
+# log followed in the foreground. The operator runs as a pod because the samples name the platform by its
+# Service DNS names (postgresql.hungryhippaahneties.svc, s3.storage.svc), which only cluster DNS resolves, and
+# because the backup pods run the same image. Ctrl-C stops the cluster and everything in it.
+# With $KUBECONFIG set: against that cluster, the CRDs, the prerequisites with placeholder workloads
+# (deploy/dev/workloads.yaml) and the operator on this host, in the foreground.
+# RUNBOOK_RUN_STATE_DIR moves the local cluster's state directory (default .cache/localcluster/).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
-CLUSTER="$PY tools/localcluster/localcluster.py"
+NS=hungryhippaahneties
+started=$(date +%s)
+elapsed() { echo "$(( $(date +%s) - started )) s"; }
 
 if [ -z "${KUBECONFIG:-}" ]; then
-  PATH="$($CLUSTER build):$PATH"  # the kubectl built with the control plane
+  CLUSTER="$PY tools/localcluster/localcluster.py --real-node"
+  [ -n "${RUNBOOK_RUN_STATE_DIR:-}" ] && CLUSTER="$CLUSTER --state-dir $RUNBOOK_RUN_STATE_DIR"
+  PATH="$($CLUSTER build | sed -n 1p):$PATH"  # the kubectl built with the control plane
   export PATH
-  $CLUSTER start
-  KUBECONFIG=$($CLUSTER kubeconfig)
+  # Every image the local cluster runs (the operator's, the platform's), built and cached by tools/image/.
+  tars=$(nice $PY tools/image/image.py tars)
+  echo "run: images built ($(elapsed))"
+  KUBECONFIG=$($CLUSTER start)
   export KUBECONFIG
   trap '$CLUSTER stop' EXIT
-  echo "run: local control plane up; kubectl with: export KUBECONFIG=$KUBECONFIG"
+  for tar in $($PY -c 'import json, sys; print(" ".join(json.load(sys.stdin).values()))' <<<"$tars"); do
+    $CLUSTER import-image "$tar"
+  done
+  echo "run: local cluster with its real node up ($(elapsed)); kubectl with: export KUBECONFIG=$KUBECONFIG"
 else
   echo "run: using KUBECONFIG=$KUBECONFIG"
 fi
@@ -31,8 +47,31 @@ for plural in $plurals; do
     sleep 0.5
   done
 done
-tools/dev/prerequisites.sh hungryhippaahneties
+if [ -z "${CLUSTER:-}" ]; then
+  tools/dev/prerequisites.sh "$NS"
+  kubectl apply -n "$NS" -f deploy/dev/workloads.yaml >/dev/null
+else
+  # The platform first: its Secrets (fixed development passwords) are the ones its servers start with, and the
+  # prerequisites add only what it lacks (the key pair, the Redis TLS certificates, the passphrase).
+  kubectl apply -k deploy/dev/platform/ >/dev/null
+  tools/dev/prerequisites.sh "$NS"
+fi
 # What the samples of hungryhippaahneties may reach beyond the namespace (a cluster administrator's grant).
 kubectl apply --server-side -f deploy/samples/admin/runbookgrant.yaml >/dev/null
+[ -z "${CLUSTER:-}" ] && exec .venv/bin/runbook-operator run --log-format "${LOG_FORMAT:-full}"
 
-.venv/bin/runbook-operator run --log-format "${LOG_FORMAT:-full}"
+kubectl apply --server-side -k deploy/ >/dev/null
+# One replica is enough here (the base's second is a hot standby); the machine's cores go to the platform.
+kubectl scale -n runbook-system deployment/runbook-operator --replicas=1 >/dev/null
+for workload in statefulset/postgresql statefulset/redis deployment/api deployment/backend; do
+  kubectl rollout status -n "$NS" "$workload" --timeout=300s >/dev/null
+done
+kubectl rollout status -n storage deployment/s3 --timeout=300s >/dev/null  # the buckets: its postStart hook
+kubectl wait -n "$NS" --for=condition=Complete job --all --timeout=300s >/dev/null  # the platform's setup Jobs
+kubectl rollout status -n runbook-system deployment/runbook-operator --timeout=300s >/dev/null
+echo "run: platform and operator ready ($(elapsed)); next, in another shell: kubectl apply -f deploy/samples/"
+# The operator's log in the foreground, again after a restart of its pod.
+while true; do
+  kubectl logs -f -n runbook-system deployment/runbook-operator --pod-running-timeout=60s || true
+  sleep 2
+done
