@@ -183,7 +183,7 @@ def test_the_sample_applies_and_prints_its_columns(
     cells = dict(zip([c["name"] for c in table["columnDefinitions"]], table["rows"][0]["cells"], strict=True))
     assert cells["Namespaces"] == '["hungryhippaahneties"]'
     assert cells["Hosts"] == "postgresql-reporting.platform-db.svc"
-    assert cells["S3"] == "http://minio.storage.svc:9000"
+    assert cells["S3"] == "http://s3.storage.svc:5000"
     assert cells["Plaintext"] is True  # the dev runbook's PostgreSQL has no TLS yet
 
 
