@@ -133,7 +133,8 @@ def make_run(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path]]:
             env
             | {
                 "KUBECONFIG": str(tmp_path / "state" / "kubeconfig"),
-                "PATH": f"{localcluster.bin_dir()}:{os.environ['PATH']}",
+                # kubectl of the local cluster; aws of `make setup` (.venv/bin), as the README says
+                "PATH": f"{localcluster.bin_dir()}:{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
             },
             log,
         )
