@@ -666,7 +666,10 @@ def tail(path: Path, lines: int = 40) -> str:
 
 # --------------------------------------------------------------------------------------- real node
 
-NODE_OWNER_FILE = Path("/run/runbook-localcluster/real-node-owner")  # the state dir of the running real node
+# The state dir of the machine's real node and the PID of the process that started it (lines 1 and 2), written
+# and checked under NODE_OWNER_LOCK, so two starters never both take the node.
+NODE_OWNER_FILE = Path("/run/runbook-localcluster/real-node-owner")
+NODE_OWNER_LOCK = Path("/run/runbook-localcluster/real-node-owner.lock")
 
 CONTAINERD_CONFIG = """\
 version = 3
@@ -771,13 +774,26 @@ def check_node_host() -> None:
         raise LocalClusterError("the kernel has no overlay filesystem: containerd's overlayfs snapshotter needs it")
 
 
-def node_owner() -> Path | None:
-    """The state dir of the real node that runs on this machine, if its containerd is still alive."""
+def _owner_record() -> tuple[Path, int] | None:
+    """(state dir, starter PID) of NODE_OWNER_FILE, None when there is none."""
     try:
-        owner = Path(NODE_OWNER_FILE.read_text().strip())
+        lines = NODE_OWNER_FILE.read_text().split()
     except OSError:
         return None
-    return owner if pids_mentioning(f"--config={owner / 'containerd.toml'}") else None
+    if not lines:
+        return None
+    return Path(lines[0]), int(lines[1]) if len(lines) > 1 and lines[1].isdigit() else 0
+
+
+def node_owner() -> Path | None:
+    """The state dir of the real node of this machine while it lives: its containerd runs, or the process that
+    claimed it is still starting it."""
+    record = _owner_record()
+    if record is None:
+        return None
+    owner, starter = record
+    starting = starter not in (0, os.getpid()) and Path(f"/proc/{starter}").exists()
+    return owner if starting or pids_mentioning(f"--config={owner / 'containerd.toml'}") else None
 
 
 def run_host(args: list[str], *, check: bool = True) -> None:
@@ -837,21 +853,27 @@ def cgroup_hierarchies() -> list[Path]:
 
 
 def _cgroups_bottom_up(root: Path) -> list[Path]:
+    """``root`` and the cgroups below it, deepest first; cgroups removed meanwhile (the kubelet's) are left out."""
+    found: list[Path] = []
+    with contextlib.suppress(FileNotFoundError):
+        found = [p for p in root.rglob("*") if p.is_dir()]
     if not root.is_dir():
         return []
-    return [*sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True), root]
+    return [*sorted(found, key=lambda p: len(p.parts), reverse=True), root]
+
+
+def _cgroup_pids(group: Path) -> list[int]:
+    try:
+        return [int(pid) for pid in (group / "cgroup.procs").read_text().split()]
+    except FileNotFoundError:  # removed since it was listed
+        return []
 
 
 def kill_cgroup_tree(root: Path) -> None:
     """SIGKILL every process in `root` and the cgroups below it, until none is left (at most 10 s)."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        pids = {
-            int(pid)
-            for group in _cgroups_bottom_up(root)
-            for pid in (group / "cgroup.procs").read_text().split()
-            if (group / "cgroup.procs").is_file()
-        }
+        pids = {pid for group in _cgroups_bottom_up(root) for pid in _cgroup_pids(group)}
         if not pids:
             return
         for pid in pids:
@@ -1213,17 +1235,21 @@ class LocalCluster:
 
     def _prepare_node_host(self, apiserver_port: int) -> None:
         """Before the API server listens: claim the machine's real node, the bridge, iptables, cgroups."""
-        owner = node_owner()
-        if owner is not None and owner != self.state_dir:
-            raise LocalClusterError(f"a real node already runs for {owner}: stop that cluster first (one per machine)")
-        with contextlib.suppress(OSError):  # a real node of a killed run elsewhere: undo what it left
-            stale = Path(NODE_OWNER_FILE.read_text().strip())
-            if stale != self.state_dir:
-                log(f"cleaning up the real node a killed run left in {stale}")
-                LocalCluster(stale)._teardown_node()
-        self.node_marker.write_text(json.dumps({"sysctls": {key: read_sysctl(key) for key in HOST_SYSCTLS}}))
         NODE_OWNER_FILE.parent.mkdir(parents=True, exist_ok=True)
-        NODE_OWNER_FILE.write_text(str(self.state_dir))
+        with NODE_OWNER_LOCK.open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # check and claim at once: two starters never both see it free
+            owner = node_owner()
+            if owner is not None and owner != self.state_dir:
+                raise LocalClusterError(
+                    f"a real node already runs for {owner}: stop that cluster first (one per machine)"
+                )
+            record = _owner_record()
+            if record is not None and record[0] != self.state_dir:  # a real node of a killed run: undo what it left
+                log(f"cleaning up the real node a killed run left in {record[0]}")
+                with contextlib.suppress(OSError):
+                    LocalCluster(record[0])._teardown_node()
+            NODE_OWNER_FILE.write_text(f"{self.state_dir}\n{os.getpid()}\n")
+        self.node_marker.write_text(json.dumps({"sysctls": {key: read_sysctl(key) for key in HOST_SYSCTLS}}))
         self._setup_host_network(apiserver_port)
         for hierarchy in cgroup_hierarchies():
             path = hierarchy / NODE_CGROUP_ROOT
@@ -1490,9 +1516,9 @@ class LocalCluster:
                 write_sysctl(key, value)
         for cached in Path("/var/lib/cni/results").glob(f"{CNI_NETWORK}-*"):  # libcni's cache of our pods
             cached.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            if Path(NODE_OWNER_FILE.read_text().strip()) == self.state_dir:
-                NODE_OWNER_FILE.unlink()
+        record = _owner_record()
+        if record is not None and record[0] == self.state_dir:
+            NODE_OWNER_FILE.unlink(missing_ok=True)
         self.node_marker.unlink()
 
     def _spawn(
