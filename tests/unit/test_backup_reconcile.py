@@ -26,8 +26,12 @@ from tests.services import GpgKeyring
 NS, NAME, BUCKET = "hungryhippaahneties", "db", "hungryhippaahneties-backups"
 POLICIES = backup.POLICY.resource
 SAMPLE = load_samples()["backuppolicy-postgresql"]["spec"]
-# the sample's host as a cluster administrator's grant allows it (and its plaintext connection)
-GRANTS = grants_for_test(NS, hosts=[(SAMPLE["source"]["postgresql"]["host"], 5432)])
+# the sample's host and S3 endpoint as a cluster administrator's grant allows them (and its plaintext connection)
+GRANTS = grants_for_test(
+    NS,
+    hosts=[(SAMPLE["source"]["postgresql"]["host"], 5432)],
+    s3=[{"endpoint": SAMPLE["destination"]["s3"]["endpoint"], "buckets": [SAMPLE["destination"]["s3"]["bucket"]]}],
+)
 
 
 class FakeS3:
@@ -205,7 +209,8 @@ def test_an_invalid_spec_is_ready_false_naming_the_field_and_waits_for_a_change(
 
 
 def test_a_missing_bucket_names_the_bucket(api: FakeApi, s3: FakeS3) -> None:
-    policy(api, destination={"s3": {**SAMPLE["destination"]["s3"], "bucket": "no-such-bucket"}})
+    aws = {key: value for key, value in SAMPLE["destination"]["s3"].items() if key != "endpoint"}  # no grant needed
+    policy(api, destination={"s3": {**aws, "bucket": "no-such-bucket"}})
     result = run(api)
     assert result.error is not None and result.error.reason == "BucketNotFound"
     assert condition(api, "Ready")["message"].startswith("spec.destination.s3.bucket: bucket no-such-bucket")

@@ -381,12 +381,22 @@ def runbook_api() -> FakeApi:
     return api
 
 
-PLAINTEXT = [tenancy.Grant("p", RunbookGrantSpec(namespaces=[RUNBOOK], plaintext_connections=True))]
+# The samples name the local cluster's S3 API server, which the sample RunbookGrant lists: every check of a
+# sample below has that grant; PLAINTEXT adds plaintext connections.
+SAMPLE_S3 = [
+    tenancy.Grant(
+        "s3", RunbookGrantSpec.model_validate({"namespaces": [RUNBOOK], "s3": SAMPLES["runbookgrant"]["spec"]["s3"]})
+    )
+]
+PLAINTEXT = [
+    tenancy.Grant("p", RunbookGrantSpec(namespaces=[RUNBOOK], plaintext_connections=True)),
+    *SAMPLE_S3,
+]
 
 
 def test_the_runbook_samples_pass_with_canonical_hosts_and_plaintext_needs_a_grant() -> None:
     policy = BackupPolicySpec.model_validate(SAMPLES["backuppolicy-postgresql"]["spec"])
-    error = refused(tenancy.confine_backup_policy, runbook_api(), (), RUNBOOK, policy)
+    error = refused(tenancy.confine_backup_policy, runbook_api(), SAMPLE_S3, RUNBOOK, policy)
     assert error.message.startswith("spec.source.postgresql.tls: a connection without verified TLS is not allowed")
     confined = tenancy.confine_backup_policy(runbook_api(), PLAINTEXT, RUNBOOK, policy)
     assert confined.source.postgresql is not None
@@ -394,17 +404,17 @@ def test_the_runbook_samples_pass_with_canonical_hosts_and_plaintext_needs_a_gra
     assert confined.destination == policy.destination
 
     redis = BackupPolicySpec.model_validate(SAMPLES["backuppolicy-redis"]["spec"])
-    assert tenancy.confine_backup_policy(runbook_api(), (), RUNBOOK, redis).source.redis is not None
+    assert tenancy.confine_backup_policy(runbook_api(), SAMPLE_S3, RUNBOOK, redis).source.redis is not None
     export = BackupPolicySpec.model_validate(SAMPLES["backuppolicy-kubernetes"]["spec"])
-    assert tenancy.confine_backup_policy(runbook_api(), (), RUNBOOK, export) == export
+    assert tenancy.confine_backup_policy(runbook_api(), SAMPLE_S3, RUNBOOK, export) == export
 
     rotation = SecretRotationSpec.model_validate(SAMPLES["secretrotation"]["spec"])
-    error = refused(tenancy.confine_secret_rotation, runbook_api(), (), RUNBOOK, rotation)
+    error = refused(tenancy.confine_secret_rotation, runbook_api(), SAMPLE_S3, RUNBOOK, rotation)
     assert error.message.startswith("spec.target.postgresql.tls: ")
     assert tenancy.confine_secret_rotation(runbook_api(), PLAINTEXT, RUNBOOK, rotation).target is not None
 
     restore = BackupRestoreSpec.model_validate(SAMPLES["backuprestore"]["spec"])
-    assert tenancy.confine_backup_restore(runbook_api(), (), RUNBOOK, restore, confined) == restore
+    assert tenancy.confine_backup_restore(runbook_api(), SAMPLE_S3, RUNBOOK, restore, confined) == restore
 
 
 def test_every_host_field_is_checked_and_replaced() -> None:
@@ -498,14 +508,18 @@ def test_every_host_field_is_checked_and_replaced() -> None:
 def test_redis_without_tls_needs_the_plaintext_grant() -> None:
     spec = with_change({"spec": SAMPLES["backuppolicy-redis"]["spec"]}, "spec.source.redis.tls", DELETE)["spec"]
     parsed = BackupPolicySpec.model_validate(spec)
-    error = refused(tenancy.confine_backup_policy, runbook_api(), (), RUNBOOK, parsed)
+    error = refused(tenancy.confine_backup_policy, runbook_api(), SAMPLE_S3, RUNBOOK, parsed)
     assert error.message.startswith("spec.source.redis.tls: a connection without verified TLS")
     assert tenancy.confine_backup_policy(runbook_api(), PLAINTEXT, RUNBOOK, parsed).source.redis is not None
     unverified = with_change(
         {"spec": SAMPLES["backuppolicy-redis"]["spec"]}, "spec.source.redis.tls.insecureSkipVerify", True
     )
     error = refused(
-        tenancy.confine_backup_policy, runbook_api(), (), RUNBOOK, BackupPolicySpec.model_validate(unverified["spec"])
+        tenancy.confine_backup_policy,
+        runbook_api(),
+        SAMPLE_S3,
+        RUNBOOK,
+        BackupPolicySpec.model_validate(unverified["spec"]),
     )
     assert error.message.startswith("spec.source.redis.tls: a connection without verified TLS")
 
@@ -524,10 +538,10 @@ def test_a_restore_target_is_checked_over_the_policy_source() -> None:
         error = refused(tenancy.confine_backup_restore, runbook_api(), PLAINTEXT, RUNBOOK, spec, policy)
         assert error.message.startswith(expected), error.message
     moved = BackupRestoreSpec.model_validate({**restore, "target": {"port": 5433}})
-    confined = tenancy.confine_backup_restore(runbook_api(), (), RUNBOOK, moved, policy)
+    confined = tenancy.confine_backup_restore(runbook_api(), SAMPLE_S3, RUNBOOK, moved, policy)
     assert confined.target is not None and confined.target.host == "postgresql.hungryhippaahneties.svc"
     elsewhere = BackupRestoreSpec.model_validate({**restore, "kubernetes": {"targetNamespace": "kube-system"}})
-    error = refused(tenancy.confine_backup_restore, runbook_api(), (), RUNBOOK, elsewhere, policy)
+    error = refused(tenancy.confine_backup_restore, runbook_api(), SAMPLE_S3, RUNBOOK, elsewhere, policy)
     assert error.message.startswith("spec.kubernetes.targetNamespace: kube-system is not namespace")
 
 
@@ -535,22 +549,22 @@ def test_a_restore_target_that_only_weakens_the_redis_tls_still_needs_the_grant(
     """A Redis target setting only ``tls`` (no host or port) connects to the source's host without verified
     TLS: the plaintext rule applies to it as to any connection."""
     policy = tenancy.confine_backup_policy(
-        runbook_api(), (), RUNBOOK, BackupPolicySpec.model_validate(SAMPLES["backuppolicy-redis"]["spec"])
+        runbook_api(), SAMPLE_S3, RUNBOOK, BackupPolicySpec.model_validate(SAMPLES["backuppolicy-redis"]["spec"])
     )
     redis = SAMPLES["backuppolicy-redis"]["spec"]["source"]["redis"]
     weakened = {**redis["tls"], "insecureSkipVerify": True}
     spec = BackupRestoreSpec.model_validate({"policyRef": "cache", "target": {"redis": {"tls": weakened}}})
-    error = refused(tenancy.confine_backup_restore, runbook_api(), (), RUNBOOK, spec, policy)
+    error = refused(tenancy.confine_backup_restore, runbook_api(), SAMPLE_S3, RUNBOOK, spec, policy)
     assert error.message.startswith("spec.target.redis.tls: a connection without verified TLS"), error.message
 
 
 def test_a_kubernetes_restore_section_of_another_namespace_needs_the_export_grant() -> None:
     policy = BackupPolicySpec.model_validate(SAMPLES["backuppolicy-kubernetes"]["spec"])
     spec = BackupRestoreSpec.model_validate({"policyRef": "config", "kubernetes": {"namespace": "team-b"}})
-    error = refused(tenancy.confine_backup_restore, runbook_api(), (), RUNBOOK, spec, policy)
+    error = refused(tenancy.confine_backup_restore, runbook_api(), SAMPLE_S3, RUNBOOK, spec, policy)
     assert error.message.startswith("spec.kubernetes.namespace: "), error.message
     own = BackupRestoreSpec.model_validate({"policyRef": "config", "kubernetes": {"namespace": RUNBOOK}})
-    assert tenancy.confine_backup_restore(runbook_api(), (), RUNBOOK, own, policy) == own
+    assert tenancy.confine_backup_restore(runbook_api(), SAMPLE_S3, RUNBOOK, own, policy) == own
 
 
 def test_the_evidence_bucket_follows_the_s3_rules() -> None:
