@@ -26,6 +26,7 @@ def _run(args: argparse.Namespace) -> int:
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
     install_redactor()  # again: kopf.configure replaced the root's handler and set the root to DEBUG
     namespaces, health_port = run_scope(args, handlers.SETTINGS)
+    handlers.SCOPE = namespaces  # the containment watch's scope: kopf's
     elector = None
     if handlers.SETTINGS.leader_election:  # a hot standby until it holds the Lease: kopf not even started
         from .clients.kube import KubeApi

@@ -13,12 +13,15 @@ from .builders.isolation import ISOLATION_LABEL
 from .diffbase import LeanDiffBaseStorage
 from .logs import install_redactor
 from .models import GROUP, VERSION
-from .reconcilers import backup, drills, interlock, isolation, restore, rotation, scaling, wal
+from .reconcilers import backup, containment, drills, interlock, isolation, restore, rotation, scaling, wal
 from .reconcilers.runtime import EXECUTOR, GrantsOf, as_kopf, drive, finalize_current, run_clock
 from .reconcilers.tenancy import Grant, grants_from_index, index_entries
 from .settings import Settings, configure_kopf
 
 SETTINGS = Settings.from_env()
+# The namespaces kopf watches ([]: every one), as cli.py passed them to kopf.run; None when kopf was started
+# otherwise (``kopf run -m``): then the containment watch knows its scope only from kopf's own cluster-wide flag.
+SCOPE: list[str] | None = None
 
 
 @kopf.on.startup()
@@ -93,10 +96,12 @@ async def scaling_profile_deleted(body: kopf.Body, retry: int, **kwargs: Any) ->
 # Every pass is level-based (reads the cluster, converges), so create, resume and spec changes share one
 # handler (``isolation.ISOLATION``); deletion goes through kopf's finalizer, which holds the object until the
 # release succeeded, also when it was deleted while the operator was down. Which isolation holds a namespace
-# comes from the index, not a LIST. Containment first, in its own executor (``runtime.CONTAINMENT``): a new
-# isolation's policy is created on its first watch event (``isolation.contain_first``), before kopf adds its
-# finalizer and before the pass; the guard is a watch on the operator's emergency-isolate policies (by label,
-# server-side) that puts one deleted or edited back at once (``isolation.put_back``). No timer: idle, no call.
+# comes from the index, not a LIST. Containment first, off kopf's queues: a watch of its own
+# (``containment.ContainmentWatch``, started below) creates a new isolation's policy on its ADDED event, and
+# kopf's first event of it finds that done (``isolation.contain_new``; without the watch, that event creates
+# it), before kopf adds its finalizer and before the pass; the guard is a watch on the operator's
+# emergency-isolate policies (by label, server-side) that puts one deleted or edited back at once
+# (``isolation.put_back``). No timer: idle, no call.
 EMERGENCY_ISOLATIONS = (GROUP, VERSION, "emergencyisolations")
 ISOLATION_POLICIES = ("networking.k8s.io", "v1", "networkpolicies")
 
@@ -107,12 +112,16 @@ async def isolation_guards(body: kopf.Body, **_: Any) -> dict[str, dict[str, Any
 
 
 @kopf.on.startup()
-async def emergency_isolation_fast_path_ready(**_: Any) -> None:
+async def emergency_isolation_fast_path_ready(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
     await isolation.loop_client()  # its TLS files and auth header read now, not in the first burst
+    if SETTINGS.containment_watch:  # kopf runs only in the Lease's holder (cli.py), so only the leader contains
+        scope = SCOPE if SCOPE is not None else ([] if settings.peering.clusterwide else None)
+        containment.start(scope, grants=_grants(kwargs), watch_seconds=SETTINGS.watch_timeout)
 
 
 @kopf.on.cleanup()
 async def emergency_isolation_fast_path_closed(**_: Any) -> None:
+    await containment.stop()  # no new containment begins; those under way end below
     await isolation.close_loop_client()
 
 
@@ -134,9 +143,11 @@ _HOLDING: dict[str, bool] = {}  # an isolation's uid -> whether its guard entry 
 @kopf.on.event(*EMERGENCY_ISOLATIONS)
 async def emergency_isolation_event(type: str, body: kopf.Body, **kwargs: Any) -> None:
     namespace, grants = str(body.metadata.namespace), _grants(kwargs)
-    if type != "DELETED" and isolation.awaits_containment(body):
+    if type != "DELETED" and isolation.awaits_containment(body):  # begun by the containment watch: waited for
         holder = interlock.holder_from_index(kwargs["isolations_by_namespace"])
         await isolation.contain_new(body, isolation=holder, grants=grants)
+    else:
+        isolation.forget_containment(str(body.metadata.uid))
     await _guard_armed(type, body, grants)
     scaling.CLOCKS.wake(namespace)
     rotation.CLOCKS.wake(namespace)

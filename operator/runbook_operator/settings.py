@@ -30,6 +30,9 @@ class Settings(BaseModel):
     max_workers: int = Field(20, description="Handlers run concurrently at most.")
     watch_timeout: int = Field(300, description="Server-side timeout of a watch request, seconds.")
     event_level: str = Field("INFO", description="Lowest log level posted as a Kubernetes Event.")
+    containment_watch: bool = Field(
+        True, description="Contain new EmergencyIsolations from a watch of their own, off kopf's queues."
+    )
     # Leader election (leader.py): with more than one replica, only the holder of the Lease runs handlers.
     leader_election: bool = Field(False, description="Act only while holding the Lease (replicas > 1).")
     lease_name: str = Field("runbook-operator", description="The Lease's name: one per shard of namespaces.")

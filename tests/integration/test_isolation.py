@@ -3,6 +3,7 @@ and released exactly, crash safety with the operator run as a process, and each 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -26,9 +27,10 @@ from tests.helpers import OperatorProcess
 from tests.integration.conftest import grant
 from tests.services import GpgKeyring, S3Server, free_port
 
+import runbook_operator.main
 from runbook_operator.builders.isolation import SNAPSHOT_ANNOTATION
 from runbook_operator.clients import kube
-from runbook_operator.reconcilers import isolation
+from runbook_operator.reconcilers import containment, isolation
 from runbook_operator.reconcilers.runtime import Context, holder_by_listing, run_pass
 
 pytestmark = pytest.mark.integration
@@ -165,6 +167,13 @@ class Cluster:
 @pytest.fixture
 def cluster(api: kubernetes.client.ApiClient, crds_installed: list[str], namespace: str) -> Cluster:
     return Cluster(api, namespace)
+
+
+@pytest.fixture(autouse=True)
+def _containment_watch_scope(namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-process operator (kopf's runner, ``--namespace``) with its containment watch of that namespace,
+    as cli.py starts it: every test here runs both paths of a first containment (the watch and kopf's event)."""
+    monkeypatch.setattr(runbook_operator.main, "SCOPE", [namespace])
 
 
 @pytest.fixture
@@ -508,6 +517,37 @@ def test_two_created_at_once_agree_on_one(
     cluster.delete_isolation("alpha")
     wait_for(lambda: cluster.isolation("alpha") is None, timeout=30, what="release on deletion")
     assert_released_exactly(cluster)
+
+
+def test_contained_by_the_watch_while_kopfs_processing_is_stalled(
+    cluster: Cluster, wait_for: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, namespace: str
+) -> None:
+    """kopf's event of a new isolation never gets to containment (its handler hangs there, as behind a full
+    queue): the containment watch creates the policy anyway, within a second, once; isolatedAt follows."""
+    stalled = threading.Event()
+
+    async def hang(*_: Any, **__: Any) -> None:
+        stalled.set()
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(isolation, "contain_new", hang)
+    monkeypatch.setattr(runbook_operator.main.SETTINGS, "containment_watch", True)
+    with kopf.testing.KopfRunner(["run", "--standalone", "-m", "runbook_operator.main", "--namespace", namespace]):
+        wait_for(lambda: containment.WATCHES and containment.WATCHES[0].listed.is_set(), timeout=30, what="listed")
+        cluster.create_runbook_workloads()
+        started = time.monotonic()
+        cluster.create_isolation("breach", breach_spec(None))
+        wait_for(lambda: "emergency-isolate" in cluster.policies(), timeout=10, interval=0.02, what="policy")
+        took = time.monotonic() - started
+        wait_for(stalled.is_set, timeout=10, what="kopf's handler reached (and stalled)")
+        wait_for(lambda: (cluster.isolation("breach") or {}).get("status", {}).get("isolatedAt"), timeout=10)
+        policy = cluster.policies()["emergency-isolate"]
+        assert [o["name"] for o in policy["metadata"]["ownerReferences"]] == ["breach"]
+        assert [m["manager"] for m in policy["metadata"]["managedFields"]] == ["runbook-operator"]
+        assert containment.WATCHES[0].failures == 0
+        cluster.delete_isolation("breach")
+        wait_for(lambda: cluster.isolation("breach") is None, timeout=30, what="deleted")
+    assert took < 1.0, f"the watch contained after {took:.2f}s"
 
 
 def test_symmetric_evidence_decrypts_with_the_passphrase_which_never_leaks(

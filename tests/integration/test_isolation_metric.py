@@ -12,10 +12,19 @@ import kubernetes
 import pytest
 from prometheus_client import REGISTRY
 
+import runbook_operator.main
+
 pytestmark = pytest.mark.integration
 
 GROUP, VERSION, PLURAL = "runbook.dev", "v1alpha1", "emergencyisolations"
 METRIC = "runbook_isolation_time_to_contain_seconds"
+
+
+@pytest.fixture(autouse=True, params=["containment watch", "kopf's event"])
+def _path(request: pytest.FixtureRequest, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both paths of a first containment: the containment watch of the namespace (as cli.py starts it), and
+    kopf's event alone (no scope known: no watch)."""
+    monkeypatch.setattr(runbook_operator.main, "SCOPE", [namespace] if request.param == "containment watch" else None)
 
 
 def test_time_to_contain_is_not_rounded_up_to_the_creation_second(

@@ -8,7 +8,7 @@ import functools
 import json
 import ssl
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -331,6 +331,7 @@ KEEPALIVE = 85.0
 # for a request on an open one): 32 bound that cost for a burst after a long idle, and are as many requests as
 # the API server of a small control plane serves at once anyway.
 LOOP_CONNECTIONS = 32
+WATCH_GRACE = 30.0  # seconds a watch may take beyond its server-side timeout before the client ends it
 
 
 class LoopCreate:
@@ -338,7 +339,8 @@ class LoopCreate:
     an EmergencyIsolation's first NetworkPolicy. The same server, TLS and credentials as ``api_client()`` (read
     once, in ``blocking``), connections kept alive between bursts, REQUEST_TIMEOUT and the connection retries of
     RETRIES; the body is sent as given (already JSON). A 409 is False; any other refusal an ``ApiException`` as
-    the official client raises it."""
+    the official client raises it. Also ``list`` and ``watch`` (the containment watch of EmergencyIsolations,
+    reconcilers/containment.py), on connections of their own."""
 
     def __init__(self, client: ApiClient, *, field_manager: str = "runbook-operator") -> None:
         configuration = client.configuration
@@ -351,6 +353,7 @@ class LoopCreate:
         self._auth_at = -AUTH_REFRESH
         self._refreshing: asyncio.Future[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._watch_session: aiohttp.ClientSession | None = None
 
     @staticmethod
     def _ssl_context(configuration: Any) -> ssl.SSLContext:
@@ -392,6 +395,12 @@ class LoopCreate:
             self._session = aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
         return self._session
 
+    async def _headers(self, executor: Executor) -> dict[str, str]:
+        waiting = self._fresh_auth(executor)
+        if waiting is not None:
+            await waiting
+        return {"Accept": "application/json", **self._auth}
+
     async def create(
         self,
         resource: Resource,
@@ -401,10 +410,7 @@ class LoopCreate:
         executor: Executor,
     ) -> bool:
         """POST ``payload`` (the object as JSON); ``executor`` runs ``read_auth`` when the header is due."""
-        waiting = self._fresh_auth(executor)
-        if waiting is not None:
-            await waiting
-        headers = {"Accept": "application/json", "Content-Type": "application/json", **self._auth}
+        headers = {**await self._headers(executor), "Content-Type": "application/json"}
         connect, read = REQUEST_TIMEOUT
         timeout = aiohttp.ClientTimeout(connect=connect, sock_connect=connect, sock_read=read)
         url = f"{self.host}{resource.path(namespace)}"
@@ -429,12 +435,80 @@ class LoopCreate:
             if response.status == 409:
                 return False
             if response.status >= 300:
-                error = ApiException(status=response.status, reason=response.reason)
-                error.body = answer.decode(errors="replace")
-                raise error
+                raise _refusal(response.status, response.reason, answer)
             return True
         raise AssertionError("unreachable")
 
+    async def list(self, resource: Resource, namespace: str | None, *, executor: Executor) -> dict[str, Any]:
+        """A LIST (``namespace`` None: every namespace) as the API server answers it (``items``, and
+        ``metadata.resourceVersion`` to watch from); REQUEST_TIMEOUT as a whole; a refusal an ``ApiException``."""
+        headers = await self._headers(executor)
+        connect, read = REQUEST_TIMEOUT
+        timeout = aiohttp.ClientTimeout(total=connect + read, connect=connect, sock_connect=connect, sock_read=read)
+        async with self._watch_pool().get(
+            f"{self.host}{resource.path(namespace)}",
+            headers=headers,
+            ssl=self._ssl,
+            server_hostname=self.server_hostname,
+            timeout=timeout,
+        ) as response:
+            answer = await response.read()
+        if response.status >= 300:
+            raise _refusal(response.status, response.reason, answer)
+        listed: dict[str, Any] = json.loads(answer)
+        return listed
+
+    async def watch(
+        self, resource: Resource, namespace: str | None, *, version: str, seconds: int, executor: Executor
+    ) -> AsyncIterator[dict[str, Any]]:
+        """A watch from ``version`` (bookmarks on): its events as the API server sends them, until it ends the
+        watch after ``seconds``. Deadline: ``seconds`` + WATCH_GRACE in all, so a server that stops answering
+        costs a reconnect, never a watch that hangs. A refusal (410 Gone for a version too old) an
+        ``ApiException``; ERROR events are passed on as they come (``type`` ERROR, ``object`` a Status)."""
+        headers = await self._headers(executor)
+        connect = REQUEST_TIMEOUT[0]
+        timeout = aiohttp.ClientTimeout(total=seconds + WATCH_GRACE, connect=connect, sock_connect=connect)
+        params = {
+            "watch": "true",
+            "resourceVersion": version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(seconds),
+        }
+        async with self._watch_pool().get(
+            f"{self.host}{resource.path(namespace)}",
+            params=params,
+            headers=headers,
+            ssl=self._ssl,
+            server_hostname=self.server_hostname,
+            timeout=timeout,
+        ) as response:
+            if response.status >= 300:
+                raise _refusal(response.status, response.reason, await response.read())
+            pending = b""  # one JSON object per line; a line may come in several chunks (and be longer than 64 KiB)
+            async for chunk in response.content.iter_any():
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        event: dict[str, Any] = json.loads(line)
+                        yield event
+
+    def _watch_pool(self) -> aiohttp.ClientSession:
+        """Connections of the lists and watches, apart from the creates': a watch holds its connection for
+        minutes, and one per namespace must never leave a burst of creates without one."""
+        if self._watch_session is None or self._watch_session.closed:
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE)
+            self._watch_session = aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
+        return self._watch_session
+
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._watch_session):
+            if session is not None:
+                await session.close()
+
+
+def _refusal(status: int, reason: str | None, answer: bytes) -> ApiException:
+    """A refusal as the official client raises it."""
+    error = ApiException(status=status, reason=reason)
+    error.body = answer.decode(errors="replace")
+    return error

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import time
@@ -551,17 +550,7 @@ def contain_first(
     Returns whether it created the policy (then ``record_first_containment``); a failure is the pass's to
     report. Blocking: ``contain_new`` makes the same create on the event loop (``contain_on_loop``)."""
     first = first_containment(body, isolation=isolation, grants=grants, api=api)
-    if first is None:
-        return False
-    ctx, policy = first
-    try:
-        if not api.create(kube.NETWORK_POLICIES, ctx.namespace, policy):
-            return False
-    except ApiException as error:
-        LOG.warning("%s %s/%s: containment left to the pass: %s", KIND, ctx.namespace, ctx.name, as_failure(error))
-        return False
-    _contained(ctx, seen=seen)
-    return True
+    return first is not None and _create(api, *first, seen)
 
 
 async def contain_on_loop(
@@ -570,18 +559,7 @@ async def contain_on_loop(
     """``contain_first`` with the create made on the event loop (``kube.LoopCreate``): no thread to wait for,
     no thread competing with the event loop that delivers the next isolations."""
     first = first_containment(body, isolation=isolation, grants=grants, api=kube.KubeApi())
-    if first is None:
-        return False
-    ctx, policy = first
-    try:
-        payload = json.dumps(policy).encode()
-        if not await client.create(kube.NETWORK_POLICIES, ctx.namespace, payload, executor=CONTAINMENT):
-            return False
-    except (ApiException, aiohttp.ClientError, TimeoutError) as error:
-        LOG.warning("%s %s/%s: containment left to the pass: %s", KIND, ctx.namespace, ctx.name, as_failure(error))
-        return False
-    _contained(ctx, seen=seen)
-    return True
+    return first is not None and await _create_on_loop(client, *first, seen=seen)
 
 
 def record_first_containment(api: kube.Api, body: Mapping[str, Any]) -> None:
@@ -626,19 +604,84 @@ SETTLE_AT_MOST = 2.0  # seconds a pass waits for the containments under way; nev
 async def contain_new(
     body: Mapping[str, Any], *, isolation: Isolation, grants: GrantsOf, api: kube.Api | None = None
 ) -> None:
-    """main.py's fast path for an isolation's watch event: the create on the event loop (``contain_on_loop``;
-    ``api`` given: ``contain_first`` in CONTAINMENT), then, once the creates of other isolations are done
-    (``containment_settled``), ``record_first_containment``."""
-    seen = time.time()  # when the operator got the object
+    """main.py's fast path for an isolation's kopf event: its first containment (``begin_containment``), or the
+    one the containment watch (reconcilers/containment.py) began first, waited for; nothing twice."""
+    started = begin_containment(body, isolation=isolation, grants=grants, api=api)
+    if started is not None:
+        await asyncio.shield(started)  # kopf cancelling its handler does not cancel the watch's containment
+
+
+# uid -> the first containment of that isolation, by whichever came first of kopf's event and the containment
+# watch: the other one finds it here and waits for it (one create per isolation and process). Kept until kopf's
+# events of that isolation no longer await containment (``forget_containment``) or it is deleted.
+_FIRST: dict[str, asyncio.Future[bool]] = {}
+
+
+def begin_containment(
+    body: Mapping[str, Any], *, isolation: Isolation, grants: GrantsOf, api: kube.Api | None = None
+) -> asyncio.Future[bool] | None:
+    """A new isolation's first containment (``first_containment``'s checks, then the create on the event loop,
+    or ``contain_first``'s in CONTAINMENT when ``api`` is given; then ``record_first_containment`` once the
+    creates of other isolations are done), begun now as a task; the one already begun for that uid; or None
+    when the checks leave it to the pass (nothing is remembered: a later look, with fuller indexes, may begin
+    it). Its result: whether it created the policy (a 409 or a failure: False, the pass's)."""
+    uid = str(body["metadata"].get("uid"))
+    if uid in _FIRST:
+        return _FIRST[uid]
+    first = first_containment(body, isolation=isolation, grants=grants, api=api or kube.KubeApi())
+    if first is None:
+        return None
+    started = asyncio.ensure_future(_first_containment(*first, body, api=api, seen=time.time()))
+    started.add_done_callback(_log_failure)
+    _FIRST[uid] = started
+    return started
+
+
+def forget_containment(uid: str) -> None:
+    """kopf saw the isolation no longer await containment (or deleted): its entry in ``_FIRST`` goes."""
+    _FIRST.pop(uid, None)
+
+
+def _log_failure(started: asyncio.Future[bool]) -> None:
+    if not started.cancelled() and started.exception() is not None:
+        LOG.error("%s: first containment failed", KIND, exc_info=started.exception())
+
+
+async def _first_containment(
+    ctx: Ctx, policy: dict[str, Any], body: Mapping[str, Any], *, api: kube.Api | None, seen: float
+) -> bool:
     with CONTAINING.one():
         if api is None:
-            created = await contain_on_loop(await loop_client(), body, isolation=isolation, grants=grants, seen=seen)
+            created = await _create_on_loop(await loop_client(), ctx, policy, seen=seen)
         else:
-            contain = functools.partial(contain_first, api, body, isolation=isolation, grants=grants, seen=seen)
-            created = await blocking(contain, executor=CONTAINMENT)
+            created = await blocking(_create, api, ctx, policy, seen, executor=CONTAINMENT)
     if created:
         await containment_settled()  # the other creates first
         await blocking(record_first_containment, api or kube.KubeApi(), body, executor=CONTAINMENT)
+    return created
+
+
+def _create(api: kube.Api, ctx: Ctx, policy: dict[str, Any], seen: float) -> bool:
+    try:
+        if not api.create(kube.NETWORK_POLICIES, ctx.namespace, policy):
+            return False
+    except ApiException as error:
+        LOG.warning("%s %s/%s: containment left to the pass: %s", KIND, ctx.namespace, ctx.name, as_failure(error))
+        return False
+    _contained(ctx, seen=seen)
+    return True
+
+
+async def _create_on_loop(client: kube.LoopCreate, ctx: Ctx, policy: dict[str, Any], *, seen: float) -> bool:
+    try:
+        payload = json.dumps(policy).encode()
+        if not await client.create(kube.NETWORK_POLICIES, ctx.namespace, payload, executor=CONTAINMENT):
+            return False
+    except (ApiException, aiohttp.ClientError, TimeoutError) as error:
+        LOG.warning("%s %s/%s: containment left to the pass: %s", KIND, ctx.namespace, ctx.name, as_failure(error))
+        return False
+    _contained(ctx, seen=seen)
+    return True
 
 
 _LOOP_CLIENT: list[tuple[asyncio.AbstractEventLoop, kube.LoopCreate]] = []  # the running loop's, once made
