@@ -1,5 +1,5 @@
-"""The local cluster's real node runs pods for real: containers, Service DNS, and NetworkPolicies that stop
-connections.
+"""The local cluster's real node runs pods for real: containers, Service DNS from a CoreDNS pod, and
+NetworkPolicies that stop connections (they time out, as with a dropping implementation; a closed port is refused).
 
 One cluster with ``real_node=True`` for the module (it needs root and tools/localcluster/node-setup.sh's
 packages; its binaries build once into the cache, several minutes cold). Pods run the locally built test
@@ -107,7 +107,7 @@ def start_running(
 
 
 def connect_from(
-    cluster: localcluster.LocalCluster, namespace: str, client: str, ip: str
+    cluster: localcluster.LocalCluster, namespace: str, client: str, ip: str, port: int = PORT
 ) -> subprocess.CompletedProcess[str]:
     """`nettool connect` from inside the running pod `client` (kubectl exec, through the kubelet)."""
     kubectl = localcluster.bin_dir() / "kubectl"
@@ -123,7 +123,7 @@ def connect_from(
             "/nettool",
             "connect",
             ip,
-            str(PORT),
+            str(port),
         ],
         capture_output=True,
         text=True,
@@ -164,6 +164,29 @@ def test_a_pod_runs_to_completion_and_reaches_a_service_by_its_dns_name(
     assert pod_status.container_statuses[0].state.terminated.exit_code == 0
 
 
+def test_cluster_dns_is_a_coredns_pod_behind_kube_dns(
+    node_cluster: localcluster.LocalCluster, core: kubernetes.client.CoreV1Api
+) -> None:
+    (dns,) = core.list_namespaced_pod("kube-system", label_selector="k8s-app=kube-dns").items
+    assert (dns.spec.node_name, dns.spec.service_account_name) == (localcluster.NODE_NAME, "coredns")
+    assert dns.spec.containers[0].image == localcluster.COREDNS_IMAGE and not dns.spec.host_network
+    assert any(c.type == "Ready" and c.status == "True" for c in dns.status.conditions)
+    service = core.read_namespaced_service("kube-dns", "kube-system")
+    assert (service.spec.cluster_ip, service.spec.selector) == (localcluster.DNS_SERVICE_IP, {"k8s-app": "kube-dns"})
+    slices = kubernetes.client.DiscoveryV1Api(core.api_client).list_namespaced_endpoint_slice(
+        "kube-system", label_selector="kubernetes.io/service-name=kube-dns"
+    )
+    # Made by the endpointslice controller from the pod, not by hand.
+    assert {a for s in slices.items for e in s.endpoints or [] for a in e.addresses} == {dns.status.pod_ip}
+    assert {s.metadata.labels["endpointslice.kubernetes.io/managed-by"] for s in slices.items} == {
+        "endpointslice-controller.k8s.io"
+    }
+    assert "coredns" not in node_cluster.status()  # no CoreDNS process of the launcher's on the host
+    rbac = kubernetes.client.RbacAuthorizationV1Api(core.api_client)
+    rules = rbac.read_cluster_role("localcluster:coredns").rules
+    assert {verb for rule in rules for verb in rule.verbs} == {"list", "watch"}, rules
+
+
 def test_a_pod_reaches_the_api_server_in_cluster(
     core: kubernetes.client.CoreV1Api, namespace: str, wait_for: WaitFor
 ) -> None:
@@ -180,11 +203,23 @@ def test_a_network_policy_denying_ingress_stops_connections_and_an_allowing_one_
     wait_for: WaitFor,
 ) -> None:
     server = start_running(core, namespace, wait_for, "server", {"app": "server"})
+    service = core.create_namespaced_service(
+        namespace,
+        {
+            "metadata": {"name": "server"},
+            "spec": {"selector": {"app": "server"}, "ports": [{"port": 80, "targetPort": PORT}]},
+        },
+    ).spec.cluster_ip
     start_running(core, namespace, wait_for, "friend", {"role": "friend"})
     start_running(core, namespace, wait_for, "stranger", {"role": "stranger"})
     for client in ("friend", "stranger"):  # before any policy: both get through
         result = connect_from(node_cluster, namespace, client, server)
         assert (result.returncode, result.stdout.strip()) == (0, "ok from server"), result.stderr
+    wait_for(
+        lambda: connect_from(node_cluster, namespace, "stranger", service, 80).returncode == 0,
+        timeout=30,
+        what="the Service's rules",
+    )
 
     networking.create_namespaced_network_policy(
         namespace,
@@ -199,8 +234,11 @@ def test_a_network_policy_denying_ingress_stops_connections_and_an_allowing_one_
             timeout=30,
             what=f"{client} denied",
         )
-    refused = connect_from(node_cluster, namespace, "friend", server)
-    assert refused.returncode == 1 and f"{server}:{PORT}" in refused.stderr, refused
+    # Dropped, not refused: the node drops kube-router's ICMP port-unreachable, by the pod's IP or a Service's.
+    denied = connect_from(node_cluster, namespace, "friend", server)
+    assert denied.returncode == 1 and f"dial tcp {server}:{PORT}: i/o timeout" in denied.stderr, denied
+    denied = connect_from(node_cluster, namespace, "stranger", service, 80)
+    assert denied.returncode == 1 and f"dial tcp {service}:80: i/o timeout" in denied.stderr, denied
 
     networking.create_namespaced_network_policy(
         namespace,
@@ -229,6 +267,16 @@ def test_a_network_policy_denying_ingress_stops_connections_and_an_allowing_one_
         timeout=30,
         what="friend denied again",
     )
+
+
+def test_a_closed_port_of_a_pod_is_still_refused(
+    node_cluster: localcluster.LocalCluster, core: kubernetes.client.CoreV1Api, namespace: str, wait_for: WaitFor
+) -> None:
+    server = start_running(core, namespace, wait_for, "server", {"app": "server"})
+    start_running(core, namespace, wait_for, "client", {"role": "client"})
+    # A port nobody listens on: the server pod's own TCP RST.
+    closed = connect_from(node_cluster, namespace, "client", server, PORT + 1)
+    assert closed.returncode == 1 and f"{server}:{PORT + 1}: connect: connection refused" in closed.stderr, closed
 
 
 def test_pods_reach_nothing_outside_the_cluster(

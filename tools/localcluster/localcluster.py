@@ -7,9 +7,11 @@ few Node objects into fake nodes that "run" scheduled pods. Binaries are cached 
 ``${RUNBOOK_CACHE_DIR:-~/.cache/runbook-operator}/localcluster/bin-<hash of the module files>/``.
 
 ``--real-node`` adds a real node, ``real-node``, whose pods really run: containerd (with Debian's runc),
-the kubelet, kube-proxy, the CNI reference plugins, kube-router (NetworkPolicy), CoreDNS (the kube-dns
-Service) and a locally built pause image, cached in ``node-bin-<hash>/`` beside the control plane's binaries.
-It needs root and the Debian packages of ``node-setup.sh``. Pods reach only pods and Services of this cluster.
+the kubelet, kube-proxy, the CNI reference plugins, kube-router (NetworkPolicy; the host drops the ICMP
+errors of its rejections, so a denied connection times out), CoreDNS (a pod in kube-system behind the kube-dns
+Service) and locally built images (pause, CoreDNS, a test tool), cached in ``node-bin-<hash>/`` beside the
+control plane's binaries. It needs root and the Debian packages of ``node-setup.sh``. Pods reach only pods and
+Services of this cluster.
 
 CLI::
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import concurrent.futures
 import contextlib
 import ctypes
 import datetime
@@ -109,18 +112,20 @@ FAKE_NODE_TAINT = {"key": "localcluster.runbook.dev/fake-node", "effect": "NoSch
 NODE_NAME = "real-node"
 NODE_BRIDGE = "rblc0"
 POD_CIDR = "10.245.0.0/24"
-NODE_IP = "10.245.0.1"  # the bridge's address: the kubelet, and CoreDNS on port 53, listen on it
+NODE_IP = "10.245.0.1"  # the bridge's address: the kubelet and the API server listen on it
 DNS_SERVICE_IP = "10.96.0.10"
 CLUSTER_DOMAIN = "cluster.local"
 NODE_CGROUP_ROOT = "runbook-localcluster"  # under every cgroup hierarchy's root
 NODE_IPTABLES_CHAIN = "RUNBOOK-LOCALCLUSTER-PODS"  # mangle: what pods may reach
 NODE_API_CHAIN = "RUNBOOK-LOCALCLUSTER-API"  # filter: the API server's port, from loopback and pods only
+NODE_REJECTS_CHAIN = "RUNBOOK-LOCALCLUSTER-REJECTS"  # mangle: kube-router's rejections become drops
 # Chains and ipsets the node's components make (ours; KUBE-: kubelet, kube-proxy, kube-router; CNI-: portmap)
 NODE_CHAIN_PREFIXES = ("RUNBOOK-LOCALCLUSTER-", "KUBE-", "CNI-HOSTPORT-", "CNI-DN-")
 NODE_IPSET_PREFIXES = ("KUBE-", "kube-router-")
 CNI_NETWORK = "runbook-localcluster"
 PAUSE_IMAGE = "localcluster.local/pause:1"
 TEST_IMAGE = "localcluster.local/nettool:1"
+COREDNS_IMAGE = "localcluster.local/coredns:1"
 NODE_SETUP_HINT = f"run {HERE / 'node-setup.sh'} (installs runc, iptables, ipset and conntrack from Debian)"
 NODE_MODULES = ("node", "containerd", "cni", "kube-router", "coredns", "images")
 NODE_BUILD_INPUTS = (
@@ -151,6 +156,7 @@ NODE_BINARIES: dict[str, tuple[Path, str]] = {
 NODE_IMAGES: dict[str, tuple[str, list[str], str]] = {
     PAUSE_IMAGE: ("pause", ["/pause"], "65535:65535"),
     TEST_IMAGE: ("nettool", ["/nettool"], "65532:65532"),
+    COREDNS_IMAGE: ("coredns", ["/coredns"], "65532:65532"),
 }
 # Host settings the kubelet or the node's network change; recorded at start, put back at stop.
 HOST_SYSCTLS = (
@@ -718,42 +724,133 @@ disabled_plugins = [
   stream_server_port = "0"
 """
 
-# No forward plugin: names outside the cluster do not resolve.
-COREFILE = """\
+# CoreDNS runs as a pod in kube-system (k8s-app=kube-dns, as in kubeadm's clusters) behind the kube-dns Service,
+# with a ServiceAccount of its own and the API server in-cluster (the `kubernetes` Service), so that NetworkPolicies
+# treat it as they do in a real cluster (an isolation's DNS rule allows kube-system pods on port 53). No forward
+# plugin: names outside the cluster do not resolve.
+COREDNS_NAME = "coredns"
+COREDNS_HEALTH_PORT = 8080
+COREDNS_READY_PORT = 8181
+COREFILE = f"""\
 .:53 {{
-    bind {node_ip}
     errors
-    health 127.0.0.1:{health}
-    ready 127.0.0.1:{ready}
-    kubernetes {domain} in-addr.arpa ip6.arpa {{
-        kubeconfig {kubeconfig} localcluster
+    health :{COREDNS_HEALTH_PORT}
+    ready :{COREDNS_READY_PORT}
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
         pods insecure
     }}
     cache 5
 }}
 """
-
+DNS_LABELS = {"k8s-app": "kube-dns"}
 DNS_PORTS = [{"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]
-# CoreDNS runs on the host (it needs the API server, which listens on loopback only), behind the
-# kube-dns Service by a hand-made EndpointSlice.
-KUBE_DNS_SERVICE = {
-    "apiVersion": "v1",
-    "kind": "Service",
-    "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}},
-    "spec": {"clusterIP": DNS_SERVICE_IP, "ports": [{**port, "targetPort": 53} for port in DNS_PORTS]},
-}
-KUBE_DNS_ENDPOINTS = {
-    "apiVersion": "discovery.k8s.io/v1",
-    "kind": "EndpointSlice",
-    "metadata": {
-        "name": "kube-dns-host",
-        "namespace": "kube-system",
-        "labels": {"kubernetes.io/service-name": "kube-dns", "endpointslice.kubernetes.io/managed-by": "localcluster"},
-    },
-    "addressType": "IPv4",
-    "endpoints": [{"addresses": [NODE_IP], "conditions": {"ready": True}, "nodeName": NODE_NAME}],
-    "ports": DNS_PORTS,
-}
+# (API path, object), created in this order at start.
+COREDNS_OBJECTS: list[tuple[str, dict[str, Any]]] = [
+    (
+        "/api/v1/namespaces/kube-system/serviceaccounts",
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": COREDNS_NAME, "namespace": "kube-system"}},
+    ),
+    (
+        # What the kubernetes plugin watches (plugin/kubernetes/controller.go): pods only with `pods verified`.
+        "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": "localcluster:coredns"},
+            "rules": [
+                {"apiGroups": [""], "resources": ["services", "namespaces"], "verbs": ["list", "watch"]},
+                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+            ],
+        },
+    ),
+    (
+        "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "localcluster:coredns"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "localcluster:coredns"},
+            "subjects": [{"kind": "ServiceAccount", "name": COREDNS_NAME, "namespace": "kube-system"}],
+        },
+    ),
+    (
+        "/api/v1/namespaces/kube-system/configmaps",
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": COREDNS_NAME, "namespace": "kube-system"},
+            "data": {"Corefile": COREFILE},
+        },
+    ),
+    (
+        "/apis/apps/v1/namespaces/kube-system/deployments",
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": COREDNS_NAME, "namespace": "kube-system", "labels": DNS_LABELS},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": DNS_LABELS},
+                "template": {
+                    "metadata": {"labels": DNS_LABELS},
+                    "spec": {
+                        "serviceAccountName": COREDNS_NAME,
+                        "priorityClassName": "system-cluster-critical",
+                        "dnsPolicy": "Default",  # not itself (and the kubelet's resolvConf is empty)
+                        "terminationGracePeriodSeconds": 1,
+                        "securityContext": {
+                            "runAsNonRoot": True,
+                            # Port 53 without a capability: a non-root process loses added capabilities at exec.
+                            "sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "53"}],
+                        },
+                        "containers": [
+                            {
+                                "name": COREDNS_NAME,
+                                "image": COREDNS_IMAGE,
+                                "imagePullPolicy": "Never",
+                                "args": ["-conf", "/etc/coredns/Corefile"],
+                                "ports": [
+                                    {"name": "dns", "containerPort": 53, "protocol": "UDP"},
+                                    {"name": "dns-tcp", "containerPort": 53, "protocol": "TCP"},
+                                ],
+                                "readinessProbe": {
+                                    "httpGet": {"path": "/ready", "port": COREDNS_READY_PORT},
+                                    "periodSeconds": 1,
+                                    "failureThreshold": 3,
+                                },
+                                "livenessProbe": {
+                                    "httpGet": {"path": "/health", "port": COREDNS_HEALTH_PORT},
+                                    "periodSeconds": 10,
+                                    "failureThreshold": 5,
+                                },
+                                "securityContext": {
+                                    "allowPrivilegeEscalation": False,
+                                    "readOnlyRootFilesystem": True,
+                                    "capabilities": {"drop": ["ALL"]},
+                                },
+                                "volumeMounts": [{"name": "config", "mountPath": "/etc/coredns", "readOnly": True}],
+                            }
+                        ],
+                        "volumes": [{"name": "config", "configMap": {"name": COREDNS_NAME}}],
+                    },
+                },
+            },
+        },
+    ),
+    (
+        "/api/v1/namespaces/kube-system/services",
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": DNS_LABELS},
+            "spec": {
+                "clusterIP": DNS_SERVICE_IP,
+                "selector": DNS_LABELS,
+                "ports": [{**port, "targetPort": 53} for port in DNS_PORTS],
+            },
+        },
+    ),
+]
 
 
 def check_node_host() -> None:
@@ -1057,7 +1154,6 @@ class LocalCluster:
                 "kubelet": (f"system:node:{NODE_NAME}", "system:nodes"),  # the Node authorizer's identity
                 "kube-proxy": ("system:kube-proxy", None),  # bound to system:node-proxier by default
                 "kube-router": ("kube-router", "system:masters"),
-                "coredns": ("coredns", "system:masters"),
                 "apiserver-kubelet-client": ("kube-apiserver-kubelet-client", "system:masters"),
             }
         # With a real node its pods reach the API server at the node's address (the `kubernetes` Service).
@@ -1311,12 +1407,14 @@ class LocalCluster:
         env = {**os.environ, "PATH": f"{bin_}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"}
         self._spawn("containerd", [f"--config={config}"], binary=bin_ / "containerd", env=env)
         self._wait("containerd", lambda: self._ctr("version").returncode == 0)
-        for image, (binary, _, _) in NODE_IMAGES.items():
-            self.import_image(bin_ / "images" / f"{binary}.tar")
-            log(f"image {image} ready on the node")
+        self._import_node_images([PAUSE_IMAGE])  # the kubelet's first sandbox needs it
+        # The others load while the node's components start; CoreDNS's Deployment is made once its image is there.
+        importer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="import-image")
+        images = importer.submit(self._import_node_images, [image for image in NODE_IMAGES if image != PAUSE_IMAGE])
+        importer.shutdown(wait=False)
 
-        kubelet_port, kubelet_healthz, proxy_healthz, proxy_metrics, router_health, dns_health, dns_ready = (
-            self.port_picker() for _ in range(7)
+        kubelet_port, kubelet_healthz, proxy_healthz, proxy_metrics, router_health = (
+            self.port_picker() for _ in range(5)
         )
         kubelet_config = self.state_dir / "kubelet-config.json"
         kubelet_config.write_text(
@@ -1407,18 +1505,6 @@ class LocalCluster:
             binary=bin_ / "kube-router",
             env=env,
         )
-        corefile = self.state_dir / "Corefile"
-        corefile.write_text(
-            COREFILE.format(
-                node_ip=NODE_IP,
-                health=dns_health,
-                ready=dns_ready,
-                domain=CLUSTER_DOMAIN,
-                kubeconfig=self.state_dir / "coredns.kubeconfig",
-            )
-        )
-        self._spawn("coredns", [f"-conf={corefile}"], binary=bin_ / "coredns", env=env)
-        self._api("POST", "/api/v1/namespaces/kube-system/services", KUBE_DNS_SERVICE)
         # --endpoint-reconciler-type=none: the `kubernetes` Service's endpoint is ours to make.
         apiserver_port = int(self._server.rsplit(":", 1)[1])
         self._api(
@@ -1439,11 +1525,19 @@ class LocalCluster:
                 "ports": [{"name": "https", "port": apiserver_port, "protocol": "TCP"}],
             },
         )
-        self._api("POST", "/apis/discovery.k8s.io/v1/namespaces/kube-system/endpointslices", KUBE_DNS_ENDPOINTS)
-        self._wait("coredns", lambda: self._http_ok(f"http://127.0.0.1:{dns_ready}/ready", "OK"))
+        images.result()  # its pod would not start without its image (imagePullPolicy: Never), and back off
+        for path, body in COREDNS_OBJECTS:
+            self._api("POST", path, body)
         self._wait("kube-router", lambda: self._http_ok(f"http://127.0.0.1:{router_health}/healthz", "OK"))
         self._wait("kube-proxy", lambda: self._http_ok(f"http://127.0.0.1:{proxy_healthz}/healthz", "lastUpdated"))
         self._wait("kubelet", self._real_node_ready)
+        self._wait("CoreDNS", self._coredns_ready, describe=self._describe_coredns)
+
+    def _import_node_images(self, images: list[str]) -> None:
+        assert self._node_bin is not None
+        for image in images:
+            self.import_image(self._node_bin / "images" / f"{NODE_IMAGES[image][0]}.tar")
+            log(f"image {image} ready on the node")
 
     def _ctr(self, *args: str) -> subprocess.CompletedProcess[str]:
         assert self._node_bin is not None
@@ -1459,6 +1553,46 @@ class LocalCluster:
         conditions = node.get("status", {}).get("conditions", [])
         return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
+    def _coredns_pods(self) -> list[dict[str, Any]]:
+        selector = ",".join(f"{key}%3D{value}" for key, value in DNS_LABELS.items())
+        pods = json.loads(self._api("GET", f"/api/v1/namespaces/kube-system/pods?labelSelector={selector}"))["items"]
+        return list(pods)
+
+    def _coredns_ready(self) -> bool:
+        return any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for pod in self._coredns_pods()
+            for c in pod.get("status", {}).get("conditions", [])
+        )
+
+    def _describe_coredns(self) -> str:
+        """Why CoreDNS is not Ready: its pods' phase, conditions and container states, and the tail of its log."""
+        try:
+            pods = self._coredns_pods()
+        except (OSError, LocalClusterError) as error:
+            return f"its pods could not be read: {error}"
+        if not pods:
+            return f"no pod of Deployment kube-system/{COREDNS_NAME} exists (see the controller manager's log)"
+        described = []
+        for pod in pods:
+            name, status = pod["metadata"]["name"], pod.get("status", {})
+            parts = [f"pod kube-system/{name} is {status.get('phase', 'unknown')}"]
+            if not pod.get("spec", {}).get("nodeName"):
+                parts.append("not scheduled")
+            for condition in status.get("conditions", []):
+                if condition["status"] != "True":
+                    why = ": ".join(filter(None, (condition.get("reason"), condition.get("message"))))
+                    parts.append(f"{condition['type']}={condition['status']}" + (f" ({why})" if why else ""))
+            for container in status.get("containerStatuses", []):
+                for state, detail in container.get("state", {}).items():
+                    why = ": ".join(filter(None, (detail.get("reason"), detail.get("message"))))
+                    parts.append(f"container {container['name']} {state}" + (f" ({why})" if why else ""))
+                parts.append(f"{container.get('restartCount', 0)} restarts")
+            logs = sorted((self.state_dir / "pod-logs").glob(f"kube-system_{name}_*/{COREDNS_NAME}/*.log"))
+            log_tail = f"last lines of {logs[-1]}:\n{tail(logs[-1], 20)}" if logs else "no container log yet"
+            described.append(f"{', '.join(parts)}; {log_tail}")
+        return "\n".join(described)
+
     def _setup_host_network(self, apiserver_port: int) -> None:
         """The bridge with the node's address, and the rule that pods reach only this cluster's addresses."""
         if not Path(f"/sys/class/net/{NODE_BRIDGE}").exists():
@@ -1469,13 +1603,11 @@ class LocalCluster:
         # only this bridge routes (Services' replies go back out of it): the host's own forwarding stays.
         write_sysctl("net/bridge/bridge-nf-call-iptables", "1")
         write_sysctl(f"net/ipv4/conf/{NODE_BRIDGE}/forwarding", "1")
-        # Before any NAT, so the destination is the pod's own choice: a pod, a Service, or DNS on the node.
+        # Before any NAT, so the destination is the pod's own choice: a pod, a Service, or the API server.
         chain = NODE_IPTABLES_CHAIN
         run_host(["iptables", "-w", "-t", "mangle", "-N", chain])
         for rule in (
             ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "RETURN"],
-            ["-d", NODE_IP, "-p", "udp", "--dport", "53", "-j", "RETURN"],
-            ["-d", NODE_IP, "-p", "tcp", "--dport", "53", "-j", "RETURN"],
             ["-d", NODE_IP, "-p", "tcp", "--dport", str(apiserver_port), "-j", "RETURN"],
             ["-d", NODE_IP, "-j", "DROP"],
             ["-d", POD_CIDR, "-j", "RETURN"],
@@ -1484,6 +1616,16 @@ class LocalCluster:
         ):
             run_host(["iptables", "-w", "-t", "mangle", "-A", chain, *rule])
         run_host(["iptables", "-w", "-t", "mangle", "-I", "PREROUTING", "1", "-i", NODE_BRIDGE, "-j", chain])
+        # kube-router REJECTs what a policy denies (icmp-port-unreachable, not configurable), where Calico or
+        # Cilium drop it: the host drops the port-unreachables it sends itself to a pod about a connection whose
+        # destination, after any Service's DNAT, is a pod or the node (the reply's source), so a denied connection
+        # times out. Not matched: kube-proxy's REJECT of a Service without endpoints (the reply's source is the
+        # ClusterIP), and what pods send (a closed port's TCP RST, a pod's own ICMP), which is bridged, not sent here.
+        run_host(["iptables", "-w", "-t", "mangle", "-N", NODE_REJECTS_CHAIN])
+        about_a_pod = ["-m", "conntrack", "--ctstate", "RELATED", "--ctreplsrc", POD_CIDR]
+        run_host(["iptables", "-w", "-t", "mangle", "-A", NODE_REJECTS_CHAIN, *about_a_pod, "-j", "DROP"])
+        to_pods = ["-o", NODE_BRIDGE, "-d", POD_CIDR, "-p", "icmp", "--icmp-type", "port-unreachable"]
+        run_host(["iptables", "-w", "-t", "mangle", "-I", "OUTPUT", "1", *to_pods, "-j", NODE_REJECTS_CHAIN])
         # The API server listens on every address (see its --bind-address): only loopback and pods get in.
         run_host(["iptables", "-w", "-N", NODE_API_CHAIN])
         for rule in (["-i", "lo", "-j", "RETURN"], ["-i", NODE_BRIDGE, "-j", "RETURN"], ["-j", "DROP"]):
@@ -1540,7 +1682,8 @@ class LocalCluster:
         self._processes[name] = process
         self.pid_file.write_text(json.dumps({n: p.pid for n, p in self._processes.items()}, indent=1))
 
-    def _wait(self, name: str, ready: Callable[[], bool]) -> None:
+    def _wait(self, name: str, ready: Callable[[], bool], describe: Callable[[], str] | None = None) -> None:
+        """Until ready() is true; else raise with the last lines of name's log, or with describe()'s text."""
         deadline = time.monotonic() + self.ready_timeout
         logfile = self.state_dir / f"{name}.log"
         while time.monotonic() < deadline:
@@ -1551,9 +1694,8 @@ class LocalCluster:
                 if ready():
                     return
             time.sleep(0.2)
-        raise LocalClusterError(
-            f"{name} not ready after {self.ready_timeout:.0f}s; last lines of {logfile}:\n{tail(logfile)}"
-        )
+        detail = describe() if describe is not None else f"last lines of {logfile}:\n{tail(logfile)}"
+        raise LocalClusterError(f"{name} not ready after {self.ready_timeout:.0f}s; {detail}")
 
     def _raise_exited(self, name: str, code: int) -> None:
         logfile = self.state_dir / f"{name}.log"

@@ -1,10 +1,10 @@
 // Command coredns is CoreDNS with only the plugins the real node's cluster DNS uses: the kubernetes
-// plugin answers cluster.local from the API server; bind, errors, health, ready and cache serve it. No
-// forward plugin: pods of the local cluster resolve only names of this cluster.
+// plugin answers cluster.local from the API server; errors, health, ready and cache serve it. It runs as
+// the kube-dns pod of kube-system (localcluster.py's COREFILE). No forward plugin: pods of the local
+// cluster resolve only names of this cluster.
 package main
 
 import (
-	_ "github.com/coredns/coredns/plugin/bind"
 	_ "github.com/coredns/coredns/plugin/cache"
 	_ "github.com/coredns/coredns/plugin/errors"
 	_ "github.com/coredns/coredns/plugin/health"
