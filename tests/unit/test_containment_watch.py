@@ -346,3 +346,47 @@ def test_deleted_forgets(monkeypatch: pytest.MonkeyPatch, recorded: list[str]) -
 
     w = asyncio.run(scenario())
     assert w.isolations[NS] == {}
+
+
+def test_in_a_thread_of_its_own_while_the_callers_loop_is_blocked(
+    monkeypatch: pytest.MonkeyPatch, recorded: list[str]
+) -> None:
+    """main.py's watch: its own thread and event loop, so a caller's loop that does not yield (kopf's, busy) does
+    not hold the containment up; kopf's event, later, finds it done across the threads."""
+    import queue
+    import threading
+    import time
+
+    created: list[str] = []
+    scripts: queue.Queue[list[dict[str, Any]]] = queue.Queue()
+    new = body()
+
+    class ThreadLoop(FakeLoop):
+        async def watch(
+            self, resource: kube.Resource, namespace: str | None, *, version: str, seconds: int, executor: Any
+        ) -> AsyncIterator[dict[str, Any]]:
+            for event in await asyncio.get_running_loop().run_in_executor(None, scripts.get):
+                yield event
+
+        async def create(self, resource: kube.Resource, namespace: str, payload: bytes, *, executor: Any) -> bool:
+            created.append(threading.current_thread().name)
+            return True
+
+    fake = ThreadLoop()
+    run_with(fake, monkeypatch)
+
+    async def scenario() -> None:
+        w = watch(fake, thread=True)
+        w.start()
+        assert w.listed_once.wait(5)
+        scripts.put([{"type": "ADDED", "object": new}])
+        deadline = time.monotonic() + 5
+        while not created and time.monotonic() < deadline:
+            time.sleep(0.01)  # this loop blocked: only the watch's own loop can contain
+        await isolation.contain_new(new, isolation=no_holder, grants=lambda _: ())  # kopf's event: waits
+        scripts.put([])
+        await w.stop()
+        assert w.thread is None
+
+    asyncio.run(scenario())
+    assert created == ["containment-watch"] and recorded == ["breach"]
