@@ -317,7 +317,10 @@ def test_window_opens_and_closes_on_its_edges(running: Cluster) -> None:
     assert opened_at.second < 5, f"window applied at second {opened_at.second} of the minute"
     hpa = cluster.hpa("api")
     assert hpa.spec.max_replicas == 8
-    status = cluster.profile()["status"]
+    # The pass patches the HPA, then writes its status: on a loaded machine the status lands a moment later.
+    status = cluster.wait_for(
+        lambda: (s := cluster.profile()["status"]).get("activeWindow") and s, timeout=10, what="activeWindow in status"
+    )
     assert status["activeWindow"] == "burst"
     assert status["nextTransition"] == opened_at.replace(second=20, microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -326,7 +329,9 @@ def test_window_opens_and_closes_on_its_edges(running: Cluster) -> None:
     assert 20 <= closed_at.second < 25, f"window closed at second {closed_at.second}"
     cluster.wait_event("WindowOpened")
     cluster.wait_event("WindowClosed")
-    assert "activeWindow" not in cluster.profile()["status"]
+    cluster.wait_for(
+        lambda: "activeWindow" not in cluster.profile()["status"], timeout=10, what="activeWindow gone from status"
+    )
 
 
 # ------------------------------------------------------------------------------------------- bad inputs
