@@ -94,7 +94,8 @@ class Elector:
         self._version: str | None = None  # resourceVersion of the Lease as we last read or wrote it
         self._observed: tuple[str | None, float] = (None, 0.0)  # a resourceVersion and when we first saw it
         self._renewed = 0.0  # clock() before the last renewal that succeeded
-        self._stopped = threading.Event()
+        self._stopped = threading.Event()  # set: neither loop renews nor watches any more
+        self._lost_lock = threading.Lock()
         self._renewing: threading.Thread | None = None
         self.last_poll = clock()
         self.seen_holder: str | None = None  # the holder the last look found
@@ -209,7 +210,8 @@ class Elector:
 
     def hold(self) -> None:
         """Renew in the background from now on; a watchdog calls ``on_lost`` once the last successful renewal
-        is older than the renew deadline or another holder took the Lease."""
+        is older than the renew deadline or another holder took the Lease. Losing it stops both threads
+        first, so ``on_lost`` is called once and, when it returns (a test's), nothing renews any more."""
         self._renewing = threading.Thread(target=self._renew_loop, name="lease-renew", daemon=True)
         self._renewing.start()
         threading.Thread(target=self._watchdog, name="lease-watchdog", daemon=True).start()
@@ -219,7 +221,7 @@ class Elector:
             try:
                 if not self.renew():
                     LOG.critical("%s: another holder has it", self.where)
-                    self.on_lost()
+                    self._lost()
                     return
             except Exception as error:  # the watchdog decides when too many failed
                 LOG.warning("%s: renewal failed (%s)", self.where, type(error).__name__)
@@ -229,8 +231,16 @@ class Elector:
             late = self.clock() - self._renewed
             if late > self.renew_deadline:
                 LOG.critical("%s: not renewed for %.1fs (deadline %.1fs)", self.where, late, self.renew_deadline)
-                self.on_lost()
+                self._lost()
                 return
+
+    def _lost(self) -> None:
+        """The Lease is no longer surely ours: stop the other loop, then ``on_lost`` (once, of both loops)."""
+        with self._lost_lock:
+            if self._stopped.is_set():  # released meanwhile, or the other loop got here first
+                return
+            self._stopped.set()
+        self.on_lost()
 
     def release(self) -> None:
         """Stop renewing and give the Lease up (a graceful stop: every handler has ended), so a standby takes

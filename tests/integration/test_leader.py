@@ -68,6 +68,18 @@ def no_lease(api: kubernetes.client.ApiClient) -> Iterator[None]:
         delete()
 
 
+@pytest.fixture
+def electors() -> Iterator[list[Elector]]:
+    """The test's electors, each released (its renewal and watchdog threads stopped) when the test ends, passed
+    or not: a renewal thread left running would go on logging into every later test's capture."""
+    made: list[Elector] = []
+    try:
+        yield made
+    finally:
+        for each in made:
+            each.release()
+
+
 def elector(api: KubeApi, holder: str, lost: list[str] | None = None) -> Elector:
     return Elector(
         api,
@@ -81,9 +93,12 @@ def elector(api: KubeApi, holder: str, lost: list[str] | None = None) -> Elector
     )
 
 
-def test_one_holder_at_a_time_and_takeover_only_after_the_duration(operator_api: KubeApi, no_lease: None) -> None:
+def test_one_holder_at_a_time_and_takeover_only_after_the_duration(
+    operator_api: KubeApi, no_lease: None, electors: list[Elector]
+) -> None:
     lost: list[str] = []
     first, second = elector(operator_api, "first", lost), elector(operator_api, "second", lost)
+    electors += [first, second]
     assert first.try_acquire()  # creates the Lease
     assert not second.try_acquire()
     first.hold()
@@ -126,7 +141,9 @@ class Unreachable(Elector):
         raise TimeoutError("API server unreachable")
 
 
-def test_watchdog_gives_up_before_the_lease_can_expire(operator_api: KubeApi, no_lease: None) -> None:
+def test_watchdog_gives_up_before_the_lease_can_expire(
+    operator_api: KubeApi, no_lease: None, electors: list[Elector]
+) -> None:
     lost: list[float] = []
     leader = Unreachable(
         operator_api,
@@ -138,13 +155,20 @@ def test_watchdog_gives_up_before_the_lease_can_expire(operator_api: KubeApi, no
         retry_period=RETRY,
         on_lost=lambda: lost.append(time.monotonic()),
     )
+    electors.append(leader)
     started = time.monotonic()
     assert leader.try_acquire()
+    before = set(threading.enumerate())
     leader.hold()
+    threads = {t for t in set(threading.enumerate()) - before if t.name.startswith("lease-")}  # renew, watchdog
     while not lost and time.monotonic() < started + 2 * DURATION:
         time.sleep(0.05)
     assert lost, "the watchdog never gave up"
     assert RENEW_DEADLINE <= lost[0] - started < DURATION, "must end after the deadline, before the Lease expires"
+    # Lost: neither thread goes on (the process would have ended; here the test's process goes on).
+    time.sleep(3 * RETRY)
+    assert len(lost) == 1
+    assert len(threads) == 2 and not any(t.is_alive() for t in threads), threads
 
 
 def test_the_operators_role_holds_only_its_own_lease(operator_api: KubeApi) -> None:
