@@ -9,6 +9,7 @@ checks that the host is left as it was.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
@@ -138,6 +139,42 @@ def test_a_host_without_runc_is_told_what_to_install(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(localcluster.LocalClusterError, match=r"needs runc on PATH: run .*node-setup\.sh"):
         localcluster.LocalCluster(tmp_path / "state", real_node=True).start()
+
+
+def host_is_clean(state_dir: Path, hierarchies: list[Path]) -> None:
+    """Nothing of a real node is left on the host: what test_stop_leaves_the_host_as_it_was checks."""
+    assert not Path(f"/sys/class/net/{localcluster.NODE_BRIDGE}").exists()
+    rules = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
+    assert not [line for line in rules.splitlines() if any(p in line for p in localcluster.NODE_CHAIN_PREFIXES)]
+    sets = subprocess.run(["ipset", "list", "-n"], capture_output=True, text=True, check=True).stdout.split()
+    assert not [name for name in sets if name.startswith(localcluster.NODE_IPSET_PREFIXES)]
+    assert str(state_dir) not in Path("/proc/self/mountinfo").read_text()
+    assert not [h for h in hierarchies if (h / localcluster.NODE_CGROUP_ROOT).exists()]
+    assert not localcluster.pids_mentioning(str(state_dir))
+    assert not localcluster.NODE_OWNER_FILE.exists()
+
+
+def test_a_refused_cgroup_setup_is_named_and_leaves_the_host_clean(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Before the module's cluster starts (the node is one per machine). A "hierarchy" that is a regular
+    # file: making the kubelet's cgroup under it fails as a refused mkdir would.
+    if localcluster.node_owner() is not None:
+        pytest.skip(f"the real node is in use by {localcluster.node_owner()}")
+    real_hierarchies = localcluster.cgroup_hierarchies()
+    sysctls = {key: localcluster.read_sysctl(key) for key in localcluster.HOST_SYSCTLS}
+    not_a_hierarchy = tmp_path / "not-a-hierarchy"
+    not_a_hierarchy.write_text("")
+    monkeypatch.setattr(localcluster, "cgroup_hierarchies", lambda: [not_a_hierarchy])
+    cluster = localcluster.LocalCluster(tmp_path / "state", real_node=True)
+    path = re.escape(str(not_a_hierarchy / localcluster.NODE_CGROUP_ROOT))
+    expected = f"cannot set up the kubelet's cgroup {path}: .*Not a directory"
+    with pytest.raises(localcluster.LocalClusterError, match=expected):
+        cluster.start()
+    monkeypatch.undo()
+    host_is_clean(cluster.state_dir, real_hierarchies)
+    assert not cluster.node_marker.exists() and not cluster.status()
+    assert {key: localcluster.read_sysctl(key) for key in localcluster.HOST_SYSCTLS} == sysctls
 
 
 def test_a_pod_runs_to_completion_and_reaches_a_service_by_its_dns_name(
@@ -297,6 +334,49 @@ def test_pods_reach_nothing_outside_the_cluster(
     assert phase == "Failed" and "deb.debian.org" in log, log
 
 
+def mangle_packets(rule: str) -> int:
+    """The packet counter of the one mangle rule whose iptables-save line ends with `rule`."""
+    dump = subprocess.run(["iptables-save", "-c", "-t", "mangle"], capture_output=True, text=True, check=True).stdout
+    (counter,) = [line.split()[0] for line in dump.splitlines() if line.endswith(rule)]
+    return int(counter.strip("[]").split(":")[0])
+
+
+def test_a_service_without_endpoints_gets_no_connection_and_nothing_leaves_the_host(
+    node_cluster: localcluster.LocalCluster, core: kubernetes.client.CoreV1Api, namespace: str, wait_for: WaitFor
+) -> None:
+    start_running(core, namespace, wait_for, "client", {"role": "client"})
+    service = core.create_namespaced_service(
+        namespace,
+        {"metadata": {"name": "empty"}, "spec": {"selector": {"app": "nobody"}, "ports": [{"port": 80}]}},
+    ).spec.cluster_ip
+    wait_for(  # kube-proxy has the Service: its REJECT for a Service without endpoints
+        lambda: (
+            f"-A KUBE-SERVICES -d {service}/32"
+            in subprocess.run(["iptables-save", "-t", "filter"], capture_output=True, text=True, check=True).stdout
+        ),
+        timeout=30,
+        what="kube-proxy's rule for the Service",
+    )
+    # Counts what leaves from the pod network by the default route's interface (eth0), where the host would
+    # send a ClusterIP nothing DNATs. (Not "any but the bridge": the host's own packets from 10.245.0.1 to
+    # itself, the API server's to the kubelet, leave by lo.)
+    route = subprocess.run(["ip", "-4", "route", "show", "default"], capture_output=True, text=True, check=True)
+    fields = route.stdout.split()
+    assert "dev" in fields, route.stdout
+    comment = f"{localcluster.NODE_FORWARD_CHAIN}-test-{namespace}"
+    leaving = ["POSTROUTING", "-s", localcluster.POD_CIDR, "-o", fields[fields.index("dev") + 1]]
+    leaving += ["-m", "comment", "--comment", comment]
+    subprocess.run(["iptables", "-w", "-t", "mangle", "-I", *leaving], check=True)
+    try:
+        dropped = mangle_packets(f"-A {localcluster.NODE_FORWARD_CHAIN} -j DROP")
+        refused = connect_from(node_cluster, namespace, "client", service, 80)
+        assert refused.returncode == 1 and f"dial tcp {service}:80: i/o timeout" in refused.stderr, refused
+        assert mangle_packets(f"--comment {comment}") == 0  # nothing left by eth0
+        assert mangle_packets(f"-A {localcluster.NODE_FORWARD_CHAIN} -j DROP") > dropped  # the SYNs, dropped
+    finally:
+        subprocess.run(["iptables", "-w", "-t", "mangle", "-D", *leaving], check=True)
+
+
 def test_a_pod_whose_image_is_not_on_the_node_says_which_image(
     core: kubernetes.client.CoreV1Api, namespace: str, wait_for: WaitFor
 ) -> None:
@@ -339,14 +419,4 @@ def test_stop_leaves_the_host_as_it_was(
 ) -> None:
     start_running(core, "default", wait_for, "left-running", {"app": "left"})  # stop() must kill it
     node_cluster.stop()
-
-    assert not Path(f"/sys/class/net/{localcluster.NODE_BRIDGE}").exists()
-    rules = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
-    assert not [line for line in rules.splitlines() if any(p in line for p in localcluster.NODE_CHAIN_PREFIXES)]
-    sets = subprocess.run(["ipset", "list", "-n"], capture_output=True, text=True, check=True).stdout.split()
-    assert not [name for name in sets if name.startswith(localcluster.NODE_IPSET_PREFIXES)]
-    mounts = Path("/proc/self/mountinfo").read_text()
-    assert str(node_cluster.state_dir) not in mounts
-    assert not [h for h in localcluster.cgroup_hierarchies() if (h / localcluster.NODE_CGROUP_ROOT).exists()]
-    assert not localcluster.pids_mentioning(str(node_cluster.state_dir))
-    assert not localcluster.NODE_OWNER_FILE.exists()
+    host_is_clean(node_cluster.state_dir, localcluster.cgroup_hierarchies())

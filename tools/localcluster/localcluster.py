@@ -119,6 +119,7 @@ NODE_CGROUP_ROOT = "runbook-localcluster"  # under every cgroup hierarchy's root
 NODE_IPTABLES_CHAIN = "RUNBOOK-LOCALCLUSTER-PODS"  # mangle: what pods may reach
 NODE_API_CHAIN = "RUNBOOK-LOCALCLUSTER-API"  # filter: the API server's port, from loopback and pods only
 NODE_REJECTS_CHAIN = "RUNBOOK-LOCALCLUSTER-REJECTS"  # mangle: kube-router's rejections become drops
+NODE_FORWARD_CHAIN = "RUNBOOK-LOCALCLUSTER-FORWARD"  # mangle: nothing from pods is forwarded off the bridge
 # Chains and ipsets the node's components make (ours; KUBE-: kubelet, kube-proxy, kube-router; CNI-: portmap)
 NODE_CHAIN_PREFIXES = ("RUNBOOK-LOCALCLUSTER-", "KUBE-", "CNI-HOSTPORT-", "CNI-DN-")
 NODE_IPSET_PREFIXES = ("KUBE-", "kube-router-")
@@ -1626,6 +1627,17 @@ class LocalCluster:
         run_host(["iptables", "-w", "-t", "mangle", "-A", NODE_REJECTS_CHAIN, *about_a_pod, "-j", "DROP"])
         to_pods = ["-o", NODE_BRIDGE, "-d", POD_CIDR, "-p", "icmp", "--icmp-type", "port-unreachable"]
         run_host(["iptables", "-w", "-t", "mangle", "-I", "OUTPUT", "1", *to_pods, "-j", NODE_REJECTS_CHAIN])
+        # Nothing from the pod network is forwarded out of any interface but the bridge. What PODS lets through
+        # to a ClusterIP that no Service rule DNATs (a Service without endpoints, a port or address no Service
+        # has) is routed by the host's default route: kube-proxy's REJECT of a Service without endpoints is in
+        # the filter FORWARD chain, after kube-router's jump, which it keeps first and whose chains ACCEPT what
+        # the policies allow. REJECT exists in the filter table only, so this drops, in mangle FORWARD, which
+        # the netfilter hook runs before filter FORWARD and nothing else of the node writes to: such a
+        # connection times out (as a denied one does here) and no packet leaves the host.
+        run_host(["iptables", "-w", "-t", "mangle", "-N", NODE_FORWARD_CHAIN])
+        run_host(["iptables", "-w", "-t", "mangle", "-A", NODE_FORWARD_CHAIN, "-j", "DROP"])
+        off_the_bridge = ["-s", POD_CIDR, "!", "-o", NODE_BRIDGE]
+        run_host(["iptables", "-w", "-t", "mangle", "-I", "FORWARD", "1", *off_the_bridge, "-j", NODE_FORWARD_CHAIN])
         # The API server listens on every address (see its --bind-address): only loopback and pods get in.
         run_host(["iptables", "-w", "-N", NODE_API_CHAIN])
         for rule in (["-i", "lo", "-j", "RETURN"], ["-i", NODE_BRIDGE, "-j", "RETURN"], ["-j", "DROP"]):
