@@ -2,8 +2,7 @@
 
 kopf delivers an isolation's event through its shared watch streams, queues and workers, behind the events of
 every other object of the operator (1,000 BackupPolicies being reconciled). ``ContainmentWatch`` is an asyncio
-task of its own per scope (the whole cluster, or each namespace the operator is limited to), in a thread of its
-own with its own event loop (kopf's loop is busy with every other object's events), with its own
+task of its own per scope (the whole cluster, or each namespace the operator is limited to), with its own
 connection (``kube.LoopCreate.watch``): on ADDED of an isolation that awaits containment (and for each one its
 LIST finds) it begins the first containment (``isolation.begin_containment``: the same checks as kopf's path,
 the same builder and create), and does not wait for it, so the next events are read meanwhile. kopf's handler
@@ -29,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -44,7 +42,6 @@ from .runtime import CONTAINMENT, GrantsOf
 LOG = logging.getLogger(__name__)
 BACKOFF = (0.2, 10.0)  # seconds: the first wait after a failure, doubled up to the second
 WATCH_SECONDS = 300  # the watch's server-side timeout (then it goes on from where it was)
-STOP_WITHIN = 15.0  # seconds the thread gets to end (its containments under way: REQUEST_TIMEOUT's connect)
 GLOB = frozenset("*?[!")
 
 
@@ -58,10 +55,7 @@ def scope_of(namespaces: Sequence[str] | None) -> list[str | None] | None:
 
 
 class ContainmentWatch:
-    """One watch per scope (``scope_of``), started by ``start`` and ended by ``stop``: in a thread of its own
-    with its own event loop and loop client (``thread``; main.py's), so that neither the events nor the creates
-    wait behind kopf's work on its loop (a burst of 100 isolations queued them ~100 ms there); else as tasks of
-    the running loop."""
+    """One watch per scope (``scope_of``), started by ``start`` and ended by ``stop`` on the running loop."""
 
     def __init__(
         self,
@@ -71,15 +65,9 @@ class ContainmentWatch:
         client: Callable[[], Awaitable[kube.LoopCreate]] = isolation.loop_client,
         watch_seconds: int = WATCH_SECONDS,
         backoff: tuple[float, float] = BACKOFF,
-        thread: bool = False,
     ) -> None:
         self.scopes, self.grants, self.client = list(scopes), grants, client
         self.watch_seconds, self.backoff = watch_seconds, backoff
-        self.thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._threaded = thread
-        self._ready = threading.Event()
-        self.listed_once = threading.Event()  # the same as ``listed``, for other threads
         self.isolations: dict[str, dict[str, dict[str, Any]]] = {}  # namespace -> uid -> interlock.index_entry
         self.listed = asyncio.Event()  # every scope listed once (tests; the log)
         self.lists = 0  # LISTs made (the first of each scope included)
@@ -88,38 +76,12 @@ class ContainmentWatch:
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        if not self._threaded:
-            self._start_tasks()
-            return
-        self.thread = threading.Thread(target=asyncio.run, args=(self._run(),), name="containment-watch", daemon=True)
-        self.thread.start()
-        self._ready.wait(5)
-
-    def _start_tasks(self) -> None:
         self._tasks = [
             asyncio.create_task(self._watch(scope), name=f"containment watch {scope or '(all namespaces)'}")
             for scope in self.scopes
         ]
 
-    async def _run(self) -> None:
-        """The thread's loop: the watches until ``stop``, then its containments under way end and its client
-        closes (``isolation.close_loop_client``)."""
-        self._loop = asyncio.get_running_loop()
-        self._start_tasks()
-        self._ready.set()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await isolation.close_loop_client()
-
     async def stop(self) -> None:
-        if self.thread is None:
-            await self._stop_tasks()
-            return
-        if self._loop is not None:
-            asyncio.run_coroutine_threadsafe(self._stop_tasks(), self._loop)
-        thread, self.thread = self.thread, None
-        await asyncio.get_running_loop().run_in_executor(None, thread.join, STOP_WITHIN)
-
-    async def _stop_tasks(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -171,7 +133,6 @@ class ContainmentWatch:
                     self._listed.add(scope)
                     if self._listed >= set(self.scopes):
                         self.listed.set()
-                        self.listed_once.set()
                 async for event in client.watch(
                     isolation.EMERGENCY_ISOLATIONS,
                     scope,
@@ -225,7 +186,7 @@ def start(namespaces: Sequence[str] | None, *, grants: GrantsOf, watch_seconds: 
     if scopes is None:
         LOG.info("containment watch: off (the namespaces are patterns or not known); kopf's events contain")
         return False
-    watch = ContainmentWatch(scopes, grants=grants, watch_seconds=watch_seconds, thread=True)
+    watch = ContainmentWatch(scopes, grants=grants, watch_seconds=watch_seconds)
     watch.start()
     WATCHES.append(watch)
     return True

@@ -9,13 +9,10 @@ annotations on the workloads, so it stays exact even if status was lost.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
-import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
@@ -576,31 +573,30 @@ def record_first_containment(api: kube.Api, body: Mapping[str, Any]) -> None:
 
 
 class _InFlight:
-    """How many first containments are under way, and since when none (in-memory coordination only, of kopf's
-    event loop and the containment watch's thread): the passes of isolations wait until none has been for a
-    moment (``settled``), so that a burst of them does not load the API server ahead of the creates still
-    arriving."""
+    """How many first containments are under way, and since when none (in-memory coordination only): the passes
+    of isolations wait until none has been for a moment (``settled``), so that a burst of them does not load the
+    API server ahead of the creates still arriving."""
 
     def __init__(self) -> None:
         self.count = 0
         self.idle_since = 0.0  # time.monotonic() when the last one ended
-        self._lock = threading.Lock()
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     @contextlib.contextmanager
     def one(self) -> Iterator[None]:
-        with self._lock:
-            self.count += 1
+        self.count += 1
+        self.idle.clear()
         try:
             yield
         finally:
-            with self._lock:
-                self.count -= 1
-                if not self.count:
-                    self.idle_since = time.monotonic()
+            self.count -= 1
+            if not self.count:
+                self.idle_since = time.monotonic()
+                self.idle.set()
 
 
 CONTAINING = _InFlight()
-IN_FLIGHT_POLL = 0.01  # seconds between looks at CONTAINING while containments are under way (any thread's)
 SETTLE_QUIET = 0.25  # seconds without a first containment under way: the burst is over
 SETTLE_AT_MOST = 2.0  # seconds a pass waits for the containments under way; never longer (no starvation)
 
@@ -609,61 +605,46 @@ async def contain_new(
     body: Mapping[str, Any], *, isolation: Isolation, grants: GrantsOf, api: kube.Api | None = None
 ) -> None:
     """main.py's fast path for an isolation's kopf event: its first containment (``begin_containment``), or the
-    one the containment watch (reconcilers/containment.py, in its own thread) began first, waited for; nothing
-    twice."""
+    one the containment watch (reconcilers/containment.py) began first, waited for; nothing twice."""
     started = begin_containment(body, isolation=isolation, grants=grants, api=api)
-    if started is not None:  # kopf cancelling its handler does not cancel the containment
-        await asyncio.shield(asyncio.wrap_future(started))
+    if started is not None:
+        await asyncio.shield(started)  # kopf cancelling its handler does not cancel the watch's containment
 
 
 # uid -> the first containment of that isolation, by whichever came first of kopf's event and the containment
-# watch (two threads: under _FIRST_LOCK): the other one finds it here and waits for it (one create per isolation
-# and process). Kept until kopf's events of that isolation no longer await containment (``forget_containment``)
-# or it is deleted.
-_FIRST: dict[str, concurrent.futures.Future[bool]] = {}
-_FIRST_LOCK = threading.Lock()
+# watch: the other one finds it here and waits for it (one create per isolation and process). Kept until kopf's
+# events of that isolation no longer await containment (``forget_containment``) or it is deleted.
+_FIRST: dict[str, asyncio.Future[bool]] = {}
 
 
 def begin_containment(
     body: Mapping[str, Any], *, isolation: Isolation, grants: GrantsOf, api: kube.Api | None = None
-) -> concurrent.futures.Future[bool] | None:
-    """A new isolation's first containment (``first_containment``'s checks, then the create on the running event
-    loop, or ``contain_first``'s in CONTAINMENT when ``api`` is given; then ``record_first_containment`` once the
-    creates of other isolations are done), begun now as a task of the running loop; the one already begun for
-    that uid (in this loop or another thread's); or None when the checks leave it to the pass (nothing is
-    remembered: a later look, with fuller indexes, may begin it). Its result: whether it created the policy (a
-    409 or a failure: False, the pass's)."""
+) -> asyncio.Future[bool] | None:
+    """A new isolation's first containment (``first_containment``'s checks, then the create on the event loop,
+    or ``contain_first``'s in CONTAINMENT when ``api`` is given; then ``record_first_containment`` once the
+    creates of other isolations are done), begun now as a task; the one already begun for that uid; or None
+    when the checks leave it to the pass (nothing is remembered: a later look, with fuller indexes, may begin
+    it). Its result: whether it created the policy (a 409 or a failure: False, the pass's)."""
     uid = str(body["metadata"].get("uid"))
-    with _FIRST_LOCK:
-        if uid in _FIRST:
-            return _FIRST[uid]
+    if uid in _FIRST:
+        return _FIRST[uid]
     first = first_containment(body, isolation=isolation, grants=grants, api=api or kube.KubeApi())
     if first is None:
         return None
-    done: concurrent.futures.Future[bool] = concurrent.futures.Future()
-    with _FIRST_LOCK:
-        if uid in _FIRST:  # the other thread began it meanwhile
-            return _FIRST[uid]
-        _FIRST[uid] = done
     started = asyncio.ensure_future(_first_containment(*first, body, api=api, seen=time.time()))
-    started.add_done_callback(functools.partial(_finished, done))
-    return done
+    started.add_done_callback(_log_failure)
+    _FIRST[uid] = started
+    return started
 
 
 def forget_containment(uid: str) -> None:
     """kopf saw the isolation no longer await containment (or deleted): its entry in ``_FIRST`` goes."""
-    with _FIRST_LOCK:
-        _FIRST.pop(uid, None)
+    _FIRST.pop(uid, None)
 
 
-def _finished(done: concurrent.futures.Future[bool], started: asyncio.Future[bool]) -> None:
-    if started.cancelled():
-        done.set_result(False)  # the operator is stopping: the pass contains when it runs next
-    elif started.exception() is not None:
+def _log_failure(started: asyncio.Future[bool]) -> None:
+    if not started.cancelled() and started.exception() is not None:
         LOG.error("%s: first containment failed", KIND, exc_info=started.exception())
-        done.set_result(False)
-    else:
-        done.set_result(started.result())
 
 
 async def _first_containment(
@@ -703,30 +684,29 @@ async def _create_on_loop(client: kube.LoopCreate, ctx: Ctx, policy: dict[str, A
     return True
 
 
-_LOOP_CLIENTS: dict[asyncio.AbstractEventLoop, kube.LoopCreate] = {}  # each running loop's, once made
+_LOOP_CLIENT: list[tuple[asyncio.AbstractEventLoop, kube.LoopCreate]] = []  # the running loop's, once made
 
 
 async def loop_client() -> kube.LoopCreate:
-    """The running event loop's ``kube.LoopCreate`` (kopf's, the containment watch's thread's), made (it reads
-    the TLS files) and its auth header read in CONTAINMENT on first use: main.py's startup calls this, so that
-    no burst waits for it."""
+    """The running event loop's ``kube.LoopCreate``, made (it reads the TLS files) and its auth header read in
+    CONTAINMENT on first use: main.py's startup calls this, so that no burst waits for it."""
     loop = asyncio.get_running_loop()
-    if loop in _LOOP_CLIENTS:
-        return _LOOP_CLIENTS[loop]
+    if _LOOP_CLIENT and _LOOP_CLIENT[0][0] is loop:
+        return _LOOP_CLIENT[0][1]
     client = await blocking(kube.LoopCreate, kube.api_client(), executor=CONTAINMENT)
     await blocking(client.read_auth, executor=CONTAINMENT)
-    return _LOOP_CLIENTS.setdefault(loop, client)  # another caller may have made one meanwhile
+    if not (_LOOP_CLIENT and _LOOP_CLIENT[0][0] is loop):  # another caller may have made one meanwhile
+        _LOOP_CLIENT[:] = [(loop, client)]
+    return _LOOP_CLIENT[0][1]
 
 
 async def close_loop_client(timeout: float = kube.REQUEST_TIMEOUT[0]) -> None:
-    """At shutdown: the first containments under way end (at most ``timeout`` seconds), then the running loop's
-    connections close."""
-    deadline = time.monotonic() + timeout
-    while CONTAINING.count and time.monotonic() < deadline:
-        await asyncio.sleep(IN_FLIGHT_POLL)
-    client = _LOOP_CLIENTS.pop(asyncio.get_running_loop(), None)
-    if client is not None:
-        await client.close()
+    """At shutdown: the first containments under way end (at most ``timeout`` seconds), then the connections
+    close."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(CONTAINING.idle.wait(), timeout)
+    if _LOOP_CLIENT:
+        await _LOOP_CLIENT.pop()[1].close()
 
 
 async def containment_settled() -> None:
@@ -735,7 +715,8 @@ async def containment_settled() -> None:
     deadline = time.monotonic() + SETTLE_AT_MOST
     while (remaining := deadline - time.monotonic()) > 0:
         if CONTAINING.count:
-            await asyncio.sleep(min(IN_FLIGHT_POLL, remaining))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(CONTAINING.idle.wait(), remaining)
             continue
         quiet = time.monotonic() - CONTAINING.idle_since
         if quiet >= SETTLE_QUIET:
