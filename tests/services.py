@@ -265,9 +265,15 @@ class CertificateAuthority:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
     def issue(
-        self, stem: str, *, dns: tuple[str, ...] = (), ips: tuple[str, ...] = (), client: bool = False
+        self,
+        stem: str,
+        *,
+        dns: tuple[str, ...] = (),
+        ips: tuple[str, ...] = (),
+        usage: Literal["server", "client", "both"] = "server",
     ) -> tuple[Path, Path]:
-        """A certificate and its key (``<stem>.crt``, ``<stem>.key``, 0600) signed by this CA."""
+        """A certificate and its key (``<stem>.crt``, ``<stem>.key``, 0600) signed by this CA, for a server, a
+        client or both (one certificate that a server presents and its clients present too)."""
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
@@ -286,7 +292,12 @@ class CertificateAuthority:
             .not_valid_before(now - timedelta(minutes=5))
             .not_valid_after(now + timedelta(days=1))
             .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]),
+                x509.ExtendedKeyUsage(
+                    [
+                        *([ExtendedKeyUsageOID.SERVER_AUTH] if usage in ("server", "both") else []),
+                        *([ExtendedKeyUsageOID.CLIENT_AUTH] if usage in ("client", "both") else []),
+                    ]
+                ),
                 critical=False,
             )
         )
@@ -323,7 +334,7 @@ class RunbookRedis:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.ca = CertificateAuthority(self.directory / "pki")
         self.server_cert, self.server_key = self.ca.issue("server", dns=(self.SERVER_NAME,))
-        self.client_cert, self.client_key = self.ca.issue("client", client=True)
+        self.client_cert, self.client_key = self.ca.issue("client", usage="client")
         self.process = subprocess.Popen(
             [
                 self.binary,

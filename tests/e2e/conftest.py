@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import kubernetes
@@ -38,7 +36,7 @@ from tests.e2e.support import (
     image_tool,
     localcluster,
 )
-from tests.services import GpgKeyring
+from tests.services import CertificateAuthority, GpgKeyring
 
 NODE_WAIT = 1200.0
 READY_TIMEOUT = 300.0  # pods on a loaded 2-core machine: the operator's Python start alone takes ~20 s
@@ -69,76 +67,25 @@ def start_real_node(state_dir: Path) -> localcluster.LocalCluster:
         time.sleep(10)
 
 
-@dataclass(frozen=True, repr=False)
-class RedisPKI:
-    """The platform Redis's TLS material as PEM texts: a CA, and one certificate and key signed by it that the
-    server presents and that clients present too (the shape of tools/dev/prerequisites.sh's redis-tls)."""
-
-    ca: str
-    certificate: str
-    key: str
-
-    def secret(self) -> dict[str, object]:
-        return {
-            "metadata": {"name": "redis-tls"},
-            "type": "kubernetes.io/tls",
-            "stringData": {"ca.crt": self.ca, "tls.crt": self.certificate, "tls.key": self.key},
-        }
-
-
-def redis_pki(namespace: str = NAMESPACE) -> RedisPKI:
-    """A development CA and a certificate for the Redis Service's names, as prerequisites.sh makes with openssl:
-    no extended key usage (so the one certificate serves as the server's and as a client's), a day's validity.
-    Generated for each run, in memory; no key is ever written to the repository."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    def name(common: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-    def pem_key(key: ec.EllipticCurvePrivateKey) -> str:
-        return key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ).decode()
-
-    now = datetime.now(UTC)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("runbook e2e CA"))
-        .issuer_name(name("runbook e2e CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    dns = [f"redis.{namespace}.svc", f"redis.{namespace}.svc.cluster.local", "redis"]
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name(dns[0]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return RedisPKI(
-        ca=ca.public_bytes(serialization.Encoding.PEM).decode(),
-        certificate=certificate.public_bytes(serialization.Encoding.PEM).decode(),
-        key=pem_key(key),
-    )
-
-
 @pytest.fixture(scope="package")
-def redis_tls() -> RedisPKI:
-    """The material of the platform Redis's Secret redis-tls (the e2e fixture creates the Secret from it)."""
-    return redis_pki()
+def redis_tls(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The platform Redis's TLS material, made for each run (no key is ever in the repository): a development
+    CA and one certificate for the Redis Service's names that the server presents and clients present too, as
+    ca.crt, tls.crt and tls.key in the returned directory: the keys of the Secret redis-tls."""
+    authority = CertificateAuthority(tmp_path_factory.mktemp("redis-tls"), name="runbook e2e CA")
+    dns = (f"redis.{NAMESPACE}.svc", f"redis.{NAMESPACE}.svc.cluster.local", "redis")
+    authority.issue("tls", dns=dns, usage="both")
+    return authority.directory
+
+
+def redis_tls_secret(directory: Path) -> dict[str, object]:
+    """The Secret redis-tls (kubernetes.io/tls with the CA beside it), as tools/dev/prerequisites.sh makes it."""
+    files = ("ca.crt", "tls.crt", "tls.key")
+    return {
+        "metadata": {"name": "redis-tls"},
+        "type": "kubernetes.io/tls",
+        "stringData": {name: (directory / name).read_text() for name in files},
+    }
 
 
 def gpg_objects(e2e: E2E, keyring: GpgKeyring) -> None:
@@ -196,7 +143,7 @@ def wait_platform(e2e: E2E) -> None:
 
 
 @pytest.fixture(scope="package")
-def e2e(tmp_path_factory: pytest.TempPathFactory, gpg_keyring: GpgKeyring, redis_tls: RedisPKI) -> Iterator[E2E]:
+def e2e(tmp_path_factory: pytest.TempPathFactory, gpg_keyring: GpgKeyring, redis_tls: Path) -> Iterator[E2E]:
     timings: dict[str, float] = {}
     started = time.monotonic()
     tars = [image_tool.build_operator(), *image_tool.build_e2e().values()]
@@ -219,7 +166,7 @@ def e2e(tmp_path_factory: pytest.TempPathFactory, gpg_keyring: GpgKeyring, redis
         # The namespace (the platform's) before the operator's RoleBindings in it; CRDs before the grant.
         e2e.must("apply", "-k", str(PLATFORM))
         # What `make run` gets from prerequisites.sh right after the platform: its Redis waits for it.
-        e2e.core.create_namespaced_secret(NAMESPACE, redis_tls.secret())
+        e2e.core.create_namespaced_secret(NAMESPACE, redis_tls_secret(redis_tls))
         e2e.must("apply", "--server-side", "-k", str(OVERLAY))
         e2e.must("wait", "--for=condition=Established", "crd", "--all", "--timeout=120s")
         grant(e2e)

@@ -29,7 +29,6 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from runbook_operator.builders.backup import POLICY_LABEL
-from tests.e2e.conftest import RedisPKI
 from tests.e2e.support import BACKUP_BUCKET, E2E, NAMESPACE, REPO_ROOT, events_of, s3_client
 from tests.services import GpgKeyring, Redis
 
@@ -48,16 +47,6 @@ def secret_value(e2e: E2E, name: str, key: str) -> str:
 def redis_ip(e2e: E2E) -> str:
     (pod,) = e2e.ready_pods("app=redis")
     return str(pod.status.pod_ip)
-
-
-@pytest.fixture(scope="module")
-def pki(redis_tls: RedisPKI, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """redis-tls's files for the host's clients (ssl loads a certificate and key from paths only)."""
-    directory = tmp_path_factory.mktemp("redis-pki")
-    for name, text in (("ca.crt", redis_tls.ca), ("tls.crt", redis_tls.certificate), ("tls.key", redis_tls.key)):
-        (directory / name).touch(mode=0o600)
-        (directory / name).write_text(text)
-    return directory
 
 
 def client(e2e: E2E, pki: Path, *, certificate: bool = True) -> redis.Redis:
@@ -104,24 +93,24 @@ def passphrase(e2e: E2E) -> str:
     return value
 
 
-def test_the_platform_redis_serves_only_mutual_tls_on_6380_with_bgsave_renamed(e2e: E2E, pki: Path) -> None:
+def test_the_platform_redis_serves_only_mutual_tls_on_6380_with_bgsave_renamed(e2e: E2E, redis_tls: Path) -> None:
     (port,) = e2e.core.read_namespaced_service("redis", NAMESPACE).spec.ports
     assert (port.port, port.target_port) == (6380, 6380)
     with pytest.raises(ConnectionRefusedError), socket.create_connection((redis_ip(e2e), 6379), timeout=5):
         pass  # port 0: no plaintext listener
     with pytest.raises(redis.ConnectionError):  # tls-auth-clients yes: the handshake (or the first read) fails
-        client(e2e, pki, certificate=False).ping()
-    with client(e2e, pki) as tls:
+        client(e2e, redis_tls, certificate=False).ping()
+    with client(e2e, redis_tls) as tls:
         assert tls.ping()
         with pytest.raises(redis.ResponseError, match="unknown command"):
             tls.execute_command("BGSAVE")  # renamed: only HIPAA_BGSAVE_i9j0k1l2 saves
 
 
 def test_the_sample_backs_up_the_platform_redis_over_mutual_tls_and_the_rdb_has_the_key(
-    e2e: E2E, pki: Path, passphrase: str, gpg_keyring: GpgKeyring, tmp_path: Path
+    e2e: E2E, redis_tls: Path, passphrase: str, gpg_keyring: GpgKeyring, tmp_path: Path
 ) -> None:
     value = secrets.token_hex(8)
-    with client(e2e, pki) as tls:
+    with client(e2e, redis_tls) as tls:
         tls.set(KEY, value)
         keys = tls.dbsize()
 
