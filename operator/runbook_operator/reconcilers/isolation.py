@@ -548,18 +548,10 @@ def contain_first(
     """``first_containment``'s policy, then one create (a new isolation's namespace has no emergency-isolate; if
     it has one, a 409 leaves it to the pass, which adopts a hand-made one or waits for another isolation's).
     Returns whether it created the policy (then ``record_first_containment``); a failure is the pass's to
-    report. Blocking: ``contain_new`` makes the same create on the event loop (``contain_on_loop``)."""
+    report. Blocking: the unit specification's seam; the operator begins it with ``begin_containment``, which
+    makes the same create on the event loop."""
     first = first_containment(body, isolation=isolation, grants=grants, api=api)
     return first is not None and _create(api, *first, seen)
-
-
-async def contain_on_loop(
-    client: kube.LoopCreate, body: Mapping[str, Any], *, isolation: Isolation, grants: GrantsOf, seen: float
-) -> bool:
-    """``contain_first`` with the create made on the event loop (``kube.LoopCreate``): no thread to wait for,
-    no thread competing with the event loop that delivers the next isolations."""
-    first = first_containment(body, isolation=isolation, grants=grants, api=kube.KubeApi())
-    return first is not None and await _create_on_loop(client, *first, seen=seen)
 
 
 def record_first_containment(api: kube.Api, body: Mapping[str, Any]) -> None:
