@@ -445,13 +445,7 @@ class LoopCreate:
         headers = await self._headers(executor)
         connect, read = REQUEST_TIMEOUT
         timeout = aiohttp.ClientTimeout(total=connect + read, connect=connect, sock_connect=connect, sock_read=read)
-        async with self._watch_pool().get(
-            f"{self.host}{resource.path(namespace)}",
-            headers=headers,
-            ssl=self._ssl,
-            server_hostname=self.server_hostname,
-            timeout=timeout,
-        ) as response:
+        async with self._get(resource, namespace, headers=headers, timeout=timeout) as response:
             answer = await response.read()
         if response.status >= 300:
             raise _refusal(response.status, response.reason, answer)
@@ -474,14 +468,7 @@ class LoopCreate:
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(seconds),
         }
-        async with self._watch_pool().get(
-            f"{self.host}{resource.path(namespace)}",
-            params=params,
-            headers=headers,
-            ssl=self._ssl,
-            server_hostname=self.server_hostname,
-            timeout=timeout,
-        ) as response:
+        async with self._get(resource, namespace, headers=headers, timeout=timeout, params=params) as response:
             if response.status >= 300:
                 raise _refusal(response.status, response.reason, await response.read())
             pending = b""  # one JSON object per line; a line may come in several chunks (and be longer than 64 KiB)
@@ -492,6 +479,25 @@ class LoopCreate:
                     if line.strip():
                         event: dict[str, Any] = json.loads(line)
                         yield event
+
+    def _get(
+        self,
+        resource: Resource,
+        namespace: str | None,
+        *,
+        headers: Mapping[str, str],
+        timeout: aiohttp.ClientTimeout,
+        params: Mapping[str, str] | None = None,
+    ) -> Any:
+        """A GET of ``resource`` (the list or watch) on the lists' and watches' connections."""
+        return self._watch_pool().get(
+            f"{self.host}{resource.path(namespace)}",
+            params=params,
+            headers=headers,
+            ssl=self._ssl,
+            server_hostname=self.server_hostname,
+            timeout=timeout,
+        )
 
     def _watch_pool(self) -> aiohttp.ClientSession:
         """Connections of the lists and watches, apart from the creates': a watch holds its connection for
