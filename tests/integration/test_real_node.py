@@ -159,8 +159,8 @@ def test_a_refused_cgroup_setup_is_named_and_leaves_the_host_clean(
 ) -> None:
     # Before the module's cluster starts (the node is one per machine). A "hierarchy" that is a regular
     # file: making the kubelet's cgroup under it fails as a refused mkdir would.
-    if localcluster.node_owner() is not None:
-        pytest.skip(f"the real node is in use by {localcluster.node_owner()}")
+    owner = localcluster.node_owner()  # never a skip: the module's own cluster would refuse such a node too
+    assert owner is None, f"the real node is in use by {owner}: stop that cluster first (one per machine)"
     real_hierarchies = localcluster.cgroup_hierarchies()
     sysctls = {key: localcluster.read_sysctl(key) for key in localcluster.HOST_SYSCTLS}
     not_a_hierarchy = tmp_path / "not-a-hierarchy"
